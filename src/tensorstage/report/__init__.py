@@ -1,0 +1,1 @@
+"""Tables, plots, reports and timeline exports for the other packages' results."""
