@@ -70,11 +70,17 @@ class Program:
     """The node list of one rank class, plus what identifies the class.
 
     ``class_key`` holds the coordinates that define the class (e.g. ``{"pp": 3}``): every rank
-    whose coordinates match runs this Program.
+    whose coordinates match runs this Program. ``static_bytes`` and ``model_flops`` are facts the
+    simulator needs that are not node-local.
     """
 
     class_key: dict[str, int]
     nodes: list[Node] = field(default_factory=list)
+    # Memory resident for the whole step, by category (weights, gradients, optimizer_states, ...).
+    static_bytes: dict[str, int] = field(default_factory=dict)
+    # Model FLOPs of one step on one rank of this class without recompute (for MFU); the nodes'
+    # FLOPs include recompute (for HFU).
+    model_flops: int = 0
 
     def add(self, name: str, kind: NodeKind, **fields: object) -> Node:
         """Append a node with the next id and return it."""
