@@ -43,8 +43,9 @@ def _gated_activation(c: _Config) -> str:
         return "swiglu"
     if act.startswith("gelu"):
         return "geglu"
-    raise SpecError(f"{c.where}.hidden_act", f"unsupported activation {act!r} for a gated MLP",
-                    allowed=("silu", "gelu"))
+    raise SpecError(
+        f"{c.where}.hidden_act", f"unsupported activation {act!r} for a gated MLP", allowed=("silu", "gelu")
+    )
 
 
 def _plain_activation(c: _Config, key: str) -> str:
@@ -53,7 +54,9 @@ def _plain_activation(c: _Config, key: str) -> str:
         return "gelu"
     if act == "relu":
         return "relu"
-    raise SpecError(f"{c.where}.{key}", f"unsupported activation {act!r}", allowed=("gelu", "gelu_new", "relu"))
+    raise SpecError(
+        f"{c.where}.{key}", f"unsupported activation {act!r}", allowed=("gelu", "gelu_new", "relu")
+    )
 
 
 def _llama_like(c: _Config, name: str, family: str) -> dict[str, Any]:
@@ -279,8 +282,9 @@ def spec_from_hf_config(config: dict[str, Any], name: str, where: str = "config.
         importer = _BY_MODEL_TYPE.get(str(config.get("model_type")))
     if importer is None:
         shown = arch if arch is not None else f"(none; model_type {config.get('model_type')!r})"
-        raise SpecError(f"{where}.architectures", f"unsupported architecture {shown}",
-                        allowed=supported_architectures())
+        raise SpecError(
+            f"{where}.architectures", f"unsupported architecture {shown}", allowed=supported_architectures()
+        )
     fields = importer(c, name)
     fields["source"] = where
     return ModelSpec.parse(fields, where=where)

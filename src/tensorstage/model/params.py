@@ -54,7 +54,9 @@ class LayerParams:
 
     @property
     def total(self) -> int:
-        return self.attention + self.norms + self.mlp + self.router + self.routed_experts + self.shared_experts
+        return (
+            self.attention + self.norms + self.mlp + self.router + self.routed_experts + self.shared_experts
+        )
 
 
 @dataclass(frozen=True)
