@@ -1,0 +1,436 @@
+"""`ParallelPlan`: how one model is split over ranks, plus the rules that make a plan legal.
+
+The plan is plain data (pydantic, frozen): its field names are exactly the keys of a plan YAML
+and the long names of the CLI plan flags (``global_batch`` <-> ``--global-batch``). Checking is in
+two layers so that every bad plan fails with one line naming the rule:
+
+* :meth:`ParallelPlan.check` - rules that need only the plan (batch arithmetic, schedule vs
+  virtual stages, rank order, EP vs DP x CP, sequence vs CP);
+* :meth:`ParallelPlan.validate_for` - :meth:`check` plus rules against a :class:`ModelSpec`
+  (heads, KV heads, FFN width and experts vs TP/EP, layers vs PP x VPP) and an optional world size.
+
+Decisions (documented so the lowering and users can rely on them):
+
+* ``sp`` with ``tp == 1`` is a no-op and is normalised to ``False`` (Megatron-LM does the same in
+  its argument checks: sequence parallelism shards along the TP group, which has one rank).
+* ``global_batch`` left out defaults to ``dp * micro_batch * pp`` (one micro-batch per pipeline
+  stage per DP rank, the smallest batch that fills a pipeline and satisfies the interleaved rule).
+* ``context`` left out (0) means ``seq`` (prefill of ``seq`` tokens, or decode at KV length ``seq``).
+* Data-parallel gradient buckets: ``ddp_style="megatron"`` resolves ``dp_bucket_bytes=None`` to
+  Megatron-Core's default of ``max(40_000_000, 1_000_000 * dp * cp)`` *elements* per bucket
+  (``DistributedDataParallelConfig.bucket_size``; larger DP groups get larger buckets so ring
+  chunks stay bandwidth bound), and to a single bucket when ``overlap_grad_reduce`` is off;
+  ``ddp_style="torch"`` resolves to PyTorch DDP's ``bucket_cap_mb=25`` MiB with a first bucket of
+  ``dist._DEFAULT_FIRST_BUCKET_BYTES`` = 1 MiB. See :meth:`ParallelPlan.dp_buckets_bytes`.
+"""
+
+from __future__ import annotations
+
+from math import ceil
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tensorstage.errors import SpecError
+from tensorstage.model.spec import ModelSpec
+from tensorstage.parallel.mesh import Mesh
+
+Schedule = Literal["gpipe", "1f1b", "interleaved", "zb-h1"]
+Recompute = Literal["none", "selective", "full"]
+DType = Literal["bf16", "fp16", "fp8", "fp32"]
+Phase = Literal["train", "prefill", "decode"]
+CPMode = Literal["ring", "allgather"]
+DDPStyle = Literal["megatron", "torch"]
+
+BASE_AXES = ("tp", "cp", "dp", "pp")
+DEFAULT_RANK_ORDER = BASE_AXES
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+
+# Megatron-Core DDP: default bucket = max(40M, 1M * dp_cp_size) elements (with overlap_grad_reduce).
+MEGATRON_BUCKET_MIN_ELEMS = 40_000_000
+MEGATRON_BUCKET_ELEMS_PER_DP_RANK = 1_000_000
+# PyTorch DDP: bucket_cap_mb default 25 MiB; the first (last-layer) bucket is 1 MiB.
+TORCH_DDP_BUCKET_BYTES = 25 * 1024 * 1024
+TORCH_DDP_FIRST_BUCKET_BYTES = 1024 * 1024
+# Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by (128) * TP.
+MEGATRON_VOCAB_DIVISOR = 128
+
+EXPERT_VIEW = "expert"
+HSDP_VIEW = "hsdp"
+
+
+class ParallelPlan(BaseModel):
+    """Degrees of each parallelism, the pipeline schedule, batch shape and numerics of one run.
+
+    Degrees: ``tp`` tensor, ``pp`` pipeline, ``dp`` data, ``cp`` context (sequence split of
+    attention), ``ep`` expert (carved out of ``dp * cp``: it adds no ranks), ``vpp`` virtual
+    pipeline stages (model chunks) per PP rank. ``world = tp * cp * dp * pp``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tp: int = Field(1, ge=1, description="tensor-parallel degree")
+    pp: int = Field(1, ge=1, description="pipeline-parallel degree (stages)")
+    dp: int = Field(1, ge=1, description="data-parallel degree")
+    cp: int = Field(1, ge=1, description="context-parallel degree")
+    ep: int = Field(1, ge=1, description="expert-parallel degree, carved out of dp*cp")
+    vpp: int = Field(1, ge=1, description="virtual pipeline stages (model chunks) per PP rank")
+    sp: bool = Field(False, description="Megatron sequence parallelism over the TP group")
+    zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 1 optimizer, 2 +grads, 3 +params (FSDP)")
+    schedule: Schedule = "1f1b"
+    recompute: Recompute = "none"
+    seq: int = Field(2048, ge=1, description="sequence length in tokens (new tokens per step in decode)")
+    global_batch: int = Field(0, ge=0, description="sequences per step; 0 = dp*micro_batch*pp")
+    micro_batch: int = Field(1, ge=1, description="sequences per micro-batch per DP rank")
+    dtype: DType = "bf16"
+    rank_order: tuple[str, ...] = DEFAULT_RANK_ORDER
+    # --- extras ------------------------------------------------------------------------------
+    ddp_style: DDPStyle = "megatron"
+    dp_bucket_bytes: int | None = Field(
+        None, ge=1, description="gradient bucket size; None = ddp_style default"
+    )
+    overlap_grad_reduce: bool = True
+    zero_shard_size: int | None = Field(
+        None,
+        ge=1,
+        description="hybrid sharding: shard over groups of this many dp*cp ranks, replicate across",
+    )
+    fsdp_prefetch: int = Field(1, ge=0, description="FSDP/ZeRO-3 units whose all-gather is issued ahead")
+    cp_mode: CPMode = "ring"
+    phase: Phase = "train"
+    context: int = Field(0, ge=0, description="KV length for decode; 0 = seq")
+    capacity_factor: float | None = Field(None, gt=0, description="MoE capacity factor; None = dropless")
+    routing_skew: float = Field(1.0, ge=1.0, description="tokens at the busiest expert rank / the mean")
+    pp_layer_split: tuple[int, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: object) -> object:
+        """Fill derived defaults before freezing, so dumps show the values actually used."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        tp = data.get("tp", 1)
+        if isinstance(tp, int) and tp == 1 and data.get("sp"):
+            data["sp"] = False  # no-op, as Megatron-LM: see module docstring
+        if not data.get("global_batch"):
+            dp, mb, pp = (data.get(k, 1) for k in ("dp", "micro_batch", "pp"))
+            if all(isinstance(v, int) for v in (dp, mb, pp)):
+                data["global_batch"] = dp * mb * pp
+        if isinstance(data.get("rank_order"), str):
+            data["rank_order"] = tuple(a.strip() for a in data["rank_order"].split(","))
+        return data
+
+    # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, data: dict, where: str = "plan") -> ParallelPlan:
+        """Validate a plain dict into a checked plan; any problem is one :class:`SpecError`."""
+        unknown = sorted(set(data) - set(cls.model_fields))
+        if unknown:
+            raise SpecError(f"{where}.{unknown[0]}", "unknown plan key", cls.model_fields)
+        try:
+            plan = cls.model_validate(data)
+        except ValidationError as exc:
+            raise _plan_error(exc, where) from None
+        plan.check()
+        return plan
+
+    # --- derived -------------------------------------------------------------------------------
+    @property
+    def world(self) -> int:
+        """Ranks the plan occupies: ``tp * cp * dp * pp`` (EP re-uses DP x CP ranks)."""
+        return self.tp * self.cp * self.dp * self.pp
+
+    @property
+    def microbatches(self) -> int:
+        """Micro-batches per step per pipeline (gradient-accumulation steps)."""
+        return self.global_batch // (self.dp * self.micro_batch)
+
+    @property
+    def edp(self) -> int:
+        """Expert data-parallel degree: replicas of each expert, ``dp * cp / ep`` (Megatron)."""
+        return self.dp * self.cp // self.ep
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_len(self) -> int:
+        """KV length attention reads: ``context`` (decode) or ``seq``."""
+        return self.context or self.seq
+
+    def padded_vocab(self, vocab: int) -> int:
+        """Megatron's padded vocabulary: next multiple of ``128 * tp`` (so vocab-parallel shards are equal)."""
+        div = MEGATRON_VOCAB_DIVISOR * self.tp
+        return ceil(vocab / div) * div
+
+    def layers_per_stage(self, num_layers: int) -> list[int]:
+        """Layers of each virtual stage ``v = chunk * pp + pp_rank`` (Megatron interleaved order:
+        with pp=4, vpp=2, 16 layers, rank 0 holds layers 0-1 and 8-9)."""
+        stages = self.pp * self.vpp
+        if self.pp_layer_split is not None:
+            return list(self.pp_layer_split)
+        return [num_layers // stages] * stages
+
+    def stage_layers(self, num_layers: int, pp_rank: int, chunk: int = 0) -> range:
+        """Global layer indices held by model chunk ``chunk`` of pipeline rank ``pp_rank``."""
+        split = self.layers_per_stage(num_layers)
+        v = chunk * self.pp + pp_rank
+        start = sum(split[:v])
+        return range(start, start + split[v])
+
+    def dp_buckets_bytes(self, grad_elem_bytes: int) -> tuple[int | None, int | None]:
+        """``(first_bucket_bytes, bucket_bytes)`` for the gradient reduction; ``None`` = unbounded.
+
+        Megatron: ``bucket_size`` elements ``max(40M, 1M * dp * cp)`` times the grad element size, no
+        special first bucket; one bucket for everything when ``overlap_grad_reduce`` is off.
+        Torch DDP: 25 MiB buckets, first bucket 1 MiB. An explicit ``dp_bucket_bytes`` replaces the
+        (non-first) bucket size in both styles.
+        """
+        if self.ddp_style == "torch":
+            return TORCH_DDP_FIRST_BUCKET_BYTES, self.dp_bucket_bytes or TORCH_DDP_BUCKET_BYTES
+        if not self.overlap_grad_reduce:
+            return None, None
+        if self.dp_bucket_bytes is not None:
+            return None, self.dp_bucket_bytes
+        elems = max(MEGATRON_BUCKET_MIN_ELEMS, MEGATRON_BUCKET_ELEMS_PER_DP_RANK * self.dp * self.cp)
+        return None, elems * grad_elem_bytes
+
+    # --- mesh ----------------------------------------------------------------------------------
+    def axis_order(self) -> list[str]:
+        """Base axes innermost first: ``rank_order`` without ``ep``. A size-1 ``cp`` or ``dp`` is
+        moved next to the other (size-1 axes have no effect on rank arithmetic), so the expert
+        view can always re-factor a contiguous run."""
+        order = [a for a in self.rank_order if a != "ep"]
+        for lone, other in (("cp", "dp"), ("dp", "cp")):
+            if getattr(self, lone) == 1 and abs(order.index(lone) - order.index(other)) != 1:
+                order.remove(lone)
+                order.insert(order.index(other), lone)
+        return order
+
+    def _ep_inner(self) -> bool:
+        """EP varies faster than EDP unless ``rank_order`` lists ``ep`` after ``dp`` (Megatron's
+        expert generator uses the same order string with cp=1 and dp=edp)."""
+        order = list(self.rank_order)
+        return "ep" not in order or order.index("ep") < order.index("dp")
+
+    def mesh(self) -> Mesh:
+        """The :class:`Mesh` of this plan: base view ``rank_order`` (default ``tp, cp, dp, pp``),
+        view ``"expert"`` = the ``cp, dp`` run re-factored as ``ep, edp`` (EP inner by default, as
+        Megatron's ``tp-cp-ep-dp-pp``; expert TP = TP), and when ``zero_shard_size`` is set, view
+        ``"hsdp"`` = the run re-factored as ``dp_shard, dp_replicate`` (shard inner)."""
+        self.check()
+        order = self.axis_order()
+        sizes = [(a, getattr(self, a)) for a in order]
+        i, j = sorted((order.index("cp"), order.index("dp")))
+        run = order[i : j + 1]
+        refactor: dict = {}
+        if self.ep > 1:
+            new = [("ep", self.ep), ("edp", self.edp)]
+            refactor[EXPERT_VIEW] = (run, new if self._ep_inner() else new[::-1])
+        if self.zero_shard_size is not None and self.zero_shard_size < self.dp * self.cp:
+            reps = self.dp * self.cp // self.zero_shard_size
+            refactor[HSDP_VIEW] = (run, [("dp_shard", self.zero_shard_size), ("dp_replicate", reps)])
+        return Mesh.create(sizes, refactor)
+
+    def grad_axes(self) -> tuple[str, ...]:
+        """Axes over which dense weights are replicated and their gradients reduced: ``cp, dp``
+        (Megatron's dp-cp group; CP ranks hold the same weights)."""
+        order = self.axis_order()
+        return tuple(a for a in order if a in ("cp", "dp") and getattr(self, a) > 1) or ("dp",)
+
+    # --- rules ---------------------------------------------------------------------------------
+    def check(self, world: int | None = None) -> None:
+        """Rules that need only the plan; raises a one-line :class:`SpecError` naming the rule."""
+        names = [a for a in self.rank_order if a != "ep"]
+        if sorted(names) != sorted(BASE_AXES) or self.rank_order.count("ep") > 1:
+            raise SpecError(
+                "rank_order",
+                f"must list each of tp, cp, dp, pp once (ep optional), got {list(self.rank_order)}",
+                BASE_AXES,
+            )
+        if "ep" in self.rank_order:
+            order = list(self.rank_order)
+            k = order.index("ep")
+            if not {order[k - 1] if k else "", order[k + 1] if k + 1 < len(order) else ""} & {"cp", "dp"}:
+                raise SpecError("rank_order", "ep must sit next to cp or dp (EP is carved out of dp*cp)")
+        order = self.axis_order()
+        if (
+            self.cp > 1
+            and self.dp > 1
+            and abs(order.index("cp") - order.index("dp")) != 1
+            and (self.ep > 1 or self.zero_shard_size)
+        ):
+            raise SpecError("rank_order", "cp and dp must be adjacent when ep > 1 or hybrid sharding is used")
+        if world is not None and world != self.world:
+            raise SpecError(
+                "world",
+                f"plan needs tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world} "
+                f"ranks but world size is {world}",
+            )
+        if (self.dp * self.cp) % self.ep:
+            raise SpecError(
+                "ep", f"ep={self.ep} must divide dp*cp={self.dp * self.cp} (EP is carved out of DP x CP)"
+            )
+        if self.global_batch % (self.dp * self.micro_batch):
+            raise SpecError(
+                "global_batch",
+                f"global_batch={self.global_batch} must be divisible by "
+                f"dp*micro_batch={self.dp}*{self.micro_batch}={self.dp * self.micro_batch}",
+            )
+        if self.vpp > 1 and self.schedule != "interleaved":
+            raise SpecError("vpp", f"vpp={self.vpp} > 1 requires schedule interleaved, got {self.schedule}")
+        if self.schedule == "interleaved":
+            if self.vpp < 2 or self.pp < 2:
+                raise SpecError(
+                    "schedule", f"interleaved needs pp > 1 and vpp > 1, got pp={self.pp} vpp={self.vpp}"
+                )
+            if self.microbatches % self.pp:
+                raise SpecError(
+                    "global_batch",
+                    f"interleaved schedule needs microbatches ({self.microbatches}) "
+                    f"divisible by pp={self.pp} (Megatron rule)",
+                )
+        if self.phase == "decode":
+            if self.kv_len % self.cp:
+                raise SpecError(
+                    "context", f"decode KV length {self.kv_len} must be divisible by cp={self.cp}"
+                )
+        else:
+            if self.seq % self.cp:
+                raise SpecError("seq", f"seq={self.seq} must be divisible by cp={self.cp}")
+            if self.cp > 1 and self.cp_mode == "ring" and self.seq % (2 * self.cp):
+                raise SpecError(
+                    "seq",
+                    f"seq={self.seq} must be divisible by 2*cp={2 * self.cp} for causal load "
+                    "balancing of ring attention (each rank holds chunks i and 2cp-1-i)",
+                )
+            if self.sp and (self.seq // self.cp) % self.tp:
+                raise SpecError(
+                    "seq",
+                    f"sequence parallelism needs seq/cp={self.seq // self.cp} divisible by tp={self.tp}",
+                )
+        if self.zero_shard_size is not None and (self.dp * self.cp) % self.zero_shard_size:
+            raise SpecError(
+                "zero_shard_size", f"{self.zero_shard_size} must divide dp*cp={self.dp * self.cp}"
+            )
+        if self.pp_layer_split is not None:
+            if len(self.pp_layer_split) != self.pp * self.vpp:
+                raise SpecError(
+                    "pp_layer_split",
+                    f"needs pp*vpp={self.pp * self.vpp} entries, got {len(self.pp_layer_split)}",
+                )
+            if min(self.pp_layer_split) < 0:
+                raise SpecError("pp_layer_split", "layer counts must be >= 0")
+
+    def validate_for(self, model: ModelSpec, world: int | None = None) -> None:
+        """All plan rules plus the rules against ``model`` (and ``world`` if given)."""
+        self.check(world)
+        tp = self.tp
+        if model.num_heads % tp:
+            raise SpecError("tp", f"num_heads={model.num_heads} of {model.name} must be divisible by tp={tp}")
+        if model.mla is None and model.kv_heads % tp:
+            raise SpecError(
+                "tp",
+                f"num_kv_heads={model.kv_heads} of {model.name} must be divisible by tp={tp} "
+                "(Megatron shards query groups; MLA models need only heads)",
+            )
+        if model.ffn % tp and (model.moe is None or model.moe.dense_layers):
+            raise SpecError("tp", f"ffn={model.ffn} of {model.name} must be divisible by tp={tp}")
+        if model.moe is not None:
+            if model.moe.num_experts % self.ep:
+                raise SpecError(
+                    "ep",
+                    f"num_experts={model.moe.num_experts} of {model.name} must be divisible by ep={self.ep}",
+                )
+            if model.moe.expert_ffn % tp:
+                raise SpecError(
+                    "tp", f"expert_ffn={model.moe.expert_ffn} must be divisible by expert TP = tp={tp}"
+                )
+        elif self.ep > 1:
+            raise SpecError("ep", f"ep={self.ep} > 1 but {model.name} has no experts")
+        layers, stages = model.num_layers, self.pp * self.vpp
+        if self.pp_layer_split is None:
+            if layers % stages:
+                raise SpecError(
+                    "pp",
+                    f"num_layers={layers} must be divisible by pp*vpp={self.pp}*{self.vpp}={stages}; "
+                    "give pp_layer_split for an uneven split",
+                )
+        elif sum(self.pp_layer_split) != layers:
+            raise SpecError(
+                "pp_layer_split", f"sums to {sum(self.pp_layer_split)}, model has {layers} layers"
+            )
+        if model.positions == "learned" and max(self.seq, self.kv_len) > model.max_seq:
+            raise SpecError(
+                "seq", f"{max(self.seq, self.kv_len)} tokens exceed learned positions max_seq={model.max_seq}"
+            )
+
+    def summary(self) -> dict[str, object]:
+        """The plan as a plain dict plus derived values, for manifests and ``--json`` output."""
+        out: dict[str, object] = self.model_dump(mode="json")
+        out.update(world=self.world, microbatches=self.microbatches, edp=self.edp)
+        return out
+
+
+def _plan_error(exc: ValidationError, where: str) -> SpecError:
+    """First pydantic error as a one-line :class:`SpecError`, listing allowed values for choices."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    field = ".".join([where, *loc[:1]]) if loc else where
+    allowed = _ALLOWED.get(loc[0]) if loc else None
+    msg = err.get("msg", "invalid value")
+    msg = "not an allowed value" if allowed else msg.removeprefix("Value error, ")
+    return SpecError(field, f"{msg}, got {err.get('input')!r}", allowed)
+
+
+_ALLOWED: dict[str, tuple[object, ...]] = {
+    "schedule": ("gpipe", "1f1b", "interleaved", "zb-h1"),
+    "recompute": ("none", "selective", "full"),
+    "dtype": tuple(DTYPE_BYTES),
+    "zero": (0, 1, 2, 3),
+    "phase": ("train", "prefill", "decode"),
+    "cp_mode": ("ring", "allgather"),
+    "ddp_style": ("megatron", "torch"),
+}
+
+
+def read_plan_yaml(path: str | Path) -> dict[str, object]:
+    """The mapping in a plan YAML file, unchecked. Malformed YAML, a missing file or a non-mapping
+    is one :class:`SpecError` whose field is ``file:line``; an unknown key names the key, its line
+    and the allowed keys."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), f"cannot read plan file: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{line}", f"malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or root is None:
+        raise SpecError(f"{path}:1", "plan file must be a mapping of plan keys to values")
+    for key_node, _ in root.value:
+        if key_node.value not in ParallelPlan.model_fields:
+            raise SpecError(
+                f"{path}:{key_node.start_mark.line + 1}",
+                f"unknown plan key {key_node.value!r}",
+                ParallelPlan.model_fields,
+            )
+    return data
+
+
+def load_plan(path: str | Path, overrides: dict[str, object] | None = None) -> ParallelPlan:
+    """Load and check a plan YAML; ``overrides`` (e.g. explicit CLI flags) replace file values."""
+    data = read_plan_yaml(path)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ParallelPlan.parse(data, where=str(path))
