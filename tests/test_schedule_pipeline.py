@@ -88,10 +88,9 @@ def test_interleaved_inflight_matches_megatron_warmup() -> None:
             assert r.peak_inflight == want
 
 
-ALL_CASES = (
-    [(s, p, m, 1) for s in ("gpipe", "1f1b", "zb-h1") for p, m in GRID]
-    + [("interleaved", p, m, v) for p in (1, 2, 3, 4) for v in (2, 3) for m in (p, 2 * p, 3 * p)]
-)
+ALL_CASES = [(s, p, m, 1) for s in ("gpipe", "1f1b", "zb-h1") for p, m in GRID] + [
+    ("interleaved", p, m, v) for p in (1, 2, 3, 4) for v in (2, 3) for m in (p, 2 * p, 3 * p)
+]
 
 
 @pytest.mark.parametrize(("schedule", "p", "m", "v"), ALL_CASES)
@@ -99,13 +98,24 @@ def test_orders_are_complete_and_never_deadlock(schedule: str, p: int, m: int, v
     orders = pipeline_order(schedule, p, m, v)
     check_order(orders, p, m, v)
     r = simulate_order(orders, 1.0, 1.0, t_w=1.0, t_comm=0.25)
-    # Every rank runs every action once, and starts only after its dependencies finished.
+    # Every rank runs every action once, and starts only after what it needs has finished
+    # (written out here independently of `dependencies`).
     assert len(r.finish) == sum(len(o) for o in orders)
+    done = {(a.kind, a.microbatch, a.stage): (rank, t) for (rank, a), t in r.finish.items()}
     for (rank, a), t0 in r.start.items():
-        if a.kind is Kind.F and a.stage > 0:
-            prev = next(x for x in orders[(a.stage - 1) % p] if x.kind is Kind.F
-                        and x.microbatch == a.microbatch and x.stage == a.stage - 1)
-            assert t0 >= r.finish[((a.stage - 1) % p, prev)]
+        mb, s = a.microbatch, a.stage
+        need = []
+        if a.kind is Kind.F and s > 0:
+            need.append((Kind.F, mb, s - 1))
+        if a.kind in (Kind.B, Kind.I):
+            need.append((Kind.F, mb, s))
+            if s + 1 < p * v:
+                need.append((a.kind, mb, s + 1))
+        if a.kind is Kind.W:
+            need.append((Kind.I, mb, s))
+        for key in need:
+            src_rank, t_done = done[key]
+            assert t0 >= t_done + (0.25 if src_rank != rank else 0.0) - 1e-9
 
 
 def test_legacy_interleaved_all_warmup_when_m_equals_p() -> None:
@@ -128,10 +138,17 @@ def test_bad_order_is_reported_as_deadlock() -> None:
         simulate_order(swapped, 1.0, 1.0)
 
 
-@pytest.mark.parametrize(("schedule", "p", "m", "v"), [
-    ("gpipe", 4, 3, 1), ("1f1b", 4, 8, 1), ("zb-h1", 3, 5, 1), ("interleaved", 4, 8, 2),
-    ("interleaved", 2, 4, 3), ("interleaved", 1, 2, 2),
-])
+@pytest.mark.parametrize(
+    ("schedule", "p", "m", "v"),
+    [
+        ("gpipe", 4, 3, 1),
+        ("1f1b", 4, 8, 1),
+        ("zb-h1", 3, 5, 1),
+        ("interleaved", 4, 8, 2),
+        ("interleaved", 2, 4, 3),
+        ("interleaved", 1, 2, 2),
+    ],
+)
 def test_p2p_plan_pairs_every_message(schedule: str, p: int, m: int, v: int) -> None:
     orders = pipeline_order(schedule, p, m, v)
     plan = p2p_plan(orders, p, v)
@@ -156,14 +173,17 @@ def test_action_prints_like_torch() -> None:
     assert str(pipeline_order("zb-h1", 2, 2)[1][1]) == "1I0"
 
 
-@pytest.mark.parametrize(("args", "field"), [
-    (("pipedream", 2, 4, 1), "schedule"),
-    (("interleaved", 4, 6, 2), "microbatches"),
-    (("interleaved", 4, 8, 1), "vpp"),
-    (("1f1b", 4, 8, 2), "vpp"),
-    (("1f1b", 0, 8, 1), "pp"),
-    (("gpipe", 2, 0, 1), "microbatches"),
-])
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (("pipedream", 2, 4, 1), "schedule"),
+        (("interleaved", 4, 6, 2), "microbatches"),
+        (("interleaved", 4, 8, 1), "vpp"),
+        (("1f1b", 4, 8, 2), "vpp"),
+        (("1f1b", 0, 8, 1), "pp"),
+        (("gpipe", 2, 0, 1), "microbatches"),
+    ],
+)
 def test_bad_input_names_the_field(args: tuple, field: str) -> None:
     with pytest.raises(SpecError) as err:
         pipeline_order(*args)

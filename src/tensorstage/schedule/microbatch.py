@@ -60,7 +60,9 @@ def assign_layers(num_layers: int, pp: int, vpp: int = 1, split: Sequence[int] |
             "split",
             f"split has {len(counts)} entries but pp*vpp = {stages} virtual stages",
         )
-        require(sum(counts) == num_layers, "split", f"split sums to {sum(counts)}, model has {num_layers} layers")
+        require(
+            sum(counts) == num_layers, "split", f"split sums to {sum(counts)}, model has {num_layers} layers"
+        )
         for v, c in enumerate(counts):
             edge = v in (0, stages - 1) and stages > 1
             require(

@@ -41,14 +41,14 @@ Schedules:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from tensorstage.errors import require
 
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     """What an action computes."""
 
     F = "F"  # forward
