@@ -1,6 +1,6 @@
 """Turn a pydantic ``ValidationError`` into one :class:`SpecError` naming the offending field.
 
-Field-level errors carry their location; cross-field checks in ``model_validator`` have none, so
+Field-level errors carry their location; checks in a ``model_validator`` stop at the model, so
 those validators write their message as ``"<field>: <reason>"`` and the field is taken from it.
 """
 
@@ -22,10 +22,9 @@ def spec_error(exc: ValidationError, where: str) -> SpecError:
     msg = str(err.get("msg", "invalid value"))
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    if not loc:
-        match = _FIELD_PREFIX.match(msg)
-        if match:
-            loc, msg = match.group(1), match.group(2)
+    match = _FIELD_PREFIX.match(msg) if err.get("type") == "value_error" else None
+    if match:
+        loc, msg = ".".join(p for p in (loc, match.group(1)) if p), match.group(2)
     allowed = None
     ctx = err.get("ctx") or {}
     if err.get("type") == "literal_error" and "expected" in ctx:

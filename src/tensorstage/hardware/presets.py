@@ -41,17 +41,19 @@ def read_packaged_yaml(filename: str) -> Any:
     return yaml.safe_load(text)
 
 
-def looks_like_path(arg: str) -> bool:
+def looks_like_path(arg: str | Path) -> bool:
     """True when ``arg`` should be read as a file rather than looked up as a preset name."""
+    if isinstance(arg, Path):
+        return True
     return arg.endswith((".yaml", ".yml")) or "/" in arg or Path(arg).is_file()
 
 
 def unknown_name_error(field: str, kind: str, name: str, names: list[str]) -> SpecError:
     """A :class:`SpecError` for an unknown preset name that suggests the closest known names."""
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
-    if not close:
-        lowered = {n.lower(): n for n in names}
-        close = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.4)]
+    lowered = {n.lower(): n for n in names}
+    prefixed = [n for n in names if n.lower().startswith(name.lower())] if name else []
+    fuzzy = [lowered[c] for c in difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.4)]
+    close = list(dict.fromkeys(prefixed + fuzzy))[:3]
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return SpecError(field, f"unknown {kind} {name!r}{hint}", allowed=names)
 
@@ -89,13 +91,14 @@ def all_devices() -> list[DeviceSpec]:
     return list(_device_table().values())
 
 
-def load_device(name_or_path: str, field: str = "device") -> DeviceSpec:
+def load_device(name_or_path: str | Path, field: str = "device") -> DeviceSpec:
     """A preset device by name or alias (case-insensitive), or a device read from a YAML file."""
     if looks_like_path(name_or_path):
         data = read_yaml(Path(name_or_path), field)
         if not isinstance(data, dict):
             raise SpecError(field, f"{name_or_path} must hold a mapping of device fields")
         return DeviceSpec.parse(data, where=field)
+    name_or_path = str(name_or_path)
     key = _device_lookup().get(name_or_path.lower())
     if key is None:
         raise unknown_name_error(field, "device", name_or_path, device_names())
