@@ -115,7 +115,9 @@ class DeviceSpec(_Frozen):
             raise SpecError("dtype", f"unknown dtype {dtype!r}", allowed=DTYPES)
         value = getattr(self, f"{dtype}_flops")
         if value is None:
-            raise SpecError("dtype", f"{self.name} has no dense {dtype} peak", allowed=self.supported_dtypes())
+            raise SpecError(
+                "dtype", f"{self.name} has no dense {dtype} peak", allowed=self.supported_dtypes()
+            )
         return float(value)
 
     def achievable_flops(self, dtype: str) -> float:

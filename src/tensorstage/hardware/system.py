@@ -188,7 +188,9 @@ class SystemSpec(_Frozen):
             dims[ups[0]]["npus"] = self.gpus_per_node
         if num_gpus <= self.gpus_per_node:
             if num_gpus != self.gpus_per_node and len(ups) != 1:
-                raise SpecError("num_gpus", f"{self.name} has a multi-dimensional scale-up network; use whole nodes")
+                raise SpecError(
+                    "num_gpus", f"{self.name} has a multi-dimensional scale-up network; use whole nodes"
+                )
             dims[ups[0]]["npus"] = num_gpus if len(ups) == 1 else dims[ups[0]]["npus"]
             for i in outs:
                 dims[i]["npus"] = 1
@@ -199,7 +201,9 @@ class SystemSpec(_Frozen):
             nodes = num_gpus // self.gpus_per_node
             inner = math.prod(dims[i]["npus"] for i in outs[:-1])
             if nodes % inner:
-                raise SpecError("num_gpus", f"{nodes} nodes is not a multiple of the inner scale-out size {inner}")
+                raise SpecError(
+                    "num_gpus", f"{nodes} nodes is not a multiple of the inner scale-out size {inner}"
+                )
             dims[outs[-1]]["npus"] = nodes // inner
         data = self.model_dump()
         data["network"] = dims
