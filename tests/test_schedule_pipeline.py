@@ -201,3 +201,27 @@ def test_all_actions_on_holding_rank() -> None:
         for rank, order in enumerate(pipeline_order("interleaved", p, 2 * p, v)):
             assert {a.stage for a in order} == {c * p + rank for c in range(v)}
             assert all(a.stage == a.chunk * p + rank for a in order)
+
+
+def test_heterogeneous_stage_times_gpipe_is_a_flow_shop() -> None:
+    # Identical jobs through a flow shop: makespan = sum of stage times + (m-1) * slowest stage,
+    # once for the forward sweep and once for the backward sweep (which starts when the last
+    # stage finishes its last forward, all other stages being idle by then).
+    t_f = [1.0, 3.0, 2.0, 1.5]
+    t_b = [2.0, 5.0, 4.0, 3.5]
+    for m in (1, 3, 8):
+        r = simulate_order(pipeline_order("gpipe", 4, m), t_f, t_b)
+        want = sum(t_f) + (m - 1) * max(t_f) + sum(t_b) + (m - 1) * max(t_b)
+        assert r.makespan == pytest.approx(want)
+        assert r.busy == tuple(pytest.approx(m * (f + b)) for f, b in zip(t_f, t_b, strict=True))
+    with pytest.raises(SpecError) as err:
+        simulate_order(pipeline_order("gpipe", 4, 2), t_f[:3], t_b)
+    assert err.value.field == "t_f"
+
+
+def test_comm_time_adds_per_hop() -> None:
+    # GPipe with a per-message latency c: each of the (p-1) hops of the first microbatch's
+    # forward and of the last microbatch's backward waits c extra.
+    p, m, c = 4, 5, 0.5
+    r = simulate_order(pipeline_order("gpipe", p, m), 1.0, 2.0, t_comm=c)
+    assert r.makespan == pytest.approx((m + p - 1) * 3.0 + 2 * (p - 1) * c)

@@ -10,6 +10,7 @@ order below does not change them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tensorstage.errors import require
@@ -46,13 +47,34 @@ class SimResult:
         return (self.makespan - self.busy[rank]) / self.busy[rank]
 
 
-def _duration(a: Action, t_f: float, t_b: float, t_w: float | None) -> float:
+Time = float | Sequence[float]
+
+
+def _at(t: Time, stage: int) -> float:
+    return float(t) if isinstance(t, int | float) else float(t[stage])
+
+
+def _duration(a: Action, t_f: Time, t_b: Time, t_w: Time | None) -> float:
+    s = a.stage
     if a.kind is Kind.F:
-        return t_f
+        return _at(t_f, s)
     if a.kind is Kind.B:
-        return t_b + (t_w or 0.0)
+        return _at(t_b, s) + (0.0 if t_w is None else _at(t_w, s))
     require(t_w is not None, "t_w", f"order has split backward actions ({a}); give the weight-grad time")
-    return t_b if a.kind is Kind.I else float(t_w)  # type: ignore[arg-type]
+    return _at(t_b, s) if a.kind is Kind.I else _at(t_w, s)  # type: ignore[arg-type]
+
+
+def _check_times(num_stages: int, **times: Time | None) -> None:
+    for name, t in times.items():
+        if t is None:
+            continue
+        values = [t] if isinstance(t, int | float) else list(t)
+        require(
+            isinstance(t, int | float) or len(values) == num_stages,
+            name,
+            f"needs one time per virtual stage ({num_stages}), got {len(values)}",
+        )
+        require(all(v >= 0 for v in values), name, "action times must be >= 0")
 
 
 def _peaks(order: list[Action]) -> tuple[int, int]:
@@ -71,9 +93,9 @@ def _peaks(order: list[Action]) -> tuple[int, int]:
 
 def simulate_order(
     orders: list[list[Action]],
-    t_f: float,
-    t_b: float,
-    t_w: float | None = None,
+    t_f: Time,
+    t_b: Time,
+    t_w: Time | None = None,
     t_comm: float = 0.0,
 ) -> SimResult:
     """Run ``orders`` (one list per rank) with fixed action times.
@@ -81,12 +103,13 @@ def simulate_order(
     ``t_f``: forward time per action; ``t_b``: backward time — the whole backward when
     ``t_w`` is None, else the input-grad part, with ``t_w`` the weight-grad part (so a full B
     takes ``t_b + t_w`` and I / W take ``t_b`` / ``t_w``). ``t_comm`` is added to every
-    dependency that crosses ranks. For interleaved orders give per-chunk times. Raises
-    `DeadlockError` if the order cannot complete.
+    dependency that crosses ranks. Each time is one number for every stage, or a sequence
+    indexed by virtual stage (uneven splits, embedding / head stages). For interleaved orders
+    give per-chunk times. Raises `DeadlockError` if the order cannot complete.
     """
-    require(t_f >= 0 and t_b >= 0 and (t_w is None or t_w >= 0), "times", "action times must be >= 0")
-    require(t_comm >= 0, "t_comm", "communication time must be >= 0")
     num_stages = 1 + max((a.stage for order in orders for a in order), default=0)
+    _check_times(num_stages, t_f=t_f, t_b=t_b, t_w=t_w)
+    require(t_comm >= 0, "t_comm", "communication time must be >= 0")
     where: dict[DepKey, tuple[int, float]] = {}  # key -> (rank, finish time)
     start: dict[tuple[int, Action], float] = {}
     finish: dict[tuple[int, Action], float] = {}
