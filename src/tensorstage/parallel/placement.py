@@ -292,3 +292,59 @@ def _layout(
     return TensorLayout(
         base.shape, base.elem_bytes, tuple(kept.items()), tuple((a, sizes[a]) for a in kept), base.dims
     )
+
+
+def contract(
+    a_dims: Sequence[str],
+    a: Mapping[str, Placement],
+    b_dims: Sequence[str],
+    b: Mapping[str, Placement],
+    out_dims: Sequence[str],
+) -> dict[str, Placement]:
+    """Placements of ``einsum(a, b) -> out`` (dims by name; a dim not in ``out_dims`` is summed),
+    per mesh axis, by DTensor's matmul rules - the sharding propagation the lowering needs to
+    find which placement each op's output has before :func:`redistribute` inserts collectives:
+
+    * both Replicate -> Replicate;
+    * a dim kept in the output sharded on one side (other side Replicate, or sharded on the same
+      dim name) -> Shard of that dim;
+    * a summed dim sharded on *both* sides -> Partial (each rank sums its slice);
+    * Partial on one side, Replicate on the other -> Partial (contraction is linear).
+
+    Any other combination needs a redistribution first and raises :class:`SpecError`.
+    ``Shard`` dims must be given by name here.
+    """
+    out: dict[str, Placement] = {}
+    for axis in list(a) + [x for x in b if x not in a]:
+        pa, pb = a.get(axis, REPLICATE), b.get(axis, REPLICATE)
+        out[axis] = _contract_one(axis, pa, pb, set(a_dims), set(b_dims), set(out_dims))
+    return {k: v for k, v in out.items() if v != REPLICATE}
+
+
+def _contract_one(
+    axis: str, pa: Placement, pb: Placement, a_dims: set[str], b_dims: set[str], out_dims: set[str]
+) -> Placement:
+    for p, dims in ((pa, a_dims), (pb, b_dims)):
+        if isinstance(p, Shard) and (not isinstance(p.dim, str) or p.dim not in dims):
+            raise SpecError("dim", f"Shard({p.dim!r}) on {axis} must name a dim of its operand")
+    if pa == REPLICATE and pb == REPLICATE:
+        return REPLICATE
+    if isinstance(pa, Partial) or isinstance(pb, Partial):
+        if {type(pa), type(pb)} == {Partial, Replicate}:
+            return pa if isinstance(pa, Partial) else pb
+        raise SpecError("placement", f"{pa} x {pb} on {axis}: reduce before contracting")
+    sa = pa.dim if isinstance(pa, Shard) else None
+    sb = pb.dim if isinstance(pb, Shard) else None
+    dim = sa if sa is not None else sb
+    other_has_dim = (dim in b_dims) if sa is not None else (dim in a_dims)
+    if sa is not None and sb is not None and sa != sb:
+        raise SpecError("placement", f"{pa} x {pb} on {axis}: operands sharded on different dims")
+    if dim in out_dims:
+        if other_has_dim and (sa is None or sb is None):
+            raise SpecError(
+                "placement", f"{pa} x {pb} on {axis}: shared dim {dim!r} sharded on one side only"
+            )
+        return Shard(dim)
+    if sa is not None and sb is not None:
+        return Partial()
+    raise SpecError("placement", f"{pa} x {pb} on {axis}: summed dim {dim!r} sharded on one side only")

@@ -1,0 +1,127 @@
+"""The plan flags shared by every command that takes a parallel plan (``generate``, ``simulate``, ...).
+
+Typer declares options per command function, so sharing is done by a decorator that appends the
+plan flags to a command's signature and hands the command a checked :class:`ParallelPlan`::
+
+    from tensorstage.commands.planopts import with_plan_options
+
+    @app.command()
+    @with_plan_options
+    def generate(model: str, plan: ParallelPlan, out: Path = typer.Option(...)) -> None:
+        ...
+
+The command must have a parameter named ``plan``; the decorator removes it from the CLI, adds
+``-c/--config`` and one option per plan flag, and passes ``plan=`` built by :func:`plan_from_options`.
+Precedence: explicit flag > value in the ``-c`` YAML > :class:`ParallelPlan` default. Every flag's
+default is ``None`` ("not given"), which is how an explicit flag is told apart from a default.
+
+The flags and the YAML keys are the same names (``--global-batch`` <-> ``global_batch``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+
+from tensorstage.parallel.plan import ParallelPlan, load_plan
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+PANEL = "Parallel plan"
+
+# (parameter name, python type, flag declarations, help). Parameter names are plan keys.
+PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
+    ("tp", int, ("--tp",), "Tensor-parallel degree."),
+    ("pp", int, ("--pp",), "Pipeline-parallel degree (stages)."),
+    ("dp", int, ("--dp",), "Data-parallel degree."),
+    ("cp", int, ("--cp",), "Context-parallel degree."),
+    ("ep", int, ("--ep",), "Expert-parallel degree (divides dp*cp)."),
+    ("vpp", int, ("--vpp",), "Virtual pipeline stages per PP rank (interleaved)."),
+    ("sp", bool, ("--sp/--no-sp",), "Sequence parallelism over the TP group."),
+    ("zero", int, ("--zero",), "ZeRO stage 0|1|2|3 (3 = FSDP)."),
+    ("schedule", str, ("--schedule",), "Pipeline schedule: gpipe|1f1b|interleaved|zb-h1."),
+    ("recompute", str, ("--recompute",), "Activation recompute: none|selective|full."),
+    ("seq", int, ("--seq",), "Sequence length (tokens)."),
+    ("global_batch", int, ("--global-batch",), "Sequences per step (all DP ranks)."),
+    ("micro_batch", int, ("--micro-batch",), "Sequences per micro-batch per DP rank."),
+    ("dtype", str, ("--dtype",), "Compute dtype: bf16|fp16|fp8|fp32."),
+    ("rank_order", str, ("--rank-order",), "Axes innermost first, e.g. tp,cp,dp,pp."),
+    ("phase", str, ("--phase",), "train|prefill|decode."),
+    ("context", int, ("--context",), "KV length for decode (default: seq)."),
+    ("cp_mode", str, ("--cp-mode",), "Context parallelism: ring|allgather."),
+)
+PLAN_FLAG_NAMES = tuple(name for name, *_ in PLAN_FLAGS)
+CONFIG_PARAM = "plan_config"
+
+
+def plan_from_options(config: Path | None = None, **flags: Any) -> ParallelPlan:
+    """A checked plan from ``-c`` YAML (optional) and flag values; ``None`` flags are "not given".
+
+    ``rank_order`` may be a comma-separated string as typed on the command line.
+    """
+    given = {k: v for k, v in flags.items() if v is not None}
+    if isinstance(given.get("rank_order"), str):
+        given["rank_order"] = tuple(a.strip() for a in given["rank_order"].split(",") if a.strip())
+    if config is not None:
+        return load_plan(config, given)
+    return ParallelPlan.parse(given, where="plan")
+
+
+def plan_parameters() -> list[inspect.Parameter]:
+    """The ``-c/--config`` option and one keyword-only typer option per plan flag (default None)."""
+    params = [
+        inspect.Parameter(
+            CONFIG_PARAM,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(
+                None,
+                "-c",
+                "--config",
+                help="Plan YAML (keys = flag names); flags override it.",
+                rich_help_panel=PANEL,
+            ),
+            annotation=Path | None,
+        )
+    ]
+    for name, typ, decls, help_ in PLAN_FLAGS:
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *decls, help=help_, rich_help_panel=PANEL),
+                annotation=typ | None,
+            )
+        )
+    return params
+
+
+def with_plan_options(func: F) -> F:
+    """Decorate a typer command that takes ``plan: ParallelPlan``: the CLI gets the plan flags and
+    ``-c/--config``; the command gets the resulting checked plan (bad input raises ``SpecError``)."""
+    sig = inspect.signature(func, eval_str=True)
+    if "plan" not in sig.parameters:
+        raise TypeError(f"{func.__name__} needs a 'plan' parameter to use with_plan_options")
+    clash = {CONFIG_PARAM, *PLAN_FLAG_NAMES} & set(sig.parameters)
+    if clash:
+        raise TypeError(f"{func.__name__} already has parameters {sorted(clash)}")
+    own = [p for p in sig.parameters.values() if p.name != "plan"]
+    positional = [p for p in own if p.kind != inspect.Parameter.KEYWORD_ONLY]
+    keyword = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in positional]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        config = kwargs.pop(CONFIG_PARAM, None)
+        flags = {k: kwargs.pop(k) for k in PLAN_FLAG_NAMES if k in kwargs}
+        plan = plan_from_options(config, **flags)
+        return func(*args, plan=plan, **kwargs)
+
+    new_params = positional + keyword + plan_parameters()
+    wrapper.__signature__ = sig.replace(parameters=new_params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in new_params}
+    del wrapper.__wrapped__  # typer must see the new signature, not the original
+    return wrapper  # type: ignore[return-value]
