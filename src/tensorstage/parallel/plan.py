@@ -220,7 +220,8 @@ class ParallelPlan(BaseModel):
     def mesh(self) -> Mesh:
         """The :class:`Mesh` of this plan: base view ``rank_order`` (default ``tp, cp, dp, pp``),
         view ``"expert"`` = the ``cp, dp`` run re-factored as ``ep, edp`` (EP inner by default, as
-        Megatron's ``tp-cp-ep-dp-pp``; expert TP = TP), and when ``zero_shard_size`` is set, view
+        Megatron's ``tp-cp-ep-dp-pp``; expert TP = TP; present even when ep = 1, so expert weights
+        always reduce gradients over ``edp``), and when ``zero_shard_size`` is set, view
         ``"hsdp"`` = the run re-factored as ``dp_shard, dp_replicate`` (shard inner)."""
         self.check()
         order = self.axis_order()
@@ -228,9 +229,8 @@ class ParallelPlan(BaseModel):
         i, j = sorted((order.index("cp"), order.index("dp")))
         run = order[i : j + 1]
         refactor: dict = {}
-        if self.ep > 1:
-            new = [("ep", self.ep), ("edp", self.edp)]
-            refactor[EXPERT_VIEW] = (run, new if self._ep_inner() else new[::-1])
+        new = [("ep", self.ep), ("edp", self.edp)]
+        refactor[EXPERT_VIEW] = (run, new if self._ep_inner() else new[::-1])
         if self.zero_shard_size is not None and self.zero_shard_size < self.dp * self.cp:
             reps = self.dp * self.cp // self.zero_shard_size
             refactor[HSDP_VIEW] = (run, [("dp_shard", self.zero_shard_size), ("dp_replicate", reps)])
