@@ -60,3 +60,12 @@ def test_bad_input_is_one_line_exit_2(args: tuple[str, ...], needle: str) -> Non
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0]
     assert "Traceback" not in out.stderr
+
+
+def test_device_detail_by_alias_shows_sources() -> None:
+    out = _cli("hardware", "A100-SXM4-80GB", "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["name"] == "A100-80GB" and d["hbm_GBps"] == 2039  # A100 datasheet, 80GB SXM
+    out = _cli("hardware", "MI300X")
+    assert out.returncode == 0 and "ASSUMPTION" in out.stdout and "datasheet" in out.stdout
