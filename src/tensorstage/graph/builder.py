@@ -236,12 +236,14 @@ class Builder:
                 **attrs: object) -> Tensor:
         """Weight expert outputs by their gates and scatter-add back to tokens.
 
-        Saves the expert outputs, the per-slot gate values (e t) and the token index.
+        Saves the expert outputs, the per-slot gate values (e t), the token index and the int64
+        slot permutation that gathered the gates (a permute-based dispatcher's ``sorted_indices``).
         """
         ge = self.tensor(f"{name}.slot_gates", ("e", "t"), requires_grad=gates.requires_grad)
+        perm = self.tensor(f"{name}.slot_index", ("e", "t"), "int64", "index")
         y = self.tensor(name, like.dims, requires_grad=self._rg(ye, gates))
-        self._op(name, "combine", (ye, gates, tok), (y, ge), vector_flops=2 * ye.numel,
-                 saved=(ye, ge, tok), **attrs)
+        self._op(name, "combine", (ye, gates, tok), (y, ge, perm), vector_flops=2 * ye.numel,
+                 saved=(ye, ge, tok, perm), **attrs)
         return y
 
 
