@@ -1,0 +1,385 @@
+"""Event-driven execution of every rank class's `Program` together.
+
+One Program stands for all ranks of its class (symmetric ranks are simulated once). All classes
+start at time 0 and run concurrently; the step ends when the last node of any class ends.
+
+Execution rules (the contract with the lowering):
+
+* **Dependencies.** A node becomes *ready* when all its ``data_deps`` and ``ctrl_deps`` (ids in the
+  same Program, smaller than its own) have finished. Both kinds are enforced alike.
+* **Compute stream.** One per class: COMP nodes run one at a time; when the stream is free it takes
+  the ready COMP node with the lowest id (ASTRA-sim's issue rule). Duration: :mod:`.compute`.
+* **Collective streams.** One per class *per communicator* (axes tuple), like one NCCL stream per
+  process group: the COLL nodes of that communicator run strictly in program (id) order, one at a
+  time, overlapping compute and collectives of other communicators (no bandwidth contention
+  between them is modelled). A COLL node whose axes include a ``class_key`` axis spans several
+  classes: the k-th collective over axes ``X`` of every class that agrees with it on the class-key
+  axes outside ``X`` forms one instance (NCCL's "same order on every rank" rule); it starts when
+  all of them have *posted* it (stream free and node ready) and ends for all at once. A stream
+  that has posted is blocked until its collective ends. A collective within one class needs no
+  matching: all ranks of a class run it at the same time. Duration: the slowest participant's
+  alpha-beta cost (:mod:`.collectives`), fastest algorithm.
+* **Send/recv.** A SEND in class ``A`` along ``peer_axis`` by ``peer_offset`` goes to class
+  ``B = A`` with that coordinate moved (or ``A`` itself when the axis is not in the class key, e.g.
+  a ring along CP); it matches the RECV in ``B`` whose peer is ``A`` with the same ``tag``, the
+  k-th such SEND with the k-th such RECV. The transfer starts once both are ready (rendezvous) and
+  the directed link ``A -> B`` is free (FIFO), lasts ``alpha + S/B`` of the outermost tier the hop
+  crosses, and completes both nodes. Send/recv occupy neither the compute nor a collective stream.
+* **Overlap slowdown.** A COMP node that starts while communication of its class is in flight
+  runs ``1 + overlap_slowdown`` times slower until that communication's (known) end; collectives
+  that start later during the node do not slow it (documented approximation).
+
+Programs are flattened into parallel lists indexed by a global node id; the loop uses one heap of
+``(time, gid)`` completion events and one ready-heap per compute stream. Events with equal times
+are all applied before any compute stream picks its next node, so ties resolve by lowest id.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from tensorstage.errors import SpecError
+from tensorstage.schedule.program import NodeKind, Program
+from tensorstage.sim.collectives import collective_time_s, mesh_members_per_domain, p2p_tier, p2p_time_s
+from tensorstage.sim.machine import Machine
+
+K_COMP, K_COLL, K_SEND, K_RECV = 0, 1, 2, 3
+_KIND = {NodeKind.COMP: K_COMP, NodeKind.COLL: K_COLL, NodeKind.SEND: K_SEND, NodeKind.RECV: K_RECV}
+
+
+@dataclass
+class Execution:
+    """Raw outcome of :func:`execute`: start/end of every node, by global id (class offset + node id)."""
+
+    programs: list[Program]
+    machine: Machine
+    world: int
+    ranks: list[int]  # ranks per class
+    offsets: list[int]  # global id of node 0 of each class; offsets[-1] = total nodes
+    kind: list[int]
+    start: list[float]
+    end: list[float]
+    post: list[float]  # COLL/SEND/RECV: when the node was ready on its stream (start - post = sync wait)
+    algorithm: dict[int, str] = field(default_factory=dict)  # COLL gid -> algorithm chosen
+    step_time_s: float = 0.0
+
+
+def _class_key(p: Program) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted(p.class_key.items()))
+
+
+def execute(programs: Sequence[Program], mesh: object, machine: Machine) -> Execution:
+    """Run all classes' Programs together on ``machine`` (see module docstring for the rules).
+
+    ``mesh`` is the ``tensorstage.parallel.mesh.Mesh`` the programs were lowered for: it gives
+    ranks per class, group placement on the fabric, and send/recv peers. Raises ``SpecError``
+    for inconsistent programs (unknown peers, unmatched send/recv, dependency on a later id,
+    deadlock).
+    """
+    programs = list(programs)
+    if not programs:
+        raise SpecError("programs", "nothing to simulate: no Program given")
+    keys = [_class_key(p) for p in programs]
+    index = {k: i for i, k in enumerate(keys)}
+    if len(index) != len(keys):
+        raise SpecError("programs", "two Programs have the same class_key")
+    world = int(mesh.world)  # type: ignore[attr-defined]
+    ranks = []
+    for p in programs:
+        n = 1
+        for a in p.class_key:
+            n *= mesh.size(a)  # type: ignore[attr-defined]
+        ranks.append(world // n)
+
+    offsets = [0]
+    for p in programs:
+        offsets.append(offsets[-1] + len(p.nodes))
+    total = offsets[-1]
+    kind = [0] * total
+    dur = [0.0] * total
+    cls = [0] * total
+    indeg = [0] * total
+    succ: list[list[int] | None] = [None] * total
+    comp_model, fabric = machine.compute, machine.fabric
+    comp_cache: dict[tuple[int, int, str], float] = {}
+    members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
+    coll_cache: dict[tuple[int, int, tuple[str, ...]], tuple[float, str]] = {}
+
+    # per-class collective streams and cross-class collective instances
+    stream_of = [-1] * total
+    queues: list[list[int]] = []
+    stream_index: dict[tuple[int, tuple[str, ...]], int] = {}
+    inst_of = [-1] * total
+    inst_members: list[list[int]] = []
+    inst_index: dict[tuple, int] = {}
+    ordinal: dict[tuple[int, tuple[str, ...]], int] = {}
+    algorithm: dict[int, str] = {}
+    sends: dict[tuple[int, int, int], list[int]] = {}
+    recvs: dict[tuple[int, int, int], list[int]] = {}
+    p2p_meta: dict[int, tuple[str, int, int]] = {}
+
+    for c, p in enumerate(programs):
+        off = offsets[c]
+        ck = p.class_key
+        for j, node in enumerate(p.nodes):
+            if node.id != j:
+                raise SpecError("programs", f"class {ck}: node ids must be dense 0..n-1; node {j} has id {node.id}")
+            g = off + j
+            cls[g] = c
+            deps = node.data_deps
+            if node.ctrl_deps:
+                deps = tuple(sorted(set(deps) | set(node.ctrl_deps))) if deps else node.ctrl_deps
+            for d in deps:
+                if not 0 <= d < j:
+                    raise SpecError("programs", f"class {ck}: node {j} ({node.name}) depends on {d}, not an earlier id")
+                s = succ[off + d]
+                if s is None:
+                    succ[off + d] = [g]
+                else:
+                    s.append(g)
+            indeg[g] = len(deps)
+            k = _KIND.get(node.kind)
+            if k is None:
+                raise SpecError("programs", f"class {ck}: node {j} has unsupported kind {node.kind!r}")
+            kind[g] = k
+            if k == K_COMP:
+                key = (node.flops, node.tensor_bytes, node.op)
+                t = comp_cache.get(key)
+                if t is None:
+                    t = comp_cache[key] = comp_model.time_s(node.flops, node.tensor_bytes, node.op)
+                dur[g] = t
+            elif k == K_COLL:
+                axes = node.axes
+                ck2 = (node.comm, node.comm_bytes, axes)
+                cost = coll_cache.get(ck2)
+                if cost is None:
+                    members = members_cache.get(axes)
+                    if members is None:
+                        members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
+                    if node.comm is None:
+                        raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
+                    cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric)
+                dur[g] = cost[0]
+                algorithm[g] = cost[1]
+                sk = (c, axes)
+                sid = stream_index.get(sk)
+                if sid is None:
+                    sid = stream_index[sk] = len(queues)
+                    queues.append([])
+                queues[sid].append(g)
+                stream_of[g] = sid
+                spanned = [a for a in ck if a in axes]
+                if spanned:
+                    proj = tuple((a, v) for a, v in keys[c] if a not in axes)
+                    n = ordinal.get(sk, 0)
+                    ordinal[sk] = n + 1
+                    ik = (axes, proj, n)
+                    iid = inst_index.get(ik)
+                    if iid is None:
+                        iid = inst_index[ik] = len(inst_members)
+                        inst_members.append([])
+                    inst_members[iid].append(g)
+                else:
+                    iid = len(inst_members)
+                    inst_members.append([g])
+                inst_of[g] = iid
+            else:
+                peer = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
+                bucket = sends if k == K_SEND else recvs
+                mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
+                bucket.setdefault(mk, []).append(g)
+                p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
+
+    # collective instances: one duration for all participants
+    inst_dur = []
+    for members in inst_members:
+        inst_dur.append(max(dur[g] for g in members))
+
+    # send/recv pairing
+    partner = [-1] * total
+    link_of = [-1] * total
+    links: dict[tuple[int, int, str, int], int] = {}
+    for mk, slist in sends.items():
+        rlist = recvs.get(mk, [])
+        if len(rlist) != len(slist):
+            raise SpecError("programs", f"send/recv mismatch between classes {keys[mk[0]]} -> {keys[mk[1]]} tag "
+                            f"{mk[2]}: {len(slist)} send(s), {len(rlist)} recv(s)")
+        for gs, gr in zip(slist, rlist, strict=True):
+            axis, offset, nbytes = p2p_meta[gs]
+            if p2p_meta[gr][2] != nbytes:
+                raise SpecError("programs", f"send/recv size mismatch for tag {mk[2]}: {nbytes} vs {p2p_meta[gr][2]} bytes")
+            partner[gs], partner[gr] = gr, gs
+            t = p2p_time_s(nbytes, p2p_tier(mesh, axis, offset, fabric), fabric)
+            dur[gs] = dur[gr] = t
+            lk = (mk[0], mk[1], axis, 1 if offset >= 0 else -1)
+            lid = links.setdefault(lk, len(links))
+            link_of[gs] = link_of[gr] = lid
+    for mk in recvs:
+        if mk not in sends:
+            raise SpecError("programs", f"recv without send: class {keys[mk[1]]} expects tag {mk[2]} from {keys[mk[0]]}")
+
+    start, end, post = _run(len(programs), offsets, kind, dur, cls, indeg, succ, stream_of, queues, inst_of,
+                            inst_members, inst_dur, partner, link_of, len(links), machine.overlap_slowdown)
+    missing = [g for g in range(total) if end[g] < 0]
+    if missing:
+        g = missing[0]
+        c = cls[g]
+        node = programs[c].nodes[g - offsets[c]]
+        raise SpecError("programs", f"deadlock: {len(missing)} node(s) never ran; first: class {programs[c].class_key} "
+                        f"node {node.id} ({node.name}, {node.kind.name})")
+    return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
+                     max(end) if total else 0.0)
+
+
+def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis: str, offset: int,
+                mesh: object) -> int:
+    if not axis:
+        raise SpecError("programs", f"class {class_key}: send/recv node without peer_axis")
+    if axis not in class_key:
+        mesh.axis(axis)  # type: ignore[attr-defined]  # validates the name
+        return c
+    size = mesh.axis(axis).size  # type: ignore[attr-defined]
+    moved = dict(class_key)
+    moved[axis] = (moved[axis] + offset) % size
+    peer = index.get(tuple(sorted(moved.items())))
+    if peer is None:
+        raise SpecError("programs", f"class {class_key}: peer class {moved} along {axis} has no Program")
+    return peer
+
+
+def _run(nclasses, offsets, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_members, inst_dur,
+         partner, link_of, nlinks, slowdown):
+    """The event loop over flat lists (kept free of attribute lookups: it is the hot path)."""
+    total = offsets[-1]
+    start = [-1.0] * total
+    end = [-1.0] * total
+    post = [-1.0] * total
+    indeg = list(indeg)
+    ready_heaps: list[list[int]] = [[] for _ in range(nclasses)]
+    comp_busy = [False] * nclasses
+    comm_until = [0.0] * nclasses  # latest end of in-flight communication per class
+    nstreams = len(queues)
+    qpos = [0] * nstreams
+    sbusy = [False] * nstreams
+    is_ready = bytearray(total)
+    posted_cnt = [0] * len(inst_members)
+    link_free = [0.0] * nlinks
+    events: list[tuple[float, int]] = []
+    push, pop = heapq.heappush, heapq.heappop
+    factor = 1.0 + slowdown
+
+    def start_coll(g: int, t: float) -> None:
+        sid = stream_of[g]
+        sbusy[sid] = True
+        post[g] = t
+        iid = inst_of[g]
+        posted_cnt[iid] += 1
+        members = inst_members[iid]
+        if posted_cnt[iid] == len(members):
+            e = t + inst_dur[iid]
+            for m in members:
+                start[m] = t
+                push(events, (e, m))
+                cm = cls[m]
+                if comm_until[cm] < e:
+                    comm_until[cm] = e
+
+    def post_p2p(g: int, t: float) -> None:
+        post[g] = t
+        other = partner[g]
+        if post[other] < 0:
+            return
+        lid = link_of[g]
+        s = link_free[lid]
+        if s < t:
+            s = t
+        e = s + dur[g]
+        link_free[lid] = e
+        for m in (g, other):
+            start[m] = s
+            push(events, (e, m))
+            cm = cls[m]
+            if comm_until[cm] < e:
+                comm_until[cm] = e
+
+    dirty: list[int] = []
+    # initial ready nodes
+    for g in range(total):
+        if indeg[g] == 0:
+            k = kind[g]
+            if k == K_COMP:
+                ready_heaps[cls[g]].append(g)  # ascending gids: already a heap
+            elif k == K_COLL:
+                is_ready[g] = 1
+            else:
+                post_p2p(g, 0.0)
+    for sid in range(nstreams):
+        q = queues[sid]
+        if q and is_ready[q[0]]:
+            start_coll(q[0], 0.0)
+    dirty = list(range(nclasses))
+    cur_t = 0.0
+
+    while True:
+        # start compute on every idle stream touched at this time
+        for c in dirty:
+            if comp_busy[c]:
+                continue
+            h = ready_heaps[c]
+            if not h:
+                continue
+            g = pop(h)
+            d = dur[g]
+            t = cur_t
+            cu = comm_until[c]
+            if slowdown and cu > t:
+                span = cu - t
+                if d * factor <= span:
+                    d *= factor
+                else:
+                    d = span + (d - span / factor)
+            start[g] = t
+            comp_busy[c] = True
+            push(events, (t + d, g))
+        if not events:
+            break
+        cur_t = events[0][0]
+        dirty = []
+        while events and events[0][0] == cur_t:
+            _, g = pop(events)
+            end[g] = cur_t
+            k = kind[g]
+            c = cls[g]
+            if k == K_COMP:
+                comp_busy[c] = False
+                dirty.append(c)
+            elif k == K_COLL:
+                sid = stream_of[g]
+                sbusy[sid] = False
+                qpos[sid] += 1
+                q = queues[sid]
+                if qpos[sid] < len(q) and is_ready[q[qpos[sid]]]:
+                    start_coll(q[qpos[sid]], cur_t)
+            sl = succ[g]
+            if sl is None:
+                continue
+            for s in sl:
+                n = indeg[s] - 1
+                indeg[s] = n
+                if n:
+                    continue
+                k = kind[s]
+                if k == K_COMP:
+                    cs = cls[s]
+                    push(ready_heaps[cs], s)
+                    dirty.append(cs)
+                elif k == K_COLL:
+                    is_ready[s] = 1
+                    sid = stream_of[s]
+                    if not sbusy[sid] and queues[sid][qpos[sid]] == s:
+                        start_coll(s, cur_t)
+                else:
+                    post_p2p(s, cur_t)
+    return start, end, post
