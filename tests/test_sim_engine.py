@@ -1,0 +1,288 @@
+"""Engine on hand-built Programs; every expected value is a closed form computed here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tensorstage.errors import SpecError
+from tensorstage.parallel.mesh import Mesh
+from tensorstage.schedule.program import CollKind, NodeKind, Program
+from tensorstage.sim import Machine, execute, simulate, summarize
+from tensorstage.sim.collectives import Fabric, Tier, all_reduce_s, reduce_scatter_s
+from tensorstage.sim.compute import ComputeModel
+from tensorstage.sim.timeline import chrome_trace, write_chrome_trace
+
+PEAK = 100e12
+EFF = 0.5
+HBM = 1e12
+LAUNCH = 2e-6
+B0, A0, B1, A1 = 100e9, 1e-6, 10e9, 4e-6
+
+
+def machine(slowdown: float = 0.0, launch: float = LAUNCH, hbm_cap: int = 80 * 2**30,
+            fabric: Fabric | None = None) -> Machine:
+    comp = ComputeModel(tensor_flops=PEAK * EFF, attention_flops=PEAK * EFF, vector_flops=PEAK / 10,
+                        hbm_Bps=HBM, launch_s=launch, peak_flops=PEAK)
+    fab = fabric or Fabric((Tier("nvl", 8, B0, A0), Tier("ib", 64, B1, A1)))
+    return Machine(comp, fab, hbm_cap, slowdown, "bf16", "test")
+
+
+def roofline(flops: float, nbytes: float, launch: float = LAUNCH) -> float:
+    return max(flops / (PEAK * EFF), nbytes / HBM) + launch
+
+
+def test_serial_chain_is_sum_of_rooflines() -> None:
+    mesh = Mesh.create([("tp", 1)])
+    p = Program({})
+    work = [(4e12, 1e9), (1e9, 8e9), (0, 0), (3e13, 2e10)]
+    for i, (f, b) in enumerate(work):
+        p.add(f"n{i}", NodeKind.COMP, flops=int(f), tensor_bytes=int(b), op="einsum",
+              data_deps=(i - 1,) if i else ())
+    res = simulate([p], mesh, machine())
+    assert res.step_time_s == pytest.approx(sum(roofline(f, b) for f, b in work), rel=1e-12)
+    cr = res.classes[0]
+    assert cr.compute_busy_s == pytest.approx(res.step_time_s)
+    assert cr.bubble_s == pytest.approx(0.0, abs=1e-15)
+
+
+def test_vector_ops_use_vector_peak() -> None:
+    mesh = Mesh.create([("tp", 1)])
+    p = Program({})
+    p.add("norm", NodeKind.COMP, flops=int(1e12), tensor_bytes=1, op="norm")
+    res = simulate([p], mesh, machine())
+    assert res.step_time_s == pytest.approx(1e12 / (PEAK / 10) + LAUNCH)
+
+
+def _overlap_program(flops: int, coll_bytes: int) -> Program:
+    p = Program({})
+    p.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=coll_bytes, axes=("tp",), category="comm")
+    p.add("mm", NodeKind.COMP, flops=flops, op="einsum")
+    return p
+
+
+@pytest.mark.parametrize("slowdown", [0.0, 0.25])
+@pytest.mark.parametrize("flops", [int(1e12), int(2e14)])
+def test_compute_overlaps_independent_collective(slowdown: float, flops: int) -> None:
+    mesh = Mesh.create([("tp", 8)])
+    nbytes = 2**30
+    res = simulate([_overlap_program(flops, nbytes)], mesh, machine(slowdown))
+    tc = 2 * 7 / 8 * nbytes / B0 + 2 * 7 * A0  # one node: single-tier ring (NVLS off)
+    ta = roofline(flops, 0)
+    f = 1 + slowdown
+    ta_slow = ta * f if ta * f <= tc else tc + (ta - tc / f)
+    assert res.step_time_s == pytest.approx(max(ta_slow, tc), rel=1e-12)
+    cr = res.classes[0]
+    assert cr.compute_busy_s == pytest.approx(ta_slow, rel=1e-12)
+    assert cr.exposed_comm_total_s == pytest.approx(max(0.0, tc - ta_slow), rel=1e-9, abs=1e-15)
+    assert cr.exposed_comm_s.get("all_reduce/tp", 0.0) == pytest.approx(max(0.0, tc - ta_slow), rel=1e-9, abs=1e-15)
+    assert cr.comm_busy_s["all_reduce/tp"] == pytest.approx(tc)
+
+
+def test_collectives_on_one_communicator_serialize_on_two_overlap() -> None:
+    mesh = Mesh.create([("tp", 8), ("dp", 8)])
+    fab = machine().fabric
+    s = 2**28
+    t_tp = all_reduce_s(s, (8, 8), fab)[0]
+    t_dp = reduce_scatter_s(s, (1, 8), fab)[0]
+    same = Program({})
+    same.add("a", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
+    same.add("b", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
+    assert simulate([same], mesh, machine()).step_time_s == pytest.approx(2 * t_tp)
+    two = Program({})
+    two.add("a", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
+    two.add("b", NodeKind.COLL, comm=CollKind.REDUCE_SCATTER, comm_bytes=s, axes=("dp",))
+    assert simulate([two], mesh, machine()).step_time_s == pytest.approx(max(t_tp, t_dp))
+
+
+def _pipeline(schedule: str, m: int, f_flops: int, b_flops: int, act_bytes: int) -> list[Program]:
+    """Two stages; 1F1B or GPipe order per stage fixed by ctrl deps; activations sent forward,
+    gradients backward (tags: 2*mb forward, 2*mb+1 backward)."""
+    progs = []
+    for s in (0, 1):
+        p = Program({"pp": s})
+        if schedule == "gpipe":
+            order = [("F", i) for i in range(m)] + [("B", i) for i in reversed(range(m))]
+        elif s == 0:  # 1F1B, p=2: warm-up 1 forward on stage 0
+            order = [("F", 0)]
+            for i in range(1, m):
+                order += [("F", i), ("B", i - 1)]
+            order += [("B", m - 1)]
+        else:
+            order = [x for i in range(m) for x in (("F", i), ("B", i))]
+        prev = None
+        for kind, i in order:
+            deps: tuple[int, ...] = ()
+            if kind == "F" and s == 1:
+                deps = (p.add(f"recv_f{i}", NodeKind.RECV, comm_bytes=act_bytes, peer_axis="pp", peer_offset=-1,
+                              tag=2 * i).id,)
+            if kind == "B" and s == 0:
+                deps = (p.add(f"recv_b{i}", NodeKind.RECV, comm_bytes=act_bytes, peer_axis="pp", peer_offset=1,
+                              tag=2 * i + 1).id,)
+            n = p.add(f"{kind}{i}", NodeKind.COMP, flops=f_flops if kind == "F" else b_flops, op="einsum",
+                      data_deps=deps, ctrl_deps=(prev,) if prev is not None else (),
+                      category="fwd" if kind == "F" else "bwd_input",
+                      mem_alloc_bytes=1000 if kind == "F" else 0, mem_free_bytes=1000 if kind == "B" else 0)
+            prev = n.id
+            if kind == "F" and s == 0:
+                p.add(f"send_f{i}", NodeKind.SEND, comm_bytes=act_bytes, peer_axis="pp", peer_offset=1, tag=2 * i,
+                      data_deps=(n.id,))
+            if kind == "B" and s == 1:
+                p.add(f"send_b{i}", NodeKind.SEND, comm_bytes=act_bytes, peer_axis="pp", peer_offset=-1,
+                      tag=2 * i + 1, data_deps=(n.id,))
+        p.model_flops = m * (f_flops + b_flops)
+        progs.append(p)
+    return progs
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_two_stage_pipeline_makespan(schedule: str, m: int) -> None:
+    mesh = Mesh.create([("tp", 1), ("pp", 2)])
+    f_flops, b_flops = int(5e12), int(1e13)
+    res = simulate(_pipeline(schedule, m, f_flops, b_flops, act_bytes=0), mesh, machine(launch=0.0,
+                   fabric=Fabric((Tier("nvl", 8, B0, 0.0), Tier("ib", 64, B1, 0.0)))))
+    tf, tb = f_flops / (PEAK * EFF), b_flops / (PEAK * EFF)
+    p = 2
+    assert res.step_time_s == pytest.approx((p - 1 + m) * (tf + tb), rel=1e-12)
+    # bubble per stage = (p-1)(tf+tb): F-PP-BUBBLE fraction (p-1)/m of the ideal m(tf+tb)
+    for cr in res.classes:
+        assert cr.bubble_s == pytest.approx((p - 1) * (tf + tb), rel=1e-9)
+    # activations in flight: 1F1B stage 0 holds at most p microbatches, GPipe all m
+    peak0 = res.classes[0].memory_peak_bytes
+    assert peak0 == 1000 * (min(m, p) if schedule == "1f1b" else m)
+
+
+def test_pipeline_with_transfer_time_and_mfu() -> None:
+    mesh = Mesh.create([("tp", 1), ("dp", 2), ("pp", 2)])
+    m, f_flops, b_flops, act = 4, int(5e12), int(1e13), 2**27
+    res = simulate(_pipeline("1f1b", m, f_flops, b_flops, act), mesh, machine(launch=0.0), tokens_per_step=4096)
+    tf, tb = f_flops / (PEAK * EFF), b_flops / (PEAK * EFF)
+    tx = A0 + act / B0  # pp stride 2, span 4 GPUs: inside one 8-GPU node -> scale-up tier
+    ends = _recurrence_1f1b_two_stage(m, tf, tb, tx)
+    assert res.step_time_s == pytest.approx(ends, rel=1e-12)
+    world = 4
+    model = 2 * 2 * m * (f_flops + b_flops)  # 2 classes x 2 ranks each
+    assert res.mfu == pytest.approx(model / (res.step_time_s * world * PEAK), rel=1e-12)
+    assert res.hfu == pytest.approx(res.mfu)
+    assert res.tokens_per_s == pytest.approx(4096 / res.step_time_s)
+    assert [c.ranks for c in res.classes] == [2, 2]
+    json.dumps(res.to_dict())
+
+
+def _recurrence_1f1b_two_stage(m: int, tf: float, tb: float, tx: float) -> float:
+    """Start times of the 2-stage 1F1B order from its definition (each op waits for its stage's
+    previous op and for its cross-stage input plus one transfer)."""
+    order0 = [("F", 0)] + [x for i in range(1, m) for x in (("F", i), ("B", i - 1))] + [("B", m - 1)]
+    order1 = [x for i in range(m) for x in (("F", i), ("B", i))]
+    done: dict[tuple[int, str, int], float] = {}
+    t0 = t1 = 0.0
+    i0 = i1 = 0
+    while i0 < len(order0) or i1 < len(order1):
+        progressed = False
+        if i0 < len(order0):
+            k, i = order0[i0]
+            need = done.get((1, "B", i)) if k == "B" else 0.0
+            if need is not None:
+                st = max(t0, need + (tx if k == "B" else 0.0))
+                t0 = st + (tf if k == "F" else tb)
+                done[(0, k, i)] = t0
+                i0 += 1
+                progressed = True
+        if i1 < len(order1):
+            k, i = order1[i1]
+            need = done.get((0, "F", i)) if k == "F" else 0.0
+            if need is not None:
+                st = max(t1, need + (tx if k == "F" else 0.0))
+                t1 = st + (tf if k == "F" else tb)
+                done[(1, k, i)] = t1
+                i1 += 1
+                progressed = True
+        assert progressed
+    return max(t0, t1)
+
+
+def test_cross_class_collective_waits_for_all_classes() -> None:
+    mesh = Mesh.create([("tp", 1), ("pp", 2)])
+    progs = []
+    work = [int(1e12), int(3e12)]
+    s = 2**26
+    for st in (0, 1):
+        p = Program({"pp": st})
+        p.add("w", NodeKind.COMP, flops=work[st], op="einsum")
+        p.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("pp",), data_deps=(0,))
+        progs.append(p)
+    mach = machine()
+    res = simulate(progs, mesh, mach)
+    tc = all_reduce_s(s, (2, 2), mach.fabric)[0]
+    assert tc == pytest.approx(2 * 1 / 2 * s / B0 + 2 * A0)
+    assert res.step_time_s == pytest.approx(roofline(work[1], 0) + tc)
+    assert res.classes[0].finish_s == res.classes[1].finish_s
+    assert res.classes[0].sync_wait_s == pytest.approx(roofline(work[1], 0) - roofline(work[0], 0))
+
+
+def test_memory_peak_of_known_pattern() -> None:
+    mesh = Mesh.create([("tp", 2)])
+    p = Program({}, static_bytes={"weights": 1000, "gradients": 1000, "optimizer_states": 6000})
+    # a(+300) -> b(+500) -> coll(+200 buffer, freed at its end) -> c(-300) -> d(+100, -500)
+    p.add("a", NodeKind.COMP, flops=int(1e9), mem_alloc_bytes=300)
+    p.add("b", NodeKind.COMP, flops=int(1e9), mem_alloc_bytes=500, data_deps=(0,))
+    p.add("g", NodeKind.COLL, comm=CollKind.ALL_GATHER, comm_bytes=1 << 20, axes=("tp",), data_deps=(1,),
+          mem_alloc_bytes=200, mem_free_bytes=200)
+    p.add("c", NodeKind.COMP, flops=int(1e9), mem_free_bytes=300, data_deps=(2,))
+    p.add("d", NodeKind.COMP, flops=int(1e9), mem_alloc_bytes=100, mem_free_bytes=500, data_deps=(3,))
+    res = simulate([p], mesh, machine(hbm_cap=8000 + 999))
+    cr = res.classes[0]
+    assert cr.memory_peak_bytes == 8000 + 300 + 500 + 200
+    assert cr.memory_at_peak_bytes == {"gradients": 1000, "optimizer_states": 6000, "weights": 1000,
+                                       "activations": 800, "comm_buffers": 200}
+    assert cr.oom and res.oom
+    assert not simulate([p], mesh, machine(hbm_cap=9000)).oom
+
+
+def test_same_class_ring_send_recv() -> None:
+    # context-parallel style ring: every rank sends to +1 and receives from -1; one class.
+    mesh = Mesh.create([("cp", 4)])
+    p = Program({})
+    p.add("s", NodeKind.SEND, comm_bytes=2**20, peer_axis="cp", peer_offset=1, tag=7)
+    p.add("r", NodeKind.RECV, comm_bytes=2**20, peer_axis="cp", peer_offset=-1, tag=7)
+    p.add("x", NodeKind.COMP, flops=int(1e9), data_deps=(1,))
+    res = simulate([p], mesh, machine())
+    assert res.step_time_s == pytest.approx(A0 + 2**20 / B0 + roofline(1e9, 0))
+
+
+def test_inconsistent_programs_raise_spec_error() -> None:
+    mesh = Mesh.create([("tp", 1), ("pp", 2)])
+    a, b = Program({"pp": 0}), Program({"pp": 1})
+    a.add("s", NodeKind.SEND, comm_bytes=10, peer_axis="pp", peer_offset=1, tag=1)
+    with pytest.raises(SpecError, match="send/recv mismatch"):
+        simulate([a, b], mesh, machine())
+    c = Program({"pp": 0})
+    c.add("x", NodeKind.COMP, data_deps=(1,))
+    c.add("y", NodeKind.COMP)
+    with pytest.raises(SpecError, match="not an earlier id"):
+        simulate([c], Mesh.create([("pp", 1)]), machine())
+    d0, d1 = Program({"pp": 0}), Program({"pp": 1})
+    d0.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
+    d0.add("ar2", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
+    d1.add("r", NodeKind.RECV, comm_bytes=8, peer_axis="pp", peer_offset=-1, tag=0)
+    d1.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",), data_deps=(0,))
+    d0.add("s", NodeKind.SEND, comm_bytes=8, peer_axis="pp", peer_offset=1, tag=0, data_deps=(1,))
+    with pytest.raises(SpecError, match="deadlock"):
+        simulate([d0, d1], mesh, machine())
+
+
+def test_timeline_export(tmp_path) -> None:
+    mesh = Mesh.create([("tp", 1), ("pp", 2)])
+    progs = _pipeline("1f1b", 3, int(1e12), int(2e12), 1024)
+    ex = execute(progs, mesh, machine())
+    trace = chrome_trace(ex)
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(xs) == sum(len(p.nodes) for p in progs)
+    assert {e["pid"] for e in xs} == {0, 1}
+    comp = [e for e in xs if e["tid"] == 0 and e["pid"] == 0]
+    assert sum(e["dur"] for e in comp) * 1e-6 == pytest.approx(summarize(ex).classes[0].compute_busy_s)
+    path = write_chrome_trace(ex, tmp_path / "t.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(trace))
+    assert write_chrome_trace(ex, tmp_path / "u.json").read_bytes() == path.read_bytes()
