@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 COMM_NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
@@ -155,7 +156,9 @@ class CommRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Iterable[type], args: tuple = (), kwargs: dict | None = None):
         kwargs = kwargs or {}
-        if any(t not in (torch.Tensor, torch.nn.Parameter) for t in types):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **kwargs)
+        if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # let DTensor desugar to plain collectives first
         ns = func.namespace
         name = func._schema.name.split("::")[-1]
@@ -202,7 +205,7 @@ class CommRecorder(TorchDispatchMode):
             tag = b.get("tag")
         else:  # functional: output is the result
             inp = b.get("input", b.get("inputs", b.get("tensor")))
-            out = result if "out" not in b else b["out"]
+            out = b.get("out", result)
             if name.startswith(("all_reduce", "broadcast")) and name.endswith("_"):
                 out = inp
             if "src" in b and op == "broadcast":

@@ -113,7 +113,8 @@ def fsdp2(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[st
     rec.phase = "init"
     for layer in model.layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=raf)
-    fully_shard(model, mesh=mesh, reshard_after_forward=raf)
+    root_raf = cfg.get("root_reshard_after_forward", raf)  # None = torch's default heuristic
+    fully_shard(model, mesh=mesh, reshard_after_forward=None if root_raf is None else bool(root_raf))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(int(cfg.get("steps", 1))):
         x = torch.randn(batch, h, dtype=_dtype(cfg))
@@ -160,6 +161,10 @@ def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
         }
     else:
         plan = {"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()}
+    if not sp and cfg.get("prepare_input", False):
+        # one DTensor input per module, so the three q/k/v input grads are summed before one all-reduce
+        for mod in ("attention", "feed_forward"):
+            plan[mod] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
     plan.update({f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")})
     plan["feed_forward.w1"] = ColwiseParallel()
     rec.phase = "init"
@@ -175,6 +180,8 @@ def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     out.float().pow(2).sum().backward()
     grads = {n: (p.grad.placements.__repr__() if hasattr(p.grad, "placements") else "local")
              for n, p in block.named_parameters() if p.grad is not None}
+    rec.phase = "optim"  # SP norm grads are Partial: the optimizer's DTensor ops all-reduce them here
+    torch.optim.SGD(block.parameters(), lr=0.01, foreach=False).step()
     return {"params": _params_info(block), "out_shape": list(out.shape), "grad_placements": grads}
 
 
@@ -195,7 +202,9 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     torch.manual_seed(int(cfg.get("seed", 0)) + rank)
     module = nn.Sequential(*[nn.Sequential(nn.Linear(h, h), nn.ReLU()) for _ in range(lps)]).to(dt)
     example = torch.empty(mb_size, h, dtype=dt)
-    stage = PipelineStage(module, rank, ws, torch.device("cpu"), input_args=(example,), output_args=(example,))
+    stage = PipelineStage(module, rank, ws, torch.device("cpu"), input_args=(example,), output_args=(example,),
+                          output_grads=(example,) if rank < ws - 1 else None,
+                          input_grads=(example,) if rank > 0 else None)
     actions: list[dict[str, Any]] = []
 
     def wrap(kind: str, fn: Any) -> Any:
@@ -211,13 +220,14 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     order = getattr(sched, "pipeline_order", None)
     x = torch.randn(mbs * mb_size, h, dtype=dt)
     y = torch.randn(mbs * mb_size, h, dtype=dt)
-    rec.phase = "step"
-    if rank == 0:
-        sched.step(x)
-    elif rank == ws - 1:
-        sched.step(target=y)
-    else:
-        sched.step()
+    for step in range(int(cfg.get("steps", 1))):
+        rec.phase = f"step{step}"
+        if rank == 0:
+            sched.step(x)
+        elif rank == ws - 1:
+            sched.step(target=y)
+        else:
+            sched.step()
     return {
         "actions": actions,
         "pipeline_order": None if order is None else

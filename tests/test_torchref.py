@@ -1,0 +1,257 @@
+"""Checks of the PyTorch ground-truth harness (tests/torchref) against closed forms written here.
+
+Every expected byte count below is derived from the model shapes in this file, not from the harness's
+own output, so a pass proves the recorder saw every collective torch issued. Two gloo worlds (2 and
+4 ranks) run all scenarios, to keep process start-up cost low.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torch")
+
+from torchref import run_many  # noqa: E402
+
+F32 = 4  # bytes per fp32 element
+
+CFG2 = {
+    "manual": {"scenario": "manual", "numel": 12},
+    "ddp_small_bucket": {"scenario": "ddp", "hidden": 32, "ffn": 64, "layers": 2, "bucket_cap_mb": 0.005,
+                         "steps": 2},
+    "ddp_default": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 2},
+    "ddp_cap": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 2, "bucket_cap_mb": 1.5},
+    "tp": {"scenario": "tp", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8},
+    "tp_prep": {"scenario": "tp", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "prepare_input": True},
+    "tp_sp": {"scenario": "tp", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "sp": True},
+    "pp_gpipe": {"scenario": "pp", "schedule": "gpipe", "hidden": 16, "microbatches": 4, "microbatch_size": 2,
+                 "steps": 2},
+    "ep": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
+}
+CFG4 = {
+    "fsdp_raf": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 10,
+                 "reshard_after_forward": True},
+    "fsdp_noraf": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 10,
+                   "reshard_after_forward": False},
+    "fsdp_rootdefault": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 10,
+                         "reshard_after_forward": True, "root_reshard_after_forward": None},
+    "pp_1f1b": {"scenario": "pp", "schedule": "1f1b", "hidden": 16, "microbatches": 6, "microbatch_size": 2,
+                "steps": 2},
+    "tp_sp4": {"scenario": "tp", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "sp": True},
+    "ep4": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 8, "topk": 2, "tokens": 16},
+}
+
+
+@pytest.fixture(scope="module")
+def w2() -> dict:
+    return run_many(CFG2, world_size=2)
+
+
+@pytest.fixture(scope="module")
+def w4() -> dict:
+    return run_many(CFG4, world_size=4)
+
+
+def recs(run: dict, rank: int, phase_prefix: str = "", op: str | None = None) -> list[dict]:
+    return [r for r in run["ranks"][rank] if r["phase"].startswith(phase_prefix) and (op is None or r["op"] == op)]
+
+
+# ------------------------------------------------------------------------------------------ recorder itself
+def test_manual_collectives_are_recorded_exactly(w2: dict) -> None:
+    n, ws = 12, 2
+    for rank in range(ws):
+        by_phase = {}
+        for r in w2["manual"]["ranks"][rank]:
+            by_phase.setdefault(r["phase"], []).append(r)
+        ar = by_phase["all_reduce"][0]
+        assert (ar["op"], ar["in_bytes"], ar["group_ranks"], ar["dtype"]) == ("all_reduce", n * F32, [0, 1], "float32")
+        for ph in ("all_gather_into_tensor", "all_gather_list"):
+            (ag,) = by_phase[ph]
+            assert (ag["op"], ag["in_bytes"], ag["out_bytes"], ag["size_bytes"]) == (
+                "all_gather", n * F32, n * F32 * ws, n * F32)
+        (rs,) = by_phase["reduce_scatter_tensor"]
+        assert (rs["op"], rs["in_bytes"], rs["out_bytes"], rs["size_bytes"]) == (
+            "reduce_scatter", n * F32 * ws, n * F32, n * F32 * ws)
+        (a2a,) = by_phase["all_to_all_single"]
+        assert (a2a["op"], a2a["in_bytes"], a2a["out_bytes"]) == ("all_to_all", n * ws * F32, n * ws * F32)
+        (bc,) = by_phase["broadcast"]
+        assert (bc["op"], bc["root"], bc["out_bytes"]) == ("broadcast", ws - 1, n * F32)
+        p2p = sorted((r["op"], r["peer"], r["size_bytes"]) for r in by_phase["p2p"])
+        assert p2p == sorted([("send", (rank + 1) % ws, n * F32), ("recv", (rank - 1) % ws, n * F32)])
+        (fc,) = by_phase["funcol_all_reduce"]
+        assert (fc["op"], fc["api"], fc["dtype"], fc["size_bytes"]) == (
+            "all_reduce", "_c10d_functional::all_reduce", "float64", n * 8)
+        (sub,) = by_phase["subgroup_all_reduce"]
+        assert (sub["group_ranks"], sub["dtype"], sub["size_bytes"]) == ([0, 1], "bfloat16", n * 2)
+        assert len(w2["manual"]["ranks"][rank]) == 10  # nothing extra (new_group issues no collective)
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+def mlp_param_bytes_reverse(h: int, ffn: int, layers: int) -> list[int]:
+    """Parameter bytes in reverse registration order (the order DDP's grads become ready)."""
+    fwd = []
+    for _ in range(layers):
+        fwd += [h * ffn * F32, ffn * F32, ffn * h * F32, h * F32]  # w1, b1, w2, b2
+    return fwd[::-1]
+
+
+def expected_buckets(sizes: list[int], first_cap: int, cap: int) -> list[int]:
+    """DDP rule: append grads in ready order; a bucket closes once it reaches its cap (first cap, then cap)."""
+    buckets, cur = [], 0
+    for s in sizes:
+        cur += s
+        if cur >= (first_cap if not buckets else cap):
+            buckets.append(cur)
+            cur = 0
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+@pytest.mark.parametrize("label,h,ffn,first_cap,cap", [
+    ("ddp_small_bucket", 32, 64, int(0.005 * 2**20), int(0.005 * 2**20)),
+    ("ddp_default", 256, 1024, 2**20, 25 * 2**20),  # default: 1 MiB first bucket, 25 MiB after
+    ("ddp_cap", 256, 1024, int(1.5 * 2**20), int(1.5 * 2**20)),  # user cap: first bucket uses the cap
+])
+def test_ddp_allreduce_bytes_and_buckets(w2: dict, label: str, h: int, ffn: int, first_cap: int, cap: int) -> None:
+    sizes = mlp_param_bytes_reverse(h, ffn, 2)
+    total = sum(sizes)
+    run = w2[label]
+    for rank in range(2):
+        # construction: rank 0 broadcasts all parameters
+        init_bc = [r["size_bytes"] for r in recs(run, rank, "init", "broadcast") if r["dtype"] == "float32"]
+        assert init_bc == [total]
+        step0 = [r["size_bytes"] for r in recs(run, rank, "step0.bwd", "all_reduce")]
+        assert step0 == [total]  # first iteration: one bucket holding every gradient
+        step1 = [r["size_bytes"] for r in recs(run, rank, "step1.bwd", "all_reduce")]
+        assert step1 == expected_buckets(sizes, first_cap, cap)
+        assert sum(step1) == total
+        assert all(r["group_ranks"] == [0, 1] for r in recs(run, rank, "step", "all_reduce"))
+        # the rebuilt layout is synced once from rank 0 (int32 indices + sizes), in step 1's forward
+        sync = [r["size_bytes"] for r in recs(run, rank, "step1.fwd", "broadcast")]
+        assert sync == [4 * (len(sizes) + 1), 4 * len(step1)]
+
+
+# ----------------------------------------------------------------------------------------------------- TP
+def test_tp_megatron_allreduce_volumes(w2: dict) -> None:
+    b, s, h, ws = 2, 8, 32, 2
+    act = b * s * h * F32
+    for rank in range(ws):
+        fwd = [r["size_bytes"] for r in recs(w2["tp"], rank, "fwd", "all_reduce")]
+        assert fwd == [act, act]  # one per row-parallel layer (wo, w2)
+        # DTensor: wq, wk, wv each all-reduce their input grad (3) + w1 (1); Megatron issues 2
+        bwd = [r["size_bytes"] for r in recs(w2["tp"], rank, "bwd", "all_reduce")]
+        assert bwd == [act] * 4
+        bwd_prep = [r["size_bytes"] for r in recs(w2["tp_prep"], rank, "bwd", "all_reduce")]
+        assert bwd_prep == [act, act]  # PrepareModuleInput: one DTensor input per module, as Megatron
+        assert [r["op"] for r in w2["tp"]["ranks"][rank] if r["phase"] in ("fwd", "bwd")] == ["all_reduce"] * 6
+
+
+@pytest.mark.parametrize("world,label,ws", [("w2", "tp_sp", 2), ("w4", "tp_sp4", 4)])
+def test_tp_sequence_parallel_volumes(request: pytest.FixtureRequest, world: str, label: str, ws: int) -> None:
+    b, s, h = 2, 8, 32
+    run = request.getfixturevalue(world)[label]
+    full, shard = b * s * h * F32, b * s * h * F32 // ws
+    group = list(range(ws))
+    for rank in range(ws):
+        for phase in ("fwd", "bwd"):
+            seq = [(r["op"], r["in_bytes"], r["out_bytes"], r["group_ranks"]) for r in recs(run, rank, phase)]
+            ag, rs = ("all_gather", shard, full, group), ("reduce_scatter", full, shard, group)
+            assert seq == [ag, rs, ag, rs]  # per sublayer: AG before column-parallel, RS after row-parallel
+        # SP norm weight/bias grads are Partial; torch all-reduces them lazily when the optimizer reads them
+        assert [r["size_bytes"] for r in recs(run, rank, "optim", "all_reduce")] == [h * F32] * 4
+
+
+# ----------------------------------------------------------------------------------------------------- PP
+def one_f_one_b(stage: int, stages: int, mbs: int) -> list[str]:
+    """Megatron 1F1B: (stages - stage - 1) warmup forwards, then F/B pairs, then cooldown backwards."""
+    warm = min(stages - stage - 1, mbs)
+    order = [f"F{i}" for i in range(warm)]
+    f = warm
+    for bwd in range(mbs):
+        if f < mbs:
+            order.append(f"F{f}")
+            f += 1
+        order.append(f"B{bwd}")
+    return order
+
+
+def test_pp_gpipe_p2p_bytes_and_order(w2: dict) -> None:
+    mbs, act = 4, 2 * 16 * F32  # microbatch (2, 16) fp32 activations and grads
+    run = w2["pp_gpipe"]
+    for rank, peer in ((0, 1), (1, 0)):
+        acts = [f"{a['action']}{a['mb']}" for a in run["info"][rank]["actions"]]
+        assert acts == ([f"F{i}" for i in range(mbs)] + [f"B{i}" for i in range(mbs)]) * 2  # two steps
+        tot = run["totals"][rank]  # both steps: 2 * mbs activations/grads + one 4-byte handshake
+        key = f"send@{peer}"
+        assert tot[key]["count"] == 2 * mbs + 1 and tot[key]["size_bytes"] == 2 * mbs * act + 4
+        s1 = [(r["op"], r["peer"], r["size_bytes"]) for r in recs(run, rank, "step1")]
+        fwd_dir, bwd_dir = ("send", "recv") if rank == 0 else ("recv", "send")
+        assert sorted(s1) == sorted([(fwd_dir, peer, act)] * mbs + [(bwd_dir, peer, act)] * mbs)
+        # step 0 additionally exchanges one 4-byte int32 handshake each way with the neighbour
+        s0 = [(r["op"], r["peer"], r["size_bytes"], r["dtype"]) for r in recs(run, rank, "step0")]
+        extra = sorted(x for x in s0 if x[3] == "int32")
+        assert extra == [("recv", peer, 4, "int32"), ("send", peer, 4, "int32")]
+
+
+def test_pp_1f1b_four_stages(w4: dict) -> None:
+    stages, mbs, act = 4, 6, 2 * 16 * F32
+    run = w4["pp_1f1b"]
+    for rank in range(stages):
+        acts = [f"{a['action']}{a['mb']}" for a in run["info"][rank]["actions"]]
+        assert acts == one_f_one_b(rank, stages, mbs) * 2
+        expect = []
+        if rank > 0:
+            expect += [("recv", rank - 1, act)] * mbs + [("send", rank - 1, act)] * mbs
+        if rank < stages - 1:
+            expect += [("send", rank + 1, act)] * mbs + [("recv", rank + 1, act)] * mbs
+        s1 = [(r["op"], r["peer"], r["size_bytes"]) for r in recs(run, rank, "step1")]
+        assert sorted(s1) == sorted(expect)
+        assert all(r["op"] in ("send", "recv") for r in run["ranks"][rank])
+
+
+# ----------------------------------------------------------------------------------------------------- EP
+@pytest.mark.parametrize("world,label,ws,experts", [("w2", "ep", 2, 4), ("w4", "ep4", 4, 8)])
+def test_ep_all_to_all(request: pytest.FixtureRequest, world: str, label: str, ws: int, experts: int) -> None:
+    tokens, topk, h = 16, 2, 16
+    run = request.getfixturevalue(world)[label]
+    row = h * F32
+    sent_total = recv_total = 0
+    splits = {}
+    for rank in range(ws):
+        (counts,) = recs(run, rank, "fwd.counts")
+        assert (counts["op"], counts["dtype"], counts["in_bytes"]) == ("all_to_all", "int64", experts * 8)
+        (disp,) = recs(run, rank, "fwd.dispatch")
+        (comb,) = recs(run, rank, "fwd.combine")
+        assert disp["in_bytes"] == tokens * topk * row  # every routed token copy leaves once
+        assert (comb["in_bytes"], comb["out_bytes"]) == (disp["out_bytes"], disp["in_bytes"])
+        bwd = [(r["in_bytes"], r["out_bytes"]) for r in recs(run, rank, "bwd", "all_to_all")]
+        assert bwd == [(disp["in_bytes"], disp["out_bytes"]), (disp["out_bytes"], disp["in_bytes"])]
+        sent_total += disp["in_bytes"]
+        recv_total += disp["out_bytes"]
+        splits[rank] = (disp["extra"]["in_splits"], disp["extra"]["out_splits"])
+        assert sum(splits[rank][1]) * row == disp["out_bytes"]
+    assert sent_total == recv_total == ws * tokens * topk * row
+    for src in range(ws):
+        for dst in range(ws):
+            assert splits[src][0][dst] == splits[dst][1][src]  # what src sends dst is what dst expects
+
+
+# -------------------------------------------------------------------------------------------------- FSDP2
+def test_fsdp2_gathers_and_reduce_scatters(w4: dict) -> None:
+    ws, h, ffn, vocab = 4, 32, 64, 10
+    layer = (h * ffn + ffn + ffn * h + h) * F32  # dim 0 of every tensor divisible by 4: no padding
+    padded_vocab = -(-vocab // ws) * ws  # FSDP2 pads dim 0 to a multiple of the world size
+    head = (padded_vocab * h + padded_vocab) * F32
+    for label, bwd_gathers in (("fsdp_raf", [head, layer, layer]), ("fsdp_noraf", []),
+                               ("fsdp_rootdefault", [layer, layer])):
+        run = w4[label]
+        for rank in range(ws):
+            fwd = [(r["in_bytes"], r["out_bytes"]) for r in recs(run, rank, "step0.fwd", "all_gather")]
+            assert fwd == [(head // ws, head), (layer // ws, layer), (layer // ws, layer)]  # root first
+            bwd_ag = [r["out_bytes"] for r in recs(run, rank, "step0.bwd", "all_gather")]
+            assert bwd_ag == bwd_gathers
+            rs = [(r["in_bytes"], r["out_bytes"]) for r in recs(run, rank, "step0.bwd", "reduce_scatter")]
+            assert sorted(rs) == sorted([(layer, layer // ws), (layer, layer // ws), (head, head // ws)])
+            assert all(r["group_ranks"] == [0, 1, 2, 3] for r in run["ranks"][rank])
+            assert not recs(run, rank, "step0.optim")  # optimizer works on local shards
