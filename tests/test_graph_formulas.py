@@ -163,9 +163,18 @@ def test_param_counts_match_closed_forms() -> None:
 
 
 def test_deepseek_v3_params_match_model_card() -> None:
-    # 671B total (model card), of which 14B-ish MTP module is not part of this spec: 671 - 14 = ~657B
+    # model card: 671B main-model parameters (the 14B multi-token-prediction module excluded)
     total = build_graph(DEEPSEEK_V3, "train").param_count()
-    assert abs(total - 671.0e9) / 671.0e9 < 0.025
+    assert abs(total - 671e9) / 671e9 < 5e-4
+
+
+def test_every_preset_matches_model_param_counts() -> None:
+    """Graph weights vs the model package's closed forms (checked there against torch meta modules)."""
+    from tensorstage.model import get_preset, list_presets, param_counts
+
+    for name in list_presets():
+        spec = get_preset(name)
+        assert build_graph(spec, "train").param_count() == param_counts(spec).total, name
 
 
 def test_vectorized_costs_equal_exact() -> None:

@@ -27,6 +27,7 @@ app = typer.Typer(
 COMMAND_MODULES = (
     "tensorstage.commands.models",
     "tensorstage.commands.hardware",
+    "tensorstage.commands.explain",
 )
 
 

@@ -99,9 +99,12 @@ def attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) -> Ten
 
 
 def mla_attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) -> Tensor:
-    """Multi-head latent attention (DeepSeek-V2/V3), the naive (non-absorbed) form.
+    """Multi-head latent attention (DeepSeek-V2/V3).
 
-    Decode up-projects the cached latent every step (the absorbed-weights variant is not modelled).
+    Training and prefill up-project the latent to per-head K/V (the naive form); decode uses the
+    weight-absorbed form DeepSeek serves with: queries are projected into the latent space and
+    attend over the cached latent directly, so a step costs O(c * nh * (kvl + dr)) rather than
+    re-expanding the whole cache.
     """
     n = "attn"
     m = spec.mla
@@ -120,10 +123,23 @@ def mla_attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) ->
     latent = bld.norm(f"{n}.kv_a_norm", latent, spec.norm, count_stats=cfg.norm_stats)
     latent = _kv_source(bld, f"{n}.latent", latent, "b sk kvl", cfg)
     k_pe = _kv_source(bld, f"{n}.k_pe", k_pe, "b sk dr", cfg)
-    k_nope = bld.linear(f"{n}.kv_b_proj_k", latent, "kvl nh dn", "b sk nh dn")
-    v = bld.linear(f"{n}.kv_b_proj_v", latent, "kvl nh dv", "b sk nh dv")
-    k = bld.layout(f"{n}.k_concat", k_nope, "b sk nh dq", "concat", extra=(k_pe,))
-    ctx = _core(bld, n, q, k, v, ("nh",), ("nh",), spec, cfg, None)
+    w_uk = bld.weight(f"{n}.kv_b_proj_k.weight", "kvl nh dn")
+    w_uv = bld.weight(f"{n}.kv_b_proj_v.weight", "kvl nh dv")
+    if cfg.phase == "decode":
+        q_nope = bld.layout(f"{n}.q_nope", q, "b s nh dn", "split", copy=False)
+        q_pe = bld.layout(f"{n}.q_pe", q, "b s nh dr", "split", copy=False)
+        q_lat = bld.einsum(f"{n}.q_absorb", "b s nh dn, kvl nh dn -> b s nh kvl", q_nope, w_uk)
+        s_lat = bld.einsum(f"{n}.scores_latent", "b s nh kvl, b sk kvl -> b nh s sk", q_lat, latent)
+        s_pe = bld.einsum(f"{n}.scores_rope", "b s nh dr, b sk dr -> b nh s sk", q_pe, k_pe)
+        scores = bld.add(f"{n}.scores", s_lat, s_pe)
+        probs = bld.softmax(f"{n}.softmax", scores)
+        ctx_lat = bld.einsum(f"{n}.context_latent", "b nh s sk, b sk kvl -> b s nh kvl", probs, latent)
+        ctx = bld.einsum(f"{n}.v_absorb", "b s nh kvl, kvl nh dv -> b s nh dv", ctx_lat, w_uv)
+    else:
+        k_nope = bld.einsum(f"{n}.kv_b_proj_k", "b sk kvl, kvl nh dn -> b sk nh dn", latent, w_uk)
+        v = bld.einsum(f"{n}.kv_b_proj_v", "b sk kvl, kvl nh dv -> b sk nh dv", latent, w_uv)
+        k = bld.layout(f"{n}.k_concat", k_nope, "b sk nh dq", "concat", extra=(k_pe,))
+        ctx = _core(bld, n, q, k, v, ("nh",), ("nh",), spec, cfg, None)
     return bld.linear(f"{n}.o_proj", ctx, "nh dv h", "b s h", spec.out_bias)
 
 
