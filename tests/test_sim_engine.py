@@ -12,6 +12,7 @@ from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.sim import Machine, execute, simulate, summarize
 from tensorstage.sim.collectives import Fabric, Tier, all_reduce_s, reduce_scatter_s
 from tensorstage.sim.compute import ComputeModel
+from tensorstage.sim.result import memory_series
 from tensorstage.sim.timeline import chrome_trace, write_chrome_trace
 
 PEAK = 100e12
@@ -286,3 +287,22 @@ def test_timeline_export(tmp_path) -> None:
     path = write_chrome_trace(ex, tmp_path / "t.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(trace))
     assert write_chrome_trace(ex, tmp_path / "u.json").read_bytes() == path.read_bytes()
+
+
+def test_memory_free_by_another_kind_and_series() -> None:
+    # ZeRO-3 style: the all-gather allocates the gathered weight, the matmul that used it frees it.
+    mesh = Mesh.create([("dp", 4)])
+    p = Program({}, static_bytes={"weights": 50})
+    p.add("ag", NodeKind.COLL, comm=CollKind.ALL_GATHER, comm_bytes=1 << 20, axes=("dp",), mem_alloc_bytes=400)
+    p.add("mm", NodeKind.COMP, flops=int(1e9), data_deps=(0,), mem_alloc_bytes=30, mem_free_bytes=400)
+    p.add("mm2", NodeKind.COMP, flops=int(1e9), data_deps=(1,), mem_alloc_bytes=10)
+    ex = execute([p], mesh, machine())
+    cr = summarize(ex).classes[0]
+    assert cr.memory_peak_bytes == 50 + 400 + 30
+    assert cr.memory_at_peak_bytes == {"weights": 50, "activations": 30, "comm_buffers": 400}
+    # the level after all changes at each distinct time: the gather starts at 0, mm starts when the
+    # gather ends, mm's free and mm2's alloc coincide.
+    t_ag = 3 * (1 << 20) / B0 + 3 * A0
+    series = memory_series(ex, 0)
+    assert [b for _, b in series] == [450, 480, 90]
+    assert [t for t, _ in series] == pytest.approx([0.0, t_ag, t_ag + roofline(1e9, 0)], rel=1e-12)

@@ -22,9 +22,12 @@ Execution rules (the contract with the lowering):
 * **Send/recv.** A SEND in class ``A`` along ``peer_axis`` by ``peer_offset`` goes to class
   ``B = A`` with that coordinate moved (or ``A`` itself when the axis is not in the class key, e.g.
   a ring along CP); it matches the RECV in ``B`` whose peer is ``A`` with the same ``tag``, the
-  k-th such SEND with the k-th such RECV. The transfer starts once both are ready (rendezvous) and
-  the directed link ``A -> B`` is free (FIFO), lasts ``alpha + S/B`` of the outermost tier the hop
-  crosses, and completes both nodes. Send/recv occupy neither the compute nor a collective stream.
+  k-th such SEND with the k-th such RECV. Sends are *eager* (as ASTRA-sim's, and as Megatron's
+  batched isend/irecv behave): the transfer starts when the SEND is ready and the directed link
+  ``A -> B`` is free (FIFO), lasts ``alpha + S/B`` of the outermost tier the hop crosses, and ends
+  the SEND; the RECV ends at the later of its own readiness and the message's arrival. A blocking
+  (rendezvous) send would deadlock the usual 1F1B encodings where a stage's next receive is ordered
+  after its send. Send/recv occupy neither the compute nor a collective stream.
 * **Overlap slowdown.** A COMP node that starts while communication of its class is in flight
   runs ``1 + overlap_slowdown`` times slower until that communication's (known) end; collectives
   that start later during the node do not slow it (documented approximation).
@@ -115,6 +118,7 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine) -> Exec
     inst_members: list[list[int]] = []
     inst_index: dict[tuple, int] = {}
     ordinal: dict[tuple[int, tuple[str, ...]], int] = {}
+    proj_cache: dict[tuple[int, tuple[str, ...]], object] = {}
     algorithm: dict[int, str] = {}
     sends: dict[tuple[int, int, int], list[int]] = {}
     recvs: dict[tuple[int, int, int], list[int]] = {}
@@ -170,9 +174,11 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine) -> Exec
                     queues.append([])
                 queues[sid].append(g)
                 stream_of[g] = sid
-                spanned = [a for a in ck if a in axes]
-                if spanned:
-                    proj = tuple((a, v) for a, v in keys[c] if a not in axes)
+                proj = proj_cache.get(sk, 0)
+                if proj == 0:
+                    spans = any(a in axes for a in ck)
+                    proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
+                if proj is not None:
                     n = ordinal.get(sk, 0)
                     ordinal[sk] = n + 1
                     ik = (axes, proj, n)
@@ -286,23 +292,39 @@ def _run(nclasses, offsets, kind, dur, cls, indeg, succ, stream_of, queues, inst
                 if comm_until[cm] < e:
                     comm_until[cm] = e
 
+    arrival = [-1.0] * total  # RECV gid -> when its message has fully arrived
+    xfer_start = [0.0] * total  # RECV gid -> when its message started moving
+
     def post_p2p(g: int, t: float) -> None:
         post[g] = t
         other = partner[g]
-        if post[other] < 0:
-            return
-        lid = link_of[g]
-        s = link_free[lid]
-        if s < t:
-            s = t
-        e = s + dur[g]
-        link_free[lid] = e
-        for m in (g, other):
-            start[m] = s
-            push(events, (e, m))
-            cm = cls[m]
-            if comm_until[cm] < e:
-                comm_until[cm] = e
+        if kind[g] == K_SEND:  # eager: moves as soon as the link is free
+            lid = link_of[g]
+            s = link_free[lid]
+            if s < t:
+                s = t
+            e = s + dur[g]
+            link_free[lid] = e
+            start[g] = s
+            push(events, (e, g))
+            arrival[other] = e
+            xfer_start[other] = s
+            if comm_until[cls[g]] < e:
+                comm_until[cls[g]] = e
+            if post[other] >= 0:
+                _finish_recv(other)
+        elif arrival[g] >= 0:
+            _finish_recv(g)
+
+    def _finish_recv(r: int) -> None:
+        p, a = post[r], arrival[r]
+        s = xfer_start[r] if xfer_start[r] > p else p
+        e = a if a > p else p
+        start[r] = s if s < e else e
+        push(events, (e, r))
+        cr = cls[r]
+        if comm_until[cr] < e:
+            comm_until[cr] = e
 
     dirty: list[int] = []
     # initial ready nodes

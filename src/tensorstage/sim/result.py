@@ -19,8 +19,11 @@ the wait for peers before that is ``sync_wait_s`` (part of the bubble or hidden 
 Memory per class: ``static`` categories from ``Program.static_bytes`` (weights, gradients,
 optimizer states: resident all step) plus a dynamic timeline: a node's ``mem_alloc_bytes`` becomes
 live when it starts and its ``mem_free_bytes`` dies when it ends (frees before allocs at equal
-times); COMP nodes' bytes count as ``activations``, communication nodes' as ``comm_buffers``. The
-peak is the maximum of static + dynamic; ``memory_at_peak_bytes`` breaks it down at that instant.
+times). Dynamic bytes are put in a category: the node's ``mem_category`` attribute when the IR
+has one, else ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes; a free
+larger than what its category holds takes the rest from the other dynamic categories (so totals
+stay exact even when, e.g., a gathered parameter is freed by the matmul that used it). The peak is
+the maximum of static + dynamic; ``memory_at_peak_bytes`` breaks it down at that instant.
 OOM: peak > device HBM capacity.
 
 Throughput: ``mfu = sum_c ranks_c * model_flops_c / (step_time_s * world * peak_flops)`` with the
@@ -109,7 +112,7 @@ def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
         cstart: list[float] = []
         cend: list[float] = []
         comm_iv: list[tuple[float, float, str]] = []
-        mem_ev: list[tuple[float, int, int, int]] = []  # time, 0=free/1=alloc, delta, is_comm
+        mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
         flops = 0
         wait = 0.0
         finish = 0.0
@@ -126,7 +129,7 @@ def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
                 cstart.append(s)
                 cend.append(e)
                 flops += node.flops
-                is_comm = 0
+                mcat = "activations"
             else:
                 lab = _label(node)
                 comm_busy[lab] = comm_busy.get(lab, 0.0) + (e - s)
@@ -135,11 +138,13 @@ def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
                 if ex.kind[g] == K_COLL:
                     a = ex.algorithm.get(g, "")
                     algos[a] = algos.get(a, 0) + 1
-                is_comm = 1
-            if node.mem_alloc_bytes:
-                mem_ev.append((s, 1, node.mem_alloc_bytes, is_comm))
-            if node.mem_free_bytes:
-                mem_ev.append((e, 0, -node.mem_free_bytes, is_comm))
+                mcat = "comm_buffers"
+            if node.mem_alloc_bytes or node.mem_free_bytes:
+                mcat = getattr(node, "mem_category", None) or mcat
+                if node.mem_alloc_bytes:
+                    mem_ev.append((s, 1, node.mem_alloc_bytes, mcat))
+                if node.mem_free_bytes:
+                    mem_ev.append((e, 0, -node.mem_free_bytes, mcat))
         busy = sum(e - s for s, e in zip(cstart, cend, strict=True))
         exposed, exposed_by = _exposed(cstart, cend, comm_iv)
         static = {k: int(v) for k, v in sorted(prog.static_bytes.items())}
@@ -208,18 +213,50 @@ def _exposed(cstart: list[float], cend: list[float], comm: list[tuple[float, flo
     return total, {k: v * scale for k, v in raw.items()}
 
 
-def _memory_peak(events: list[tuple[float, int, int, int]], static: dict[str, int]
+def _memory_peak(events: list[tuple[float, int, int, str]], static: dict[str, int]
                  ) -> tuple[int, float, dict[str, int]]:
     """Peak of static + dynamic memory, when it happens, and the breakdown at that instant."""
     base = sum(static.values())
-    cur = [0, 0]  # activations, comm_buffers
-    best, best_t, best_cur = 0, 0.0, (0, 0)
-    for t, _, delta, is_comm in sorted(events):
-        cur[is_comm] += delta
-        tot = cur[0] + cur[1]
+    cur: dict[str, int] = {"activations": 0, "comm_buffers": 0}
+    tot, best, best_t, best_cur = 0, 0, 0.0, dict(cur)
+    for t, _, delta, cat in sorted(events):
+        tot += delta
+        have = cur.get(cat, 0) + delta
+        if have < 0:  # free more than the category holds: take the rest from the others
+            cur[cat] = 0
+            for other in sorted(cur):
+                if have >= 0:
+                    break
+                take = min(cur[other], -have)
+                cur[other] -= take
+                have += take
+        else:
+            cur[cat] = have
         if tot > best:
-            best, best_t, best_cur = tot, t, (cur[0], cur[1])
+            best, best_t, best_cur = tot, t, dict(cur)
     at_peak = dict(static)
-    at_peak["activations"] = best_cur[0]
-    at_peak["comm_buffers"] = best_cur[1]
+    for k in sorted(best_cur):
+        at_peak[k] = at_peak.get(k, 0) + best_cur[k]
     return base + best, best_t, at_peak
+
+
+def memory_series(ex: Execution, class_index: int) -> list[tuple[float, int]]:
+    """Total memory (static + dynamic, bytes) of one class after every change, in time order."""
+    prog = ex.programs[class_index]
+    off = ex.offsets[class_index]
+    ev: list[tuple[float, int, int]] = []
+    for node in prog.nodes:
+        g = off + node.id
+        if node.mem_alloc_bytes:
+            ev.append((ex.start[g], 1, node.mem_alloc_bytes))
+        if node.mem_free_bytes:
+            ev.append((ex.end[g], 0, -node.mem_free_bytes))
+    cur = sum(prog.static_bytes.values())
+    out = [(0.0, cur)]
+    for t, _, d in sorted(ev):
+        cur += d
+        if out[-1][0] == t:
+            out[-1] = (t, cur)
+        else:
+            out.append((t, cur))
+    return out

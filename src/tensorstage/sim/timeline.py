@@ -2,7 +2,7 @@
 
 One process per rank class (named by its class key and rank count); thread 0 is the compute
 stream, thread 1 the communication of that class (collectives and send/recv; overlapping
-operations are shown stacked by the viewer). Times are microseconds, as the Trace Event Format
+operations are shown stacked by the viewer), plus a ``memory_GiB`` counter track. Times are microseconds, as the Trace Event Format
 requires. The file is written atomically (temp file, then rename) and is deterministic.
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorstage.sim.engine import K_COMP, Execution
+from tensorstage.sim.result import memory_series
 
 
 def chrome_trace(ex: Execution, max_events: int | None = None) -> dict[str, Any]:
@@ -49,6 +50,9 @@ def chrome_trace(ex: Execution, max_events: int | None = None) -> dict[str, Any]
     if max_events is not None:
         nodes = nodes[:max_events]
     events.extend(n[3] for n in nodes)
+    for c in range(len(ex.programs)):
+        for t, b in memory_series(ex, c):
+            events.append({"ph": "C", "name": "memory_GiB", "pid": c, "ts": t * 1e6, "args": {"GiB": b / 2**30}})
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
