@@ -35,7 +35,13 @@ same dim, the first listed splits outermost. Axes whose change is the same trans
 source and target placement) are merged into one collective over all of them (FSDP over
 ``cp, dp``; Megatron's dp-cp gradient reduce-scatter). Transitions run shrinking first
 (reduce-scatter, slicing), then size-keeping (all-reduce, all-to-all), then growing (all-gather),
-which moves the fewest bytes.
+which moves the fewest bytes. (Slicing before gathering can leave a *strided* shard - DTensor's
+``_StridedShard`` - which equals a contiguous shard in bytes up to a local permutation.)
+
+Checked against PyTorch DTensor's own redistribution (tests/test_parallel_dtensor.py): with
+``merge=False`` the kinds, order and input bytes equal what DTensor issues, uneven shards included.
+DTensor on CPU process groups implements Shard(i) -> Shard(j) as all-gather + chunk (gloo has no
+all-to-all); on GPUs it is an all-to-all, as here.
 """
 
 from __future__ import annotations
@@ -239,10 +245,18 @@ def _transition(src: Placement, dst: Placement) -> tuple[int, CollKind | None]:
     raise SpecError("placement", f"unsupported placement change {src} -> {dst}")
 
 
-def redistribute(layout: TensorLayout, target: TensorLayout | Mapping[str, Placement]) -> list[Collective]:
+def redistribute(
+    layout: TensorLayout, target: TensorLayout | Mapping[str, Placement], merge: bool = True
+) -> list[Collective]:
     """Collectives that turn ``layout`` into ``target`` (a layout of the same tensor, or just the
     target placements per axis; axes not named are Replicate). See the module docstring for the
-    rules, merging and ordering."""
+    rules and ordering.
+
+    ``merge=True`` issues one collective over all axes that make the same change (one communicator
+    spanning them, as Megatron's dp-cp group or FSDP2 on a flattened mesh). ``merge=False`` issues
+    one per axis, as DTensor does on an n-D mesh: shrinking changes outermost axis first, growing
+    changes innermost (last listed) first. Both move the same bytes on the wire; the counts differ.
+    """
     if isinstance(target, TensorLayout):
         if target.shape != layout.shape:
             raise SpecError("shape", f"redistribute between shapes {layout.shape} and {target.shape}")
@@ -256,16 +270,22 @@ def redistribute(layout: TensorLayout, target: TensorLayout | Mapping[str, Place
     for a in order:
         if a not in sizes:
             raise SpecError("axis", f"no size given for mesh axis {a!r}", list(sizes))
-    # Group axes by (phase, src, dst): each group is one collective over the merged axes.
-    steps: dict[tuple[int, Placement, Placement], list[str]] = {}
+    # Group axes by (phase, src, dst [, axis]): each group is one collective over its axes.
+    steps: dict[tuple[int, Placement, Placement, str], list[str]] = {}
     for a in order:
         s, d = src.get(a, REPLICATE), tgt.get(a, REPLICATE)
         phase, _ = _transition(s, d)
         if phase != _FREE or s != d:
-            steps.setdefault((phase, s, d), []).append(a)
+            steps.setdefault((phase, s, d, "" if merge else a), []).append(a)
+
+    def step_order(item: tuple[tuple[int, Placement, Placement, str], list[str]]) -> tuple[int, int]:
+        phase, axes = item[0][0], item[1]
+        pos = order.index(axes[0])
+        return phase, -pos if phase == _GROW else pos
+
     out: list[Collective] = []
     current = dict(src)
-    for (_, s, d), axes in sorted(steps.items(), key=lambda kv: (kv[0][0], order.index(kv[1][0]))):
+    for (_, s, d, _a), axes in sorted(steps.items(), key=step_order):
         _, kind = _transition(s, d)
         before = _layout(layout, current, sizes)
         for a in axes:

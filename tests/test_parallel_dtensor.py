@@ -1,0 +1,142 @@
+"""redistribute() against PyTorch DTensor: the collectives DTensor actually issues for the same
+placement change, recorded at the dispatcher on a single-process fake process group (no data moves:
+only op kinds and buffer shapes matter). Checks kinds, ASTRA-sim comm bytes, padding of uneven
+shards, ordering (reduce before gather) and DTensor's one-collective-per-mesh-dim (merge=False).
+
+Known, intended divergences (not in CASES): Shard(i) -> Shard(j) is an all-to-all here (DTensor's GPU
+path; on CPU it falls back to all-gather, see the test below); and a change that moves a shard from
+one axis to another (dp: S(0) -> R while tp: R -> S(0)) slices before gathering here, so it gathers
+less than DTensor (which gathers over dp first): the result is a strided shard, equal in bytes to a
+contiguous one up to a local permutation."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
+from torch.distributed.tensor import Partial as TPartial  # noqa: E402
+from torch.distributed.tensor import Replicate as TReplicate  # noqa: E402
+from torch.distributed.tensor import Shard as TShard  # noqa: E402
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from tensorstage.parallel.placement import Partial, Replicate, Shard, TensorLayout, redistribute  # noqa: E402
+from tensorstage.schedule.program import CollKind  # noqa: E402
+
+KINDS = {
+    "all_gather_into_tensor": CollKind.ALL_GATHER,
+    "reduce_scatter_tensor": CollKind.REDUCE_SCATTER,
+    "all_reduce": CollKind.ALL_REDUCE,
+    "all_to_all_single": CollKind.ALL_TO_ALL,
+}
+DP, TP = 2, 4
+
+
+class _Record(TorchDispatchMode):
+    """(kind, input bytes) of every functional collective, in issue order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[CollKind, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented
+        name = func.__name__.split(".")[0]
+        if func.namespace == "_c10d_functional" and name in KINDS:
+            t = args[0]
+            self.ops.append((KINDS[name], t.numel() * t.element_size()))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(scope="module")
+def mesh():  # type: ignore[no-untyped-def]
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=DP * TP)
+    try:
+        yield init_device_mesh("cpu", (DP, TP), mesh_dim_names=("dp", "tp"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _torch(p):  # type: ignore[no-untyped-def]
+    if isinstance(p, Shard):
+        return TShard(p.dim)
+    return TPartial() if isinstance(p, Partial) else TReplicate()
+
+
+def dtensor_ops(mesh, shape, src, dst):  # type: ignore[no-untyped-def]
+    src_t = [_torch(p) for p in src]
+    local, _ = compute_local_shape_and_global_offset(shape, mesh, src_t)
+    stride = tuple(int(torch.tensor(shape[i + 1 :]).prod()) for i in range(len(shape)))
+    d = DTensor.from_local(torch.zeros(*local), mesh, src_t, run_check=False, shape=shape, stride=stride)
+    rec = _Record()
+    with rec:
+        d.redistribute(mesh, [_torch(p) for p in dst])
+    return rec.ops
+
+
+R, P = Replicate(), Partial()
+CASES = [
+    ((R, Shard(0)), (R, R)),
+    ((R, P), (R, Shard(0))),
+    ((R, P), (R, R)),
+    ((Shard(0), P), (R, R)),
+    ((Shard(0), Shard(0)), (R, R)),
+    ((P, P), (R, R)),
+    ((P, R), (Shard(1), R)),
+    ((R, R), (Shard(0), Shard(1))),
+    ((Shard(1), P), (Shard(1), Shard(0))),
+]
+
+
+@pytest.mark.parametrize("shape", [(8, 12), (10, 6)])
+@pytest.mark.parametrize("src,dst", CASES)
+def test_redistribute_matches_dtensor(mesh, shape, src, dst) -> None:  # type: ignore[no-untyped-def]
+    ours = redistribute(
+        TensorLayout.on(mesh_sizes(), shape, 4, dict(zip(("dp", "tp"), src, strict=True))),
+        dict(zip(("dp", "tp"), dst, strict=True)),
+        merge=False,
+    )
+    assert [(c.kind, c.comm_bytes) for c in ours] == dtensor_ops(mesh, shape, src, dst)
+
+
+def mesh_sizes():  # type: ignore[no-untyped-def]
+    class _M:
+        def size(self, axis: str) -> int:
+            return {"dp": DP, "tp": TP}[axis]
+
+    return _M()
+
+
+@pytest.mark.parametrize("src,dst", [((R, Shard(0)), (R, Shard(1))), ((Shard(0), R), (Shard(1), R))])
+def test_shard_to_shard_is_all_to_all_of_the_per_rank_buffer(mesh, src, dst) -> None:  # type: ignore[no-untyped-def]
+    # On GPUs DTensor issues shard_dim_alltoall; on CPU process groups it falls back to all-gather + chunk
+    # ("Gloo does not support alltoall", torch/distributed/tensor/_collective_utils.py). Either way the
+    # per-rank input buffer is the local shard - our ALL_TO_ALL comm_bytes.
+    shape = (8, 12)
+    (ours,) = redistribute(
+        TensorLayout.on(mesh_sizes(), shape, 4, dict(zip(("dp", "tp"), src, strict=True))),
+        dict(zip(("dp", "tp"), dst, strict=True)),
+    )
+    ((kind, in_bytes),) = dtensor_ops(mesh, shape, src, dst)
+    assert ours.kind == CollKind.ALL_TO_ALL and kind == CollKind.ALL_GATHER  # CPU fallback
+    assert ours.comm_bytes == in_bytes
+
+
+def test_merged_axes_move_the_same_wire_bytes_as_dtensor_per_dim(mesh) -> None:  # type: ignore[no-untyped-def]
+    # FSDP over two axes: merge=True is one all-gather over dp x tp; DTensor does one per mesh dim.
+    shape = (16, 6)
+    layout = TensorLayout.on(mesh_sizes(), shape, 4, {"dp": Shard(0), "tp": Shard(0)})
+    (merged,) = redistribute(layout, {})
+    per_dim = redistribute(layout, {}, merge=False)
+    assert [(c.kind, c.comm_bytes) for c in per_dim] == dtensor_ops(mesh, shape, (Shard(0), Shard(0)), (R, R))
+    assert merged.group_size == DP * TP
+    assert merged.wire_bytes_per_rank == sum(c.wire_bytes_per_rank for c in per_dim)
