@@ -1,0 +1,118 @@
+"""Structure of the graph: autodiff split, phases, recompute, optimizer bytes, MoE capacity, errors.
+
+Expected values are closed forms written here (weight-grad FLOPs = 2 x tokens x matmul weights;
+decode attention = 4*b*nh*dh*c per layer; Megatron 18 / ZeRO 16 bytes per parameter from
+public_cases.yaml F-MEGATRON-BYTES / F-ADAM-ZERO), not outputs of the code under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tensorstage.errors import SpecError
+from tensorstage.graph import GraphOptions, build_graph, state_bytes_per_param
+from tensorstage.model.spec import ModelSpec, MoESpec
+
+LLAMA = ModelSpec(name="llama-ish", num_layers=3, hidden=512, num_heads=8, num_kv_heads=2, ffn=1536,
+                  vocab=1000, max_seq=4096)
+MOE = ModelSpec(name="moe-ish", num_layers=2, hidden=256, num_heads=4, ffn=512, vocab=500,
+                moe=MoESpec(num_experts=8, top_k=2, expert_ffn=128, shared_experts=1))
+
+
+def _layer_matmul_params(spec: ModelSpec) -> int:
+    h, dh, nh, nkv, f = spec.hidden, spec.dim_head, spec.num_heads, spec.kv_heads, spec.ffn
+    return h * nh * dh + 2 * h * nkv * dh + nh * dh * h + 3 * h * f
+
+
+def test_weight_and_input_grads_are_separate_ops() -> None:
+    g = build_graph(LLAMA, "train")
+    layer = g.layers["dense"]
+    fwd_einsums = [op for op in layer.forward if op.kind == "einsum"]
+    for op in fwd_einsums:
+        grads = [b for b in layer.backward if b.grad_of is op and b.kind == "einsum"]
+        weights = [t for t in op.inputs if t.role == "weight"]
+        assert len(grads) == sum(t.requires_grad for t in op.inputs)
+        assert sum(b.category == "bwd_weight" for b in grads) == len(weights)
+        for b in grads:
+            assert b.einsum is not None and b.flops == op.flops
+            if b.category == "bwd_weight":
+                assert b.outputs[0].role == "weight_grad" and b.outputs[0].dtype == "fp32"
+
+
+def test_weight_grad_flops_equal_two_tokens_params() -> None:
+    b, s = 2, 1024
+    rep = build_graph(LLAMA, "train").costs({"b": b, "s": s}, exact=True)
+    assert rep.per_block["dense"]["bwd_weight_flops"] == 2 * b * s * _layer_matmul_params(LLAMA)
+    assert rep.per_block["head"]["bwd_weight_flops"] == 2 * b * s * LLAMA.hidden * LLAMA.vocab
+
+
+def test_decode_and_prefill_have_no_backward_and_count_kv() -> None:
+    b, c = 4, 3000
+    dec = build_graph(LLAMA, "decode")
+    rep = dec.costs({"b": b, "c": c}, exact=True)
+    h, nh, dh = LLAMA.hidden, LLAMA.num_heads, LLAMA.dim_head
+    per_layer = 2 * b * _layer_matmul_params(LLAMA) + 4 * b * nh * dh * c  # no causal halving for 1 token
+    assert rep.per_block["dense"]["fwd_flops"] == per_layer
+    assert rep.per_block["head"]["fwd_flops"] == 2 * b * h * LLAMA.vocab
+    for cat in ("bwd_input", "bwd_weight", "recompute", "optimizer"):
+        assert rep.totals[f"{cat}_flops"] == 0 and rep.totals[f"{cat}_bytes"] == 0
+    assert rep.totals["activation_bytes"] == 0
+    # the step reads the whole cache of c tokens: K and V, nkv heads, bf16
+    kv_read = sum(g_op.bytes_read for g_op in dec.layers["dense"].forward if g_op.kind == "attention")
+    assert dec.evaluate(kv_read, {"b": b, "c": c}) >= b * c * 2 * LLAMA.kv_heads * dh * 2
+    pre = build_graph(LLAMA, "prefill").costs({"b": b, "s": 512}, exact=True)
+    assert pre.per_block["head"]["fwd_flops"] == 2 * b * h * LLAMA.vocab  # last position only
+
+
+def test_execution_order() -> None:
+    g = build_graph(LLAMA, "train", GraphOptions(recompute="full"))
+    seq = list(g.execution())
+    cats = [op.category for _, _, op in seq]
+    assert cats[0] == "fwd" and cats[-1] == "optimizer"
+    layer_of_bwd = [i for i, _, op in seq if i is not None and op.category in ("recompute", "bwd_input")]
+    assert layer_of_bwd == sorted(layer_of_bwd, reverse=True)
+    first = {}
+    for i, _, op in seq:
+        if i is not None:
+            first.setdefault((i, op.category), len(first))
+    for i in range(LLAMA.num_layers):
+        assert first[(i, "recompute")] < first[(i, "bwd_input")]
+
+
+def test_model_state_bytes_per_param() -> None:
+    assert sum(state_bytes_per_param(GraphOptions(precision="bf16")).values()) == 18  # Megatron
+    assert sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16")).values()) == 16  # ZeRO
+    assert sum(state_bytes_per_param(GraphOptions(precision="fp32")).values()) == 16  # w, g, m, v
+    g = build_graph(LLAMA, "train")
+    rep = g.costs({"b": 1, "s": 128}, exact=True)
+    # AdamW step: read g(4) + master(4) + m(4) + v(4), write master, m, v (12) + bf16 param (2)
+    assert rep.totals["optimizer_bytes"] == 30 * g.param_count()
+
+
+def test_moe_capacity_factor_scales_expert_flops() -> None:
+    b, s = 2, 256
+    base = build_graph(MOE, "train").costs({"b": b, "s": s}, exact=True)
+    padded = build_graph(MOE, "train", GraphOptions(capacity_factor=1.25)).costs({"b": b, "s": s}, exact=True)
+    m = MOE.moe
+    expert_fwd = 2 * 3 * b * s * m.top_k * MOE.hidden * m.expert_ffn
+    assert padded.per_block["moe"]["fwd_flops"] - base.per_block["moe"]["fwd_flops"] == expert_fwd // 4
+
+
+@pytest.mark.parametrize(("field", "kw"), [
+    ("phase", {"phase": "serve"}),
+    ("recompute", {"recompute": "some"}),
+    ("attention_impl", {"attention_impl": "sparse"}),
+    ("precision", {"precision": "int4"}),
+    ("optimizer", {"optimizer": "lion"}),
+    ("routing_skew", {"routing_skew": 0.5}),
+])
+def test_bad_options_raise_spec_error(field: str, kw: dict) -> None:
+    phase = kw.pop("phase", "train")
+    with pytest.raises(SpecError) as exc:
+        build_graph(LLAMA, phase, GraphOptions(**kw))
+    assert exc.value.field == field
+
+
+def test_unknown_binding_raises_spec_error() -> None:
+    with pytest.raises(SpecError):
+        build_graph(LLAMA, "train").costs({"batch": 1})
