@@ -27,6 +27,8 @@ CFG2 = {
     "pp_gpipe": {"scenario": "pp", "schedule": "gpipe", "hidden": 16, "microbatches": 4, "microbatch_size": 2,
                  "steps": 2},
     "ep": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
+    "pp_zb": {"scenario": "pp", "schedule": "zb_interleaved", "virtual_stages": 2, "hidden": 16,
+              "microbatches": 4, "microbatch_size": 2},
 }
 CFG4 = {
     "fsdp_raf": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 10,
@@ -39,6 +41,11 @@ CFG4 = {
                 "steps": 2},
     "tp_sp4": {"scenario": "tp", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "sp": True},
     "ep4": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 8, "topk": 2, "tokens": 16},
+    "fsdp_bf16": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 12,
+                  "param_dtype": "bf16", "reduce_dtype": "fp32"},
+    "hsdp": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 12, "hsdp_replicate": 2},
+    "pp_interleaved": {"scenario": "pp", "schedule": "interleaved1f1b", "virtual_stages": 2, "hidden": 16,
+                       "microbatches": 8, "microbatch_size": 2},
 }
 
 
@@ -255,3 +262,81 @@ def test_fsdp2_gathers_and_reduce_scatters(w4: dict) -> None:
             assert sorted(rs) == sorted([(layer, layer // ws), (layer, layer // ws), (head, head // ws)])
             assert all(r["group_ranks"] == [0, 1, 2, 3] for r in run["ranks"][rank])
             assert not recs(run, rank, "step0.optim")  # optimizer works on local shards
+
+
+def test_fsdp2_mixed_precision_and_hsdp(w4: dict) -> None:
+    h, ffn, vocab = 32, 64, 12  # vocab divisible by 4 and by 2: no padding in either layout
+    layer_elems, head_elems = h * ffn + ffn + ffn * h + h, vocab * h + vocab
+    # bf16 params: all-gathers move bf16 (2 bytes), fp32 reduce_dtype: reduce-scatters move fp32
+    for rank in range(4):
+        ag = [(r["dtype"], r["out_bytes"]) for r in recs(w4["fsdp_bf16"], rank, "step0.fwd", "all_gather")]
+        assert ag == [("bfloat16", head_elems * 2), ("bfloat16", layer_elems * 2), ("bfloat16", layer_elems * 2)]
+        rs = sorted((r["dtype"], r["in_bytes"]) for r in recs(w4["fsdp_bf16"], rank, "step0.bwd", "reduce_scatter"))
+        assert rs == sorted([("float32", layer_elems * F32)] * 2 + [("float32", head_elems * F32)])
+    # HSDP on a (2 replicate, 2 shard) mesh: AG/RS within the shard pair, then all-reduce of the shard
+    for rank in range(4):
+        shard_group = [rank - rank % 2, rank - rank % 2 + 1]
+        rep_group = [rank % 2, rank % 2 + 2]
+        run = w4["hsdp"]
+        ag = {tuple(r["group_ranks"]) for r in recs(run, rank, "step0", "all_gather")}
+        assert ag == {tuple(shard_group)}
+        rs = [(r["in_bytes"], r["group_ranks"]) for r in recs(run, rank, "step0.bwd", "reduce_scatter")]
+        assert sorted(b for b, _ in rs) == sorted([layer_elems * F32] * 2 + [head_elems * F32])
+        assert all(g == shard_group for _, g in rs)
+        ar = [(r["size_bytes"], r["group_ranks"]) for r in recs(run, rank, "step0.bwd", "all_reduce")]
+        assert sorted(b for b, _ in ar) == sorted([layer_elems * F32 // 2] * 2 + [head_elems * F32 // 2])
+        assert all(g == rep_group for _, g in ar)
+
+
+def megatron_interleaved(rank: int, pp: int, v: int, mbs: int) -> list[str]:
+    """Megatron's interleaved 1F1B order for one rank, as '<stage>F<mb>'/'<stage>B<mb>' (mbs % pp == 0)."""
+    total = mbs * v
+    warm = min((pp - rank - 1) * 2 + (v - 1) * pp, total)
+
+    def fwd(k: int) -> str:
+        return f"{rank + ((k // pp) % v) * pp}F{(k // (pp * v)) * pp + k % pp}"
+
+    def bwd(k: int) -> str:
+        return f"{rank + (v - 1 - (k // pp) % v) * pp}B{(k // (pp * v)) * pp + k % pp}"
+
+    order = [fwd(k) for k in range(warm)]
+    for i in range(total - warm):
+        order += [fwd(warm + i), bwd(i)]
+    return order + [bwd(k) for k in range(total - warm, total)]
+
+
+def test_pp_interleaved_matches_megatron_order(w4: dict) -> None:
+    pp, v, mbs, act = 4, 2, 8, 2 * 16 * F32
+    run = w4["pp_interleaved"]
+    n_stages = pp * v
+    for rank in range(pp):
+        acts = [f"{a['stage']}{a['action']}{a['mb']}" for a in run["info"][rank]["actions"]]
+        assert acts == megatron_interleaved(rank, pp, v, mbs)
+        planned = [a for a in run["info"][rank]["pipeline_order"][str(rank)] if a is not None]
+        assert planned == acts  # multi-stage schedules execute their published pipeline_order
+        my_stages = [rank + i * pp for i in range(v)]
+        sends = {p: 0 for p in range(pp)}
+        for s in my_stages:
+            if s < n_stages - 1:
+                sends[(s + 1) % pp] += mbs  # activations forward
+            if s > 0:
+                sends[(s - 1) % pp] += mbs  # input grads backward
+        got = {}
+        for r in recs(run, rank, "step0", "send"):
+            if r["dtype"] == "float32":
+                assert r["size_bytes"] == act
+                got[r["peer"]] = got.get(r["peer"], 0) + 1
+        assert got == {p: n for p, n in sends.items() if n}
+
+
+def test_pp_zero_bubble_splits_backward(w2: dict) -> None:
+    mbs = 4
+    run = w2["pp_zb"]
+    for rank in range(2):
+        acts = [f"{a['stage']}{a['action']}{a['mb']}" for a in run["info"][rank]["actions"]]
+        planned = [a for a in run["info"][rank]["pipeline_order"][str(rank)] if a is not None]
+        assert acts == planned
+        for stage in (rank, rank + 2):  # every microbatch gets one F, one I (input grad) and one W
+            for kind in "FIW":
+                assert sorted(a for a in acts if a.startswith(f"{stage}{kind}")) == \
+                    sorted(f"{stage}{kind}{m}" for m in range(mbs))

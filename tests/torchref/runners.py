@@ -101,20 +101,31 @@ def ddp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str,
 # ---------------------------------------------------------------------------------------------- FSDP2
 @scenario("fsdp2")
 def fsdp2(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
-    """``fully_shard`` on each block, then on the root (which owns the head), over a 1-D CPU mesh."""
+    """``fully_shard`` on each block, then on the root (which owns the head), over a 1-D CPU mesh.
+
+    ``hsdp_replicate=R`` uses a 2-D (R, ws/R) mesh (HSDP); ``param_dtype``/``reduce_dtype`` set a
+    ``MixedPrecisionPolicy`` (e.g. ``"bf16"``).
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     h, layers, batch = int(cfg.get("hidden", 32)), int(cfg.get("layers", 2)), int(cfg.get("batch", 4))
     model = MLPStack(h, int(cfg.get("ffn", 2 * h)), layers, vocab=int(cfg.get("vocab", 10))).to(_dtype(cfg))
     unsharded = _params_info(model)
-    mesh = init_device_mesh("cpu", (ws,))
+    rep = int(cfg.get("hsdp_replicate", 1))  # >1: HSDP, shard within groups of ws/rep, replicate across
+    if rep > 1:
+        mesh = init_device_mesh("cpu", (rep, ws // rep), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (ws,))
+    mp_policy = MixedPrecisionPolicy(param_dtype=_DTYPES.get(cfg.get("param_dtype", "")),
+                                     reduce_dtype=_DTYPES.get(cfg.get("reduce_dtype", "")))
     raf = bool(cfg.get("reshard_after_forward", True))
     rec.phase = "init"
     for layer in model.layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=raf)
+        fully_shard(layer, mesh=mesh, reshard_after_forward=raf, mp_policy=mp_policy)
     root_raf = cfg.get("root_reshard_after_forward", raf)  # None = torch's default heuristic
-    fully_shard(model, mesh=mesh, reshard_after_forward=None if root_raf is None else bool(root_raf))
+    fully_shard(model, mesh=mesh, reshard_after_forward=None if root_raf is None else bool(root_raf),
+                mp_policy=mp_policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(int(cfg.get("steps", 1))):
         x = torch.randn(batch, h, dtype=_dtype(cfg))
@@ -186,37 +197,60 @@ def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
 
 
 # ------------------------------------------------------------------------------------------------- PP
+_SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+_MULTI = {"interleaved1f1b": "ScheduleInterleaved1F1B", "looped_bfs": "ScheduleLoopedBFS",
+          "zb_interleaved": "ScheduleInterleavedZeroBubble"}
+
+
 @scenario("pp")
 def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
-    """Manual ``PipelineStage`` per rank (one stage per rank) under ``ScheduleGPipe`` or ``Schedule1F1B``.
+    """Manual ``PipelineStage`` s under a torch schedule (one world rank per pipeline rank).
 
-    Shapes are given up front (``input_args``/``output_args``) so no shape-inference messages are sent.
-    Also returns torch's planned ``pipeline_order`` and the order the stage actually ran F/B chunks in,
-    with ``comm_seq`` (records issued before the action) to interleave comm and compute.
+    ``schedule`` gpipe|1f1b use one stage per rank; interleaved1f1b|looped_bfs|zb_interleaved use
+    ``virtual_stages`` stages per rank (stage ``rank + i*ws``, Megatron's looped placement).
+    Shapes are given up front (``input_args`` etc.) so no shape-inference messages are sent.
+    Returns torch's planned ``pipeline_order`` and the order the stages actually ran chunks in
+    (``F``/``B`` full backward/``I`` input-grad only/``W`` weight-grad), with ``comm_seq``
+    (records issued before the action) to interleave comm and compute.
     """
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+    import torch.distributed.pipelining as pipelining
+    from torch.distributed.pipelining import PipelineStage
 
     h, mbs = int(cfg.get("hidden", 16)), int(cfg.get("microbatches", 4))
     mb_size, lps = int(cfg.get("microbatch_size", 2)), int(cfg.get("layers_per_stage", 2))
+    name = cfg.get("schedule", "1f1b")
+    if name not in _SINGLE and name not in _MULTI:
+        raise ValueError(f"schedule={name!r}; allowed: {sorted(_SINGLE) + sorted(_MULTI)}")
+    v = 1 if name in _SINGLE else int(cfg.get("virtual_stages", 2))
+    n_stages = ws * v
     dt = _dtype(cfg)
-    torch.manual_seed(int(cfg.get("seed", 0)) + rank)
-    module = nn.Sequential(*[nn.Sequential(nn.Linear(h, h), nn.ReLU()) for _ in range(lps)]).to(dt)
     example = torch.empty(mb_size, h, dtype=dt)
-    stage = PipelineStage(module, rank, ws, torch.device("cpu"), input_args=(example,), output_args=(example,),
-                          output_grads=(example,) if rank < ws - 1 else None,
-                          input_grads=(example,) if rank > 0 else None)
     actions: list[dict[str, Any]] = []
+    stages, params = [], []
+    for i in range(v):
+        idx = rank + i * ws
+        torch.manual_seed(int(cfg.get("seed", 0)) + idx)
+        module = nn.Sequential(*[nn.Sequential(nn.Linear(h, h), nn.ReLU()) for _ in range(lps)]).to(dt)
+        stage = PipelineStage(module, idx, n_stages, torch.device("cpu"), input_args=(example,),
+                              output_args=(example,), output_grads=(example,) if idx < n_stages - 1 else None,
+                              input_grads=(example,) if idx > 0 else None)
 
-    def wrap(kind: str, fn: Any) -> Any:
-        def inner(chunk_id: int, *a: Any, **k: Any) -> Any:
-            actions.append({"action": kind, "mb": int(chunk_id), "comm_seq": len(rec.records)})
-            return fn(chunk_id, *a, **k)
-        return inner
+        def wrap(kind: str, fn: Any, idx: int = idx) -> Any:
+            def inner(chunk_id: int, *a: Any, **k: Any) -> Any:
+                full = k.get("full_backward", True) if kind == "B" else True
+                actions.append({"stage": idx, "action": kind if full else "I", "mb": int(chunk_id),
+                                "comm_seq": len(rec.records)})
+                return fn(chunk_id, *a, **k)
+            return inner
 
-    stage.forward_one_chunk = wrap("F", stage.forward_one_chunk)
-    stage.backward_one_chunk = wrap("B", stage.backward_one_chunk)
-    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[cfg.get("schedule", "1f1b")]
-    sched = cls(stage, n_microbatches=mbs, loss_fn=lambda out, tgt: (out - tgt).float().pow(2).sum())
+        stage.forward_one_chunk = wrap("F", stage.forward_one_chunk)
+        stage.backward_one_chunk = wrap("B", stage.backward_one_chunk)
+        stage.backward_weight_one_chunk = wrap("W", stage.backward_weight_one_chunk)
+        stages.append(stage)
+        params += _params_info(module)
+    cls = getattr(pipelining, _SINGLE.get(name) or _MULTI[name])
+    loss_fn = lambda out, tgt: (out - tgt).float().pow(2).sum()  # noqa: E731
+    sched = cls(stages[0] if v == 1 and name in _SINGLE else stages, n_microbatches=mbs, loss_fn=loss_fn)
     order = getattr(sched, "pipeline_order", None)
     x = torch.randn(mbs * mb_size, h, dtype=dt)
     y = torch.randn(mbs * mb_size, h, dtype=dt)
@@ -232,7 +266,7 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
         "actions": actions,
         "pipeline_order": None if order is None else
         {str(r): [None if a is None else str(a) for a in acts] for r, acts in order.items()},
-        "params": _params_info(module),
+        "params": params,
     }
 
 
