@@ -15,8 +15,16 @@ from tensorstage.model.spec import ModelSpec
 from tensorstage.report.console import print_table
 
 # Llama-3.1-405B (Meta model card / HF config.json)
-LLAMA_405B = ModelSpec(name="llama3.1-405b", num_layers=126, hidden=16384, num_heads=128, num_kv_heads=8,
-                       ffn=53248, vocab=128256, max_seq=131072)
+LLAMA_405B = ModelSpec(
+    name="llama3.1-405b",
+    num_layers=126,
+    hidden=16384,
+    num_heads=128,
+    num_kv_heads=8,
+    ffn=53248,
+    vocab=128256,
+    max_seq=131072,
+)
 
 
 def _timed(fn):
@@ -28,10 +36,14 @@ def _timed(fn):
 def main() -> None:
     rows = []
     for recompute in ("none", "selective", "full"):
-        graph, t_build = _timed(lambda r=recompute: build_graph(LLAMA_405B, "train", GraphOptions(recompute=r)))
+        graph, t_build = _timed(
+            lambda r=recompute: build_graph(LLAMA_405B, "train", GraphOptions(recompute=r))
+        )
         rep, t_eval = _timed(lambda g=graph: g.costs({"b": 1, "s": 8192}))
         rows.append([f"405B train build ({recompute})", t_build * 1e3, "< 1000 (build + first eval)"])
-        rows.append([f"405B train first costs() ({recompute})", t_eval * 1e3, f"{rep.total_flops():.4g} FLOPs"])
+        rows.append(
+            [f"405B train first costs() ({recompute})", t_eval * 1e3, f"{rep.total_flops():.4g} FLOPs"]
+        )
         _, t_again = _timed(lambda g=graph: g.costs({"b": 1, "s": 8192}))
         rows.append([f"405B train costs() again ({recompute})", t_again * 1e3, "compiled"])
     graph = build_graph(LLAMA_405B, "train")
@@ -45,7 +57,9 @@ def main() -> None:
         (g, t_b) = _timed(lambda p=phase: build_graph(LLAMA_405B, p))
         _, t_e = _timed(lambda g=g: g.costs({"b": 8, "s": 4096, "c": 8192}))
         rows.append([f"405B {phase} build + costs()", (t_b + t_e) * 1e3, ""])
-    print_table("bench_graph (milliseconds)", ["case", "ms", "note"], [[r[0], round(r[1], 1), r[2]] for r in rows])
+    print_table(
+        "bench_graph (milliseconds)", ["case", "ms", "note"], [[r[0], round(r[1], 1), r[2]] for r in rows]
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,11 @@ def test_explain_table_output() -> None:
 
 def test_explain_bad_input_is_one_line_exit_2() -> None:
     for args in (["nosuch-model"], ["llama3.1-8b", "--phase", "serve"], ["llama3.1-8b", "--seq", "0"]):
-        proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "explain", *args],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tensorstage.cli", "explain", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")

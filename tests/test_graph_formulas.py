@@ -34,9 +34,22 @@ def _cases() -> dict:
 
 
 def _gpt(L: int, h: int, a: int, V: int, s: int) -> ModelSpec:
-    return ModelSpec(name="gpt", num_layers=L, hidden=h, num_heads=a, ffn=4 * h, vocab=V, max_seq=s,
-                     activation="gelu", norm="layernorm", positions="learned", tied_embeddings=True,
-                     qkv_bias=True, out_bias=True, mlp_bias=True)
+    return ModelSpec(
+        name="gpt",
+        num_layers=L,
+        hidden=h,
+        num_heads=a,
+        ffn=4 * h,
+        vocab=V,
+        max_seq=s,
+        activation="gelu",
+        norm="layernorm",
+        positions="learned",
+        tied_embeddings=True,
+        qkv_bias=True,
+        out_bias=True,
+        mlp_bias=True,
+    )
 
 
 def _narayanan_models() -> list[dict]:
@@ -44,8 +57,17 @@ def _narayanan_models() -> list[dict]:
     for case in _cases()["cases"]:
         if case["id"].startswith("TRAIN-NARAYANAN21"):
             m = case["model"]
-            out.append({"id": case["id"], "L": m["layers"], "h": m["hidden"], "a": m["heads"],
-                        "V": m["vocab"], "s": m["seq_len"], "B": case["parallel"]["global_batch"]})
+            out.append(
+                {
+                    "id": case["id"],
+                    "L": m["layers"],
+                    "h": m["hidden"],
+                    "a": m["heads"],
+                    "V": m["vocab"],
+                    "s": m["seq_len"],
+                    "B": case["parallel"]["global_batch"],
+                }
+            )
     assert out, "no Narayanan cases found"
     return out
 
@@ -58,17 +80,23 @@ def test_narayanan_flops_per_iteration_exact(recompute: str) -> None:
             expect = 72 * B * s * L * h**2 * (1 + Fraction(s, 6 * h) + Fraction(V, 12 * L * h))
         else:
             expect = 96 * B * s * L * h**2 * (1 + Fraction(s, 6 * h) + Fraction(V, 16 * L * h))
-        g = build_graph(_gpt(L, h, m["a"], V, s), "train",
-                        GraphOptions(attention_flops="full", attention_impl="materialized", recompute=recompute))
+        g = build_graph(
+            _gpt(L, h, m["a"], V, s),
+            "train",
+            GraphOptions(attention_flops="full", attention_impl="materialized", recompute=recompute),
+        )
         rep = g.costs({"b": B, "s": s}, exact=True)
         assert rep.total_flops() == expect, m["id"]
 
 
 def test_causal_half_convention_halves_only_attention_core() -> None:
     spec = _gpt(2, 256, 4, 1000, 512)
-    full = build_graph(spec, "train", GraphOptions(attention_flops="full")).costs({"b": 1, "s": 512}, exact=True)
-    half = build_graph(spec, "train", GraphOptions(attention_flops="causal_half")).costs({"b": 1, "s": 512},
-                                                                                       exact=True)
+    full = build_graph(spec, "train", GraphOptions(attention_flops="full")).costs(
+        {"b": 1, "s": 512}, exact=True
+    )
+    half = build_graph(spec, "train", GraphOptions(attention_flops="causal_half")).costs(
+        {"b": 1, "s": 512}, exact=True
+    )
     L, h, s = 2, 256, 512
     # forward attention core: QK^T + PV = 4*b*s^2*h non-causal per layer; flash bwd = 2.5x fwd
     core_fwd = 4 * s * s * h * L
@@ -80,15 +108,23 @@ def _megatron_gpt(h: int = 1024, a: int = 16) -> ModelSpec:
     return _gpt(4, h, a, 50304, 2048)
 
 
-MEGATRON_OPTS = {"attention_impl": "materialized", "dropout": True, "dropout_mask_dtype": "bool",
-                 "precision": "bf16", "norm_stats": False}
+MEGATRON_OPTS = {
+    "attention_impl": "materialized",
+    "dropout": True,
+    "dropout_mask_dtype": "bool",
+    "precision": "bf16",
+    "norm_stats": False,
+}
 
 
-@pytest.mark.parametrize(("recompute", "formula"), [
-    ("none", lambda s, b, h, a: s * b * h * (34 + Fraction(5 * a * s, h))),
-    ("selective", lambda s, b, h, a: 34 * s * b * h),
-    ("full", lambda s, b, h, a: 2 * s * b * h),
-])
+@pytest.mark.parametrize(
+    ("recompute", "formula"),
+    [
+        ("none", lambda s, b, h, a: s * b * h * (34 + Fraction(5 * a * s, h))),
+        ("selective", lambda s, b, h, a: 34 * s * b * h),
+        ("full", lambda s, b, h, a: 2 * s * b * h),
+    ],
+)
 def test_korthikanti_activation_bytes_per_layer_exact(recompute: str, formula) -> None:
     for h, a in ((1024, 16), (4096, 32)):
         g = build_graph(_megatron_gpt(h, a), "train", GraphOptions(recompute=recompute, **MEGATRON_OPTS))
@@ -101,9 +137,11 @@ def test_recompute_changes_executed_flops_not_model_flops() -> None:
     spec = _megatron_gpt()
     base = build_graph(spec, "train", GraphOptions(**MEGATRON_OPTS)).costs({"b": 1, "s": 2048}, exact=True)
     full = build_graph(spec, "train", GraphOptions(recompute="full", **MEGATRON_OPTS)).costs(
-        {"b": 1, "s": 2048}, exact=True)
+        {"b": 1, "s": 2048}, exact=True
+    )
     sel = build_graph(spec, "train", GraphOptions(recompute="selective", **MEGATRON_OPTS)).costs(
-        {"b": 1, "s": 2048}, exact=True)
+        {"b": 1, "s": 2048}, exact=True
+    )
     layer = base.per_block["dense"]
     assert full.per_block["dense"]["recompute_flops"] == layer["fwd_flops"]
     # selective recomputes QK^T and PV only: 4*b*s^2*h/2 (causal) per layer
@@ -113,14 +151,38 @@ def test_recompute_changes_executed_flops_not_model_flops() -> None:
         assert rep.totals["bwd_weight_flops"] == base.totals["bwd_weight_flops"]
 
 
-LLAMA2_70B = ModelSpec(name="llama-2-70b", num_layers=80, hidden=8192, num_heads=64, num_kv_heads=8,
-                       ffn=28672, vocab=32000, max_seq=4096)
-LLAMA31_8B = ModelSpec(name="llama-3.1-8b", num_layers=32, hidden=4096, num_heads=32, num_kv_heads=8,
-                       ffn=14336, vocab=128256, max_seq=131072)
+LLAMA2_70B = ModelSpec(
+    name="llama-2-70b",
+    num_layers=80,
+    hidden=8192,
+    num_heads=64,
+    num_kv_heads=8,
+    ffn=28672,
+    vocab=32000,
+    max_seq=4096,
+)
+LLAMA31_8B = ModelSpec(
+    name="llama-3.1-8b",
+    num_layers=32,
+    hidden=4096,
+    num_heads=32,
+    num_kv_heads=8,
+    ffn=14336,
+    vocab=128256,
+    max_seq=131072,
+)
 DEEPSEEK_V3 = ModelSpec(
-    name="deepseek-v3", num_layers=61, hidden=7168, num_heads=128, ffn=18432, vocab=129280, max_seq=4096,
+    name="deepseek-v3",
+    num_layers=61,
+    hidden=7168,
+    num_heads=128,
+    ffn=18432,
+    vocab=129280,
+    max_seq=4096,
     moe=MoESpec(num_experts=256, top_k=8, expert_ffn=2048, shared_experts=1, dense_layers=(0, 1, 2)),
-    mla=MLASpec(q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128),
+    mla=MLASpec(
+        q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128
+    ),
 )
 
 
@@ -129,8 +191,11 @@ def test_kv_cache_bytes_per_token(phase: str) -> None:
     checks = next(f for f in _cases()["formulas"] if f["id"] == "F-KV-CACHE")["checks"]
     expect = {c["model"].split()[0]: c["expect_bytes_per_token"] for c in checks}
     assert set(expect) == {"Llama-2-70B", "Llama-3.1-8B", "DeepSeek-V3"}
-    for name, spec, prec in (("Llama-2-70B", LLAMA2_70B, "fp16"), ("Llama-3.1-8B", LLAMA31_8B, "bf16"),
-                             ("DeepSeek-V3", DEEPSEEK_V3, "bf16")):
+    for name, spec, prec in (
+        ("Llama-2-70B", LLAMA2_70B, "fp16"),
+        ("Llama-3.1-8B", LLAMA31_8B, "bf16"),
+        ("DeepSeek-V3", DEEPSEEK_V3, "bf16"),
+    ):
         g = build_graph(spec, phase, GraphOptions(precision=prec))
         assert g.kv_cache_bytes_per_token() == expect[name], name
         rep = g.costs({"b": 1, "s": 1, "c": 1000})
@@ -152,8 +217,12 @@ def _dense_params(spec: ModelSpec) -> int:
 
 
 def test_param_counts_match_closed_forms() -> None:
-    for spec in (LLAMA2_70B, LLAMA31_8B, _gpt(3, 96, 4, 500, 64),
-                 _gpt(2, 64, 4, 100, 32).model_copy(update={"tied_embeddings": False})):
+    for spec in (
+        LLAMA2_70B,
+        LLAMA31_8B,
+        _gpt(3, 96, 4, 500, 64),
+        _gpt(2, 64, 4, 100, 32).model_copy(update={"tied_embeddings": False}),
+    ):
         assert build_graph(spec, "train").param_count() == _dense_params(spec), spec.name
     # Narayanan's F-PARAMS-DENSE: 12Lh^2(1 + 13/(12h) + (V+s)/(12Lh)) for tied GPT with biases;
     # the formula leaves out the final LayerNorm (2h), which the model has

@@ -13,10 +13,25 @@ from tensorstage.errors import SpecError
 from tensorstage.graph import GraphOptions, build_graph, state_bytes_per_param
 from tensorstage.model.spec import ModelSpec, MoESpec
 
-LLAMA = ModelSpec(name="llama-ish", num_layers=3, hidden=512, num_heads=8, num_kv_heads=2, ffn=1536,
-                  vocab=1000, max_seq=4096)
-MOE = ModelSpec(name="moe-ish", num_layers=2, hidden=256, num_heads=4, ffn=512, vocab=500,
-                moe=MoESpec(num_experts=8, top_k=2, expert_ffn=128, shared_experts=1))
+LLAMA = ModelSpec(
+    name="llama-ish",
+    num_layers=3,
+    hidden=512,
+    num_heads=8,
+    num_kv_heads=2,
+    ffn=1536,
+    vocab=1000,
+    max_seq=4096,
+)
+MOE = ModelSpec(
+    name="moe-ish",
+    num_layers=2,
+    hidden=256,
+    num_heads=4,
+    ffn=512,
+    vocab=500,
+    moe=MoESpec(num_experts=8, top_k=2, expert_ffn=128, shared_experts=1),
+)
 
 
 def _layer_matmul_params(spec: ModelSpec) -> int:
@@ -81,7 +96,9 @@ def test_execution_order() -> None:
 
 def test_model_state_bytes_per_param() -> None:
     assert sum(state_bytes_per_param(GraphOptions(precision="bf16")).values()) == 18  # Megatron
-    assert sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16")).values()) == 16  # ZeRO
+    assert (
+        sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16")).values()) == 16
+    )  # ZeRO
     assert sum(state_bytes_per_param(GraphOptions(precision="fp32")).values()) == 16  # w, g, m, v
     g = build_graph(LLAMA, "train")
     rep = g.costs({"b": 1, "s": 128}, exact=True)
@@ -98,14 +115,17 @@ def test_moe_capacity_factor_scales_expert_flops() -> None:
     assert padded.per_block["moe"]["fwd_flops"] - base.per_block["moe"]["fwd_flops"] == expert_fwd // 4
 
 
-@pytest.mark.parametrize(("field", "kw"), [
-    ("phase", {"phase": "serve"}),
-    ("recompute", {"recompute": "some"}),
-    ("attention_impl", {"attention_impl": "sparse"}),
-    ("precision", {"precision": "int4"}),
-    ("optimizer", {"optimizer": "lion"}),
-    ("routing_skew", {"routing_skew": 0.5}),
-])
+@pytest.mark.parametrize(
+    ("field", "kw"),
+    [
+        ("phase", {"phase": "serve"}),
+        ("recompute", {"recompute": "some"}),
+        ("attention_impl", {"attention_impl": "sparse"}),
+        ("precision", {"precision": "int4"}),
+        ("optimizer", {"optimizer": "lion"}),
+        ("routing_skew", {"routing_skew": 0.5}),
+    ],
+)
 def test_bad_options_raise_spec_error(field: str, kw: dict) -> None:
     phase = kw.pop("phase", "train")
     with pytest.raises(SpecError) as exc:

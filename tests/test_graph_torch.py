@@ -241,21 +241,56 @@ def _close(a: float, b: float, rel: float) -> bool:
     return abs(a - b) <= rel * abs(b)
 
 
-LLAMA = ModelSpec(name="tiny-llama", num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, ffn=128,
-                  vocab=96, max_seq=32, activation="swiglu", norm="rmsnorm", positions="rope")
-GPT = ModelSpec(name="tiny-gpt", num_layers=2, hidden=64, num_heads=4, ffn=256, vocab=96, max_seq=32,
-                activation="gelu", norm="layernorm", positions="learned", qkv_bias=True, out_bias=True,
-                mlp_bias=True)
-MOE = ModelSpec(name="tiny-moe", num_layers=2, hidden=64, num_heads=4, num_kv_heads=2, ffn=128, vocab=96,
-                max_seq=32, moe=MoESpec(num_experts=4, top_k=2, expert_ffn=32, shared_experts=1,
-                                        dense_layers=(0,)))
+LLAMA = ModelSpec(
+    name="tiny-llama",
+    num_layers=2,
+    hidden=64,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn=128,
+    vocab=96,
+    max_seq=32,
+    activation="swiglu",
+    norm="rmsnorm",
+    positions="rope",
+)
+GPT = ModelSpec(
+    name="tiny-gpt",
+    num_layers=2,
+    hidden=64,
+    num_heads=4,
+    ffn=256,
+    vocab=96,
+    max_seq=32,
+    activation="gelu",
+    norm="layernorm",
+    positions="learned",
+    qkv_bias=True,
+    out_bias=True,
+    mlp_bias=True,
+)
+MOE = ModelSpec(
+    name="tiny-moe",
+    num_layers=2,
+    hidden=64,
+    num_heads=4,
+    num_kv_heads=2,
+    ffn=128,
+    vocab=96,
+    max_seq=32,
+    moe=MoESpec(num_experts=4, top_k=2, expert_ffn=32, shared_experts=1, dense_layers=(0,)),
+)
 
 
-@pytest.mark.parametrize(("spec", "p_drop", "kw"), [
-    (LLAMA, 0.0, {}),
-    (GPT, 0.1, {"dropout": True, "dropout_mask_dtype": "fp32"}),
-    (MOE, 0.0, {}),
-], ids=["dense-gqa-swiglu-rope", "gpt-gelu-mha-dropout", "moe-top2-shared"])
+@pytest.mark.parametrize(
+    ("spec", "p_drop", "kw"),
+    [
+        (LLAMA, 0.0, {}),
+        (GPT, 0.1, {"dropout": True, "dropout_mask_dtype": "fp32"}),
+        (MOE, 0.0, {}),
+    ],
+    ids=["dense-gqa-swiglu-rope", "gpt-gelu-mha-dropout", "moe-top2-shared"],
+)
 def test_flops_and_saved_bytes_match_pytorch(spec: ModelSpec, p_drop: float, kw: dict) -> None:
     torch.manual_seed(0)
     model = LM(spec, p_drop)
@@ -286,4 +321,5 @@ def test_flash_backward_convention_matches_torch_sdpa_formula() -> None:
     shape_q, shape_kv = (B, 4, S, 16), (B, 2, S, 16)
     assert g.evaluate(core.flops, {"b": B, "s": S}) == sdpa_flop_count(shape_q, shape_kv, shape_kv)
     assert g.evaluate(core_bwd.flops, {"b": B, "s": S}) == sdpa_backward_flop_count(
-        shape_q, shape_q, shape_kv, shape_kv)
+        shape_q, shape_q, shape_kv, shape_kv
+    )

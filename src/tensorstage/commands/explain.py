@@ -26,8 +26,15 @@ from tensorstage.graph.options import (
 from tensorstage.report.console import human_count, print_json, print_table
 
 RUN_SYMBOLS = ("b", "s", "c")
-FORMULA_METRICS = ("fwd_flops", "bwd_input_flops", "bwd_weight_flops", "recompute_flops", "activation_bytes",
-                   "params", "kv_cache_bytes_per_token")
+FORMULA_METRICS = (
+    "fwd_flops",
+    "bwd_input_flops",
+    "bwd_weight_flops",
+    "recompute_flops",
+    "activation_bytes",
+    "params",
+    "kv_cache_bytes_per_token",
+)
 
 
 def _resolve(model: str) -> Any:
@@ -58,7 +65,10 @@ def formulas(graph: Graph) -> dict[str, dict[str, dict[str, str]]]:
             expr = exprs[metric]
             if expr == 0:
                 continue
-            out[name][metric] = {"symbolic": str(sp.factor(expr)), "model": str(_model_substituted(graph, expr))}
+            out[name][metric] = {
+                "symbolic": str(sp.factor(expr)),
+                "model": str(_model_substituted(graph, expr)),
+            }
     return out
 
 
@@ -72,7 +82,9 @@ def _per_token_flops(spec: Any, opts: GraphOptions, seq: int, batch: int, contex
     return res
 
 
-def explain_data(model: str, phase: str, seq: int, batch: int, context: int, opts: GraphOptions) -> dict[str, Any]:
+def explain_data(
+    model: str, phase: str, seq: int, batch: int, context: int, opts: GraphOptions
+) -> dict[str, Any]:
     """Everything ``explain`` shows, as a JSON-ready dict."""
     spec = _resolve(model)
     graph = build_graph(spec, phase, opts)
@@ -111,23 +123,48 @@ def _print(data: dict[str, Any]) -> None:
     print_table(
         f"{data['model']}: {data['phase']} (b={b['b']}, s={b['s']}, c={b['c']}), "
         f"{human_count(data['params'])} parameters",
-        ["block", "count", "params", "fwd FLOPs", "bwd input FLOPs", "bwd weight FLOPs", "recompute FLOPs",
-         "activation bytes"],
-        [[name, blk["count"], hc(blk["params"]), hc(blk["fwd_flops"]), hc(blk["bwd_input_flops"]),
-          hc(blk["bwd_weight_flops"]), hc(blk["recompute_flops"]), _bytes(blk["activation_bytes"])]
-         for name, blk in data["blocks"].items()],
+        [
+            "block",
+            "count",
+            "params",
+            "fwd FLOPs",
+            "bwd input FLOPs",
+            "bwd weight FLOPs",
+            "recompute FLOPs",
+            "activation bytes",
+        ],
+        [
+            [
+                name,
+                blk["count"],
+                hc(blk["params"]),
+                hc(blk["fwd_flops"]),
+                hc(blk["bwd_input_flops"]),
+                hc(blk["bwd_weight_flops"]),
+                hc(blk["recompute_flops"]),
+                _bytes(blk["activation_bytes"]),
+            ]
+            for name, blk in data["blocks"].items()
+        ],
     )
     t = data["totals"]
-    print_table("Totals", ["quantity", "value"], [
-        ["matmul FLOPs (all categories)", hc(data["total_flops"])],
-        ["vector FLOPs (fwd)", hc(t["fwd_vector_flops"])],
-        ["activation bytes (all layers)", _bytes(t["activation_bytes"])],
-        ["optimizer-step bytes moved", _bytes(t["optimizer_bytes"])],
-        ["KV-cache bytes per token", str(data["kv_cache_bytes_per_token"])],
-        *[[f"FLOPs per token, {p}", hc(v)] for p, v in data["flops_per_token"].items()],
-    ])
-    rows = [[blk, metric, f["symbolic"], f["model"]] for blk, fs in data["formulas"].items()
-            for metric, f in fs.items()]
+    print_table(
+        "Totals",
+        ["quantity", "value"],
+        [
+            ["matmul FLOPs (all categories)", hc(data["total_flops"])],
+            ["vector FLOPs (fwd)", hc(t["fwd_vector_flops"])],
+            ["activation bytes (all layers)", _bytes(t["activation_bytes"])],
+            ["optimizer-step bytes moved", _bytes(t["optimizer_bytes"])],
+            ["KV-cache bytes per token", str(data["kv_cache_bytes_per_token"])],
+            *[[f"FLOPs per token, {p}", hc(v)] for p, v in data["flops_per_token"].items()],
+        ],
+    )
+    rows = [
+        [blk, metric, f["symbolic"], f["model"]]
+        for blk, fs in data["formulas"].items()
+        for metric, f in fs.items()
+    ]
     print_table("Closed forms (per block instance)", ["block", "metric", "formula", "with model sizes"], rows)
 
 
@@ -143,8 +180,9 @@ def register(app: typer.Typer) -> None:
         context: int = typer.Option(4096, "--context", help="KV context length c for decode."),
         recompute: str = typer.Option("none", "--recompute", help=f"One of {', '.join(RECOMPUTE)}."),
         attention: str = typer.Option("flash", "--attention", help=f"One of {', '.join(ATTENTION_IMPLS)}."),
-        attention_flops: str = typer.Option("causal_half", "--attention-flops",
-                                            help=f"One of {', '.join(ATTENTION_FLOPS)}."),
+        attention_flops: str = typer.Option(
+            "causal_half", "--attention-flops", help=f"One of {', '.join(ATTENTION_FLOPS)}."
+        ),
         dtype: str = typer.Option("bf16", "--dtype", help=f"Precision policy: {', '.join(PRECISIONS)}."),
         optimizer: str = typer.Option("adamw", "--optimizer", help=f"One of {', '.join(OPTIMIZERS)}."),
         dropout: bool = typer.Option(False, "--dropout/--no-dropout", help="Model dropout layers."),
@@ -154,8 +192,15 @@ def register(app: typer.Typer) -> None:
         for field, val in (("seq", seq), ("batch", batch), ("context", context)):
             if val < 1:
                 raise SpecError(field, "must be >= 1")
-        opts = GraphOptions(phase=phase, recompute=recompute, attention_impl=attention,
-                            attention_flops=attention_flops, precision=dtype, optimizer=optimizer, dropout=dropout)
+        opts = GraphOptions(
+            phase=phase,
+            recompute=recompute,
+            attention_impl=attention,
+            attention_flops=attention_flops,
+            precision=dtype,
+            optimizer=optimizer,
+            dropout=dropout,
+        )
         opts.validate()
         data = explain_data(model, phase, seq, batch, context, opts)
         if json_out:

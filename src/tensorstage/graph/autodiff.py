@@ -39,12 +39,34 @@ class _Ctx:
             return self.bld.tensor(f"{of.name}.{suffix}", of.dims, self.grad_dtype, "weight_grad")
         return self.bld.tensor(f"{of.name}.{suffix}", of.dims, self.bld.act_dtype, "gradient")
 
-    def emit(self, fwd: Op, name: str, kind: str, category: str, inputs: tuple[Tensor, ...],
-             outputs: tuple[Tensor, ...], flops: sp.Expr = Z, vector_flops: sp.Expr = Z,
-             einsum: str | None = None, **attrs: object) -> Op:
-        op = Op(name, kind, category, inputs, outputs, flops, vector_flops,
-                sp.Add(*(t.nbytes for t in inputs)), sp.Add(*(t.nbytes for t in outputs)),
-                einsum, (), {**attrs}, grad_of=fwd)
+    def emit(
+        self,
+        fwd: Op,
+        name: str,
+        kind: str,
+        category: str,
+        inputs: tuple[Tensor, ...],
+        outputs: tuple[Tensor, ...],
+        flops: sp.Expr = Z,
+        vector_flops: sp.Expr = Z,
+        einsum: str | None = None,
+        **attrs: object,
+    ) -> Op:
+        op = Op(
+            name,
+            kind,
+            category,
+            inputs,
+            outputs,
+            flops,
+            vector_flops,
+            sp.Add(*(t.nbytes for t in inputs)),
+            sp.Add(*(t.nbytes for t in outputs)),
+            einsum,
+            (),
+            {**attrs},
+            grad_of=fwd,
+        )
         self.ops.append(op)
         return op
 
@@ -77,8 +99,19 @@ def _vjp_einsum(c: _Ctx, op: Op, gy: Tensor) -> None:
         if not x.requires_grad:
             continue
         g = c.grad_tensor(x)
-        c.emit(op, f"{op.name}.grad_{'w' if x.role == 'weight' else 'x'}:{x.name}", "einsum", _cat(x),
-               pair, (g,), flops=op.flops, einsum=spec, flops_scale=scale, wrt=x.name)
+        c.emit(
+            op,
+            f"{op.name}.grad_{'w' if x.role == 'weight' else 'x'}:{x.name}",
+            "einsum",
+            _cat(x),
+            pair,
+            (g,),
+            flops=op.flops,
+            einsum=spec,
+            flops_scale=scale,
+            wrt=x.name,
+            compute_dtype=op.attrs.get("compute_dtype"),
+        )
         c.give(op, x, g)
     del y
 
@@ -89,8 +122,16 @@ def _broadcast_grad(c: _Ctx, op: Op, x: Tensor, g_full: Tensor) -> None:
         c.give(op, x, g_full)
         return
     g = c.grad_tensor(x)
-    c.emit(op, f"{op.name}.grad_reduce:{x.name}", "reduce", _cat(x), (g_full,), (g,),
-           vector_flops=g_full.numel, wrt=x.name)
+    c.emit(
+        op,
+        f"{op.name}.grad_reduce:{x.name}",
+        "reduce",
+        _cat(x),
+        (g_full,),
+        (g,),
+        vector_flops=g_full.numel,
+        wrt=x.name,
+    )
     c.give(op, x, g)
 
 
@@ -106,8 +147,16 @@ def _vjp_mul(c: _Ctx, op: Op, gy: Tensor) -> None:
         if not x.requires_grad:
             continue
         g = c.bld.tensor(f"{op.name}.grad_full:{x.name}", gy.dims, c.bld.act_dtype, "gradient")
-        c.emit(op, f"{op.name}.grad:{x.name}", "mul", "bwd_input", (gy, other), (g,),
-               vector_flops=gy.numel, wrt=x.name)
+        c.emit(
+            op,
+            f"{op.name}.grad:{x.name}",
+            "mul",
+            "bwd_input",
+            (gy, other),
+            (g,),
+            vector_flops=gy.numel,
+            wrt=x.name,
+        )
         _broadcast_grad(c, op, x, g)
 
 
@@ -116,8 +165,16 @@ def _vjp_pointwise(c: _Ctx, op: Op, gy: Tensor, per_elem: int = 2) -> None:
     if not x.requires_grad:
         return
     g = c.grad_tensor(x)
-    c.emit(op, f"{op.name}.grad", op.kind, "bwd_input", (gy, *op.saved), (g,),
-           vector_flops=per_elem * gy.numel, wrt=x.name)
+    c.emit(
+        op,
+        f"{op.name}.grad",
+        op.kind,
+        "bwd_input",
+        (gy, *op.saved),
+        (g,),
+        vector_flops=per_elem * gy.numel,
+        wrt=x.name,
+    )
     c.give(op, x, g)
 
 
@@ -127,9 +184,18 @@ def _vjp_layout(c: _Ctx, op: Op, gy: Tensor) -> None:
         if not x.requires_grad:
             continue
         g = c.grad_tensor(x)
-        bop = c.emit(op, f"{op.name}.grad:{x.name}", "layout", "bwd_input", (gy,), (g,),
-                     vector_flops=gy.numel if x.numel != gy.numel else Z, fn=f"{op.attrs.get('fn')}_grad",
-                     copy=copy, wrt=x.name)
+        bop = c.emit(
+            op,
+            f"{op.name}.grad:{x.name}",
+            "layout",
+            "bwd_input",
+            (gy,),
+            (g,),
+            vector_flops=gy.numel if x.numel != gy.numel else Z,
+            fn=f"{op.attrs.get('fn')}_grad",
+            copy=copy,
+            wrt=x.name,
+        )
         if not copy:
             bop.bytes_read = Z
             bop.bytes_written = Z
@@ -139,26 +205,58 @@ def _vjp_layout(c: _Ctx, op: Op, gy: Tensor) -> None:
 def _vjp_norm(c: _Ctx, op: Op, gy: Tensor) -> None:
     x, *params = op.inputs
     g = c.grad_tensor(x)
-    c.emit(op, f"{op.name}.grad_x", "norm", "bwd_input", (gy, *op.saved, params[0]), (g,),
-           vector_flops=8 * gy.numel, wrt=x.name)
+    c.emit(
+        op,
+        f"{op.name}.grad_x",
+        "norm",
+        "bwd_input",
+        (gy, *op.saved, params[0]),
+        (g,),
+        vector_flops=8 * gy.numel,
+        wrt=x.name,
+    )
     c.give(op, x, g)
     for w in params:
         gw = c.grad_tensor(w)
-        c.emit(op, f"{op.name}.grad_w:{w.name}", "reduce", "bwd_weight", (gy, *op.saved), (gw,),
-               vector_flops=2 * gy.numel, wrt=w.name)
+        c.emit(
+            op,
+            f"{op.name}.grad_w:{w.name}",
+            "reduce",
+            "bwd_weight",
+            (gy, *op.saved),
+            (gw,),
+            vector_flops=2 * gy.numel,
+            wrt=w.name,
+        )
         c.give(op, w, gw)
 
 
 def _vjp_softmax(c: _Ctx, op: Op, gy: Tensor) -> None:
     x, *extra = op.inputs
     g = c.grad_tensor(x)
-    c.emit(op, f"{op.name}.grad", "softmax", "bwd_input", (gy, op.outputs[0]), (g,),
-           vector_flops=4 * gy.numel, wrt=x.name)
+    c.emit(
+        op,
+        f"{op.name}.grad",
+        "softmax",
+        "bwd_input",
+        (gy, op.outputs[0]),
+        (g,),
+        vector_flops=4 * gy.numel,
+        wrt=x.name,
+    )
     c.give(op, x, g)
     for w in extra:
         gw = c.grad_tensor(w)
-        c.emit(op, f"{op.name}.grad_w:{w.name}", "reduce", "bwd_weight", (gy, op.outputs[0]), (gw,),
-               vector_flops=2 * gy.numel, wrt=w.name)
+        c.emit(
+            op,
+            f"{op.name}.grad_w:{w.name}",
+            "reduce",
+            "bwd_weight",
+            (gy, op.outputs[0]),
+            (gw,),
+            vector_flops=2 * gy.numel,
+            wrt=w.name,
+        )
         c.give(op, w, gw)
 
 
@@ -169,15 +267,34 @@ def _vjp_attention(c: _Ctx, op: Op, gy: Tensor) -> None:
     # recompute QK^T, dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q
     core = op.flops / (dq + dv)
     grads = tuple(c.grad_tensor(t) for t in (q, k, v))
-    c.emit(op, f"{op.name}.grad", "attention", "bwd_input", (gy, *op.saved), grads,
-           flops=sp.expand(core * (3 * dq + 2 * dv)), vector_flops=2 * op.vector_flops,
-           causal=op.attrs["causal"], flops_scale=op.attrs["flops_scale"], q_heads=op.attrs["q_heads"])
+    c.emit(
+        op,
+        f"{op.name}.grad",
+        "attention",
+        "bwd_input",
+        (gy, *op.saved),
+        grads,
+        flops=sp.expand(core * (3 * dq + 2 * dv)),
+        vector_flops=2 * op.vector_flops,
+        causal=op.attrs["causal"],
+        flops_scale=op.attrs["flops_scale"],
+        q_heads=op.attrs["q_heads"],
+        compute_dtype=op.attrs.get("compute_dtype"),
+    )
     for t, g in zip((q, k, v), grads, strict=True):
         c.give(op, t, g)
     for w in extra:
         gw = c.grad_tensor(w)
-        c.emit(op, f"{op.name}.grad_w:{w.name}", "reduce", "bwd_weight", (gy, *op.saved), (gw,),
-               vector_flops=op.vector_flops, wrt=w.name)
+        c.emit(
+            op,
+            f"{op.name}.grad_w:{w.name}",
+            "reduce",
+            "bwd_weight",
+            (gy, *op.saved),
+            (gw,),
+            vector_flops=op.vector_flops,
+            wrt=w.name,
+        )
         c.give(op, w, gw)
 
 
@@ -186,8 +303,16 @@ def _vjp_gather(c: _Ctx, op: Op, gy: Tensor) -> None:
     if not table.requires_grad:
         return
     g = c.grad_tensor(table)
-    bop = c.emit(op, f"{op.name}.grad_w:{table.name}", "scatter_add", "bwd_weight", (gy, ids), (g,),
-                 vector_flops=gy.numel, wrt=table.name)
+    bop = c.emit(
+        op,
+        f"{op.name}.grad_w:{table.name}",
+        "scatter_add",
+        "bwd_weight",
+        (gy, ids),
+        (g,),
+        vector_flops=gy.numel,
+        wrt=table.name,
+    )
     bop.bytes_written = gy.numel * dtype_bytes(g.dtype)  # only the rows touched
     c.give(op, table, g)
 
@@ -195,8 +320,16 @@ def _vjp_gather(c: _Ctx, op: Op, gy: Tensor) -> None:
 def _vjp_cross_entropy(c: _Ctx, op: Op, gy: Tensor) -> None:
     logits = op.inputs[0]
     g = c.grad_tensor(logits)
-    c.emit(op, f"{op.name}.grad", "cross_entropy", "bwd_input", (gy, *op.saved), (g,),
-           vector_flops=2 * logits.numel, wrt=logits.name)
+    c.emit(
+        op,
+        f"{op.name}.grad",
+        "cross_entropy",
+        "bwd_input",
+        (gy, *op.saved),
+        (g,),
+        vector_flops=2 * logits.numel,
+        wrt=logits.name,
+    )
     c.give(op, logits, g)
 
 
@@ -210,21 +343,37 @@ def _vjp_topk(c: _Ctx, op: Op, gy: Tensor) -> None:
 def _vjp_dispatch(c: _Ctx, op: Op, gy: Tensor) -> None:
     x = op.inputs[0]
     g = c.grad_tensor(x)
-    c.emit(op, f"{op.name}.grad", "combine", "bwd_input", (gy, *op.saved), (g,), vector_flops=gy.numel,
-           **{k: v for k, v in op.attrs.items() if k in ("capacity_factor", "routing_skew")})
+    c.emit(
+        op,
+        f"{op.name}.grad",
+        "combine",
+        "bwd_input",
+        (gy, *op.saved),
+        (g,),
+        vector_flops=gy.numel,
+        **{k: v for k, v in op.attrs.items() if k in ("capacity_factor", "routing_skew")},
+    )
     c.give(op, x, g)
 
 
 def _vjp_combine(c: _Ctx, op: Op, gy: Tensor) -> None:
     ye, gates, _tok = op.inputs
     g_ye = c.grad_tensor(ye)
-    c.emit(op, f"{op.name}.grad_experts", "dispatch", "bwd_input", (gy, *op.saved), (g_ye,),
-           vector_flops=ye.numel)
+    c.emit(
+        op,
+        f"{op.name}.grad_experts",
+        "dispatch",
+        "bwd_input",
+        (gy, *op.saved),
+        (g_ye,),
+        vector_flops=ye.numel,
+    )
     c.give(op, ye, g_ye)
     if gates.requires_grad:
         g_g = c.grad_tensor(gates)
-        c.emit(op, f"{op.name}.grad_gates", "reduce", "bwd_input", (gy, ye), (g_g,),
-               vector_flops=2 * ye.numel)
+        c.emit(
+            op, f"{op.name}.grad_gates", "reduce", "bwd_input", (gy, ye), (g_g,), vector_flops=2 * ye.numel
+        )
         c.give(op, gates, g_g)
 
 
@@ -247,8 +396,9 @@ VJP: dict[str, Callable[[_Ctx, Op, Tensor], None]] = {
 }
 
 
-def backward(bld: Builder, forward: list[Op], seeds: dict[int, Tensor], grad_dtype: str) -> tuple[
-        list[Op], dict[int, Tensor]]:
+def backward(
+    bld: Builder, forward: list[Op], seeds: dict[int, Tensor], grad_dtype: str
+) -> tuple[list[Op], dict[int, Tensor]]:
     """Backward ops of ``forward`` given output gradients ``seeds`` (tensor id -> grad tensor).
 
     Returns the ops in execution order and the final gradient of every tensor (by id), from which

@@ -36,6 +36,7 @@ class Builder:
     sizes: dict[str, sp.Expr]
     act_dtype: str
     param_dtype: str
+    compute_dtype: str = "bf16"
     stats_dtype: str = "fp32"
     mask_dtype: str = "bool"
     causal_scale: sp.Expr = sp.Rational(1, 2)
@@ -49,12 +50,19 @@ class Builder:
         """Element count of a tensor with these dims."""
         return sp.Mul(*(self.sizes[d] for d in dims)) if dims else sp.Integer(1)
 
-    def tensor(self, name: str, dims: tuple[str, ...] | str, dtype: str | None = None,
-               role: str = "activation", requires_grad: bool = False) -> Tensor:
+    def tensor(
+        self,
+        name: str,
+        dims: tuple[str, ...] | str,
+        dtype: str | None = None,
+        role: str = "activation",
+        requires_grad: bool = False,
+    ) -> Tensor:
         """A new tensor (``dims`` may be a space-separated string)."""
         dims_t = tuple(dims.split()) if isinstance(dims, str) else tuple(dims)
-        return Tensor(self.prefix + name, dims_t, dtype or self.act_dtype, role, self.numel(dims_t),
-                      requires_grad)
+        return Tensor(
+            self.prefix + name, dims_t, dtype or self.act_dtype, role, self.numel(dims_t), requires_grad
+        )
 
     def weight(self, name: str, dims: str) -> Tensor:
         """A trainable weight (param dtype), registered on the block."""
@@ -62,12 +70,32 @@ class Builder:
         self.weights.append(t)
         return t
 
-    def _op(self, name: str, kind: str, inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...],
-            flops: sp.Expr = Z, vector_flops: sp.Expr = Z, einsum: str | None = None,
-            saved: tuple[Tensor, ...] = (), **attrs: object) -> Op:
-        op = Op(self.prefix + name, kind, "fwd", inputs, outputs, flops, vector_flops,
-                sp.Add(*(t.nbytes for t in inputs)), sp.Add(*(t.nbytes for t in outputs)),
-                einsum, saved, dict(attrs))
+    def _op(
+        self,
+        name: str,
+        kind: str,
+        inputs: tuple[Tensor, ...],
+        outputs: tuple[Tensor, ...],
+        flops: sp.Expr = Z,
+        vector_flops: sp.Expr = Z,
+        einsum: str | None = None,
+        saved: tuple[Tensor, ...] = (),
+        **attrs: object,
+    ) -> Op:
+        op = Op(
+            self.prefix + name,
+            kind,
+            "fwd",
+            inputs,
+            outputs,
+            flops,
+            vector_flops,
+            sp.Add(*(t.nbytes for t in inputs)),
+            sp.Add(*(t.nbytes for t in outputs)),
+            einsum,
+            saved,
+            dict(attrs),
+        )
         self.ops.append(op)
         return op
 
@@ -76,8 +104,16 @@ class Builder:
         return any(t.requires_grad for t in ts)
 
     # --- matmul-like ------------------------------------------------------------------------
-    def einsum(self, name: str, spec: str, a: Tensor, b: Tensor, out: str | None = None,
-               flops_scale: sp.Expr = sp.Integer(1), **attrs: object) -> Tensor:
+    def einsum(
+        self,
+        name: str,
+        spec: str,
+        a: Tensor,
+        b: Tensor,
+        out: str | None = None,
+        flops_scale: sp.Expr = sp.Integer(1),
+        **attrs: object,
+    ) -> Tensor:
         """``out = einsum(spec, a, b)``; spec over dim names, e.g. ``"b s h, h f -> b s f"``."""
         lhs, rhs = spec.split("->")
         in_dims = [tuple(x.split()) for x in lhs.split(",")]
@@ -88,12 +124,23 @@ class Builder:
         flops = 2 * self.numel(all_dims) * flops_scale
         y = self.tensor(out or name, out_dims, requires_grad=self._rg(a, b))
         saved = tuple(t for t, other in ((a, b), (b, a)) if other.requires_grad)
-        self._op(name, "einsum", (a, b), (y,), flops=flops, einsum=spec, saved=saved,
-                 flops_scale=flops_scale, **attrs)
+        self._op(
+            name,
+            "einsum",
+            (a, b),
+            (y,),
+            flops=flops,
+            einsum=spec,
+            saved=saved,
+            flops_scale=flops_scale,
+            compute_dtype=self.compute_dtype,
+            **attrs,
+        )
         return y
 
-    def linear(self, name: str, x: Tensor, w_dims: str, out_dims: str, bias: bool = False,
-               **attrs: object) -> Tensor:
+    def linear(
+        self, name: str, x: Tensor, w_dims: str, out_dims: str, bias: bool = False, **attrs: object
+    ) -> Tensor:
         """``x @ W (+ bias)``: weight dims ``w_dims`` contract x's last dims; bias over the new dims."""
         w = self.weight(f"{name}.weight", w_dims)
         spec = f"{' '.join(x.dims)}, {w_dims} -> {out_dims}"
@@ -108,8 +155,16 @@ class Builder:
     def unary(self, name: str, fn: str, x: Tensor, vflops_per_elem: int = 1, **attrs: object) -> Tensor:
         """Pointwise activation (gelu/silu/relu/...): saves its input (as PyTorch does)."""
         y = self.tensor(name, x.dims, requires_grad=x.requires_grad)
-        self._op(name, "unary", (x,), (y,), vector_flops=vflops_per_elem * x.numel,
-                 saved=(x,) if x.requires_grad else (), fn=fn, **attrs)
+        self._op(
+            name,
+            "unary",
+            (x,),
+            (y,),
+            vector_flops=vflops_per_elem * x.numel,
+            saved=(x,) if x.requires_grad else (),
+            fn=fn,
+            **attrs,
+        )
         return y
 
     def mul(self, name: str, a: Tensor, b: Tensor, **attrs: object) -> Tensor:
@@ -131,8 +186,16 @@ class Builder:
         self._op(name, "rope", (x,), (y,), vector_flops=3 * x.numel, **attrs)
         return y
 
-    def layout(self, name: str, x: Tensor, dims: str, fn: str, extra: tuple[Tensor, ...] = (),
-               copy: bool = True, **attrs: object) -> Tensor:
+    def layout(
+        self,
+        name: str,
+        x: Tensor,
+        dims: str,
+        fn: str,
+        extra: tuple[Tensor, ...] = (),
+        copy: bool = True,
+        **attrs: object,
+    ) -> Tensor:
         """Data movement without arithmetic (repeat_kv, concat, rename s->sk for KV, split).
 
         ``copy=False`` marks a view: it moves no bytes.
@@ -145,8 +208,15 @@ class Builder:
         return y
 
     # --- reductions -------------------------------------------------------------------------
-    def norm(self, name: str, x: Tensor, kind: str, bias: bool | None = None,
-             count_stats: bool = True, **attrs: object) -> Tensor:
+    def norm(
+        self,
+        name: str,
+        x: Tensor,
+        kind: str,
+        bias: bool | None = None,
+        count_stats: bool = True,
+        **attrs: object,
+    ) -> Tensor:
         """LayerNorm (weight+bias, saves input + mean + rstd) or RMSNorm (weight, saves input + rstd)."""
         last = x.dims[-1]
         w = self.weight(f"{name}.weight", last)
@@ -155,12 +225,22 @@ class Builder:
             ins.append(self.weight(f"{name}.bias", last))
         stats_dims = x.dims[:-1]
         n_stats = 2 if kind == "layernorm" else 1
-        stats = [self.tensor(f"{name}.{s}", stats_dims, self.stats_dtype)
-                 for s in (("mean", "rstd") if n_stats == 2 else ("rstd",))]
+        stats = [
+            self.tensor(f"{name}.{s}", stats_dims, self.stats_dtype)
+            for s in (("mean", "rstd") if n_stats == 2 else ("rstd",))
+        ]
         y = self.tensor(name, x.dims, requires_grad=True)
         saved = (x, *stats) if count_stats else (x,)
-        self._op(name, "norm", tuple(ins), (y,), vector_flops=(4 if n_stats == 2 else 3) * x.numel,
-                 saved=saved, fn=kind, **attrs)
+        self._op(
+            name,
+            "norm",
+            tuple(ins),
+            (y,),
+            vector_flops=(4 if n_stats == 2 else 3) * x.numel,
+            saved=saved,
+            fn=kind,
+            **attrs,
+        )
         return y
 
     def softmax(self, name: str, x: Tensor, extra: tuple[Tensor, ...] = (), **attrs: object) -> Tensor:
@@ -177,8 +257,17 @@ class Builder:
         return y
 
     # --- attention --------------------------------------------------------------------------
-    def flash_attention(self, name: str, q: Tensor, k: Tensor, v: Tensor, causal: bool,
-                        q_heads: tuple[str, ...], sinks: Tensor | None = None, **attrs: object) -> Tensor:
+    def flash_attention(
+        self,
+        name: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        q_heads: tuple[str, ...],
+        sinks: Tensor | None = None,
+        **attrs: object,
+    ) -> Tensor:
         """Fused attention core (flash): never materializes the sk x s scores."""
         b, s, dq, dv, sk = q.dims[0], q.dims[1], q.dims[-1], v.dims[-1], k.dims[1]
         scale = self.causal_scale if causal else sp.Integer(1)
@@ -187,9 +276,21 @@ class Builder:
         out = self.tensor(name, (b, s, *q_heads, dv), requires_grad=self._rg(q, k, v))
         lse = self.tensor(f"{name}.lse", (b, *q_heads, s), self.stats_dtype)
         ins = (q, k, v) if sinks is None else (q, k, v, sinks)
-        self._op(name, "attention", ins, (out, lse), flops=flops, vector_flops=5 * core * scale,
-                 saved=(q, k, v, out, lse), causal=causal, flops_scale=scale, q_heads=q_heads,
-                 attn_core=True, **attrs)
+        self._op(
+            name,
+            "attention",
+            ins,
+            (out, lse),
+            flops=flops,
+            vector_flops=5 * core * scale,
+            saved=(q, k, v, out, lse),
+            causal=causal,
+            flops_scale=scale,
+            q_heads=q_heads,
+            attn_core=True,
+            compute_dtype=self.compute_dtype,
+            **attrs,
+        )
         return out
 
     # --- embedding and loss -----------------------------------------------------------------
@@ -205,8 +306,14 @@ class Builder:
         """Mean token cross-entropy: saves log-softmax (``loss_dtype``) and targets, like PyTorch."""
         logp = self.tensor(f"{name}.log_softmax", logits.dims, loss_dtype)
         loss = self.tensor(name, (), "fp32", requires_grad=True)
-        self._op(name, "cross_entropy", (logits, targets), (loss, logp), vector_flops=6 * logits.numel,
-                 saved=(logp, targets))
+        self._op(
+            name,
+            "cross_entropy",
+            (logits, targets),
+            (loss, logp),
+            vector_flops=6 * logits.numel,
+            saved=(logp, targets),
+        )
         return loss
 
     # --- mixture of experts -----------------------------------------------------------------
@@ -218,8 +325,9 @@ class Builder:
         self._op(name, "topk", (probs,), (gates, ids), vector_flops=probs.numel, saved=(ids,), **attrs)
         return gates, ids
 
-    def dispatch(self, name: str, x: Tensor, ids: Tensor, capacity_factor: float,
-                 routing_skew: float, **attrs: object) -> tuple[Tensor, Tensor]:
+    def dispatch(
+        self, name: str, x: Tensor, ids: Tensor, capacity_factor: float, routing_skew: float, **attrs: object
+    ) -> tuple[Tensor, Tensor]:
         """Permute tokens to experts: ``x (b s h) -> xe (e t h)``, t = cf*b*s*k/e tokens per expert.
 
         Saves the int64 token index of every routed slot (``index_select`` keeps it). The hottest
@@ -228,12 +336,21 @@ class Builder:
         """
         tok = self.tensor(f"{name}.token_index", ("e", "t"), "int64", "index")
         xe = self.tensor(name, ("e", "t", x.dims[-1]), requires_grad=x.requires_grad)
-        self._op(name, "dispatch", (x, ids), (xe, tok), saved=(tok,), capacity_factor=capacity_factor,
-                 routing_skew=routing_skew, **attrs)
+        self._op(
+            name,
+            "dispatch",
+            (x, ids),
+            (xe, tok),
+            saved=(tok,),
+            capacity_factor=capacity_factor,
+            routing_skew=routing_skew,
+            **attrs,
+        )
         return xe, tok
 
-    def combine(self, name: str, ye: Tensor, gates: Tensor, tok: Tensor, like: Tensor,
-                **attrs: object) -> Tensor:
+    def combine(
+        self, name: str, ye: Tensor, gates: Tensor, tok: Tensor, like: Tensor, **attrs: object
+    ) -> Tensor:
         """Weight expert outputs by their gates and scatter-add back to tokens.
 
         Saves the expert outputs, the per-slot gate values (e t), the token index and the int64
@@ -242,8 +359,15 @@ class Builder:
         ge = self.tensor(f"{name}.slot_gates", ("e", "t"), requires_grad=gates.requires_grad)
         perm = self.tensor(f"{name}.slot_index", ("e", "t"), "int64", "index")
         y = self.tensor(name, like.dims, requires_grad=self._rg(ye, gates))
-        self._op(name, "combine", (ye, gates, tok), (y, ge, perm), vector_flops=2 * ye.numel,
-                 saved=(ye, ge, tok, perm), **attrs)
+        self._op(
+            name,
+            "combine",
+            (ye, gates, tok),
+            (y, ge, perm),
+            vector_flops=2 * ye.numel,
+            saved=(ye, ge, tok, perm),
+            **attrs,
+        )
         return y
 
 

@@ -13,7 +13,8 @@ Free symbols and what binds them:
 * from the model spec: ``h`` hidden, ``nh`` query heads, ``nkv`` KV heads, ``dh`` head dim,
   ``f`` dense FFN width, ``v`` vocabulary, ``e`` routed experts, ``k`` experts per token,
   ``fe`` routed expert width, ``fs`` total shared-expert width, ``ql``/``kvl`` MLA low ranks,
-  ``dr``/``dn``/``dv`` MLA rope/nope/value head dims, ``p`` learned-position table rows (max sequence), ``cf`` MoE capacity factor (1 = dropless).
+  ``dr``/``dn``/``dv`` MLA rope/nope/value head dims, ``p`` learned-position table rows (max
+  sequence), ``cf`` MoE capacity factor (1 = dropless).
 """
 
 from __future__ import annotations
@@ -37,8 +38,26 @@ DTYPE_BYTES: dict[str, int] = {
 }
 
 FREE_SYMBOLS: tuple[str, ...] = (
-    "b", "s", "c", "h", "nh", "nkv", "dh", "f", "v", "e", "k", "fe", "fs",
-    "ql", "kvl", "dr", "dn", "dv", "p", "cf",
+    "b",
+    "s",
+    "c",
+    "h",
+    "nh",
+    "nkv",
+    "dh",
+    "f",
+    "v",
+    "e",
+    "k",
+    "fe",
+    "fs",
+    "ql",
+    "kvl",
+    "dr",
+    "dn",
+    "dv",
+    "p",
+    "cf",
 )
 
 SYMBOLS: dict[str, sp.Symbol] = {name: sp.Symbol(name, positive=True) for name in FREE_SYMBOLS}

@@ -33,6 +33,7 @@ from tensorstage.model.spec import ModelSpec
 
 #: Metric names of :meth:`Graph.costs`: ``<category>_<quantity>`` plus block-level memory metrics.
 QUANTITIES = ("flops", "vector_flops", "bytes")
+OP_QUANTITIES = ("flops", "vector_flops", "bytes_read", "bytes_written")
 METRICS: tuple[str, ...] = (
     *(f"{c}_{q}" for c in CATEGORIES for q in QUANTITIES),
     "activation_bytes",
@@ -44,17 +45,34 @@ METRICS: tuple[str, ...] = (
 def spec_bindings(spec: ModelSpec, options: GraphOptions) -> dict[str, float]:
     """Numeric values of the model-architecture symbols (unused ones bound to 1)."""
     vals: dict[str, float] = {name: 1 for name in FREE_SYMBOLS}
-    vals.update(h=spec.hidden, nh=spec.num_heads, nkv=spec.kv_heads, dh=spec.dim_head, f=spec.ffn,
-                v=spec.vocab, p=spec.max_seq)
+    vals.update(
+        h=spec.hidden,
+        nh=spec.num_heads,
+        nkv=spec.kv_heads,
+        dh=spec.dim_head,
+        f=spec.ffn,
+        v=spec.vocab,
+        p=spec.max_seq,
+    )
     if spec.moe is not None:
         m = spec.moe
         cf = options.capacity_factor or m.capacity_factor or 1.0
-        vals.update(e=m.num_experts, k=m.top_k, fe=m.expert_ffn, fs=max(1, m.shared_experts * m.shared_ffn_each),
-                    cf=cf)
+        vals.update(
+            e=m.num_experts,
+            k=m.top_k,
+            fe=m.expert_ffn,
+            fs=max(1, m.shared_experts * m.shared_ffn_each),
+            cf=cf,
+        )
     if spec.mla is not None:
         a = spec.mla
-        vals.update(ql=max(1, a.q_lora_rank), kvl=a.kv_lora_rank, dr=a.qk_rope_head_dim,
-                    dn=a.qk_nope_head_dim, dv=a.v_head_dim)
+        vals.update(
+            ql=max(1, a.q_lora_rank),
+            kvl=a.kv_lora_rank,
+            dr=a.qk_rope_head_dim,
+            dn=a.qk_nope_head_dim,
+            dv=a.v_head_dim,
+        )
         vals["nkv"] = spec.num_heads
     return vals
 
@@ -134,8 +152,10 @@ class Graph:
 
     def param_count(self) -> int:
         """Total weight elements (evaluated with the spec's sizes)."""
-        total = sum(self.evaluate(blk.param_count) * n for blk, n in
-                    ((b, self.counts()[name]) for name, b in self.blocks().items()))
+        total = sum(
+            self.evaluate(blk.param_count) * n
+            for blk, n in ((b, self.counts()[name]) for name, b in self.blocks().items())
+        )
         return int(total)
 
     # --- evaluation -------------------------------------------------------------------------
@@ -193,10 +213,35 @@ class Graph:
             shape = np.broadcast_shapes(*(a.shape for a in args))
             for name in self.blocks():
                 res = self._compile(name)(*args)
-                per_block[name] = {m: np.broadcast_to(np.asarray(r, dtype=np.float64), shape)
-                                   if shape else float(r) for m, r in zip(METRICS, res, strict=True)}
+                per_block[name] = {
+                    m: np.broadcast_to(np.asarray(r, dtype=np.float64), shape) if shape else float(r)
+                    for m, r in zip(METRICS, res, strict=True)
+                }
         totals = {m: sum(per_block[n][m] * c for n, c in counts.items()) for m in METRICS}
         return CostReport(per_block, counts, totals, list(self.layer_kinds))
+
+    def op_costs(self, block: str, bindings: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+        """Per-op ``flops``, ``vector_flops``, ``bytes_read``, ``bytes_written`` of one block instance.
+
+        Arrays follow ``blocks()[block].all_ops()`` order (shape ``(n_ops, *bindings shape)``);
+        compiled once per block, so lowering can cost every op of a layer in one call.
+        """
+        key = f"ops:{block}"
+        fn = self._compiled.get(key)
+        ops = self.blocks()[block].all_ops()
+        if fn is None:
+            exprs = [getattr(op, q) for q in OP_QUANTITIES for op in ops]
+            fn = sp.lambdify([SYMBOLS[s] for s in FREE_SYMBOLS], exprs, "numpy", cse=True)
+            self._compiled[key] = fn
+        vals = self._bind(bindings)
+        args = [np.asarray(vals[s], dtype=np.float64) for s in FREE_SYMBOLS]
+        shape = np.broadcast_shapes(*(a.shape for a in args))
+        flat = [np.broadcast_to(np.asarray(r, dtype=np.float64), shape) for r in fn(*args)]
+        n = len(ops)
+        return {
+            q: np.stack(flat[i * n : (i + 1) * n]) if n else np.zeros((0, *shape))
+            for i, q in enumerate(OP_QUANTITIES)
+        }
 
     def kv_cache_bytes_per_token(self) -> int:
         """KV-cache bytes per token per sequence, all layers (0 outside prefill/decode graphs)."""
@@ -204,6 +249,7 @@ class Graph:
 
 
 # --- building ---------------------------------------------------------------------------------
+
 
 def _layer_kind(spec: ModelSpec, i: int) -> str:
     base = "moe" if spec.is_moe_layer(i) else "dense"
@@ -218,9 +264,23 @@ def _unique(ts: list[Tensor]) -> list[Tensor]:
 
 
 def _as_recompute(ops: list[Op]) -> list[Op]:
-    return [Op(f"{op.name}.recompute", op.kind, "recompute", op.inputs, op.outputs, op.flops,
-               op.vector_flops, op.bytes_read, op.bytes_written, op.einsum, (), dict(op.attrs))
-            for op in ops]
+    return [
+        Op(
+            f"{op.name}.recompute",
+            op.kind,
+            "recompute",
+            op.inputs,
+            op.outputs,
+            op.flops,
+            op.vector_flops,
+            op.bytes_read,
+            op.bytes_written,
+            op.einsum,
+            (),
+            dict(op.attrs),
+        )
+        for op in ops
+    ]
 
 
 def apply_recompute(forward: list[Op], inputs: list[Tensor], policy: str) -> tuple[list[Tensor], list[Op]]:
@@ -239,16 +299,26 @@ def apply_recompute(forward: list[Op], inputs: list[Tensor], policy: str) -> tup
     rest = [op for op in forward if not op.attrs.get("attn_core")]
     produced = {id(t) for op in core for t in op.outputs}
     core_inputs = [t for op in core for t in op.inputs if id(t) not in produced and t.requires_grad]
-    saved = [t for op in rest for t in op.saved] + [t for op in core for t in op.saved if id(t) not in produced]
+    saved = [t for op in rest for t in op.saved] + [
+        t for op in core for t in op.saved if id(t) not in produced
+    ]
     return _unique(saved + core_inputs), _as_recompute(core)
 
 
-def _finish_block(bld: Builder, name: str, kind: str, inputs: list[Tensor], out: Tensor,
-                  options: GraphOptions, grad_dtype: str, recompute: str) -> Block:
+def _finish_block(
+    bld: Builder,
+    name: str,
+    kind: str,
+    inputs: list[Tensor],
+    out: Tensor,
+    options: GraphOptions,
+    grad_dtype: str,
+    recompute: str,
+) -> Block:
     fwd = list(bld.ops)
     if options.phase != "train":
         return Block(name, kind, fwd, [], [], list(bld.weights), [], inputs, list(bld.kv_cache))
-    seed = (bld.tensor(f"{out.name}.grad", out.dims, "fp32" if not out.dims else bld.act_dtype, "gradient"))
+    seed = bld.tensor(f"{out.name}.grad", out.dims, "fp32" if not out.dims else bld.act_dtype, "gradient")
     bwd, _ = backward(bld, fwd, {id(out): seed}, grad_dtype)
     saved, rec = apply_recompute(fwd, inputs, recompute)
     return Block(name, kind, fwd, rec, bwd, list(bld.weights), saved, inputs, list(bld.kv_cache))
@@ -261,13 +331,26 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
     prec = opts.precision_policy()
     sizes = base_dim_sizes(phase)
     causal_scale = sp.Rational(1, 2) if opts.attention_flops == "causal_half" else sp.Integer(1)
-    cfg = LayerConfig(phase, opts.attention_impl, opts.causal, opts.dropout,
-                      opts.kv_dtype or prec.act_dtype, opts.norm_stats)
+    cfg = LayerConfig(
+        phase,
+        opts.attention_impl,
+        opts.causal,
+        opts.dropout,
+        opts.kv_dtype or prec.act_dtype,
+        opts.norm_stats,
+    )
     bindings = spec_bindings(spec, opts)
 
     def builder(prefix: str = "") -> Builder:
-        return Builder(sizes, prec.act_dtype, prec.param_dtype, mask_dtype=opts.dropout_mask_dtype,
-                       causal_scale=causal_scale, prefix=prefix)
+        return Builder(
+            sizes,
+            prec.act_dtype,
+            prec.param_dtype,
+            prec.compute_dtype,
+            mask_dtype=opts.dropout_mask_dtype,
+            causal_scale=causal_scale,
+            prefix=prefix,
+        )
 
     bld = builder()
     table, emb_out = embedding(bld, spec, cfg)
@@ -278,8 +361,9 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
     for kind in dict.fromkeys(kinds):
         bld = builder()
         x = bld.tensor("hidden_in", "b s h", requires_grad=True)
-        y = transformer_layer(bld, x, spec, cfg, kind.endswith("moe"),
-                              float(bindings["cf"]), opts.routing_skew)
+        y = transformer_layer(
+            bld, x, spec, cfg, kind.endswith("moe"), float(bindings["cf"]), opts.routing_skew
+        )
         layers[kind] = _finish_block(bld, kind, kind, [x], y, opts, prec.grad_dtype, opts.recompute)
 
     bld = builder()

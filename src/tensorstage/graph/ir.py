@@ -23,8 +23,18 @@ import sympy as sp
 
 from tensorstage.graph.dims import dtype_bytes
 
-ROLES = ("weight", "activation", "gradient", "weight_grad", "optimizer_state", "master_weight",
-         "kv_cache", "index", "mask", "input")
+ROLES = (
+    "weight",
+    "activation",
+    "gradient",
+    "weight_grad",
+    "optimizer_state",
+    "master_weight",
+    "kv_cache",
+    "index",
+    "mask",
+    "input",
+)
 CATEGORIES = ("fwd", "bwd_input", "bwd_weight", "recompute", "optimizer")
 
 

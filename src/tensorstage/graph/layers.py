@@ -51,8 +51,18 @@ def _kv_source(bld: Builder, name: str, x: Tensor, dims_sk: str, cfg: LayerConfi
     return bld.tensor(f"{name}.cache", dims_sk, cfg.kv_dtype, "kv_cache")
 
 
-def _core(bld: Builder, name: str, q: Tensor, k: Tensor, v: Tensor, heads_q: tuple[str, ...],
-          heads_kv: tuple[str, ...], spec: ModelSpec, cfg: LayerConfig, sinks: Tensor | None) -> Tensor:
+def _core(
+    bld: Builder,
+    name: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    heads_q: tuple[str, ...],
+    heads_kv: tuple[str, ...],
+    spec: ModelSpec,
+    cfg: LayerConfig,
+    sinks: Tensor | None,
+) -> Tensor:
     """Attention core on q (b s Hq dq), k (b sk Hkv dq), v (b sk Hkv dv) -> (b s Hq dv)."""
     causal = cfg.causal and cfg.phase != "decode"  # one query token sees the whole cache
     if cfg.attention_impl == "flash":
@@ -61,21 +71,38 @@ def _core(bld: Builder, name: str, q: Tensor, k: Tensor, v: Tensor, heads_q: tup
     scale = bld.causal_scale if causal else sp.Integer(1)
     if heads_kv != heads_q and spec.num_heads != spec.kv_heads:
         # eager GQA repeats K/V per query group (HF repeat_kv, Megatron non-flash): saved at nh heads
-        k = bld.layout(f"{name}.repeat_k", k, " ".join(("b", "sk", *heads_q, k.dims[-1])), "repeat_kv",
-                       attn_core=True)
-        v = bld.layout(f"{name}.repeat_v", v, " ".join(("b", "sk", *heads_q, v.dims[-1])), "repeat_kv",
-                       attn_core=True)
+        k = bld.layout(
+            f"{name}.repeat_k", k, " ".join(("b", "sk", *heads_q, k.dims[-1])), "repeat_kv", attn_core=True
+        )
+        v = bld.layout(
+            f"{name}.repeat_v", v, " ".join(("b", "sk", *heads_q, v.dims[-1])), "repeat_kv", attn_core=True
+        )
         heads_kv = heads_q
     hq, hk = " ".join(heads_q), " ".join(heads_kv)
     dq, dv = q.dims[-1], v.dims[-1]
-    scores = bld.einsum(f"{name}.scores", f"b s {hq} {dq}, b sk {hk} {dq} -> b {hq} s sk", q, k,
-                        flops_scale=scale, attn_core=True, causal=causal)
-    probs = bld.softmax(f"{name}.softmax", scores, extra=(sinks,) if sinks is not None else (),
-                        attn_core=True)
+    scores = bld.einsum(
+        f"{name}.scores",
+        f"b s {hq} {dq}, b sk {hk} {dq} -> b {hq} s sk",
+        q,
+        k,
+        flops_scale=scale,
+        attn_core=True,
+        causal=causal,
+    )
+    probs = bld.softmax(
+        f"{name}.softmax", scores, extra=(sinks,) if sinks is not None else (), attn_core=True
+    )
     if cfg.dropout and cfg.phase == "train":
         probs = bld.dropout(f"{name}.attn_dropout", probs, attn_core=True)
-    return bld.einsum(f"{name}.context", f"b {hq} s sk, b sk {hk} {dv} -> b s {hq} {dv}", probs, v,
-                      flops_scale=scale, attn_core=True, causal=causal)
+    return bld.einsum(
+        f"{name}.context",
+        f"b {hq} s sk, b sk {hk} {dv} -> b s {hq} {dv}",
+        probs,
+        v,
+        flops_scale=scale,
+        attn_core=True,
+        causal=causal,
+    )
 
 
 def attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) -> Tensor:
@@ -143,8 +170,15 @@ def mla_attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) ->
     return bld.linear(f"{n}.o_proj", ctx, "nh dv h", "b s h", spec.out_bias)
 
 
-def mlp(bld: Builder, x: Tensor, spec: ModelSpec, width: str, name: str = "mlp",
-        bias: bool | None = None, lead: str = "b s") -> Tensor:
+def mlp(
+    bld: Builder,
+    x: Tensor,
+    spec: ModelSpec,
+    width: str,
+    name: str = "mlp",
+    bias: bool | None = None,
+    lead: str = "b s",
+) -> Tensor:
     """Dense MLP: GELU/ReLU two-matrix or gated (SwiGLU/GeGLU) three-matrix, over width dim ``width``."""
     bias = spec.mlp_bias if bias is None else bias
     w_lead = "e " if lead.startswith("e") else ""
@@ -176,8 +210,15 @@ def moe(bld: Builder, x: Tensor, spec: ModelSpec, capacity_factor: float, routin
     return y
 
 
-def transformer_layer(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig, moe_layer: bool,
-                      capacity_factor: float, routing_skew: float) -> Tensor:
+def transformer_layer(
+    bld: Builder,
+    x: Tensor,
+    spec: ModelSpec,
+    cfg: LayerConfig,
+    moe_layer: bool,
+    capacity_factor: float,
+    routing_skew: float,
+) -> Tensor:
     """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.)))."""
     train = cfg.phase == "train"
     a = _norm(bld, "input_norm", x, spec, cfg)
@@ -207,8 +248,9 @@ def embedding(bld: Builder, spec: ModelSpec, cfg: LayerConfig) -> tuple[Tensor, 
     return table, y
 
 
-def head(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig, table: Tensor | None,
-         loss_dtype: str) -> Tensor:
+def head(
+    bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig, table: Tensor | None, loss_dtype: str
+) -> Tensor:
     """Final norm, LM head (tied to ``table`` when given) and, in training, cross-entropy loss."""
     y = _norm(bld, "final_norm", x, spec, cfg)
     if cfg.phase == "prefill":  # only the last position's logits are needed to sample

@@ -32,11 +32,24 @@ def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision)
     for w in weights:
         grad = _like(w, "grad", prec.grad_dtype, "weight_grad")
         master = _like(w, "master", prec.master_dtype, "master_weight") if prec.master_dtype else w
-        states = [_like(w, name, prec.state_dtype, "optimizer_state")
-                  for name in ("exp_avg", "exp_avg_sq")[:n_states]]
+        states = [
+            _like(w, name, prec.state_dtype, "optimizer_state")
+            for name in ("exp_avg", "exp_avg_sq")[:n_states]
+        ]
         ins = (grad, master, *states)
         outs = (master, *states) + ((w,) if prec.master_dtype else ())
-        ops.append(Op(f"{w.name}.{options.optimizer}_step", kind, "optimizer", ins, outs, sp.Integer(0),
-                      _VFLOPS_PER_ELEM[kind] * w.numel, sp.Add(*(t.nbytes for t in ins)),
-                      sp.Add(*(t.nbytes for t in outs)), attrs={"weight": w.name}))
+        ops.append(
+            Op(
+                f"{w.name}.{options.optimizer}_step",
+                kind,
+                "optimizer",
+                ins,
+                outs,
+                sp.Integer(0),
+                _VFLOPS_PER_ELEM[kind] * w.numel,
+                sp.Add(*(t.nbytes for t in ins)),
+                sp.Add(*(t.nbytes for t in outs)),
+                attrs={"weight": w.name},
+            )
+        )
     return ops

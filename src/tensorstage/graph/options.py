@@ -85,11 +85,21 @@ class GraphOptions:
         """Raise :class:`SpecError` naming the first bad field."""
         require(self.phase in PHASES, "phase", f"unknown phase {self.phase!r}", PHASES)
         require(self.recompute in RECOMPUTE, "recompute", f"unknown policy {self.recompute!r}", RECOMPUTE)
-        require(self.attention_impl in ATTENTION_IMPLS, "attention_impl",
-                f"unknown attention implementation {self.attention_impl!r}", ATTENTION_IMPLS)
-        require(self.attention_flops in ATTENTION_FLOPS, "attention_flops",
-                f"unknown convention {self.attention_flops!r}", ATTENTION_FLOPS)
-        require(self.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {self.optimizer!r}", OPTIMIZERS)
+        require(
+            self.attention_impl in ATTENTION_IMPLS,
+            "attention_impl",
+            f"unknown attention implementation {self.attention_impl!r}",
+            ATTENTION_IMPLS,
+        )
+        require(
+            self.attention_flops in ATTENTION_FLOPS,
+            "attention_flops",
+            f"unknown convention {self.attention_flops!r}",
+            ATTENTION_FLOPS,
+        )
+        require(
+            self.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {self.optimizer!r}", OPTIMIZERS
+        )
         for fld in ("dropout_mask_dtype", "loss_dtype", "kv_dtype"):
             val = getattr(self, fld)
             if val is not None and val not in DTYPE_BYTES:
