@@ -140,3 +140,48 @@ def test_merged_axes_move_the_same_wire_bytes_as_dtensor_per_dim(mesh) -> None: 
     assert [(c.kind, c.comm_bytes) for c in per_dim] == dtensor_ops(mesh, shape, (Shard(0), Shard(0)), (R, R))
     assert merged.group_size == DP * TP
     assert merged.wire_bytes_per_rank == sum(c.wire_bytes_per_rank for c in per_dim)
+
+
+class _MLPBlock(torch.nn.Module):
+    def __init__(self, h: int, f: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(h)
+        self.up = torch.nn.Linear(h, f, bias=False)
+        self.down = torch.nn.Linear(f, h, bias=False)
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return x + self.down(torch.relu(self.up(self.norm(x))))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_block_matches_dtensor_colwise_rowwise(mesh, sp: bool) -> None:  # type: ignore[no-untyped-def]
+    """One Megatron MLP block under DTensor ColwiseParallel/RowwiseParallel(/SequenceParallel), forward
+    and backward, against the collectives derived from placements in test_parallel_placement."""
+    from test_parallel_placement import tp_layer_collectives
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    b, s, h, f = 2, 8, 16, 32
+    block = _MLPBlock(h, f)
+    if sp:
+        tp_plan = {
+            "norm": SequenceParallel(),
+            "up": ColwiseParallel(input_layouts=TShard(1)),
+            "down": RowwiseParallel(output_layouts=TShard(1)),
+        }
+    else:
+        tp_plan = {"up": ColwiseParallel(), "down": RowwiseParallel()}
+    parallelize_module(block, mesh["tp"], tp_plan)
+    x = torch.randn(b, s // TP if sp else s, h, requires_grad=True)  # the rank's local input
+    rec = _Record()
+    with rec:
+        y = block(x)
+        n_fwd = len(rec.ops)
+        y.sum().backward()
+    ours = tp_layer_collectives(b, s, h, f, TP, sp, elem=4, blocks=("f",))
+    assert rec.ops[:n_fwd] == [(c.kind, c.comm_bytes) for c in ours["fwd"]]
+    assert rec.ops[n_fwd:] == [(c.kind, c.comm_bytes) for c in ours["bwd"]]

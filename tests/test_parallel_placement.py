@@ -131,7 +131,9 @@ def test_ring_volumes_match_formula_and_step_simulation(n: int) -> None:
 
 
 # --- Megatron TP per-layer volume (F-TP-COMM) derived from placements --------------------------------
-def tp_layer_collectives(b: int, s: int, h: int, f: int, tp: int, sp: bool) -> dict[str, list[Collective]]:
+def tp_layer_collectives(
+    b: int, s: int, h: int, f: int, tp: int, sp: bool, elem: int = 2, blocks: tuple[str, ...] = ("q", "f")
+) -> dict[str, list[Collective]]:
     """Forward and backward collectives of one transformer layer (attention as QKV-column + out-row,
     MLP as up-column + down-row), found only from placements: contract() gives op outputs,
     redistribute() the collectives. Attention's core is head-local, so its output keeps Shard(q)."""
@@ -140,25 +142,25 @@ def tp_layer_collectives(b: int, s: int, h: int, f: int, tp: int, sp: bool) -> d
     residual = apply.tp_residual(sp)
     fwd: list[Collective] = []
     bwd: list[Collective] = []
-    for inner in ("q", "f"):  # attention block, MLP block
+    for inner in blocks:  # attention block "q", MLP block "f"
         w_in = apply.tp_column(("h", inner))
         w_out = apply.tp_row((inner, "h"))
         width = h if inner == "q" else f
         # forward: residual -> column input
-        x = layout((b, s, h), residual, sizes, act)
+        x = layout((b, s, h), residual, sizes, act, elem)
         fwd += redistribute(x, apply.tp_column_input())
         y_pl = contract(act, apply.tp_column_input(), ("h", inner), w_in, ("b", "s", inner))
         assert y_pl == {"tp": Shard(inner)}
         z_pl = contract(("b", "s", inner), y_pl, (inner, "h"), w_out, act)
         assert z_pl == apply.tp_row_output()
-        fwd += redistribute(layout((b, s, h), z_pl, sizes, act), residual)
+        fwd += redistribute(layout((b, s, h), z_pl, sizes, act, elem), residual)
         # backward: dZ arrives with the residual's placement; row matmul needs it whole
-        dz = layout((b, s, h), residual, sizes, act)
+        dz = layout((b, s, h), residual, sizes, act, elem)
         bwd += redistribute(dz, {})
         dy_pl = contract(act, {}, (inner, "h"), w_out, ("b", "s", inner))
         assert dy_pl == {"tp": Shard(inner)}
         dx_pl = contract(("b", "s", inner), dy_pl, ("h", inner), w_in, act)
-        bwd += redistribute(layout((b, s, h), dx_pl, sizes, act), residual)
+        bwd += redistribute(layout((b, s, h), dx_pl, sizes, act, elem), residual)
         assert width  # shapes of inner dims never enter the TP activation volume
     return {"fwd": fwd, "bwd": bwd}
 
