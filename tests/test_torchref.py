@@ -27,6 +27,12 @@ CFG2 = {
     "pp_gpipe": {"scenario": "pp", "schedule": "gpipe", "hidden": 16, "microbatches": 4, "microbatch_size": 2,
                  "steps": 2},
     "ep": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
+    "ddp_accum": {"scenario": "ddp", "hidden": 32, "ffn": 64, "layers": 2, "bucket_cap_mb": 0.005, "steps": 2,
+                  "accum": 3},
+    "lm": {"scenario": "tp_lm", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "vocab": 64},
+    "lm_sp": {"scenario": "tp_lm", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "vocab": 64,
+              "sp": True},
+    "ep_again": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
     "pp_zb": {"scenario": "pp", "schedule": "zb_interleaved", "virtual_stages": 2, "hidden": 16,
               "microbatches": 4, "microbatch_size": 2},
 }
@@ -340,3 +346,42 @@ def test_pp_zero_bubble_splits_backward(w2: dict) -> None:
             for kind in "FIW":
                 assert sorted(a for a in acts if a.startswith(f"{stage}{kind}")) == \
                     sorted(f"{stage}{kind}{m}" for m in range(mbs))
+
+
+def test_ddp_no_sync_accumulation_reduces_once_per_step(w2: dict) -> None:
+    sizes = mlp_param_bytes_reverse(32, 64, 2)
+    cap = int(0.005 * 2**20)
+    for rank in range(2):
+        run = w2["ddp_accum"]
+        for mb in (0, 1):  # no_sync microbatches: no gradient communication at all
+            assert not recs(run, rank, f"step0.mb{mb}") and not recs(run, rank, f"step1.mb{mb}.bwd")
+        assert [r["size_bytes"] for r in recs(run, rank, "step0.mb2.bwd")] == [sum(sizes)]
+        assert [r["size_bytes"] for r in recs(run, rank, "step1.mb2.bwd")] == expected_buckets(sizes, cap, cap)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tp_vocab_parallel_embedding_head_and_loss(w2: dict, sp: bool) -> None:
+    ws, b, s, h = 2, 2, 8, 32
+    full, shard, rows = b * s * h * F32, b * s * h * F32 // ws, b * s * F32
+    run = w2["lm_sp" if sp else "lm"]
+    for rank in range(ws):
+        fwd = [(r["op"], r["in_bytes"], r["out_bytes"]) for r in recs(run, rank, "fwd")]
+        bwd = [(r["op"], r["in_bytes"], r["out_bytes"]) for r in recs(run, rank, "bwd")]
+        if sp:
+            ag, rs = ("all_gather", shard, full), ("reduce_scatter", full, shard)
+            # embedding RS; per sublayer AG + RS; AG before the vocab-parallel head
+            assert fwd == [rs, ag, rs, ag, rs, ag]
+            assert bwd == [rs, ag, rs, ag, rs, ag]  # mirror: head RS, sublayers, embedding AG
+        else:
+            ar = ("all_reduce", full, full)
+            assert fwd == [ar] * 3  # embedding (row-parallel) + wo + w2
+            assert bwd == [ar] * 5  # head input grad + w1 + wq/wk/wv separately (no PrepareModuleInput)
+        # vocab-parallel cross-entropy: max, sum-exp and target-logit all-reduces of one fp32 per token
+        loss = [(r["op"], r["size_bytes"]) for r in recs(run, rank, "loss")]
+        assert loss == [("all_reduce", rows)] * 3
+
+
+def test_runs_are_deterministic(w2: dict) -> None:
+    for rank in range(2):
+        assert w2["ep"]["ranks"][rank] == w2["ep_again"]["ranks"][rank]
+        assert w2["ep"]["info"][rank] == w2["ep_again"]["info"][rank]

@@ -90,3 +90,20 @@ class Experts(nn.Module):
             outs.append(expert(x[start:start + c]))
             start += c
         return torch.cat(outs, dim=0)
+
+
+class TinyLM(nn.Module):
+    """Embedding -> ``layers`` Blocks -> LayerNorm -> LM head, torchtitan names (``tok_embeddings`` ... ``output``)."""
+
+    def __init__(self, vocab: int, hidden: int, heads: int, ffn: int, layers: int = 1) -> None:
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(vocab, hidden)
+        self.layers = nn.ModuleList(Block(hidden, heads, ffn) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+        self.output = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer(x)
+        return self.output(self.norm(x))

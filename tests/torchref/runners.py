@@ -8,13 +8,14 @@ Every ``run_*(cfg)`` spawns its own world; :func:`run_many` groups several in on
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .models import Block, Experts, MLPStack
+from .models import Block, Experts, MLPStack, TinyLM
 from .recorder import CommRecorder
 from .world import run_world, scenario
 
@@ -72,7 +73,11 @@ def manual(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[s
 # ------------------------------------------------------------------------------------------------ DDP
 @scenario("ddp")
 def ddp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
-    """DistributedDataParallel over an MLP stack; ``steps`` iterations so bucket rebuilding shows."""
+    """DistributedDataParallel over an MLP stack; ``steps`` iterations so bucket rebuilding shows.
+
+    ``accum=k`` runs k microbatches per step with ``no_sync()`` on all but the last (phases
+    ``step<i>.mb<j>.fwd/bwd``).
+    """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     h, layers, batch = int(cfg.get("hidden", 32)), int(cfg.get("layers", 2)), int(cfg.get("batch", 4))
@@ -83,12 +88,17 @@ def ddp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str,
         kwargs["bucket_cap_mb"] = float(cfg["bucket_cap_mb"])
     model = DDP(model, **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    accum = int(cfg.get("accum", 1))  # microbatches per step; all but the last run under no_sync()
     for step in range(int(cfg.get("steps", 2))):
-        x = torch.randn(batch, h, dtype=_dtype(cfg))
-        rec.phase = f"step{step}.fwd"
-        loss = model(x).float().pow(2).sum()
-        rec.phase = f"step{step}.bwd"
-        loss.backward()
+        for mb in range(accum):
+            x = torch.randn(batch, h, dtype=_dtype(cfg))
+            sync = mb == accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                tag = f"step{step}" if accum == 1 else f"step{step}.mb{mb}"
+                rec.phase = f"{tag}.fwd"
+                loss = model(x).float().pow(2).sum()
+                rec.phase = f"{tag}.bwd"
+                loss.backward()
         rec.phase = f"step{step}.optim"
         opt.step()
         opt.zero_grad()
@@ -140,27 +150,20 @@ def fsdp2(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[st
 
 
 # ------------------------------------------------------------------------------------------------- TP
-@scenario("tp")
-def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
-    """One transformer block under DTensor TP (Megatron attention+MLP); ``sp=True`` adds SequenceParallel.
+def _block_plan(sp: bool, prepare_input: bool, prefix: str = "") -> dict[str, Any]:
+    """torchtitan-style TP plan of one Block; ``sp`` adds SequenceParallel norms and seq-sharded I/O.
 
-    Without SP the block input is a replicated (b, s, h) tensor; with SP each rank holds its
-    (b, s/tp, h) sequence shard, as in torchtitan's ``apply_tp``.
+    ``prepare_input`` (no SP) makes each sublayer's input one DTensor so the q/k/v input grads are summed
+    before a single backward all-reduce, as Megatron does.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
         PrepareModuleInput,
         RowwiseParallel,
         SequenceParallel,
-        parallelize_module,
     )
 
-    h, heads, ffn = int(cfg.get("hidden", 32)), int(cfg.get("heads", 4)), int(cfg.get("ffn", 64))
-    b, s, sp = int(cfg.get("batch", 2)), int(cfg.get("seq", 8)), bool(cfg.get("sp", False))
-    block = Block(h, heads, ffn).to(_dtype(cfg))
-    mesh = init_device_mesh("cpu", (ws,))
     if sp:
         plan: dict[str, Any] = {
             "attention_norm": SequenceParallel(),
@@ -172,12 +175,29 @@ def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
         }
     else:
         plan = {"attention.wo": RowwiseParallel(), "feed_forward.w2": RowwiseParallel()}
-    if not sp and cfg.get("prepare_input", False):
-        # one DTensor input per module, so the three q/k/v input grads are summed before one all-reduce
-        for mod in ("attention", "feed_forward"):
-            plan[mod] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
+        if prepare_input:
+            for mod in ("attention", "feed_forward"):
+                plan[mod] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),))
     plan.update({f"attention.{n}": ColwiseParallel() for n in ("wq", "wk", "wv")})
     plan["feed_forward.w1"] = ColwiseParallel()
+    return {prefix + k: v for k, v in plan.items()}
+
+
+@scenario("tp")
+def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
+    """One transformer block under DTensor TP (Megatron attention+MLP); ``sp=True`` adds SequenceParallel.
+
+    Without SP the block input is a replicated (b, s, h) tensor; with SP each rank holds its
+    (b, s/tp, h) sequence shard, as in torchtitan's ``apply_tp``.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    h, heads, ffn = int(cfg.get("hidden", 32)), int(cfg.get("heads", 4)), int(cfg.get("ffn", 64))
+    b, s, sp = int(cfg.get("batch", 2)), int(cfg.get("seq", 8)), bool(cfg.get("sp", False))
+    block = Block(h, heads, ffn).to(_dtype(cfg))
+    mesh = init_device_mesh("cpu", (ws,))
+    plan = _block_plan(sp, bool(cfg.get("prepare_input", False)))
     rec.phase = "init"
     parallelize_module(block, mesh, plan)
     x = torch.randn(b, s, h, dtype=_dtype(cfg))
@@ -194,6 +214,51 @@ def tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     rec.phase = "optim"  # SP norm grads are Partial: the optimizer's DTensor ops all-reduce them here
     torch.optim.SGD(block.parameters(), lr=0.01, foreach=False).step()
     return {"params": _params_info(block), "out_shape": list(out.shape), "grad_placements": grads}
+
+
+@scenario("tp_lm")
+def tp_lm(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
+    """TinyLM under TP: vocab-parallel embedding (row-wise), TP blocks, vocab-parallel LM head (column-wise)
+    and ``loss_parallel`` cross-entropy on vocab-sharded logits; ``sp=True`` as torchtitan.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        loss_parallel,
+        parallelize_module,
+    )
+
+    h, heads, ffn = int(cfg.get("hidden", 32)), int(cfg.get("heads", 4)), int(cfg.get("ffn", 64))
+    b, s, sp = int(cfg.get("batch", 2)), int(cfg.get("seq", 8)), bool(cfg.get("sp", False))
+    vocab, layers = int(cfg.get("vocab", 64)), int(cfg.get("layers", 1))
+    model = TinyLM(vocab, h, heads, ffn, layers).to(_dtype(cfg))
+    mesh = init_device_mesh("cpu", (ws,))
+    if sp:
+        plan: dict[str, Any] = {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+            "norm": SequenceParallel(),
+            "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False),
+        }
+    else:
+        plan = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate()),
+                "output": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    for i in range(layers):
+        plan.update(_block_plan(sp, bool(cfg.get("prepare_input", False)), prefix=f"layers.{i}."))
+    rec.phase = "init"
+    parallelize_module(model, mesh, plan)
+    tokens = torch.randint(vocab, (b, s))
+    labels = torch.randint(vocab, (b, s))
+    rec.phase = "fwd"
+    logits = model(tokens)
+    with loss_parallel():
+        rec.phase = "loss"
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1))
+        rec.phase = "bwd"
+        loss.backward()
+    return {"params": _params_info(model), "logits_placements": repr(logits.placements)}
 
 
 # ------------------------------------------------------------------------------------------------- PP
