@@ -132,7 +132,7 @@ def test_ring_volumes_match_formula_and_step_simulation(n: int) -> None:
 
 # --- Megatron TP per-layer volume (F-TP-COMM) derived from placements --------------------------------
 def tp_layer_collectives(
-    b: int, s: int, h: int, f: int, tp: int, sp: bool, elem: int = 2, blocks: tuple[str, ...] = ("q", "f")
+    b: int, s: int, h: int, f: int, tp: int, sp: bool, elem: int = 2, blocks: tuple[str, ...] = ("nh", "f")
 ) -> dict[str, list[Collective]]:
     """Forward and backward collectives of one transformer layer (attention as QKV-column + out-row,
     MLP as up-column + down-row), found only from placements: contract() gives op outputs,
@@ -142,10 +142,10 @@ def tp_layer_collectives(
     residual = apply.tp_residual(sp)
     fwd: list[Collective] = []
     bwd: list[Collective] = []
-    for inner in blocks:  # attention block "q", MLP block "f"
+    for inner in blocks:  # attention block "nh" (QKV-column, out-row), MLP block "f"
         w_in = apply.tp_column(("h", inner))
         w_out = apply.tp_row((inner, "h"))
-        width = h if inner == "q" else f
+        width = h if inner == "nh" else f
         # forward: residual -> column input
         x = layout((b, s, h), residual, sizes, act, elem)
         fwd += redistribute(x, apply.tp_column_input())
@@ -183,6 +183,30 @@ def test_megatron_tp_layer_volume(tp: int) -> None:
         )
         assert sum(c.wire_bytes_per_rank for c in plain[phase]) == 2 * 2 * (tp - 1) * sbh // tp
     assert sp["fwd"][0].comm_bytes == sbh // tp and sp["fwd"][1].comm_bytes == sbh
+
+
+def test_graph_ir_weights_get_megatron_tp_dims() -> None:
+    # GQA: Megatron shards query groups (nkv); the projections keep heads local to a rank.
+    q_w, o_w = ("h", "nkv", "g", "dh"), ("nkv", "g", "dh", "h")
+    assert apply.tp_column(q_w) == {"tp": Shard("nkv")} and apply.tp_row(o_w) == {"tp": Shard("nkv")}
+    q = contract(("b", "s", "h"), {}, q_w, apply.tp_column(q_w), ("b", "s", "nkv", "g", "dh"))
+    assert q == apply.attention_heads(("b", "s", "nkv", "g", "dh")) == {"tp": Shard("nkv")}
+    out = contract(("b", "s", "nkv", "g", "dh"), q, o_w, apply.tp_row(o_w), ("b", "s", "h"))
+    assert out == apply.tp_row_output()
+    # MLA: per-head up-projections split nh; low-rank down-projections replicated (Megatron MLA).
+    assert apply.tp_column(("kvl", "nh", "dn")) == {"tp": Shard("nh")}
+    assert apply.tp_column(("h", "kvr")) == {} and apply.tp_column(("h", "ql")) == {}
+    # MoE: router replicated, experts split fe over tp and e over ep.
+    assert apply.tp_column(("h", "e")) == {}
+    assert apply.tp_column(("e", "h", "fe")) | apply.expert_parallel(("e", "h", "fe")) == {
+        "tp": Shard("fe"),
+        "ep": Shard("e"),
+    }
+    assert apply.tp_column(("h", "f"), dim="h") == {"tp": Shard("h")}
+    with pytest.raises(SpecError):
+        apply.tp_column(("h", "f"), dim="x")
+    assert apply.context_parallel(("b", "s", "h")) == {"cp": Shard("s")}
+    assert apply.context_parallel(("b", "c", "nkv", "dh")) == {"cp": Shard("c")}
 
 
 def test_weight_grad_placement_is_partial_over_dp() -> None:

@@ -3,10 +3,15 @@
 
 Contract with the lowering (which owns the graph IR and calls these):
 
-* A tensor is described only by its **dim names**, a tuple such as ``("b", "s", "h")`` for an
-  activation or ``("h", "f")`` for a weight. Weights are stored **input dims first, output dim
-  last** (``y = x @ W``), so column-parallel shards the last dim and row-parallel the first.
-  Expert weights carry a leading expert dim (``("e", "h", "f")``).
+* A tensor is described only by its **dim names** - the graph IR's names (``tensorstage.graph.dims``):
+  ``("b", "s", "h")`` for an activation, ``("h", "nkv", "g", "dh")`` for a GQA query projection,
+  ``("nkv", "g", "dh", "h")`` for its output projection, ``("h", "f")`` / ``("f", "h")`` for MLP
+  weights, ``("e", "h", "fe")`` for routed experts, ``("v", "h")`` / ``("h", "v")`` for embedding
+  and head. The TP-split dim of a weight is found by name, the first of :data:`TP_DIMS` it has
+  (KV-head groups ``nkv`` before query heads ``nh``, as Megatron shards query groups; then FFN
+  widths and vocabulary); pass ``dim=`` to override. A weight with none of them (MLA's low-rank
+  down-projections, the MoE router, learned positions, norms) stays Replicate, as in Megatron.
+  Column vs row differs only in what the matmul produces: Shard of that dim vs Partial.
 * Every function returns :data:`Placements` (mesh axis name -> :class:`Placement`; axes not
   named are Replicate) or a :class:`ParamSharding`, never a modified graph. The lowering builds a
   :class:`~tensorstage.parallel.placement.TensorLayout` from shape + placements, finds op output
@@ -23,6 +28,7 @@ Megatron-LM's TP block, expressed with these functions (``sp`` = sequence parall
     w1        = tp_column(("h", "f"))      # Shard("f")
     y         = contract(x, w1) -> Shard("f")
     w2        = tp_row(("f", "h"))         # Shard("f")
+    q         = tp_column(("h", "nkv", "g", "dh"))   # Shard("nkv"); attention stays head-local
     z         = contract(y, w2) -> Partial   # redistribute(z -> residual) = all-reduce, or
                                              # reduce-scatter with SP
 """
@@ -52,22 +58,38 @@ BATCH_DIM = "b"
 
 
 # --- tensor parallel (Megatron column / row, sequence parallel) ------------------------------------
-def tp_column(weight_dims: Sequence[str], axis: str = "tp") -> Placements:
-    """Column-parallel weight (QKV, MLP up/gate): shard the output (last) dim over ``axis``."""
-    _need(weight_dims, 2, "tp_column")
-    return {axis: Shard(weight_dims[-1])}
+#: Dims tensor parallelism splits, in order of preference when a tensor has several.
+TP_DIMS = ("nkv", "nh", "f", "fe", "fs", "v")
 
 
-def tp_column_bias(bias_dims: Sequence[str], axis: str = "tp") -> Placements:
+def tp_dim(dims: Sequence[str], dim: str | None = None) -> str | None:
+    """The dim TP splits in a tensor with ``dims``: ``dim`` if given (must be one of ``dims``), else
+    the first of :data:`TP_DIMS` present, else ``None`` (the tensor is replicated over TP)."""
+    if dim is not None:
+        if dim not in dims:
+            raise SpecError("dim", f"{dim!r} is not a dim of {list(dims)}", dims)
+        return dim
+    return next((d for d in TP_DIMS if d in dims), None)
+
+
+def tp_column(weight_dims: Sequence[str], dim: str | None = None, axis: str = "tp") -> Placements:
+    """Column-parallel weight (Q/K/V, MLP gate/up, LM head): Shard its TP dim (see :func:`tp_dim`);
+    the matmul output is Shard of the same dim. Replicate if it has no TP dim."""
+    d = tp_dim(weight_dims, dim)
+    return {axis: Shard(d)} if d is not None else {}
+
+
+def tp_column_bias(bias_dims: Sequence[str], dim: str | None = None, axis: str = "tp") -> Placements:
     """Bias of a column-parallel linear: sharded with the output features."""
-    return {axis: Shard(bias_dims[-1])}
+    return tp_column(bias_dims, dim, axis)
 
 
-def tp_row(weight_dims: Sequence[str], axis: str = "tp") -> Placements:
-    """Row-parallel weight (attention out-proj, MLP down): shard the input (first) dim over ``axis``;
-    the matmul output is Partial over ``axis`` (its bias is added once, after the reduction)."""
-    _need(weight_dims, 2, "tp_row")
-    return {axis: Shard(weight_dims[0])}
+def tp_row(weight_dims: Sequence[str], dim: str | None = None, axis: str = "tp") -> Placements:
+    """Row-parallel weight (attention out-proj, MLP down): Shard its TP dim, which the matmul sums
+    over, so the output is Partial over ``axis`` (the bias is added once, after the reduction, and
+    stays Replicate)."""
+    d = tp_dim(weight_dims, dim)
+    return {axis: Shard(d)} if d is not None else {}
 
 
 def tp_residual(sp: bool, axis: str = "tp", seq_dim: str = SEQ_DIM) -> Placements:
@@ -93,11 +115,23 @@ def sequence_parallel(act_dims: Sequence[str], axis: str = "tp", seq_dim: str = 
     return {axis: Shard(seq_dim)}
 
 
-def attention_heads(act_dims: Sequence[str], axis: str = "tp", head_dim: str = "n") -> Placements:
-    """Per-head attention tensors (Q, K, V, scores) under TP: Shard on the heads dim."""
-    if head_dim not in act_dims:
-        raise SpecError("dims", f"attention tensor needs a heads dim {head_dim!r}, got {list(act_dims)}")
-    return {axis: Shard(head_dim)}
+def attention_heads(act_dims: Sequence[str], axis: str = "tp") -> Placements:
+    """Per-head attention tensors (Q ``b s nkv g dh``, K/V, scores, context) under TP: Shard on the
+    head dim (``nkv``, or ``nh`` for MHA/MLA); attention itself needs no communication."""
+    d = next((x for x in ("nkv", "nh") if x in act_dims), None)
+    if d is None:
+        raise SpecError("dims", f"attention tensor needs a heads dim (nkv or nh), got {list(act_dims)}")
+    return {axis: Shard(d)}
+
+
+def context_parallel(act_dims: Sequence[str], axis: str = "cp") -> Placements:
+    """Activations and KV under context parallelism: Shard the query sequence ``s`` (training and
+    prefill; ring attention exchanges K/V chunks by send/recv, the all-gather variant gathers K/V
+    over ``axis``), or the decode context ``c`` of a KV cache."""
+    d = next((x for x in ("s", "c") if x in act_dims), None)
+    if d is None:
+        raise SpecError("dims", f"context parallelism needs an 's' or 'c' dim, got {list(act_dims)}")
+    return {axis: Shard(d)}
 
 
 # --- vocab parallel embedding, head and cross-entropy ------------------------------------------------
@@ -105,8 +139,7 @@ def vocab_parallel_embedding(table_dims: Sequence[str], axis: str = "tp") -> Pla
     """Embedding table ``("v", "h")`` sharded over the vocabulary; each rank looks up the tokens in
     its range and zeros the rest, so the output is Partial over ``axis`` (then all-reduce, or
     reduce-scatter into the SP region)."""
-    _need(table_dims, 2, "vocab_parallel_embedding")
-    return {axis: Shard(table_dims[0])}
+    return {axis: Shard(_vocab(table_dims))}
 
 
 def vocab_parallel_embedding_output(axis: str = "tp") -> Placements:
@@ -116,8 +149,7 @@ def vocab_parallel_embedding_output(axis: str = "tp") -> Placements:
 
 def vocab_parallel_head(weight_dims: Sequence[str], axis: str = "tp") -> Placements:
     """LM head ``("h", "v")`` column-parallel over the vocabulary: logits come out Shard("v")."""
-    _need(weight_dims, 2, "vocab_parallel_head")
-    return {axis: Shard(weight_dims[-1])}
+    return {axis: Shard(_vocab(weight_dims))}
 
 
 def vocab_parallel_cross_entropy(tokens: int, tp: int, axis: str = "tp") -> list[Collective]:
@@ -269,9 +301,10 @@ def ep_alltoall(
     return dispatch + combine
 
 
-def _need(dims: Sequence[str], rank: int, who: str) -> None:
-    if len(dims) < rank:
-        raise SpecError("dims", f"{who} needs a tensor with >= {rank} named dims, got {list(dims)}")
+def _vocab(dims: Sequence[str]) -> str:
+    if "v" not in dims:
+        raise SpecError("dims", f"vocab-parallel tensor needs a 'v' dim, got {list(dims)}")
+    return "v"
 
 
 __all__ = [
@@ -279,7 +312,9 @@ __all__ = [
     "ParamSharding",
     "Placements",
     "Replicate",
+    "TP_DIMS",
     "attention_heads",
+    "context_parallel",
     "ep_alltoall",
     "expert_parallel",
     "moe_dispatch_rows",
@@ -288,6 +323,7 @@ __all__ = [
     "tp_column",
     "tp_column_bias",
     "tp_column_input",
+    "tp_dim",
     "tp_residual",
     "tp_row",
     "tp_row_output",
