@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from tensorstage.graph import GraphOptions, build_graph
-from tensorstage.model.spec import ModelSpec, MoESpec
+from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
 
 B, S = 2, 16
 
@@ -66,9 +66,9 @@ def rotate_half(x):
 class Attention(nn.Module):
     """Eager multi-head / grouped-query attention (materialized softmax, causal)."""
 
-    def __init__(self, h, nh, nkv, dh, bias, rope, p_drop, s_max):
+    def __init__(self, h, nh, nkv, dh, bias, rope, p_drop, s_max, flash=False):
         super().__init__()
-        self.nh, self.nkv, self.dh, self.rope, self.p = nh, nkv, dh, rope, p_drop
+        self.nh, self.nkv, self.dh, self.rope, self.p, self.flash = nh, nkv, dh, rope, p_drop, flash
         self.q = nn.Linear(h, nh * dh, bias=bias)
         self.k = nn.Linear(h, nkv * dh, bias=bias)
         self.v = nn.Linear(h, nkv * dh, bias=bias)
@@ -89,6 +89,9 @@ class Attention(nn.Module):
             cos, sin = self.cos[:, :, :s], self.sin[:, :, :s]
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
+        if self.flash:  # fused kernel (CPU flash): K/V stay at nkv heads
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            return self.o(ctx.transpose(1, 2).reshape(b, s, self.nh * self.dh))
         g = self.nh // self.nkv
         if g > 1:  # HF repeat_kv
             k = k[:, :, None].expand(b, self.nkv, g, s, self.dh).reshape(b, self.nh, s, self.dh)
@@ -99,6 +102,50 @@ class Attention(nn.Module):
             probs = F.dropout(probs, self.p, training=True)
         ctx = (probs @ v).transpose(1, 2).reshape(b, s, self.nh * self.dh)
         return self.o(ctx)
+
+
+class MLA(nn.Module):
+    """DeepSeek-V3 multi-head latent attention (naive training form, as in HF modeling_deepseek)."""
+
+    def __init__(self, h, nh, m, s_max):
+        super().__init__()
+        self.nh, self.dn, self.dr, self.dv, self.kvl = (
+            nh,
+            m.qk_nope_head_dim,
+            m.qk_rope_head_dim,
+            m.v_head_dim,
+            m.kv_lora_rank,
+        )
+        self.q_a = nn.Linear(h, m.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(m.q_lora_rank)
+        self.q_b = nn.Linear(m.q_lora_rank, nh * (self.dn + self.dr), bias=False)
+        self.kv_a = nn.Linear(h, self.kvl + self.dr, bias=False)
+        self.kv_norm = RMSNorm(self.kvl)
+        self.kv_b = nn.Linear(self.kvl, nh * (self.dn + self.dv), bias=False)
+        self.o = nn.Linear(nh * self.dv, h, bias=False)
+        inv = 1.0 / (10000 ** (torch.arange(0, self.dr, 2).float() / self.dr))
+        ang = torch.outer(torch.arange(s_max).float(), inv)
+        ang = torch.cat((ang, ang), dim=-1)
+        self.register_buffer("cos", ang.cos()[None, :, None])
+        self.register_buffer("sin", ang.sin()[None, :, None])
+        self.register_buffer("mask", torch.full((s_max, s_max), float("-inf")).triu(1))
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        cos, sin = self.cos[:, :s], self.sin[:, :s]
+        q = self.q_b(self.q_norm(self.q_a(x))).view(b, s, self.nh, self.dn + self.dr)
+        q_nope, q_pe = q.split([self.dn, self.dr], dim=-1)
+        q_pe = q_pe * cos + rotate_half(q_pe) * sin
+        latent, k_pe = self.kv_a(x).split([self.kvl, self.dr], dim=-1)
+        k_pe = k_pe[:, :, None]
+        k_pe = k_pe * cos + rotate_half(k_pe) * sin
+        kv = self.kv_b(self.kv_norm(latent)).view(b, s, self.nh, self.dn + self.dv)
+        k_nope, v = kv.split([self.dn, self.dv], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_pe.expand(b, s, self.nh, self.dr)), dim=-1).transpose(1, 2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.dn + self.dr) + self.mask[:s, :s]
+        ctx = torch.softmax(scores, dim=-1) @ v.transpose(1, 2)
+        return self.o(ctx.transpose(1, 2).reshape(b, s, self.nh * self.dv))
 
 
 class SwiGLU(nn.Module):
@@ -172,7 +219,7 @@ class Block(nn.Module):
 
 
 class LM(nn.Module):
-    def __init__(self, spec: ModelSpec, p_drop: float = 0.0) -> None:
+    def __init__(self, spec: ModelSpec, p_drop: float = 0.0, flash: bool = False) -> None:
         super().__init__()
         h, nh, nkv, dh = spec.hidden, spec.num_heads, spec.kv_heads, spec.dim_head
         ln = spec.norm == "layernorm"
@@ -185,7 +232,12 @@ class LM(nn.Module):
 
         layers = []
         for i in range(spec.num_layers):
-            attn = Attention(h, nh, nkv, dh, spec.qkv_bias, spec.positions == "rope", p_drop, spec.max_seq)
+            if spec.mla is not None:
+                attn = MLA(h, nh, spec.mla, spec.max_seq)
+            else:
+                attn = Attention(
+                    h, nh, nkv, dh, spec.qkv_bias, spec.positions == "rope", p_drop, spec.max_seq, flash
+                )
             if spec.is_moe_layer(i):
                 m = spec.moe
                 mlp = MoE(h, m.num_experts, m.top_k, m.expert_ffn, m.shared_experts * m.shared_ffn_each)
@@ -208,6 +260,24 @@ class LM(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+# FlopCounterMode has SDPA formulas for the CUDA kernels only; apply the same formulas to the CPU
+# flash kernel (forward: QK^T + PV; backward: recompute QK^T + 4 matmuls = 2.5x forward).
+def _cpu_flash_fwd(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query.shape, key.shape, value.shape)
+
+
+def _cpu_flash_bwd(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out.shape, query.shape, key.shape, value.shape)
+
+
+_cpu_flash_fwd._get_raw = True  # type: ignore[attr-defined]
+_cpu_flash_bwd._get_raw = True  # type: ignore[attr-defined]
+CPU_FLASH_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_fwd,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_bwd,
+}
+
+
 def measure(model: nn.Module, vocab: int) -> tuple[int, int, int]:
     """(forward FLOPs, backward FLOPs, saved activation bytes) of one training step."""
     torch.manual_seed(0)
@@ -221,7 +291,7 @@ def measure(model: nn.Module, vocab: int) -> tuple[int, int, int]:
             saved[t.data_ptr()] = max(saved.get(t.data_ptr(), 0), t.numel() * t.element_size())
         return t
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=CPU_FLASH_FLOPS) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = model(ids, labels)
         fwd = counter.get_total_flops()
@@ -231,7 +301,8 @@ def measure(model: nn.Module, vocab: int) -> tuple[int, int, int]:
 
 
 def ours(spec: ModelSpec, **kw) -> tuple[int, int, int]:
-    opts = GraphOptions(precision="fp32", attention_impl="materialized", attention_flops="full", **kw)
+    kw = {"attention_impl": "materialized", **kw}
+    opts = GraphOptions(precision="fp32", attention_flops="full", **kw)
     g = build_graph(spec, "train", opts)
     t = g.costs({"b": B, "s": S}, exact=True).totals
     return int(t["fwd_flops"]), int(t["bwd_input_flops"] + t["bwd_weight_flops"]), int(t["activation_bytes"])
@@ -280,20 +351,32 @@ MOE = ModelSpec(
     max_seq=32,
     moe=MoESpec(num_experts=4, top_k=2, expert_ffn=32, shared_experts=1, dense_layers=(0,)),
 )
+MLA_SPEC = ModelSpec(
+    name="tiny-mla",
+    num_layers=2,
+    hidden=64,
+    num_heads=4,
+    ffn=128,
+    vocab=96,
+    max_seq=32,
+    mla=MLASpec(q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12),
+)
 
 
 @pytest.mark.parametrize(
     ("spec", "p_drop", "kw"),
     [
         (LLAMA, 0.0, {}),
+        (LLAMA, 0.0, {"attention_impl": "flash"}),
         (GPT, 0.1, {"dropout": True, "dropout_mask_dtype": "fp32"}),
         (MOE, 0.0, {}),
+        (MLA_SPEC, 0.0, {}),
     ],
-    ids=["dense-gqa-swiglu-rope", "gpt-gelu-mha-dropout", "moe-top2-shared"],
+    ids=["dense-gqa-swiglu-rope", "dense-gqa-flash-sdpa", "gpt-gelu-mha-dropout", "moe-top2-shared", "mla"],
 )
 def test_flops_and_saved_bytes_match_pytorch(spec: ModelSpec, p_drop: float, kw: dict) -> None:
     torch.manual_seed(0)
-    model = LM(spec, p_drop)
+    model = LM(spec, p_drop, flash=kw.get("attention_impl") == "flash")
     t_fwd, t_bwd, t_saved = measure(model, spec.vocab)
     o_fwd, o_bwd, o_saved = ours(spec, **kw)
     assert t_fwd > 0 and t_bwd > 0 and t_saved > 0
@@ -302,7 +385,7 @@ def test_flops_and_saved_bytes_match_pytorch(spec: ModelSpec, p_drop: float, kw:
     assert _close(o_saved, t_saved, 0.01), (o_saved, t_saved)
 
 
-@pytest.mark.parametrize("spec", [LLAMA, GPT, MOE], ids=["llama", "gpt", "moe"])
+@pytest.mark.parametrize("spec", [LLAMA, GPT, MOE, MLA_SPEC], ids=["llama", "gpt", "moe", "mla"])
 def test_weights_match_pytorch_parameters(spec: ModelSpec) -> None:
     model = LM(spec)
     torch_params = sum(p.numel() for p in model.parameters())
@@ -313,8 +396,6 @@ def test_weights_match_pytorch_parameters(spec: ModelSpec) -> None:
 
 def test_flash_backward_convention_matches_torch_sdpa_formula() -> None:
     """Flash backward = 2.5x forward (recomputes QK^T), as torch's SDPA backward formula counts."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count, sdpa_flop_count
-
     g = build_graph(LLAMA, "train", GraphOptions(attention_impl="flash", attention_flops="full"))
     core = next(op for op in g.layers["dense"].forward if op.kind == "attention")
     core_bwd = next(op for op in g.layers["dense"].backward if op.grad_of is core)
