@@ -27,6 +27,9 @@ CFG2 = {
     "pp_gpipe": {"scenario": "pp", "schedule": "gpipe", "hidden": 16, "microbatches": 4, "microbatch_size": 2,
                  "steps": 2},
     "ep": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
+    "ddp_unused": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 2,
+                   "find_unused_parameters": True},
+    "ddp_static": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 3, "static_graph": True},
     "ddp_accum": {"scenario": "ddp", "hidden": 32, "ffn": 64, "layers": 2, "bucket_cap_mb": 0.005, "steps": 2,
                   "accum": 3},
     "lm": {"scenario": "tp_lm", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "vocab": 64},
@@ -385,3 +388,23 @@ def test_runs_are_deterministic(w2: dict) -> None:
     for rank in range(2):
         assert w2["ep"]["ranks"][rank] == w2["ep_again"]["ranks"][rank]
         assert w2["ep"]["info"][rank] == w2["ep_again"]["info"][rank]
+
+
+def test_ddp_find_unused_and_static_graph(w2: dict) -> None:
+    rev = mlp_param_bytes_reverse(256, 1024, 2)
+    n_params = len(rev)
+    # find_unused_parameters: buckets are cut over *registration* order with a 1 MiB first bucket, issued
+    # in reverse (so the small bucket goes last), never rebuilt, plus an int32 used-parameter bitmap
+    # all-reduce (one int32 per parameter) every iteration
+    fwd_order_buckets = expected_buckets(rev[::-1], 2**20, 25 * 2**20)
+    for rank in range(2):
+        run = w2["ddp_unused"]
+        for step in (0, 1):
+            ar = [(r["dtype"], r["size_bytes"]) for r in recs(run, rank, f"step{step}.bwd", "all_reduce")]
+            assert ar == [("float32", b) for b in fwd_order_buckets[::-1]] + [("int32", 4 * n_params)]
+        # static_graph: bitmap only in the first iteration; buckets rebuilt after the second
+        run = w2["ddp_static"]
+        assert [(r["dtype"], r["size_bytes"]) for r in recs(run, rank, "step0.bwd")] == [
+            ("int32", 4 * n_params), ("float32", sum(rev))]
+        assert [r["size_bytes"] for r in recs(run, rank, "step1.bwd")] == [sum(rev)]
+        assert [r["size_bytes"] for r in recs(run, rank, "step2.bwd")] == expected_buckets(rev, 2**20, 25 * 2**20)

@@ -86,6 +86,9 @@ def ddp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str,
     kwargs: dict[str, Any] = {}
     if cfg.get("bucket_cap_mb") is not None:
         kwargs["bucket_cap_mb"] = float(cfg["bucket_cap_mb"])
+    for flag in ("find_unused_parameters", "static_graph", "gradient_as_bucket_view"):
+        if flag in cfg:
+            kwargs[flag] = bool(cfg[flag])
     model = DDP(model, **kwargs)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     accum = int(cfg.get("accum", 1))  # microbatches per step; all but the last run under no_sync()
