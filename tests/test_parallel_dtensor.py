@@ -1,4 +1,4 @@
-"""redistribute() against PyTorch DTensor: the collectives DTensor actually issues for the same
+"""redistribute() and param_sharding() against PyTorch DTensor / FSDP2: the collectives DTensor actually issues for the same
 placement change, recorded at the dispatcher on a single-process fake process group (no data moves:
 only op kinds and buffer shapes matter). Checks kinds, ASTRA-sim comm bytes, padding of uneven
 shards, ordering (reduce before gather) and DTensor's one-collective-per-mesh-dim (merge=False).
@@ -33,6 +33,7 @@ KINDS = {
     "all_reduce": CollKind.ALL_REDUCE,
     "all_to_all_single": CollKind.ALL_TO_ALL,
 }
+C10D_KINDS = {"_allgather_base_": CollKind.ALL_GATHER, "_reduce_scatter_base_": CollKind.REDUCE_SCATTER}
 DP, TP = 2, 4
 
 
@@ -50,6 +51,9 @@ class _Record(TorchDispatchMode):
         if func.namespace == "_c10d_functional" and name in KINDS:
             t = args[0]
             self.ops.append((KINDS[name], t.numel() * t.element_size()))
+        elif func.namespace == "c10d" and name in C10D_KINDS:  # FSDP2 calls the c10d ops: (out, in, pg)
+            t = args[1]
+            self.ops.append((C10D_KINDS[name], t.numel() * t.element_size()))
         return func(*args, **(kwargs or {}))
 
 
@@ -185,3 +189,48 @@ def test_tp_block_matches_dtensor_colwise_rowwise(mesh, sp: bool) -> None:  # ty
     ours = tp_layer_collectives(b, s, h, f, TP, sp, elem=4, blocks=("f",))
     assert rec.ops[:n_fwd] == [(c.kind, c.comm_bytes) for c in ours["fwd"]]
     assert rec.ops[n_fwd:] == [(c.kind, c.comm_bytes) for c in ours["bwd"]]
+
+
+def test_zero3_param_sharding_matches_fsdp2(mesh) -> None:  # type: ignore[no-untyped-def]
+    """torch FSDP2 ``fully_shard`` per layer: one all-gather of the unit's padded dim-0 shards before
+    forward and again before backward, one reduce-scatter of the padded full gradients - the sums over
+    the unit's parameters of ParamSharding(zero=3) collectives (ceil-div padding included)."""
+    from torch.distributed.fsdp import fully_shard
+
+    from tensorstage.parallel import apply
+
+    dp_mesh = mesh["tp"]  # any 1-D group of TP ranks serves as the FSDP group here
+    layers = [torch.nn.Linear(6, 10), torch.nn.Linear(10, 7)]  # uneven dim 0 over 4 ranks
+    model = torch.nn.Sequential(layers[0], torch.nn.ReLU(), layers[1])
+    expected = []
+    for layer in layers:
+        fully_shard(layer, mesh=dp_mesh)
+        gather = reduce = 0
+        for p in layer.parameters():
+            dims = tuple(f"d{i}" for i in range(p.ndim))
+            ps = apply.param_sharding(dims, 3, ("dp",))
+            step = ps.step_collectives(_OneAxis(TP), tuple(p.shape), dims, p.element_size())
+            (ag,) = step["param_gather"]
+            (rs,) = step["grad_reduce"]
+            assert (ag.kind, rs.kind) == (CollKind.ALL_GATHER, CollKind.REDUCE_SCATTER)
+            gather += ag.comm_bytes
+            reduce += rs.comm_bytes
+        expected.append((gather, reduce))
+    fully_shard(model, mesh=dp_mesh)
+    rec = _Record()
+    with rec:
+        y = model(torch.randn(3, 6))
+        n_fwd = len(rec.ops)
+        y.sum().backward()
+    (g0, r0), (g1, r1) = expected
+    ag, rs = CollKind.ALL_GATHER, CollKind.REDUCE_SCATTER
+    assert rec.ops[:n_fwd] == [(ag, g0), (ag, g1)]
+    assert rec.ops[n_fwd:] == [(ag, g1), (ag, g0), (rs, r1), (rs, r0)]
+
+
+class _OneAxis:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self, axis: str) -> int:
+        return self.n
