@@ -136,3 +136,17 @@ def test_bad_options_raise_spec_error(field: str, kw: dict) -> None:
 def test_unknown_binding_raises_spec_error() -> None:
     with pytest.raises(SpecError):
         build_graph(LLAMA, "train").costs({"batch": 1})
+
+
+def test_routing_skew_sizes_hot_expert_not_totals() -> None:
+    b, s = 2, 256
+    mean = b * s * MOE.moe.top_k / MOE.moe.num_experts
+    base = build_graph(MOE, "train")
+    skewed = build_graph(MOE, "train", GraphOptions(routing_skew=3.0))
+    capped = build_graph(MOE, "train", GraphOptions(routing_skew=3.0, capacity_factor=1.5))
+    bind = {"b": b, "s": s}
+    assert base.costs(bind, exact=True).totals == skewed.costs(bind, exact=True).totals
+    for g, hot in ((base, mean), (skewed, 3 * mean), (capped, 1.5 * mean)):
+        op = next(o for o in g.layers["moe"].forward if o.kind == "dispatch")
+        assert float(g.evaluate(op.attrs["hot_expert_tokens"], bind)) == hot
+        assert float(g.evaluate(op.attrs["mean_expert_tokens"], bind)) == mean

@@ -326,14 +326,27 @@ class Builder:
         return gates, ids
 
     def dispatch(
-        self, name: str, x: Tensor, ids: Tensor, capacity_factor: float, routing_skew: float, **attrs: object
+        self,
+        name: str,
+        x: Tensor,
+        ids: Tensor,
+        capacity_factor: float,
+        routing_skew: float,
+        dropless: bool = True,
+        **attrs: object,
     ) -> tuple[Tensor, Tensor]:
         """Permute tokens to experts: ``x (b s h) -> xe (e t h)``, t = cf*b*s*k/e tokens per expert.
 
-        Saves the int64 token index of every routed slot (``index_select`` keeps it). The hottest
-        expert receives ``routing_skew`` x the mean load; totals do not depend on the skew, the
-        per-expert-rank load (EP) does.
+        Saves the int64 token index of every routed slot (``index_select`` keeps it). Dropless
+        routing (cf = 1) computes exactly b*s*k token-expert pairs; a capacity factor pads every
+        expert to cf x the mean. The hottest expert receives ``routing_skew`` x the mean load
+        (capped at the capacity when not dropless): attrs ``mean_expert_tokens`` and
+        ``hot_expert_tokens`` (symbolic) let an expert-parallel pass size its slowest rank; totals
+        do not depend on the skew.
         """
+        mean = self.sizes["t"] / capacity_factor
+        hot_factor = routing_skew if dropless else min(routing_skew, capacity_factor)
+        attrs = {"mean_expert_tokens": mean, "hot_expert_tokens": hot_factor * mean, **attrs}
         tok = self.tensor(f"{name}.token_index", ("e", "t"), "int64", "index")
         xe = self.tensor(name, ("e", "t", x.dims[-1]), requires_grad=x.requires_grad)
         self._op(

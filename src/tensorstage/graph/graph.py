@@ -357,12 +357,13 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
     emb_blk = _finish_block(bld, "embedding", "embedding", [], emb_out, opts, prec.grad_dtype, "none")
 
     kinds = [_layer_kind(spec, i) for i in range(spec.num_layers)]
+    dropless = opts.capacity_factor is None and (spec.moe is None or spec.moe.capacity_factor is None)
     layers: dict[str, Block] = {}
     for kind in dict.fromkeys(kinds):
         bld = builder()
         x = bld.tensor("hidden_in", "b s h", requires_grad=True)
         y = transformer_layer(
-            bld, x, spec, cfg, kind.endswith("moe"), float(bindings["cf"]), opts.routing_skew
+            bld, x, spec, cfg, kind.endswith("moe"), float(bindings["cf"]), opts.routing_skew, dropless
         )
         layers[kind] = _finish_block(bld, kind, kind, [x], y, opts, prec.grad_dtype, opts.recompute)
 

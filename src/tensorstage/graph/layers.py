@@ -194,14 +194,21 @@ def mlp(
     return bld.linear(f"{name}.down_proj", hdn, f"{w_lead}{width} h", f"{lead} h", bias)
 
 
-def moe(bld: Builder, x: Tensor, spec: ModelSpec, capacity_factor: float, routing_skew: float) -> Tensor:
+def moe(
+    bld: Builder,
+    x: Tensor,
+    spec: ModelSpec,
+    capacity_factor: float,
+    routing_skew: float,
+    dropless: bool = True,
+) -> Tensor:
     """Token-choice MoE: router, top-k, dispatch, batched expert MLPs, combine, shared experts."""
     m = spec.moe
     assert m is not None
     logits = bld.linear("moe.router", x, "h e", "b s e", m.router_bias)
     probs = bld.softmax("moe.router_softmax", logits)
     gates, ids = bld.topk("moe.topk", probs)
-    xe, tok = bld.dispatch("moe.dispatch", x, ids, capacity_factor, routing_skew)
+    xe, tok = bld.dispatch("moe.dispatch", x, ids, capacity_factor, routing_skew, dropless)
     ye = mlp(bld, xe, spec, "fe", name="moe.experts", bias=m.expert_bias, lead="e t")
     y = bld.combine("moe.combine", ye, gates, tok, like=x)
     if m.shared_experts:
@@ -218,6 +225,7 @@ def transformer_layer(
     moe_layer: bool,
     capacity_factor: float,
     routing_skew: float,
+    dropless: bool = True,
 ) -> Tensor:
     """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.)))."""
     train = cfg.phase == "train"
@@ -227,7 +235,7 @@ def transformer_layer(
         a = bld.dropout("attn.out_dropout", a)
     x = bld.add("attn.residual", x, a)
     m = _norm(bld, "post_attention_norm", x, spec, cfg)
-    m = moe(bld, m, spec, capacity_factor, routing_skew) if moe_layer else mlp(bld, m, spec, "f")
+    m = moe(bld, m, spec, capacity_factor, routing_skew, dropless) if moe_layer else mlp(bld, m, spec, "f")
     if cfg.dropout and train:
         m = bld.dropout("mlp.out_dropout", m)
     return bld.add("mlp.residual", x, m)
