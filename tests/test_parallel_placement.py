@@ -241,6 +241,8 @@ def test_vocab_parallel_embedding_and_head() -> None:
     assert logits == {"tp": Shard("v")}
     ce = apply.vocab_parallel_cross_entropy(b * s, tp)
     assert [(c.kind, c.comm_bytes) for c in ce] == [(AR, b * s * 4)] * 3  # max, target logit, exp-sum
+    fused = apply.vocab_parallel_cross_entropy(b * s, tp, fused=True)  # target logit + exp-sum concatenated
+    assert [(c.kind, c.comm_bytes) for c in fused] == [(AR, b * s * 4), (AR, 2 * b * s * 4)]
     assert apply.vocab_parallel_cross_entropy(b * s, 1) == []
 
 

@@ -152,13 +152,19 @@ def vocab_parallel_head(weight_dims: Sequence[str], axis: str = "tp") -> Placeme
     return {axis: Shard(_vocab(weight_dims))}
 
 
-def vocab_parallel_cross_entropy(tokens: int, tp: int, axis: str = "tp") -> list[Collective]:
-    """Collectives of Megatron's vocab-parallel cross-entropy on Shard("v") logits, forward:
-    all-reduce(max) of the per-token logit max, all-reduce(sum) of the target logit, all-reduce(sum)
-    of the exp-sum - each one fp32 value per token. The backward needs no communication."""
+def vocab_parallel_cross_entropy(
+    tokens: int, tp: int, fused: bool = False, axis: str = "tp"
+) -> list[Collective]:
+    """Forward collectives of Megatron's vocab-parallel cross-entropy on Shard("v") logits (logits are
+    cast to fp32, one value per token each): all-reduce(max) of the logit max, then all-reduce(sum)
+    of the target logit and of the exp-sum - two separate all-reduces in
+    ``tensor_parallel/cross_entropy.py``, one of the two concatenated with ``fused=True``
+    (``fusions/fused_cross_entropy.py``). The backward needs no communication."""
     if tp == 1:
         return []
-    return [Collective.make(CollKind.ALL_REDUCE, (axis,), tokens * 4, tp) for _ in range(3)]
+    one = tokens * 4
+    sums = [2 * one] if fused else [one, one]
+    return [Collective.make(CollKind.ALL_REDUCE, (axis,), b, tp) for b in [one, *sums]]
 
 
 # --- data parallel: DDP, ZeRO-1/2/3 (FSDP), hybrid sharding -------------------------------------------
