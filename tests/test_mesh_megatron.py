@@ -185,3 +185,19 @@ def test_megatron_docstring_example() -> None:
     groups = megatron_groups(sizes, ["tp", "dp", "pp"], ["dp"])
     assert groups[0] == [0, 2, 4] and groups[1] == [1, 3, 5] and groups[7] == [19, 21, 23]
     assert list(Mesh.create([("tp", 2), ("dp", 3), ("pp", 4)]).iter_groups(["dp"])) == groups
+
+
+@pytest.mark.parametrize("order", [list(o) for o in itertools.permutations(["tp", "cp", "dp", "pp"])])
+def test_every_rank_order_equals_megatron_order_string(order: list[str]) -> None:
+    # Sizes with cp = 1 make every permutation legal (a size-1 axis is moved next to dp without
+    # changing any rank); with cp > 1 only orders where cp and dp are adjacent are accepted.
+    for cp in (1, 2):
+        sizes = dict(tp=2, cp=cp, dp=3, pp=2)
+        adjacent = abs(order.index("cp") - order.index("dp")) == 1
+        if cp > 1 and not adjacent:
+            with pytest.raises(Exception, match="adjacent"):
+                ParallelPlan.parse(dict(**sizes, seq=64, rank_order=order))
+            continue
+        mesh = ParallelPlan.parse(dict(**sizes, seq=64, rank_order=order)).mesh()
+        for token in (["tp"], ["cp"], ["dp"], ["pp"], ["dp", "cp"], ["tp", "pp"]):
+            assert mesh_groups(mesh, token, order) == megatron_groups(sizes, order, token), (order, token)

@@ -138,6 +138,7 @@ BAD = [
         "rank_order",
         "adjacent",
     ),
+    (dict(cp=2, dp=2, seq=64, rank_order="cp,tp,dp,pp"), DENSE, None, "rank_order", "adjacent"),
     (dict(phase="decode", cp=4, seq=1, context=10), DENSE, None, "context", "cp=4"),
     (dict(dp=4, zero=3, zero_shard_size=3), DENSE, None, "zero_shard_size", "must divide"),
     (dict(seq=2048), GPT2, None, "seq", "max_seq=1024"),
@@ -229,3 +230,18 @@ def test_yaml_value_error_names_file(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="cannot read plan file"):
         load_plan(tmp_path / "none.yaml")
+
+
+def test_megatron_style_order_string_and_dp_axes() -> None:
+    p = ParallelPlan.parse(dict(dp=4, cp=2, ep=4, seq=64, zero=1, rank_order="tp-cp-ep-dp-pp"))
+    assert p.rank_order == ("tp", "cp", "ep", "dp", "pp")
+    assert p.dp_axes() == (("cp", "dp"), ())
+    assert p.dp_axes(expert=True) == (("edp",), ())
+    assert ParallelPlan.parse(dict(dp=4)).dp_axes() == (("dp",), ())
+    assert ParallelPlan.parse(dict(tp=2)).dp_axes() == (("dp",), ())
+    assert ParallelPlan.parse(dict(dp=8, zero=3, zero_shard_size=2)).dp_axes() == (
+        ("dp_shard",),
+        ("dp_replicate",),
+    )
+    ps = p.param_sharding(("h", "f"))
+    assert ps.zero == 1 and set(ps.grad) == {"cp", "dp"}

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import typer
 
-from tensorstage.parallel.plan import ParallelPlan, load_plan
+from tensorstage.parallel.plan import ParallelPlan, load_plan, split_rank_order
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,7 +50,7 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("global_batch", int, ("--global-batch",), "Sequences per step (all DP ranks)."),
     ("micro_batch", int, ("--micro-batch",), "Sequences per micro-batch per DP rank."),
     ("dtype", str, ("--dtype",), "Compute dtype: bf16|fp16|fp8|fp32."),
-    ("rank_order", str, ("--rank-order",), "Axes innermost first, e.g. tp,cp,dp,pp."),
+    ("rank_order", str, ("--rank-order",), "Axes innermost first, e.g. tp,cp,dp,pp (or tp-cp-ep-dp-pp)."),
     ("phase", str, ("--phase",), "train|prefill|decode."),
     ("context", int, ("--context",), "KV length for decode (default: seq)."),
     ("cp_mode", str, ("--cp-mode",), "Context parallelism: ring|allgather."),
@@ -66,7 +66,7 @@ def plan_from_options(config: Path | None = None, **flags: Any) -> ParallelPlan:
     """
     given = {k: v for k, v in flags.items() if v is not None}
     if isinstance(given.get("rank_order"), str):
-        given["rank_order"] = tuple(a.strip() for a in given["rank_order"].split(",") if a.strip())
+        given["rank_order"] = split_rank_order(given["rank_order"])
     if config is not None:
         return load_plan(config, given)
     return ParallelPlan.parse(given, where="plan")

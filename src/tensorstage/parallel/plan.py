@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tensorstage.errors import SpecError
 from tensorstage.model.spec import ModelSpec
+from tensorstage.parallel.apply import ParamSharding, param_sharding
 from tensorstage.parallel.mesh import Mesh
 
 Schedule = Literal["gpipe", "1f1b", "interleaved", "zb-h1"]
@@ -120,7 +121,7 @@ class ParallelPlan(BaseModel):
             if all(isinstance(v, int) for v in (dp, mb, pp)):
                 data["global_batch"] = dp * mb * pp
         if isinstance(data.get("rank_order"), str):
-            data["rank_order"] = tuple(a.strip() for a in data["rank_order"].split(","))
+            data["rank_order"] = split_rank_order(data["rank_order"])
         return data
 
     # --- construction --------------------------------------------------------------------------
@@ -236,11 +237,25 @@ class ParallelPlan(BaseModel):
             refactor[HSDP_VIEW] = (run, [("dp_shard", self.zero_shard_size), ("dp_replicate", reps)])
         return Mesh.create(sizes, refactor)
 
-    def grad_axes(self) -> tuple[str, ...]:
-        """Axes over which dense weights are replicated and their gradients reduced: ``cp, dp``
-        (Megatron's dp-cp group; CP ranks hold the same weights)."""
+    def dp_axes(self, expert: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``(shard_axes, replicate_axes)`` of the data-parallel domain of a weight, for
+        :func:`tensorstage.parallel.apply.param_sharding`: dense weights are replicated over ``cp``
+        and ``dp`` (Megatron's dp-cp group; CP ranks hold the same weights), size-1 axes left out,
+        or over ``dp_shard`` / ``dp_replicate`` with hybrid sharding; expert weights over ``edp``."""
+        if expert:
+            return ("edp",), ()
+        if self.zero_shard_size is not None and self.zero_shard_size < self.dp * self.cp:
+            return ("dp_shard",), ("dp_replicate",)
         order = self.axis_order()
-        return tuple(a for a in order if a in ("cp", "dp") and getattr(self, a) > 1) or ("dp",)
+        return tuple(a for a in order if a in ("cp", "dp") and getattr(self, a) > 1) or ("dp",), ()
+
+    def param_sharding(
+        self, weight_dims: tuple[str, ...], model_parallel: dict | None = None, expert: bool = False
+    ) -> ParamSharding:
+        """Placements of a weight through a step under this plan's ZeRO stage and DP axes; pass the
+        weight's TP/EP placements (from :mod:`tensorstage.parallel.apply`) as ``model_parallel``."""
+        shard, replicate = self.dp_axes(expert)
+        return param_sharding(weight_dims, self.zero, shard, replicate, model_parallel)
 
     # --- rules ---------------------------------------------------------------------------------
     def check(self, world: int | None = None) -> None:
@@ -258,13 +273,11 @@ class ParallelPlan(BaseModel):
             if not {order[k - 1] if k else "", order[k + 1] if k + 1 < len(order) else ""} & {"cp", "dp"}:
                 raise SpecError("rank_order", "ep must sit next to cp or dp (EP is carved out of dp*cp)")
         order = self.axis_order()
-        if (
-            self.cp > 1
-            and self.dp > 1
-            and abs(order.index("cp") - order.index("dp")) != 1
-            and (self.ep > 1 or self.zero_shard_size)
-        ):
-            raise SpecError("rank_order", "cp and dp must be adjacent when ep > 1 or hybrid sharding is used")
+        if self.cp > 1 and self.dp > 1 and abs(order.index("cp") - order.index("dp")) != 1:
+            raise SpecError(
+                "rank_order",
+                "cp and dp must be adjacent (expert parallelism and hybrid sharding are carved out of dp*cp)",
+            )
         if world is not None and world != self.world:
             raise SpecError(
                 "world",
@@ -374,6 +387,11 @@ class ParallelPlan(BaseModel):
         out: dict[str, object] = self.model_dump(mode="json")
         out.update(world=self.world, microbatches=self.microbatches, edp=self.edp)
         return out
+
+
+def split_rank_order(text: str) -> tuple[str, ...]:
+    """``"tp,cp,dp,pp"`` or Megatron's ``"tp-cp-ep-dp-pp"`` -> axis names, innermost first."""
+    return tuple(a.strip().lower() for a in text.replace("-", ",").split(",") if a.strip())
 
 
 def _plan_error(exc: ValidationError, where: str) -> SpecError:
