@@ -271,6 +271,7 @@ def test_fsdp2_gathers_and_reduce_scatters(w4: dict) -> None:
             assert sorted(rs) == sorted([(layer, layer // ws), (layer, layer // ws), (head, head // ws)])
             assert all(r["group_ranks"] == [0, 1, 2, 3] for r in run["ranks"][rank])
             assert not recs(run, rank, "step0.optim")  # optimizer works on local shards
+            assert not recs(run, rank, "init")  # fully_shard itself communicates nothing
 
 
 def test_fsdp2_mixed_precision_and_hsdp(w4: dict) -> None:
