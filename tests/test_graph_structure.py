@@ -150,3 +150,32 @@ def test_routing_skew_sizes_hot_expert_not_totals() -> None:
         op = next(o for o in g.layers["moe"].forward if o.kind == "dispatch")
         assert float(g.evaluate(op.attrs["hot_expert_tokens"], bind)) == hot
         assert float(g.evaluate(op.attrs["mean_expert_tokens"], bind)) == mean
+
+
+SWA = ModelSpec(
+    name="swa-ish",
+    num_layers=2,
+    hidden=256,
+    num_heads=4,
+    ffn=512,
+    vocab=500,
+    sliding_window=128,
+    sliding_window_layers=(0,),
+)
+
+
+def test_sliding_window_attention_flops() -> None:
+    b, s, w, nh, dh = 2, 1024, 128, 4, 64
+    for conv, pairs in (("causal_half", s * w - w * w // 2), ("full", s * w)):
+        g = build_graph(SWA, "train", GraphOptions(attention_flops=conv, attention_impl="flash"))
+        assert g.layer_kinds == ["dense_swa", "dense"]
+        rep = g.costs({"b": b, "s": s}, exact=True)
+        diff = rep.per_block["dense"]["fwd_flops"] - rep.per_block["dense_swa"]["fwd_flops"]
+        full_pairs = s * s // 2 if conv == "causal_half" else s * s
+        assert diff == 2 * b * nh * (full_pairs - pairs) * 2 * dh  # QK^T + PV
+    # decode: a window layer reads min(c, w) cached tokens, a full layer all c
+    dec = build_graph(SWA, "decode").costs({"b": b, "c": 1000}, exact=True)
+    diff = dec.per_block["dense"]["fwd_flops"] - dec.per_block["dense_swa"]["fwd_flops"]
+    assert diff == 4 * b * nh * dh * (1000 - w)
+    short = build_graph(SWA, "decode").costs({"b": b, "c": 100}, exact=True)
+    assert short.per_block["dense"]["fwd_flops"] == short.per_block["dense_swa"]["fwd_flops"]

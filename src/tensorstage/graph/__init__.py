@@ -9,10 +9,13 @@ Public API::
     g.costs({...}, exact=True)             # exact sympy integers
     g.weights()                            # [(qualified name, Tensor)], sums to the parameter count
     g.block_exprs(g.layers["dense"])       # closed-form sympy expression of every metric
+    g.op_costs("dense", {"b": 1, "s": 4096})  # per-op flops/bytes arrays (compiled, all_ops() order)
+    g.evaluate(tensor.nbytes, bindings)    # any expression, exactly
     for layer, block, op in g.execution(): # ops in execution order (what lowering consumes)
         op.kind, op.category, op.einsum, op.inputs[i].dims, op.flops, op.bytes_read, op.saved
 
-Blocks: ``g.embedding``, ``g.layers[kind]`` (one per layer kind, reused for every layer of that
+Blocks: ``g.embedding``, ``g.layers[kind]`` (one per layer kind — ``dense``, ``moe``,
+``mla_dense``, ``mla_moe``, ``dense_swa``/``moe_swa`` for sliding-window layers — reused for every layer of that
 kind; ``g.layer_kinds[i]`` names the kind of layer ``i``) and ``g.head``. Each block has
 ``forward``, ``recompute``, ``backward`` and ``optimizer`` op lists, ``weights``, ``saved``
 (activations kept for backward under the recompute policy) and ``kv_cache`` (per-token slices).

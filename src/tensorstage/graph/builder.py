@@ -266,11 +266,16 @@ class Builder:
         causal: bool,
         q_heads: tuple[str, ...],
         sinks: Tensor | None = None,
+        scale: sp.Expr | None = None,
         **attrs: object,
     ) -> Tensor:
-        """Fused attention core (flash): never materializes the sk x s scores."""
+        """Fused attention core (flash): never materializes the sk x s scores.
+
+        ``scale`` is the fraction of query-key pairs computed (default: the causal convention).
+        """
         b, s, dq, dv, sk = q.dims[0], q.dims[1], q.dims[-1], v.dims[-1], k.dims[1]
-        scale = self.causal_scale if causal else sp.Integer(1)
+        if scale is None:
+            scale = self.causal_scale if causal else sp.Integer(1)
         core = self.numel((b, s, sk, *q_heads))
         flops = 2 * core * (self.sizes[dq] + self.sizes[dv]) * scale
         out = self.tensor(name, (b, s, *q_heads, dv), requires_grad=self._rg(q, k, v))

@@ -14,7 +14,8 @@ Free symbols and what binds them:
   ``f`` dense FFN width, ``v`` vocabulary, ``e`` routed experts, ``k`` experts per token,
   ``fe`` routed expert width, ``fs`` total shared-expert width, ``ql``/``kvl`` MLA low ranks,
   ``dr``/``dn``/``dv`` MLA rope/nope/value head dims, ``p`` learned-position table rows (max
-  sequence), ``cf`` MoE capacity factor (1 = dropless).
+  sequence), ``w`` sliding-window length, ``cf`` MoE capacity factor (1 = dropless).
+* derived: ``skw = min(sk, w)`` keys a sliding-window layer reads in decode.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ FREE_SYMBOLS: tuple[str, ...] = (
     "dn",
     "dv",
     "p",
+    "w",
     "cf",
 )
 
@@ -89,6 +91,7 @@ def base_dim_sizes(phase: str) -> dict[str, sp.Expr]:
         sizes["sk"] = S["c"]
     else:
         sizes["sk"] = S["s"]
+    sizes["skw"] = sp.Min(sizes["sk"], S["w"])
     # tokens handled by all routed experts together: b*s*k*cf (cf = 1 is dropless)
     sizes["t"] = S["cf"] * sizes["s"] * S["b"] * S["k"] / S["e"]
     return sizes

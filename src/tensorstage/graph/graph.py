@@ -15,7 +15,7 @@ closed forms).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -45,6 +45,7 @@ METRICS: tuple[str, ...] = (
 def spec_bindings(spec: ModelSpec, options: GraphOptions) -> dict[str, float]:
     """Numeric values of the model-architecture symbols (unused ones bound to 1)."""
     vals: dict[str, float] = {name: 1 for name in FREE_SYMBOLS}
+    vals["w"] = spec.sliding_window or 1
     vals.update(
         h=spec.hidden,
         nh=spec.num_heads,
@@ -253,7 +254,11 @@ class Graph:
 
 def _layer_kind(spec: ModelSpec, i: int) -> str:
     base = "moe" if spec.is_moe_layer(i) else "dense"
-    return f"mla_{base}" if spec.mla is not None else base
+    if spec.mla is not None:
+        return f"mla_{base}"
+    if spec.sliding_window and i in spec.sliding_window_layers:
+        return f"{base}_swa"
+    return base
 
 
 def _unique(ts: list[Tensor]) -> list[Tensor]:
@@ -362,8 +367,16 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
     for kind in dict.fromkeys(kinds):
         bld = builder()
         x = bld.tensor("hidden_in", "b s h", requires_grad=True)
+        kind_cfg = replace(cfg, window=kind.endswith("_swa"))
         y = transformer_layer(
-            bld, x, spec, cfg, kind.endswith("moe"), float(bindings["cf"]), opts.routing_skew, dropless
+            bld,
+            x,
+            spec,
+            kind_cfg,
+            "moe" in kind.split("_"),
+            float(bindings["cf"]),
+            opts.routing_skew,
+            dropless,
         )
         layers[kind] = _finish_block(bld, kind, kind, [x], y, opts, prec.grad_dtype, opts.recompute)
 

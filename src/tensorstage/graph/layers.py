@@ -8,7 +8,10 @@ output tensor. Structure follows the Hugging Face / Megatron implementations of 
   tensor parallelism splits ``nkv`` for GQA and MHA alike; MLA uses ``nh`` with ``dq = dn + dr``;
 * keys/values live on ``sk`` (the key length): a zero-cost ``kv_view`` renames ``s -> sk`` in
   training/prefill (where a context-parallel pass gathers K/V); in decode the cache of ``c`` tokens
-  is read instead and the new token's K/V are written (``kv_write``).
+  is read instead and the new token's K/V are written (``kv_write``);
+* sliding-window layers (``spec.sliding_window_layers``) attend over at most ``w`` keys: their core
+  FLOPs scale accordingly and their decode step reads ``skw = min(c, w)`` cached tokens. Their
+  KV-cache slot per token is reported like any layer's (a serving model caps it at ``w`` tokens).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class LayerConfig:
     dropout: bool
     kv_dtype: str
     norm_stats: bool  # count per-token norm statistics as saved bytes
+    window: bool = False  # sliding-window attention layer (window length: symbol ``w``)
 
 
 def _norm(bld: Builder, name: str, x: Tensor, spec: ModelSpec, cfg: LayerConfig) -> Tensor:
@@ -39,7 +43,12 @@ def _norm(bld: Builder, name: str, x: Tensor, spec: ModelSpec, cfg: LayerConfig)
 
 
 def _kv_source(bld: Builder, name: str, x: Tensor, dims_sk: str, cfg: LayerConfig) -> Tensor:
-    """K/V (or MLA latent) as the attention reads it: view in train, cache in prefill/decode."""
+    """K/V (or MLA latent) as the attention reads it: view in train, cache in prefill/decode.
+
+    A sliding-window layer's decode step reads only the last ``min(c, w)`` cached tokens (``skw``).
+    """
+    if cfg.window and cfg.phase == "decode":
+        dims_sk = dims_sk.replace("sk", "skw")
     if cfg.phase == "train":
         return bld.layout(f"{name}.kv_view", x, dims_sk, "kv_view", copy=False)
     per_token = tuple(d for d in x.dims if d not in ("b", "s"))
@@ -49,6 +58,24 @@ def _kv_source(bld: Builder, name: str, x: Tensor, dims_sk: str, cfg: LayerConfi
     if cfg.phase == "prefill":
         return bld.layout(f"{name}.kv_view", x, dims_sk, "kv_view", copy=False)
     return bld.tensor(f"{name}.cache", dims_sk, cfg.kv_dtype, "kv_cache")
+
+
+def _core_scale(bld: Builder, cfg: LayerConfig, causal: bool) -> sp.Expr:
+    """Fraction of the s x sk query-key pairs an attention core computes.
+
+    Causal: 1/2 under ``causal_half`` (s^2/2 pairs), 1 under ``full``. Sliding window of ``w``
+    (training/prefill): each query sees W = min(s, w) keys, s*W - W^2/2 pairs under
+    ``causal_half`` (the same continuous approximation as s^2/2), s*W under ``full``.
+    """
+    if not causal:
+        return sp.Integer(1)
+    if not cfg.window:
+        return bld.causal_scale
+    s = bld.sizes["s"]
+    w_eff = sp.Min(s, bld.sizes["w"])
+    if bld.causal_scale == sp.Rational(1, 2):
+        return (s * w_eff - w_eff**2 / 2) / s**2
+    return w_eff / s
 
 
 def _core(
@@ -65,24 +92,25 @@ def _core(
 ) -> Tensor:
     """Attention core on q (b s Hq dq), k (b sk Hkv dq), v (b sk Hkv dv) -> (b s Hq dv)."""
     causal = cfg.causal and cfg.phase != "decode"  # one query token sees the whole cache
+    scale = _core_scale(bld, cfg, causal)
+    kd = k.dims[1]  # sk, or skw for a sliding-window layer in decode
     if cfg.attention_impl == "flash":
         # the kernel broadcasts KV heads itself: K/V stay at nkv heads
-        return bld.flash_attention(f"{name}.core", q, k, v, causal, heads_q, sinks)
-    scale = bld.causal_scale if causal else sp.Integer(1)
+        return bld.flash_attention(f"{name}.core", q, k, v, causal, heads_q, sinks, scale=scale)
     if heads_kv != heads_q and spec.num_heads != spec.kv_heads:
         # eager GQA repeats K/V per query group (HF repeat_kv, Megatron non-flash): saved at nh heads
         k = bld.layout(
-            f"{name}.repeat_k", k, " ".join(("b", "sk", *heads_q, k.dims[-1])), "repeat_kv", attn_core=True
+            f"{name}.repeat_k", k, " ".join(("b", kd, *heads_q, k.dims[-1])), "repeat_kv", attn_core=True
         )
         v = bld.layout(
-            f"{name}.repeat_v", v, " ".join(("b", "sk", *heads_q, v.dims[-1])), "repeat_kv", attn_core=True
+            f"{name}.repeat_v", v, " ".join(("b", kd, *heads_q, v.dims[-1])), "repeat_kv", attn_core=True
         )
         heads_kv = heads_q
     hq, hk = " ".join(heads_q), " ".join(heads_kv)
     dq, dv = q.dims[-1], v.dims[-1]
     scores = bld.einsum(
         f"{name}.scores",
-        f"b s {hq} {dq}, b sk {hk} {dq} -> b {hq} s sk",
+        f"b s {hq} {dq}, b {kd} {hk} {dq} -> b {hq} s {kd}",
         q,
         k,
         flops_scale=scale,
@@ -96,7 +124,7 @@ def _core(
         probs = bld.dropout(f"{name}.attn_dropout", probs, attn_core=True)
     return bld.einsum(
         f"{name}.context",
-        f"b {hq} s sk, b sk {hk} {dv} -> b s {hq} {dv}",
+        f"b {hq} s {kd}, b {kd} {hk} {dv} -> b s {hq} {dv}",
         probs,
         v,
         flops_scale=scale,
