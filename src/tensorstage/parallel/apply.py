@@ -28,9 +28,17 @@ Megatron-LM's TP block, expressed with these functions (``sp`` = sequence parall
     w1        = tp_column(("h", "f"))      # Shard("f")
     y         = contract(x, w1) -> Shard("f")
     w2        = tp_row(("f", "h"))         # Shard("f")
-    q         = tp_column(("h", "nkv", "g", "dh"))   # Shard("nkv"); attention stays head-local
     z         = contract(y, w2) -> Partial   # redistribute(z -> residual) = all-reduce, or
                                              # reduce-scatter with SP
+    q         = tp_column(("h", "nkv", "g", "dh"))   # Shard("nkv"); attention stays head-local
+
+Backward follows from the same rules (tests/test_parallel_placement.py derives it and
+tests/test_parallel_dtensor.py checks it against DTensor): the gradient of a Replicate input
+consumed by a sharded matmul is Partial, so column-parallel input grads are all-reduced (SP:
+reduce-scattered) and row-parallel output grads all-gathered under SP. One Megatron detail is a
+lowering choice, not a placement rule: with SP, Megatron's linear layer all-gathers its input
+*again* in backward to form the weight gradient (it saves only the sequence shard), which adds one
+all-gather per column-parallel linear; DTensor saves the gathered input instead.
 """
 
 from __future__ import annotations
