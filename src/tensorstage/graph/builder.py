@@ -19,7 +19,6 @@ Bytes read/written are the sizes of inputs/outputs by dtype (one pass, no cache 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import sympy as sp
@@ -387,8 +386,3 @@ class Builder:
             **attrs,
         )
         return y
-
-
-def attention_scale(dim: int) -> float:
-    """Softmax temperature 1/sqrt(d) (kept for reference modules and docs)."""
-    return 1.0 / math.sqrt(dim)

@@ -322,11 +322,15 @@ def _finish_block(
 ) -> Block:
     fwd = list(bld.ops)
     if options.phase != "train":
-        return Block(name, kind, fwd, [], [], list(bld.weights), [], inputs, list(bld.kv_cache))
+        return Block(
+            name, kind, fwd, [], [], list(bld.weights), [], inputs, list(bld.kv_cache), outputs=[out]
+        )
     seed = bld.tensor(f"{out.name}.grad", out.dims, "fp32" if not out.dims else bld.act_dtype, "gradient")
     bwd, _ = backward(bld, fwd, {id(out): seed}, grad_dtype)
     saved, rec = apply_recompute(fwd, inputs, recompute)
-    return Block(name, kind, fwd, rec, bwd, list(bld.weights), saved, inputs, list(bld.kv_cache))
+    return Block(
+        name, kind, fwd, rec, bwd, list(bld.weights), saved, inputs, list(bld.kv_cache), outputs=[out]
+    )
 
 
 def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | None = None) -> Graph:

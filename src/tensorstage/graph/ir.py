@@ -96,7 +96,9 @@ class Block:
 
     ``forward``, ``recompute`` and ``backward`` are in execution order; ``saved`` are the tensors
     kept between forward and backward under the graph's recompute policy; ``inputs`` are the tensors
-    entering the block (the residual stream for a layer). Optimizer ops live on the graph.
+    entering the block (the residual stream for a layer) and ``outputs`` those leaving it (what a
+    pipeline stage boundary sends; the gradient sent back has the same shape). ``optimizer`` holds
+    the block's optimizer-step ops (training graphs only).
     """
 
     name: str
@@ -108,6 +110,7 @@ class Block:
     saved: list[Tensor]
     inputs: list[Tensor]
     kv_cache: list[Tensor] = field(default_factory=list)  # per-token slices (no b / s dims)
+    outputs: list[Tensor] = field(default_factory=list)  # what leaves the block (pipeline boundary)
     optimizer: list[Op] = field(default_factory=list)
 
     def ops(self) -> list[Op]:
