@@ -226,7 +226,7 @@ def main() -> None:
         table.add_row(f"{r['ranks']:,}", f"{r['nodes_per_rank']:,}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
                       f"{r['peak_rss_parent_MiB']:.0f} / {r['peak_rss_worker_MiB']:.0f}",
                       f"{r['output_bytes'] / 1e9:.2f}", f"{r['MBps']:.0f}", f"{floor / 1e6 / r['MBps']:.2f}")
-    Console().print(table)
+    Console(width=150).print(table)
     print("JSON " + json.dumps({"write_floor_MBps": floor / 1e6, "rows": rows}))
 
 

@@ -304,3 +304,18 @@ def test_class_keys_must_cover_mesh() -> None:
     mesh = mesh_2x4x2()
     with pytest.raises(ValueError, match="cover the mesh"):
         write_chakra([stage_program(0)], mesh, "/nonexistent/never", progress=False)
+
+
+def test_worker_failure_leaves_no_partial_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same with a process pool: a worker's exception cancels the run and removes the temp dir."""
+    real = writer_mod._write_file
+
+    def flaky(path: str, data: bytes) -> None:
+        if path.endswith("trace.11.et"):
+            raise OSError("disk full (injected in worker)")
+        real(path, data)
+
+    monkeypatch.setattr(writer_mod, "_write_file", flaky)  # forked workers inherit the patch
+    with pytest.raises(OSError, match="injected in worker"):
+        write_chakra(programs_2stage(), mesh_2x4x2(), tmp_path / "o", workers=2, progress=False)
+    assert list(tmp_path.iterdir()) == []
