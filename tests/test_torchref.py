@@ -53,6 +53,9 @@ CFG4 = {
     "fsdp_bf16": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 12,
                   "param_dtype": "bf16", "reduce_dtype": "fp32"},
     "hsdp": {"scenario": "fsdp2", "hidden": 32, "ffn": 64, "layers": 2, "vocab": 12, "hsdp_replicate": 2},
+    "fsdp_tp": {"scenario": "fsdp2_tp", "tp": 2, "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8},
+    "fsdp_tp_sp": {"scenario": "fsdp2_tp", "tp": 2, "sp": True, "hidden": 32, "heads": 4, "ffn": 64, "batch": 2,
+                   "seq": 8},
     "pp_interleaved": {"scenario": "pp", "schedule": "interleaved1f1b", "virtual_stages": 2, "hidden": 16,
                        "microbatches": 8, "microbatch_size": 2},
 }
@@ -409,3 +412,26 @@ def test_ddp_find_unused_and_static_graph(w2: dict) -> None:
             ("int32", 4 * n_params), ("float32", sum(rev))]
         assert [r["size_bytes"] for r in recs(run, rank, "step1.bwd")] == [sum(rev)]
         assert [r["size_bytes"] for r in recs(run, rank, "step2.bwd")] == expected_buckets(rev, 2**20, 25 * 2**20)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_fsdp2_with_tp_2d(w4: dict, sp: bool) -> None:
+    tp, b, s, h, ffn = 2, 2, 8, 32, 64
+    # TP-local parameter bytes: q/k/v/wo and w1/w2 split by tp, the two LayerNorms replicated
+    local = (4 * h * h // tp + 2 * h * ffn // tp + 4 * h) * F32
+    act = b * s * h * F32
+    run = w4["fsdp_tp_sp" if sp else "fsdp_tp"]
+    for rank in range(4):
+        dp_group, tp_group = [rank % tp, rank % tp + tp], [rank - rank % tp, rank - rank % tp + 1]
+        fsdp = [(r["phase"], r["op"], r["in_bytes"], r["out_bytes"]) for r in run["ranks"][rank]
+                if r["group_ranks"] == dp_group]
+        assert fsdp == [("fwd", "all_gather", local // 2, local), ("bwd", "all_gather", local // 2, local),
+                        ("bwd", "reduce_scatter", local, local // 2)]
+        tpr = [(r["phase"], r["op"], r["size_bytes"]) for r in run["ranks"][rank]
+               if r["group_ranks"] == tp_group and r["phase"] != "init"]
+        if not sp:
+            assert tpr == [("fwd", "all_reduce", act)] * 2 + [("bwd", "all_reduce", act)] * 2
+        else:
+            pair = [("all_gather", act // tp), ("reduce_scatter", act)]
+            assert tpr == [("fwd", *p) for p in pair * 2] + [("bwd", *p) for p in pair * 2] + \
+                [("bwd", "all_reduce", h * F32)] * 4  # Partial norm grads resolved before FSDP's RS

@@ -223,7 +223,8 @@ class CommRecorder(TorchDispatchMode):
             in_bytes = out_bytes = 0
         size_bytes = in_bytes if op in ("all_gather", "reduce_scatter", "all_to_all") else out_bytes
         return CommRecord(
-            seq=len(self.records), phase=self.phase, op=op, api=f"{ns}::{name}", dtype=_dtype(inp),
+            seq=len(self.records), phase=self.phase, op=op, api=f"{ns}::{name}",
+            dtype=_dtype(inp) if _tensors(inp) else _dtype(out),
             group_ranks=ranks, group_size=len(ranks), in_bytes=in_bytes, out_bytes=out_bytes,
             size_bytes=size_bytes, n_tensors=len(_tensors(inp)), peer=peer, root=root,
             tag=None if tag is None else int(tag), extra=extra,

@@ -152,6 +152,34 @@ def fsdp2(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[st
     return {"params": unsharded, "sharded_params": _params_info(model)}
 
 
+@scenario("fsdp2_tp")
+def fsdp2_tp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
+    """2-D torchtitan layout: TP (optionally SP) inside each ``tp`` group, FSDP2 over the ``dp`` axis.
+
+    Mesh is (dp, tp) = (ws/tp, tp) with tp innermost, so TP groups are consecutive ranks.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    h, heads, ffn = int(cfg.get("hidden", 32)), int(cfg.get("heads", 4)), int(cfg.get("ffn", 64))
+    b, s, sp, tpn = int(cfg.get("batch", 2)), int(cfg.get("seq", 8)), bool(cfg.get("sp", False)), int(cfg["tp"])
+    mesh = init_device_mesh("cpu", (ws // tpn, tpn), mesh_dim_names=("dp", "tp"))
+    block = Block(h, heads, ffn).to(_dtype(cfg))
+    rec.phase = "init"
+    parallelize_module(block, mesh["tp"], _block_plan(sp, True))
+    fully_shard(block, mesh=mesh["dp"], reshard_after_forward=bool(cfg.get("reshard_after_forward", True)))
+    x = torch.randn(b, s, h, dtype=_dtype(cfg))
+    if sp:
+        x = x.chunk(tpn, dim=1)[mesh["tp"].get_local_rank()].contiguous()
+    rec.phase = "fwd"
+    out = block(x)
+    out = out.to_local() if hasattr(out, "to_local") else out
+    rec.phase = "bwd"
+    out.float().pow(2).sum().backward()
+    return {"params": _params_info(block)}
+
+
 # ------------------------------------------------------------------------------------------------- TP
 def _block_plan(sp: bool, prepare_input: bool, prefix: str = "") -> dict[str, Any]:
     """torchtitan-style TP plan of one Block; ``sp`` adds SequenceParallel norms and seq-sharded I/O.
