@@ -179,3 +179,13 @@ def test_sliding_window_attention_flops() -> None:
     assert diff == 4 * b * nh * dh * (1000 - w)
     short = build_graph(SWA, "decode").costs({"b": b, "c": 100}, exact=True)
     assert short.per_block["dense"]["fwd_flops"] == short.per_block["dense_swa"]["fwd_flops"]
+
+
+def test_sliding_window_vectorized_equals_exact() -> None:
+    import numpy as np
+
+    g = build_graph(SWA, "train")
+    b, s = np.array([1, 2, 4]), np.array([64, 1024, 4096])  # below and above the window
+    vec = g.costs({"b": b, "s": s}).totals["fwd_flops"]
+    for i in range(3):
+        assert vec[i] == float(g.costs({"b": int(b[i]), "s": int(s[i])}, exact=True).totals["fwd_flops"])
