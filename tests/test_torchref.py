@@ -7,10 +7,14 @@ own output, so a pass proves the recorder saw every collective torch issued. Two
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("torch")
 
+sys.path.insert(0, str(Path(__file__).parent))  # import the sibling package whatever pytest's import mode
 from torchref import run_many  # noqa: E402
 
 F32 = 4  # bytes per fp32 element

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -66,21 +67,30 @@ def _worker(rank: int, world_size: int, port: int, jobs: list[tuple[str, dict[st
     os.replace(tmp, os.path.join(out_dir, f"rank{rank}.json"))
 
 
-def run_world(jobs: dict[str, dict[str, Any]], world_size: int, start_method: str = "fork") -> dict[str, Any]:
+def run_world(jobs: dict[str, dict[str, Any]], world_size: int, start_method: str = "fork",
+              timeout_s: float = 180.0) -> dict[str, Any]:
     """Run ``jobs`` (label -> config with a ``"scenario"`` key) in one gloo world of ``world_size`` ranks.
 
     Returns ``{label: {"ranks": {rank: [records]}, "totals": {rank: {"op@group": {...}}},
     "info": {rank: {...}}}}``. Ranks are ints in Python; ``json.dumps`` turns them into strings.
     ``start_method="fork"`` avoids re-importing torch per rank (~2 s each); use ``"spawn"`` if the
-    parent has started threads.
+    parent has started threads. A world still running after ``timeout_s`` is killed (``TimeoutError``),
+    so a hung collective cannot hang the test suite.
     """
     unknown = sorted({c["scenario"] for c in jobs.values()} - set(SCENARIOS))
     if unknown:
         raise ValueError(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}")
     job_list = list(jobs.items())
     with tempfile.TemporaryDirectory(prefix="torchref-") as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), job_list, out_dir), nprocs=world_size,
-                           join=True, start_method=start_method)
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), job_list, out_dir),
+                                 nprocs=world_size, join=False, start_method=start_method)
+        deadline = time.monotonic() + timeout_s
+        while not ctx.join(timeout=0.5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    if proc.is_alive():
+                        proc.kill()
+                raise TimeoutError(f"gloo world of {world_size} ranks did not finish in {timeout_s} s")
         per_rank = {}
         for rank in range(world_size):
             with open(os.path.join(out_dir, f"rank{rank}.json")) as f:
