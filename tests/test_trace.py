@@ -319,3 +319,46 @@ def test_worker_failure_leaves_no_partial_output(tmp_path: Path, monkeypatch: py
     with pytest.raises(OSError, match="injected in worker"):
         write_chakra(programs_2stage(), mesh_2x4x2(), tmp_path / "o", workers=2, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- durations, JSON round trip, classes-only expansion -------------------------------------------
+
+def _durations(node) -> int:  # an arbitrary deterministic rule: 1 us per 1e5 FLOPs, at least 1
+    return max(1, node.flops // 100_000)
+
+
+def test_duration_micros_is_stamped_and_byte_identical(tmp_path: Path) -> None:
+    mesh = mesh_2x4x2()
+    progs = sorted(programs_2stage(), key=lambda p: p.class_key["pp"])
+    comms = Communicators.number(mesh, sorted({k for p in progs for k in p.communicator_kinds()}))
+    t = ClassTemplate.build(progs[1], 1, mesh, _durations)
+    assert t.stamp(9, mesh, comms) == encode_rank_reference(progs[1], 1, 9, mesh, comms, _durations)
+    write_chakra(progs, mesh, tmp_path / "d", progress=False, duration_micros=_durations)
+    _, nodes = read_chakra(tmp_path / "d" / "trace.9.et")
+    for n, ref in zip(nodes, progs[1].nodes, strict=True):
+        expect = FWD_FLOPS // 100_000 if ref.name == "fwd_mlp" else BWD_FLOPS // 100_000
+        assert n.duration_micros == (expect if ref.kind == NodeKind.COMP else 0)
+
+
+def test_program_and_mesh_json_round_trip() -> None:
+    from tensorstage.trace.program_json import mesh_from_json, mesh_to_json, program_from_json, program_json
+
+    mesh = mesh_2x4x2()
+    for p in programs_2stage():
+        p.static_bytes = {"weights": 123}
+        p.model_flops = 77
+        p.nodes[0].mem_alloc_bytes = 5
+        back, durations = program_from_json(json.loads(json.dumps(program_json(p, 0, mesh))))
+        assert back == p and durations is None
+    assert mesh_from_json(json.loads(json.dumps(mesh_to_json(mesh)))) == mesh
+
+
+def test_expand_classes_reproduces_full_output(tmp_path: Path) -> None:
+    from tensorstage.trace import expand_classes
+
+    mesh = mesh_2x4x2()
+    kw = {"progress": False, "inputs": {"model": "toy"}, "duration_micros": _durations}
+    write_chakra(programs_2stage(), mesh, tmp_path / "full", **kw)
+    write_chakra(programs_2stage(), mesh, tmp_path / "cls", classes_only=True, **kw)
+    expand_classes(tmp_path / "cls", tmp_path / "expanded", workers=2, progress=False)
+    assert dir_digest(tmp_path / "expanded") == dir_digest(tmp_path / "full")

@@ -74,12 +74,24 @@ def variable_attrs(node: Node) -> list[tuple[str, Source]]:
     return []
 
 
-def constant_node(node: Node) -> object:
-    """The protobuf ``Node`` with every rank-independent field and attribute, in file order."""
+DurationFn = Callable[[Node], int]
+
+
+def constant_node(node: Node, duration_micros: DurationFn | None = None) -> object:
+    """The protobuf ``Node`` with every rank-independent field and attribute, in file order.
+
+    ``duration_micros`` (optional) gives COMP nodes Chakra's ``duration_micros``, which
+    ASTRA-sim uses for compute time when its roofline model is off; without it the field is 0.
+    """
     if node.kind not in (NodeKind.COMP, NodeKind.COLL, NodeKind.SEND, NodeKind.RECV):
         raise ValueError(f"node {node.id} {node.name!r}: unsupported kind {node.kind!r}")
     msg = schema.Node(id=node.id, name=node.name, type=int(node.kind),
                       ctrl_deps=list(node.ctrl_deps), data_deps=list(node.data_deps))
+    if duration_micros is not None and node.kind == NodeKind.COMP:
+        us = duration_micros(node)
+        if not isinstance(us, int) or us < 0:
+            raise ValueError(f"duration_micros of node {node.id} must be a non-negative int, got {us!r}")
+        msg.duration_micros = us
     msg.attr.add(name="is_cpu_op", bool_val=False)
     if node.kind == NodeKind.COMP:
         msg.attr.add(name="num_ops", int64_val=int(node.flops))
@@ -113,12 +125,12 @@ def source_value(src: Source, rank: int, mesh: Mesh, comms: Communicators) -> in
 
 
 def encode_rank_reference(program: Program, class_id: int, rank: int, mesh: Mesh,
-                          comms: Communicators) -> bytes:
+                          comms: Communicators, duration_micros: DurationFn | None = None) -> bytes:
     """Naive encoding: full protobuf objects per node for this rank (the fast path's oracle)."""
     md = metadata_bytes(class_id)
     out = [varint(len(md)), md]
     for node in program.nodes:
-        msg = constant_node(node)
+        msg = constant_node(node, duration_micros)
         for name, src in variable_attrs(node):
             value = source_value(src, rank, mesh, comms)
             if isinstance(value, str):
@@ -145,7 +157,8 @@ class ClassTemplate:
     _formats: dict[tuple[int, ...], tuple[bytes, Callable]] = field(default_factory=dict, repr=False)
 
     @staticmethod
-    def build(program: Program, class_id: int, mesh: Mesh) -> ClassTemplate:
+    def build(program: Program, class_id: int, mesh: Mesh,
+              duration_micros: DurationFn | None = None) -> ClassTemplate:
         """Encode ``program`` once. Rejects collectives over a single rank (ASTRA-sim would wait
         on a group that does nothing; the lowering must not emit them)."""
         slots: list[tuple[str, Source]] = []
@@ -159,7 +172,7 @@ class ClassTemplate:
                                  f"(axes {list(node.axes)}); the lowering must not emit it")
             if node.kind in (NodeKind.SEND, NodeKind.RECV) and not node.peer_axis:
                 raise ValueError(f"send/recv node {node.id} {node.name!r} has no peer_axis")
-            body = constant_node(node).SerializeToString(deterministic=True)
+            body = constant_node(node, duration_micros).SerializeToString(deterministic=True)
             var = variable_attrs(node)
             if not var:
                 run += [varint(len(body)), body]

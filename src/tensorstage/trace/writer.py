@@ -6,8 +6,9 @@ Output directory layout (``prefix`` defaults to ``"trace"``):
   each class ``k`` stamped as its lowest rank plus ``<prefix>.rank_classes.json`` (classes-only).
 * ``<prefix>_comm_groups.json``: ``{"1": [ranks], ...}`` for every communicator the programs use.
 * ``manifest.json``: inputs, tool version, rank -> class rule, per-class totals, file counts.
-* with ``json=True``: ``<prefix>.class<k>.json``, each class's program in readable form with
-  symbolic groups and peers.
+* ``<prefix>.class<k>.json`` (with ``json=True``, and always in classes-only mode): each class's
+  program, every node field, groups as mesh axes and peers as offsets; `expand_classes` turns a
+  classes-only directory back into the per-rank one.
 
 Speed: each class is encoded once (`ClassTemplate`); per rank only group ids and peers are
 computed and spliced in. Ranks are split into contiguous ranges over a process pool; workers
@@ -33,7 +34,8 @@ from tensorstage import __version__
 from tensorstage.parallel.mesh import Communicators, Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.trace.classes import RankClasses
-from tensorstage.trace.encode import ET_VERSION, ClassTemplate, variable_attrs
+from tensorstage.trace.encode import ET_VERSION, ClassTemplate, DurationFn
+from tensorstage.trace.program_json import mesh_to_json, program_json
 
 MANIFEST = "manifest.json"
 
@@ -60,11 +62,14 @@ def write_chakra(
     json: bool = False,
     progress: bool = True,
     inputs: Mapping[str, object] | None = None,
+    duration_micros: DurationFn | None = None,
 ) -> dict[str, object]:
     """Write Chakra ET traces for every rank of ``mesh`` into ``out_dir`` atomically.
 
     ``programs`` hold one Program per rank class (``class_key`` coordinates); ``inputs`` is
-    recorded verbatim in the manifest (what the caller generated from). Returns the manifest.
+    recorded verbatim in the manifest (what the caller generated from). ``duration_micros`` maps a
+    COMP node to Chakra's ``duration_micros`` (int) for ASTRA-sim runs without roofline (e.g. from
+    the simulator's compute model); left out, the field is 0. Returns the manifest.
     An existing ``out_dir`` is replaced only once the new output is complete.
     """
     if "/" in prefix or not prefix:
@@ -72,7 +77,7 @@ def write_chakra(
     classes = RankClasses.build(programs, mesh)
     kinds = sorted({axes for p in classes.programs for axes in p.communicator_kinds()})
     comms = Communicators.number(mesh, kinds)
-    templates = [ClassTemplate.build(p, i, mesh) for i, p in enumerate(classes.programs)]
+    templates = [ClassTemplate.build(p, i, mesh, duration_micros) for i, p in enumerate(classes.programs)]
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -86,9 +91,9 @@ def write_chakra(
             n_files, n_bytes = _write_classes(tmp, prefix, classes, templates, comms)
         else:
             n_files, n_bytes = _write_all_ranks(tmp, prefix, classes, templates, comms, workers, progress)
-        if json:
+        if json or classes_only:  # classes-only output needs the symbolic programs to re-expand
             for i, p in enumerate(classes.programs):
-                _write_json(tmp / f"{prefix}.class{i}.json", program_json(p, i, mesh))
+                _write_json(tmp / f"{prefix}.class{i}.json", program_json(p, i, mesh, duration_micros))
         manifest = _manifest(classes, comms, prefix, classes_only, inputs or {}, n_files, n_bytes)
         _write_json(tmp / MANIFEST, manifest)
         _replace_dir(tmp, out)
@@ -273,8 +278,7 @@ def _manifest(classes: RankClasses, comms: Communicators, prefix: str, classes_o
                    "global_metadata_version": ET_VERSION, "encoding": "varint-delimited messages"},
         "inputs": dict(inputs),
         "world": mesh.world,
-        "mesh": {v: [{"name": a.name, "size": a.size, "stride": a.stride} for a in axes]
-                 for v, axes in mesh.views.items()},
+        "mesh": mesh_to_json(mesh),
         "mode": "classes_only" if classes_only else "per_rank",
         "files": {"prefix": prefix, "pattern": f"{prefix}.class{{class}}.et" if classes_only else f"{prefix}.{{rank}}.et", "count": n_files, "bytes": n_bytes,
                   "comm_groups": comm_groups_file(prefix),
@@ -285,29 +289,6 @@ def _manifest(classes: RankClasses, comms: Communicators, prefix: str, classes_o
         "ranks_per_class": classes.ranks_per_class(),
         "classes": {str(i): class_totals(p, mesh) for i, p in enumerate(classes.programs)},
     }
-
-
-def program_json(program: Program, class_id: int, mesh: Mesh) -> dict[str, object]:
-    """A class's program in readable form: Program fields plus the Chakra attribute names."""
-    nodes = []
-    for n in program.nodes:
-        d: dict[str, object] = {"id": n.id, "name": n.name, "type": n.kind.name,
-                                "data_deps": list(n.data_deps), "ctrl_deps": list(n.ctrl_deps),
-                                "category": n.category, "op": n.op, "layer": n.layer,
-                                "microbatch": n.microbatch, "chunk": n.chunk}
-        if n.kind == NodeKind.COMP:
-            d.update(num_ops=n.flops, tensor_size=n.tensor_bytes)
-        elif n.kind == NodeKind.COLL:
-            d.update(comm_type=CollKind(n.comm).name, comm_size=n.comm_bytes, group_axes=list(n.axes),
-                     group_size=mesh.size(*n.axes))
-        else:
-            d.update(comm_size=n.comm_bytes, comm_tag=n.tag, peer_axis=n.peer_axis, peer_offset=n.peer_offset)
-        if n.mem_alloc_bytes or n.mem_free_bytes:
-            d.update(mem_alloc_bytes=n.mem_alloc_bytes, mem_free_bytes=n.mem_free_bytes)
-        d["stamped_per_rank"] = [name for name, _ in variable_attrs(n)]
-        nodes.append(d)
-    return {"class": class_id, "key": dict(program.class_key), "model_flops": program.model_flops,
-            "static_bytes": dict(program.static_bytes), "nodes": nodes}
 
 
 # --- progress -------------------------------------------------------------------------------------
