@@ -134,6 +134,14 @@ def test_template_stamp_is_byte_identical_to_naive_encoding(dp: int) -> None:
         assert templates[c].stamp(rank, mesh, comms) == encode_rank_reference(progs[c], c, rank, mesh, comms)
 
 
+def test_writer_rejects_broken_program_invariants() -> None:
+    mesh = mesh_2x4x2()
+    progs = programs_2stage()
+    progs[1].nodes[1].data_deps = (42,)
+    with pytest.raises(ValueError, match="invariant"):
+        write_chakra(progs, mesh, "/nonexistent/never", progress=False)
+
+
 def test_size_one_collective_is_rejected() -> None:
     mesh = Mesh.create([("tp", 1), ("dp", 2)])
     p = Program(class_key={})
@@ -246,11 +254,17 @@ def test_validator_flags_unmatched_p2p_and_missing_deps(tmp_path: Path) -> None:
     mesh = mesh_2x4x2()
     progs = programs_2stage()
     progs[0].nodes[0].tag = 999  # stage 1's recv_act no longer matches stage 0's send_act
-    progs[1].nodes[1].data_deps = (42,)  # stage 0's node depends on an id that does not exist
     write_chakra(progs, mesh, tmp_path / "bad", progress=False)
+    meta, nodes = read_chakra(tmp_path / "bad" / "trace.2.et")
+    nodes[1].data_deps.append(42)  # a dependency on an id that does not exist
+    nodes[2].ctrl_deps.append(3)  # 2 -> 3 -> 2 (node 3 depends on 2): a cycle
+    blobs = [meta.SerializeToString()] + [n.SerializeToString() for n in nodes]
+    (tmp_path / "bad" / "trace.2.et").write_bytes(b"".join(varint(len(b)) + b for b in blobs))
     errors = validate_trace_dir(tmp_path / "bad").errors
     assert any("unmatched send/recv" in e for e in errors)
     assert any("missing id 42" in e for e in errors)
+    # nodes 2 and 3 wait on each other; 4 (recv_grad), 5 (bwd) and 6 (dp all-reduce) wait behind them
+    assert any("trace.2.et: dependency cycle among 5 nodes" in e for e in errors)
 
 
 def test_validator_flags_wrong_group_and_types(tmp_path: Path) -> None:

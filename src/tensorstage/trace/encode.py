@@ -159,14 +159,17 @@ class ClassTemplate:
     @staticmethod
     def build(program: Program, class_id: int, mesh: Mesh,
               duration_micros: DurationFn | None = None) -> ClassTemplate:
-        """Encode ``program`` once. Rejects collectives over a single rank (ASTRA-sim would wait
-        on a group that does nothing; the lowering must not emit them)."""
+        """Encode ``program`` once. Rejects broken ids/dependencies and collectives over a single
+        rank (a group that does nothing; the lowering must not emit them) before anything is written."""
         slots: list[tuple[str, Source]] = []
         slot_index: dict[tuple[str, Source], int] = {}
         md = metadata_bytes(class_id)
         run: list[bytes] = [varint(len(md)), md]
         segments: list[bytes | tuple[bytes, tuple[int, ...]]] = []
-        for node in program.nodes:
+        for index, node in enumerate(program.nodes):
+            if node.id != index or any(d >= index or d < 0 for d in (*node.data_deps, *node.ctrl_deps)):
+                raise ValueError(f"program {program.class_key}: node {index} {node.name!r} breaks the Program "
+                                 "invariant (ids dense 0..n-1, every dependency an earlier id)")
             if node.kind == NodeKind.COLL and mesh.size(*node.axes) <= 1:
                 raise ValueError(f"collective node {node.id} {node.name!r} spans a group of size 1 "
                                  f"(axes {list(node.axes)}); the lowering must not emit it")

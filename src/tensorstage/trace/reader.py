@@ -127,7 +127,7 @@ def check_nodes(nodes: list[object], where: str) -> list[str]:
                 errors.append(f"{where}: node {n.id} lacks attribute {name}")
         if n.type == schema.COMM_COLL_NODE and attrs.get("comm_type") not in _SIMULATED_COLLECTIVES:
             errors.append(f"{where}: node {n.id} comm_type {attrs.get('comm_type')} is not simulated")
-    if not topo and not errors:
+    if not topo:
         errors += _cycle_check(nodes, where)
     return errors
 
@@ -136,7 +136,7 @@ def _cycle_check(nodes: list[object], where: str) -> list[str]:
     indeg = {n.id: 0 for n in nodes}
     users: dict[int, list[int]] = defaultdict(list)
     for n in nodes:
-        for d in set((*n.data_deps, *n.ctrl_deps)):
+        for d in set((*n.data_deps, *n.ctrl_deps)) & indeg.keys():  # missing ids reported already
             indeg[n.id] += 1
             users[d].append(n.id)
     ready = [i for i, k in indeg.items() if k == 0]
@@ -187,7 +187,10 @@ def validate_trace_dir(directory: str | os.PathLike[str], max_errors: int = 50) 
             a = node_attrs(n)
             if n.type == schema.COMM_COLL_NODE:
                 pg = a.get("pg_name")
-                if pg not in groups:
+                if pg in ("", "0"):  # Chakra: all ranks
+                    if len(files) < 2 and manifest["world"] < 2:
+                        report.errors.append(f"{where}: node {n.id} all-ranks collective on a world of 1")
+                elif pg not in groups:
                     report.errors.append(f"{where}: node {n.id} pg_name {pg!r} is not a comm group")
                 elif rank not in groups[pg]:
                     report.errors.append(f"{where}: node {n.id} pg_name {pg!r} does not contain rank {rank}")
@@ -206,7 +209,7 @@ def validate_trace_dir(directory: str | os.PathLike[str], max_errors: int = 50) 
         for key4 in sorted((sends - recvs) + (recvs - sends))[:max_errors]:
             report.errors.append(f"unmatched send/recv (src, dst, tag, size) = {key4}")
         for pg, by_rank in sorted(coll_seq.items()):
-            members = groups.get(pg, frozenset())
+            members = groups.get(pg, frozenset(range(manifest["world"])) if pg in ("", "0") else frozenset())
             if set(by_rank) != members:
                 report.errors.append(f"group {pg}: ranks {sorted(members - set(by_rank))[:8]} never use it")
             if len(set(by_rank.values())) > 1:
