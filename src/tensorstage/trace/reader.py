@@ -93,8 +93,19 @@ class ValidationReport:
         return not self.errors
 
 
-def check_nodes(nodes: list[object], where: str) -> list[str]:
-    """Per-file structural checks: unique ids, deps exist, acyclic, types as ASTRA-sim expects."""
+_NEEDED = {schema.COMP_NODE: ("num_ops", "tensor_size"),
+           schema.COMM_COLL_NODE: ("comm_type", "comm_size", "pg_name"),
+           schema.COMM_SEND_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size"),
+           schema.COMM_RECV_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size")}
+_OK_KIND = {**{n: _INT_KINDS for n in _INT_ATTRS}, "pg_name": {"string_val"},
+            "is_cpu_op": {"bool_val", *_INT_KINDS}}
+
+
+def check_nodes(nodes: list[object], where: str, attrs_out: list[dict[str, object]] | None = None) -> list[str]:
+    """Per-file structural checks: unique ids, deps exist, acyclic, types as ASTRA-sim expects.
+
+    ``attrs_out``, if given, receives each node's ``{attribute: value}`` (decoded once, reused).
+    """
     errors: list[str] = []
     ids = [n.id for n in nodes]
     id_set = set(ids)
@@ -102,31 +113,31 @@ def check_nodes(nodes: list[object], where: str) -> list[str]:
         errors.append(f"{where}: duplicate node ids")
     topo = True
     for n in nodes:
+        nid = n.id
         for d in (*n.data_deps, *n.ctrl_deps):
             if d not in id_set:
-                errors.append(f"{where}: node {n.id} depends on missing id {d}")
-            elif d >= n.id:
+                errors.append(f"{where}: node {nid} depends on missing id {d}")
+            elif d >= nid:
                 topo = False
-        if n.type not in _RUNNABLE:
-            errors.append(f"{where}: node {n.id} has type {n.type} that ASTRA-sim cannot run")
+        ntype = n.type
+        if ntype not in _RUNNABLE:
+            errors.append(f"{where}: node {nid} has type {ntype} that ASTRA-sim cannot run")
+        attrs = {}
         for a in n.attr:
             kind = a.WhichOneof("value")
-            if a.name == "pg_name" and kind != "string_val":
-                errors.append(f"{where}: node {n.id} pg_name is {kind}, not a string")
-            elif a.name in _INT_ATTRS and kind not in _INT_KINDS:
-                errors.append(f"{where}: node {n.id} {a.name} is {kind}, not an integer")
-            elif a.name == "is_cpu_op" and kind not in ("bool_val", *_INT_KINDS):
-                errors.append(f"{where}: node {n.id} is_cpu_op is {kind}")
-        attrs = node_attrs(n)
-        need = {schema.COMP_NODE: ("num_ops", "tensor_size"),
-                schema.COMM_COLL_NODE: ("comm_type", "comm_size", "pg_name"),
-                schema.COMM_SEND_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size"),
-                schema.COMM_RECV_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size")}.get(n.type, ())
-        for name in need:
+            name = a.name
+            ok = _OK_KIND.get(name)
+            if ok is not None and kind not in ok:
+                errors.append(f"{where}: node {nid} {name} is {kind}, not "
+                              + ("a string" if name == "pg_name" else "an integer"))
+            attrs[name] = None if kind is None else getattr(a, kind)
+        if attrs_out is not None:
+            attrs_out.append(attrs)
+        for name in _NEEDED.get(ntype, ()):
             if name not in attrs:
-                errors.append(f"{where}: node {n.id} lacks attribute {name}")
-        if n.type == schema.COMM_COLL_NODE and attrs.get("comm_type") not in _SIMULATED_COLLECTIVES:
-            errors.append(f"{where}: node {n.id} comm_type {attrs.get('comm_type')} is not simulated")
+                errors.append(f"{where}: node {nid} lacks attribute {name}")
+        if ntype == schema.COMM_COLL_NODE and attrs.get("comm_type") not in _SIMULATED_COLLECTIVES:
+            errors.append(f"{where}: node {nid} comm_type {attrs.get('comm_type')} is not simulated")
     if not topo:
         errors += _cycle_check(nodes, where)
     return errors
@@ -181,10 +192,12 @@ def validate_trace_dir(directory: str | os.PathLike[str], max_errors: int = 50) 
             continue
         report.ranks += 1
         report.nodes += len(nodes)
-        report.errors += check_nodes(nodes, where)
+        all_attrs: list[dict[str, object]] = []
+        report.errors += check_nodes(nodes, where, all_attrs)
         seq: dict[str, list[tuple[int, int]]] = defaultdict(list)
-        for n in nodes:
-            a = node_attrs(n)
+        for n, a in zip(nodes, all_attrs, strict=True):
+            if n.type == schema.COMP_NODE:
+                continue
             if n.type == schema.COMM_COLL_NODE:
                 pg = a.get("pg_name")
                 if pg in ("", "0"):  # Chakra: all ranks
