@@ -60,6 +60,10 @@ CFG4 = {
     "fsdp_tp": {"scenario": "fsdp2_tp", "tp": 2, "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8},
     "fsdp_tp_sp": {"scenario": "fsdp2_tp", "tp": 2, "sp": True, "hidden": 32, "heads": 4, "ffn": 64, "batch": 2,
                    "seq": 8},
+    "pp_ddp": {"scenario": "pp", "schedule": "1f1b", "dp": 2, "dp_mode": "ddp", "hidden": 16, "microbatches": 3,
+               "microbatch_size": 2, "steps": 2},
+    "pp_fsdp": {"scenario": "pp", "schedule": "1f1b", "dp": 2, "dp_mode": "fsdp", "hidden": 16,
+                "microbatches": 3, "microbatch_size": 2, "steps": 1},
     "pp_interleaved": {"scenario": "pp", "schedule": "interleaved1f1b", "virtual_stages": 2, "hidden": 16,
                        "microbatches": 8, "microbatch_size": 2},
 }
@@ -439,3 +443,40 @@ def test_fsdp2_with_tp_2d(w4: dict, sp: bool) -> None:
             pair = [("all_gather", act // tp), ("reduce_scatter", act)]
             assert tpr == [("fwd", *p) for p in pair * 2] + [("bwd", *p) for p in pair * 2] + \
                 [("bwd", "all_reduce", h * F32)] * 4  # Partial norm grads resolved before FSDP's RS
+
+
+def test_pp_with_data_parallel(w4: dict) -> None:
+    h, mbs, act = 16, 3, 2 * 16 * F32
+    layer = (h * h + h) * F32
+    for rank in range(4):
+        pp_rank, dp_group = rank // 2, [rank - rank % 2, rank - rank % 2 + 1]
+        peer = (1 - pp_rank) * 2 + rank % 2  # same dp index on the other stage
+        # DDP per stage: gradients all-reduced once per step, after the last microbatch's backward
+        run = w4["pp_ddp"]
+        for step in ("step0", "step1"):
+            rs = recs(run, rank, step)
+            ar = [(r["size_bytes"], r["group_ranks"]) for r in rs if r["op"] == "all_reduce"]
+            assert ar == [(2 * layer, dp_group)]
+            # issued inside the last backward (stage 1 then still sends that microbatch's input grad)
+            step_actions = [a for a in run["info"][rank]["actions"] if a["comm_seq"] >= rs[0]["seq"]]
+            last_b = [a for a in step_actions if a["action"] == "B"][mbs - 1]
+            ar_seq = next(r["seq"] for r in rs if r["op"] == "all_reduce")
+            assert ar_seq >= last_b["comm_seq"] and all(r["op"] in ("send", "recv") for r in rs[ar_seq - rs[0]["seq"] + 1:])
+            assert {r["peer"] for r in rs if r["op"] in ("send", "recv")} == {peer}
+            assert sum(r["size_bytes"] for r in rs if r["op"] == "send" and r["dtype"] == "float32") == mbs * act
+        # FSDP2 per block inside the stage: params resharded after every forward but kept after
+        # non-final backwards; gradients reduce-scattered once per unit at the end of the step
+        run = w4["pp_fsdp"]
+        acts = [a["action"] for a in run["info"][rank]["actions"]]
+        sharded, gathers = [True, True], 0
+        for i, a in enumerate(acts):
+            last_b = a == "B" and "B" not in acts[i + 1:]
+            for u in range(2):
+                gathers += sharded[u]
+                sharded[u] = a == "F" or last_b
+        ag = [(r["in_bytes"], r["out_bytes"], r["group_ranks"]) for r in recs(run, rank, "step0", "all_gather")]
+        assert ag == [(layer // 2, layer, dp_group)] * gathers
+        rs_seq = [r["seq"] for r in recs(run, rank, "step0", "reduce_scatter")]
+        last_b_seq = max(a["comm_seq"] for a in run["info"][rank]["actions"] if a["action"] == "B")
+        assert len(rs_seq) == 2 and min(rs_seq) >= last_b_seq
+        assert [r["in_bytes"] for r in recs(run, rank, "step0", "reduce_scatter")] == [layer, layer]

@@ -300,7 +300,10 @@ _MULTI = {"interleaved1f1b": "ScheduleInterleaved1F1B", "looped_bfs": "ScheduleL
 
 @scenario("pp")
 def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, Any]:
-    """Manual ``PipelineStage`` s under a torch schedule (one world rank per pipeline rank).
+    """Manual ``PipelineStage`` s under a torch schedule, optionally with data parallelism.
+
+    ``dp=D`` (with ``dp_mode`` ddp|fsdp) makes a (pp, dp) mesh with dp innermost (Megatron order:
+    rank = pp_rank*D + dp_rank) and wraps each stage module in DDP / ``fully_shard`` over its dp group.
 
     ``schedule`` gpipe|1f1b use one stage per rank; interleaved1f1b|looped_bfs|zb_interleaved use
     ``virtual_stages`` stages per rank (stage ``rank + i*ws``, Megatron's looped placement).
@@ -318,16 +321,36 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     if name not in _SINGLE and name not in _MULTI:
         raise ValueError(f"schedule={name!r}; allowed: {sorted(_SINGLE) + sorted(_MULTI)}")
     v = 1 if name in _SINGLE else int(cfg.get("virtual_stages", 2))
-    n_stages = ws * v
+    dp, dp_mode = int(cfg.get("dp", 1)), cfg.get("dp_mode", "ddp")
+    pp_size, pp_rank = ws // dp, rank // dp
+    pp_group = dp_group = dp_mesh = None
+    if dp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (pp_size, dp), mesh_dim_names=("pp", "dp"))
+        pp_group, dp_group, dp_mesh = mesh.get_group("pp"), mesh.get_group("dp"), mesh["dp"]
+    n_stages = pp_size * v
     dt = _dtype(cfg)
     example = torch.empty(mb_size, h, dtype=dt)
     actions: list[dict[str, Any]] = []
     stages, params = [], []
+    rec.phase = "init"
     for i in range(v):
-        idx = rank + i * ws
+        idx = pp_rank + i * pp_size
         torch.manual_seed(int(cfg.get("seed", 0)) + idx)
         module = nn.Sequential(*[nn.Sequential(nn.Linear(h, h), nn.ReLU()) for _ in range(lps)]).to(dt)
-        stage = PipelineStage(module, idx, n_stages, torch.device("cpu"), input_args=(example,),
+        params += _params_info(module)
+        if dp > 1 and dp_mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, process_group=dp_group)
+        elif dp > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in module:  # torchtitan: one unit per block, then the stage root
+                fully_shard(layer, mesh=dp_mesh)
+            fully_shard(module, mesh=dp_mesh)
+        stage = PipelineStage(module, idx, n_stages, torch.device("cpu"), group=pp_group, input_args=(example,),
                               output_args=(example,), output_grads=(example,) if idx < n_stages - 1 else None,
                               input_grads=(example,) if idx > 0 else None)
 
@@ -343,7 +366,6 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
         stage.backward_one_chunk = wrap("B", stage.backward_one_chunk)
         stage.backward_weight_one_chunk = wrap("W", stage.backward_weight_one_chunk)
         stages.append(stage)
-        params += _params_info(module)
     cls = getattr(pipelining, _SINGLE.get(name) or _MULTI[name])
     loss_fn = lambda out, tgt: (out - tgt).float().pow(2).sum()  # noqa: E731
     sched = cls(stages[0] if v == 1 and name in _SINGLE else stages, n_microbatches=mbs, loss_fn=loss_fn)
@@ -352,9 +374,9 @@ def pp(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[str, 
     y = torch.randn(mbs * mb_size, h, dtype=dt)
     for step in range(int(cfg.get("steps", 1))):
         rec.phase = f"step{step}"
-        if rank == 0:
+        if pp_rank == 0:
             sched.step(x)
-        elif rank == ws - 1:
+        elif pp_rank == pp_size - 1:
             sched.step(target=y)
         else:
             sched.step()
