@@ -34,6 +34,7 @@ CFG2 = {
     "ddp_unused": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 2,
                    "find_unused_parameters": True},
     "ddp_static": {"scenario": "ddp", "hidden": 256, "ffn": 1024, "layers": 2, "steps": 3, "static_graph": True},
+    "ddp_bf16": {"scenario": "ddp", "hidden": 32, "ffn": 64, "layers": 2, "steps": 1, "dtype": "bf16"},
     "ddp_accum": {"scenario": "ddp", "hidden": 32, "ffn": 64, "layers": 2, "bucket_cap_mb": 0.005, "steps": 2,
                   "accum": 3},
     "lm": {"scenario": "tp_lm", "hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8, "vocab": 64},
@@ -361,6 +362,13 @@ def test_pp_zero_bubble_splits_backward(w2: dict) -> None:
             for kind in "FIW":
                 assert sorted(a for a in acts if a.startswith(f"{stage}{kind}")) == \
                     sorted(f"{stage}{kind}{m}" for m in range(mbs))
+
+
+def test_ddp_bucket_dtype_is_param_dtype(w2: dict) -> None:
+    elems = sum(mlp_param_bytes_reverse(32, 64, 2)) // F32
+    for rank in range(2):
+        ar = [(r["dtype"], r["size_bytes"]) for r in recs(w2["ddp_bf16"], rank, "step0.bwd", "all_reduce")]
+        assert ar == [("bfloat16", elems * 2)]
 
 
 def test_ddp_no_sync_accumulation_reduces_once_per_step(w2: dict) -> None:
