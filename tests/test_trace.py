@@ -376,3 +376,9 @@ def test_expand_classes_reproduces_full_output(tmp_path: Path) -> None:
     write_chakra(programs_2stage(), mesh, tmp_path / "cls", classes_only=True, **kw)
     expand_classes(tmp_path / "cls", tmp_path / "expanded", workers=2, progress=False)
     assert dir_digest(tmp_path / "expanded") == dir_digest(tmp_path / "full")
+
+
+def test_progress_bar_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_chakra(programs_2stage(), mesh_2x4x2(), tmp_path / "p", progress=True)
+    out = capsys.readouterr().out
+    assert "16/16" in out and "ranks/s" in out and "MB/s" in out
