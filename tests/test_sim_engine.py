@@ -306,3 +306,25 @@ def test_memory_free_by_another_kind_and_series() -> None:
     series = memory_series(ex, 0)
     assert [b for _, b in series] == [450, 480, 90]
     assert [t for t, _ in series] == pytest.approx([0.0, t_ag, t_ag + roofline(1e9, 0)], rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_chain_merging_is_exact_and_deterministic(schedule: str) -> None:
+    mesh = Mesh.create([("tp", 2), ("pp", 2)])
+    progs = _pipeline(schedule, 5, int(3e12), int(7e12), 2**24)
+    for p in progs:  # add chains (several COMP nodes per action) and a TP collective on a side stream
+        n = len(p.nodes)
+        p.add("opt_a", NodeKind.COMP, flops=int(1e11), data_deps=(n - 1,), category="optimizer", op="adam")
+        p.add("opt_b", NodeKind.COMP, flops=int(2e11), data_deps=(n,), category="optimizer", op="adam")
+        p.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=2**26, axes=("tp",), data_deps=(n,))
+        p.add("opt_c", NodeKind.COMP, flops=int(3e11), data_deps=(n + 1,), category="optimizer")
+    a = execute(progs, mesh, machine(), merge_chains=True)
+    b = execute(progs, mesh, machine(), merge_chains=False)
+    assert a.step_time_s == pytest.approx(b.step_time_s, rel=1e-12)
+    assert a.start == pytest.approx(b.start, rel=1e-9, abs=1e-12)
+    assert a.end == pytest.approx(b.end, rel=1e-9, abs=1e-12)
+    ra, rb = summarize(a), summarize(b)
+    # opt_a, opt_b are vector ops (adam); opt_c has no op kind: charged at tensor rate
+    assert ra.classes[0].optimizer_s == pytest.approx(3 * LAUNCH + 3e11 / (PEAK / 10) + 3e11 / (PEAK * EFF), rel=1e-9)
+    assert json.dumps(ra.to_dict()) == json.dumps(summarize(execute(progs, mesh, machine())).to_dict())
+    assert ra.classes[1].compute_by_category_s == pytest.approx(rb.classes[1].compute_by_category_s)
