@@ -51,6 +51,8 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from tensorstage.errors import SpecError
 from tensorstage.schedule.program import NodeKind, Program
 from tensorstage.sim.collectives import collective_time_s, mesh_members_per_domain, p2p_tier, p2p_time_s
@@ -242,23 +244,27 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_c
     # Chains: a COMP node whose only dependency is the node just before it, itself a COMP node whose
     # only successor it is, runs right after it under the lowest-ready-id rule (no other id lies
     # between them), so such runs of consecutive ids are simulated as one event ("super node").
-    heads: list[int] = []
-    sup = [0] * total
-    for g in range(total):
-        if (merge_chains and g and kind[g] == K_COMP and indeg[g] == 1 and kind[g - 1] == K_COMP
-                and cls[g - 1] == cls[g]):
-            sp = succ[g - 1]
-            if sp is not None and len(sp) == 1:
-                sup[g] = len(heads) - 1
-                continue
-        sup[g] = len(heads)
-        heads.append(g)
+    kind_a = np.array(kind, dtype=np.int8)
+    is_head = np.ones(total, dtype=bool)
+    if merge_chains and total > 1:
+        first_succ = np.array([sl[0] if sl is not None and len(sl) == 1 else -1 for sl in succ], dtype=np.int64)
+        indeg_a = np.array(indeg, dtype=np.int64)
+        cls_a = np.array(cls, dtype=np.int64)
+        chained = ((kind_a[1:] == K_COMP) & (kind_a[:-1] == K_COMP) & (indeg_a[1:] == 1)
+                   & (first_succ[:-1] == np.arange(1, total)) & (cls_a[1:] == cls_a[:-1]))
+        is_head[1:] = ~chained
+    heads_a = np.flatnonzero(is_head)
+    sup_a = np.cumsum(is_head) - 1
+    dur_a = np.array(dur, dtype=np.float64)
+    dur_s_a = np.add.reduceat(dur_a, heads_a) if total else dur_a
+    heads = heads_a.tolist()
+    sup = sup_a.tolist()
     ns = len(heads)
     tails = [h - 1 for h in heads[1:]] + [total - 1]
-    kind_s = [kind[h] for h in heads]
+    kind_s = kind_a[heads_a].tolist()
     cls_s = [cls[h] for h in heads]
     indeg_s = [indeg[h] for h in heads]
-    dur_s = [sum(dur[h:t + 1]) if t > h else dur[h] for h, t in zip(heads, tails, strict=True)]
+    dur_s = dur_s_a.tolist()
     succ_s: list[list[int] | None] = [None] * ns
     for i, t in enumerate(tails):
         sl = succ[t]
@@ -274,25 +280,22 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_c
     start_s, end_s, post_s = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s,
                                   inst_s, inst_members_s, inst_dur, partner_s, link_s, len(links),
                                   machine.overlap_slowdown)
-    start = [0.0] * total
-    end = [-1.0] * total
-    post = [-1.0] * total
-    for i, h in enumerate(heads):
-        t = tails[i]
-        s0, e0 = start_s[i], end_s[i]
-        if t == h:
-            start[h], end[h], post[h] = s0, e0, post_s[i]
-            continue
-        if e0 < 0:
-            continue
-        scale = (e0 - s0) / dur_s[i] if dur_s[i] > 0 else 0.0
-        x = s0
-        for g in range(h, t + 1):
-            start[g] = x
-            x += dur[g] * scale
-            end[g] = x
-        end[t] = e0
-    missing = [g for g in range(total) if end[g] < 0]
+    # per-node times: split each super node's interval in proportion to its members' durations
+    ss, es = np.array(start_s), np.array(end_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(dur_s_a > 0, (es - ss) / dur_s_a, 0.0)
+    before = np.cumsum(dur_a) - dur_a  # durations before each node, globally
+    within = before - before[heads_a][sup_a]
+    end_a = ss[sup_a] + (within + dur_a) * scale[sup_a]
+    end_a[np.array(tails, dtype=np.int64)] = es
+    start_a = np.empty(total)
+    start_a[1:] = end_a[:-1]  # inside a chain a node starts exactly when the previous one ends
+    start_a[heads_a] = ss
+    post_a = np.full(total, -1.0)
+    post_a[heads_a] = post_s
+    start, end, post = start_a.tolist(), end_a.tolist(), post_a.tolist()
+    end_min = float(es.min()) if ns else 0.0
+    missing = [g for g in range(total) if end[g] < 0] if end_min < 0 else []
     if missing:
         g = missing[0]
         c = cls[g]

@@ -33,9 +33,10 @@ dense datasheet peak of the compute dtype; ``hfu`` the same with the FLOPs the n
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+import numpy as np
 
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim.engine import K_COLL, K_COMP, Execution
@@ -103,58 +104,53 @@ def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
     classes: list[ClassResult] = []
     algos: dict[str, int] = {}
     tot_model = tot_exec = 0
-    start, end, post = ex.start, ex.end, ex.post
+    start_all, end_all = np.asarray(ex.start, dtype=np.float64), np.asarray(ex.end, dtype=np.float64)
+    kind_all = np.asarray(ex.kind, dtype=np.int8)
+    post = ex.post
     for c, prog in enumerate(ex.programs):
-        off = ex.offsets[c]
-        by_cat: dict[str, float] = {}
-        by_op: dict[str, float] = {}
+        off, stop = ex.offsets[c], ex.offsets[c + 1]
+        nodes = prog.nodes
+        st, en, kd = start_all[off:stop], end_all[off:stop], kind_all[off:stop]
+        dur = en - st
+        comp = kd == K_COMP
+        by_cat = _sum_by([n.category for n in nodes], dur, comp)
+        by_op = _sum_by([n.op or "other" for n in nodes], dur, comp)
+        flops = sum([n.flops for n in nodes])
         comm_busy: dict[str, float] = {}
-        cstart: list[float] = []
-        cend: list[float] = []
         comm_iv: list[tuple[float, float, str]] = []
-        mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
-        flops = 0
         wait = 0.0
-        finish = 0.0
-        for node in prog.nodes:
+        for j in np.flatnonzero(~comp).tolist():
+            node = nodes[j]
+            g = off + j
+            s_, e_ = ex.start[g], ex.end[g]
+            lab = _label(node)
+            comm_busy[lab] = comm_busy.get(lab, 0.0) + (e_ - s_)
+            comm_iv.append((s_, e_, lab))
+            wait += s_ - post[g]
+            if kd[j] == K_COLL:
+                a = ex.algorithm.get(g, "")
+                algos[a] = algos.get(a, 0) + 1
+        mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
+        for node in [n for n in nodes if n.mem_alloc_bytes or n.mem_free_bytes]:
             g = off + node.id
-            s, e = start[g], end[g]
-            if e > finish:
-                finish = e
-            if ex.kind[g] == K_COMP:
-                d = e - s
-                by_cat[node.category] = by_cat.get(node.category, 0.0) + d
-                op = node.op or "other"
-                by_op[op] = by_op.get(op, 0.0) + d
-                cstart.append(s)
-                cend.append(e)
-                flops += node.flops
-                mcat = "activations"
-            else:
-                lab = _label(node)
-                comm_busy[lab] = comm_busy.get(lab, 0.0) + (e - s)
-                comm_iv.append((s, e, lab))
-                wait += s - post[g]
-                if ex.kind[g] == K_COLL:
-                    a = ex.algorithm.get(g, "")
-                    algos[a] = algos.get(a, 0) + 1
-                mcat = "comm_buffers"
-            if node.mem_alloc_bytes or node.mem_free_bytes:
-                mcat = getattr(node, "mem_category", None) or mcat
-                if node.mem_alloc_bytes:
-                    mem_ev.append((s, 1, node.mem_alloc_bytes, mcat))
-                if node.mem_free_bytes:
-                    mem_ev.append((e, 0, -node.mem_free_bytes, mcat))
-        busy = sum(e - s for s, e in zip(cstart, cend, strict=True))
-        exposed, exposed_by = _exposed(cstart, cend, comm_iv)
+            mcat = getattr(node, "mem_category", None) or (
+                "activations" if ex.kind[g] == K_COMP else "comm_buffers")
+            if node.mem_alloc_bytes:
+                mem_ev.append((ex.start[g], 1, node.mem_alloc_bytes, mcat))
+            if node.mem_free_bytes:
+                mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, mcat))
+        cs, ce = st[comp], en[comp]
+        busy = float(dur[comp].sum())
+        exposed, exposed_by = _exposed(cs, ce, comm_iv)
         static = {k: int(v) for k, v in sorted(prog.static_bytes.items())}
         peak, peak_t, at_peak = _memory_peak(mem_ev, static)
         tot_model += ex.ranks[c] * prog.model_flops
         tot_exec += ex.ranks[c] * flops
         classes.append(ClassResult(
-            class_key=dict(prog.class_key), ranks=ex.ranks[c], nodes=len(prog.nodes), finish_s=finish,
-            compute_busy_s=busy, compute_by_category_s=dict(sorted(by_cat.items())),
-            compute_by_op_s=dict(sorted(by_op.items())), comm_busy_s=dict(sorted(comm_busy.items())),
+            class_key=dict(prog.class_key), ranks=ex.ranks[c], nodes=len(nodes),
+            finish_s=float(en.max()) if len(en) else 0.0,
+            compute_busy_s=busy, compute_by_category_s=by_cat, compute_by_op_s=by_op,
+            comm_busy_s=dict(sorted(comm_busy.items())),
             exposed_comm_s=dict(sorted(exposed_by.items())), exposed_comm_total_s=exposed, sync_wait_s=wait,
             bubble_s=max(0.0, step - busy - exposed), optimizer_s=by_cat.get("optimizer", 0.0),
             executed_flops=flops, model_flops=prog.model_flops, memory_peak_bytes=peak,
@@ -173,40 +169,48 @@ def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
     )
 
 
-def _exposed(cstart: list[float], cend: list[float], comm: list[tuple[float, float, str]]
+def _sum_by(labels: list[str], values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
+    """Sum ``values[mask]`` grouped by ``labels`` (sorted keys; only labels present under the mask)."""
+    codes: dict[str, int] = {}
+    idx = np.fromiter((codes.setdefault(x, len(codes)) for x in labels), dtype=np.int64, count=len(labels))
+    sums = np.bincount(idx[mask], weights=values[mask], minlength=len(codes))
+    present = np.bincount(idx[mask], minlength=len(codes)) > 0
+    return {k: float(sums[i]) for k, i in sorted(codes.items()) if present[i]}
+
+
+def _exposed(cs: np.ndarray, ce: np.ndarray, comm: list[tuple[float, float, str]]
              ) -> tuple[float, dict[str, float]]:
     """Communication time not covered by compute: total over the union, and per label."""
     if not comm:
         return 0.0, {}
-    order = sorted(range(len(cstart)), key=cstart.__getitem__)
-    cs = [cstart[i] for i in order]
-    ce = [cend[i] for i in order]
-    pre = [0.0]
-    for s, e in zip(cs, ce, strict=True):
-        pre.append(pre[-1] + (e - s))
+    order = np.argsort(cs, kind="stable")
+    cs, ce = cs[order], ce[order]
+    pre = np.concatenate(([0.0], np.cumsum(ce - cs)))
 
-    def covered(x: float) -> float:  # compute busy time in [0, x]
-        i = bisect_right(cs, x) - 1
-        if i < 0:
-            return 0.0
-        return pre[i] + min(x, ce[i]) - cs[i]
+    def covered(x: np.ndarray) -> np.ndarray:  # compute busy time in [0, x], elementwise
+        i = np.searchsorted(cs, x, side="right") - 1
+        ok = i >= 0
+        ic = np.where(ok, i, 0)
+        val = pre[ic] + np.minimum(x, ce[ic]) - cs[ic] if len(cs) else np.zeros_like(x)
+        return np.where(ok, val, 0.0)
 
+    s = np.array([iv[0] for iv in comm])
+    e = np.array([iv[1] for iv in comm])
+    unc = (e - s) - (covered(e) - covered(s))
     raw: dict[str, float] = {}
-    for s, e, lab in comm:
-        u = (e - s) - (covered(e) - covered(s))
+    for (_, _, lab), u in zip(comm, unc.tolist(), strict=True):
         if u > 0:
             raw[lab] = raw.get(lab, 0.0) + u
-    total = 0.0
-    ivs = sorted((s, e) for s, e, _ in comm)
-    ms, me = ivs[0]
-    for s, e in ivs[1:]:
-        if s <= me:
-            if e > me:
-                me = e
-            continue
-        total += (me - ms) - (covered(me) - covered(ms))
-        ms, me = s, e
-    total += (me - ms) - (covered(me) - covered(ms))
+    # union of the communication intervals
+    o = np.argsort(s, kind="stable")
+    s, e = s[o], e[o]
+    run_end = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > run_end[:-1]
+    starts = s[new]
+    last = np.flatnonzero(np.r_[new[1:], True])
+    ends = run_end[last]
+    total = float(((ends - starts) - (covered(ends) - covered(starts))).sum())
     total = max(0.0, total)
     rsum = sum(raw.values())
     scale = total / rsum if rsum > 0 else 0.0
