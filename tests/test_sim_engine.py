@@ -328,3 +328,34 @@ def test_chain_merging_is_exact_and_deterministic(schedule: str) -> None:
     assert ra.classes[0].optimizer_s == pytest.approx(3 * LAUNCH + 3e11 / (PEAK / 10) + 3e11 / (PEAK * EFF), rel=1e-9)
     assert json.dumps(ra.to_dict()) == json.dumps(summarize(execute(progs, mesh, machine())).to_dict())
     assert ra.classes[1].compute_by_category_s == pytest.approx(rb.classes[1].compute_by_category_s)
+
+
+def test_hfu_over_mfu_with_full_recompute() -> None:
+    # F-MFU-HFU: full recompute executes 4 forward-equivalents for 3 counted ones -> HFU/MFU = 4/3.
+    mesh = Mesh.create([("dp", 4)])
+    p = Program({})
+    fwd = int(1e13)
+    for i, (name, f) in enumerate([("fwd", fwd), ("recompute", fwd), ("bwd", 2 * fwd)]):
+        p.add(name, NodeKind.COMP, flops=f, op="einsum", category=name if name != "bwd" else "bwd_input",
+              data_deps=(i - 1,) if i else ())
+    p.model_flops = 3 * fwd
+    res = simulate([p], mesh, machine(launch=0.0))
+    assert res.step_time_s == pytest.approx(4 * fwd / (PEAK * EFF))
+    assert res.mfu == pytest.approx(3 * fwd / (res.step_time_s * PEAK))  # = 0.75 * EFF
+    assert res.hfu / res.mfu == pytest.approx(4 / 3)
+    assert res.classes[0].compute_by_category_s["recompute"] == pytest.approx(fwd / (PEAK * EFF))
+
+
+def test_machine_from_preset_system() -> None:
+    from tensorstage.hardware.system import load_system
+    from tensorstage.sim import machine_from_system
+
+    sysa = load_system("dgx-a100-selene")
+    dev = sysa.device
+    m = machine_from_system(sysa, "bf16")
+    assert m.compute.peak_flops == 312e12  # A100 datasheet dense bf16 (public_cases.yaml)
+    assert m.compute.tensor_flops == pytest.approx(312e12 * dev.matmul_efficiency)
+    assert m.compute.hbm_Bps == pytest.approx(2039e9 * dev.hbm_efficiency)
+    assert m.hbm_capacity_bytes == 80 * 2**30
+    with pytest.raises(SpecError, match="dtype"):
+        machine_from_system(sysa, "fp8")  # A100 has no fp8 tensor cores
