@@ -15,7 +15,10 @@ Execution rules (the contract with the lowering):
   between them is modelled). A COLL node whose axes include a ``class_key`` axis spans several
   classes: the k-th collective over axes ``X`` of every class that agrees with it on the class-key
   axes outside ``X`` forms one instance (NCCL's "same order on every rank" rule); it starts when
-  all of them have *posted* it (stream free and node ready) and ends for all at once. A stream
+  all of them have *posted* it (stream free and node ready) and ends for all at once. A class
+  with fewer such collectives simply takes no part in the later instances (e.g. an embedding
+  all-reduce only the first and last stages issue); the cost is still that of the full group
+  over ``X`` on the mesh. A stream
   that has posted is blocked until its collective ends. A collective within one class needs no
   matching: all ranks of a class run it at the same time. Duration: the slowest participant's
   alpha-beta cost (:mod:`.collectives`), fastest algorithm.
