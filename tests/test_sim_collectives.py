@@ -135,3 +135,17 @@ def test_fabric_from_preset_system() -> None:
     sysh = load_system("dgx-h100-superpod")
     fab = fabric_from_system(sysh)
     assert fab.tiers[0].nvls_bw_Bps == pytest.approx(450e9 * NVLS_EFFICIENCY)
+
+
+def test_three_tier_reduce_scatter_and_all_gather() -> None:
+    b2, a2 = 5e9, 10e-6
+    fab = Fabric((Tier("nvl", 8, B0, A0), Tier("leaf", 16, B1, A1), Tier("spine", 1000, b2, a2)))
+    members = (2, 8, 64)  # 2 per node, 4 nodes per leaf domain in the group, 8 leaf domains
+    n = 64
+    hier = ((2 - 1) / 2 * S / B0 + A0 + (4 - 1) / 4 * (S / 2) / B1 + 3 * A1
+            + (8 - 1) / 8 * (S / 8) / b2 + 7 * a2)
+    ring = (n - 1) / n * S / min(B0, 2 * B1, 8 * b2) + (n - 1) * max(A0, A1, a2)
+    t, algo = reduce_scatter_s(S, members, fab)
+    assert t == pytest.approx(min(hier, ring), rel=1e-12)
+    assert algo == ("hierarchical" if hier < ring else "ring")
+    assert all_gather_s(S / n, members, fab)[0] == pytest.approx(t, rel=1e-12)
