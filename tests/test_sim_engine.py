@@ -359,3 +359,22 @@ def test_machine_from_preset_system() -> None:
     assert m.hbm_capacity_bytes == 80 * 2**30
     with pytest.raises(SpecError, match="dtype"):
         machine_from_system(sysa, "fp8")  # A100 has no fp8 tensor cores
+
+
+def test_embedding_all_reduce_between_first_and_last_stage_only() -> None:
+    mesh = Mesh.create([("tp", 1), ("pp", 4)])
+    work = [int(1e12), int(5e12), int(2e12), int(3e12)]
+    progs = []
+    for st in range(4):
+        p = Program({"pp": st})
+        p.add("w", NodeKind.COMP, flops=work[st], op="einsum")
+        if st in (0, 3):
+            p.add("emb_ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=2**24, axes=("pp",), data_deps=(0,))
+        progs.append(p)
+    mach = machine()
+    res = simulate(progs, mesh, mach)
+    tc = all_reduce_s(2**24, (4, 4), mach.fabric)[0]  # costed as the full pp group
+    end_ar = max(roofline(work[0], 0), roofline(work[3], 0)) + tc
+    assert [c.finish_s for c in res.classes] == pytest.approx(
+        [end_ar, roofline(work[1], 0), roofline(work[2], 0), end_ar])
+    assert res.step_time_s == pytest.approx(max(end_ar, roofline(work[1], 0)))
