@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import gc
 import heapq
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,10 +101,17 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_c
     deadlock). The cyclic garbage collector is paused meanwhile: the setup allocates one small
     list per node and nothing cyclic, and collector passes over them cost ~30 % of the run.
     """
+    with paused_gc():
+        return _execute(programs, mesh, machine, merge_chains)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector (restored afterwards) around allocation-heavy passes."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _execute(programs, mesh, machine, merge_chains)
+        yield
     finally:
         if was_enabled:
             gc.enable()

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from tensorstage.schedule.program import NodeKind
-from tensorstage.sim.engine import K_COLL, K_COMP, Execution
+from tensorstage.sim.engine import K_COLL, K_COMP, Execution, paused_gc
 
 
 @dataclass
@@ -99,6 +99,11 @@ def _label(node: Any) -> str:
 
 def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
     """Reduce an :class:`Execution` to a :class:`SimResult` (see module docstring for definitions)."""
+    with paused_gc():
+        return _summarize(ex, tokens_per_step)
+
+
+def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
     step = ex.step_time_s
     cap = ex.machine.hbm_capacity_bytes
     classes: list[ClassResult] = []
