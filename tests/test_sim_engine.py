@@ -378,3 +378,23 @@ def test_embedding_all_reduce_between_first_and_last_stage_only() -> None:
     assert [c.finish_s for c in res.classes] == pytest.approx(
         [end_ar, roofline(work[1], 0), roofline(work[2], 0), end_ar])
     assert res.step_time_s == pytest.approx(max(end_ar, roofline(work[1], 0)))
+
+
+def test_lower_id_node_cuts_into_a_chain_as_unmerged() -> None:
+    # node 1 waits for a collective that ends while the independent chain 2..5 runs; under the
+    # lowest-ready-id rule it runs right after the chain member in progress, not after the chain.
+    mesh = Mesh.create([("tp", 8)])
+    s = 2**28
+    tc = 2 * 7 / 8 * s / B0 + 14 * A0
+    d = tc / 1.5
+    f = int((d - LAUNCH) * PEAK * EFF)
+    d = roofline(f, 0)
+    p = Program({})
+    p.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
+    p.add("a", NodeKind.COMP, flops=f, op="einsum", data_deps=(0,))
+    for i in range(2, 6):
+        p.add(f"c{i}", NodeKind.COMP, flops=f, op="einsum", data_deps=(i - 1,) if i > 2 else ())
+    merged, plain = execute([p], mesh, machine()), execute([p], mesh, machine(), merge_chains=False)
+    assert plain.end[1] == pytest.approx(3 * d)  # c2 [0,d], c3 [d,2d], a [2d,3d]
+    assert merged.start == plain.start and merged.end == plain.end
+    assert merged.step_time_s == pytest.approx(5 * d)

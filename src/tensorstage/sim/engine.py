@@ -18,8 +18,7 @@ Execution rules (the contract with the lowering):
   all of them have *posted* it (stream free and node ready) and ends for all at once. A class
   with fewer such collectives simply takes no part in the later instances (e.g. an embedding
   all-reduce only the first and last stages issue); the cost is still that of the full group
-  over ``X`` on the mesh. A stream
-  that has posted is blocked until its collective ends. A collective within one class needs no
+  over ``X`` on the mesh. A stream that has posted is blocked until its collective ends. A collective within one class needs no
   matching: all ranks of a class run it at the same time. Duration: the slowest participant's
   alpha-beta cost (:mod:`.collectives`), fastest algorithm.
 * **Send/recv.** A SEND in class ``A`` along ``peer_axis`` by ``peer_offset`` goes to class
@@ -40,9 +39,11 @@ Programs are flattened into parallel lists indexed by a global node id; the loop
 are all applied before any compute stream picks its next node, so ties resolve by lowest id.
 
 Chains are simulated as one event: a run of consecutive-id COMP nodes where each depends only on
-the one before, which has no other successor. Under the lowest-ready-id rule no other node can
-run between them, so the schedule is unchanged (``merge_chains=False`` turns this off; the
-tests check both agree). The one approximation it adds: the overlap slowdown of a merged chain
+the one before, which has no other successor. Under the lowest-ready-id rule only a *lower-id*
+COMP node that becomes ready while the chain runs could run between its members; the loop
+detects that and then re-simulates without merging, so the schedule is always the unmerged one
+(``merge_chains=False`` turns merging off; the tests check both agree, including a program that
+triggers the fallback). The one approximation it adds: the overlap slowdown of a merged chain
 is decided at the chain's start (communication starting mid-chain, which only another class or
 an arriving message can cause, does not slow the chain's remaining nodes). Per-node times are
 recovered by splitting the chain's interval in proportion to the nodes' own durations.
@@ -265,44 +266,49 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
             raise SpecError("programs", f"recv without send: class {keys[mk[1]]} expects tag {mk[2]} from {keys[mk[0]]}")
 
     # Chains: a COMP node whose only dependency is the node just before it, itself a COMP node whose
-    # only successor it is, runs right after it under the lowest-ready-id rule (no other id lies
-    # between them), so such runs of consecutive ids are simulated as one event ("super node").
+    # only successor it is, is simulated with it as one event ("super node"). If a lower-id COMP node
+    # becomes ready while such a chain runs (it would have cut in), the loop gives up and the
+    # step is simulated again without merging.
     kind_a = np.array(kind, dtype=np.int8)
-    is_head = np.ones(total, dtype=bool)
-    if merge_chains and total > 1:
-        first_succ = np.array([sl[0] if sl is not None and len(sl) == 1 else -1 for sl in succ], dtype=np.int64)
-        indeg_a = np.array(indeg, dtype=np.int64)
-        cls_a = np.array(cls, dtype=np.int64)
-        chained = ((kind_a[1:] == K_COMP) & (kind_a[:-1] == K_COMP) & (indeg_a[1:] == 1)
-                   & (first_succ[:-1] == np.arange(1, total)) & (cls_a[1:] == cls_a[:-1]))
-        is_head[1:] = ~chained
-    heads_a = np.flatnonzero(is_head)
-    sup_a = np.cumsum(is_head) - 1
     dur_a = np.array(dur, dtype=np.float64)
-    dur_s_a = np.add.reduceat(dur_a, heads_a) if total else dur_a
-    heads = heads_a.tolist()
-    sup = sup_a.tolist()
-    ns = len(heads)
-    tails = [h - 1 for h in heads[1:]] + [total - 1]
-    kind_s = kind_a[heads_a].tolist()
-    cls_s = [cls[h] for h in heads]
-    indeg_s = [indeg[h] for h in heads]
-    dur_s = dur_s_a.tolist()
-    succ_s: list[list[int] | None] = [None] * ns
-    for i, t in enumerate(tails):
-        sl = succ[t]
-        if sl is not None:
-            succ_s[i] = [sup[x] for x in sl]
-    stream_s = [stream_of[h] for h in heads]
-    inst_s = [inst_of[h] for h in heads]
-    partner_s = [sup[partner[h]] if partner[h] >= 0 else -1 for h in heads]
-    link_s = [link_of[h] for h in heads]
-    queues_s = [[sup[g] for g in q] for q in queues]
-    inst_members_s = [[sup[g] for g in m] for m in inst_members]
+    for merge in ((True, False) if merge_chains else (False,)):
+        is_head = np.ones(total, dtype=bool)
+        if merge and total > 1:
+            first_succ = np.array([sl[0] if sl is not None and len(sl) == 1 else -1 for sl in succ], dtype=np.int64)
+            indeg_a = np.array(indeg, dtype=np.int64)
+            cls_a = np.array(cls, dtype=np.int64)
+            chained = ((kind_a[1:] == K_COMP) & (kind_a[:-1] == K_COMP) & (indeg_a[1:] == 1)
+                       & (first_succ[:-1] == np.arange(1, total)) & (cls_a[1:] == cls_a[:-1]))
+            is_head[1:] = ~chained
+        heads_a = np.flatnonzero(is_head)
+        sup_a = np.cumsum(is_head) - 1
+        dur_s_a = np.add.reduceat(dur_a, heads_a) if total else dur_a
+        heads = heads_a.tolist()
+        sup = sup_a.tolist()
+        ns = len(heads)
+        tails = [h - 1 for h in heads[1:]] + [total - 1]
+        kind_s = kind_a[heads_a].tolist()
+        cls_s = [cls[h] for h in heads]
+        indeg_s = [indeg[h] for h in heads]
+        dur_s = dur_s_a.tolist()
+        succ_s: list[list[int] | None] = [None] * ns
+        for i, t in enumerate(tails):
+            sl = succ[t]
+            if sl is not None:
+                succ_s[i] = [sup[x] for x in sl]
+        stream_s = [stream_of[h] for h in heads]
+        inst_s = [inst_of[h] for h in heads]
+        partner_s = [sup[partner[h]] if partner[h] >= 0 else -1 for h in heads]
+        link_s = [link_of[h] for h in heads]
+        queues_s = [[sup[g] for g in q] for q in queues]
+        inst_members_s = [[sup[g] for g in m] for m in inst_members]
 
-    start_s, end_s, post_s = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s,
-                                  inst_s, inst_members_s, inst_dur, partner_s, link_s, len(links),
-                                  machine.overlap_slowdown)
+        out = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s, inst_s,
+                   inst_members_s, inst_dur, partner_s, link_s, len(links), machine.overlap_slowdown,
+                   [t > h for h, t in zip(heads, tails, strict=True)])
+        if out is not None:
+            break
+    start_s, end_s, post_s = out  # type: ignore[misc]
     # per-node times: split each super node's interval in proportion to its members' durations
     ss, es = np.array(start_s), np.array(end_s)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -346,8 +352,15 @@ def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis
 
 
 def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_members, inst_dur,
-         partner, link_of, nlinks, slowdown):
-    """The event loop over flat lists (kept free of attribute lookups: it is the hot path)."""
+         partner, link_of, nlinks, slowdown, multi):
+    """The event loop over flat lists (kept free of attribute lookups: it is the hot path).
+
+    Returns ``None`` when a merged chain would have been interleaved with a lower-id COMP node
+    that became ready while it ran (``multi[g]``: ``g`` is a chain of several nodes); the caller
+    then runs again without merging, so the result is always that of the unmerged program.
+    """
+    running = [-1] * nclasses  # super node on each compute stream
+    run_end = [0.0] * nclasses
     start = [-1.0] * total
     end = [-1.0] * total
     post = [-1.0] * total
@@ -453,6 +466,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                     d = span + (d - span / factor)
             start[g] = t
             comp_busy[c] = True
+            running[c] = g
+            run_end[c] = t + d
             push(events, (t + d, g))
         if not events:
             break
@@ -484,6 +499,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 k = kind[s]
                 if k == K_COMP:
                     cs = cls[s]
+                    if comp_busy[cs] and s < running[cs] and multi[running[cs]] and run_end[cs] > cur_t:
+                        return None
                     push(ready_heaps[cs], s)
                     dirty.append(cs)
                 elif k == K_COLL:
