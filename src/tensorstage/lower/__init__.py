@@ -1,0 +1,64 @@
+"""Lowering: ``ModelSpec + ParallelPlan`` -> one :class:`Program` per rank class.
+
+:func:`lower` is the one entry point the trace writer, the simulator and the CLI use. It builds the
+symbolic graph for the plan's phase with options taken from the plan (recompute, dtype, MoE
+capacity/skew), shards every block (:mod:`tensorstage.lower.blocks`) and assembles the step
+(:mod:`tensorstage.lower.assemble`). See :mod:`tensorstage.lower.steps` for the contract between
+the two halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from tensorstage.graph.graph import Graph, build_graph
+from tensorstage.graph.options import GraphOptions
+from tensorstage.model.spec import ModelSpec
+from tensorstage.parallel.mesh import Mesh
+from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.schedule.program import Program
+
+
+@dataclass
+class Lowered:
+    """The result of :func:`lower`: Programs (one per rank class) and what produced them."""
+
+    programs: list[Program]
+    mesh: Mesh
+    graph: Graph
+    plan: ParallelPlan
+    spec: ModelSpec
+    # tokens the whole step processes (global batch x new tokens per sequence): tokens/s = this / step
+    tokens_per_step: int
+
+
+def graph_options(plan: ParallelPlan, base: GraphOptions | None = None) -> GraphOptions:
+    """Graph-build options for ``plan``: the plan's phase, recompute policy, dtype and MoE routing
+    override ``base`` (which keeps conventions the plan does not name: attention impl, dropout...)."""
+    base = base or GraphOptions()
+    return replace(
+        base,
+        phase=plan.phase,
+        recompute=plan.recompute if plan.phase == "train" else "none",
+        precision=plan.dtype,
+        capacity_factor=plan.capacity_factor if plan.capacity_factor is not None else base.capacity_factor,
+        routing_skew=max(plan.routing_skew, base.routing_skew),
+    )
+
+
+def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None) -> Lowered:
+    """Lower ``spec`` under ``plan`` to per-rank-class Programs (validates the plan first)."""
+    from tensorstage.lower.assemble import assemble
+    from tensorstage.lower.blocks import lower_blocks
+
+    plan.validate_for(spec)
+    opts = graph_options(plan, options)
+    graph = build_graph(spec, opts.phase, opts)
+    blocks = lower_blocks(graph, plan)
+    mesh = plan.mesh()
+    programs = assemble(graph, plan, blocks, mesh)
+    new_tokens = 1 if plan.phase == "decode" else plan.seq
+    return Lowered(programs, mesh, graph, plan, spec, plan.global_batch * new_tokens)
+
+
+__all__ = ["Lowered", "graph_options", "lower"]
