@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+# Piped output (CI logs, `| less`) would be cut at rich's 80-column default; tables are wide.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def print_json(data: Any) -> None:
@@ -31,7 +33,7 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     table = Table(title=title, show_lines=False)
     for i, col in enumerate(columns):
         numeric = bool(rows) and all(isinstance(r[i], int | float) for r in rows)
-        table.add_column(col, justify="right" if numeric else "left")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=numeric)
     for row in rows:
         table.add_row(*(_fmt(v) for v in row))
     console.print(table)
