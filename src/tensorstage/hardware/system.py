@@ -20,8 +20,6 @@ scale-up switch can reduce in-network (NVLink SHARP), which changes the best all
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Literal
@@ -30,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import write_text_atomic
 from tensorstage.hardware._errors import spec_error
 from tensorstage.hardware.device import DeviceSpec
 from tensorstage.hardware.presets import (
@@ -268,12 +267,4 @@ def write_system_yaml(spec: SystemSpec, path: str | Path) -> Path:
     """Write ``spec`` as a standalone YAML file atomically (temp file in the same folder, then rename)."""
     path = Path(path)
     text = yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True, width=110)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_text_atomic(path, text)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
 from tensorstage.model.spec import ModelSpec
 
 _MISSING = object()
@@ -293,10 +294,7 @@ def spec_from_hf_config(config: dict[str, Any], name: str, where: str = "config.
 def load_hf_config(path: str | Path, name: str | None = None) -> ModelSpec:
     """Read ``path`` (a ``config.json``) and import it; bad JSON is a one-line :class:`SpecError`."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(str(p), f"cannot read file: {exc.strerror or exc}") from None
+    text = read_text_file(p)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

@@ -13,16 +13,14 @@ from pathlib import Path
 import yaml
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
 from tensorstage.model.spec import ModelSpec
 
 
 def read_yaml_mapping(path: str | Path) -> dict:
     """Parse ``path`` as a YAML mapping; syntax errors become one line with file and line number."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(str(p), f"cannot read file: {exc.strerror or exc}") from None
+    text = read_text_file(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

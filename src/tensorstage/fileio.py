@@ -1,0 +1,44 @@
+"""Small file helpers every writer and reader shares.
+
+Why one place: the project's rules are "never leave a partial or corrupt output" (write to a temp
+file in the same folder, then rename) and "an unreadable input is a one-line error naming the
+file" (``SpecError``); each writer re-implementing them drifts.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from tensorstage.errors import SpecError
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically: temp file beside it, then ``os.replace``."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically: temp file beside it, then ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_text_file(path: str | os.PathLike[str]) -> str:
+    """Read a UTF-8 text input; a missing or unreadable file is a :class:`SpecError` naming it."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecError(str(p), f"cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise SpecError(str(p), "not a UTF-8 text file") from None
