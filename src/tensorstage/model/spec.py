@@ -154,8 +154,5 @@ def spec_error_from_pydantic(exc: ValidationError, where: str) -> SpecError:
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    ctx = err.get("ctx") or {}
-    allowed = None
-    if "expected" in ctx:
-        msg = f"{msg}"
-    return SpecError(field, msg, allowed)
+    # pydantic's literal/enum messages already list the allowed values ("Input should be 'a' or 'b'")
+    return SpecError(field, msg)
