@@ -28,6 +28,9 @@ COMMAND_MODULES = (
     "tensorstage.commands.models",
     "tensorstage.commands.hardware",
     "tensorstage.commands.explain",
+    "tensorstage.commands.simulate",
+    "tensorstage.commands.run",
+    "tensorstage.commands.validate",
 )
 
 
