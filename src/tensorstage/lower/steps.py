@@ -62,13 +62,17 @@ class LocalWeight:
 
     ``numel`` is the local element count after TP / EP (vocab padding included); ``expert`` weights
     reduce gradients over the expert-data-parallel axes (``edp``), the others over ``cp``+``dp``.
-    ``dims`` are the graph-IR dim names (for :meth:`ParallelPlan.param_sharding`).
+    ``dims`` are the graph-IR dim names (for :meth:`ParallelPlan.param_sharding`). ``shape`` is the
+    local shape (same order as ``dims``, product ``numel``) when known: ZeRO-3/FSDP pads dim 0 to
+    a multiple of the shard group (as torch FSDP2 does), which needs it; empty means "flat"
+    (dim 0 = ``numel``).
     """
 
     name: str
     dims: tuple[str, ...]
     numel: int
     expert: bool = False
+    shape: tuple[int, ...] = ()
 
 
 @dataclass
