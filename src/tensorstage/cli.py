@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.models",
     "tensorstage.commands.hardware",
     "tensorstage.commands.explain",
+    "tensorstage.commands.generate",
     "tensorstage.commands.simulate",
     "tensorstage.commands.run",
     "tensorstage.commands.validate",

@@ -1,0 +1,83 @@
+"""``tensorstage generate MODEL [plan flags | -c plan.yaml] --out DIR``: Chakra ET traces of one step.
+
+Why: the traces are what ASTRA-sim (and our own simulator) run. The command lowers the model under
+the plan (:func:`tensorstage.lower.lower`: one Program per pipeline stage), then writes one
+``<prefix>.<rank>.et`` per rank, the communicator groups and ``manifest.json``
+(:func:`tensorstage.trace.write_chakra`), and prints per-class totals. The manifest's ``inputs``
+record the model, the plan summary, dtype and tokens per step, so ``simulate --trace DIR`` can
+rerun it without flags. A bad model or plan is one line on stderr and exit code 2, before anything
+is written (the writer is atomic, so a failure never leaves a partial directory).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.report.console import print_json, print_table
+
+
+def generation_inputs(model: str, lowered: Any) -> dict[str, Any]:
+    """What a trace was generated from (recorded verbatim in the manifest)."""
+    plan = lowered.plan
+    return {"source": "model", "model": model, "model_name": lowered.spec.name, "dtype": plan.dtype,
+            "tokens_per_step": lowered.tokens_per_step, "plan": plan.summary()}
+
+
+def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "trace", workers: int = 1,
+                    classes_only: bool = False, json_traces: bool = False, progress: bool = False
+                    ) -> dict[str, Any]:
+    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest."""
+    from tensorstage.lower import lower
+    from tensorstage.model import resolve_model
+    from tensorstage.trace import write_chakra
+
+    spec = resolve_model(model)
+    lowered = lower(spec, plan)
+    return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,
+                        classes_only=classes_only, json=json_traces, progress=progress,
+                        inputs=generation_inputs(model, lowered))
+
+
+def _summary_rows(manifest: dict[str, Any]) -> list[list[Any]]:
+    rows = []
+    for cid, c in manifest["classes"].items():
+        coll = sum(b for per_axes in c["collective_bytes"].values() for b in per_axes.values())
+        key = ",".join(f"{k}={v}" for k, v in c["key"].items())
+        rows.append([int(cid), key, c["nodes"], c["flops"] / 1e12, c["model_flops"] / 1e12, coll / 1e9,
+                     c["send_bytes"] / 1e9, c["recv_bytes"] / 1e9, sum(c["static_bytes"].values()) / 2**30])
+    return rows
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``generate`` command."""
+    from tensorstage.commands.planopts import with_plan_options
+
+    @app.command("generate")
+    @with_plan_options
+    def generate(
+        model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
+        plan: ParallelPlan | None = None,
+        out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
+        prefix: str = typer.Option("trace", "--prefix", help="File-name prefix: <prefix>.<rank>.et."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Writer processes (output is identical)."),
+        classes_only: bool = typer.Option(
+            False, "--classes-only", help="Write one file per rank class plus the rank -> class map."),
+        json_traces: bool = typer.Option(False, "--json-traces", help="Also write each class as JSON."),
+        json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+        progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
+    ) -> None:
+        """Write Chakra ET traces (one file per rank) of one step of MODEL under the parallel plan."""
+        assert plan is not None  # filled by with_plan_options
+        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
+        if json_out:
+            print_json(manifest)
+            return
+        files = manifest["files"]
+        title = (f"{model}: {manifest['world']:,} ranks, {len(manifest['classes'])} classes, "
+                 f"{files['count']:,} files ({files['bytes'] / 1e6:,.1f} MB) in {out}")
+        print_table(title, ["class", "key", "nodes", "TFLOP", "model TFLOP", "coll GB", "send GB", "recv GB",
+                            "static GiB"], _summary_rows(manifest))
