@@ -316,7 +316,7 @@ class _Stage:
                     self.uses.append((i, slot))
         depth = self.ctx.plan.fsdp_prefetch
         for j in range(len(self.uses)):
-            self.gather_after.setdefault(j - 1 - depth, []).append(j)
+            self.gather_after.setdefault(max(j - 1 - depth, -1), []).append(j)
 
     def _emit_gathers(self, after_use: int, dep: int | None) -> None:
         for j in self.gather_after.get(after_use, ()):

@@ -74,7 +74,8 @@ def grad_elem_bytes(options: GraphOptions, ddp_style: str) -> int:
 
 
 def bucket_caps(plan: ParallelPlan, grad_bytes: int) -> tuple[int | None, int | None]:
-    """``(first_cap_bytes, cap_bytes)`` of the gradient buckets; ``None`` = unbounded."""
+    """``(first_cap_bytes, cap_bytes)`` of the gradient buckets: ``first`` None = no special first
+    bucket (use ``cap``); ``cap`` None = unbounded (one bucket)."""
     first, cap = plan.dp_buckets_bytes(grad_bytes)
     if plan.ddp_style == "torch" and plan.dp_bucket_bytes is not None:
         first = plan.dp_bucket_bytes  # torch: an explicit bucket_cap_mb applies to the first bucket too
@@ -142,7 +143,7 @@ def make_buckets(
         if not cur.slots or cur.slots[-1] != slot:
             cur.slots.append(slot)
         cur.close_slot = slot
-        limit = first_cap if not buckets else cap
+        limit = first_cap if not buckets and first_cap is not None else cap
         if limit is not None and cur.numel * grad_bytes >= limit:
             buckets.append(cur)
             cur = None
