@@ -69,9 +69,13 @@ def register(app: typer.Typer) -> None:
         json_traces: bool = typer.Option(False, "--json-traces", help="Also write each class as JSON."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
+        world: int | None = typer.Option(
+            None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
     ) -> None:
         """Write Chakra ET traces (one file per rank) of one step of MODEL under the parallel plan."""
         assert plan is not None  # filled by with_plan_options
+        if world is not None:
+            plan.check(world)
         manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
         if json_out:
             print_json(manifest)
