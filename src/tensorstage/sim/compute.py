@@ -14,6 +14,11 @@
 * ``kernel_launch_s``: the device's fixed per-kernel overhead; one per COMP node (a node is one
   kernel, or one fused group of kernels, in the lowering).
 
+**Fused nodes.** A COMP node may stand for a run of kernels with no communication between them
+(:mod:`tensorstage.lower.fuse`): its ``op`` is ``"fused:" + ";".join("<op>,<flops>,<bytes>,<category>")``
+over the parts, and its time is the sum of the parts' own times (each with its launch), exactly
+what the unfused chain costs. Fusing only cuts the node count (lowering and simulation time).
+
 All three parameters come from :class:`tensorstage.hardware.device.DeviceSpec` with their sources;
 nothing here is fitted. A COMP node with ``flops == 0 and tensor_bytes == 0`` costs only the launch.
 """
@@ -29,6 +34,29 @@ VECTOR_OPS: frozenset[str] = frozenset(
 )
 #: ``Node.op`` values of fused attention kernels (charged at dtype peak x attention efficiency).
 ATTENTION_OPS: frozenset[str] = frozenset({"attention", "flash_attention", "sdpa"})
+
+
+#: ``Node.op`` prefix of a fused node (see module docstring).
+FUSED_PREFIX = "fused:"
+
+
+def fused_op(parts: list[tuple[str, int, int, str]]) -> str:
+    """The ``op`` string of a node fusing ``parts`` = ``[(op, flops, tensor_bytes, category), ...]``."""
+    for op, _, _, cat in parts:
+        if any(ch in op + cat for ch in ",;") or op.startswith(FUSED_PREFIX):
+            raise ValueError(f"op {op!r} / category {cat!r} cannot be fused (contains ',' or ';' or is fused)")
+    return FUSED_PREFIX + ";".join(f"{op},{int(f)},{int(b)},{cat}" for op, f, b, cat in parts)
+
+
+def fused_parts(op: str) -> list[tuple[str, int, int, str]] | None:
+    """``[(op, flops, tensor_bytes, category), ...]`` of a fused ``op`` string, ``None`` for a plain op."""
+    if not op.startswith(FUSED_PREFIX):
+        return None
+    out = []
+    for part in op[len(FUSED_PREFIX):].split(";"):
+        name, f, b, cat = part.split(",")
+        out.append((name, int(f), int(b), cat))
+    return out
 
 
 @dataclass(frozen=True)
@@ -58,7 +86,12 @@ class ComputeModel:
         )
 
     def time_s(self, flops: float, tensor_bytes: float, op: str = "") -> float:
-        """Roofline time of one node (see module docstring)."""
+        """Roofline time of one node (see module docstring); a fused node sums its parts."""
+        if op.startswith(FUSED_PREFIX):
+            total = 0.0
+            for name, f, b, _ in fused_parts(op):  # type: ignore[union-attr]
+                total += self.time_s(f, b, name)
+            return total
         return max(flops / self.rate_flops(op), tensor_bytes / self.hbm_Bps) + self.launch_s
 
     def rate_flops(self, op: str) -> float:

@@ -56,6 +56,7 @@ import heapq
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 
@@ -138,13 +139,14 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     for p in programs:
         offsets.append(offsets[-1] + len(p.nodes))
     total = offsets[-1]
-    kind = [0] * total
-    dur = [0.0] * total
-    cls = [0] * total
-    indeg = [0] * total
-    succ: list[list[int] | None] = [None] * total
-    comp_model, fabric = machine.compute, machine.fabric
-    comp_cache: dict[tuple[int, int, str], float] = {}
+    # vectorized per-node arrays: kind codes, dependency CSR, COMP durations (see _flatten)
+    kind_np, cls_np, indeg_np, succ_ptr, succ_idx = _flatten(programs, offsets, total)
+    kind = kind_np.tolist()
+    cls = cls_np.tolist()
+    indeg = indeg_np.tolist()
+    dur_a0 = _comp_durations(programs, offsets, kind_np, machine.compute)
+    dur = dur_a0.tolist()
+    fabric = machine.fabric
     members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
     coll_cache: dict[tuple[int, int, tuple[str, ...]], tuple[float, str]] = {}
 
@@ -162,80 +164,55 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     recvs: dict[tuple[int, int, int], list[int]] = {}
     p2p_meta: dict[int, tuple[str, int, int]] = {}
 
-    for c, p in enumerate(programs):  # pass 1: flat per-node lists in global ids
-        off = offsets[c]
-        ck = p.class_key
-        cls[off:offsets[c + 1]] = [c] * len(p.nodes)
-        for j, node in enumerate(p.nodes):
-            if node.id != j:
-                raise SpecError("programs", f"class {ck}: node ids must be dense 0..n-1; node {j} has id {node.id}")
-            g = off + j
-            deps = node.data_deps
-            if node.ctrl_deps:
-                deps = tuple(sorted(set(deps) | set(node.ctrl_deps))) if deps else node.ctrl_deps
-            for d in deps:
-                if not 0 <= d < j:
-                    raise SpecError("programs", f"class {ck}: node {j} ({node.name}) depends on {d}, not an earlier id")
-                s = succ[off + d]
-                if s is None:
-                    succ[off + d] = [g]
-                else:
-                    s.append(g)
-            indeg[g] = len(deps)
-            nk = node.kind
-            k = _KMAP[nk] if 0 <= nk < len(_KMAP) else -1
-            if k < 0:
-                raise SpecError("programs", f"class {ck}: node {j} has unsupported kind {node.kind!r}")
-            kind[g] = k
-            if k == K_COMP:
-                key = (node.flops, node.tensor_bytes, node.op)
-                t = comp_cache.get(key)
-                if t is None:
-                    t = comp_cache[key] = comp_model.time_s(node.flops, node.tensor_bytes, node.op)
-                dur[g] = t
-            elif k == K_COLL:
-                axes = node.axes
-                ck2 = (node.comm, node.comm_bytes, axes)
-                cost = coll_cache.get(ck2)
-                if cost is None:
-                    members = members_cache.get(axes)
-                    if members is None:
-                        members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
-                    if node.comm is None:
-                        raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
-                    cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric)
-                dur[g] = cost[0]
-                algorithm[g] = cost[1]
-                sk = (c, axes)
-                sid = stream_index.get(sk)
-                if sid is None:
-                    sid = stream_index[sk] = len(queues)
-                    queues.append([])
-                queues[sid].append(g)
-                stream_of[g] = sid
-                proj = proj_cache.get(sk, 0)
-                if proj == 0:
-                    spans = any(a in axes for a in ck)
-                    proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
-                if proj is not None:
-                    n = ordinal.get(sk, 0)
-                    ordinal[sk] = n + 1
-                    ik = (axes, proj, n)
-                    iid = inst_index.get(ik)
-                    if iid is None:
-                        iid = inst_index[ik] = len(inst_members)
-                        inst_members.append([])
-                    inst_members[iid].append(g)
-                else:
-                    iid = len(inst_members)
-                    inst_members.append([g])
-                inst_of[g] = iid
+    for g in np.flatnonzero(kind_np != K_COMP).tolist():  # pass 1 over communication nodes only
+        c = cls[g]
+        node = programs[c].nodes[g - offsets[c]]
+        j = node.id
+        ck = programs[c].class_key
+        k = kind[g]
+        if k == K_COLL:
+            axes = node.axes
+            ck2 = (node.comm, node.comm_bytes, axes)
+            cost = coll_cache.get(ck2)
+            if cost is None:
+                members = members_cache.get(axes)
+                if members is None:
+                    members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
+                if node.comm is None:
+                    raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
+                cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric)
+            dur[g] = cost[0]
+            algorithm[g] = cost[1]
+            sk = (c, axes)
+            sid = stream_index.get(sk)
+            if sid is None:
+                sid = stream_index[sk] = len(queues)
+                queues.append([])
+            queues[sid].append(g)
+            stream_of[g] = sid
+            proj = proj_cache.get(sk, 0)
+            if proj == 0:
+                spans = any(a in axes for a in ck)
+                proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
+            if proj is not None:
+                n = ordinal.get(sk, 0)
+                ordinal[sk] = n + 1
+                ik = (axes, proj, n)
+                iid = inst_index.get(ik)
+                if iid is None:
+                    iid = inst_index[ik] = len(inst_members)
+                    inst_members.append([])
+                inst_members[iid].append(g)
             else:
-                peer = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
-                bucket = sends if k == K_SEND else recvs
-                mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
-                bucket.setdefault(mk, []).append(g)
-                p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
+                iid = len(inst_members)
+                inst_members.append([g])
+            inst_of[g] = iid
+        else:
+            peer = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
+            bucket = sends if k == K_SEND else recvs
+            mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
+            bucket.setdefault(mk, []).append(g)
+            p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
 
     # collective instances: one duration for all participants
     inst_dur = []
@@ -269,14 +246,15 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     # only successor it is, is simulated with it as one event ("super node"). If a lower-id COMP node
     # becomes ready while such a chain runs (it would have cut in), the loop gives up and the
     # step is simulated again without merging.
-    kind_a = np.array(kind, dtype=np.int8)
+    kind_a = kind_np.astype(np.int8)
     dur_a = np.array(dur, dtype=np.float64)
     for merge in ((True, False) if merge_chains else (False,)):
         is_head = np.ones(total, dtype=bool)
         if merge and total > 1:
-            first_succ = np.array([sl[0] if sl is not None and len(sl) == 1 else -1 for sl in succ], dtype=np.int64)
-            indeg_a = np.array(indeg, dtype=np.int64)
-            cls_a = np.array(cls, dtype=np.int64)
+            nsucc = np.diff(succ_ptr)
+            first_succ = np.where(nsucc == 1, succ_idx[np.minimum(succ_ptr[:-1], max(len(succ_idx) - 1, 0))]
+                                  if len(succ_idx) else -1, -1)
+            indeg_a, cls_a = indeg_np, cls_np
             chained = ((kind_a[1:] == K_COMP) & (kind_a[:-1] == K_COMP) & (indeg_a[1:] == 1)
                        & (first_succ[:-1] == np.arange(1, total)) & (cls_a[1:] == cls_a[:-1]))
             is_head[1:] = ~chained
@@ -291,11 +269,12 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         cls_s = [cls[h] for h in heads]
         indeg_s = [indeg[h] for h in heads]
         dur_s = dur_s_a.tolist()
-        succ_s: list[list[int] | None] = [None] * ns
-        for i, t in enumerate(tails):
-            sl = succ[t]
-            if sl is not None:
-                succ_s[i] = [sup[x] for x in sl]
+        tails_a = np.array(tails, dtype=np.int64)
+        cnt_s = succ_ptr[tails_a + 1] - succ_ptr[tails_a]
+        ptr_s = np.zeros(ns + 1, dtype=np.int64)
+        np.cumsum(cnt_s, out=ptr_s[1:])
+        pos = np.repeat(succ_ptr[tails_a] - ptr_s[:-1], cnt_s) + np.arange(int(ptr_s[-1]))
+        succ_s = (ptr_s.tolist(), sup_a[succ_idx[pos]].tolist())
         stream_s = [stream_of[h] for h in heads]
         inst_s = [inst_of[h] for h in heads]
         partner_s = [sup[partner[h]] if partner[h] >= 0 else -1 for h in heads]
@@ -335,6 +314,80 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                      max(end) if total else 0.0)
 
 
+def _flatten(programs: list[Program], offsets: list[int], total: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-node arrays in global ids, built column-wise (no per-node Python loop body).
+
+    Returns engine kind codes, class of each node, in-degree (data and control dependencies
+    merged, duplicates counted once) and the successor lists as CSR (``ptr``, ``idx``; each list
+    in ascending id order). Raises ``SpecError`` for non-dense ids, dependencies on a later id
+    and unsupported node kinds.
+    """
+    kind = np.empty(total, dtype=np.int64)
+    cls = np.empty(total, dtype=np.int64)
+    srcs, deps = [], []
+    for c, p in enumerate(programs):
+        nodes, off, n = p.nodes, offsets[c], len(p.nodes)
+        cls[off:off + n] = c
+        if not n:
+            continue
+        ids = np.fromiter([x.id for x in nodes], dtype=np.int64, count=n)
+        ar = np.arange(n, dtype=np.int64)
+        if not np.array_equal(ids, ar):
+            j = int(np.flatnonzero(ids != ar)[0])
+            raise SpecError("programs", f"class {p.class_key}: node ids must be dense 0..n-1; node {j} has id {ids[j]}")
+        raw = np.fromiter([x.kind for x in nodes], dtype=np.int64, count=n)
+        codes = np.asarray(_KMAP + [-1], dtype=np.int64)[np.clip(raw, 0, len(_KMAP))]
+        if (codes < 0).any():
+            j = int(np.flatnonzero(codes < 0)[0])
+            raise SpecError("programs", f"class {p.class_key}: node {j} has unsupported kind {nodes[j].kind!r}")
+        kind[off:off + n] = codes
+        dd = [x.data_deps for x in nodes]
+        cd = [x.ctrl_deps for x in nodes]
+        ld = np.fromiter(map(len, dd), dtype=np.int64, count=n)
+        lc = np.fromiter(map(len, cd), dtype=np.int64, count=n)
+        src = np.concatenate((np.repeat(ar, ld), np.repeat(ar, lc)))
+        dep = np.concatenate((np.fromiter(chain.from_iterable(dd), dtype=np.int64, count=int(ld.sum())),
+                              np.fromiter(chain.from_iterable(cd), dtype=np.int64, count=int(lc.sum()))))
+        bad = (dep < 0) | (dep >= src)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[np.argmin(src[bad])])
+            j, d = int(src[i]), int(dep[i])
+            raise SpecError("programs", f"class {p.class_key}: node {j} ({nodes[j].name}) depends on {d}, "
+                            "not an earlier id")
+        key = np.unique(src * n + dep)  # merged, deduplicated, sorted by (node, dependency)
+        srcs.append(key // n + off)
+        deps.append(key % n + off)
+    src = np.concatenate(srcs) if srcs else np.zeros(0, dtype=np.int64)
+    dep = np.concatenate(deps) if deps else np.zeros(0, dtype=np.int64)
+    indeg = np.bincount(src, minlength=total)
+    order = np.argsort(dep, kind="stable")  # src ascending within each dependency
+    ptr = np.zeros(total + 1, dtype=np.int64)
+    np.cumsum(np.bincount(dep, minlength=total), out=ptr[1:])
+    return kind, cls, indeg, ptr, src[order]
+
+
+def _comp_durations(programs: list[Program], offsets: list[int], kind: np.ndarray, comp_model: object
+                    ) -> np.ndarray:
+    """Duration of every COMP node (0 elsewhere): ``comp_model.time_s`` once per distinct
+    ``(flops, tensor_bytes, op)``."""
+    dur = np.zeros(len(kind), dtype=np.float64)
+    cache: dict[tuple[int, int, str], float] = {}
+    time_s = comp_model.time_s  # type: ignore[attr-defined]
+    for c, p in enumerate(programs):
+        off, nodes = offsets[c], p.nodes
+        sel = np.flatnonzero(kind[off:off + len(nodes)] == K_COMP)
+        if not len(sel):
+            continue
+        comp = [nodes[j] for j in sel.tolist()] if len(sel) < len(nodes) else nodes
+        keys = [(x.flops, x.tensor_bytes, x.op) for x in comp]
+        for k in dict.fromkeys(keys):
+            if k not in cache:
+                cache[k] = time_s(*k)
+        dur[off + sel] = [cache[k] for k in keys]
+    return dur
+
+
 def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis: str, offset: int,
                 mesh: object) -> int:
     if not axis:
@@ -359,6 +412,7 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     that became ready while it ran (``multi[g]``: ``g`` is a chain of several nodes); the caller
     then runs again without merging, so the result is always that of the unmerged program.
     """
+    sptr, sidx = succ  # successors of super node g: sidx[sptr[g]:sptr[g + 1]]
     running = [-1] * nclasses  # super node on each compute stream
     run_end = [0.0] * nclasses
     start = [-1.0] * total
@@ -488,10 +542,10 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 q = queues[sid]
                 if qpos[sid] < len(q) and is_ready[q[qpos[sid]]]:
                     start_coll(q[qpos[sid]], cur_t)
-            sl = succ[g]
-            if sl is None:
+            a0, a1 = sptr[g], sptr[g + 1]
+            if a0 == a1:
                 continue
-            for s in sl:
+            for s in sidx[a0:a1]:
                 n = indeg[s] - 1
                 indeg[s] = n
                 if n:

@@ -4,7 +4,8 @@ Time decomposition of each class over the step (``step_time_s`` = the slowest cl
 
 ``step_time_s = compute_busy_s + exposed_comm_total_s + bubble_s``
 
-* ``compute_busy_s``: time the compute stream runs a node (by ``Node.category`` and ``Node.op``);
+* ``compute_busy_s``: time the compute stream runs a node (by ``Node.category`` and ``Node.op``;
+  a fused node's time is split over its parts' ops and categories in proportion to their own times);
   includes the overlap slowdown.
 * ``exposed_comm_total_s``: time some communication of the class is in flight while its compute
   stream is idle (the union of communication intervals minus compute intervals). Attributed to
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from tensorstage.schedule.program import NodeKind
+from tensorstage.sim.compute import FUSED_PREFIX, fused_parts
 from tensorstage.sim.engine import K_COLL, K_COMP, Execution, paused_gc
 
 
@@ -118,8 +120,8 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         st, en, kd = start_all[off:stop], end_all[off:stop], kind_all[off:stop]
         dur = en - st
         comp = kd == K_COMP
-        by_cat = _sum_by([n.category for n in nodes], dur, comp)
-        by_op = _sum_by([n.op or "other" for n in nodes], dur, comp)
+        by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur, comp,
+                                     ex.machine.compute)
         flops = sum([n.flops for n in nodes])
         comm_busy: dict[str, float] = {}
         comm_iv: list[tuple[float, float, str]] = []
@@ -181,6 +183,27 @@ def _sum_by(labels: list[str], values: np.ndarray, mask: np.ndarray) -> dict[str
     sums = np.bincount(idx[mask], weights=values[mask], minlength=len(codes))
     present = np.bincount(idx[mask], minlength=len(codes)) > 0
     return {k: float(sums[i]) for k, i in sorted(codes.items()) if present[i]}
+
+
+def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.ndarray, model: Any
+                 ) -> tuple[dict[str, float], dict[str, float]]:
+    """Compute time by category and by op; a fused node's time goes to its parts' categories and
+    ops in proportion to the parts' own times."""
+    fused = np.fromiter((x.startswith(FUSED_PREFIX) for x in labels), dtype=bool, count=len(labels))
+    plain = comp & ~fused
+    by_cat = _sum_by(cats, dur, plain)
+    by_op = _sum_by(labels, dur, plain)
+    if not (comp & fused).any():
+        return by_cat, by_op
+    for label, t in _sum_by(labels, dur, comp & fused).items():
+        parts = fused_parts(label) or []
+        times = [model.time_s(f, b, name) for name, f, b, _ in parts]
+        tot = sum(times)
+        for (name, _, _, cat), ti in zip(parts, times, strict=True):
+            share = t * (ti / tot if tot > 0 else 1.0 / len(parts))
+            by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
+            by_cat[cat] = by_cat.get(cat, 0.0) + share
+    return dict(sorted(by_cat.items())), dict(sorted(by_op.items()))
 
 
 def _exposed(cs: np.ndarray, ce: np.ndarray, comm: list[tuple[float, float, str]]
