@@ -7,8 +7,12 @@ Usage::
     .venv/bin/python bench/bench_trace.py --source mypkg.lower:programs_for_bench
 
 Each size runs in a fresh subprocess so peak RSS is per size. The program source is pluggable:
-``--source module:function`` names a callable ``(tp, pp, dp, microbatches) -> (programs, mesh)``;
-the default builds a synthetic Llama-3.1-405B-like step (below) until the real lowering lands.
+``--source module:function`` names a callable ``(tp, pp, dp, microbatches) -> (programs, mesh)``.
+The default, :func:`real_405b`, lowers the ``llama3.1-405b`` preset with the real lowering
+(:func:`tensorstage.lower.lower`: graph, block lowering with TP+SP collectives, 1F1B step
+assembly with Megatron DP buckets); ``--source :synthetic_405b`` keeps the earlier synthetic
+stand-in (formula FLOPs, one DP bucket per layer) for comparison. Lowering time is reported
+separately (``lower s``) and is included in ``wall s``.
 The sequential write floor is measured by writing a 1 GiB file with fsync on the output disk.
 """
 
@@ -136,6 +140,34 @@ def synthetic_405b(tp: int, pp: int, dp: int, microbatches: int) -> tuple[list[P
     return programs, mesh
 
 
+def stage_split(layers: int, pp: int) -> list[int]:
+    """Layers per stage: an even split, the remainder going to the interior stages first (the first
+    and last stages also hold the embedding and the LM head + loss; 126 over 16 -> 7, 8 x 14, 7)."""
+    counts = [layers // pp] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    for i in range(layers % pp):
+        counts[order[i]] += 1
+    return counts
+
+
+def real_plan(tp: int, pp: int, dp: int, microbatches: int):
+    """The issue-5 plan: 1F1B, micro-batch 1, sequence 8192, sequence parallelism, bf16."""
+    from tensorstage.parallel.plan import ParallelPlan
+
+    split = stage_split(LAYERS, pp) if LAYERS % pp else None
+    return ParallelPlan.parse(dict(tp=tp, pp=pp, dp=dp, sp=tp > 1, schedule="1f1b", seq=SEQ, micro_batch=MICRO_BATCH,
+                                   global_batch=dp * MICRO_BATCH * microbatches, dtype="bf16", pp_layer_split=split))
+
+
+def real_405b(tp: int, pp: int, dp: int, microbatches: int) -> tuple[list[Program], Mesh]:
+    """The real lowering of the ``llama3.1-405b`` preset under :func:`real_plan`."""
+    from tensorstage.lower import lower
+    from tensorstage.model import resolve_model
+
+    lowered = lower(resolve_model("llama3.1-405b"), real_plan(tp, pp, dp, microbatches))
+    return lowered.programs, lowered.mesh
+
+
 def load_source(spec: str):
     """``module:function`` -> the callable (the bench's own module when no module is given)."""
     mod, _, fn = spec.rpartition(":")
@@ -178,7 +210,7 @@ def run_one(args: argparse.Namespace) -> dict[str, object]:
     result = {"ranks": mesh.world, "wall_s": wall, "build_s": build_s, "cpu_s": cpu,
               "peak_rss_parent_MiB": self_ru.ru_maxrss / 1024, "peak_rss_worker_MiB": child_ru.ru_maxrss / 1024,
               "output_bytes": files["bytes"], "files": files["count"],
-              "nodes_per_rank": [c["nodes"] for c in manifest["classes"].values()][:1][0],
+              "nodes_per_rank": max(c["nodes"] for c in manifest["classes"].values()),
               "MBps": files["bytes"] / wall / 1e6}
     if not args.keep:
         shutil.rmtree(out)
@@ -193,7 +225,8 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", default="/tmp/tensorstage-bench-trace")
-    ap.add_argument("--source", default=":synthetic_405b", help="module:function giving (programs, mesh)")
+    ap.add_argument("--source", default=":real_405b",
+                    help="module:function giving (programs, mesh); :real_405b (default) or :synthetic_405b")
     ap.add_argument("--keep", action="store_true", help="keep the written traces")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one DP size here
@@ -217,13 +250,13 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"Chakra ET synthesis: TP {args.tp} PP {args.pp}, {args.microbatches} microbatches, "
+    table = Table(title=f"Chakra ET synthesis ({args.source}): TP {args.tp} PP {args.pp}, {args.microbatches} microbatches, "
                         f"{args.workers} workers; write floor {floor / 1e6:.0f} MB/s")
-    for col in ("ranks", "nodes/rank", "wall s", "CPU s", "peak RSS MiB (parent/worker)", "output GB", "MB/s",
+    for col in ("ranks", "nodes/rank", "lower s", "wall s", "CPU s", "peak RSS MiB (parent/worker)", "output GB", "MB/s",
                 "x floor"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(f"{r['ranks']:,}", f"{r['nodes_per_rank']:,}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
+        table.add_row(f"{r['ranks']:,}", f"{r['nodes_per_rank']:,}", f"{r['build_s']:.2f}", f"{r['wall_s']:.1f}", f"{r['cpu_s']:.1f}",
                       f"{r['peak_rss_parent_MiB']:.0f} / {r['peak_rss_worker_MiB']:.0f}",
                       f"{r['output_bytes'] / 1e9:.2f}", f"{r['MBps']:.0f}", f"{floor / 1e6 / r['MBps']:.2f}")
     Console(width=150).print(table)
