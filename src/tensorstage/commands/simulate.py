@@ -74,11 +74,12 @@ def simulate_lowered(lowered: Any, model: str, system: str) -> SimRun:
 
 
 def lower_model(model: str, plan: ParallelPlan) -> Any:
-    """``resolve_model`` + ``lower`` (bad names and plans raise ``SpecError``)."""
+    """``resolve_model`` + ``lower`` with fused compute runs (same step time, fewer nodes; bad names and
+    plans raise ``SpecError``)."""
     from tensorstage.lower import lower
     from tensorstage.model import resolve_model
 
-    return lower(resolve_model(model), plan)
+    return lower(resolve_model(model), plan, fuse=True)
 
 
 def simulate_model(model: str, system: str, plan: ParallelPlan) -> SimRun:

@@ -12,8 +12,7 @@ A run is a maximal sequence of COMP nodes in list order where each node after th
 depends only on the node before it, and each node before the last has no other consumer. Runs
 do not cross categories when ``split_backward`` (zero-bubble schedules split a backward into
 input- and weight-gradient actions by ``category``); otherwise input- and weight-gradient nodes
-may share a run (the fused node is ``bwd_input`` when any part is, and the breakdown still splits
-by part). Optimizer lists are left alone: the assembly rescales their FLOPs and bytes by the
+may share a run (the fused node's category is then ``bwd``; the breakdowns still split it by part). Optimizer lists are left alone: the assembly rescales their FLOPs and bytes by the
 ZeRO shard factor, which a fused op string would not follow.
 
 Limits of the equivalence: the simulator decides the overlap slowdown of a fused node at its
@@ -81,7 +80,7 @@ def fuse_list(nodes: list[StepNode], split_backward: bool = True) -> list[StepNo
             continue
         parts = [nodes[i] for i in members]
         cats = {p.category for p in parts}
-        category = first.category if len(cats) == 1 else "bwd_input"
+        category = first.category if len(cats) == 1 else "bwd"
         out.append(StepNode(
             name=f"{first.name}..{parts[-1].name}", kind=NodeKind.COMP, category=category,
             op=fused_op([(p.op, p.flops, p.tensor_bytes, p.category) for p in parts]),

@@ -25,12 +25,13 @@ from tensorstage.report.summary import MEMORY_ORDER, class_label
 from tensorstage.sim.engine import K_COLL, K_COMP, Execution
 
 CATEGORY_COLORS = {
-    "fwd": "#4C78A8", "bwd_input": "#F58518", "bwd_weight": "#B7791F", "bwd": "#F58518",
+    "fwd": "#4C78A8", "bwd_input": "#F58518", "bwd_weight": "#B7791F", "bwd": "#D98C2B",
     "recompute": "#9D6CC8", "optimizer": "#54A24B", "other": "#9E9E9E",
 }
 COMM_COLORS = {"collective": "#2A9D8F", "p2p": "#E45756"}
-MEMORY_COLORS = {"weights": "#4C78A8", "gradients": "#F58518", "optimizer_states": "#54A24B",
-                 "activations": "#E45756", "comm_buffers": "#72B7B2"}
+MEMORY_COLORS = {"weights": "#4C78A8", "master_weights": "#9ECAE9", "gradients": "#F58518",
+                 "optimizer_states": "#54A24B", "activations": "#E45756", "comm_buffers": "#72B7B2",
+                 "kv_cache": "#B279A2"}
 EXPOSED_COLOR, BUBBLE_COLOR = "#E45756", "#DDDDDD"
 MAX_ROWS = 64
 DPI = 100
@@ -147,8 +148,9 @@ def memory_breakdown_png(classes: Sequence[Mapping[str, Any]], capacity_bytes: i
     """Stacked bars per class of memory at its peak by category, against the HBM capacity."""
     path = Path(path)
     rows = list(classes)[:MAX_ROWS]
-    cats: list[str] = [c for c in MEMORY_ORDER if any(c in r["memory"]["by_category_bytes"] for r in rows)]
-    cats += sorted({c for r in rows for c in r["memory"]["by_category_bytes"]} - set(cats))
+    have = {c for r in rows for c, v in r["memory"]["by_category_bytes"].items() if v}
+    cats: list[str] = [c for c in MEMORY_ORDER if c in have]
+    cats += sorted(have - set(cats))
     fig = Figure(figsize=(max(6.0, min(0.35 * len(rows) + 3, 20.0)), 4.8))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))

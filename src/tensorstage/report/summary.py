@@ -17,7 +17,8 @@ from tensorstage.report.console import console, print_table
 from tensorstage.sim.result import ClassResult, SimResult
 
 #: Memory categories in the order reports stack them.
-MEMORY_ORDER = ("weights", "gradients", "optimizer_states", "activations", "comm_buffers")
+MEMORY_ORDER = ("weights", "master_weights", "gradients", "optimizer_states", "activations", "comm_buffers",
+                "kv_cache")
 
 
 def class_label(key: Mapping[str, int]) -> str:
