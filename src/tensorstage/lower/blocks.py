@@ -1,0 +1,607 @@
+"""Block lowering: every block of the graph sharded for one rank, one micro-batch.
+
+:func:`lower_blocks` turns ``Graph + ParallelPlan`` into one :class:`BlockLowering` per block
+(embedding, each layer kind, head): node chains for forward, recompute and backward with the
+model-parallel collectives inserted, the optimizer step of the TP/EP-local weights, and per-rank
+memory facts. Costs come from the graph's own symbolic costs (:meth:`Graph.op_costs`, one
+vectorized call per block over a handful of binding variants), never from a second cost model.
+
+Per-rank bindings (b = ``plan.micro_batch``, s = ``plan.seq``, c = ``plan.kv_len``):
+
+* **TP**: ``nh``, ``nkv``, ``f``, ``fe``, ``fs`` divided by ``tp``; ``v`` is Megatron's padded
+  vocabulary divided by ``tp``. Weights without those dims (norms, router, MLA down-projections,
+  learned positions) are replicated and have none of them, so one binding serves every op.
+* **SP**: ops the placement propagation (:mod:`tensorstage.lower.propagate`) puts on a sequence
+  shard run on ``s / (cp * tp)``; column-/row-parallel matmuls and attention on ``s / cp``.
+* **CP**: every op runs on ``s / cp`` local tokens, except the attention core (ops marked
+  ``attn_core`` and their gradients), which attends the local queries to *all* keys: with
+  Megatron's causal load balancing (2*cp chunks, rank i holds chunks i and 2cp-1-i) each rank does
+  exactly 1/cp of the full causal work, so the core is costed as the unsharded op / cp. **Bytes
+  convention**: the core's bytes are also the unsharded op's / cp — local Q, output, scores and
+  the *local* K/V chunk; K/V arriving from other ranks are counted as communication only.
+  Decode: the cache of ``c`` tokens is split, ``c -> c / cp``; the partial outputs and fp32
+  log-sum-exp are all-gathered over ``cp`` after the core (flash-decoding style combine).
+* **EP**: ops touching routed tokens (dim ``t``) or expert weights use ``e -> e / ep``. Since
+  ``t = cf*b*s*k/e``, ``e*t`` stays the rank's tokens x k: the local ``e/ep`` experts each receive
+  ``ep*t`` rows from the whole EP group. With dropless routing and ``ep > 1`` the expert compute,
+  routed activations and TP gathers of routed rows are scaled by ``routing_skew`` (the busiest
+  rank, which every rank of a symmetric Program waits for); ``model_flops`` use the mean.
+
+Collectives (ASTRA-sim ``comm_bytes``): TP/SP ones come from placement changes priced by
+:func:`~tensorstage.parallel.placement.redistribute` — Megatron's f/g all-reduces, SP's
+all-gather before column-parallel and reduce-scatter after row-parallel, and (``sp_regather``,
+default, Megatron) one more backward all-gather of each column-parallel input for its weight
+gradient, which DTensor avoids by saving the gathered input (``sp_regather=False``).
+Vocab-parallel embedding: all-reduce (reduce-scatter with SP) of the Partial lookup; vocab-parallel
+cross-entropy: three fp32 all-reduces of b*s values (:func:`vocab_parallel_cross_entropy`); the LM
+head's input gradient is all-reduced (reduce-scattered with SP). MoE follows Megatron-core's
+alltoall dispatcher: a counts all-to-all (e int64) then the token all-to-all over ``("ep",)``
+(:func:`ep_alltoall`, sized by top-k, capacity factor and skew), then with TP an all-gather of
+the received rows over ``tp`` (SP) before the expert-TP matmuls and a reduce-scatter after them,
+then the combine all-to-all; backward mirrors it. Without SP (Megatron requires SP for MoE+TP) the
+tokens are replicated over TP and the expert outputs / input grads are all-reduced instead.
+CP ``ring``: per attention forward, ``cp - 1`` SEND/RECV pairs of the local K/V block along
+``cp`` (+1 / -1), interleaved with ``cp`` chunks of the core so transfers overlap compute; backward
+``cp - 1`` K/V pairs and ``cp`` dK/dV pairs (the gradient block travels with K/V and returns to its
+owner). CP ``allgather``: all-gather of K/V over ``("cp",)`` before the core; backward all-gathers
+K/V again (only the local chunk is saved) and reduce-scatters dK/dV.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from math import ceil, prod
+
+import numpy as np
+import sympy as sp
+
+from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, dtype_bytes
+from tensorstage.graph.graph import Graph
+from tensorstage.graph.ir import Block, Op, Tensor
+from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
+from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
+from tensorstage.parallel.apply import ep_alltoall, vocab_parallel_cross_entropy
+from tensorstage.parallel.placement import (
+    REPLICATE,
+    Collective,
+    Partial,
+    Placement,
+    Shard,
+    TensorLayout,
+    redistribute,
+)
+from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.schedule.program import CollKind, NodeKind
+
+#: dims tensor parallelism divides in the per-rank bindings (``v`` is handled with vocab padding)
+TP_SYMBOLS = ("nh", "nkv", "f", "fe", "fs")
+_KIND_LABEL = {
+    "einsum": "matmul",
+    "attention": "attention",
+    "norm": "norm",
+    "softmax": "softmax",
+    "cross_entropy": "loss",
+    "gather": "embedding",
+    "scatter_add": "embedding",
+}
+
+
+def lower_blocks(graph: Graph, plan: ParallelPlan, sp_regather: bool = True) -> dict[str, BlockLowering]:
+    """Shard every block of ``graph`` under ``plan`` for one rank and one micro-batch.
+
+    ``sp_regather``: Megatron's SP linear layers all-gather their input again in backward for the
+    weight gradient (True, default); DTensor saves the gathered input instead (False).
+    """
+    ctx = _Context.make(graph, plan, sp_regather)
+    return {name: _BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
+
+
+# --- per-graph context ---------------------------------------------------------------------------------
+@dataclass
+class _Context:
+    graph: Graph
+    plan: ParallelPlan
+    sp_regather: bool
+    tp: int
+    cp: int
+    ep: int
+    sp: bool
+    phase: str
+    act_bytes: int
+    load_factor: float  # busiest-rank expert load / mean (dropless routing with ep > 1)
+    dropless: bool
+    global_sizes: dict[str, float]  # dim sizes over the TP group (not TP-divided), local to CP (s/cp)
+    full_s_sizes: dict[str, float]  # same with the full sequence (attention-core tensors)
+    _size_fn: object = field(repr=False, default=None)
+
+    @staticmethod
+    def make(graph: Graph, plan: ParallelPlan, sp_regather: bool) -> _Context:
+        tp, cp = plan.tp, plan.cp
+        phase = graph.options.phase
+        spec = graph.spec
+        sp_on = plan.sp and tp > 1 and phase != "decode"  # one new token cannot be sequence-split
+        moe = spec.moe
+        dropless = graph.options.capacity_factor is None and (moe is None or moe.capacity_factor is None)
+        lf = graph.options.routing_skew if (dropless and plan.ep > 1) else 1.0
+        names = list(graph.sizes)
+        size_fn = sp.lambdify([SYMBOLS[s] for s in FREE_SYMBOLS], [graph.sizes[n] for n in names], "numpy")
+        ctx = _Context(
+            graph,
+            plan,
+            sp_regather,
+            tp,
+            cp,
+            plan.ep,
+            sp_on,
+            phase,
+            dtype_bytes(graph.options.precision_policy().act_dtype),
+            float(lf),
+            dropless,
+            {},
+            {},
+            size_fn,
+        )
+        base = ctx.base_bindings()
+        ctx.global_sizes = ctx._sizes(names, {**base, "s": plan.seq / cp})
+        ctx.full_s_sizes = ctx._sizes(names, {**base, "s": plan.seq})
+        return ctx
+
+    def _sizes(self, names: list[str], vals: dict[str, float]) -> dict[str, float]:
+        res = self._size_fn(*[vals[s] for s in FREE_SYMBOLS])  # type: ignore[misc]
+        return {n: float(np.asarray(r)) for n, r in zip(names, res, strict=True)}
+
+    def base_bindings(self) -> dict[str, float]:
+        """Spec bindings with the run's b, s, c and the padded vocabulary (nothing divided)."""
+        vals = dict(self.graph.bindings)
+        vals["b"] = self.plan.micro_batch
+        vals["s"] = self.plan.seq
+        vals["c"] = self.plan.kv_len / self.cp
+        vals["v"] = self.plan.padded_vocab(self.graph.spec.vocab)
+        return vals
+
+    def local_bindings(self) -> dict[str, float]:
+        """Base bindings with the TP dims divided (what one rank computes on)."""
+        vals = self.base_bindings()
+        for name in TP_SYMBOLS:
+            vals[name] = vals[name] / self.tp
+        vals["v"] = vals["v"] / self.tp
+        return vals
+
+
+# --- per-block lowering --------------------------------------------------------------------------------
+def _is_core(op: Op) -> bool:
+    src = op.grad_of if op.grad_of is not None else op
+    return bool(op.attrs.get("attn_core") or src.attrs.get("attn_core"))
+
+
+def _is_expert_weight(t: Tensor) -> bool:
+    return t.role in ("weight", "weight_grad") and len(t.dims) >= 2 and t.dims[0] == "e"
+
+
+def _tensors(op: Op) -> tuple[Tensor, ...]:
+    return (*op.inputs, *op.outputs)
+
+
+def _expert_side(op: Op) -> bool:
+    """Op that runs on the expert side of the all-to-all (expert MLPs and their gradients)."""
+    for o in (op, op.grad_of):
+        if o is not None and any("fe" in t.dims or _is_expert_weight(t) for t in _tensors(o)):
+            return True
+    return False
+
+
+def _uses_experts(op: Op) -> bool:
+    return any("t" in t.dims or _is_expert_weight(t) for t in _tensors(op))
+
+
+class _BlockLowerer:
+    """Lowers one block: placements, per-op variant choice, node emission, memory facts."""
+
+    def __init__(self, ctx: _Context, name: str, blk: Block) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.blk = blk
+        self.prop = Propagator(ctx.sp)
+        c = ctx
+        self.s_divs = sorted({1, c.cp, c.cp * c.tp})
+        self.e_divs = sorted({1, c.ep})
+        self.variants = [(sd, ed) for sd in self.s_divs for ed in self.e_divs]
+        self.ops = blk.all_ops()
+        self.index = {id(op): i for i, op in enumerate(self.ops)}
+        self.costs = self._op_costs()
+        self.model_flops = 0.0
+        self.tag = 0
+        self.kv_payload = self._kv_payload_bytes()
+
+    # --- costs -----------------------------------------------------------------------------------
+    def _op_costs(self) -> dict[str, np.ndarray]:
+        vals = self.ctx.local_bindings()
+        sds = np.array([v[0] for v in self.variants], dtype=np.float64)
+        eds = np.array([v[1] for v in self.variants], dtype=np.float64)
+        vals["s"] = self.ctx.plan.seq / sds
+        vals["e"] = vals["e"] / eds
+        return self.ctx.graph.op_costs(self.name, vals)
+
+    def _cost(self, op: Op, seq_sharded: bool) -> tuple[float, float, float, float]:
+        """(matrix flops, vector flops, bytes, load factor) of ``op`` on this rank."""
+        c = self.ctx
+        scale = 1.0
+        if _is_core(op) and c.phase != "decode":
+            sd = 1
+            scale = 1.0 / c.cp
+        else:
+            sd = c.cp * c.tp if seq_sharded else c.cp
+        ed = c.ep if _uses_experts(op) else 1
+        j = self.variants.index((sd, ed))
+        i = self.index[id(op)]
+        co = self.costs
+        lf = c.load_factor if _expert_side(op) else 1.0
+        nbytes = co["bytes_read"][i, j] + co["bytes_written"][i, j]
+        return co["flops"][i, j] * scale, co["vector_flops"][i, j] * scale, nbytes * scale, lf
+
+    # --- sizes -----------------------------------------------------------------------------------
+    def _shape(self, t: Tensor) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """Shape of ``t`` over the TP group (local to CP/EP), routed ``e t`` merged into ``t``."""
+        c = self.ctx
+        sizes = c.full_s_sizes if ("s" in t.dims and "sk" in t.dims) else c.global_sizes
+        dims = list(t.dims)
+        vals = [sizes[d] for d in dims]
+        if "e" in dims and "t" in dims:
+            ie, it = dims.index("e"), dims.index("t")
+            vals[it] = vals[it] * vals[ie] * c.load_factor
+            del dims[ie], vals[ie]
+        if "s" in t.dims and "sk" in t.dims and c.phase != "decode":
+            i = dims.index("s")
+            vals[i] = vals[i] / c.cp
+        return tuple(_int(v) for v in vals), tuple(dims)
+
+    def _local_bytes(self, t: Tensor, p: Placement) -> int:
+        shape, dims = self._shape(t)
+        shape_l = list(shape)
+        if isinstance(p, Shard) and p.dim in dims:
+            i = dims.index(p.dim)
+            shape_l[i] = ceil(shape_l[i] / self.ctx.tp)
+        return prod(shape_l) * dtype_bytes(t.dtype)
+
+    def _collectives(self, ch: Change) -> list[Collective]:
+        shape, dims = self._shape(ch.tensor)
+        pl = () if ch.src == REPLICATE else (("tp", _rename(ch.src, ch.tensor, dims)),)
+        layout = TensorLayout(shape, dtype_bytes(ch.tensor.dtype), pl, (("tp", self.ctx.tp),), dims)
+        dst = {} if ch.dst == REPLICATE else {"tp": _rename(ch.dst, ch.tensor, dims)}
+        return redistribute(layout, dst)
+
+    def _kv_payload_bytes(self) -> int:
+        """Local K/V bytes one CP ring step moves: the key/value tensors the attention core reads
+        (before GQA repetition), local sequence chunk, TP-local heads."""
+        core = [op for op in self.blk.forward if _is_core(op)]
+        produced = {id(t) for op in core for t in op.outputs}
+        kv = {}
+        for op in core:
+            for t in op.inputs:
+                if any(d in t.dims for d in ("sk", "skw")) and id(t) not in produced and t.role != "weight":
+                    kv[id(t)] = t
+        total = 0
+        for t in kv.values():
+            head = next((d for d in ("nkv", "nh") if d in t.dims), None)
+            total += self._local_bytes(t, Shard(head) if head else REPLICATE)
+        return total
+
+    # --- nodes -----------------------------------------------------------------------------------
+    def _comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
+        mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
+        if category in ("fwd", "bwd_input", "bwd_weight"):
+            self.model_flops += mf
+        label = "attention" if (_is_core(op) and op.kind == "einsum") else _KIND_LABEL.get(op.kind, op.kind)
+        return StepNode(
+            op.name,
+            NodeKind.COMP,
+            category,
+            label,
+            flops=_int((mf + vf) * lf / parts),
+            tensor_bytes=_int(nb * lf / parts),
+        )
+
+    def _coll(self, name: str, coll: Collective, category: str) -> StepNode:
+        return StepNode(
+            f"{name}:{coll.kind.name.lower()}",
+            NodeKind.COLL,
+            category,
+            "comm",
+            comm=coll.kind,
+            comm_bytes=coll.comm_bytes,
+            axes=coll.axes,
+        )
+
+    def _changes(self, nodes: list[StepNode], changes: list[Change], category: str) -> None:
+        for ch in changes:
+            for coll in self._collectives(ch):
+                nodes.append(self._coll(ch.tensor.name, coll, category))
+
+    def _next_tag(self) -> int:
+        self.tag += 1
+        return self.tag
+
+    def _p2p_pair(
+        self, nodes: list[StepNode], name: str, nbytes: int, category: str, deps: tuple[int, ...]
+    ) -> int:
+        """Append a SEND (+1) / RECV (-1) pair along ``cp``; returns the RECV's index."""
+        tag = self._next_tag()
+        for kind, off in ((NodeKind.SEND, 1), (NodeKind.RECV, -1)):
+            nodes.append(
+                StepNode(
+                    f"{name}:{kind.name.lower()}",
+                    kind,
+                    category,
+                    "comm",
+                    comm_bytes=nbytes,
+                    peer_axis="cp",
+                    peer_offset=off,
+                    tag=tag,
+                    deps=deps,
+                )
+            )
+        return len(nodes) - 1
+
+    def _ring(self, nodes: list[StepNode], op: Op, placed: Placed, category: str, backward: bool) -> None:
+        """The core op split in ``cp`` chunks with the K/V ring (and dK/dV in backward) interleaved:
+        the block for step i+1 is in flight while chunk i computes."""
+        cp = self.ctx.cp
+        node = self._comp(op, placed, category, parts=cp)
+        prev = len(nodes) - 1
+        last_kv: int | None = None  # RECV of the K/V block the next chunk computes on
+        last_dkv: int | None = None  # RECV of the dK/dV partial the next chunk accumulates into
+        for i in range(cp):
+            uses = tuple(x for x in (prev, last_kv, last_dkv) if x is not None and x >= 0)
+            if i < cp - 1:
+                start = (last_kv,) if last_kv is not None else ((prev,) if prev >= 0 else ())
+                new_kv = self._p2p_pair(nodes, f"{op.name}.kv{i}", self.kv_payload, category, start)
+            nodes.append(_with_deps(node, f"{op.name}.chunk{i}", uses))
+            prev = len(nodes) - 1
+            if i < cp - 1:
+                last_kv = new_kv
+            if backward:
+                last_dkv = self._p2p_pair(nodes, f"{op.name}.dkv{i}", self.kv_payload, category, (prev,))
+
+    def _pass(self, ops: list[Op], backward: bool) -> list[StepNode]:
+        c = self.ctx
+        nodes: list[StepNode] = []
+        core_ops = [op for op in ops if _is_core(op)]
+        first_core = core_ops[0] if core_ops else None
+        last_core = core_ops[-1] if core_ops else None
+        decode_last_kv = None
+        if c.phase == "decode":
+            readers = [op for op in ops if any(d in t.dims for t in op.inputs for d in ("sk", "skw"))]
+            decode_last_kv = readers[-1] if readers else None
+        split_core = len(core_ops) == 1
+        for op in ops:
+            placed = self.prop.run(op)
+            cat = op.category
+            self._changes(nodes, placed.changes, cat)
+            if op.kind == "combine" and c.ep > 1:
+                nodes.append(self._coll(f"{op.name}.a2a", self._a2a()[1], cat))
+            if op.kind == "dispatch" and c.ep > 1 and not backward:
+                counts = Collective.make(CollKind.ALL_TO_ALL, ("ep",), self._experts() * 8, c.ep)
+                nodes.append(self._coll(f"{op.name}.counts", counts, cat))
+            ce = op.kind == "cross_entropy" and op.category == "fwd" and c.tp > 1
+            ce_colls = vocab_parallel_cross_entropy(self._tokens(), c.tp) if ce else []
+            if ce_colls:
+                nodes.append(self._coll(f"{op.name}.max", ce_colls[0], cat))
+            cp_core = c.cp > 1 and c.phase != "decode" and op is first_core
+            if cp_core and c.plan.cp_mode == "ring" and split_core:
+                self._ring(nodes, op, placed, cat, backward)
+            else:
+                if cp_core:
+                    self._cp_before(nodes, op, cat, backward)
+                node = self._comp(op, placed, cat)
+                if node.flops or node.tensor_bytes:
+                    nodes.append(node)
+            ringed = c.plan.cp_mode == "ring" and split_core
+            if c.cp > 1 and c.phase != "decode" and op is last_core and not ringed:
+                self._cp_after(nodes, op, cat, backward)
+            for i, coll in enumerate(ce_colls[1:]):
+                nodes.append(self._coll(f"{op.name}.sum{i}", coll, cat))
+            if op.kind == "dispatch" and c.ep > 1:
+                nodes.append(self._coll(f"{op.name}.a2a", self._a2a()[0], cat))
+            if op is decode_last_kv and c.cp > 1:
+                self._decode_combine(nodes, op, placed, cat)
+        return nodes
+
+    def _cp_before(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+        c = self.ctx
+        if c.plan.cp_mode == "ring":
+            for i in range(c.cp - 1):
+                self._p2p_pair(nodes, f"{op.name}.kv{i}", self.kv_payload, cat, (len(nodes) - 1,))
+            return
+        ag = Collective.make(CollKind.ALL_GATHER, ("cp",), self.kv_payload, c.cp)
+        nodes.append(self._coll(f"{op.name}.kv", ag, cat))
+
+    def _cp_after(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+        c = self.ctx
+        if not backward:
+            return
+        if c.plan.cp_mode == "ring":
+            for i in range(c.cp):
+                self._p2p_pair(nodes, f"{op.name}.dkv{i}", self.kv_payload, cat, (len(nodes) - 1,))
+            return
+        rs = Collective.make(CollKind.REDUCE_SCATTER, ("cp",), self.kv_payload * c.cp, c.cp)
+        nodes.append(self._coll(f"{op.name}.dkv", rs, cat))
+
+    def _decode_combine(self, nodes: list[StepNode], op: Op, placed: Placed, cat: str) -> None:
+        """Decode with CP: all-gather each rank's partial attention output and fp32 log-sum-exp."""
+        out = op.outputs[0]
+        p = placed.outputs[0]
+        nbytes = self._local_bytes(out, p)
+        shape, dims = self._shape(out)
+        per_row = shape[-1]
+        rows = prod(shape) // max(per_row, 1)
+        if isinstance(p, Shard) and p.dim in dims:
+            rows = ceil(rows / self.ctx.tp)
+        nbytes += rows * 4
+        ag = Collective.make(CollKind.ALL_GATHER, ("cp",), nbytes, self.ctx.cp)
+        nodes.append(self._coll(f"{op.name}.cp_combine", ag, cat))
+
+    def _tokens(self) -> int:
+        """Tokens of one micro-batch on this rank's CP shard (full TP group)."""
+        c = self.ctx
+        s = 1 if c.phase == "decode" else c.plan.seq // c.cp
+        return c.plan.micro_batch * s
+
+    def _experts(self) -> int:
+        return self.ctx.graph.spec.moe.num_experts if self.ctx.graph.spec.moe else 1
+
+    def _a2a(self) -> list[Collective]:
+        c = self.ctx
+        moe = c.graph.spec.moe
+        assert moe is not None
+        tokens = self._tokens() // (c.tp if c.sp else 1)
+        cf = None if c.dropless else float(c.graph.bindings["cf"])
+        return ep_alltoall(
+            tokens, c.graph.spec.hidden, moe.top_k, c.act_bytes, c.ep, cf, c.graph.options.routing_skew
+        )
+
+    # --- the block -------------------------------------------------------------------------------
+    def lower(self) -> BlockLowering:
+        c = self.ctx
+        blk = self.blk
+        prop = self.prop
+        for x in blk.inputs:
+            prop.set(x, prop.home(x))
+        forward = self._pass(blk.forward, backward=False)
+        outputs_home = []
+        for o in blk.outputs:
+            target = prop.home(o) if seq_dim(o) is not None and not is_head(prop.get(o)) else prop.get(o)
+            changes: list[Change] = []
+            prop.need(o, target, changes)
+            self._changes(forward, changes, "fwd")
+            outputs_home.append((o, target))
+        fwd_flops = self.model_flops
+        recompute: list[StepNode] = []
+        if blk.recompute:
+            prop.forget(t for op in blk.recompute for t in op.outputs)
+            saved_model = self.model_flops
+            recompute = self._pass(blk.recompute, backward=False)
+            self.model_flops = saved_model
+        prop.backward_view(c.sp_regather)
+        backward = self._pass(blk.backward, backward=True)
+        for x in blk.inputs:
+            g = _final_grad(blk, x)
+            if g is not None:
+                changes = []
+                prop.need(g, prop.home(x), changes)
+                self._changes(backward, changes, "bwd_input")
+        del fwd_flops
+        weights = [self._local_weight(w) for w in blk.weights]
+        optimizer = [self._optimizer_node(op) for op in blk.optimizer]
+        saved = sum(self._saved_bytes(t) for t in blk.saved if t.role != "weight")
+        out_bytes = sum(self._local_bytes(o, p) for o, p in outputs_home)
+        extra: dict[str, object] = {
+            "tp_partial_grad_bytes": self._partial_grad_bytes(),
+            "sp": c.sp,
+            "sp_regather": c.sp_regather,
+        }
+        return BlockLowering(
+            block=self.name,
+            forward=forward,
+            recompute=recompute,
+            backward=backward,
+            optimizer=optimizer,
+            weights=weights,
+            saved_bytes=saved,
+            output_bytes=out_bytes,
+            model_flops=_int(self.model_flops),
+            kv_cache_bytes=self._kv_cache_bytes(),
+            extra=extra,
+        )
+
+    def _saved_bytes(self, t: Tensor) -> int:
+        return self._local_bytes(t, self.prop.get(t))
+
+    def _local_weight(self, w: Tensor) -> LocalWeight:
+        p = self.prop.get(w)
+        expert = _is_expert_weight(w)
+        n = 1
+        for d in w.dims:
+            v = _int(self.ctx.global_sizes[d])
+            if isinstance(p, Shard) and p.dim == d:
+                v = ceil(v / self.ctx.tp)
+            if expert and d == "e":
+                v = ceil(v / self.ctx.ep)
+            n *= v
+        return LocalWeight(w.name, w.dims, n, expert)
+
+    def _optimizer_node(self, op: Op) -> StepNode:
+        wname = op.attrs.get("weight")
+        w = next((t for t in self.blk.weights if t.name == wname), None)
+        ed = self.ctx.ep if (w is not None and _is_expert_weight(w)) else 1
+        j = self.variants.index((self.ctx.cp, ed))
+        i = self.index[id(op)]
+        co = self.costs
+        flops = co["flops"][i, j] + co["vector_flops"][i, j]
+        nbytes = co["bytes_read"][i, j] + co["bytes_written"][i, j]
+        return StepNode(
+            op.name, NodeKind.COMP, "optimizer", "optimizer", flops=_int(flops), tensor_bytes=_int(nbytes)
+        )
+
+    def _partial_grad_bytes(self) -> int:
+        """Weight-gradient bytes left Partial over TP (SP norm weights, router, row biases):
+        Megatron all-reduces them over TP once per step (``finalize_model_grads``)."""
+        total = 0
+        for w in self.blk.weights:
+            g = _final_grad(self.blk, w)
+            if g is not None and isinstance(self.prop.get(g), Partial) and self.ctx.tp > 1:
+                total += self._local_bytes(g, REPLICATE)
+        return total
+
+    def _kv_cache_bytes(self) -> int:
+        c = self.ctx
+        if c.phase == "train" or not self.blk.kv_cache:
+            return 0
+        per_token = 0
+        for t in self.blk.kv_cache:
+            head = next((d for d in ("nkv", "nh") if d in t.dims), None)
+            per_token += self._local_bytes(t, Shard(head) if head else REPLICATE)
+        b = c.plan.micro_batch
+        if c.phase == "prefill":
+            return b * (c.plan.seq // c.cp) * per_token
+        tokens = c.plan.kv_len
+        if self.name.endswith("_swa") and c.graph.spec.sliding_window:
+            tokens = min(tokens, c.graph.spec.sliding_window)
+        return b * ceil(tokens / c.cp) * per_token
+
+
+def _with_deps(node: StepNode, name: str, deps: tuple[int, ...]) -> StepNode:
+    return StepNode(
+        name,
+        node.kind,
+        node.category,
+        node.op,
+        flops=node.flops,
+        tensor_bytes=node.tensor_bytes,
+        deps=deps,
+    )
+
+
+def _final_grad(blk: Block, x: Tensor) -> Tensor | None:
+    """The last gradient tensor of ``x`` the block's backward produces (after accumulation)."""
+    out = None
+    prefix = f"{x.name}.grad"
+    for op in blk.backward:
+        for t in op.outputs:
+            if t.name == prefix or t.name.startswith(prefix + "_acc") or t.name == f"{x.name}.grad_acc":
+                out = t
+    return out
+
+
+def _rename(p: Placement, t: Tensor, dims: tuple[str, ...]) -> Placement:
+    """A Shard on the routed ``e`` / ``t`` pair names the merged ``t`` dim of the layout."""
+    if isinstance(p, Shard) and p.dim not in dims and p.dim in ("e",):
+        return Shard("t")
+    return p
+
+
+def _int(x: float) -> int:
+    """Round a cost to an integer (costs are exact up to float noise or causal halves)."""
+    return int(round(float(x)))
+
+
+__all__ = ["lower_blocks", "is_seq"]
