@@ -309,34 +309,47 @@ def _kv_block_bytes(b: int, s: int, cp: int, nkv: int, tp: int, dh: int, B: int 
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_cp_ring_exchanges(cp: int) -> None:
+    """Transformer Engine's P2P ring: forward cp-1 K/V blocks to the next rank; backward the ring runs
+    the other way for cp steps carrying K/V, then K/V + dK/dV, and finally dK/dV alone."""
     spec = resolve_model("llama3.1-8b")
     b, s, tp = 1, 4096, 2
     _, _, bl = _lower(spec, tp=tp, cp=cp, seq=s, micro_batch=b)
     layer = bl["dense"]
     kv = _kv_block_bytes(b, s, cp, 8, tp, 128)
-    for nodes, n_pairs in ((layer.forward, cp - 1), (layer.backward, (cp - 1) + cp)):
+    expect = {
+        "forward": ([kv] * (cp - 1), 1),
+        "backward": ([kv] + [2 * kv] * (cp - 2) + [kv], -1),
+    }
+    for attr, (sizes, direction) in expect.items():
+        nodes = getattr(layer, attr)
         sends = [n for n in nodes if n.kind == NodeKind.SEND]
         recvs = [n for n in nodes if n.kind == NodeKind.RECV]
-        assert len(sends) == len(recvs) == n_pairs
-        assert all(n.comm_bytes == kv and n.peer_axis == "cp" for n in sends + recvs)
-        assert {n.peer_offset for n in sends} == {1} and {n.peer_offset for n in recvs} == {-1}
-        assert sorted(n.tag for n in sends) == sorted(n.tag for n in recvs)
-        assert len({n.tag for n in sends}) == n_pairs
+        assert [n.comm_bytes for n in sends] == [n.comm_bytes for n in recvs] == sizes
+        assert all(n.peer_axis == "cp" for n in sends + recvs)
+        assert {n.peer_offset for n in sends} == {direction} and {n.peer_offset for n in recvs} == {
+            -direction
+        }
+        assert [n.tag for n in sends] == [n.tag for n in recvs]
+        assert len({n.tag for n in sends}) == len(sizes)
         for i, n in enumerate(nodes):  # explicit deps point backwards within the list
             assert n.deps is None or all(0 <= d < i for d in n.deps)
     assert not any(n.axes == ("cp",) for n in _colls(layer.forward + layer.backward))
+    tags = [n.tag for n in layer.forward + layer.backward if n.kind == NodeKind.SEND]
+    assert len(set(tags)) == len(tags)
 
 
 def test_cp_allgather_mode() -> None:
+    """TE's KV all-gather CP: K and V gathered separately in forward and again in backward; dK and
+    dV reduce-scattered (full-sequence input)."""
     spec = resolve_model("llama3.1-8b")
     b, s, tp, cp = 2, 4096, 2, 4
     _, _, bl = _lower(spec, tp=tp, cp=cp, seq=s, micro_batch=b, cp_mode="allgather")
     layer = bl["dense"]
-    kv = _kv_block_bytes(b, s, cp, 8, tp, 128)
+    one = _kv_block_bytes(b, s, cp, 8, tp, 128) // 2
     cp_f = [(n.comm, n.comm_bytes) for n in _colls(layer.forward) if n.axes == ("cp",)]
     cp_b = [(n.comm, n.comm_bytes) for n in _colls(layer.backward) if n.axes == ("cp",)]
-    assert cp_f == [(CollKind.ALL_GATHER, kv)]
-    assert cp_b == [(CollKind.ALL_GATHER, kv), (CollKind.REDUCE_SCATTER, kv * cp)]
+    assert cp_f == [(CollKind.ALL_GATHER, one)] * 2
+    assert cp_b == [(CollKind.ALL_GATHER, one)] * 2 + [(CollKind.REDUCE_SCATTER, one * cp)] * 2
 
 
 def test_decode_cp_splits_cache_and_combines_partial_outputs() -> None:

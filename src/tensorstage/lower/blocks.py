@@ -211,7 +211,8 @@ class _BlockLowerer:
         self.costs = self._op_costs()
         self.model_flops = 0.0
         self.tag = 0
-        self.kv_payload = self._kv_payload_bytes()
+        self.kv_parts = self._kv_parts_bytes()
+        self.kv_payload = sum(self.kv_parts)
 
     # --- costs -----------------------------------------------------------------------------------
     def _op_costs(self) -> dict[str, np.ndarray]:
@@ -270,21 +271,21 @@ class _BlockLowerer:
         dst = {} if ch.dst == REPLICATE else {"tp": _rename(ch.dst, ch.tensor, dims)}
         return redistribute(layout, dst)
 
-    def _kv_payload_bytes(self) -> int:
-        """Local K/V bytes one CP ring step moves: the key/value tensors the attention core reads
-        (before GQA repetition), local sequence chunk, TP-local heads."""
+    def _kv_parts_bytes(self) -> list[int]:
+        """Local bytes of each K/V tensor the attention core reads (before GQA repetition; MLA:
+        the up-projected K and V): local sequence chunk, TP-local heads."""
         core = [op for op in self.blk.forward if _is_core(op)]
         produced = {id(t) for op in core for t in op.outputs}
-        kv = {}
+        kv: dict[int, Tensor] = {}
         for op in core:
             for t in op.inputs:
                 if any(d in t.dims for d in ("sk", "skw")) and id(t) not in produced and t.role != "weight":
                     kv[id(t)] = t
-        total = 0
+        parts = []
         for t in kv.values():
             head = next((d for d in ("nkv", "nh") if d in t.dims), None)
-            total += self._local_bytes(t, Shard(head) if head else REPLICATE)
-        return total
+            parts.append(self._local_bytes(t, Shard(head) if head else REPLICATE))
+        return parts
 
     # --- nodes -----------------------------------------------------------------------------------
     def _comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
@@ -322,11 +323,18 @@ class _BlockLowerer:
         return self.tag
 
     def _p2p_pair(
-        self, nodes: list[StepNode], name: str, nbytes: int, category: str, deps: tuple[int, ...]
+        self,
+        nodes: list[StepNode],
+        name: str,
+        nbytes: int,
+        category: str,
+        deps: tuple[int, ...],
+        direction: int = 1,
     ) -> int:
-        """Append a SEND (+1) / RECV (-1) pair along ``cp``; returns the RECV's index."""
+        """Append a SEND (to ``+direction``) / RECV (from ``-direction``) pair along ``cp``; returns
+        the RECV's index."""
         tag = self._next_tag()
-        for kind, off in ((NodeKind.SEND, 1), (NodeKind.RECV, -1)):
+        for kind, off in ((NodeKind.SEND, direction), (NodeKind.RECV, -direction)):
             nodes.append(
                 StepNode(
                     f"{name}:{kind.name.lower()}",
@@ -343,24 +351,44 @@ class _BlockLowerer:
         return len(nodes) - 1
 
     def _ring(self, nodes: list[StepNode], op: Op, placed: Placed, category: str, backward: bool) -> None:
-        """The core op split in ``cp`` chunks with the K/V ring (and dK/dV in backward) interleaved:
-        the block for step i+1 is in flight while chunk i computes."""
+        """The core op split in ``cp`` chunks with the ring transfers interleaved (Transformer
+        Engine's ``AttnFuncWithCPAndKVP2P``): the transfer of step i is in flight while chunk i
+        computes; chunk i waits for the transfer of step i-1.
+
+        Forward: ``cp - 1`` K/V blocks, sent to ``+1``, received from ``-1``. Backward runs the ring
+        the other way (send ``-1``, receive ``+1``) for ``cp`` steps: step 0 sends K/V, steps
+        1..cp-2 send K/V together with the dK/dV accumulated so far (one message, twice the
+        bytes), the last step sends dK/dV only; the last received dK/dV is added after the last
+        chunk (``dkv_update``).
+        """
         cp = self.ctx.cp
         node = self._comp(op, placed, category, parts=cp)
         prev = len(nodes) - 1
-        last_kv: int | None = None  # RECV of the K/V block the next chunk computes on
-        last_dkv: int | None = None  # RECV of the dK/dV partial the next chunk accumulates into
+        last: int | None = None  # RECV of the previous step
+        steps = cp if backward else cp - 1
         for i in range(cp):
-            uses = tuple(x for x in (prev, last_kv, last_dkv) if x is not None and x >= 0)
-            if i < cp - 1:
-                start = (last_kv,) if last_kv is not None else ((prev,) if prev >= 0 else ())
-                new_kv = self._p2p_pair(nodes, f"{op.name}.kv{i}", self.kv_payload, category, start)
+            uses = tuple(x for x in (prev, last) if x is not None and x >= 0)
+            recv = None
+            if i < steps:
+                nbytes = self.kv_payload * (2 if backward and 0 < i < cp - 1 else 1)
+                name = f"{op.name}.{'dkv' if backward and i == cp - 1 else 'kv'}{i}"
+                recv = self._p2p_pair(nodes, name, nbytes, category, uses, -1 if backward else 1)
             nodes.append(_with_deps(node, f"{op.name}.chunk{i}", uses))
             prev = len(nodes) - 1
-            if i < cp - 1:
-                last_kv = new_kv
-            if backward:
-                last_dkv = self._p2p_pair(nodes, f"{op.name}.dkv{i}", self.kv_payload, category, (prev,))
+            last = recv
+        if backward and last is not None:
+            numel = self.kv_payload // max(self.ctx.act_bytes, 1)
+            nodes.append(
+                StepNode(
+                    f"{op.name}.dkv_update",
+                    NodeKind.COMP,
+                    category,
+                    "attention",
+                    flops=numel,
+                    tensor_bytes=3 * self.kv_payload,
+                    deps=(prev, last),
+                )
+            )
 
     def _pass(self, ops: list[Op], backward: bool) -> list[StepNode]:
         c = self.ctx
@@ -407,24 +435,29 @@ class _BlockLowerer:
         return nodes
 
     def _cp_before(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+        """CP exchange before a core that is not split in chunks (ring) or all-gather mode."""
         c = self.ctx
         if c.plan.cp_mode == "ring":
-            for i in range(c.cp - 1):
-                self._p2p_pair(nodes, f"{op.name}.kv{i}", self.kv_payload, cat, (len(nodes) - 1,))
+            steps = c.cp if backward else c.cp - 1
+            for i in range(steps):
+                nbytes = self.kv_payload * (2 if backward and 0 < i < c.cp - 1 else 1)
+                self._p2p_pair(
+                    nodes, f"{op.name}.kv{i}", nbytes, cat, (len(nodes) - 1,), -1 if backward else 1
+                )
             return
-        ag = Collective.make(CollKind.ALL_GATHER, ("cp",), self.kv_payload, c.cp)
-        nodes.append(self._coll(f"{op.name}.kv", ag, cat))
+        # TE's AttnFuncWithCPAndKVAllGather gathers K and V separately, again in backward
+        for i, part in enumerate(self.kv_parts):
+            ag = Collective.make(CollKind.ALL_GATHER, ("cp",), part, c.cp)
+            nodes.append(self._coll(f"{op.name}.{'kv'[i] if i < 2 else i}", ag, cat))
 
     def _cp_after(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+        """All-gather mode backward: reduce-scatter dK and dV (full-sequence gradients)."""
         c = self.ctx
-        if not backward:
+        if not backward or c.plan.cp_mode == "ring":
             return
-        if c.plan.cp_mode == "ring":
-            for i in range(c.cp):
-                self._p2p_pair(nodes, f"{op.name}.dkv{i}", self.kv_payload, cat, (len(nodes) - 1,))
-            return
-        rs = Collective.make(CollKind.REDUCE_SCATTER, ("cp",), self.kv_payload * c.cp, c.cp)
-        nodes.append(self._coll(f"{op.name}.dkv", rs, cat))
+        for i, part in enumerate(self.kv_parts):
+            rs = Collective.make(CollKind.REDUCE_SCATTER, ("cp",), part * c.cp, c.cp)
+            nodes.append(self._coll(f"{op.name}.d{'kv'[i] if i < 2 else i}", rs, cat))
 
     def _decode_combine(self, nodes: list[StepNode], op: Op, placed: Placed, cat: str) -> None:
         """Decode with CP: all-gather each rank's partial attention output and fp32 log-sum-exp."""
