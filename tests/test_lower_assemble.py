@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tensorstage.graph import build_graph
+from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.lower import graph_options
 from tensorstage.lower.assemble import assemble
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
@@ -55,15 +55,16 @@ def chain_block(name: str, weights: list[LocalWeight] = (), n_fwd: int = 2, fwd_
                          model_flops=fwd_flops + bwd_i_flops + bwd_w_flops)
 
 
-def tiny_graph(plan: ParallelPlan, layers: int, tied: bool = False):
+def tiny_graph(plan: ParallelPlan, layers: int, tied: bool = False, options: GraphOptions | None = None):
     spec = ModelSpec(name="tiny", num_layers=layers, hidden=64, num_heads=4, ffn=128, vocab=256,
                      tied_embeddings=tied)
-    return build_graph(spec, plan.phase, graph_options(plan))
+    return build_graph(spec, plan.phase, graph_options(plan, options))
 
 
 def lowered(plan: ParallelPlan, layers: int, layer: BlockLowering, embedding: BlockLowering | None = None,
-            head: BlockLowering | None = None, tied: bool = False) -> tuple[list[Program], object]:
-    graph = tiny_graph(plan, layers, tied)
+            head: BlockLowering | None = None, tied: bool = False, options: GraphOptions | None = None
+            ) -> tuple[list[Program], object]:
+    graph = tiny_graph(plan, layers, tied, options)
     blocks = {"embedding": embedding or chain_block("embedding", out_bytes=layer.output_bytes),
               "dense": layer, "head": head or chain_block("head")}
     mesh = plan.mesh()
@@ -164,17 +165,18 @@ def test_ddp_megatron_convention_same_cap_same_buckets(torch_runs: dict) -> None
     assert (op, group, nbytes) == ("all_reduce", (0, 1), 3 * (2 * 32 * 48 + 48 + 32) * 4)
 
 
-def _fsdp_programs(**plan_kw: object) -> tuple[list[Program], object]:
+def _fsdp_programs(reduce_dtype: str | None = None, **plan_kw: object) -> tuple[list[Program], object]:
     h, ffn, vocab = 10, 18, 10
-    plan = ParallelPlan.parse(dict(dp=4, zero=3, global_batch=4, **plan_kw))
+    plan = ParallelPlan.parse(dict(dp=4, zero=3, global_batch=4, ddp_style="torch", **plan_kw))  # no clipping
     head = chain_block("head", [LocalWeight("head.weight", ("v", "h"), vocab * h, shape=(vocab, h)),
                                 LocalWeight("head.bias", ("v",), vocab, shape=(vocab,))])
-    return lowered(plan, 2, chain_block("dense", mlp_weights(h, ffn)), head=head)
+    return lowered(plan, 2, chain_block("dense", mlp_weights(h, ffn)), head=head,
+                   options=GraphOptions(grad_dtype=reduce_dtype))  # FSDP2 reduce_dtype = our grad dtype
 
 
 @pytest.mark.parametrize("job, plan_kw", [
     ("fsdp", {"dtype": "fp32"}),
-    ("fsdp_bf16", {"dtype": "bf16"}),  # bf16 all-gathers, fp32 reduce-scatters
+    ("fsdp_bf16", {"dtype": "bf16", "reduce_dtype": "fp32"}),  # bf16 all-gathers, fp32 reduce-scatters
     ("hsdp", {"dtype": "fp32", "zero_shard_size": 2}),  # shard in pairs, all-reduce the shard across
 ])
 def test_fsdp_units_equal_torch_fsdp2(torch_runs: dict, job: str, plan_kw: dict) -> None:
@@ -198,7 +200,7 @@ def test_pipeline_send_recv_equal_torch(torch_runs: dict, job: str, schedule: st
     h, mb_size = 16, 2
     act = mb_size * h * 4  # torch: (microbatch_size, hidden) fp32 per message
     plan = ParallelPlan.parse(dict(pp=pp, micro_batch=mb_size, global_batch=m * mb_size, schedule=schedule,
-                                   dtype="fp32"))
+                                   dtype="fp32", ddp_style="torch"))  # torch: no grad-norm all-reduce
     programs, mesh = lowered(plan, 2 * pp, chain_block("dense", out_bytes=act))
     from torchref import aggregate
 
@@ -280,10 +282,14 @@ def test_model_state_bytes_per_param(zero: int) -> None:
     opt = [x for x in programs[0].nodes if x.category == "optimizer"]
     assert sum(x.flops for x in opt) == 12 * numel // (n if zero else 1)
     assert sum(x.tensor_bytes for x in opt) == 16 * numel // (n if zero else 1)
-    kinds = sorted(OPS[x.comm] for x in programs[0].nodes if x.kind == NodeKind.COLL)
+    colls = [x for x in programs[0].nodes if x.kind == NodeKind.COLL]
+    kinds = sorted(OPS[x.comm] for x in colls if "grad_norm" not in x.name)
     want = {0: ["all_reduce"], 1: ["all_gather", "reduce_scatter"], 2: ["all_gather", "reduce_scatter"],
             3: ["all_gather", "all_gather", "reduce_scatter"]}[zero]
     assert kinds == want
+    # Megatron's gradient clipping: an fp32 norm all-reduced over the ranks holding grad shards
+    norms = [(x.axes, x.comm_bytes) for x in colls if "grad_norm" in x.name]
+    assert norms == ([(("dp",), 4)] if zero else [])
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -304,7 +310,7 @@ def test_tied_embedding_grad_all_reduce_first_and_last_stage_only() -> None:
     plan = ParallelPlan.parse(dict(pp=4, global_batch=4))
     emb = chain_block("embedding", [LocalWeight("embed", ("v", "h"), vocab_h, shape=(256, 64))], out_bytes=8)
     programs, mesh = lowered(plan, 4, chain_block("dense", out_bytes=8), embedding=emb, tied=True)
-    pp_colls = [[x for x in p.nodes if x.kind == NodeKind.COLL and x.axes == ("pp",)] for p in programs]
+    pp_colls = [[x for x in p.nodes if x.kind == NodeKind.COLL and "tied" in x.name] for p in programs]
     assert [len(c) for c in pp_colls] == [1, 0, 0, 1]
     assert {c[0].comm_bytes for c in pp_colls if c} == {vocab_h * 4}  # fp32 main grads
     # the last stage keeps its own copy of the table (Megatron): weights 2 B/param on both ends
@@ -402,3 +408,20 @@ def test_llama_405b_issue5_plan_lowers_fast_with_closed_form_bytes() -> None:
         sends = [x.comm_bytes for x in prog.nodes if x.kind == NodeKind.SEND and x.peer_axis == "pp"]
         assert sends == [act] * (4 * ((r < 15) + (r > 0)))
         assert prog.static_bytes["weights"] == 2 * want[r]
+
+
+def test_finalize_grads_order_tp_partial_then_norm_then_optimizer() -> None:
+    # Megatron finalize_model_grads: DP reduction, then one coalesced TP all-reduce of the Partial
+    # (SP norm) weight grads of every block on the stage, then the clipping norm; the step after.
+    plan = ParallelPlan.parse(dict(tp=2, pp=2, dp=2, sp=True, seq=64, global_batch=4))
+    layer = chain_block("dense", mlp_weights(8, 16), out_bytes=8)
+    layer.extra["tp_partial_grad_bytes"] = 96
+    programs, _ = lowered(plan, 6, layer)
+    for p in programs:
+        names = [x.name for x in p.nodes if x.kind == NodeKind.COLL]
+        tp_ar = [x for x in p.nodes if "tp_partial" in x.name]
+        assert [(x.axes, x.comm_bytes) for x in tp_ar] == [(("tp",), 3 * 96)]  # 3 layers per stage
+        norm = next(x for x in p.nodes if "grad_norm" in x.name)
+        assert norm.axes == ("tp", "pp") and norm.data_deps == (tp_ar[0].id,)
+        assert names.index(tp_ar[0].name) > max(i for i, n in enumerate(names) if n.startswith("dp."))
+        assert min(x.id for x in p.nodes if x.category == "optimizer") > norm.id

@@ -64,6 +64,7 @@ from tensorstage.lower.dataparallel import (
     UnitComm,
     grad_elem_bytes,
     make_buckets,
+    shard_axes,
     shard_factor,
     static_bytes,
     unit_comm,
@@ -464,46 +465,55 @@ class _Stage:
                     self.reduce_last.setdefault(s, []).append(red)
 
     def _finish_step(self) -> None:
-        """Tied-embedding all-reduce, optimizer step (ZeRO-sharded), ZeRO-1/2 parameter all-gather."""
+        """Megatron's ``finalize_model_grads`` then the optimizer step.
+
+        After the DP reductions (issued during backward): one coalesced all-reduce over ``tp`` of
+        the weight gradients block lowering leaves Partial over TP (``extra["tp_partial_grad_bytes"]``:
+        SP norm weights, router, row biases), the tied-embedding all-reduce over ``pp`` (first and
+        last stage), and the global gradient-norm all-reduce (fp32 scalar, gradient clipping) over
+        the model-parallel axes, plus the DP shard axes when ZeRO shards gradients (it syncs all
+        stages before the step, as Megatron's ``clip_grad_norm`` with its default ``clip_grad=1.0``;
+        ``ddp_style="torch"`` models a plain ``optimizer.step()`` without it). Then every block's
+        optimizer nodes (head first, scaled by the ZeRO shard factor) and, for ZeRO-1/2, each
+        bucket's parameter all-gather.
+        """
         ctx, plan = self.ctx, self.ctx.plan
         slots = sorted({s for ss in self.chunk_slots for s in ss}, reverse=True)
-        if ctx.tied_copy is not None:
-            head, emb = len(ctx.slot_block) - 1, 0
-            for slot in (head, emb):
-                if slot not in slots:
-                    continue
-                table = ctx.tied_copy
-                deps = tuple(self.reduce_last.get(slot, ())) or (self.final_bwd_last[slot],)
-                nid = self._add(f"tied_embedding.{ctx.label(slot)}.grad.all_reduce", NodeKind.COLL,
-                                data_deps=deps, comm=CollKind.ALL_REDUCE, comm_bytes=table.numel * ctx.grad_bytes,
-                                axes=("pp",), category="comm", layer=slot - 1)
-                self.reduce_last[slot] = [nid]
+        done = tuple(dict.fromkeys([i for s in slots for i in self.reduce_last.get(s, ())]
+                                   + [self.final_bwd_last[s] for s in slots if s in self.final_bwd_last
+                                      and not self.reduce_last.get(s)]))
+        tp_partial = sum(int(ctx.low(s).extra.get("tp_partial_grad_bytes", 0) or 0) for s in slots)
+        if tp_partial and ctx.mesh.size("tp") > 1:
+            done = (self._add("finalize.tp_partial_grads.all_reduce", NodeKind.COLL, data_deps=done,
+                              comm=CollKind.ALL_REDUCE, comm_bytes=tp_partial, axes=("tp",), category="comm"),)
+        if ctx.tied_copy is not None and (0 in slots or len(ctx.slot_block) - 1 in slots):
+            slot = 0 if 0 in slots else len(ctx.slot_block) - 1
+            done = (self._add(f"finalize.tied_embedding.{ctx.label(slot)}.grad.all_reduce", NodeKind.COLL,
+                              data_deps=done, comm=CollKind.ALL_REDUCE,
+                              comm_bytes=ctx.tied_copy.numel * ctx.grad_bytes, axes=("pp",), category="comm",
+                              layer=slot - 1),)
+        norm_axes = tuple(a for a in ("tp", *(shard_axes(plan, False) if plan.zero else ()), "pp")
+                          if ctx.mesh.size(a) > 1)
+        if norm_axes and plan.ddp_style == "megatron":  # torch style: a plain step, no clipping
+            done = (self._add("finalize.grad_norm.all_reduce", NodeKind.COLL, data_deps=done,
+                              comm=CollKind.ALL_REDUCE, comm_bytes=4, axes=norm_axes, category="comm"),)
         opt_last: dict[int, int] = {}
-        prev: int | None = None
+        last: int | None = None
         dense_n = shard_factor(plan, ctx.mesh, False)
         expert_n = shard_factor(plan, ctx.mesh, True)
         for slot in slots:
             low = ctx.low(slot)
-            if not low.optimizer:
-                continue
-            deps = tuple(self.reduce_last.get(slot, ())) or (
-                (self.final_bwd_last[slot],) if slot in self.final_bwd_last else ())
             aligned = len(low.optimizer) == len(low.weights)
-            chain = [()] * len(low.optimizer)  # independent per weight; serialized by the chain below
-            last = prev
+            chain = [()] * len(low.optimizer)  # independent per weight; serialized by ``last`` below
             for k in range(len(low.optimizer)):
                 n = expert_n if aligned and low.weights[k].expert else dense_n
-                last = self._emit_list(low.optimizer, chain, (k,), deps, (last,) if last is not None else (), {},
+                last = self._emit_list(low.optimizer, chain, (k,), done, (last,) if last is not None else (), {},
                                        f"opt.{ctx.label(slot)}.", -1, slot - 1, -1, 0, scale=n)
-            if last is not None:
                 opt_last[slot] = last
-                prev = last
         for k, b in enumerate(self.all_buckets):
-            if not b.gather:
-                continue
-            deps = tuple(opt_last[s] for s in b.slots if s in opt_last) or (
-                tuple(self.reduce_last.get(b.close_slot, ())))
-            self._emit_ops(b.gather, f"dp.{'expert_' if b.expert else ''}bucket{k}.param", deps)
+            if b.gather:
+                deps = tuple(opt_last[s] for s in b.slots if s in opt_last) or done
+                self._emit_ops(b.gather, f"dp.{'expert_' if b.expert else ''}bucket{k}.param", deps)
 
     def _memory_and_flops(self) -> None:
         ctx = self.ctx
