@@ -35,9 +35,11 @@ model-parallel collectives included. This module adds everything that depends on
 * **Tied embeddings** with the embedding and head on different ranks: the last stage keeps a
   copy of the embedding table (Megatron), and the first and last stages all-reduce its gradient
   over ``("pp",)`` (only those two classes issue it; the simulator's partial participation).
-* **Optimizer**: each block instance's optimizer nodes, FLOPs and bytes divided by the ZeRO
-  shard factor, after the reductions of its weights, head first (the order gradients finish);
-  ZeRO-1/2 then all-gather each bucket's updated parameters.
+* **Finalize + optimizer** (Megatron's ``finalize_model_grads``, see :meth:`_Stage._finish_step`):
+  TP all-reduce of Partial weight grads, tied-embedding all-reduce, gradient-norm all-reduce
+  (``ddp_style="megatron"`` only); then each block instance's optimizer nodes, FLOPs and bytes
+  divided by the ZeRO shard factor, head first; ZeRO-1/2 then all-gather each bucket's updated
+  parameters. Like every framework's ``optimizer.step()``, the step waits for all reductions.
 * **Inference** (``phase`` prefill/decode): the forward actions of the schedule only (micro-batch
   order, GPipe-like), no DP, no optimizer; KV-cache bytes are static memory.
 * **Memory**: ``static_bytes`` (weights, gradients, optimizer states, master weights per ZeRO
