@@ -216,6 +216,8 @@ def torch_runs():
             "tp": {"scenario": "tp", "prepare_input": True, **cfg},
             "tp_sp": {"scenario": "tp", "sp": True, **cfg},
             "ep": {"scenario": "ep", "hidden": 16, "ffn": 32, "experts": 4, "topk": 2, "tokens": 16},
+            "lm": {"scenario": "tp_lm", "prepare_input": True, "vocab": 64, **cfg},
+            "lm_sp": {"scenario": "tp_lm", "sp": True, "vocab": 64, **cfg},
         },
         world_size=2,
     )
@@ -240,6 +242,21 @@ def test_tp_collectives_match_dtensor(torch_runs, sp: bool) -> None:
     extra = _ours(mg["dense"].backward) - _ours(layer.backward)
     assert extra == (Counter({("all_gather", 2 * 8 // 2 * 32 * 4): 2}) if sp else Counter())
     assert _ours(mg["dense"].forward) == _ours(layer.forward)
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_vocab_parallel_lm_matches_dtensor(torch_runs, sp: bool) -> None:
+    """TinyLM (vocab-parallel embedding, one block, LM head, ``loss_parallel``): every collective of
+    embedding + layer + head, forward (with the three cross-entropy all-reduces) and backward."""
+    run = torch_runs["lm_sp" if sp else "lm"]
+    spec = _torch_block_spec(32, 4, 64).model_copy(update={"vocab": 64})
+    _, _, bl = _lower(spec, sp_regather=False, tp=2, sp=sp, seq=8, micro_batch=2, dtype="fp32")
+    fwd = sum((_ours(bl[k].forward) for k in ("embedding", "dense", "head")), Counter())
+    bwd = sum((_ours(bl[k].backward) for k in ("head", "dense", "embedding")), Counter())
+    for rank in (0, 1):
+        recs = run["ranks"][rank]
+        assert fwd == _by_type(recs, {"fwd", "loss"})
+        assert bwd == _by_type(recs, {"bwd"})
 
 
 def test_ep_alltoall_matches_torch(torch_runs) -> None:
@@ -425,6 +442,60 @@ def test_ep_alltoall_sizes_with_capacity_and_skew(cf, skew, factor) -> None:
     for w in layer.weights:
         if w.expert:
             assert w.numel == (8 // ep) * 512 * 256 // tp
+
+
+def test_mla_sp_gathers_compressed_latents() -> None:
+    """Megatron MLA with SP: the down-projections run on the sequence shard; the q/kv latents are
+    all-gathered for the column-parallel up-projections (again in backward for their weight grads),
+    the shared RoPE key is gathered once (its gradient reduce-scattered), heads are TP-sharded."""
+    ql, kvl, dr, h, b, s, tp = 64, 32, 16, 256, 2, 128, 4
+    spec = ModelSpec(
+        name="tiny-mla",
+        num_layers=1,
+        hidden=h,
+        num_heads=8,
+        ffn=512,
+        vocab=1024,
+        mla=MLASpec(
+            q_lora_rank=ql, kv_lora_rank=kvl, qk_rope_head_dim=dr, qk_nope_head_dim=32, v_head_dim=32
+        ),
+    )
+    _, _, bl = _lower(spec, tp=tp, sp=True, seq=s, micro_batch=b)
+    layer = bl["mla_dense"]
+    shard = b * s // tp * 2  # bytes per feature of a bf16 sequence shard
+    ag = Counter(n.comm_bytes for n in _colls(layer.forward, CollKind.ALL_GATHER))
+    assert ag == Counter({shard * h: 1, shard * ql: 1, shard * kvl: 1, shard * dr: 1})
+    bwd_ag = Counter(n.comm_bytes for n in _colls(layer.backward, CollKind.ALL_GATHER))
+    # h: output-grad gathers before o_proj and the MLP down-projection, MLP input re-gather
+    assert bwd_ag == Counter({shard * h: 3, shard * ql: 1, shard * kvl: 1})
+    bwd_rs = Counter(n.comm_bytes for n in _colls(layer.backward, CollKind.REDUCE_SCATTER))
+    # one h-sized reduce-scatter (MLP input grad): the attention's input grad comes from the
+    # replicated down-projections on the sequence shard and needs none
+    assert bwd_rs == Counter({shard * tp * h: 1, shard * tp * ql: 1, shard * tp * kvl: 1, shard * tp * dr: 1})
+    # replicated down-projections and norms see a sequence shard: their grads need a TP all-reduce
+    down = (h * ql + h * (kvl + dr) + ql + kvl + 2 * h) * 4
+    assert layer.extra["tp_partial_grad_bytes"] == down
+
+
+def test_moe_without_sp_all_reduces_routed_rows() -> None:
+    """MoE + TP without SP: tokens replicated over TP; the expert-TP output rows and the routed input
+    gradient are all-reduced (b*s*k rows of h) besides the attention's f/g all-reduces."""
+    h, b, s, k, tp = 128, 2, 64, 2, 2
+    spec = ModelSpec(
+        name="moe",
+        num_layers=1,
+        hidden=h,
+        num_heads=4,
+        ffn=256,
+        vocab=1024,
+        moe=MoESpec(num_experts=4, top_k=k, expert_ffn=64),
+    )
+    _, _, bl = _lower(spec, tp=tp, seq=s, micro_batch=b)
+    layer = bl["moe"]
+    rows, sbh = b * s * k * h * 2, b * s * h * 2
+    assert [n.comm_bytes for n in _colls(layer.forward)] == [sbh, rows]
+    assert Counter(n.comm_bytes for n in _colls(layer.backward)) == Counter({rows: 1, sbh: 1})
+    assert all(n.comm == CollKind.ALL_REDUCE for n in _colls(layer.forward + layer.backward))
 
 
 # --- performance ------------------------------------------------------------------------------------------
