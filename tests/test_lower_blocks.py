@@ -442,6 +442,9 @@ def test_ep_alltoall_sizes_with_capacity_and_skew(cf, skew, factor) -> None:
     for w in layer.weights:
         if w.expert:
             assert w.numel == (8 // ep) * 512 * 256 // tp
+    # the busiest EP rank's expert GEMMs: tokens*k*factor rows (TP-gathered) x h x fe/tp, 2 FLOPs/MAC
+    gate = next(n for n in layer.forward if n.name == "moe.experts.gate_proj")
+    assert gate.flops == 2 * int(b * s * 2 * factor) * 512 * (256 // tp)
 
 
 def test_mla_sp_gathers_compressed_latents() -> None:

@@ -58,7 +58,7 @@ import sympy as sp
 from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, dtype_bytes
 from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Block, Op, Tensor
-from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
+from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, seq_dim
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.parallel.apply import ep_alltoall, vocab_parallel_cross_entropy
 from tensorstage.parallel.placement import (
@@ -266,9 +266,9 @@ class _BlockLowerer:
 
     def _collectives(self, ch: Change) -> list[Collective]:
         shape, dims = self._shape(ch.tensor)
-        pl = () if ch.src == REPLICATE else (("tp", _rename(ch.src, ch.tensor, dims)),)
+        pl = () if ch.src == REPLICATE else (("tp", ch.src),)
         layout = TensorLayout(shape, dtype_bytes(ch.tensor.dtype), pl, (("tp", self.ctx.tp),), dims)
-        dst = {} if ch.dst == REPLICATE else {"tp": _rename(ch.dst, ch.tensor, dims)}
+        dst = {} if ch.dst == REPLICATE else {"tp": ch.dst}
         return redistribute(layout, dst)
 
     def _kv_parts_bytes(self) -> list[int]:
@@ -507,7 +507,6 @@ class _BlockLowerer:
             prop.need(o, target, changes)
             self._changes(forward, changes, "fwd")
             outputs_home.append((o, target))
-        fwd_flops = self.model_flops
         recompute: list[StepNode] = []
         if blk.recompute:
             prop.forget(t for op in blk.recompute for t in op.outputs)
@@ -522,7 +521,6 @@ class _BlockLowerer:
                 changes = []
                 prop.need(g, prop.home(x), changes)
                 self._changes(backward, changes, "bwd_input")
-        del fwd_flops
         weights = [self._local_weight(w) for w in blk.weights]
         optimizer = [self._optimizer_node(op) for op in blk.optimizer]
         saved = sum(self._saved_bytes(t) for t in blk.saved if t.role != "weight")
@@ -625,16 +623,9 @@ def _final_grad(blk: Block, x: Tensor) -> Tensor | None:
     return out
 
 
-def _rename(p: Placement, t: Tensor, dims: tuple[str, ...]) -> Placement:
-    """A Shard on the routed ``e`` / ``t`` pair names the merged ``t`` dim of the layout."""
-    if isinstance(p, Shard) and p.dim not in dims and p.dim in ("e",):
-        return Shard("t")
-    return p
-
-
 def _int(x: float) -> int:
     """Round a cost to an integer (costs are exact up to float noise or causal halves)."""
     return int(round(float(x)))
 
 
-__all__ = ["lower_blocks", "is_seq"]
+__all__ = ["lower_blocks"]
