@@ -75,14 +75,28 @@ from tensorstage.schedule.program import CollKind, NodeKind
 
 #: dims tensor parallelism divides in the per-rank bindings (``v`` is handled with vocab padding)
 TP_SYMBOLS = ("nh", "nkv", "f", "fe", "fs")
+#: graph op kind -> ``op`` label of a COMP node, in the simulator's vocabulary
+#: (:data:`tensorstage.sim.compute.VECTOR_OPS` run at vector peak; matmul and attention at tensor peak)
 _KIND_LABEL = {
     "einsum": "matmul",
     "attention": "attention",
     "norm": "norm",
     "softmax": "softmax",
-    "cross_entropy": "loss",
-    "gather": "embedding",
-    "scatter_add": "embedding",
+    "cross_entropy": "cross_entropy",
+    "gather": "gather",
+    "scatter_add": "gather",
+    "add": "elementwise",
+    "mul": "elementwise",
+    "unary": "elementwise",
+    "rope": "elementwise",
+    "dropout": "elementwise",
+    "layout": "elementwise",
+    "reduce": "elementwise",
+    "scatter": "elementwise",
+    "kv_write": "elementwise",
+    "topk": "topk",
+    "dispatch": "dispatch",
+    "combine": "combine",
 }
 
 
@@ -292,7 +306,7 @@ class _BlockLowerer:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
             self.model_flops += mf
-        label = "attention" if (_is_core(op) and op.kind == "einsum") else _KIND_LABEL.get(op.kind, op.kind)
+        label = _KIND_LABEL.get(op.kind, "elementwise")  # materialized QK^T / PV are plain batched matmuls
         return StepNode(
             op.name,
             NodeKind.COMP,
