@@ -159,13 +159,25 @@ def test_vocab_parallel_embedding_and_head() -> None:
     assert [(n.comm, n.comm_bytes) for n in _colls(head.forward)] == [(CollKind.ALL_REDUCE, s * b * 4)] * 3
     # LM head input gradient: all-reduce of s*b*h
     assert [(n.comm, n.comm_bytes) for n in _colls(head.backward)] == [(CollKind.ALL_REDUCE, sbh)]
-    _, _, spb = _lower(_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
+    # SP, rotary model: the lookup is reduce-scattered into the SP region, all-gathered back in backward
+    rope = _gpt(h=h, V=V, s=s).model_copy(update={"positions": "rope"})
+    _, _, spb = _lower(rope, MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
     assert [(n.comm, n.comm_bytes) for n in _colls(spb["embedding"].forward)] == [
         (CollKind.REDUCE_SCATTER, sbh)
     ]
     assert [(n.comm, n.comm_bytes) for n in _colls(spb["embedding"].backward)] == [
         (CollKind.ALL_GATHER, sbh // tp)
     ]
+    # SP with learned positions (Megatron's LanguageModelEmbedding): all-reduce, add positions on the
+    # full sequence, scatter; backward all-gathers before the add, so no position grad is Partial
+    _, _, lpb = _lower(_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
+    emb = lpb["embedding"]
+    assert [(n.comm, n.comm_bytes) for n in _colls(emb.forward)] == [(CollKind.ALL_REDUCE, sbh)]
+    assert [(n.comm, n.comm_bytes) for n in _colls(emb.backward)] == [(CollKind.ALL_GATHER, sbh // tp)]
+    assert emb.extra["tp_partial_grad_bytes"] == 0
+    assert emb.output_bytes == sbh // tp
+    # the embedding dropout runs on the sequence shard: its 1-byte mask is s*b*h/t
+    assert emb.saved_bytes == s * b * 8 + s * 8 + s * b * h // tp
 
 
 def test_local_weights_closed_form() -> None:

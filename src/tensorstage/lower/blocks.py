@@ -416,6 +416,8 @@ class _BlockLowerer:
             decode_last_kv = readers[-1] if readers else None
         split_core = len(core_ops) == 1
         for op in ops:
+            if backward:
+                self._embedding_grad_gather(nodes, op)
             placed = self.prop.run(op)
             cat = op.category
             self._changes(nodes, placed.changes, cat)
@@ -446,7 +448,49 @@ class _BlockLowerer:
                 nodes.append(self._coll(f"{op.name}.a2a", self._a2a()[0], cat))
             if op is decode_last_kv and c.cp > 1:
                 self._decode_combine(nodes, op, placed, cat)
+            if not backward:
+                self._embedding_reduce(nodes, op, cat)
         return nodes
+
+    # Megatron's LanguageModelEmbedding with learned positions under SP: the vocab-parallel lookup is
+    # all-reduced (not reduce-scattered), positions are added on the full sequence and the sum is
+    # scattered (sliced) into the SP region; backward all-gathers the gradient before the add, so
+    # the position table's gradient is complete on every TP rank.
+    def _learned_pos_sp(self) -> tuple[Op, Op] | None:
+        if not (self.ctx.sp and self.name == "embedding" and self.ctx.graph.spec.positions == "learned"):
+            return None
+        fwd = self.blk.forward
+        tok = next((op for op in fwd if op.kind == "gather" and "v" in op.inputs[0].dims), None)
+        if tok is None:
+            return None
+        add = next((op for op in fwd if op.kind == "add" and tok.outputs[0] in op.inputs), None)
+        return (tok, add) if add is not None else None
+
+    def _embedding_reduce(self, nodes: list[StepNode], op: Op, cat: str) -> None:
+        hook = self._learned_pos_sp()
+        if hook is None:
+            return
+        tok, add = hook
+        if op is tok:
+            y = op.outputs[0]
+            changes: list[Change] = []
+            self.prop.need(y, REPLICATE, changes)
+            self._changes(nodes, changes, cat)
+            self.prop.set(y, REPLICATE)
+        elif op is add:
+            self.prop.set(op.outputs[0], self.prop.home(op.outputs[0]))  # scatter: a free slice
+
+    def _embedding_grad_gather(self, nodes: list[StepNode], op: Op) -> None:
+        hook = self._learned_pos_sp()
+        if hook is None:
+            return
+        grad_name = f"{hook[1].outputs[0].name}.grad"
+        for t in op.inputs:
+            if t.name == grad_name and self.prop.get(t) != REPLICATE:
+                changes: list[Change] = []
+                self.prop.need(t, REPLICATE, changes)
+                self._changes(nodes, changes, op.category)
+                self.prop.set(t, REPLICATE)
 
     def _cp_before(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
         """CP exchange before a core that is not split in chunks (ring) or all-gather mode."""
