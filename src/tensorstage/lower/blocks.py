@@ -407,14 +407,21 @@ class _BlockLowerer:
     def _pass(self, ops: list[Op], backward: bool) -> list[StepNode]:
         c = self.ctx
         nodes: list[StepNode] = []
-        core_ops = [op for op in ops if _is_core(op)]
+        # core ops that read the keys/values (not e.g. an attention-sink weight gradient)
+        core_ops = [
+            op
+            for op in ops
+            if _is_core(op)
+            and any(_reads_kv(t) for t in op.inputs)
+            and not any(t.role == "weight_grad" for t in op.outputs)
+        ]
         first_core = core_ops[0] if core_ops else None
         last_core = core_ops[-1] if core_ops else None
         decode_last_kv = None
         if c.phase == "decode":
             readers = [op for op in ops if any(d in t.dims for t in op.inputs for d in ("sk", "skw"))]
             decode_last_kv = readers[-1] if readers else None
-        split_core = len(core_ops) == 1
+        split_core = len(core_ops) == 1 and core_ops[0].kind == "attention"  # one fused kernel
         for op in ops:
             if backward:
                 self._embedding_grad_gather(nodes, op)
@@ -656,6 +663,11 @@ class _BlockLowerer:
         if self.name.endswith("_swa") and c.graph.spec.sliding_window:
             tokens = min(tokens, c.graph.spec.sliding_window)
         return b * ceil(tokens / c.cp) * per_token
+
+
+def _reads_kv(t: Tensor) -> bool:
+    """Keys/values (or their gradients) on the key axis."""
+    return "sk" in t.dims or "skw" in t.dims
 
 
 def _with_deps(node: StepNode, name: str, deps: tuple[int, ...]) -> StepNode:
