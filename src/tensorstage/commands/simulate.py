@@ -7,6 +7,11 @@
   (:mod:`tensorstage.trace.to_programs` says what is supported). For our own traces the system,
   dtype and tokens per step default to what the manifest recorded.
 
+Steps with many micro-batches (at least 3x the pipeline depth + 3) are extrapolated from three
+short simulations past the warm-up when every result is checked affine in the micro-batch count
+(:mod:`tensorstage.sim.steady`; exact for periodic schedules, else it falls back); ``--full``,
+``--timeline`` and ``--report`` simulate every node.
+
 ``--json`` prints :func:`tensorstage.report.summary.result_dict`; ``--timeline FILE`` writes the
 Chrome/Perfetto trace of the step; ``--report DIR`` writes the Markdown/HTML report with plots.
 """
@@ -25,6 +30,8 @@ from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import Program
 from tensorstage.sim import Execution, SimResult, execute, machine_from_system, summarize
 
+#: Steady-state extrapolation only when the step has at least this many times m3 micro-batches.
+STEADY_MIN_FACTOR = 3
 #: Node events kept in a timeline JSON (earliest first): ~250 bytes each, so ~125 MB at most.
 TIMELINE_MAX_EVENTS = 500_000
 
@@ -82,11 +89,62 @@ def lower_model(model: str, plan: ParallelPlan) -> Any:
     return lower(resolve_model(model), plan, fuse=True)
 
 
-def simulate_model(model: str, system: str, plan: ParallelPlan) -> SimRun:
-    """Lower ``model`` under ``plan`` and simulate it on ``system`` sized to the plan's world."""
+def steady_counts(plan: ParallelPlan) -> tuple[int, int, int] | None:
+    """Micro-batch counts ``m1 < m2 < m3`` past the pipeline warm-up to extrapolate from, or ``None``
+    when the plan's step is small enough to simulate in full (fewer than :data:`STEADY_MIN_FACTOR`
+    times ``m3`` micro-batches) or is not a training step."""
+    if plan.phase != "train":
+        return None
+    spacing = plan.pp if plan.schedule == "interleaved" else 1
+    k = plan.pp * plan.vpp
+    m1 = -(-(k + 1) // spacing) * spacing
+    m3 = m1 + 2 * spacing
+    if plan.microbatches < STEADY_MIN_FACTOR * m3 or (plan.microbatches - m3) % spacing:
+        return None
+    return m1, m1 + spacing, m3
+
+
+def _with_microbatches(plan: ParallelPlan, m: int) -> ParallelPlan:
+    data = plan.model_dump()
+    data["global_batch"] = m * plan.dp * plan.micro_batch
+    return ParallelPlan.parse(data)
+
+
+def simulate_steady(model: str, system: str, plan: ParallelPlan) -> SimRun | None:
+    """The step extrapolated from three short simulations (:mod:`tensorstage.sim.steady`), or ``None``
+    if the plan does not qualify or the three results are not affine in the micro-batch count."""
+    from tensorstage.sim.steady import extrapolate
+
+    counts = steady_counts(plan)
+    if counts is None:
+        return None
+    runs = [simulate_lowered(lower_model(model, _with_microbatches(plan, m)), model, system) for m in counts]
+    spacing = counts[1] - counts[0]
+    tokens = plan.global_batch * plan.seq
+    res = extrapolate(*(r.result for r in runs), spacing, (plan.microbatches - counts[2]) / spacing, tokens)
+    if res is None:
+        return None
+    last = runs[-1]
+    inputs = model_inputs(model, system, plan)
+    inputs["tokens_per_step"] = tokens
+    note = (f"step extrapolated from {', '.join(map(str, counts))} micro-batches to {plan.microbatches} "
+            "(every additive result checked affine in the micro-batch count; --full simulates every node)")
+    return SimRun(last.programs, last.mesh, last.execution, res, inputs, [note])
+
+
+def simulate_model(model: str, system: str, plan: ParallelPlan, full: bool = True) -> SimRun:
+    """Lower ``model`` under ``plan`` and simulate it on ``system`` sized to the plan's world.
+
+    With ``full=False`` a long step (many micro-batches) is extrapolated from three short ones
+    when that is exact (:func:`simulate_steady`); the run's execution is then the last short one.
+    """
     from tensorstage.hardware import load_system
 
     load_system(system, plan.world)  # fail fast on a bad system before the (slower) lowering
+    if not full:
+        run = simulate_steady(model, system, plan)
+        if run is not None:
+            return run
     return simulate_lowered(lower_model(model, plan), model, system)
 
 
@@ -153,6 +211,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         timeline: Path | None = typer.Option(None, "--timeline", help="Write a Chrome/Perfetto trace JSON here."),
         report: Path | None = typer.Option(None, "--report", help="Write report.md, report.html and plots here."),
+        full: bool = typer.Option(False, "--full", help="Simulate every micro-batch (no steady-state "
+                                  "extrapolation; implied by --timeline / --report)."),
     ) -> None:
         """Simulate one step: step time, tokens/s, MFU/HFU, exposed comm, bubbles, peak memory."""
         if trace is not None:
@@ -164,7 +224,7 @@ def register(app: typer.Typer) -> None:
                 raise SpecError("model", "missing MODEL (or --trace DIR)")
             if system is None:
                 raise SpecError("system", "--system is required", _system_names())
-            run = simulate_model(model, system, plan)
+            run = simulate_model(model, system, plan, full=full or timeline is not None or report is not None)
         write_outputs(run, json_out, timeline, report)
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim.compute import FUSED_PREFIX, fused_parts
-from tensorstage.sim.engine import K_COLL, K_COMP, Execution, paused_gc
+from tensorstage.sim.engine import K_COMP, Execution, paused_gc
 
 
 @dataclass
@@ -113,7 +113,10 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
     tot_model = tot_exec = 0
     start_all, end_all = np.asarray(ex.start, dtype=np.float64), np.asarray(ex.end, dtype=np.float64)
     kind_all = np.asarray(ex.kind, dtype=np.int8)
-    post = ex.post
+    post_all = np.asarray(ex.post, dtype=np.float64)
+    label_cache: dict[tuple, str] = {}
+    for a in ex.algorithm.values():
+        algos[a] = algos.get(a, 0) + 1
     for c, prog in enumerate(ex.programs):
         off, stop = ex.offsets[c], ex.offsets[c + 1]
         nodes = prog.nodes
@@ -123,20 +126,17 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur, comp,
                                      ex.machine.compute)
         flops = sum([n.flops for n in nodes])
-        comm_busy: dict[str, float] = {}
-        comm_iv: list[tuple[float, float, str]] = []
-        wait = 0.0
-        for j in np.flatnonzero(~comp).tolist():
-            node = nodes[j]
-            g = off + j
-            s_, e_ = ex.start[g], ex.end[g]
-            lab = _label(node)
-            comm_busy[lab] = comm_busy.get(lab, 0.0) + (e_ - s_)
-            comm_iv.append((s_, e_, lab))
-            wait += s_ - post[g]
-            if kd[j] == K_COLL:
-                a = ex.algorithm.get(g, "")
-                algos[a] = algos.get(a, 0) + 1
+        cidx = np.flatnonzero(~comp)
+        labels: list[str] = []
+        for node in [nodes[j] for j in cidx.tolist()]:
+            key = (node.kind, node.comm, node.axes, node.peer_axis)
+            lab = label_cache.get(key)
+            if lab is None:
+                lab = label_cache[key] = _label(node)
+            labels.append(lab)
+        cs_, ce_ = st[cidx], en[cidx]
+        comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(labels), dtype=bool))
+        wait = float((cs_ - post_all[off + cidx]).sum())
         mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
         for node in [n for n in nodes if n.mem_alloc_bytes or n.mem_free_bytes]:
             g = off + node.id
@@ -148,7 +148,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
                 mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, mcat))
         cs, ce = st[comp], en[comp]
         busy = float(dur[comp].sum())
-        exposed, exposed_by = _exposed(cs, ce, comm_iv)
+        exposed, exposed_by = _exposed(cs, ce, cs_, ce_, labels)
         static = {k: int(v) for k, v in sorted(prog.static_bytes.items())}
         peak, peak_t, at_peak = _memory_peak(mem_ev, static)
         tot_model += ex.ranks[c] * prog.model_flops
@@ -176,10 +176,19 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
     )
 
 
-def _sum_by(labels: list[str], values: np.ndarray, mask: np.ndarray) -> dict[str, float]:
-    """Sum ``values[mask]`` grouped by ``labels`` (sorted keys; only labels present under the mask)."""
-    codes: dict[str, int] = {}
-    idx = np.fromiter((codes.setdefault(x, len(codes)) for x in labels), dtype=np.int64, count=len(labels))
+def _encode(labels: list[str]) -> tuple[np.ndarray, dict[str, int]]:
+    """Integer code of every label (first-seen order) and the code table."""
+    codes = {k: i for i, k in enumerate(dict.fromkeys(labels))}
+    return np.fromiter([codes[x] for x in labels], dtype=np.int64, count=len(labels)), codes
+
+
+def _sum_by(labels: list[str] | tuple[np.ndarray, dict[str, int]], values: np.ndarray, mask: np.ndarray
+            ) -> dict[str, float]:
+    """Sum ``values[mask]`` grouped by ``labels`` (sorted keys; only labels present under the mask).
+
+    ``labels`` may be given already encoded by :func:`_encode`.
+    """
+    idx, codes = labels if isinstance(labels, tuple) else _encode(labels)
     sums = np.bincount(idx[mask], weights=values[mask], minlength=len(codes))
     present = np.bincount(idx[mask], minlength=len(codes)) > 0
     return {k: float(sums[i]) for k, i in sorted(codes.items()) if present[i]}
@@ -189,13 +198,17 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
                  ) -> tuple[dict[str, float], dict[str, float]]:
     """Compute time by category and by op; a fused node's time goes to its parts' categories and
     ops in proportion to the parts' own times."""
-    fused = np.fromiter((x.startswith(FUSED_PREFIX) for x in labels), dtype=bool, count=len(labels))
+    enc = _encode(labels)
+    idx, codes = enc
+    cenc = _encode(cats)
+    fused_codes = [i for lab, i in codes.items() if lab.startswith(FUSED_PREFIX)]
+    if not fused_codes:
+        return _sum_by(cenc, dur, comp), _sum_by(enc, dur, comp)
+    fused = np.isin(idx, fused_codes)
     plain = comp & ~fused
-    by_cat = _sum_by(cats, dur, plain)
-    by_op = _sum_by(labels, dur, plain)
-    if not (comp & fused).any():
-        return by_cat, by_op
-    for label, t in _sum_by(labels, dur, comp & fused).items():
+    by_cat = _sum_by(cenc, dur, plain)
+    by_op = _sum_by(enc, dur, plain)
+    for label, t in _sum_by(enc, dur, comp & fused).items():
         parts = fused_parts(label) or []
         times = [model.time_s(f, b, name) for name, f, b, _ in parts]
         tot = sum(times)
@@ -206,10 +219,11 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
     return dict(sorted(by_cat.items())), dict(sorted(by_op.items()))
 
 
-def _exposed(cs: np.ndarray, ce: np.ndarray, comm: list[tuple[float, float, str]]
+def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, labels: list[str]
              ) -> tuple[float, dict[str, float]]:
-    """Communication time not covered by compute: total over the union, and per label."""
-    if not comm:
+    """Communication time not covered by compute (compute intervals ``cs..ce``, communication
+    intervals ``s..e`` with ``labels``): total over the union, and per label."""
+    if not labels:
         return 0.0, {}
     order = np.argsort(cs, kind="stable")
     cs, ce = cs[order], ce[order]
@@ -222,13 +236,8 @@ def _exposed(cs: np.ndarray, ce: np.ndarray, comm: list[tuple[float, float, str]
         val = pre[ic] + np.minimum(x, ce[ic]) - cs[ic] if len(cs) else np.zeros_like(x)
         return np.where(ok, val, 0.0)
 
-    s = np.array([iv[0] for iv in comm])
-    e = np.array([iv[1] for iv in comm])
     unc = (e - s) - (covered(e) - covered(s))
-    raw: dict[str, float] = {}
-    for (_, _, lab), u in zip(comm, unc.tolist(), strict=True):
-        if u > 0:
-            raw[lab] = raw.get(lab, 0.0) + u
+    raw = _sum_by(labels, unc, unc > 0)
     # union of the communication intervals
     o = np.argsort(s, kind="stable")
     s, e = s[o], e[o]

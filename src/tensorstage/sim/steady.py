@@ -1,0 +1,91 @@
+"""Steady-state extrapolation over the micro-batch count: big steps without simulating every node.
+
+Why: a pipeline step with ``m`` micro-batches costs ``O(m)`` nodes to lower and simulate (the 1T
+Megatron case: PP 64, 512 micro-batches, ~1 M nodes even fused). Once every stage is in its
+steady state (``m`` at least the number of virtual stages), each extra micro-batch adds exactly
+the same work to every rank class and shifts the end of the step by the same amount, so every
+additive quantity of the result (step time, compute by category and op, exposed communication,
+bubble, FLOPs, node counts) is an affine function of ``m``.
+
+:func:`extrapolate` takes results at three evenly spaced counts ``m1 < m2 < m3`` (all past the
+warm-up), *checks* that every quantity's increment from ``m1`` to ``m2`` equals the one from ``m2``
+to ``m3`` (relative 1e-9 of the quantity or of the step time for times; 1e-6 for the per-label
+split of exposed communication; memory peaks must be equal), and only then returns the
+affine extrapolation to the target ``m``; otherwise ``None`` and the caller simulates in full.
+MFU, HFU and tokens/s are recomputed from the extrapolated FLOPs and step time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from typing import Any
+
+from tensorstage.sim.result import ClassResult, SimResult
+
+#: Relative tolerance of the affine check (of each quantity's own magnitude, floor 1e-12 s / units).
+REL_TOL = 1e-9
+#: Looser tolerance (of the step time) for exposed communication per ``type/axes`` label: its
+#: proportional split among overlapping operations (:mod:`.result`) is not exactly additive.
+LABEL_TOL = 1e-6
+
+_CLASS_LINEAR = ("nodes", "finish_s", "compute_busy_s", "compute_by_category_s", "compute_by_op_s", "comm_busy_s",
+                 "exposed_comm_s", "exposed_comm_total_s", "sync_wait_s", "bubble_s", "optimizer_s",
+                 "executed_flops", "model_flops")
+_CLASS_SAME = ("class_key", "ranks", "memory_peak_bytes", "memory_at_peak_bytes", "oom")
+
+
+def _affine(a: Any, b: Any, c: Any, steps: float, what: str, floor: float = 0.0, tol: float = REL_TOL) -> Any:
+    """Value at ``c`` + ``steps`` increments, after checking ``b - a == c - b`` (scalars or dicts)
+    to :data:`REL_TOL` of the largest of the three values and ``floor`` (the step time, for times)."""
+    if isinstance(c, dict):
+        keys = set(a) | set(b) | set(c)
+        return {k: _affine(a.get(k, 0), b.get(k, 0), c.get(k, 0), steps, f"{what}.{k}", floor, tol)
+                for k in sorted(keys)}
+    d1, d2 = b - a, c - b
+    scale = max(abs(a), abs(b), abs(c), floor, 1e-12)
+    if abs(d2 - d1) > tol * scale:
+        raise _NotAffine(what)
+    value = c + steps * d2
+    return round(value) if isinstance(c, int) and not isinstance(c, bool) else value
+
+
+class _NotAffine(Exception):
+    pass
+
+
+def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps_to_target: float,
+                tokens_per_step: int) -> SimResult | None:
+    """The result ``steps_to_target`` spacings past ``r3`` (see module docstring), or ``None`` if the
+    three results are not affine in the micro-batch count or differ in anything that should not change."""
+    if not (len(r1.classes) == len(r2.classes) == len(r3.classes)):
+        return None
+    try:
+        classes = []
+        for c1, c2, c3 in zip(r1.classes, r2.classes, r3.classes, strict=True):
+            for name in _CLASS_SAME:
+                if not getattr(c1, name) == getattr(c2, name) == getattr(c3, name):
+                    raise _NotAffine(name)
+            kw = {f.name: getattr(c3, f.name) for f in fields(ClassResult)}
+            for name in _CLASS_LINEAR:
+                floor = r3.step_time_s if name.endswith("_s") else 0.0
+                tol = LABEL_TOL if name == "exposed_comm_s" else REL_TOL
+                kw[name] = _affine(getattr(c1, name), getattr(c2, name), getattr(c3, name), steps_to_target,
+                                   f"{c3.class_key}.{name}", floor, tol)
+            kw["memory_peak_time_s"] = c3.memory_peak_time_s
+            classes.append(ClassResult(**kw))
+        step = _affine(r1.step_time_s, r2.step_time_s, r3.step_time_s, steps_to_target, "step_time_s")
+        algos = _affine(r1.collective_algorithms, r2.collective_algorithms, r3.collective_algorithms,
+                        steps_to_target, "collective_algorithms")
+    except _NotAffine:
+        return None
+    if r1.peak_memory_bytes != r3.peak_memory_bytes or spacing <= 0:
+        return None
+    denom = step * r3.world * r3.peak_flops_per_device
+    model = sum(c.ranks * c.model_flops for c in classes)
+    executed = sum(c.ranks * c.executed_flops for c in classes)
+    return replace(
+        r3, step_time_s=step, tokens_per_step=tokens_per_step,
+        tokens_per_s=tokens_per_step / step if step > 0 else 0.0,
+        mfu=model / denom if denom > 0 else 0.0, hfu=executed / denom if denom > 0 else 0.0,
+        classes=classes, collective_algorithms=algos,
+    )
