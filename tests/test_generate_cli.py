@@ -180,3 +180,19 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
                            str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
+
+
+def test_tied_embeddings_across_stages_validate(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "tied.yaml"
+    path.write_text(TINY_DENSE.replace("name: tiny-dense", "name: tiny-tied") + "tied_embeddings: true\n")
+    out = tmp_path / "t"
+    res = _main(monkeypatch, capsys, "generate", str(path), "--pp", "4", "--dp", "2", "--seq", "64", "--out",
+                str(out), "--json")
+    assert res.returncode == 0, res.stderr
+    report = validate_trace_dir(out)  # every communicator's members issue the same collectives
+    assert report.ok, report.errors[:3]
+    classes = json.loads(res.stdout)["classes"]
+    # first and last stage exchange the fp32 embedding gradient (padded vocab 1024 x hidden 128)
+    extra = classes["0"]["send_bytes"] - classes["1"]["send_bytes"] // 2
+    assert extra == 1024 * 128 * 4

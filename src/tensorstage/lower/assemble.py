@@ -33,10 +33,14 @@ model-parallel collectives included. This module adds everything that depends on
   ends; one gradient reduce-scatter per unit per step after its last backward (torch pipelining
   + FSDP2 reduce once per step). Hybrid sharding adds the all-reduce over ``dp_replicate``.
 * **Tied embeddings** with the embedding and head on different ranks: the last stage keeps a
-  copy of the embedding table (Megatron), and the first and last stages all-reduce its gradient
-  over ``("pp",)`` (only those two classes issue it; the simulator's partial participation).
+  copy of the embedding table (Megatron), and the first and last stages sum their gradients
+  (Megatron's all-reduce over its 2-rank embedding group). The mesh has no communicator for
+  just those two ranks, and a collective over ``("pp",)`` that middle stages skip would hang
+  ASTRA-sim (every group member must issue it; the trace validator rejects it), so it is an
+  exchange: each end sends its gradient to the other along ``pp`` (offset -1 / +1, wrapping) —
+  per rank exactly the bytes of a 2-rank ring all-reduce, 2(n-1)/n x S = S.
 * **Finalize + optimizer** (Megatron's ``finalize_model_grads``, see :meth:`_Stage._finish_step`):
-  TP all-reduce of Partial weight grads, tied-embedding all-reduce, gradient-norm all-reduce
+  TP all-reduce of Partial weight grads, tied-embedding exchange, gradient-norm all-reduce
   (``ddp_style="megatron"`` only); then each block instance's optimizer nodes, FLOPs and bytes
   divided by the ZeRO shard factor, head first; ZeRO-1/2 then all-gather each bucket's updated
   parameters. Like every framework's ``optimizer.step()``, the step waits for all reductions.
@@ -147,6 +151,11 @@ class _Context:
     grad_bytes: int
     tied_copy: LocalWeight | None
     units: dict[str, UnitComm] = field(default_factory=dict)
+
+    @property
+    def tag_tied(self) -> int:
+        """Tag of the tied-embedding gradient exchange: above every pipeline and block tag."""
+        return self.tag_base + self.microbatches * len(self.slot_block) * 3 * self.tag_stride
 
     @property
     def num_layers(self) -> int:
@@ -471,7 +480,7 @@ class _Stage:
 
         After the DP reductions (issued during backward): one coalesced all-reduce over ``tp`` of
         the weight gradients block lowering leaves Partial over TP (``extra["tp_partial_grad_bytes"]``:
-        SP norm weights, router, row biases), the tied-embedding all-reduce over ``pp`` (first and
+        SP norm weights, router, row biases), the tied-embedding gradient exchange (first and
         last stage), and the global gradient-norm all-reduce (fp32 scalar, gradient clipping) over
         the model-parallel axes, plus the DP shard axes when ZeRO shards gradients (it syncs all
         stages before the step, as Megatron's ``clip_grad_norm`` with its default ``clip_grad=1.0``;
@@ -489,11 +498,16 @@ class _Stage:
             done = (self._add("finalize.tp_partial_grads.all_reduce", NodeKind.COLL, data_deps=done,
                               comm=CollKind.ALL_REDUCE, comm_bytes=tp_partial, axes=("tp",), category="comm"),)
         if ctx.tied_copy is not None and (0 in slots or len(ctx.slot_block) - 1 in slots):
-            slot = 0 if 0 in slots else len(ctx.slot_block) - 1
-            done = (self._add(f"finalize.tied_embedding.{ctx.label(slot)}.grad.all_reduce", NodeKind.COLL,
-                              data_deps=done, comm=CollKind.ALL_REDUCE,
-                              comm_bytes=ctx.tied_copy.numel * ctx.grad_bytes, axes=("pp",), category="comm",
-                              layer=slot - 1),)
+            # a 2-rank all-reduce as an exchange: same bytes per rank (ring: 2(n-1)/n x S = S) and,
+            # unlike a collective over ("pp",), every member of the communicator takes part
+            first = 0 in slots
+            slot = 0 if first else len(ctx.slot_block) - 1
+            kw = dict(comm_bytes=ctx.tied_copy.numel * ctx.grad_bytes, peer_axis="pp", peer_offset=-1 if first else 1,
+                      tag=ctx.tag_tied, category="comm", layer=slot - 1)
+            name = f"finalize.tied_embedding.{ctx.label(slot)}.grad"
+            send = self._add(f"{name}.send", NodeKind.SEND, data_deps=done, **kw)
+            recv = self._add(f"{name}.recv", NodeKind.RECV, data_deps=done, **kw)
+            done = (send, recv)
         norm_axes = tuple(a for a in ("tp", *(shard_axes(plan, False) if plan.zero else ()), "pp")
                           if ctx.mesh.size(a) > 1)
         if norm_axes and plan.ddp_style == "megatron":  # torch style: a plain step, no clipping
