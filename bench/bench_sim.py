@@ -2,6 +2,7 @@
 
 Usage::
 
+    .venv/bin/python bench/bench_sim.py --case all           # the issue-6 cases, real lowering (below)
     .venv/bin/python bench/bench_sim.py                      # 405B-like, TP8 PP16 DP128, 16 microbatches
     .venv/bin/python bench/bench_sim.py --microbatches 16 64 # several sizes
     .venv/bin/python bench/bench_sim.py --source mypkg.lower:programs_for_bench
@@ -12,6 +13,13 @@ Llama-3.1-405B-like 1F1B step of ``bench/bench_trace.py`` (15 forward / 25 backw
 layer, TP all-reduces, pipeline send/recv, per-layer DP gradient all-reduce) until the real
 lowering lands. Prints one table row per size: nodes, build / execute / summarize wall seconds,
 simulated step time and MFU (the MFU of a synthetic program is only a sanity check).
+
+``--case 405b|1t|all`` times what ``tensorstage simulate MODEL`` does, in process, on the real
+lowering (fused compute runs): Llama-3.1-405B on 16,384 H100 (TP 8, PP 16 with 7/8x14/7 layers,
+DP 128, SP, 1F1B, sequence 8192, global batch 2048 = 16 micro-batches) and the Megatron 1T case of
+Narayanan et al. Table 1 on 3,072 A100 (TP 8, PP 64, DP 6, full recompute, sequence 2048, global
+batch 3072 = 512 micro-batches). ``steady`` is the default path (steady-state extrapolation where
+it applies), ``full`` simulates every node. Times include lowering; wall and CPU seconds.
 """
 
 from __future__ import annotations
@@ -56,8 +64,37 @@ def run(tp: int, pp: int, dp: int, microbatches: int, source: str, system: str, 
             "summarize_s": t3 - t2, "simulate_s": t3 - t1, "step_time_s": res.step_time_s, "mfu": res.mfu}
 
 
+CASES: dict[str, tuple[str, str, dict[str, object]]] = {
+    "405b": ("llama3.1-405b", "dgx-h100-superpod",
+             {"tp": 8, "pp": 16, "dp": 128, "sp": True, "schedule": "1f1b", "seq": 8192, "global_batch": 2048,
+              "micro_batch": 1, "pp_layer_split": (7, *[8] * 14, 7)}),
+    "1t": ("megatron-1t", "dgx-a100-selene",
+           {"tp": 8, "pp": 64, "dp": 6, "schedule": "1f1b", "seq": 2048, "global_batch": 3072, "micro_batch": 1,
+            "recompute": "full"}),
+}
+
+
+def run_case(name: str, full: bool) -> dict[str, object]:
+    """One ``simulate MODEL`` call in process: lower (+ extrapolate) + simulate + summarize."""
+    from tensorstage.commands.simulate import simulate_model
+    from tensorstage.parallel.plan import ParallelPlan
+
+    model, system, plan_data = CASES[name]
+    plan = ParallelPlan.parse(plan_data)
+    t0, c0 = time.perf_counter(), time.process_time()
+    run = simulate_model(model, system, plan, full=full)
+    t1, c1 = time.perf_counter(), time.process_time()
+    r = run.result
+    return {"case": name, "mode": "full" if full else "steady", "gpus": plan.world,
+            "microbatches": plan.microbatches, "nodes_simulated": sum(len(p.nodes) for p in run.programs),
+            "wall_s": t1 - t0, "cpu_s": c1 - c0, "step_time_s": r.step_time_s, "mfu": r.mfu,
+            "extrapolated": bool(run.notes)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--case", choices=[*CASES, "all"], help="time the real issue-6 cases instead")
+    ap.add_argument("--modes", nargs="+", default=["steady", "full"], choices=["steady", "full"])
     ap.add_argument("--tp", type=int, default=8)
     ap.add_argument("--pp", type=int, default=16)
     ap.add_argument("--dp", type=int, default=128)
@@ -67,6 +104,16 @@ def main() -> None:
     ap.add_argument("--source", default=":synthetic_405b", help="module:function giving (programs, mesh)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    if args.case:
+        names = list(CASES) if args.case == "all" else [args.case]
+        rows = [run_case(n, m == "full") for n in names for m in args.modes]
+        if args.json:
+            print_json(rows)
+            return
+        cols = list(rows[0])
+        print_table("simulate MODEL benchmark (real lowering)", cols,
+                    [[round(r[c], 4) if isinstance(r[c], float) else r[c] for c in cols] for r in rows])
+        return
     rows = []
     for m in args.microbatches:
         tokens = args.dp * m * args.seq

@@ -145,3 +145,31 @@ def test_bad_input_exits_2_with_one_line(args: list[str]) -> None:
     assert res.returncode == 2, res.stderr
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
     assert "Traceback" not in res.stderr
+
+
+def test_steady_state_extrapolation_matches_full_simulation() -> None:
+    from dataclasses import replace
+
+    from tensorstage.commands.simulate import simulate_model, steady_counts
+    from tensorstage.sim.steady import extrapolate
+
+    plan = ParallelPlan.parse({"tp": 2, "pp": 2, "dp": 2, "global_batch": 80, "seq": 512, "recompute": "selective"})
+    assert steady_counts(plan) == (3, 4, 5)
+    quick = simulate_model("gpt3-125m", "dgx-a100-selene", plan, full=False)
+    full = simulate_model("gpt3-125m", "dgx-a100-selene", plan, full=True)
+    assert quick.notes and "extrapolated" in quick.notes[0] and not full.notes
+    a, b = full.result, quick.result
+    assert b.step_time_s == pytest.approx(a.step_time_s, rel=1e-9)
+    assert (b.mfu, b.hfu, b.tokens_per_s) == pytest.approx((a.mfu, a.hfu, a.tokens_per_s), rel=1e-9)
+    assert b.peak_memory_bytes == a.peak_memory_bytes
+    for ca, cb in zip(a.classes, b.classes, strict=True):
+        assert cb.compute_by_category_s == pytest.approx(ca.compute_by_category_s, rel=1e-9)
+        assert cb.bubble_s == pytest.approx(ca.bubble_s, abs=1e-9 * a.step_time_s)
+        assert cb.exposed_comm_total_s == pytest.approx(ca.exposed_comm_total_s, abs=1e-9 * a.step_time_s)
+        for k, v in ca.exposed_comm_s.items():  # per-label split: checked to 1e-4 of the step
+            assert cb.exposed_comm_s[k] == pytest.approx(v, abs=1e-4 * a.step_time_s)
+        assert (cb.nodes, cb.executed_flops, cb.model_flops) == (ca.nodes, ca.executed_flops, ca.model_flops)
+    # a result that is not affine in the micro-batch count is refused (the caller then simulates in full)
+    r = b
+    bent = replace(r, step_time_s=r.step_time_s * 1.001)
+    assert extrapolate(r, r, bent, 1, 10.0, 1) is None

@@ -9,8 +9,9 @@ bubble, FLOPs, node counts) is an affine function of ``m``.
 
 :func:`extrapolate` takes results at three evenly spaced counts ``m1 < m2 < m3`` (all past the
 warm-up), *checks* that every quantity's increment from ``m1`` to ``m2`` equals the one from ``m2``
-to ``m3`` (relative 1e-9 of the quantity or of the step time for times; 1e-6 for the per-label
-split of exposed communication; memory peaks must be equal), and only then returns the
+to ``m3`` closely enough that the difference, carried to the target, moves the result by less than
+1e-9 of itself (or of the step time, for times; 1e-4 for the per-label split of exposed
+communication); memory peaks must be equal. Only then does it return the
 affine extrapolation to the target ``m``; otherwise ``None`` and the caller simulates in full.
 MFU, HFU and tokens/s are recomputed from the extrapolated FLOPs and step time.
 """
@@ -22,11 +23,12 @@ from typing import Any
 
 from tensorstage.sim.result import ClassResult, SimResult
 
-#: Relative tolerance of the affine check (of each quantity's own magnitude, floor 1e-12 s / units).
+#: Bound on the extrapolation error a non-constant increment could cause, relative to the larger of
+#: the extrapolated value and (for times) the extrapolated step time.
 REL_TOL = 1e-9
-#: Looser tolerance (of the step time) for exposed communication per ``type/axes`` label: its
-#: proportional split among overlapping operations (:mod:`.result`) is not exactly additive.
-LABEL_TOL = 1e-6
+#: The same bound for exposed communication per ``type/axes`` label: its proportional split among
+#: overlapping operations (:mod:`.result`) is not exactly additive (the total is).
+LABEL_TOL = 1e-4
 
 _CLASS_LINEAR = ("nodes", "finish_s", "compute_busy_s", "compute_by_category_s", "compute_by_op_s", "comm_busy_s",
                  "exposed_comm_s", "exposed_comm_total_s", "sync_wait_s", "bubble_s", "optimizer_s",
@@ -35,17 +37,16 @@ _CLASS_SAME = ("class_key", "ranks", "memory_peak_bytes", "memory_at_peak_bytes"
 
 
 def _affine(a: Any, b: Any, c: Any, steps: float, what: str, floor: float = 0.0, tol: float = REL_TOL) -> Any:
-    """Value at ``c`` + ``steps`` increments, after checking ``b - a == c - b`` (scalars or dicts)
-    to :data:`REL_TOL` of the largest of the three values and ``floor`` (the step time, for times)."""
+    """Value at ``c`` + ``steps`` increments, after checking that ``b - a`` and ``c - b`` differ by
+    less than could move the result by ``tol`` of itself or of ``floor`` (scalars or dicts)."""
     if isinstance(c, dict):
         keys = set(a) | set(b) | set(c)
         return {k: _affine(a.get(k, 0), b.get(k, 0), c.get(k, 0), steps, f"{what}.{k}", floor, tol)
                 for k in sorted(keys)}
     d1, d2 = b - a, c - b
-    scale = max(abs(a), abs(b), abs(c), floor, 1e-12)
-    if abs(d2 - d1) > tol * scale:
-        raise _NotAffine(what)
     value = c + steps * d2
+    if abs(d2 - d1) * max(1.0, steps) > tol * max(abs(value), abs(c), floor, 1e-12):
+        raise _NotAffine(what)
     return round(value) if isinstance(c, int) and not isinstance(c, bool) else value
 
 
@@ -59,6 +60,7 @@ def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps
     three results are not affine in the micro-batch count or differ in anything that should not change."""
     if not (len(r1.classes) == len(r2.classes) == len(r3.classes)):
         return None
+    step_final = r3.step_time_s + steps_to_target * (r3.step_time_s - r2.step_time_s)
     try:
         classes = []
         for c1, c2, c3 in zip(r1.classes, r2.classes, r3.classes, strict=True):
@@ -67,7 +69,7 @@ def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps
                     raise _NotAffine(name)
             kw = {f.name: getattr(c3, f.name) for f in fields(ClassResult)}
             for name in _CLASS_LINEAR:
-                floor = r3.step_time_s if name.endswith("_s") else 0.0
+                floor = step_final if name.endswith("_s") else 0.0
                 tol = LABEL_TOL if name == "exposed_comm_s" else REL_TOL
                 kw[name] = _affine(getattr(c1, name), getattr(c2, name), getattr(c3, name), steps_to_target,
                                    f"{c3.class_key}.{name}", floor, tol)
