@@ -196,3 +196,16 @@ def test_tied_embeddings_across_stages_validate(monkeypatch: pytest.MonkeyPatch,
     # first and last stage exchange the fp32 embedding gradient (padded vocab 1024 x hidden 128)
     extra = classes["0"]["send_bytes"] - classes["1"]["send_bytes"] // 2
     assert extra == 1024 * 128 * 4
+
+
+def test_byte_identical_across_processes_and_hash_seeds(tmp_path: Path) -> None:
+    digests = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"s{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "COLUMNS": "200"}
+        proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "generate", TINY_MOE, "--tp", "2", "--pp", "2",
+                               "--dp", "2", "--ep", "2", "--sp", "--seq", "128", "--zero", "3", "--schedule", "zb-h1",
+                               "--out", str(out), "--json-traces"], capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        digests.append(_digest(out))
+    assert digests[0] == digests[1]
