@@ -237,7 +237,6 @@ class _Stage:
         self.p = Program(class_key={"pp": rank})
         self.nodes = self.p.nodes
         self.chunk_slots = [ctx.stage_slots[c * plan.pp + rank] for c in range(plan.vpp)]
-        self.stages = plan.pp * plan.vpp
         self.fwd_last: dict[tuple[int, int], int] = {}
         self.bwd_ids: dict[tuple[int, int], dict[int, int]] = {}
         self.final_bwd_last: dict[int, int] = {}  # slot -> last backward node of its last micro-batch
