@@ -64,6 +64,7 @@ def write_chrome_trace(ex: Execution, path: str | Path, max_events: int | None =
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is a shareable output file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
