@@ -215,3 +215,24 @@ def test_report_files_are_deterministic(tmp_path: Path, direct) -> None:
     assert b"matplotlib" not in (tmp_path / "rep0" / "timeline.png").read_bytes()
     trace = json.loads((tmp_path / "t0.json").read_text())
     assert trace["traceEvents"]
+
+
+def test_foreign_per_rank_files_group_into_stage_classes(tmp_path: Path, direct) -> None:
+    """Our per-rank files without manifest or side files read as another tool's: the mesh comes
+    from the comm groups, identical ranks are grouped (one class per pipeline stage), and the step
+    time is the direct one (every COMP op of the hand-built program is charged alike here)."""
+    progs, mesh = pipeline_programs()
+    for p in progs:
+        for n in p.nodes:
+            n.op = "matmul" if n.kind == NodeKind.COMP else n.op
+    machine = machine_from_system(load_system(SYSTEM, mesh.world))
+    expect = summarize(execute(progs, mesh, machine)).step_time_s
+    d = tmp_path / "tr"
+    write_chakra(progs, mesh, d, progress=False)
+    (d / "manifest.json").unlink()
+    back = programs_from_trace(d)
+    assert back.source == "chakra" and len(back.programs) == 4
+    assert [p.class_key for p in back.programs] == [{"a2": s} for s in range(4)]  # tp=a0, dp=a1, pp=a2
+    got = summarize(execute(back.programs, back.mesh, machine))
+    assert got.step_time_s == pytest.approx(expect, rel=1e-12)
+    assert [c.ranks for c in got.classes] == [4, 4, 4, 4]

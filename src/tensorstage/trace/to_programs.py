@@ -21,8 +21,10 @@ Two kinds of trace directory are supported:
   communicator-group JSON (``{"1": [ranks], ...}``) ASTRA-sim takes. A mesh is inferred from the
   groups: every group must be a Cartesian box of strided rank runs, and the strides of all groups
   must nest (each divides the next), as Megatron/torchtitan rank layouts do; otherwise the trace
-  is rejected with a ``SpecError``. Each rank becomes its own class (one Program per rank), so
-  this path is meant for small worlds. COMP nodes with ``duration_micros > 0`` run for that
+  is rejected with a ``SpecError``. Every rank file is decoded; ranks whose programs are identical
+  (names aside) are then grouped: the smallest set of mesh axes whose coordinates determine a
+  rank's program becomes the class key, and one Program per class is simulated (one per rank
+  when nothing is shared). COMP nodes with ``duration_micros > 0`` run for that
   duration (ASTRA-sim's default); others by the roofline at the matrix-unit rate. Node ids need
   not be dense or in dependency order: they are renumbered in a topological order that issues
   the lowest original id first. ``is_cpu_op`` nodes and node types ASTRA-sim skips (metadata,
@@ -258,19 +260,47 @@ def _foreign(d: Path) -> TraceInput:
         raise SpecError("trace", f"{d}: rank files must be {prefix}.0.et .. {prefix}.{world - 1}.et")
     groups = _find_groups(d, prefix)
     mesh, group_axes = infer_mesh(world, groups)
-    key = [a.name for a in mesh.views["base"]]
-    programs = []
+    per_rank = []
     fixed = False
     for r in range(world):
         prog, has_fixed = _foreign_program(_decode(files[r]), r, mesh, group_axes, files[r].name)
-        prog.class_key = {a: mesh.coord(r, a) for a in key}
         fixed |= has_fixed
-        programs.append(prog)
-    notes = ["foreign trace: one Program per rank; COMP op kinds unknown (matrix-unit rate or duration_micros); "
-             "no memory information; MFU uses the executed FLOPs"]
-    for p in programs:
-        p.model_flops = sum(n.flops for n in p.nodes)
+        prog.model_flops = sum(n.flops for n in prog.nodes)
+        per_rank.append(prog)
+    programs = group_ranks(per_rank, mesh)
+    notes = [f"foreign trace: {world} rank files grouped into {len(programs)} rank class(es) of identical "
+             "programs; COMP op kinds unknown (matrix-unit rate or duration_micros); no memory information; "
+             "MFU uses the executed FLOPs"]
     return TraceInput(programs, mesh, "chakra", {}, False, fixed, notes)
+
+
+def _signature(prog: Program) -> tuple:
+    """Everything that matters to the simulator in a rank's program (names excluded)."""
+    return tuple((n.kind, n.data_deps, n.ctrl_deps, n.flops, n.tensor_bytes, n.op, n.comm, n.comm_bytes, n.axes,
+                  n.peer_axis, n.peer_offset, n.tag) for n in prog.nodes)
+
+
+def group_ranks(per_rank: list[Program], mesh: Mesh) -> list[Program]:
+    """One Program per class of ranks with identical programs: the smallest set of mesh axes whose
+    coordinates determine a rank's program becomes the class key (all axes if nothing is shared)."""
+    axes = [a.name for a in mesh.views["base"]]
+    sig_id: dict[tuple, int] = {}
+    sigs = [sig_id.setdefault(_signature(p), len(sig_id)) for p in per_rank]
+    coords = [[mesh.coord(r, a) for a in axes] for r in range(len(per_rank))]
+    subsets = sorted((tuple(a for i, a in enumerate(axes) if mask >> i & 1) for mask in range(1 << len(axes))),
+                     key=lambda t: (len(t), [axes.index(a) for a in t]))
+    for subset in subsets:
+        idx = [axes.index(a) for a in subset]
+        seen: dict[tuple[int, ...], int] = {}
+        if all(seen.setdefault(tuple(c[i] for i in idx), s) == s for c, s in zip(coords, sigs, strict=True)):
+            break
+    out: dict[tuple[int, ...], Program] = {}
+    for r, prog in enumerate(per_rank):
+        k = tuple(coords[r][axes.index(a)] for a in subset)
+        if k not in out:
+            prog.class_key = dict(zip(subset, k, strict=True))
+            out[k] = prog
+    return [out[k] for k in sorted(out)]
 
 
 def _find_groups(d: Path, prefix: str) -> dict[str, list[int]]:
