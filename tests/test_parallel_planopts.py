@@ -138,3 +138,18 @@ def test_decorator_requires_plan_parameter() -> None:
 
         @with_plan_options
         def bad(model: str) -> None: ...
+
+
+def test_uneven_pipeline_split_and_extra_flags() -> None:
+    got = run("generate", "m", "--pp", "2", "--pp-layer-split", "3,5", "--dp", "4", "--zero", "3",
+              "--zero-shard-size", "2", "--ddp-style", "torch", "--routing-skew", "1.5")
+    assert got["plan"]["pp_layer_split"] == [3, 5]
+    assert got["plan"]["zero_shard_size"] == 2
+    assert got["plan"]["ddp_style"] == "torch"
+    assert got["plan"]["routing_skew"] == 1.5
+
+
+def test_bad_layer_split_names_the_field() -> None:
+    with pytest.raises(SpecError) as err:
+        plan_from_options(pp=2, pp_layer_split="3,x")
+    assert err.value.field == "pp_layer_split"

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 
 import typer
 
+from tensorstage.errors import SpecError
 from tensorstage.parallel.plan import ParallelPlan, load_plan, split_rank_order
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -54,6 +55,12 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("phase", str, ("--phase",), "train|prefill|decode."),
     ("context", int, ("--context",), "KV length for decode (default: seq)."),
     ("cp_mode", str, ("--cp-mode",), "Context parallelism: ring|allgather."),
+    ("pp_layer_split", str, ("--pp-layer-split",), "Layers per pipeline stage, e.g. 7,8,8,...,7 (uneven)."),
+    ("zero_shard_size", int, ("--zero-shard-size",), "Hybrid sharding: shard within groups of this many."),
+    ("dp_bucket_bytes", int, ("--dp-bucket-bytes",), "Gradient bucket size in bytes (default: per ddp-style)."),
+    ("ddp_style", str, ("--ddp-style",), "Data-parallel conventions: megatron|torch."),
+    ("capacity_factor", float, ("--capacity-factor",), "MoE capacity factor (default: dropless)."),
+    ("routing_skew", float, ("--routing-skew",), "MoE load at the busiest expert rank / mean (>= 1)."),
 )
 PLAN_FLAG_NAMES = tuple(name for name, *_ in PLAN_FLAGS)
 CONFIG_PARAM = "plan_config"
@@ -67,9 +74,18 @@ def plan_from_options(config: Path | None = None, **flags: Any) -> ParallelPlan:
     given = {k: v for k, v in flags.items() if v is not None}
     if isinstance(given.get("rank_order"), str):
         given["rank_order"] = split_rank_order(given["rank_order"])
+    if isinstance(given.get("pp_layer_split"), str):
+        given["pp_layer_split"] = _int_list(given["pp_layer_split"], "pp_layer_split")
     if config is not None:
         return load_plan(config, given)
     return ParallelPlan.parse(given, where="plan")
+
+
+def _int_list(text: str, field: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise SpecError(field, f"expected comma-separated integers, got {text!r}") from None
 
 
 def plan_parameters() -> list[inspect.Parameter]:
