@@ -19,6 +19,9 @@ from typing import Any
 from tensorstage.report.plots import memory_breakdown_png, time_breakdown_png, timeline_png
 from tensorstage.sim.engine import Execution
 
+#: Plan fields the report lists (the full plan is in the JSON result).
+PLAN_KEYS = ("world", "tp", "pp", "vpp", "dp", "cp", "ep", "sp", "zero", "schedule", "recompute", "seq",
+             "global_batch", "micro_batch", "microbatches", "dtype", "phase")
 PLOTS = {"timeline": "timeline.png", "time": "time_breakdown.png", "memory": "memory_breakdown.png"}
 
 
@@ -83,7 +86,9 @@ def sections(data: Mapping[str, Any]) -> list[tuple[str, list[str]]]:
     what = [f"- **{k}**: `{v}`" for k, v in inp.items() if not isinstance(v, dict)]
     plan = inp.get("plan")
     if isinstance(plan, dict):
-        what.append("- **plan**: " + ", ".join(f"{k}={v}" for k, v in plan.items()))
+        shown = [k for k in PLAN_KEYS if k in plan]
+        what.append("- **plan**: " + ", ".join(f"{k}={plan[k]}" for k in shown)
+                    + " (all fields: result.json / --json)")
     out.append(("Inputs", what or ["(none recorded)"]))
     summary = [
         ["step time", _s(data["step_time_s"])],
