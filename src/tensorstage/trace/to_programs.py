@@ -92,6 +92,8 @@ def programs_from_trace(directory: str | Path) -> TraceInput:
     d = Path(directory)
     if not d.is_dir():
         raise SpecError("trace", f"{d} is not a directory")
+    if not (d / MANIFEST).exists() and (d / "traces" / MANIFEST).exists():
+        d = d / "traces"  # a `tensorstage run` output directory
     if (d / MANIFEST).exists():
         return _ours(d)
     return _foreign(d)
