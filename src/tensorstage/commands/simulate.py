@@ -9,8 +9,9 @@
 
 Steps with many micro-batches (at least 3x the pipeline depth + 3) are extrapolated from three
 short simulations past the warm-up when every result is checked affine in the micro-batch count
-(:mod:`tensorstage.sim.steady`; exact for periodic schedules, else it falls back); ``--full``,
-``--timeline`` and ``--report`` simulate every node.
+(:mod:`tensorstage.sim.steady`; exact for periodic schedules, else it falls back); ``--full``
+and ``--timeline`` simulate every node. A ``--report`` of an extrapolated step draws its pipeline
+timeline from the last short simulation (said in the report's notes).
 
 ``--json`` prints :func:`tensorstage.report.summary.result_dict`; ``--timeline FILE`` writes the
 Chrome/Perfetto trace of the step; ``--report DIR`` writes the Markdown/HTML report with plots.
@@ -128,7 +129,8 @@ def simulate_steady(model: str, system: str, plan: ParallelPlan) -> SimRun | Non
     inputs = model_inputs(model, system, plan)
     inputs["tokens_per_step"] = tokens
     note = (f"step extrapolated from {', '.join(map(str, counts))} micro-batches to {plan.microbatches} "
-            "(every additive result checked affine in the micro-batch count; --full simulates every node)")
+            "(every additive result checked affine in the micro-batch count; --full simulates every node); "
+            f"a pipeline timeline plot shows the {counts[2]}-micro-batch step")
     return SimRun(last.programs, last.mesh, last.execution, res, inputs, [note])
 
 
@@ -212,7 +214,7 @@ def register(app: typer.Typer) -> None:
         timeline: Path | None = typer.Option(None, "--timeline", help="Write a Chrome/Perfetto trace JSON here."),
         report: Path | None = typer.Option(None, "--report", help="Write report.md, report.html and plots here."),
         full: bool = typer.Option(False, "--full", help="Simulate every micro-batch (no steady-state "
-                                  "extrapolation; implied by --timeline / --report)."),
+                                  "extrapolation; implied by --timeline)."),
     ) -> None:
         """Simulate one step: step time, tokens/s, MFU/HFU, exposed comm, bubbles, peak memory."""
         if trace is not None:
@@ -224,7 +226,7 @@ def register(app: typer.Typer) -> None:
                 raise SpecError("model", "missing MODEL (or --trace DIR)")
             if system is None:
                 raise SpecError("system", "--system is required", _system_names())
-            run = simulate_model(model, system, plan, full=full or timeline is not None or report is not None)
+            run = simulate_model(model, system, plan, full=full or timeline is not None)
         write_outputs(run, json_out, timeline, report)
 
 

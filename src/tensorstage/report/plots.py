@@ -101,10 +101,10 @@ def timeline_png(ex: Execution, path: str | Path, title: str = "") -> Path:
     ax.set_xlim(0, step * k)
     ax.set_xlabel(f"time ({unit})")
     ax.set_title(title or "pipeline schedule (compute by category; thin bars: communication in flight)")
-    handles = [Patch(color=CATEGORY_COLORS[c], label=c) for c in CATEGORY_COLORS if c in used]
+    handles = [Patch(color=CATEGORY_COLORS[c], label="bwd (input+weight)" if c == "bwd" else c)
+               for c in CATEGORY_COLORS if c in used]
     handles += [Patch(color=COMM_COLORS[c], label=f"comm: {c}") for c in COMM_COLORS if c in used_comm]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.12 if len(rows) > 4 else -0.25),
-              ncol=min(len(handles), 8), frameon=False, fontsize=8)
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, fontsize=8)
     if len(order) > MAX_ROWS:
         ax.text(1.0, 1.01, f"first {MAX_ROWS} of {len(order)} classes", transform=ax.transAxes, ha="right",
                 fontsize=8)
@@ -137,8 +137,7 @@ def time_breakdown_png(classes: Sequence[Mapping[str, Any]], step_time_s: float,
     ax.invert_yaxis()
     ax.set_xlabel(f"time per step ({unit})")
     ax.set_title("time breakdown per rank class")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15 if len(rows) > 4 else -0.3), ncol=4,
-              frameon=False, fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), frameon=False, fontsize=8)
     fig.tight_layout()
     _save(fig, path)
     return path
