@@ -67,6 +67,9 @@ class ClassResult:
     memory_peak_time_s: float
     memory_at_peak_bytes: dict[str, int]
     oom: bool
+    # each label's own uncovered time before the split is scaled to the union (``exposed_comm_s``
+    # = ``exposed_comm_total_s`` x raw / sum(raw)); additive, unlike the split
+    exposed_comm_raw_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,7 +151,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
                 mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, mcat))
         cs, ce = st[comp], en[comp]
         busy = float(dur[comp].sum())
-        exposed, exposed_by = _exposed(cs, ce, cs_, ce_, labels)
+        exposed, exposed_by, exposed_raw = _exposed(cs, ce, cs_, ce_, labels)
         static = {k: int(v) for k, v in sorted(prog.static_bytes.items())}
         peak, peak_t, at_peak = _memory_peak(mem_ev, static)
         tot_model += ex.ranks[c] * prog.model_flops
@@ -162,6 +165,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
             bubble_s=max(0.0, step - busy - exposed), optimizer_s=by_cat.get("optimizer", 0.0),
             executed_flops=flops, model_flops=prog.model_flops, memory_peak_bytes=peak,
             memory_peak_time_s=peak_t, memory_at_peak_bytes=at_peak, oom=peak > cap,
+            exposed_comm_raw_s=dict(sorted(exposed_raw.items())),
         ))
     peak_flops = ex.machine.compute.peak_flops
     denom = step * ex.world * peak_flops
@@ -220,11 +224,11 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
 
 
 def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, labels: list[str]
-             ) -> tuple[float, dict[str, float]]:
+             ) -> tuple[float, dict[str, float], dict[str, float]]:
     """Communication time not covered by compute (compute intervals ``cs..ce``, communication
     intervals ``s..e`` with ``labels``): total over the union, and per label."""
     if not labels:
-        return 0.0, {}
+        return 0.0, {}, {}
     order = np.argsort(cs, kind="stable")
     cs, ce = cs[order], ce[order]
     pre = np.concatenate(([0.0], np.cumsum(ce - cs)))
@@ -249,9 +253,14 @@ def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, label
     ends = run_end[last]
     total = float(((ends - starts) - (covered(ends) - covered(starts))).sum())
     total = max(0.0, total)
+    return total, split_exposed(total, raw), raw
+
+
+def split_exposed(total: float, raw: dict[str, float]) -> dict[str, float]:
+    """``total`` exposed time split over labels in proportion to their own uncovered ``raw`` times."""
     rsum = sum(raw.values())
     scale = total / rsum if rsum > 0 else 0.0
-    return total, {k: v * scale for k, v in raw.items()}
+    return {k: v * scale for k, v in raw.items()}
 
 
 def _memory_peak(events: list[tuple[float, int, int, str]], static: dict[str, int]

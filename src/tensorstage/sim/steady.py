@@ -10,8 +10,9 @@ bubble, FLOPs, node counts) is an affine function of ``m``.
 :func:`extrapolate` takes results at three evenly spaced counts ``m1 < m2 < m3`` (all past the
 warm-up), *checks* that every quantity's increment from ``m1`` to ``m2`` equals the one from ``m2``
 to ``m3`` closely enough that the difference, carried to the target, moves the result by less than
-1e-9 of itself (or of the step time, for times; 1e-4 for the per-label split of exposed
-communication); memory peaks must be equal. Only then does it return the
+1e-9 of itself (or of the step time, for times); memory peaks must be equal. The per-label split of
+exposed communication is not additive (a proportional split of the union); its inputs are, so it
+is recomputed from the extrapolated total and per-label uncovered times. Only then does it return the
 affine extrapolation to the target ``m``; otherwise ``None`` and the caller simulates in full.
 MFU, HFU and tokens/s are recomputed from the extrapolated FLOPs and step time.
 """
@@ -21,31 +22,28 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any
 
-from tensorstage.sim.result import ClassResult, SimResult
+from tensorstage.sim.result import ClassResult, SimResult, split_exposed
 
 #: Bound on the extrapolation error a non-constant increment could cause, relative to the larger of
 #: the extrapolated value and (for times) the extrapolated step time.
 REL_TOL = 1e-9
-#: The same bound for exposed communication per ``type/axes`` label: its proportional split among
-#: overlapping operations (:mod:`.result`) is not exactly additive (the total is).
-LABEL_TOL = 1e-4
 
 _CLASS_LINEAR = ("nodes", "finish_s", "compute_busy_s", "compute_by_category_s", "compute_by_op_s", "comm_busy_s",
-                 "exposed_comm_s", "exposed_comm_total_s", "sync_wait_s", "bubble_s", "optimizer_s",
+                 "exposed_comm_raw_s", "exposed_comm_total_s", "sync_wait_s", "bubble_s", "optimizer_s",
                  "executed_flops", "model_flops")
 _CLASS_SAME = ("class_key", "ranks", "memory_peak_bytes", "memory_at_peak_bytes", "oom")
 
 
-def _affine(a: Any, b: Any, c: Any, steps: float, what: str, floor: float = 0.0, tol: float = REL_TOL) -> Any:
+def _affine(a: Any, b: Any, c: Any, steps: float, what: str, floor: float = 0.0) -> Any:
     """Value at ``c`` + ``steps`` increments, after checking that ``b - a`` and ``c - b`` differ by
-    less than could move the result by ``tol`` of itself or of ``floor`` (scalars or dicts)."""
+    less than could move the result by :data:`REL_TOL` of itself or of ``floor`` even if the
+    increment kept drifting by that much every step (a quadratic bound; scalars or dicts)."""
     if isinstance(c, dict):
         keys = set(a) | set(b) | set(c)
-        return {k: _affine(a.get(k, 0), b.get(k, 0), c.get(k, 0), steps, f"{what}.{k}", floor, tol)
-                for k in sorted(keys)}
+        return {k: _affine(a.get(k, 0), b.get(k, 0), c.get(k, 0), steps, f"{what}.{k}", floor) for k in sorted(keys)}
     d1, d2 = b - a, c - b
     value = c + steps * d2
-    if abs(d2 - d1) * max(1.0, steps) > tol * max(abs(value), abs(c), floor, 1e-12):
+    if abs(d2 - d1) * max(1.0, steps) ** 2 > REL_TOL * max(abs(value), abs(c), floor, 1e-12):
         raise _NotAffine(what)
     return round(value) if isinstance(c, int) and not isinstance(c, bool) else value
 
@@ -70,9 +68,10 @@ def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps
             kw = {f.name: getattr(c3, f.name) for f in fields(ClassResult)}
             for name in _CLASS_LINEAR:
                 floor = step_final if name.endswith("_s") else 0.0
-                tol = LABEL_TOL if name == "exposed_comm_s" else REL_TOL
                 kw[name] = _affine(getattr(c1, name), getattr(c2, name), getattr(c3, name), steps_to_target,
-                                   f"{c3.class_key}.{name}", floor, tol)
+                                   f"{c3.class_key}.{name}", floor)
+            # the per-label split is not additive; its inputs are: split the extrapolated total
+            kw["exposed_comm_s"] = split_exposed(kw["exposed_comm_total_s"], kw["exposed_comm_raw_s"])
             kw["memory_peak_time_s"] = c3.memory_peak_time_s
             classes.append(ClassResult(**kw))
         step = _affine(r1.step_time_s, r2.step_time_s, r3.step_time_s, steps_to_target, "step_time_s")
