@@ -60,6 +60,13 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     # Example") runs --micro-batch-size 1 with the default (non-interleaved) 1F1B schedule.
     "TRAIN-NARAYANAN21-T1-": {"micro_batch": 1, "schedule": "1f1b"},
     "TRAIN-MEGATRON-README-GPT3-175B": {"micro_batch": 1, "schedule": "1f1b", "recompute": "full"},
+    # Megatron-LM of 2021-22 (the "local" DDP of these papers) all-reduces gradients after the
+    # backward pass (training.py train_step: model.allreduce_gradients() after forward_backward);
+    # overlapping the reduction with the backward pass came with Megatron-Core's
+    # --overlap-grad-reduce in 2023.
+    "TRAIN-NARAYANAN21-": {"overlap_grad_reduce": False},
+    "TRAIN-KORTHIKANTI22-": {"overlap_grad_reduce": False},
+    "TRAIN-MEGATRON-README-": {"overlap_grad_reduce": False},
     # "2240 GPUs = 8 data-parallel replicas of the 280-GPU Table 3 config": Table 3's micro-batch 1,
     # 3 interleaved chunks, batch 280 per replica.
     "TRAIN-KORTHIKANTI22-530B-2240GPU": {"micro_batch": 1, "vpp": 3, "global_batch": 2240},
@@ -232,7 +239,7 @@ def make_plan(par: dict[str, Any], num_gpus: int, seq: int, extra: dict[str, Any
         data["global_batch"] = gb
     data["micro_batch"] = mb or 1
     data["vpp"] = vpp
-    for key in ("micro_batch", "global_batch", "vpp", "recompute", "sp", "schedule"):
+    for key in ("micro_batch", "global_batch", "vpp", "recompute", "sp", "schedule", "overlap_grad_reduce"):
         if key in extra:
             data[key] = extra[key]
     if data["vpp"] > 1:
