@@ -114,8 +114,11 @@ def test_fused_lowering_simulates_the_same(plan: dict) -> None:
     assert b.peak_memory_bytes == a.peak_memory_bytes
     for ca, cb in zip(a.classes, b.classes, strict=True):
         assert cb.compute_busy_s == pytest.approx(ca.compute_busy_s, rel=1e-12)
-        assert cb.compute_by_category_s == pytest.approx(ca.compute_by_category_s, rel=1e-9)
-        assert cb.compute_by_op_s == pytest.approx(ca.compute_by_op_s, rel=1e-9)
+        # a fused node's overlap slowdown is spread over its parts in proportion to their own times,
+        # the unfused parts are slowed one by one: the split by category/op may move a little
+        tol = 1e-4 * ca.compute_busy_s
+        assert cb.compute_by_category_s == pytest.approx(ca.compute_by_category_s, abs=tol)
+        assert cb.compute_by_op_s == pytest.approx(ca.compute_by_op_s, abs=tol)
         assert cb.executed_flops == ca.executed_flops
 
 
@@ -154,7 +157,7 @@ def test_steady_state_extrapolation_matches_full_simulation() -> None:
     from tensorstage.sim.steady import extrapolate
 
     plan = ParallelPlan.parse({"tp": 2, "pp": 2, "dp": 2, "global_batch": 80, "seq": 512, "recompute": "selective"})
-    assert steady_counts(plan) == (3, 4, 5)
+    assert steady_counts(plan) == (4, 5, 6)
     quick = simulate_model("gpt3-125m", "dgx-a100-selene", plan, full=False)
     full = simulate_model("gpt3-125m", "dgx-a100-selene", plan, full=True)
     assert quick.notes and "extrapolated" in quick.notes[0] and not full.notes

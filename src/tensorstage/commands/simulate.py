@@ -33,6 +33,8 @@ from tensorstage.sim import Execution, SimResult, execute, machine_from_system, 
 
 #: Steady-state extrapolation only when the step has at least this many times m3 micro-batches.
 STEADY_MIN_FACTOR = 3
+#: How many times the three-count window may move one spacing on when the check fails.
+STEADY_SHIFTS = 2
 #: Node events kept in a timeline JSON (earliest first): ~250 bytes each, so ~125 MB at most.
 TIMELINE_MAX_EVENTS = 500_000
 
@@ -98,9 +100,9 @@ def steady_counts(plan: ParallelPlan) -> tuple[int, int, int] | None:
         return None
     spacing = plan.pp if plan.schedule == "interleaved" else 1
     k = plan.pp * plan.vpp
-    m1 = -(-(k + 1) // spacing) * spacing
+    m1 = -(-(k + max(2, k // 8)) // spacing) * spacing  # margin: end stages settle a few micro-batches late
     m3 = m1 + 2 * spacing
-    if plan.microbatches < STEADY_MIN_FACTOR * m3 or (plan.microbatches - m3) % spacing:
+    if plan.microbatches < STEADY_MIN_FACTOR * (m3 + STEADY_SHIFTS * spacing) or (plan.microbatches - m3) % spacing:
         return None
     return m1, m1 + spacing, m3
 
@@ -116,15 +118,24 @@ def simulate_steady(model: str, system: str, plan: ParallelPlan) -> SimRun | Non
     if the plan does not qualify or the three results are not affine in the micro-batch count."""
     from tensorstage.sim.steady import extrapolate
 
-    counts = steady_counts(plan)
-    if counts is None:
+    start = steady_counts(plan)
+    if start is None:
         return None
+    spacing = start[1] - start[0]
+    counts = list(start)
     runs = [simulate_lowered(lower_model(model, _with_microbatches(plan, m)), model, system) for m in counts]
-    spacing = counts[1] - counts[0]
     tokens = plan.global_batch * plan.seq
-    res = extrapolate(*(r.result for r in runs), spacing, (plan.microbatches - counts[2]) / spacing, tokens)
-    if res is None:
+    for shift in range(STEADY_SHIFTS + 1):  # a warm-up longer than expected: move the window on
+        if shift:
+            counts.append(counts[-1] + spacing)
+            runs.append(simulate_lowered(lower_model(model, _with_microbatches(plan, counts[-1])), model, system))
+        res = extrapolate(*(r.result for r in runs[-3:]), spacing, (plan.microbatches - counts[-1]) / spacing,
+                          tokens)
+        if res is not None:
+            break
+    else:
         return None
+    counts = counts[-3:]
     last = runs[-1]
     inputs = model_inputs(model, system, plan)
     inputs["tokens_per_step"] = tokens

@@ -8,15 +8,18 @@ lists its parts (:func:`tensorstage.sim.compute.fused_op`); the simulator charge
 the parts' own roofline times (launch overheads included), i.e. exactly the unfused run, and
 splits the time back over the parts' ops and categories for the breakdowns.
 
-A run is a maximal sequence of COMP nodes in list order where each node after the first
-depends only on the node before it, and each node before the last has no other consumer. Runs
+A run is a sequence of consecutive COMP nodes in list order where every node after the first
+depends only on nodes of the run or on nodes the first one depends on, and every node but the
+last is used only inside the run (so the run starts once, when its first node could, and hands
+one result on). Runs
 do not cross categories when ``split_backward`` (zero-bubble schedules split a backward into
 input- and weight-gradient actions by ``category``); otherwise input- and weight-gradient nodes
 may share a run (the fused node's category is then ``bwd``; the breakdowns still split it by part). Optimizer lists are left alone: the assembly rescales their FLOPs and bytes by the
 ZeRO shard factor, which a fused op string would not follow.
 
 Limits of the equivalence: the simulator decides the overlap slowdown of a fused node at its
-start (as it already does for merged chains), and a lower-id compute node that becomes ready
+start (as it already does for merged chains), so the slowdown's share moves between the parts
+of the breakdown (the step time stays the same when the communication ends within the run), and a lower-id compute node that becomes ready
 while a run executes can no longer cut in between its parts (the engine's merged chains fall
 back to node-by-node simulation in that case). Chakra traces of fused programs carry the run's
 summed ``num_ops`` and ``tensor_size`` in one node.
@@ -44,27 +47,32 @@ def fuse_list(nodes: list[StepNode], split_backward: bool = True) -> list[StepNo
     n = len(nodes)
     if n < 2:
         return list(nodes)
-    consumers = [0] * n
+    deps = [_deps(nodes, i) for i in range(n)]
+    last_use = list(range(n))  # highest index consuming each node (itself if none)
     for i in range(n):
-        for d in _deps(nodes, i):
-            consumers[d] += 1
+        for d in deps[i]:
+            last_use[d] = max(last_use[d], i)
 
-    def joins(i: int) -> bool:  # node i continues the run ending at i - 1
-        a, b = nodes[i - 1], nodes[i]
-        if a.kind != NodeKind.COMP or b.kind != NodeKind.COMP or consumers[i - 1] != 1:
+    def compatible(a: StepNode, b: StepNode) -> bool:
+        if a.kind != NodeKind.COMP or b.kind != NodeKind.COMP:
             return False
-        if b.op.startswith(FUSED_PREFIX) or a.op.startswith(FUSED_PREFIX):
-            return False
-        if _deps(nodes, i) != (i - 1,):
+        if a.op.startswith(FUSED_PREFIX) or b.op.startswith(FUSED_PREFIX):
             return False
         return a.category == b.category or (not split_backward and {a.category, b.category} <= _BACKWARD)
 
-    groups: list[list[int]] = []
+    # candidate runs: consecutive compatible nodes whose dependencies (after the first) lie inside the
+    # run or among the first node's dependencies (already met when the run starts)
+    runs: list[list[int]] = []
+    allowed: set[int] = set()
     for i in range(n):
-        if i and joins(i):
-            groups[-1].append(i)
+        r = runs[-1] if runs else None
+        if r is not None and compatible(nodes[i - 1], nodes[i]) and deps[i] and set(deps[i]) <= allowed:
+            r.append(i)
         else:
-            groups.append([i])
+            runs.append([i])
+            allowed = set(deps[i])
+        allowed.add(i)
+    groups = [g for r in runs for g in _split(r, deps, last_use)]
     if len(groups) == n:
         return list(nodes)
     new_index = [0] * n
@@ -74,25 +82,48 @@ def fuse_list(nodes: list[StepNode], split_backward: bool = True) -> list[StepNo
     out: list[StepNode] = []
     for members in groups:
         first = nodes[members[0]]
-        deps = first.deps if first.deps is None else tuple(new_index[d] for d in first.deps)
+        fdeps = first.deps if first.deps is None else tuple(new_index[d] for d in first.deps)
         if len(members) == 1:
-            out.append(replace(first, deps=deps))
+            out.append(replace(first, deps=fdeps))
             continue
         parts = [nodes[i] for i in members]
         cats = {p.category for p in parts}
         category = first.category if len(cats) == 1 else "bwd"
-        out.append(StepNode(
-            name=f"{first.name}..{parts[-1].name}", kind=NodeKind.COMP, category=category,
-            op=fused_op([(p.op, p.flops, p.tensor_bytes, p.category) for p in parts]),
-            flops=sum(p.flops for p in parts), tensor_bytes=sum(p.tensor_bytes for p in parts), deps=deps))
+        out.append(
+            StepNode(
+                name=f"{first.name}..{parts[-1].name}",
+                kind=NodeKind.COMP,
+                category=category,
+                op=fused_op([(p.op, p.flops, p.tensor_bytes, p.category) for p in parts]),
+                flops=sum(p.flops for p in parts),
+                tensor_bytes=sum(p.tensor_bytes for p in parts),
+                deps=fdeps,
+            )
+        )
     return out
+
+
+def _split(run: list[int], deps: list[tuple[int, ...]], last_use: list[int]) -> list[list[int]]:
+    """``run`` cut into pieces that are each one node: no member but the last is used after the
+    piece, and no member but the first depends on a node before the piece."""
+    end = run[-1]
+    cut = next((k for k, m in enumerate(run[:-1]) if last_use[m] > end), None)
+    if cut is None:
+        allowed = set(run) | set(deps[run[0]])
+        cut = next((k - 1 for k, m in enumerate(run) if k and not set(deps[m]) <= allowed), None)
+    if cut is None:
+        return [run]
+    return _split(run[: cut + 1], deps, last_use) + _split(run[cut + 1 :], deps, last_use)
 
 
 def fuse_block(block: BlockLowering, split_backward: bool = True) -> BlockLowering:
     """A copy of ``block`` with its forward, recompute and backward chains fused."""
-    return replace(block, forward=fuse_list(block.forward, split_backward),
-                   recompute=fuse_list(block.recompute, split_backward),
-                   backward=fuse_list(block.backward, split_backward))
+    return replace(
+        block,
+        forward=fuse_list(block.forward, split_backward),
+        recompute=fuse_list(block.recompute, split_backward),
+        backward=fuse_list(block.backward, split_backward),
+    )
 
 
 def fuse_blocks(blocks: dict[str, BlockLowering], split_backward: bool = True) -> dict[str, BlockLowering]:
