@@ -33,6 +33,7 @@ from typing import Any
 
 from tensorstage.graph.graph import build_graph, state_bytes_per_param
 from tensorstage.hardware.system import load_system
+from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.validation.cases import (
     GROUP_LAYER,
     GROUP_MEMORY,
@@ -104,14 +105,42 @@ class Predictor:
         return load_system(setup.system, setup.num_gpus)
 
     def simulated(self, setup: Setup) -> Any:
+        """The simulated step: extrapolated from three short steps when that is exact (the same
+        checked steady-state extrapolation ``tensorstage simulate`` uses), else simulated in full;
+        compute runs between communications fused (same time, fewer nodes)."""
         key = setup.key()
         if key not in self._sim:
-            from tensorstage.sim import simulate
-
-            low = self.lowered(setup)
-            self._sim[key] = simulate(low.programs, low.mesh, self.system(setup), dtype=setup.plan.dtype,
-                                      tokens_per_step=low.tokens_per_step)
+            self._sim[key] = self._steady(setup) or self._simulate(setup, setup.plan)
         return self._sim[key]
+
+    def _simulate(self, setup: Setup, plan: ParallelPlan) -> Any:
+        from tensorstage.lower import lower
+        from tensorstage.sim import simulate
+
+        low = lower(setup.spec, plan, setup.options, fuse=True)
+        return simulate(low.programs, low.mesh, self.system(setup), dtype=plan.dtype,
+                        tokens_per_step=low.tokens_per_step)
+
+    def _steady(self, setup: Setup) -> Any:
+        from tensorstage.commands.simulate import STEADY_SHIFTS, steady_counts
+        from tensorstage.sim.steady import extrapolate
+
+        plan = setup.plan
+        counts = steady_counts(plan)
+        if counts is None:
+            return None
+        spacing = counts[1] - counts[0]
+        ms = list(counts)
+        runs = [self._simulate(setup, with_microbatches(plan, m)) for m in ms]
+        for shift in range(STEADY_SHIFTS + 1):
+            if shift:
+                ms.append(ms[-1] + spacing)
+                runs.append(self._simulate(setup, with_microbatches(plan, ms[-1])))
+            res = extrapolate(*runs[-3:], spacing, (plan.microbatches - ms[-1]) / spacing,
+                              plan.global_batch * plan.seq)
+            if res is not None:
+                return res
+        return None
 
     def block(self, setup: Setup, name: str = "dense") -> Any:
         """The block lowering of one layer kind (per rank, one micro-batch)."""
@@ -208,6 +237,11 @@ class Predictor:
         keys = ("weights", "gradients", "optimizer_states", "master_weights")
         return max(sum(v for k, v in p.static_bytes.items() if any(k.startswith(x) for x in keys))
                    for p in low.programs) / 1e9
+
+
+def with_microbatches(plan: ParallelPlan, microbatches: int) -> ParallelPlan:
+    """``plan`` with the global batch changed to give ``microbatches`` micro-batches per pipeline."""
+    return plan.model_copy(update={"global_batch": microbatches * plan.dp * plan.micro_batch})
 
 
 def in_flight(actions: Iterable[Any]) -> int:
