@@ -140,6 +140,47 @@ def test_tp_layer_comm_matches_korthikanti(tp: int) -> None:
     assert wire(layer_sp.backward) - regather == wire(layer.backward)
 
 
+def _ancestors(nodes, i: int) -> set[int]:
+    seen, todo = set(), [i]
+    while todo:
+        j = todo.pop()
+        deps = nodes[j].deps if nodes[j].deps is not None else ((j - 1,) if j else ())
+        for d in deps:
+            if d not in seen:
+                seen.add(d)
+                todo.append(d)
+    return seen
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_backward_tp_comm_overlap_follows_megatron(sp: bool) -> None:
+    """Megatron's LinearWithGradAccumulationAndAsyncCommunication: the input-gradient all-reduce
+    (SP: reduce-scatter) runs while the weight-gradient GEMM computes, and SP's re-gather of the
+    layer input is issued before the input-gradient GEMM. ``overlap_tp_comm=False`` (default)
+    keeps the order but serialises: every node waits for the one before it."""
+    spec = resolve_model("llama3.1-8b")
+    kw = {"tp": 4, "sp": sp, "seq": 1024}
+    g, plan, _ = _lower(spec, **kw)
+    layer = lower_blocks(g, plan, overlap_tp_comm=True)["dense"]
+    nodes = layer.backward
+    idx = {n.name: i for i, n in enumerate(nodes)}
+    reduce = "input_norm.grad_acc:" + ("reduce_scatter" if sp else "all_reduce")
+    wgrad = idx["attn.q_proj.grad_w:attn.q_proj.weight"]
+    assert idx[reduce] not in _ancestors(nodes, wgrad)  # overlaps the weight-gradient GEMM
+    assert idx[reduce] in _ancestors(nodes, idx["input_norm.grad_x"])
+    assert idx[reduce] in _ancestors(nodes, len(nodes) - 1)  # the block's exit covers it
+    if sp:
+        gather = idx["input_norm:all_gather"]
+        assert gather < idx["attn.v_proj.grad_x:input_norm"]
+        assert gather not in _ancestors(nodes, idx["attn.v_proj.grad_x:input_norm"])
+        assert gather in _ancestors(nodes, idx["attn.v_proj.grad_w:attn.v_proj.weight"])
+    for i, n in enumerate(nodes):
+        assert n.deps is not None and all(0 <= d < i for d in n.deps)
+    chained = lower_blocks(g, plan)["dense"].backward
+    assert [n.name for n in chained] == [n.name for n in nodes]
+    assert all(n.deps == ((i - 1,) if i else ()) for i, n in enumerate(chained))
+
+
 def test_full_recompute_reissues_forward_tp_collectives() -> None:
     _, _, bl = _lower(_gpt(), MEGATRON, tp=4, sp=True, seq=128, recompute="full")
     layer = bl["dense"]

@@ -49,7 +49,7 @@ K/V again (only the local chunk is saved) and reduce-scatters dK/dV.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import ceil, prod
 
 import numpy as np
@@ -58,7 +58,8 @@ import sympy as sp
 from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, dtype_bytes
 from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Block, Op, Tensor
-from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, seq_dim
+from tensorstage.lower.chain import NodeList
+from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.parallel.apply import ep_alltoall, vocab_parallel_cross_entropy
 from tensorstage.parallel.placement import (
@@ -100,13 +101,18 @@ _KIND_LABEL = {
 }
 
 
-def lower_blocks(graph: Graph, plan: ParallelPlan, sp_regather: bool = True) -> dict[str, BlockLowering]:
+def lower_blocks(
+    graph: Graph, plan: ParallelPlan, sp_regather: bool = True, overlap_tp_comm: bool = False
+) -> dict[str, BlockLowering]:
     """Shard every block of ``graph`` under ``plan`` for one rank and one micro-batch.
 
     ``sp_regather``: Megatron's SP linear layers all-gather their input again in backward for the
     weight gradient (True, default); DTensor saves the gathered input instead (False).
+    ``overlap_tp_comm``: dependencies let model-parallel collectives overlap independent compute as
+    Megatron's async handles allow (see :mod:`tensorstage.lower.chain`); default False: they block
+    the stream. The CP ring always overlaps its transfers with the attention chunks.
     """
-    ctx = _Context.make(graph, plan, sp_regather)
+    ctx = _Context.make(graph, plan, sp_regather, overlap_tp_comm)
     return {name: _BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
 
 
@@ -116,6 +122,7 @@ class _Context:
     graph: Graph
     plan: ParallelPlan
     sp_regather: bool
+    overlap: bool
     tp: int
     cp: int
     ep: int
@@ -129,7 +136,7 @@ class _Context:
     _size_fn: object = field(repr=False, default=None)
 
     @staticmethod
-    def make(graph: Graph, plan: ParallelPlan, sp_regather: bool) -> _Context:
+    def make(graph: Graph, plan: ParallelPlan, sp_regather: bool, overlap: bool = False) -> _Context:
         tp, cp = plan.tp, plan.cp
         phase = graph.options.phase
         spec = graph.spec
@@ -143,6 +150,7 @@ class _Context:
             graph,
             plan,
             sp_regather,
+            overlap,
             tp,
             cp,
             plan.ep,
@@ -327,10 +335,10 @@ class _BlockLowerer:
             axes=coll.axes,
         )
 
-    def _changes(self, nodes: list[StepNode], changes: list[Change], category: str) -> None:
+    def _changes(self, nl: NodeList, changes: list[Change], category: str) -> None:
         for ch in changes:
             for coll in self._collectives(ch):
-                nodes.append(self._coll(ch.tensor.name, coll, category))
+                nl.comm(self._coll(ch.tensor.name, coll, category), ch.tensor)
 
     def _next_tag(self) -> int:
         self.tag += 1
@@ -338,33 +346,32 @@ class _BlockLowerer:
 
     def _p2p_pair(
         self,
-        nodes: list[StepNode],
+        nl: NodeList,
         name: str,
         nbytes: int,
         category: str,
-        deps: tuple[int, ...],
+        deps: set[int | None],
         direction: int = 1,
     ) -> int:
         """Append a SEND (to ``+direction``) / RECV (from ``-direction``) pair along ``cp``; returns
         the RECV's index."""
         tag = self._next_tag()
+        out = -1
         for kind, off in ((NodeKind.SEND, direction), (NodeKind.RECV, -direction)):
-            nodes.append(
-                StepNode(
-                    f"{name}:{kind.name.lower()}",
-                    kind,
-                    category,
-                    "comm",
-                    comm_bytes=nbytes,
-                    peer_axis="cp",
-                    peer_offset=off,
-                    tag=tag,
-                    deps=deps,
-                )
+            node = StepNode(
+                f"{name}:{kind.name.lower()}",
+                kind,
+                category,
+                "comm",
+                comm_bytes=nbytes,
+                peer_axis="cp",
+                peer_offset=off,
+                tag=tag,
             )
-        return len(nodes) - 1
+            out = nl.add(node, deps)
+        return out
 
-    def _ring(self, nodes: list[StepNode], op: Op, placed: Placed, category: str, backward: bool) -> None:
+    def _ring(self, nl: NodeList, op: Op, placed: Placed, category: str, backward: bool) -> None:
         """The core op split in ``cp`` chunks with the ring transfers interleaved (Transformer
         Engine's ``AttnFuncWithCPAndKVP2P``): the transfer of step i is in flight while chunk i
         computes; chunk i waits for the transfer of step i-1.
@@ -377,36 +384,34 @@ class _BlockLowerer:
         """
         cp = self.ctx.cp
         node = self._comp(op, placed, category, parts=cp)
-        prev = len(nodes) - 1
-        last: int | None = None  # RECV of the previous step
+        uses = nl.entry(op)
         steps = cp if backward else cp - 1
+        chunk = -1
         for i in range(cp):
-            uses = tuple(x for x in (prev, last) if x is not None and x >= 0)
             recv = None
             if i < steps:
                 nbytes = self.kv_payload * (2 if backward and 0 < i < cp - 1 else 1)
                 name = f"{op.name}.{'dkv' if backward and i == cp - 1 else 'kv'}{i}"
-                recv = self._p2p_pair(nodes, name, nbytes, category, uses, -1 if backward else 1)
-            nodes.append(_with_deps(node, f"{op.name}.chunk{i}", uses))
-            prev = len(nodes) - 1
-            last = recv
-        if backward and last is not None:
+                recv = self._p2p_pair(nl, name, nbytes, category, uses, -1 if backward else 1)
+            chunk = nl.add(replace(node, name=f"{op.name}.chunk{i}"), uses)
+            nl.stream(chunk)
+            uses = {chunk, recv}
+        if backward and cp > 1:
             numel = self.kv_payload // max(self.ctx.act_bytes, 1)
-            nodes.append(
-                StepNode(
-                    f"{op.name}.dkv_update",
-                    NodeKind.COMP,
-                    category,
-                    "attention",
-                    flops=numel,
-                    tensor_bytes=3 * self.kv_payload,
-                    deps=(prev, last),
-                )
+            update = StepNode(
+                f"{op.name}.dkv_update",
+                NodeKind.COMP,
+                category,
+                "elementwise",
+                flops=numel,
+                tensor_bytes=3 * self.kv_payload,
             )
+            chunk = nl.add(update, uses)
+        nl.stream(chunk, op.outputs)
 
-    def _pass(self, ops: list[Op], backward: bool) -> list[StepNode]:
+    def _pass(self, ops: list[Op], backward: bool) -> NodeList:
         c = self.ctx
-        nodes: list[StepNode] = []
+        nl = NodeList(overlap=c.overlap)
         # core ops that read the keys/values (not e.g. an attention-sink weight gradient)
         core_ops = [
             op
@@ -422,42 +427,57 @@ class _BlockLowerer:
             readers = [op for op in ops if any(d in t.dims for t in op.inputs for d in ("sk", "skw"))]
             decode_last_kv = readers[-1] if readers else None
         split_core = len(core_ops) == 1 and core_ops[0].kind == "attention"  # one fused kernel
+        ringed = c.plan.cp_mode == "ring" and split_core
         for op in ops:
             if backward:
-                self._embedding_grad_gather(nodes, op)
+                self._embedding_grad_gather(nl, op)
+                self._prefetch_regather(nl, op)
             placed = self.prop.run(op)
             cat = op.category
-            self._changes(nodes, placed.changes, cat)
+            self._changes(nl, placed.changes, cat)
             if op.kind == "combine" and c.ep > 1:
-                nodes.append(self._coll(f"{op.name}.a2a", self._a2a()[1], cat))
+                nl.comm(self._coll(f"{op.name}.a2a", self._a2a()[1], cat), op.inputs[0])
             if op.kind == "dispatch" and c.ep > 1 and not backward:
                 counts = Collective.make(CollKind.ALL_TO_ALL, ("ep",), self._experts() * 8, c.ep)
-                nodes.append(self._coll(f"{op.name}.counts", counts, cat))
+                nl.comm(self._coll(f"{op.name}.counts", counts, cat))
             ce = op.kind == "cross_entropy" and op.category == "fwd" and c.tp > 1
             ce_colls = vocab_parallel_cross_entropy(self._tokens(), c.tp) if ce else []
             if ce_colls:
-                nodes.append(self._coll(f"{op.name}.max", ce_colls[0], cat))
+                nl.comm(self._coll(f"{op.name}.max", ce_colls[0], cat), op.inputs[0])
             cp_core = c.cp > 1 and c.phase != "decode" and op is first_core
-            if cp_core and c.plan.cp_mode == "ring" and split_core:
-                self._ring(nodes, op, placed, cat, backward)
+            if cp_core and ringed:
+                self._ring(nl, op, placed, cat, backward)
             else:
                 if cp_core:
-                    self._cp_before(nodes, op, cat, backward)
-                node = self._comp(op, placed, cat)
-                if node.flops or node.tensor_bytes:
-                    nodes.append(node)
-            ringed = c.plan.cp_mode == "ring" and split_core
+                    self._cp_before(nl, op, cat, backward)
+                nl.comp(self._comp(op, placed, cat), op)
             if c.cp > 1 and c.phase != "decode" and op is last_core and not ringed:
-                self._cp_after(nodes, op, cat, backward)
+                self._cp_after(nl, op, cat, backward)
             for i, coll in enumerate(ce_colls[1:]):
-                nodes.append(self._coll(f"{op.name}.sum{i}", coll, cat))
+                nl.comm(self._coll(f"{op.name}.sum{i}", coll, cat), op.outputs[0])
             if op.kind == "dispatch" and c.ep > 1:
-                nodes.append(self._coll(f"{op.name}.a2a", self._a2a()[0], cat))
+                nl.comm(self._coll(f"{op.name}.a2a", self._a2a()[0], cat), op.outputs[0])
             if op is decode_last_kv and c.cp > 1:
-                self._decode_combine(nodes, op, placed, cat)
+                self._decode_combine(nl, op, placed, cat)
             if not backward:
-                self._embedding_reduce(nodes, op, cat)
-        return nodes
+                self._embedding_reduce(nl, op, cat)
+        return nl
+
+    def _prefetch_regather(self, nl: NodeList, op: Op) -> None:
+        """Megatron issues the SP re-gather of a column-parallel input before that layer's
+        input-gradient GEMM (it overlaps it); the weight-gradient GEMM then waits for it."""
+        lin = op.grad_of
+        if not (self.ctx.sp and self.ctx.sp_regather and lin is not None and op.category == "bwd_input"):
+            return
+        if lin.kind != "einsum" or not any(t.role == "weight" for t in lin.inputs):
+            return
+        x = lin.inputs[0]
+        w = lin.inputs[1]
+        if x.role == "weight" or not is_head(self.prop.get(w)) or not is_seq(self.prop.get(x)):
+            return
+        changes: list[Change] = []
+        self.prop.need(x, REPLICATE, changes)
+        self._changes(nl, changes, "bwd_weight")
 
     # Megatron's LanguageModelEmbedding with learned positions under SP: the vocab-parallel lookup is
     # all-reduced (not reduce-scattered), positions are added on the full sequence and the sum is
@@ -473,7 +493,7 @@ class _BlockLowerer:
         add = next((op for op in fwd if op.kind == "add" and tok.outputs[0] in op.inputs), None)
         return (tok, add) if add is not None else None
 
-    def _embedding_reduce(self, nodes: list[StepNode], op: Op, cat: str) -> None:
+    def _embedding_reduce(self, nl: NodeList, op: Op, cat: str) -> None:
         hook = self._learned_pos_sp()
         if hook is None:
             return
@@ -482,12 +502,12 @@ class _BlockLowerer:
             y = op.outputs[0]
             changes: list[Change] = []
             self.prop.need(y, REPLICATE, changes)
-            self._changes(nodes, changes, cat)
+            self._changes(nl, changes, cat)
             self.prop.set(y, REPLICATE)
         elif op is add:
             self.prop.set(op.outputs[0], self.prop.home(op.outputs[0]))  # scatter: a free slice
 
-    def _embedding_grad_gather(self, nodes: list[StepNode], op: Op) -> None:
+    def _embedding_grad_gather(self, nl: NodeList, op: Op) -> None:
         hook = self._learned_pos_sp()
         if hook is None:
             return
@@ -496,35 +516,43 @@ class _BlockLowerer:
             if t.name == grad_name and self.prop.get(t) != REPLICATE:
                 changes: list[Change] = []
                 self.prop.need(t, REPLICATE, changes)
-                self._changes(nodes, changes, op.category)
+                self._changes(nl, changes, op.category)
                 self.prop.set(t, REPLICATE)
 
-    def _cp_before(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+    def _cp_before(self, nl: NodeList, op: Op, cat: str, backward: bool) -> None:
         """CP exchange before a core that is not split in chunks (ring) or all-gather mode."""
         c = self.ctx
         if c.plan.cp_mode == "ring":
             steps = c.cp if backward else c.cp - 1
+            deps = nl.entry(op)
+            recvs = []
             for i in range(steps):
                 nbytes = self.kv_payload * (2 if backward and 0 < i < c.cp - 1 else 1)
-                self._p2p_pair(
-                    nodes, f"{op.name}.kv{i}", nbytes, cat, (len(nodes) - 1,), -1 if backward else 1
-                )
+                recv = self._p2p_pair(nl, f"{op.name}.kv{i}", nbytes, cat, deps, -1 if backward else 1)
+                recvs.append(recv)
+                deps = {recv}
+            nl.pending.extend(recvs)
             return
         # TE's AttnFuncWithCPAndKVAllGather gathers K and V separately, again in backward
+        kv = [t for t in op.inputs if _reads_kv(t)]
         for i, part in enumerate(self.kv_parts):
             ag = Collective.make(CollKind.ALL_GATHER, ("cp",), part, c.cp)
-            nodes.append(self._coll(f"{op.name}.{'kv'[i] if i < 2 else i}", ag, cat))
+            nl.comm(
+                self._coll(f"{op.name}.{'kv'[i] if i < 2 else i}", ag, cat), kv[i] if i < len(kv) else None
+            )
 
-    def _cp_after(self, nodes: list[StepNode], op: Op, cat: str, backward: bool) -> None:
+    def _cp_after(self, nl: NodeList, op: Op, cat: str, backward: bool) -> None:
         """All-gather mode backward: reduce-scatter dK and dV (full-sequence gradients)."""
         c = self.ctx
         if not backward or c.plan.cp_mode == "ring":
             return
+        grads = [t for t in op.outputs if _reads_kv(t)]
         for i, part in enumerate(self.kv_parts):
             rs = Collective.make(CollKind.REDUCE_SCATTER, ("cp",), part * c.cp, c.cp)
-            nodes.append(self._coll(f"{op.name}.d{'kv'[i] if i < 2 else i}", rs, cat))
+            node = self._coll(f"{op.name}.d{'kv'[i] if i < 2 else i}", rs, cat)
+            nl.comm(node, grads[i] if i < len(grads) else op.outputs[0])
 
-    def _decode_combine(self, nodes: list[StepNode], op: Op, placed: Placed, cat: str) -> None:
+    def _decode_combine(self, nl: NodeList, op: Op, placed: Placed, cat: str) -> None:
         """Decode with CP: all-gather each rank's partial attention output and fp32 log-sum-exp."""
         out = op.outputs[0]
         p = placed.outputs[0]
@@ -536,7 +564,7 @@ class _BlockLowerer:
             rows = ceil(rows / self.ctx.tp)
         nbytes += rows * 4
         ag = Collective.make(CollKind.ALL_GATHER, ("cp",), nbytes, self.ctx.cp)
-        nodes.append(self._coll(f"{op.name}.cp_combine", ag, cat))
+        nl.comm(self._coll(f"{op.name}.cp_combine", ag, cat), out)
 
     def _tokens(self) -> int:
         """Tokens of one micro-batch on this rank's CP shard (full TP group)."""
@@ -564,28 +592,29 @@ class _BlockLowerer:
         prop = self.prop
         for x in blk.inputs:
             prop.set(x, prop.home(x))
-        forward = self._pass(blk.forward, backward=False)
+        fwd = self._pass(blk.forward, backward=False)
         outputs_home = []
         for o in blk.outputs:
             target = prop.home(o) if seq_dim(o) is not None and not is_head(prop.get(o)) else prop.get(o)
             changes: list[Change] = []
             prop.need(o, target, changes)
-            self._changes(forward, changes, "fwd")
+            self._changes(fwd, changes, "fwd")
             outputs_home.append((o, target))
         recompute: list[StepNode] = []
         if blk.recompute:
             prop.forget(t for op in blk.recompute for t in op.outputs)
             saved_model = self.model_flops
-            recompute = self._pass(blk.recompute, backward=False)
+            recompute = self._pass(blk.recompute, backward=False).nodes
             self.model_flops = saved_model
         prop.backward_view(c.sp_regather)
-        backward = self._pass(blk.backward, backward=True)
+        bwd = self._pass(blk.backward, backward=True)
         for x in blk.inputs:
             g = _final_grad(blk, x)
             if g is not None:
                 changes = []
                 prop.need(g, prop.home(x), changes)
-                self._changes(backward, changes, "bwd_input")
+                self._changes(bwd, changes, "bwd_input")
+        forward, backward = _tail_last(fwd), _tail_last(bwd)
         weights = [self._local_weight(w) for w in blk.weights]
         optimizer = [self._optimizer_node(op) for op in blk.optimizer]
         saved = sum(self._saved_bytes(t) for t in blk.saved if t.role != "weight")
@@ -670,16 +699,30 @@ def _reads_kv(t: Tensor) -> bool:
     return "sk" in t.dims or "skw" in t.dims
 
 
-def _with_deps(node: StepNode, name: str, deps: tuple[int, ...]) -> StepNode:
-    return StepNode(
-        name,
-        node.kind,
-        node.category,
-        node.op,
-        flops=node.flops,
-        tensor_bytes=node.tensor_bytes,
-        deps=deps,
-    )
+def _tail_last(nl: NodeList) -> list[StepNode]:
+    """The pass's nodes, ending with a node that depends on everything still unawaited.
+
+    The assembly treats a list's last node as its exit; an asynchronous collective that nothing
+    in the list consumes (the last backward all-reduce overlapping a weight-gradient GEMM, a CP
+    SEND) must still finish before the block counts as done, so a zero-cost join node is added
+    when the last node does not already cover every other node.
+    """
+    nodes = nl.nodes
+    if not nodes:
+        return nodes
+    covered = [False] * len(nodes)
+    covered[-1] = True
+    for i in range(len(nodes) - 1, -1, -1):
+        if covered[i]:
+            for d in nodes[i].deps or ():
+                covered[d] = True
+    loose = [i for i, ok in enumerate(covered) if not ok and nodes[i].kind != NodeKind.SEND]
+    if not loose:
+        return nodes
+    last = nodes[-1]
+    join = StepNode(f"{last.name}.join", NodeKind.COMP, last.category, "elementwise")
+    nl.add(join, [len(nodes) - 1, *loose])
+    return nl.nodes
 
 
 def _final_grad(blk: Block, x: Tensor) -> Tensor | None:
