@@ -7,7 +7,7 @@
   (:mod:`tensorstage.trace.to_programs` says what is supported). For our own traces the system,
   dtype and tokens per step default to what the manifest recorded.
 
-Steps with many micro-batches (at least 3x the pipeline depth + 3) are extrapolated from three
+Steps with many micro-batches (about 3.4x the virtual pipeline stages or more) are extrapolated from three
 short simulations past the warm-up when every result is checked affine in the micro-batch count
 (:mod:`tensorstage.sim.steady`; exact for periodic schedules, else it falls back); ``--full``
 and ``--timeline`` simulate every node. A ``--report`` of an extrapolated step draws its pipeline
