@@ -11,6 +11,8 @@ is written (the writer is atomic, so a failure never leaves a partial directory)
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,12 +65,17 @@ def register(app: typer.Typer) -> None:
         plan: ParallelPlan | None = None,
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
         prefix: str = typer.Option("trace", "--prefix", help="File-name prefix: <prefix>.<rank>.et."),
-        workers: int = typer.Option(1, "--workers", min=1, help="Writer processes (output is identical)."),
+        workers: int = typer.Option(
+            0, "--workers", min=0, help="Writer processes; 0 = one per CPU (output is identical for any count)."),
         classes_only: bool = typer.Option(
             False, "--classes-only", help="Write one file per rank class plus the rank -> class map."),
-        json_traces: bool = typer.Option(False, "--json-traces", help="Also write each class as JSON."),
+        json_traces: bool = typer.Option(
+            True, "--json-traces/--no-json-traces",
+            help="Also write each rank class as JSON (op kinds and memory, which Chakra has no field for; "
+                 "`simulate --trace` uses them)."),
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
-        progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
+        progress: bool | None = typer.Option(
+            None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
         world: int | None = typer.Option(
             None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
     ) -> None:
@@ -76,6 +83,9 @@ def register(app: typer.Typer) -> None:
         assert plan is not None  # filled by with_plan_options
         if world is not None:
             plan.check(world)
+        workers = workers or os.cpu_count() or 1
+        if progress is None:
+            progress = sys.stderr.isatty()
         manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
         if json_out:
             print_json(manifest)
