@@ -176,7 +176,7 @@ def test_astra_network_yml_units_and_shape(tmp_path: Path) -> None:
     assert net["npus_count"] == [8, 128]
     assert net["bandwidth"][0] == pytest.approx(450e9 / 1073741824, abs=1e-6)
     assert net["bandwidth"][1] == pytest.approx(50e9 / 1073741824, abs=1e-6)
-    assert net["latency"] == [500.0, 2000.0]
+    assert net["latency"] == [3400.0, 2000.0]
     path = write_astra_network(s, tmp_path / "network.yml")
     assert yaml.safe_load(path.read_text()) == net  # ASTRA-sim's flow-style lists parse as plain YAML
     one_node = to_astra_network(s.with_num_gpus(8))
