@@ -40,11 +40,26 @@ alltoall dispatcher: a counts all-to-all (e int64) then the token all-to-all ove
 the received rows over ``tp`` (SP) before the expert-TP matmuls and a reduce-scatter after them,
 then the combine all-to-all; backward mirrors it. Without SP (Megatron requires SP for MoE+TP) the
 tokens are replicated over TP and the expert outputs / input grads are all-reduced instead.
-CP ``ring``: per attention forward, ``cp - 1`` SEND/RECV pairs of the local K/V block along
-``cp`` (+1 / -1), interleaved with ``cp`` chunks of the core so transfers overlap compute; backward
-``cp - 1`` K/V pairs and ``cp`` dK/dV pairs (the gradient block travels with K/V and returns to its
-owner). CP ``allgather``: all-gather of K/V over ``("cp",)`` before the core; backward all-gathers
-K/V again (only the local chunk is saved) and reduce-scatters dK/dV.
+With learned positions and SP the embedding follows Megatron's ``LanguageModelEmbedding``:
+all-reduce the lookup, add positions on the full sequence, scatter (a slice); backward all-gathers.
+The counts all-to-all follows torchtitan / tests/torchref (newer Megatron all-gathers the counts
+over tp x ep, and also moves one fp32 routing probability per row; both are a few KB).
+CP ``ring`` (Transformer Engine's ``AttnFuncWithCPAndKVP2P``): per attention forward ``cp - 1``
+SEND/RECV pairs of the local K/V block (one buffer) along ``cp`` (send +1, receive -1), interleaved
+with ``cp`` chunks of the core so transfers overlap compute; backward runs the ring the other way
+for ``cp`` steps (K/V, then K/V + dK/dV, finally dK/dV; see :meth:`_BlockLowerer._ring`). CP
+``allgather`` (TE's ``AttnFuncWithCPAndKVAllGather``): all-gather of K and of V over ``("cp",)``
+before the core; backward all-gathers them again (only the local chunk is saved) and
+reduce-scatters dK and dV. TE supports only the all-gather (or a2a) mode for sliding-window
+layers; ``ring`` on them is costed as for full attention over the window.
+
+Dependencies (:mod:`tensorstage.lower.chain`): by default each node waits for the one before it
+(TP collectives block the stream, as measured Megatron layer times behave);
+``overlap_tp_comm=True`` gives data-flow dependencies instead, which let Megatron's asynchronous
+backward collectives (input-gradient all-reduce / reduce-scatter during the weight-gradient GEMM,
+SP re-gather during the input-gradient GEMM) overlap. The CP ring always overlaps. Saved bytes
+follow Megatron (the SP shard of a column-parallel input, not DTensor's gathered copy) for either
+``sp_regather`` value. Tokens per rank: decode has no sequence to split, so SP is off in decode.
 """
 
 from __future__ import annotations
