@@ -554,6 +554,33 @@ def test_moe_without_sp_all_reduces_routed_rows() -> None:
     assert all(n.comm == CollKind.ALL_REDUCE for n in _colls(layer.forward + layer.backward))
 
 
+def test_decode_moe_routes_one_token_per_sequence() -> None:
+    """Decode: b new tokens per rank; the EP all-to-all moves b*k rows of h; no backward."""
+    spec = resolve_model("mixtral-8x7b")
+    b, tp, ep = 16, 2, 4
+    _, _, bl = _lower(spec, tp=tp, ep=ep, dp=4, seq=1, context=4096, micro_batch=b, phase="decode")
+    layer = bl["moe"]
+    a2a = [n.comm_bytes for n in _colls(layer.forward, CollKind.ALL_TO_ALL)]
+    assert a2a == [8 * 8, b * 2 * 4096 * 2, b * 2 * 4096 * 2]
+    assert layer.backward == [] and layer.optimizer == [] and layer.model_flops > 0
+    # KV read: b sequences x 4096 cached tokens x K and V of nkv/tp heads x 128, bf16
+    assert layer.kv_cache_bytes == b * 4096 * 2 * (8 // tp) * 128 * 2
+
+
+def test_prefill_with_sp_gathers_before_the_last_token_logits() -> None:
+    spec = resolve_model("llama3.1-8b")
+    b, s, tp = 2, 1024, 4
+    _, _, bl = _lower(spec, tp=tp, sp=True, seq=s, micro_batch=b, phase="prefill")
+    head = bl["head"]
+    # the final norm runs on the sequence shard; its output is gathered, the last position's logits
+    # are computed vocab-parallel and stay sharded (b x V/tp)
+    assert [(n.comm, n.comm_bytes) for n in _colls(head.forward)] == [
+        (CollKind.ALL_GATHER, b * s // tp * 4096 * 2)
+    ]
+    padded = -(-128256 // (128 * tp)) * 128 * tp  # Megatron pads the vocabulary to 128 * tp
+    assert head.output_bytes == b * padded // tp * 2
+
+
 # --- performance ------------------------------------------------------------------------------------------
 def test_lowering_405b_is_fast() -> None:
     spec = resolve_model("llama3.1-405b")
