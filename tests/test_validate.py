@@ -144,11 +144,11 @@ def test_validate_json_schema_and_errors() -> None:
 # --- accuracy (issue 6) ------------------------------------------------------------------------------
 #
 # Bounds of issue 6: Korthikanti Table 5 MAPE <= 4 %, all training cases <= 10 %, memory within 2 %.
-# Achieved (docs/calibration.md): Table 5 5.3 % (max 9.7 %), training 6.8 %, memory max 1.7 %,
-# per-layer (Table 4) 2.7 %. The Table 5 bound is NOT met; the assertion below is the achieved
+# Achieved (docs/calibration.md, 2026-11-28): Table 5 4.6 % (max 8.4 %), training 6.3 %, memory max
+# 1.7 %, per-layer (Table 4) 2.5 %. The Table 5 bound of 4 % is NOT met; the assertion is the achieved
 # level plus a margin, so a regression fails while the gap stays visible here and in the docs.
 
-T5_MAPE_ACHIEVED_BOUND = 6.0
+T5_MAPE_ACHIEVED_BOUND = 5.5
 TRAINING_MAPE_BOUND = 10.0
 MEMORY_MAX_ERROR = 2.0
 LAYER_MAPE_BOUND = 4.0
