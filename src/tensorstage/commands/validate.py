@@ -38,8 +38,11 @@ def _validate(cases: Path | None, only: str | None, json_out: bool) -> None:
 
     results = run_targets(targets, progress)
     doc = report(results, skipped)
+    failed = any(r.predicted is None for r in results)
     if json_out:
         print_json(doc)
+        if failed:  # a case the tool could not predict is a bug, not an accuracy number
+            raise typer.Exit(1)
         return
     rows = [
         [r.id, r.metric, r.predicted, r.measured, r.error_pct, r.error or ""]
@@ -53,6 +56,8 @@ def _validate(cases: Path | None, only: str | None, json_out: bool) -> None:
         print(f"skipped {case_id}: {why}")
     mape = doc["mape_pct"]
     print(f"overall MAPE ({GROUP_TRAINING} cases): " + ("n/a" if mape is None else f"{mape:.2f} %"))
+    if failed:
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:
