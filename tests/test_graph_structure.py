@@ -100,9 +100,9 @@ def test_model_state_bytes_per_param() -> None:
         sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16")).values()) == 16
     )  # ZeRO
     assert sum(state_bytes_per_param(GraphOptions(precision="fp32")).values()) == 16  # w, g, m, v
-    g = build_graph(LLAMA, "train")
+    g = build_graph(LLAMA, "train", GraphOptions(optimizer_impl="fused"))
     rep = g.costs({"b": 1, "s": 128}, exact=True)
-    # AdamW step: read g(4) + master(4) + m(4) + v(4), write master, m, v (12) + bf16 param (2)
+    # fused AdamW step: read g(4) + master(4) + m(4) + v(4), write master, m, v (12) + bf16 param (2)
     assert rep.totals["optimizer_bytes"] == 30 * g.param_count()
 
 

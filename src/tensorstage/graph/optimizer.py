@@ -1,11 +1,45 @@
-"""Optimizer-step ops (Adam/AdamW, SGD) under a mixed-precision policy.
+"""Optimizer-step ops (Adam/AdamW, SGD) under a mixed-precision policy and a framework's step.
 
 One op per weight tensor, category ``optimizer``, so a ZeRO/FSDP pass can shard the step with the
-weight. Bytes follow the policy: the step reads the gradient (``grad_dtype``), the fp32 master copy
-and the states, writes master and states back and writes the compute-dtype copy of the parameter
-(when a master copy exists). ``vector_flops`` per element: AdamW 12 (two moment updates, bias
-corrections, sqrt, divide, weight decay, update), Adam 11, SGD with momentum 4, plain SGD 2 —
-rough constants; the step is memory-bound and its bytes are what matters.
+weight (``assemble`` scales each by the shard factor and relies on one op per weight). The step is
+memory-bound, so its bytes are what matters; ``vector_flops`` per element are rough constants
+(AdamW 12: two moment updates, bias corrections, sqrt, divide, weight decay, update; Adam 11;
+SGD with momentum 4; plain SGD 2; each extra pass below adds its own 0-2).
+
+``GraphOptions.optimizer_impl`` picks what one step touches (``G`` = gradient bytes per element
+in ``grad_dtype``, ``M`` = master bytes, ``P`` = 16-bit parameter bytes, ``S`` = state bytes):
+
+* ``fused``: one fused kernel per weight: read gradient, master copy and states, write master and
+  states back and the compute-dtype copy of the parameter (when a master copy exists). Adam with
+  fp32 gradients, master and states, 16-bit params: ``4 + 4 + 8`` read, ``4 + 8 + 2`` written
+  = **30 bytes per parameter**.
+* ``megatron`` (default): the passes Megatron-LM's mixed-precision step makes over every
+  parameter each iteration (``Float16OptimizerWithFloat16Params`` with ``LocalDDP``'s contiguous
+  fp32 ``main_grad`` buffer, Megatron-LM 2021-22 ``megatron/optimizer/optimizer.py``,
+  ``megatron/model/distributed.py``, ``megatron/optimizer/clip_grads.py``; Megatron-Core keeps
+  the same passes):
+
+  ==========================================  =========================  =====================
+  pass (Megatron call)                        bytes per parameter         when
+  ==========================================  =========================  =====================
+  ``zero_grad_buffer`` (``buffer_.zero()``)   write G                    every step
+  ``allreduce_gradients``: ``buffer /= dp``   read G + write G           every step (also dp=1)
+  unscale + inf check
+  (``_amp_foreach_non_finite_check_and_unscale_``) read G + write G      fp16 (loss scaling)
+  grad norm for clipping
+  (``amp_C.multi_tensor_l2norm``)              read G                     every step (clip 1.0)
+  Adam (``apex multi_tensor_adam``)           read G + M + S, write M + S every step
+  ``_copy_main_params_to_model_params``
+  (``multi_tensor_scale`` fp32 -> 16-bit)     read M + write P           with a master copy
+  ==========================================  =========================  =====================
+
+  fp16 with fp32 grads/master/states: ``4 + 8 + 8 + 4 + 28 + 6`` = **58 bytes per parameter**;
+  bf16 (no loss scaler in Megatron): **50**; fp32 training (no master copy): ``4 + 8 + 4 + 28``
+  = **44**. Not included: the clip's rescale of the gradients (only when the norm exceeds
+  ``clip_grad``, data-dependent) and the scalar all-reduces of the norm and the inf flag (the
+  norm's is a COLL node in ``lower.assemble``). The passes are separate multi-tensor kernels in
+  Megatron, but each launch there covers up to ~21 M elements (``multi_tensor_apply``: 320 blocks
+  of 65,536), about one weight tensor, so one op per weight (one launch) is kept.
 """
 
 from __future__ import annotations
@@ -16,19 +50,31 @@ from tensorstage.graph.ir import Op, Tensor
 from tensorstage.graph.options import GraphOptions, Precision
 
 _VFLOPS_PER_ELEM = {"adamw": 12, "adam": 11, "sgd_momentum": 4, "sgd": 2}
+#: Megatron's passes besides the update: grad zero 0, DP average 1, unscale + check 2, L2 norm 2.
+_MEGATRON_EXTRA_VFLOPS = {"zero": 0, "average": 1, "unscale": 2, "norm": 2}
 
 
 def _like(t: Tensor, suffix: str, dtype: str, role: str) -> Tensor:
     return Tensor(f"{t.name}.{suffix}", t.dims, dtype, role, t.numel)
 
 
+def megatron_passes(prec: Precision) -> tuple[str, ...]:
+    """Names of the gradient passes Megatron makes besides the update (see module docstring)."""
+    passes = ("zero", "average")
+    if prec.param_dtype == "fp16":  # dynamic loss scaler: unscale + inf/nan check
+        passes += ("unscale",)
+    return passes + ("norm",)
+
+
 def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision) -> list[Op]:
-    """The optimizer step of ``weights`` (in order)."""
+    """The optimizer step of ``weights`` (in order), one op per weight."""
     ops: list[Op] = []
     kind = options.optimizer
     if kind == "sgd" and options.sgd_momentum:
         kind = "sgd_momentum"
     n_states = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}[kind]
+    megatron = options.optimizer_impl == "megatron"
+    passes = megatron_passes(prec) if megatron else ()
     for w in weights:
         grad = _like(w, "grad", prec.grad_dtype, "weight_grad")
         master = _like(w, "master", prec.master_dtype, "master_weight") if prec.master_dtype else w
@@ -38,6 +84,16 @@ def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision)
         ]
         ins = (grad, master, *states)
         outs = (master, *states) + ((w,) if prec.master_dtype else ())
+        read = sp.Add(*(t.nbytes for t in ins))
+        written = sp.Add(*(t.nbytes for t in outs))
+        vflops = _VFLOPS_PER_ELEM[kind] * w.numel
+        if megatron:
+            g = grad.nbytes
+            read += sum((g for p in passes if p in ("average", "unscale", "norm")), sp.Integer(0))
+            written += sum((g for p in passes if p in ("zero", "average", "unscale")), sp.Integer(0))
+            vflops += sum(_MEGATRON_EXTRA_VFLOPS[p] for p in passes) * w.numel
+            if prec.master_dtype:  # separate copy kernel: the update no longer writes w, the copy
+                read += master.nbytes  # reads the master and writes w (counted in ``outs``)
         ops.append(
             Op(
                 f"{w.name}.{options.optimizer}_step",
@@ -46,10 +102,10 @@ def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision)
                 ins,
                 outs,
                 sp.Integer(0),
-                _VFLOPS_PER_ELEM[kind] * w.numel,
-                sp.Add(*(t.nbytes for t in ins)),
-                sp.Add(*(t.nbytes for t in outs)),
-                attrs={"weight": w.name},
+                vflops,
+                read,
+                written,
+                attrs={"weight": w.name, "impl": options.optimizer_impl, "passes": passes},
             )
         )
     return ops

@@ -26,6 +26,7 @@ RECOMPUTE = ("none", "selective", "full")
 ATTENTION_IMPLS = ("flash", "materialized")
 ATTENTION_FLOPS = ("causal_half", "full")
 OPTIMIZERS = ("adamw", "adam", "sgd")
+OPTIMIZER_IMPLS = ("megatron", "fused")
 PRECISIONS = ("bf16", "fp16", "fp8", "fp32")
 
 
@@ -74,6 +75,7 @@ class GraphOptions:
     precision: str = "bf16"
     grad_dtype: str | None = None
     optimizer: str = "adamw"
+    optimizer_impl: str = "megatron"  # passes of one step: see graph/optimizer.py
     sgd_momentum: bool = True
     loss_dtype: str = "fp32"
     kv_dtype: str | None = None  # None = activation dtype
@@ -99,6 +101,12 @@ class GraphOptions:
         )
         require(
             self.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {self.optimizer!r}", OPTIMIZERS
+        )
+        require(
+            self.optimizer_impl in OPTIMIZER_IMPLS,
+            "optimizer_impl",
+            f"unknown optimizer implementation {self.optimizer_impl!r}",
+            OPTIMIZER_IMPLS,
         )
         for fld in ("dropout_mask_dtype", "loss_dtype", "kv_dtype"):
             val = getattr(self, fld)

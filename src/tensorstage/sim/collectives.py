@@ -32,6 +32,8 @@ as NCCL's tuner does (Thakur, Rabenseifner & Gropp 2005; Patarasuk & Yuan 2009):
   nodes, the intra-node part done hierarchically; bandwidth term ``2 * S_node / B`` (each node
   sends and receives the node's share twice: reduce then broadcast, split over the two trees),
   latency ``2 * ceil(log2 nodes) * alpha``. Wins for large inter-node groups at small/medium sizes.
+* ``ring`` and ``hierarchical`` also pay the fabric's ``ring_base_latency_s`` once per
+  collective (NCCL's per-collective base latency, see :class:`Fabric`).
 * ``nvls`` (all-reduce inside one NVSwitch domain when the tier says ``nvls``): in-switch
   reduction, every GPU sends and receives ``S`` once: ``S / B_nvls + 2*alpha``.
 * ``direct`` (all-to-all): every member sends ``S/n`` to every other member at once; the bytes
@@ -79,13 +81,23 @@ class Tier:
 
 @dataclass(frozen=True)
 class Fabric:
-    """Tiers innermost first (tier 0 = scale-up domain)."""
+    """Tiers innermost first (tier 0 = scale-up domain).
+
+    ``ring_base_latency_s``: fixed cost of one ring-based collective (``ring`` and
+    ``hierarchical`` algorithms: all-reduce, all-gather, reduce-scatter) on top of its per-step
+    alphas: NCCL's tuning model charges ``baseLat[RING][SIMPLE]`` once per collective (kernel
+    start, channel/proxy setup). Not charged to ``tree`` (NCCL's ``baseLat[TREE][SIMPLE]`` is 0),
+    ``nvls``, ``direct`` all-to-all (grouped send/recv, outside that model) or point-to-point.
+    """
 
     tiers: tuple[Tier, ...]
+    ring_base_latency_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.tiers:
             raise SpecError("fabric.tiers", "at least one tier is needed")
+        if self.ring_base_latency_s < 0:
+            raise SpecError("fabric.ring_base_latency_s", f"must be >= 0, got {self.ring_base_latency_s}")
 
     def domain_sizes(self) -> tuple[int, ...]:
         """GPUs inside one domain of each tier (the outermost is unbounded: a very large int)."""
@@ -224,9 +236,10 @@ def all_reduce_s(full_bytes: float, members: Sequence[int], fabric: Fabric) -> t
     n = members[-1]
     if n <= 1 or full_bytes <= 0:
         return 0.0, "none"
+    base = fabric.ring_base_latency_s
     cands = [
-        (_flat_ring_s(members, fabric, 2 * (n - 1) / n, full_bytes, 2 * (n - 1)), "ring"),
-        (2 * _hier_rs_s(members, fabric, full_bytes), "hierarchical"),
+        (base + _flat_ring_s(members, fabric, 2 * (n - 1) / n, full_bytes, 2 * (n - 1)), "ring"),
+        (base + 2 * _hier_rs_s(members, fabric, full_bytes), "hierarchical"),
     ]
     tree = _tree_all_reduce_s(members, fabric, full_bytes)
     if tree is not None:
@@ -242,9 +255,10 @@ def reduce_scatter_s(full_bytes: float, members: Sequence[int], fabric: Fabric) 
     n = members[-1]
     if n <= 1 or full_bytes <= 0:
         return 0.0, "none"
+    base = fabric.ring_base_latency_s
     return min(
-        (_flat_ring_s(members, fabric, (n - 1) / n, full_bytes, n - 1), "ring"),
-        (_hier_rs_s(members, fabric, full_bytes), "hierarchical"),
+        (base + _flat_ring_s(members, fabric, (n - 1) / n, full_bytes, n - 1), "ring"),
+        (base + _hier_rs_s(members, fabric, full_bytes), "hierarchical"),
         key=_time,
     )
 

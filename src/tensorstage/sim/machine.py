@@ -19,6 +19,7 @@ basis (the simulator prefers a field of the same name on the system/device when 
 * :data:`LINK_EFFICIENCY` by scope: fraction of link bandwidth NCCL ring collectives reach
   (bus bandwidth / link bandwidth).
 * :data:`NVLS_EFFICIENCY`: NVLS all-reduce algorithm bandwidth / link bandwidth.
+* :data:`NCCL_RING_BASE_LATENCY_S`: per-collective fixed latency of ring collectives (NCCL).
 * :data:`OVERLAP_SLOWDOWN`: fractional slowdown of compute kernels while a communication
   kernel of the same rank runs (they share SMs and HBM bandwidth).
 """
@@ -37,6 +38,11 @@ LINK_EFFICIENCY: dict[str, float] = {"scale-up": 0.80, "scale-out": 0.90}
 #: ASSUMPTION: NVLS all-reduce on 8x H100 is reported at ~450-480 GB/s bus bandwidth (= 1.75x
 #: algorithm bandwidth) on 450 GB/s links, i.e. algorithm bandwidth ~0.6 of the link rate.
 NVLS_EFFICIENCY: float = 0.60
+#: NCCL's tuning model (``src/graph/tuning.cc``, ``baseLat[RING][SIMPLE]`` = 8.4 us, unchanged from
+#: NCCL 2.7 through 2.18): fixed latency of one ring collective with the Simple protocol, charged
+#: once per collective on top of the per-step hop latency (``hwLat``, the tiers' ``latency_ns``).
+#: A software constant, the same for every system; a system field ``ring_base_latency_s`` overrides.
+NCCL_RING_BASE_LATENCY_S: float = 8.4e-6
 #: ASSUMPTION: GEMMs overlapped with NCCL kernels run ~10 % slower (SM and HBM sharing; the order
 #: reported by overlap studies such as Wang et al. ASPLOS23 and Rashidi et al. ISCA22); not fitted.
 OVERLAP_SLOWDOWN: float = 0.10
@@ -65,7 +71,8 @@ def fabric_from_system(system: object) -> Fabric:
         bw = inj_Bps * eff / (over if dim.scope == "scale-out" else 1.0)
         nvls_bw = inj_Bps * (getattr(system, "nvls_efficiency", None) or NVLS_EFFICIENCY) if nvls and i == 0 else 0.0
         tiers.append(Tier(dim.name, dim.npus, bw, dim.latency_ns * 1e-9, nvls_bw))
-    return Fabric(tuple(tiers))
+    base = getattr(system, "ring_base_latency_s", None)
+    return Fabric(tuple(tiers), NCCL_RING_BASE_LATENCY_S if base is None else float(base))
 
 
 def machine_from_system(system: object, dtype: str = "bf16") -> Machine:
