@@ -14,10 +14,10 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import run_main
 
 from tensorstage.model import resolve_model
 from tensorstage.trace import validate_trace_dir
@@ -35,27 +35,6 @@ vocab: 1000
 max_seq: 512
 source: test
 """
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """``tensorstage.cli.main`` in-process (same error handling as the console script)."""
-    from tensorstage.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tensorstage", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return Result(code, out.out, out.err)
 
 
 def _digest(directory: Path) -> str:
@@ -86,7 +65,7 @@ PLANS = [
 def test_generated_traces_validate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                    tmp_path: Path, plan: list[str]) -> None:
     out = tmp_path / "t"
-    res = _main(monkeypatch, capsys, "generate", TINY_MOE, *plan, "--out", str(out), "--json")
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *plan, "--out", str(out), "--json")
     assert res.returncode == 0, res.stderr
     manifest = json.loads(res.stdout)
     world = manifest["world"]
@@ -108,7 +87,7 @@ def test_deterministic_and_worker_count_independent(monkeypatch: pytest.MonkeyPa
     digests = []
     for i, workers in enumerate(["1", "1", "2"]):
         out = tmp_path / f"run{i}"
-        res = _main(monkeypatch, capsys, *args, "--out", str(out), "--workers", workers)
+        res = run_main(monkeypatch, capsys, *args, "--out", str(out), "--workers", workers)
         assert res.returncode == 0, res.stderr
         digests.append(_digest(out))
     assert digests[0] == digests[1] == digests[2]
@@ -118,7 +97,7 @@ def test_deterministic_and_worker_count_independent(monkeypatch: pytest.MonkeyPa
 def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                       tmp_path: Path) -> None:
     out = tmp_path / "c"
-    res = _main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--dp", "2", "--seq", "128",
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--dp", "2", "--seq", "128",
                 "--out", str(out), "--classes-only", "--prefix", "x")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.glob("x.class*")) == ["x.class0.et", "x.class0.json", "x.class1.et",
@@ -126,7 +105,7 @@ def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: p
     rank_classes = json.loads((out / "x.rank_classes.json").read_text())
     assert rank_classes["rank_to_class"] == [0, 0, 1, 1]  # pp outermost: ranks 0,1 stage 0
     out2 = tmp_path / "j"
-    res = _main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--seq", "128", "--out", str(out2),
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--seq", "128", "--out", str(out2),
                 "--json-traces")
     assert res.returncode == 0, res.stderr
     assert len(list(out2.glob("trace.class*.json"))) == 2 and len(list(out2.glob("trace.*.et"))) == 2
@@ -141,7 +120,7 @@ def test_dp_all_reduce_moves_every_parameter_in_fp32(monkeypatch: pytest.MonkeyP
     spec = resolve_model(dense_yaml)
     padded_vocab = -(-spec.vocab // 128) * 128  # Megatron: make_vocab_size_divisible_by=128 (x tp=1)
     params = reference_param_count(spec) + 2 * (padded_vocab - spec.vocab) * spec.hidden  # embedding + head
-    res = _main(monkeypatch, capsys, "generate", dense_yaml, "--dp", "4", "--seq", "64", "--out",
+    res = run_main(monkeypatch, capsys, "generate", dense_yaml, "--dp", "4", "--seq", "64", "--out",
                 str(tmp_path / "d"), "--json")
     assert res.returncode == 0, res.stderr
     (cls,) = json.loads(res.stdout)["classes"].values()
@@ -167,7 +146,7 @@ BAD = [
 def test_bad_plans_one_line_exit_2_no_output(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              tmp_path: Path, flags: list[str], rule: str) -> None:
     out = tmp_path / "never"
-    res = _main(monkeypatch, capsys, "generate", TINY_MOE, *flags, "--out", str(out))
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *flags, "--out", str(out))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and rule in lines[0], res.stderr
@@ -187,7 +166,7 @@ def test_tied_embeddings_across_stages_validate(monkeypatch: pytest.MonkeyPatch,
     path = tmp_path / "tied.yaml"
     path.write_text(TINY_DENSE.replace("name: tiny-dense", "name: tiny-tied") + "tied_embeddings: true\n")
     out = tmp_path / "t"
-    res = _main(monkeypatch, capsys, "generate", str(path), "--pp", "4", "--dp", "2", "--seq", "64", "--out",
+    res = run_main(monkeypatch, capsys, "generate", str(path), "--pp", "4", "--dp", "2", "--seq", "64", "--out",
                 str(out), "--json")
     assert res.returncode == 0, res.stderr
     report = validate_trace_dir(out)  # every communicator's members issue the same collectives

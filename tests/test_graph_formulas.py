@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from support import megatron_gpt
 
 from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
@@ -31,25 +32,6 @@ def _cases() -> dict:
     if not CASES.exists():
         pytest.skip(f"{CASES} not available")
     return yaml.safe_load(CASES.read_text())
-
-
-def _gpt(L: int, h: int, a: int, V: int, s: int) -> ModelSpec:
-    return ModelSpec(
-        name="gpt",
-        num_layers=L,
-        hidden=h,
-        num_heads=a,
-        ffn=4 * h,
-        vocab=V,
-        max_seq=s,
-        activation="gelu",
-        norm="layernorm",
-        positions="learned",
-        tied_embeddings=True,
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-    )
 
 
 def _narayanan_models() -> list[dict]:
@@ -81,7 +63,7 @@ def test_narayanan_flops_per_iteration_exact(recompute: str) -> None:
         else:
             expect = 96 * B * s * L * h**2 * (1 + Fraction(s, 6 * h) + Fraction(V, 16 * L * h))
         g = build_graph(
-            _gpt(L, h, m["a"], V, s),
+            megatron_gpt(L, h, m["a"], V, s),
             "train",
             GraphOptions(attention_flops="full", attention_impl="materialized", recompute=recompute),
         )
@@ -90,7 +72,7 @@ def test_narayanan_flops_per_iteration_exact(recompute: str) -> None:
 
 
 def test_causal_half_convention_halves_only_attention_core() -> None:
-    spec = _gpt(2, 256, 4, 1000, 512)
+    spec = megatron_gpt(2, 256, 4, 1000, 512)
     full = build_graph(spec, "train", GraphOptions(attention_flops="full")).costs(
         {"b": 1, "s": 512}, exact=True
     )
@@ -105,7 +87,7 @@ def test_causal_half_convention_halves_only_attention_core() -> None:
 
 
 def _megatron_gpt(h: int = 1024, a: int = 16) -> ModelSpec:
-    return _gpt(4, h, a, 50304, 2048)
+    return megatron_gpt(4, h, a, 50304, 2048)
 
 
 MEGATRON_OPTS = {
@@ -220,15 +202,15 @@ def test_param_counts_match_closed_forms() -> None:
     for spec in (
         LLAMA2_70B,
         LLAMA31_8B,
-        _gpt(3, 96, 4, 500, 64),
-        _gpt(2, 64, 4, 100, 32).model_copy(update={"tied_embeddings": False}),
+        megatron_gpt(3, 96, 4, 500, 64),
+        megatron_gpt(2, 64, 4, 100, 32).model_copy(update={"tied_embeddings": False}),
     ):
         assert build_graph(spec, "train").param_count() == _dense_params(spec), spec.name
     # Narayanan's F-PARAMS-DENSE: 12Lh^2(1 + 13/(12h) + (V+s)/(12Lh)) for tied GPT with biases;
     # the formula leaves out the final LayerNorm (2h), which the model has
     L, h, V, s = 96, 12288, 51200, 2048
     expect = 12 * L * h * h * (1 + Fraction(13, 12 * h) + Fraction(V + s, 12 * L * h))
-    assert build_graph(_gpt(L, h, 96, V, s), "train").param_count() == expect + 2 * h
+    assert build_graph(megatron_gpt(L, h, 96, V, s), "train").param_count() == expect + 2 * h
 
 
 def test_deepseek_v3_params_match_model_card() -> None:

@@ -20,6 +20,7 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
+from support import megatron_gpt
 
 from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.lower import graph_options
@@ -31,25 +32,6 @@ from tensorstage.parallel.placement import ring_wire_bytes
 from tensorstage.schedule.program import CollKind, NodeKind
 
 MEGATRON = GraphOptions(attention_impl="materialized", dropout=True, norm_stats=False, attention_flops="full")
-
-
-def _gpt(L: int = 2, h: int = 256, a: int = 8, V: int = 1024, s: int = 128) -> ModelSpec:
-    return ModelSpec(
-        name="gpt",
-        num_layers=L,
-        hidden=h,
-        num_heads=a,
-        ffn=4 * h,
-        vocab=V,
-        max_seq=s,
-        activation="gelu",
-        norm="layernorm",
-        positions="learned",
-        tied_embeddings=True,
-        qkv_bias=True,
-        out_bias=True,
-        mlp_bias=True,
-    )
 
 
 def _lower(spec: ModelSpec, base: GraphOptions | None = None, sp_regather: bool = True, **plan_kw):
@@ -69,7 +51,7 @@ def _colls(nodes, kind=None):
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 def test_tp_flops_sum_to_unsharded_and_narayanan(tp: int, sp: bool) -> None:
     L, h, a, V, s, b = 2, 256, 8, 1024, 128, 2
-    spec = _gpt(L, h, a, V, s)
+    spec = megatron_gpt(L, h, a, V, s)
     g, plan, bl = _lower(spec, MEGATRON, tp=tp, sp=sp, seq=s, micro_batch=b)
     per_rank = sum(bl[name].model_flops * n for name, n in g.counts().items())
     unsharded = build_graph(spec, "train", MEGATRON).costs({"b": b, "s": s}, exact=True).totals
@@ -82,7 +64,7 @@ def test_tp_flops_sum_to_unsharded_and_narayanan(tp: int, sp: bool) -> None:
 @pytest.mark.parametrize("cp_mode", ["ring", "allgather"])
 def test_cp_divides_causal_attention_work_evenly(cp_mode: str) -> None:
     """Causal load balancing: each of tp*cp ranks does 1/(tp*cp) of all matrix FLOPs (flash, causal_half)."""
-    spec = _gpt()
+    spec = megatron_gpt()
     g, _, bl = _lower(spec, GraphOptions(), tp=2, cp=4, seq=128, micro_batch=1, cp_mode=cp_mode)
     rep = build_graph(spec, "train", g.options).costs({"b": 1, "s": 128}, exact=True).totals
     total = sum(rep[f"{c}_flops"] for c in ("fwd", "bwd_input", "bwd_weight"))
@@ -114,7 +96,7 @@ def test_moe_flops_with_sp_and_ep_sum_to_unsharded() -> None:
 def test_tp_layer_comm_matches_korthikanti(tp: int) -> None:
     h, s, b, B = 256, 128, 2, 2  # bf16 activations
     sbh = s * b * h * B
-    _, _, plain = _lower(_gpt(h=h, s=s), MEGATRON, tp=tp, seq=s, micro_batch=b)
+    _, _, plain = _lower(megatron_gpt(h=h, s=s), MEGATRON, tp=tp, seq=s, micro_batch=b)
     layer = plain["dense"]
     # without SP: 2 all-reduces of s*b*h in forward (g after attention and MLP), 2 in backward (f)
     assert [n.comm_bytes for n in _colls(layer.forward)] == [sbh, sbh]
@@ -122,7 +104,7 @@ def test_tp_layer_comm_matches_korthikanti(tp: int) -> None:
     assert all(
         n.comm == CollKind.ALL_REDUCE and n.axes == ("tp",) for n in _colls(layer.forward + layer.backward)
     )
-    _, _, spb = _lower(_gpt(h=h, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
+    _, _, spb = _lower(megatron_gpt(h=h, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
     layer_sp = spb["dense"]
     fwd = Counter((n.comm, n.comm_bytes) for n in _colls(layer_sp.forward))
     bwd = Counter((n.comm, n.comm_bytes) for n in _colls(layer_sp.backward))
@@ -182,7 +164,7 @@ def test_backward_tp_comm_overlap_follows_megatron(sp: bool) -> None:
 
 
 def test_full_recompute_reissues_forward_tp_collectives() -> None:
-    _, _, bl = _lower(_gpt(), MEGATRON, tp=4, sp=True, seq=128, recompute="full")
+    _, _, bl = _lower(megatron_gpt(), MEGATRON, tp=4, sp=True, seq=128, recompute="full")
     layer = bl["dense"]
     key = [(n.comm, n.comm_bytes) for n in _colls(layer.forward)]
     assert [(n.comm, n.comm_bytes) for n in _colls(layer.recompute)] == key
@@ -192,7 +174,7 @@ def test_full_recompute_reissues_forward_tp_collectives() -> None:
 def test_vocab_parallel_embedding_and_head() -> None:
     h, s, b, V, tp = 256, 128, 2, 1024, 4
     sbh = s * b * h * 2
-    _, _, bl = _lower(_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, seq=s, micro_batch=b)
+    _, _, bl = _lower(megatron_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, seq=s, micro_batch=b)
     emb, head = bl["embedding"], bl["head"]
     assert [(n.comm, n.comm_bytes) for n in _colls(emb.forward)] == [(CollKind.ALL_REDUCE, sbh)]
     assert _colls(emb.backward) == []
@@ -201,7 +183,7 @@ def test_vocab_parallel_embedding_and_head() -> None:
     # LM head input gradient: all-reduce of s*b*h
     assert [(n.comm, n.comm_bytes) for n in _colls(head.backward)] == [(CollKind.ALL_REDUCE, sbh)]
     # SP, rotary model: the lookup is reduce-scattered into the SP region, all-gathered back in backward
-    rope = _gpt(h=h, V=V, s=s).model_copy(update={"positions": "rope"})
+    rope = megatron_gpt(h=h, V=V, s=s).model_copy(update={"positions": "rope"})
     _, _, spb = _lower(rope, MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
     assert [(n.comm, n.comm_bytes) for n in _colls(spb["embedding"].forward)] == [
         (CollKind.REDUCE_SCATTER, sbh)
@@ -211,7 +193,7 @@ def test_vocab_parallel_embedding_and_head() -> None:
     ]
     # SP with learned positions (Megatron's LanguageModelEmbedding): all-reduce, add positions on the
     # full sequence, scatter; backward all-gathers before the add, so no position grad is Partial
-    _, _, lpb = _lower(_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
+    _, _, lpb = _lower(megatron_gpt(h=h, V=V, s=s), MEGATRON, tp=tp, sp=True, seq=s, micro_batch=b)
     emb = lpb["embedding"]
     assert [(n.comm, n.comm_bytes) for n in _colls(emb.forward)] == [(CollKind.ALL_REDUCE, sbh)]
     assert [(n.comm, n.comm_bytes) for n in _colls(emb.backward)] == [(CollKind.ALL_GATHER, sbh // tp)]
@@ -225,7 +207,7 @@ def test_local_weights_closed_form() -> None:
     """Per-rank weights of a GPT layer: (12h^2 + 7h)/t sharded (QKV, out, fc1, fc2 weights and the
     column biases) plus 6h replicated (out/fc2 biases, two LayerNorms)."""
     h, t = 256, 4
-    _, _, bl = _lower(_gpt(h=h), tp=t, seq=128)
+    _, _, bl = _lower(megatron_gpt(h=h), tp=t, seq=128)
     assert sum(w.numel for w in bl["dense"].weights) == (12 * h * h + 7 * h) // t + 6 * h
     assert sum(w.numel for w in bl["embedding"].weights) == 1024 * h // t + 128 * h
     assert not any(w.expert for w in bl["dense"].weights)
@@ -345,7 +327,7 @@ def test_ep_alltoall_matches_torch(torch_runs) -> None:
 
 # --- activation memory: Korthikanti et al. 2022 (F-ACT-MEM) ---------------------------------------------
 def _korthikanti_spec(h: int, a: int) -> ModelSpec:
-    return _gpt(L=4, h=h, a=a, V=51200, s=2048)
+    return megatron_gpt(L=4, h=h, a=a, V=51200, s=2048)
 
 
 @pytest.mark.parametrize(

@@ -6,23 +6,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from support import run_main
 
 from tensorstage.model import list_presets
 
 DATA = Path(__file__).parent / "data"
-
-
-@dataclass
-class Result:
-    """What a CLI call returned."""
-
-    returncode: int
-    stdout: str
-    stderr: str
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -33,24 +24,10 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> Result:
-    """``tensorstage.cli.main`` in-process with patched argv (fast; same error handling as the script)."""
-    from tensorstage.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["tensorstage", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    out = capsys.readouterr()
-    return Result(code, out.out, out.err)
-
-
 def test_models_json_lists_every_preset(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _main(monkeypatch, capsys, "models", "--json")
+    out = run_main(monkeypatch, capsys, "models", "--json")
     assert out.returncode == 0, out.stderr
     records = json.loads(out.stdout)
     assert [r["name"] for r in records] == list_presets()
@@ -68,7 +45,7 @@ def test_models_table() -> None:
 def test_show_json_fields_and_breakdown(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out = _main(monkeypatch, capsys, "show", "GPT-OSS-120B", "--json")
+    out = run_main(monkeypatch, capsys, "show", "GPT-OSS-120B", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["model"]["hidden"] == 2880 and data["model"]["moe"]["num_experts"] == 128
@@ -79,7 +56,7 @@ def test_show_json_fields_and_breakdown(
 
 
 def test_show_table_for_hf_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    out = _main(monkeypatch, capsys, "show", str(DATA / "hf" / "gpt2.json"))
+    out = run_main(monkeypatch, capsys, "show", str(DATA / "hf" / "gpt2.json"))
     assert out.returncode == 0, out.stderr
     assert "124,439,808" in out.stdout
 
@@ -106,7 +83,7 @@ def test_malformed_json_exit_2_one_line(
 ) -> None:
     path = tmp_path / "config.json"
     path.write_text('{"architectures": ["LlamaForCausalLM"],\n')
-    out = _main(monkeypatch, capsys, "show", str(path))
+    out = run_main(monkeypatch, capsys, "show", str(path))
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "invalid JSON" in lines[0] and "Traceback" not in out.stderr
@@ -117,6 +94,6 @@ def test_unsupported_architecture_exit_2(
 ) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"architectures": ["T5ForConditionalGeneration"], "d_model": 512}))
-    out = _main(monkeypatch, capsys, "show", str(path))
+    out = run_main(monkeypatch, capsys, "show", str(path))
     assert out.returncode == 2
     assert "T5ForConditionalGeneration" in out.stderr and len(out.stderr.strip().splitlines()) == 1
