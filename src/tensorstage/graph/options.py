@@ -10,6 +10,9 @@ Conventions a user must be able to choose because published numbers differ on th
   dropout mask/output; Korthikanti's ``5as/h`` term).
 * ``norm_stats``: count the per-token fp32 mean/rstd norms keep (PyTorch does; Korthikanti's
   formula does not).
+* ``optimizer_impl``: ``megatron`` (default: Megatron-LM's mixed-precision step with its separate
+  gradient passes, 58 bytes/param for fp16 Adam) or ``fused`` (one fused kernel, 30 bytes/param);
+  see :mod:`tensorstage.graph.optimizer`.
 * ``dropout_mask_dtype``: ``bool`` (1 byte, CUDA/Megatron) or e.g. ``fp32`` (PyTorch CPU keeps a
   float mask).
 """

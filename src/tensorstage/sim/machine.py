@@ -38,9 +38,11 @@ LINK_EFFICIENCY: dict[str, float] = {"scale-up": 0.80, "scale-out": 0.90}
 #: ASSUMPTION: NVLS all-reduce on 8x H100 is reported at ~450-480 GB/s bus bandwidth (= 1.75x
 #: algorithm bandwidth) on 450 GB/s links, i.e. algorithm bandwidth ~0.6 of the link rate.
 NVLS_EFFICIENCY: float = 0.60
-#: NCCL's tuning model (``src/graph/tuning.cc``, ``baseLat[RING][SIMPLE]`` = 8.4 us, unchanged from
-#: NCCL 2.7 through 2.18): fixed latency of one ring collective with the Simple protocol, charged
-#: once per collective on top of the per-step hop latency (``hwLat``, the tiers' ``latency_ns``).
+#: NCCL's tuning model (``src/graph/tuning.cc``, ``baseLat[RING][SIMPLE]`` = 8.4 us, the same in the
+#: 2020-21 releases the validated Megatron runs used and in v2.28): fixed latency of one ring
+#: collective with the Simple protocol, charged once per collective on top of the per-step hop
+#: latency (``hwLat``, the tiers' ``latency_ns``). Tree/Simple had 0 in those older releases, so
+#: the tree algorithm does not carry it.
 #: A software constant, the same for every system; a system field ``ring_base_latency_s`` overrides.
 NCCL_RING_BASE_LATENCY_S: float = 8.4e-6
 #: ASSUMPTION: GEMMs overlapped with NCCL kernels run ~10 % slower (SM and HBM sharing; the order
