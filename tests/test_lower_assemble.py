@@ -130,6 +130,14 @@ def torch_runs() -> dict:
                  "reshard_after_forward": True, "root_reshard_after_forward": True},
         "pp_1f1b": {"scenario": "pp", "schedule": "1f1b", "hidden": 16, "microbatches": 6, "microbatch_size": 2,
                     "steps": 2},
+        # torch's default reshard_after_forward (None: True for the blocks, False for the root)
+        "fsdp_default": {"scenario": "fsdp2", "hidden": 10, "ffn": 18, "layers": 2, "vocab": 10,
+                         "reshard_after_forward": True, "root_reshard_after_forward": None},
+        "fsdp_keep": {"scenario": "fsdp2", "hidden": 10, "ffn": 18, "layers": 2, "vocab": 10,
+                      "reshard_after_forward": False},
+        # torch pipelining x FSDP2 (mesh (pp, dp)): one unit per block, params kept after non-final backwards
+        "pp_fsdp": {"scenario": "pp", "schedule": "1f1b", "hidden": 16, "microbatches": 3, "microbatch_size": 1,
+                    "dp": 2, "dp_mode": "fsdp", "steps": 1},
     }
     return {**run_many(jobs2, 2), **run_many(jobs4, 4)}
 
@@ -174,25 +182,77 @@ def _fsdp_programs(reduce_dtype: str | None = None, **plan_kw: object) -> tuple[
                    options=GraphOptions(grad_dtype=reduce_dtype))  # FSDP2 reduce_dtype = our grad dtype
 
 
-@pytest.mark.parametrize("job, plan_kw", [
-    ("fsdp", {"dtype": "fp32"}),
-    ("fsdp_bf16", {"dtype": "bf16", "reduce_dtype": "fp32"}),  # bf16 all-gathers, fp32 reduce-scatters
-    ("hsdp", {"dtype": "fp32", "zero_shard_size": 2}),  # shard in pairs, all-reduce the shard across
+RAF_TRUE = {"fsdp_reshard_after_forward": "true"}  # torch: reshard_after_forward=True passed to the root too
+
+
+@pytest.mark.parametrize("job, plan_kw, n_gathers", [
+    # 3 units (2 layers + root/head), before forward and again before backward
+    ("fsdp", {"dtype": "fp32", **RAF_TRUE}, 6),
+    ("fsdp_bf16", {"dtype": "bf16", "reduce_dtype": "fp32", **RAF_TRUE}, 6),  # bf16 gathers, fp32 RS
+    ("hsdp", {"dtype": "fp32", "zero_shard_size": 2, **RAF_TRUE}, 6),  # shard in pairs, all-reduce across
+    ("fsdp_default", {"dtype": "fp32"}, 5),  # torch default: the root stays unsharded until backward
+    ("fsdp_keep", {"dtype": "fp32", "fsdp_reshard_after_forward": "false"}, 3),  # no backward re-gather
 ])
-def test_fsdp_units_equal_torch_fsdp2(torch_runs: dict, job: str, plan_kw: dict) -> None:
+def test_fsdp_units_equal_torch_fsdp2(torch_runs: dict, job: str, plan_kw: dict, n_gathers: int) -> None:
     programs, mesh = _fsdp_programs(**plan_kw)
     for rank in range(4):
         ours = rank_records(programs, mesh, rank)
         want = torch_records(torch_runs[job], rank, {"step0.fwd", "step0.bwd", "step0.optim"})
         assert sorted(ours) == sorted(want)  # torch gathers the root first; totals per rank are equal
     gathers = [r for r in ours if r[0] == "all_gather"]
-    assert len(gathers) == 6  # 3 units (2 layers + root/head), before forward and again before backward
+    assert len(gathers) == n_gathers
     # dim-0 padding: ffn 18 -> 20 rows, vocab 10 -> 12 rows over 4 shards (2 with hybrid sharding)
     n = 2 if job == "hsdp" else 4
     elem = 2 if job == "fsdp_bf16" else 4
     pad = lambda d: ceil(d / n)  # noqa: E731
     layer_shard = (pad(18) * 10 + pad(18) + pad(10) * 18 + pad(10)) * elem
     assert sorted({g[2] for g in gathers}) == sorted({layer_shard, (pad(10) * 10 + pad(10)) * elem})
+
+
+def test_pipelined_fsdp_gathers_equal_torch(torch_runs: dict) -> None:
+    # torch pipelining reshards after every forward but not after non-final backwards: the number of
+    # all-gathers follows the 1F1B order. Per unit, stage 0 (F0 F1 B0 F2 B1 B2): F0, F1, B0 gather, F2
+    # reuses B0's, B1 gathers, B2 reuses = 4; stage 1 (F0 B0 F1 B1 F2 B2): F0, B0, B1, B2 = 4
+    h = 16
+    plan = ParallelPlan.parse(dict(pp=2, dp=2, zero=3, schedule="1f1b", global_batch=6, dtype="fp32",
+                                   ddp_style="torch"))
+    layer = chain_block("dense", [LocalWeight("0.weight", ("h", "h2"), h * h, shape=(h, h)),
+                                  LocalWeight("0.bias", ("h",), h, shape=(h,))], out_bytes=h * 4)
+    programs, mesh = lowered(plan, 4, layer)
+    unit_shard = (h * h + h) * 4 // 2
+    for rank in range(4):
+        ours = [r for r in rank_records(programs, mesh, rank) if r[0] in ("all_gather", "reduce_scatter")]
+        want = [r for r in torch_records(torch_runs["pp_fsdp"], rank, {"step0"})
+                if r[0] in ("all_gather", "reduce_scatter")]
+        assert sorted(ours) == sorted(want)
+        n_ag = 2 * 4  # 2 units
+        assert sorted(ours) == sorted([("all_gather", (rank - rank % 2, rank - rank % 2 + 1), unit_shard)] * n_ag
+                                      + [("reduce_scatter", (rank - rank % 2, rank - rank % 2 + 1),
+                                          2 * unit_shard)] * 2)
+
+
+def test_fsdp_root_kept_gathered_until_its_backward() -> None:
+    # memory: with torch's default the root's gathered bytes stay live from the first forward gather
+    # to the end of the embedding's backward; every unit is gathered before it is used
+    plan = ParallelPlan.parse(dict(dp=4, zero=3, global_batch=4, ddp_style="torch", dtype="fp32"))
+    emb = chain_block("embedding", [LocalWeight("wte", ("v", "h"), 12 * 10, shape=(12, 10))])
+    programs, _ = _fsdp_programs(dtype="fp32")
+    nodes = programs[0].nodes
+    root = [x for x in nodes if x.kind == NodeKind.COLL and ".root." in x.name]
+    assert [x.comm for x in root] == [CollKind.ALL_GATHER, CollKind.REDUCE_SCATTER]
+    head_full = (12 * 10 + 12) * 4  # vocab 10 padded to 12 rows, fp32
+    assert root[0].mem_alloc_bytes == head_full
+    frees = [(x.name, x.mem_free_bytes) for x in nodes if x.mem_free_bytes]
+    # the root (head + embedding module) is freed when its backward ends: after the embedding's
+    assert frees[-1] == ("mb0.embed.wgrad0", head_full)
+    assert sum(f for _, f in frees) == sum(x.mem_alloc_bytes for x in nodes)  # every gather freed
+    # embedding + head in one root unit: one gather of (12*10 + 12*10 + 12) fp32 elements over 4 ranks
+    programs, _ = lowered(plan, 2, chain_block("dense", mlp_weights(10, 18)), embedding=emb,
+                          head=chain_block("head", [LocalWeight("head.weight", ("v", "h"), 120, shape=(12, 10)),
+                                                    LocalWeight("head.bias", ("v",), 12, shape=(12,))]))
+    root = [x for x in programs[0].nodes if x.kind == NodeKind.COLL and ".root." in x.name]
+    assert [(x.comm, x.comm_bytes) for x in root] == [(CollKind.ALL_GATHER, (3 * 10 + 3 * 10 + 3) * 4),
+                                                      (CollKind.REDUCE_SCATTER, (12 * 10 * 2 + 12) * 4)]
 
 
 @pytest.mark.parametrize("job, schedule, pp, m", [("pp_gpipe", "gpipe", 2, 4), ("pp_1f1b", "1f1b", 4, 6)])

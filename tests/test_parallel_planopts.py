@@ -99,7 +99,7 @@ def test_flags_build_plan() -> None:
 
 def test_both_commands_take_the_same_flags() -> None:
     def flags(cmd: str) -> set[str]:
-        text = runner.invoke(app, [cmd, "--help"], terminal_width=200).output
+        text = runner.invoke(app, [cmd, "--help"], terminal_width=200, env={"COLUMNS": "250"}).output
         return {tok.strip("│ ,") for tok in text.split() if tok.startswith("--")}
 
     plan_flags = {d.split("/")[0] for _, _, decls, _ in PLAN_FLAGS for d in decls} | {"--config", "--no-sp"}

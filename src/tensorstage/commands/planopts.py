@@ -59,6 +59,10 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("zero_shard_size", int, ("--zero-shard-size",), "Hybrid sharding: shard within groups of this many."),
     ("dp_bucket_bytes", int, ("--dp-bucket-bytes",), "Gradient bucket size in bytes (default: per ddp-style)."),
     ("ddp_style", str, ("--ddp-style",), "Data-parallel conventions: megatron|torch."),
+    ("fsdp_reshard_after_forward", str, ("--fsdp-reshard-after-forward",),
+     "ZeRO-3/FSDP2 reshard after forward: default (torch: layers yes, root no)|true|false."),
+    ("overlap_param_gather", bool, ("--overlap-param-gather/--no-overlap-param-gather",),
+     "ZeRO-1/2: overlap the updated-parameter all-gather with the next forward (Megatron)."),
     ("capacity_factor", float, ("--capacity-factor",), "MoE capacity factor (default: dropless)."),
     ("routing_skew", float, ("--routing-skew",), "MoE load at the busiest expert rank / mean (>= 1)."),
 )

@@ -250,6 +250,11 @@ class _Stage:
         self.use_index: dict[tuple[int, int], int] = {}
         self.gather_last: dict[int, int] = {}
         self.gather_after: dict[int, list[int]] = {}
+        self.reshard_at: set[int] = set()  # uses after which the unit's gathered params are freed
+        last_slot = len(ctx.slot_block) - 1
+        self.root_slots = [s for s in (0, last_slot) if any(s in ss for ss in self.chunk_slots)]
+        self.root_pending = set(self.root_slots)
+        self._root_unit: UnitComm | None = None
 
     # --- node helpers --------------------------------------------------------------------
     def _add(self, name: str, kind: NodeKind, **kw: object) -> int:
@@ -295,7 +300,7 @@ class _Stage:
             node = add(prefix + s.name, s.kind, data_deps=data, ctrl_deps=cd, flops=flops,
                        tensor_bytes=tbytes, comm=s.comm, comm_bytes=s.comm_bytes, axes=s.axes,
                        peer_axis=s.peer_axis, peer_offset=s.peer_offset, tag=tag, category=s.category, op=s.op,
-                       layer=layer, microbatch=mb, chunk=chunk)
+                       layer=layer, microbatch=mb, chunk=chunk, gemm=s.gemm)
             idmap[j] = node.id
             last = node.id
         return last
@@ -317,26 +322,80 @@ class _Stage:
         slots = self.chunk_slots[a.chunk]
         return slots if a.kind is Kind.F else slots[::-1]
 
+    def unit_key(self, slot: int) -> int:
+        """FSDP unit of a block instance: the slot itself, or -1 for the stage's *root* unit.
+
+        As with torch's ``fully_shard(model)`` after ``fully_shard`` on each block, the embedding
+        and head weights of a stage (the root module's own parameters) form one unit.
+        """
+        return -1 if slot in self.root_slots else slot
+
+    def unit(self, slot: int) -> UnitComm:
+        """Collectives of the FSDP unit ``slot`` belongs to (the merged root unit for embedding/head)."""
+        if self.unit_key(slot) != -1:
+            return self.ctx.unit(slot)
+        if self._root_unit is None:
+            ctx = self.ctx
+            weights = [w for s in self.root_slots for w in ctx.weights(s)]
+            self._root_unit = unit_comm(weights, ctx.plan, ctx.mesh, ctx.param_bytes, ctx.grad_bytes)
+        return self._root_unit
+
+    def _reshard_after_forward(self, key: int) -> bool:
+        """torch ``reshard_after_forward``: ``None`` (our "default") is False for the root only."""
+        mode = self.ctx.plan.fsdp_reshard_after_forward
+        return mode == "true" or (mode == "default" and key != -1)
+
     def _plan_fsdp(self, steps: Sequence[StepComm]) -> None:
+        """Which uses all-gather, where each gather is issued and where the params are freed.
+
+        A unit is gathered at a use only if it is not still unsharded from an earlier use. After
+        its forward it reshards per ``reshard_after_forward``; after a backward it reshards unless
+        the step is pipelined (``pp > 1``) and this is not the chunk's last backward: torch
+        pipelining calls ``set_reshard_after_backward(last_backward)`` (torchref fact FSDP2-9).
+        A gather is issued when use ``j - 1 - fsdp_prefetch`` ends, but not before the unit's
+        previous reshard.
+        """
+        last_bwd: dict[int, int] = {}
+        for i, st in enumerate(steps):
+            if st.action.kind in (Kind.B, Kind.I):
+                last_bwd[st.action.chunk] = i
+        ends: dict[tuple[int, int], int] = {}  # (action, unit) -> its last use in the action
         for i, st in enumerate(steps):
             if st.action.kind is Kind.W:
                 continue
             for slot in self._slots_of(st.action):
-                if self.ctx.unit(slot).gather:
+                if self.unit(slot).gather:
                     self.use_index[(i, slot)] = len(self.uses)
+                    ends[(i, self.unit_key(slot))] = len(self.uses)
                     self.uses.append((i, slot))
         depth = self.ctx.plan.fsdp_prefetch
-        for j in range(len(self.uses)):
-            self.gather_after.setdefault(max(j - 1 - depth, -1), []).append(j)
+        resharded_at: dict[int, int] = {}  # unit -> use after which it was last freed (-1: start)
+        gathered: set[int] = set()
+        for j, (i, slot) in enumerate(self.uses):
+            key = self.unit_key(slot)
+            if key not in gathered:
+                gathered.add(key)
+                self.gather_after.setdefault(max(j - 1 - depth, resharded_at.get(key, -1)), []).append(j)
+            if ends[(i, key)] != j:
+                continue
+            a = steps[i].action
+            if a.kind is Kind.F:
+                free = self._reshard_after_forward(key)
+            else:
+                free = self.ctx.plan.pp == 1 or last_bwd.get(a.chunk) == i
+            if free:
+                gathered.discard(key)
+                resharded_at[key] = j
+                self.reshard_at.add(j)
 
     def _emit_gathers(self, after_use: int, dep: int | None) -> None:
         for j in self.gather_after.get(after_use, ()):
             _, slot = self.uses[j]
-            unit = self.ctx.unit(slot)
+            unit = self.unit(slot)
             deps = (dep,) if dep is not None else ()
             first = len(self.nodes)
-            last = self._emit_ops(unit.gather, f"fsdp.use{j}.{self.ctx.label(slot)}.param", deps,
-                                  layer=slot - 1)
+            label = "root" if self.unit_key(slot) == -1 else self.ctx.label(slot)
+            last = self._emit_ops(unit.gather, f"fsdp.use{j}.{label}.param", deps, layer=slot - 1)
             if last is not None:
                 self.nodes[first].mem_alloc_bytes += unit.gathered_bytes
                 self.gather_last[j] = last
@@ -440,8 +499,8 @@ class _Stage:
             if last is not None:
                 first_ctrl = (last,)
             if j is not None:
-                if j in self.gather_last and last is not None:
-                    self.nodes[last].mem_free_bytes += self.ctx.unit(slot).gathered_bytes
+                if j in self.reshard_at and last is not None:
+                    self.nodes[last].mem_free_bytes += self.unit(slot).gathered_bytes
                 self._emit_gathers(j, last)
         if last is None:  # an action with no nodes (empty blocks): keep the order chain intact
             last = self._add(f"{pre}c{chunk}.{kind.value}.noop", NodeKind.COMP, data_deps=entry, ctrl_deps=ctrl,
@@ -462,10 +521,16 @@ class _Stage:
         ctx = self.ctx
         label = ctx.label(slot)
         if self.zero3:
-            unit = ctx.unit(slot)
-            red = self._emit_ops(unit.reduce, f"fsdp.{label}.grad", (last,), layer=slot - 1)
+            covered = [slot]
+            if self.unit_key(slot) == -1:  # the root unit reduces once all its blocks are done
+                self.root_pending.discard(slot)
+                if self.root_pending:
+                    return
+                label, covered = "root", self.root_slots
+            red = self._emit_ops(self.unit(slot).reduce, f"fsdp.{label}.grad", (last,), layer=slot - 1)
             if red is not None:
-                self.reduce_last.setdefault(slot, []).append(red)
+                for s in covered:
+                    self.reduce_last.setdefault(s, []).append(red)
             return
         for k, b in enumerate(self.buckets.get(slot, ())):
             name = f"dp.{'expert_' if b.expert else ''}bucket.{label}.{k}.grad"

@@ -44,6 +44,7 @@ DType = Literal["bf16", "fp16", "fp8", "fp32"]
 Phase = Literal["train", "prefill", "decode"]
 CPMode = Literal["ring", "allgather"]
 DDPStyle = Literal["megatron", "torch"]
+FSDPReshard = Literal["default", "true", "false"]
 
 BASE_AXES = ("tp", "cp", "dp", "pp")
 DEFAULT_RANK_ORDER = BASE_AXES
@@ -99,6 +100,16 @@ class ParallelPlan(BaseModel):
         description="hybrid sharding: shard over groups of this many dp*cp ranks, replicate across",
     )
     fsdp_prefetch: int = Field(1, ge=0, description="FSDP/ZeRO-3 units whose all-gather is issued ahead")
+    fsdp_reshard_after_forward: FSDPReshard = Field(
+        "default",
+        description="ZeRO-3/FSDP2 reshard_after_forward: default = torch's None (layers True, root "
+        "= embedding+head False), true = every unit (root too), false = none",
+    )
+    overlap_param_gather: bool = Field(
+        False,
+        description="ZeRO-1/2: all-gather updated params during the next forward (Megatron "
+        "overlap_param_gather; default off as in Megatron-core: all-gather right after the step)",
+    )
     cp_mode: CPMode = "ring"
     phase: Phase = "train"
     context: int = Field(0, ge=0, description="KV length for decode; 0 = seq")
@@ -120,6 +131,8 @@ class ParallelPlan(BaseModel):
             dp, mb, pp = (data.get(k, 1) for k in ("dp", "micro_batch", "pp"))
             if all(isinstance(v, int) for v in (dp, mb, pp)):
                 data["global_batch"] = dp * mb * pp
+        if isinstance(data.get("fsdp_reshard_after_forward"), bool):  # YAML true/false
+            data["fsdp_reshard_after_forward"] = str(data["fsdp_reshard_after_forward"]).lower()
         if isinstance(data.get("rank_order"), str):
             data["rank_order"] = split_rank_order(data["rank_order"])
         return data
@@ -326,6 +339,12 @@ class ParallelPlan(BaseModel):
                     "seq",
                     f"sequence parallelism needs seq/cp={self.seq // self.cp} divisible by tp={self.tp}",
                 )
+        if self.overlap_param_gather and self.zero not in (1, 2):
+            raise SpecError(
+                "overlap_param_gather",
+                f"overlapping the post-step parameter all-gather needs the distributed optimizer "
+                f"(zero 1 or 2), got zero={self.zero}",
+            )
         if self.zero_shard_size is not None and (self.dp * self.cp) % self.zero_shard_size:
             raise SpecError(
                 "zero_shard_size", f"{self.zero_shard_size} must divide dp*cp={self.dp * self.cp}"
@@ -413,6 +432,7 @@ _ALLOWED: dict[str, tuple[object, ...]] = {
     "phase": ("train", "prefill", "decode"),
     "cp_mode": ("ring", "allgather"),
     "ddp_style": ("megatron", "torch"),
+    "fsdp_reshard_after_forward": ("default", "true", "false"),
 }
 
 
