@@ -76,6 +76,9 @@ class DeviceSpec(_Frozen):
     """Fraction of ``hbm_GBps`` a streaming kernel (device-to-device copy) achieves."""
     kernel_launch_s: float
     """Fixed per-kernel overhead in seconds added to every compute node (launch + tail)."""
+    sm_count: int | None = None
+    """Streaming multiprocessors (NVIDIA) / compute units that GEMM thread-block tiles are scheduled
+    on, in waves (:func:`tensorstage.sim.compute.gemm_shape_factor`); ``None``: no shape model."""
 
     sources: dict[str, str]
     notes: str = ""
@@ -95,6 +98,8 @@ class DeviceSpec(_Frozen):
                 raise ValueError(f"{field}: must be in (0, 1]")
         if self.kernel_launch_s < 0:
             raise ValueError("kernel_launch_s: must be >= 0")
+        if self.sm_count is not None and self.sm_count < 1:
+            raise ValueError("sm_count: must be >= 1")
         numeric = set(numeric_fields())
         unknown = sorted(set(self.sources) - numeric)
         if unknown:

@@ -246,6 +246,7 @@ class _BlockLowerer:
         self.ops = blk.all_ops()
         self.index = {id(op): i for i, op in enumerate(self.ops)}
         self.costs = self._op_costs()
+        self._sizes_cache: dict[tuple[int, int], dict[str, float]] = {}
         self.model_flops = 0.0
         self.tag = 0
         self.kv_parts = self._kv_parts_bytes()
@@ -325,6 +326,43 @@ class _BlockLowerer:
         return parts
 
     # --- nodes -----------------------------------------------------------------------------------
+    def _variant_sizes(self, sd: int, ed: int) -> dict[str, float]:
+        """Every dim's per-rank size in binding variant ``(sd, ed)`` (TP dims divided, s / sd, e / ed)."""
+        key = (sd, ed)
+        cache = self._sizes_cache
+        if key not in cache:
+            vals = self.ctx.local_bindings()
+            vals["s"] = self.ctx.plan.seq / sd
+            vals["e"] = vals["e"] / ed
+            cache[key] = self.ctx._sizes(list(self.ctx.graph.sizes), vals)
+        return cache[key]
+
+    def _gemm(self, op: Op, seq_sharded: bool) -> tuple[int, int, int, int] | None:
+        """``(batch, m, n, k)`` of a two-operand einsum on this rank: batch dims are in both inputs and
+        the output, m in the first input and the output, n in the second and the output, k in both
+        inputs only (the contraction). ``None`` for other ops. Sizes are the same per-rank binding
+        variant the op's cost uses; the CP attention core keeps its local queries (``s / cp``)."""
+        if op.kind != "einsum" or not op.einsum or "->" not in op.einsum:
+            return None
+        lhs, out = op.einsum.split("->")
+        operands = lhs.split(",")
+        if len(operands) != 2:
+            return None
+        da, db, dc = set(operands[0].split()), set(operands[1].split()), set(out.split())
+        c = self.ctx
+        core = _is_core(op) and c.phase != "decode"
+        sd = 1 if core else (c.cp * c.tp if seq_sharded else c.cp)
+        ed = c.ep if _uses_experts(op) else 1
+        sizes = self._variant_sizes(sd, ed)
+
+        def size(dims: set[str]) -> int:
+            v = 1.0
+            for d in dims:
+                v *= sizes[d] / (c.cp if core and d == "s" else 1)
+            return max(1, _int(v))
+
+        return (size(da & db & dc), size((da & dc) - db), size((db & dc) - da), size((da & db) - dc))
+
     def _comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
@@ -337,6 +375,7 @@ class _BlockLowerer:
             label,
             flops=_int((mf + vf) * lf / parts),
             tensor_bytes=_int(nb * lf / parts),
+            gemm=self._gemm(op, placed.seq_sharded) if parts == 1 else None,
         )
 
     def _coll(self, name: str, coll: Collective, category: str) -> StepNode:

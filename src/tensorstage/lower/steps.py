@@ -54,6 +54,7 @@ class StepNode:
     peer_offset: int = 0
     tag: int = 0
     deps: tuple[int, ...] | None = None
+    gemm: tuple[int, int, int, int] | None = None  # (batch, m, n, k) of a matmul on this rank
 
 
 @dataclass(frozen=True, slots=True)

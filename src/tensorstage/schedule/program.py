@@ -41,6 +41,8 @@ class Node:
     the message. ``tensor_bytes`` of a COMP node is the bytes it reads plus writes (roofline).
     ``mem_alloc_bytes``/``mem_free_bytes`` describe memory that becomes live / dead when the node
     runs (saved activations, gathered parameters, communication buffers) for the memory timeline.
+    ``gemm`` = ``(batch, m, n, k)`` of a matmul COMP node (Chakra ``int64_list`` attribute
+    ``gemm``).
     """
 
     id: int
@@ -63,6 +65,9 @@ class Node:
     chunk: int = -1
     mem_alloc_bytes: int = 0
     mem_free_bytes: int = 0
+    # COMP: the GEMM this node runs, (batch, m, n, k) per rank, for the compute model's shape
+    # efficiency (sim/compute.py); None for non-GEMM nodes and fused nodes (whose ``op`` lists parts)
+    gemm: tuple[int, int, int, int] | None = None
 
 
 @dataclass

@@ -7,16 +7,42 @@
   run on matrix units; for every other op (matmul-like ``einsum``, attention, and any kind not
   listed, so a fused node is never charged at vector speed) the dense peak of the program's
   dtype. Vector ops are nearly always memory-bound, so the choice rarely changes a time.
-* ``eff_op``: the device's ``matmul_efficiency`` for matmul-like ops; for fused attention the
+* ``eff_op``: the device's ``matmul_efficiency`` for matmul-like ops (times the GEMM shape factor
+  below when the node carries its GEMM shape and the model is on); for fused attention the
   device's ``attention_efficiency`` when the spec has one (FlashAttention kernels reach a lower
   fraction of peak than large GEMMs), else ``matmul_efficiency``; 1.0 for vector ops (their limit
   is the HBM term, whose efficiency is ``hbm_efficiency``).
 * ``kernel_launch_s``: the device's fixed per-kernel overhead; one per COMP node (a node is one
   kernel, or one fused group of kernels, in the lowering).
 
+**GEMM shape efficiency** (:func:`gemm_shape_factor`; NVIDIA Deep Learning Performance Guide,
+"Matrix Multiplication Background", sections 2.3 "Typical tile dimensions in cuBLAS and performance"
+and 3 "Dimension quantization effects"). cuBLAS computes C (m x n, per batch entry) in thread-block
+tiles ``tm x tn`` (256x128 and 128x256 most efficient, then 128x128, 256x64/64x256, 128x64/64x128,
+64x64 least efficient: :data:`GEMM_TILES`), one tile per SM at a time, in *waves* of ``sm_count``
+tiles. A GEMM of ``batch`` x ``ceil(m/tm) x ceil(n/tn)`` tiles therefore occupies
+``waves = ceil(tiles / sm_count)`` full waves of padded tiles, and its useful fraction is
+``batch*m*n / (waves * sm_count * tm * tn)`` (tile quantization and wave quantization together).
+Smaller tiles quantize less but reuse each loaded operand over fewer multiply-adds (``tm*tn/(tm+tn)``
+per element); we take a tile's main-loop rate as full down to 128x128 and proportional to that
+reuse below it (:func:`tile_reuse`: 128x64 -> 0.67, 64x64 -> 0.5; an ASSUMPTION standing in for the
+guide's qualitative ranking). Tile choice: the candidate with the highest utilisation x reuse (the
+cuBLAS heuristic picks per shape; on ties the larger tile, listed first). When a GEMM has fewer
+tiles than SMs, cuBLAS splits K (split-K) to fill the machine: up to ``sm_count // tiles`` K-slices
+of at least :data:`SPLIT_K_MIN` each. Small-K factor: each tile pays a pipeline prologue and an
+epilogue of about :data:`GEMM_K_OVERHEAD` = 64 K-elements (two 32-deep K-steps; ASSUMPTION), so
+``k_slice / (k_slice + 64)``. The factor multiplies ``matmul_efficiency`` *relative to the shape the
+efficiency was measured on* (:data:`REFERENCE_GEMM`, 8192^3: the device's ``matmul_efficiency`` is
+that GEMM's measured fraction of peak), so an 8192^3 GEMM keeps exactly the measured rate and no new
+fitted parameter enters: ``eff = matmul_efficiency * f(b, m, n, k) / f(1, 8192, 8192, 8192)``. It
+needs the device's ``sm_count`` and the node's ``gemm`` = ``(batch, m, n, k)``
+(:class:`tensorstage.schedule.program.Node`); nodes without a shape, devices without an SM count and
+``ComputeModel.gemm_shapes=False`` keep the plain ceiling. The default is
+:data:`GEMM_SHAPE_MODEL_DEFAULT` (see docs/calibration.md for the measured effect on validation).
+
 **Fused nodes.** A COMP node may stand for a run of kernels with no communication between them
-(:mod:`tensorstage.lower.fuse`): its ``op`` is ``"fused:" + ";".join("<op>,<flops>,<bytes>,<category>")``
-over the parts, and its time is the sum of the parts' own times (each with its launch), exactly
+(:mod:`tensorstage.lower.fuse`): its ``op`` is ``"fused:" + ";".join("<op>,<flops>,<bytes>,<category>[,<gemm>]")``
+over the parts (``<gemm>`` = ``b.m.n.k`` for a part with a GEMM shape), and its time is the sum of the parts' own times (each with its launch), exactly
 what the unfused chain costs. Fusing only cuts the node count (lowering and simulation time).
 
 All three parameters come from :class:`tensorstage.hardware.device.DeviceSpec` with their sources;
@@ -26,6 +52,8 @@ nothing here is fitted. A COMP node with ``flops == 0 and tensor_bytes == 0`` co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
+from math import ceil
 
 #: ``Node.op`` values of element-wise / reduction kernels that run on vector units (graph op kinds).
 VECTOR_OPS: frozenset[str] = frozenset(
@@ -39,23 +67,85 @@ ATTENTION_OPS: frozenset[str] = frozenset({"attention", "flash_attention", "sdpa
 #: ``Node.op`` prefix of a fused node (see module docstring).
 FUSED_PREFIX = "fused:"
 
+#: GEMM shape ``(batch, m, n, k)`` of a COMP node (``None``: not a GEMM, or unknown)
+Gemm = tuple[int, int, int, int]
+#: cuBLAS thread-block tiles (tm, tn), most efficient first (Matrix Multiplication Background, 2.3)
+GEMM_TILES: tuple[tuple[int, int], ...] = (
+    (256, 128), (128, 256), (128, 128), (256, 64), (64, 256), (128, 64), (64, 128), (64, 64)
+)
+#: K-elements of per-tile prologue + epilogue (ASSUMPTION: two 32-deep K-steps)
+GEMM_K_OVERHEAD = 64
+#: smallest K-slice split-K makes
+SPLIT_K_MIN = 256
+#: the shape ``DeviceSpec.matmul_efficiency`` is measured on (batch, m, n, k)
+REFERENCE_GEMM: Gemm = (1, 8192, 8192, 8192)
+#: whether :meth:`ComputeModel.from_device` turns the shape model on (docs/calibration.md, ablation)
+GEMM_SHAPE_MODEL_DEFAULT = False
 
-def fused_op(parts: list[tuple[str, int, int, str]]) -> str:
-    """The ``op`` string of a node fusing ``parts`` = ``[(op, flops, tensor_bytes, category), ...]``."""
-    for op, _, _, cat in parts:
+
+def tile_reuse(tm: int, tn: int) -> float:
+    """Main-loop rate of a ``tm x tn`` tile relative to 128x128: operand reuse ``tm*tn/(tm+tn)``, capped at 1."""
+    return min(1.0, (tm * tn / (tm + tn)) / 64.0)
+
+
+@lru_cache(maxsize=65536)
+def gemm_shape_factor(batch: int, m: int, n: int, k: int, sm_count: int) -> float:
+    """Fraction of the tile main-loop rate a ``batch x (m x k) @ (k x n)`` GEMM keeps on ``sm_count`` SMs:
+    tile + wave quantization of the best tile (:data:`GEMM_TILES`, with split-K when there are fewer
+    tiles than SMs) times the small-K factor ``k_slice / (k_slice + GEMM_K_OVERHEAD)`` (module docstring)."""
+    if min(batch, m, n, k) < 1:
+        return 1.0
+    best = 0.0
+    for tm, tn in GEMM_TILES:
+        tiles = batch * ceil(m / tm) * ceil(n / tn)
+        split = 1
+        if tiles < sm_count:
+            split = max(1, min(sm_count // tiles, k // SPLIT_K_MIN))
+        ctas = tiles * split
+        waves = ceil(ctas / sm_count)
+        util = (batch * m * n * split) / (waves * sm_count * tm * tn)
+        kslice = k / split
+        f = util * tile_reuse(tm, tn) * kslice / (kslice + GEMM_K_OVERHEAD)
+        if f > best * (1 + 1e-12):
+            best = f
+    return best
+
+
+def format_gemm(gemm: Gemm | None) -> str:
+    """``b.m.n.k`` (the fused-part field), ``""`` for none."""
+    return "" if gemm is None else ".".join(str(int(x)) for x in gemm)
+
+
+def parse_gemm(text: str) -> Gemm | None:
+    """Inverse of :func:`format_gemm`."""
+    if not text:
+        return None
+    b, m, n, k = (int(x) for x in text.split("."))
+    return (b, m, n, k)
+
+
+def fused_op(parts: list[tuple]) -> str:
+    """The ``op`` string of a node fusing ``parts`` = ``[(op, flops, tensor_bytes, category[, gemm]), ...]``."""
+    out = []
+    for p in parts:
+        op, f, b, cat = p[:4]
+        gemm = p[4] if len(p) > 4 else None
         if any(ch in op + cat for ch in ",;") or op.startswith(FUSED_PREFIX):
             raise ValueError(f"op {op!r} / category {cat!r} cannot be fused (contains ',' or ';' or is fused)")
-    return FUSED_PREFIX + ";".join(f"{op},{int(f)},{int(b)},{cat}" for op, f, b, cat in parts)
+        text = f"{op},{int(f)},{int(b)},{cat}"
+        out.append(text + ("," + format_gemm(gemm) if gemm is not None else ""))
+    return FUSED_PREFIX + ";".join(out)
 
 
-def fused_parts(op: str) -> list[tuple[str, int, int, str]] | None:
-    """``[(op, flops, tensor_bytes, category), ...]`` of a fused ``op`` string, ``None`` for a plain op."""
+def fused_parts(op: str) -> list[tuple[str, int, int, str, Gemm | None]] | None:
+    """``[(op, flops, tensor_bytes, category, gemm), ...]`` of a fused ``op`` string, ``None`` for a plain op."""
     if not op.startswith(FUSED_PREFIX):
         return None
     out = []
     for part in op[len(FUSED_PREFIX):].split(";"):
-        name, f, b, cat = part.split(",")
-        out.append((name, int(f), int(b), cat))
+        fields = part.split(",")
+        name, f, b, cat = fields[:4]
+        out.append((name, int(f), int(b), cat, parse_gemm(fields[4]) if len(fields) > 4 else None))
     return out
 
 
@@ -69,10 +159,15 @@ class ComputeModel:
     hbm_Bps: float  # achievable HBM bytes/s = peak x hbm efficiency
     launch_s: float  # per-node overhead
     peak_flops: float  # dense dtype peak (the MFU/HFU denominator)
+    sm_count: int = 0  # SMs the GEMM shape model schedules tiles on (0: shape model off)
+    gemm_shapes: bool = False  # apply gemm_shape_factor to nodes that carry a GEMM shape
 
     @staticmethod
-    def from_device(device: object, dtype: str) -> ComputeModel:
-        """Build from a ``DeviceSpec``; unknown/unsupported dtypes raise its ``SpecError``."""
+    def from_device(device: object, dtype: str, gemm_shapes: bool | None = None) -> ComputeModel:
+        """Build from a ``DeviceSpec``; unknown/unsupported dtypes raise its ``SpecError``.
+
+        ``gemm_shapes``: GEMM shape efficiency on (needs the device's ``sm_count``); ``None`` takes
+        :data:`GEMM_SHAPE_MODEL_DEFAULT`."""
         peak = device.peak_flops(dtype)  # type: ignore[attr-defined]
         vector = getattr(device, "fp32_flops", None) or peak
         attn_eff = getattr(device, "attention_efficiency", None) or device.matmul_efficiency  # type: ignore[attr-defined]
@@ -83,21 +178,30 @@ class ComputeModel:
             hbm_Bps=device.hbm_GBps * 1e9 * device.hbm_efficiency,  # type: ignore[attr-defined]
             launch_s=float(device.kernel_launch_s),  # type: ignore[attr-defined]
             peak_flops=peak,
+            sm_count=int(getattr(device, "sm_count", None) or 0),
+            gemm_shapes=GEMM_SHAPE_MODEL_DEFAULT if gemm_shapes is None else bool(gemm_shapes),
         )
 
-    def time_s(self, flops: float, tensor_bytes: float, op: str = "") -> float:
+    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None) -> float:
         """Roofline time of one node (see module docstring); a fused node sums its parts."""
         if op.startswith(FUSED_PREFIX):
             total = 0.0
-            for name, f, b, _ in fused_parts(op):  # type: ignore[union-attr]
-                total += self.time_s(f, b, name)
+            for name, f, b, _, g in fused_parts(op):  # type: ignore[union-attr]
+                total += self.time_s(f, b, name, g)
             return total
-        return max(flops / self.rate_flops(op), tensor_bytes / self.hbm_Bps) + self.launch_s
+        return max(flops / self.rate_flops(op, gemm), tensor_bytes / self.hbm_Bps) + self.launch_s
 
-    def rate_flops(self, op: str) -> float:
-        """Achievable FLOP/s charged to a node of kind ``op``."""
+    def rate_flops(self, op: str, gemm: Gemm | None = None) -> float:
+        """Achievable FLOP/s charged to a node of kind ``op`` (with GEMM shape ``gemm``, if known)."""
         if op in VECTOR_OPS:
             return self.vector_flops
         if op in ATTENTION_OPS:
             return self.attention_flops
+        if gemm is not None and self.gemm_shapes and self.sm_count > 0:
+            return self.tensor_flops * self.shape_scale(gemm)
         return self.tensor_flops
+
+    def shape_scale(self, gemm: Gemm) -> float:
+        """``gemm_shape_factor(gemm) / gemm_shape_factor(REFERENCE_GEMM)`` on this device's SMs."""
+        ref = gemm_shape_factor(*REFERENCE_GEMM, self.sm_count)
+        return gemm_shape_factor(*gemm, self.sm_count) / ref

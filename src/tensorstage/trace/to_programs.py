@@ -6,7 +6,8 @@ Two kinds of trace directory are supported:
   classes-only). The mesh and the rank -> class rule come from the manifest, so only one file per
   rank class is decoded (its lowest rank), whatever the world size. Everything the simulator
   needs for *timing* is taken from the ET nodes themselves: ids, dependencies, node type,
-  ``num_ops``/``tensor_size``, ``comm_type``/``comm_size``, ``pg_name`` (mapped back to mesh axes
+  ``num_ops``/``tensor_size``, the GEMM shape ``gemm`` (our own ``int64_list``
+  attribute ``[batch, m, n, k]`` on unfused matmul nodes), ``comm_type``/``comm_size``, ``pg_name`` (mapped back to mesh axes
   through the manifest's communicator id ranges), ``comm_src``/``comm_dst`` (mapped to a peer
   axis and offset) and ``comm_tag``. Chakra has no field for a few things the ET cannot carry:
   the op kind of a COMP node (the roofline charges vector ops at the vector peak and attention at
@@ -44,8 +45,9 @@ from typing import Any
 from tensorstage.errors import SpecError
 from tensorstage.parallel.mesh import Mesh
 from tensorstage.schedule.program import CollKind, Node, NodeKind, Program
-from tensorstage.sim.compute import ComputeModel
+from tensorstage.sim.compute import ComputeModel, Gemm
 from tensorstage.trace import schema
+from tensorstage.trace.encode import GEMM_ATTR
 from tensorstage.trace.program_json import mesh_from_json
 from tensorstage.trace.reader import node_attrs, read_chakra
 from tensorstage.trace.writer import MANIFEST
@@ -72,10 +74,10 @@ class TraceInput:
 class FixedDurationCompute(ComputeModel):
     """A :class:`ComputeModel` that honours fixed durations encoded in ``Node.op`` (foreign traces)."""
 
-    def time_s(self, flops: float, tensor_bytes: float, op: str = "") -> float:
+    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None) -> float:
         if op.startswith(FIXED_OP_PREFIX):
             return int(op[len(FIXED_OP_PREFIX):]) * 1e-6
-        return super().time_s(flops, tensor_bytes, op)
+        return super().time_s(flops, tensor_bytes, op, gemm)
 
 
 def machine_for_trace(machine: Any, trace: TraceInput) -> Any:
@@ -201,7 +203,8 @@ def _program_from_nodes(nodes: list[Any], class_key: dict[str, int], rank: int, 
             raise SpecError("trace", f"{where}: node {n.id} has unsupported type {n.type}")
         fields: dict[str, Any] = {"data_deps": tuple(n.data_deps), "ctrl_deps": tuple(n.ctrl_deps)}
         if kind == NodeKind.COMP:
-            fields.update(flops=int(a.get("num_ops", 0)), tensor_bytes=int(a.get("tensor_size", 0)))
+            fields.update(flops=int(a.get("num_ops", 0)), tensor_bytes=int(a.get("tensor_size", 0)),
+                          gemm=gemm_of(a))
         elif kind == NodeKind.COLL:
             ct = int(a.get("comm_type", -1))
             if ct not in _COLL:
@@ -220,6 +223,16 @@ def _program_from_nodes(nodes: list[Any], class_key: dict[str, int], rank: int, 
             _annotate(fields, kind, ann[j], mesh, rank)
         prog.nodes.append(Node(id=j, name=n.name, kind=kind, **fields))
     return prog
+
+
+def gemm_of(attrs: dict[str, Any]) -> Gemm | None:
+    """``(batch, m, n, k)`` from a COMP node's ``gemm`` attribute (an int64 list of four), else ``None``."""
+    value = attrs.get(GEMM_ATTR)
+    values = list(getattr(value, "values", ()))
+    if len(values) != 4:
+        return None
+    b, m, n, k = (int(x) for x in values)
+    return (b, m, n, k)
 
 
 def _annotate(fields: dict[str, Any], kind: NodeKind, ref: dict[str, Any], mesh: Mesh, rank: int) -> None:
@@ -279,7 +292,7 @@ def _foreign(d: Path) -> TraceInput:
 def _signature(prog: Program) -> tuple:
     """Everything that matters to the simulator in a rank's program (names excluded)."""
     return tuple((n.kind, n.data_deps, n.ctrl_deps, n.flops, n.tensor_bytes, n.op, n.comm, n.comm_bytes, n.axes,
-                  n.peer_axis, n.peer_offset, n.tag) for n in prog.nodes)
+                  n.peer_axis, n.peer_offset, n.tag, n.gemm) for n in prog.nodes)
 
 
 def group_ranks(per_rank: list[Program], mesh: Mesh) -> list[Program]:
@@ -446,7 +459,7 @@ def _foreign_program(nodes: list[Any], rank: int, mesh: Mesh, group_axes: dict[s
             op = f"{FIXED_OP_PREFIX}{us}" if us > 0 else "matmul"
             fixed |= us > 0
             prog.nodes.append(Node(j, n.name, NodeKind.COMP, **deps, flops=int(a.get("num_ops", 0)),
-                                   tensor_bytes=int(a.get("tensor_size", 0)), op=op))
+                                   tensor_bytes=int(a.get("tensor_size", 0)), op=op, gemm=gemm_of(a)))
         else:  # CPU ops, metadata, memory nodes: no device time, dependencies kept
             prog.nodes.append(Node(j, n.name, NodeKind.COMP, **deps, category="other", op=f"{FIXED_OP_PREFIX}0"))
             fixed = True
