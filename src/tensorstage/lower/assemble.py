@@ -27,11 +27,17 @@ model-parallel collectives included. This module adds everything that depends on
   buckets per model chunk, filled in reverse layer order; each bucket's reduction is issued
   right after the backward (``B``, or ``W`` for zero-bubble) of the last micro-batch of the
   block that completes it, so it overlaps the rest of the backward (one bucket per chunk, at
-  the end, without ``overlap_grad_reduce``). ZeRO-3 / FSDP: one unit per block instance;
-  its all-gather before every forward and every backward (``I``/``B``) use, issued when use
-  ``j - 1 - fsdp_prefetch`` ends (nothing else gates it), gathered bytes live until the use
-  ends; one gradient reduce-scatter per unit per step after its last backward (torch pipelining
-  + FSDP2 reduce once per step). Hybrid sharding adds the all-reduce over ``dp_replicate``.
+  the end, without ``overlap_grad_reduce``). ZeRO-3 / FSDP (torch FSDP2 semantics): one unit per
+  layer instance plus one *root* unit per stage holding the embedding and head weights there (the
+  root module's own parameters). A use (forward, or ``I``/``B`` backward) all-gathers its unit
+  only if it is not still unsharded: after its forward a unit reshards per
+  ``fsdp_reshard_after_forward`` (``default`` = torch's ``None``: layers yes, root no; ``true``;
+  ``false``), after a backward always, except that torch pipelining (``pp > 1``) keeps it until
+  the chunk's last backward. A gather is issued when use ``j - 1 - fsdp_prefetch`` ends (and
+  not before the unit's previous reshard); gathered bytes live until the reshard. One gradient
+  reduce-scatter per unit per step after its last backward (torch pipelining + FSDP2 reduce once
+  per step; the root once all its blocks are done). Hybrid sharding adds the all-reduce over
+  ``dp_replicate``. ``reshard_after_forward=int`` (reshard to a smaller group) is not modelled.
 * **Tied embeddings** with the embedding and head on different ranks: the last stage keeps a
   copy of the embedding table (Megatron), and the first and last stages sum their gradients
   (Megatron's all-reduce over its 2-rank embedding group). The mesh has no communicator for
@@ -43,13 +49,22 @@ model-parallel collectives included. This module adds everything that depends on
   TP all-reduce of Partial weight grads, tied-embedding exchange, gradient-norm all-reduce
   (``ddp_style="megatron"`` only); then each block instance's optimizer nodes, FLOPs and bytes
   divided by the ZeRO shard factor, head first; ZeRO-1/2 then all-gather each bucket's updated
-  parameters. Like every framework's ``optimizer.step()``, the step waits for all reductions.
+  parameters: without ``overlap_param_gather`` (Megatron-core's default) synchronously, one after
+  the other, after the whole optimizer step; with it, during the (next) step's forward, emitted
+  in the step's first forward: the first forward of the module that starts a bucket (forward
+  order) waits for that bucket's gather, dispatching it there if nothing did, and its completion
+  dispatches the next bucket's (Megatron's ``finish_param_sync`` / ``next_param_gather_bucket_group``,
+  per buffer: dense and expert chains, per model chunk). Like every framework's
+  ``optimizer.step()``, the step waits for all reductions.
 * **Inference** (``phase`` prefill/decode): the forward actions of the schedule only (micro-batch
   order, GPipe-like), no DP, no optimizer; KV-cache bytes are static memory.
 * **Memory**: ``static_bytes`` (weights, gradients, optimizer states, master weights per ZeRO
   stage; ``kv_cache`` for inference); ``mem_alloc_bytes = saved_bytes`` on each block's last
-  forward node per micro-batch, freed by its last backward node (``W`` for zero-bubble);
-  ZeRO-3 gathered parameters alloc on the gather, free at the end of the use.
+  forward node per micro-batch, freed by its last backward node (``W`` for zero-bubble); with
+  recompute, the tensors the recompute pass re-creates for the backward
+  (:mod:`.recompute_memory`: one layer's activations minus its input for ``full``, the attention
+  core's for ``selective``) alloc on the block's first recompute node and free with the saved
+  ones; ZeRO-3 gathered parameters alloc on the gather, free at the end of the use that reshards.
 * ``model_flops`` = micro-batches x the blocks' ``model_flops``.
 
 Nothing here loops over ranks other than the ``pp`` stages; cost is linear in nodes per stage.
@@ -75,6 +90,7 @@ from tensorstage.lower.dataparallel import (
     static_bytes,
     unit_comm,
 )
+from tensorstage.lower.recompute_memory import recompute_transient_bytes
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.parallel.mesh import Mesh
 from tensorstage.parallel.plan import ParallelPlan
@@ -150,6 +166,7 @@ class _Context:
     param_bytes: int
     grad_bytes: int
     tied_copy: LocalWeight | None
+    recompute_bytes: dict[str, int] = field(default_factory=dict)  # block -> recompute transient bytes
     units: dict[str, UnitComm] = field(default_factory=dict)
 
     @property
@@ -222,9 +239,10 @@ def _build_context(graph: Graph, plan: ParallelPlan, blocks: dict[str, BlockLowe
         table = next((w for w in blocks["embedding"].weights if "v" in w.dims), None)
         if table is not None and not head_has_table:
             tied_copy = LocalWeight(f"{table.name}.tied_copy", table.dims, table.numel, table.expert, table.shape)
+    rec_bytes = recompute_transient_bytes(graph, plan, {n: blocks[n] for n in prepared}) if train else {}
     return _Context(graph, plan, mesh, prepared, slot_block, stage_slots, comms, train, m,
                     tag_base=2 * m * stages, tag_stride=max_tag + 1, param_bytes=param_bytes,
-                    grad_bytes=grad_bytes, tied_copy=tied_copy)
+                    grad_bytes=grad_bytes, tied_copy=tied_copy, recompute_bytes=rec_bytes)
 
 
 class _Stage:
@@ -245,6 +263,12 @@ class _Stage:
         self.zero3 = ctx.train and plan.zero == 3
         self.buckets: dict[int, list[Bucket]] = {}  # close slot -> buckets
         self.all_buckets: list[Bucket] = []
+        # ZeRO-1/2 with overlap_param_gather: bucket -> next bucket of its chain (forward order),
+        # first slot -> buckets whose forward starts there, dispatched gathers (bucket index -> id)
+        self.pg_next: dict[int, int] = {}
+        self.pg_starts: dict[int, list[int]] = {}
+        self.pg_issued: dict[int, int] = {}
+        self.pg_chunks_done: set[int] = set()
         # FSDP (ZeRO-3) uses: (action index, slot) in program order, and gather bookkeeping
         self.uses: list[tuple[int, int]] = []
         self.use_index: dict[tuple[int, int], int] = {}
@@ -410,10 +434,19 @@ class _Stage:
                            if w.expert == expert]
                 if not entries:
                     continue
+                chain: list[int] = []
                 for b in make_buckets(entries, expert, plan, ctx.mesh, ctx.param_bytes, ctx.grad_bytes):
                     if b.reduce or b.gather:
                         self.buckets.setdefault(b.close_slot, []).append(b)
+                        if b.gather:
+                            chain.append(len(self.all_buckets))
                         self.all_buckets.append(b)
+                if plan.overlap_param_gather and chain:
+                    # Megatron chains a buffer's bucket groups in reverse creation (= forward) order
+                    fwd_order = chain[::-1]
+                    self.pg_next.update(zip(fwd_order, fwd_order[1:], strict=False))
+                    for k in fwd_order:
+                        self.pg_starts.setdefault(min(self.all_buckets[k].slots), []).append(k)
 
     # --- the step --------------------------------------------------------------------------
     def build(self) -> Program:
@@ -457,6 +490,8 @@ class _Stage:
             j = self.use_index.get((i, slot))
             gathered = (self.gather_last[j],) if j is not None and j in self.gather_last else ()
             if kind is Kind.F:
+                if self.pg_starts and chunk not in self.pg_chunks_done:
+                    gathered += self._param_gather_waits(slot, entry + first_ctrl)
                 out = self._emit_list(prep.low.forward, prep.fwd, range(len(prep.fwd)), entry + gathered,
                                       first_ctrl, {}, prefix, mb, layer, chunk, self._tag_off(mb, slot, LIST_FWD))
                 if out is not None:
@@ -468,10 +503,12 @@ class _Stage:
             elif kind in (Kind.B, Kind.I):
                 saved = (self.fwd_last[(mb, slot)],) if (mb, slot) in self.fwd_last else ()
                 base = tuple(dict.fromkeys(entry + saved + gathered))
+                rec_first = len(self.nodes)
                 rec = self._emit_list(prep.low.recompute, prep.rec, range(len(prep.rec)), base, first_ctrl, {},
                                       prefix, mb, layer, chunk, self._tag_off(mb, slot, LIST_REC))
                 if rec is not None:
                     base, first_ctrl = (rec,), ()
+                    self.nodes[rec_first].mem_alloc_bytes += self.ctx.recompute_bytes.get(self.ctx.slot_block[slot], 0)
                 idmap: dict[int, int] = {}
                 idx = prep.all_bwd if kind is Kind.B else prep.i_idx
                 out = self._emit_list(prep.low.backward, prep.bwd, idx, base, first_ctrl, idmap, prefix, mb,
@@ -481,7 +518,7 @@ class _Stage:
                     self.bwd_ids[(mb, slot)] = idmap
                 if out is not None:
                     if kind is Kind.B or not prep.w_idx:
-                        self.nodes[out].mem_free_bytes += prep.low.saved_bytes
+                        self.nodes[out].mem_free_bytes += self._held_bytes(slot)
                     last = out
                     entry = (out,)
                 if kind is Kind.B:
@@ -492,7 +529,7 @@ class _Stage:
                 out = self._emit_list(prep.low.backward, prep.bwd, prep.w_idx, base, first_ctrl, idmap, prefix, mb,
                                       layer, chunk, self._tag_off(mb, slot, LIST_BWD))
                 if out is not None:
-                    self.nodes[out].mem_free_bytes += prep.low.saved_bytes
+                    self.nodes[out].mem_free_bytes += self._held_bytes(slot)
                     last = out
                     entry = (out,)
                 self._after_backward(slot, last, final)
@@ -502,6 +539,8 @@ class _Stage:
                 if j in self.reshard_at and last is not None:
                     self.nodes[last].mem_free_bytes += self.unit(slot).gathered_bytes
                 self._emit_gathers(j, last)
+        if kind is Kind.F:
+            self.pg_chunks_done.add(chunk)  # later micro-batches find the parameters gathered
         if last is None:  # an action with no nodes (empty blocks): keep the order chain intact
             last = self._add(f"{pre}c{chunk}.{kind.value}.noop", NodeKind.COMP, data_deps=entry, ctrl_deps=ctrl,
                              category="fwd" if kind is Kind.F else "bwd_input", microbatch=mb, chunk=chunk)
@@ -512,6 +551,34 @@ class _Stage:
                       comm_bytes=self._boundary_bytes(dst_stage), peer_axis="pp", peer_offset=1 if fwd else -1,
                       tag=st.send.tag, category="comm", microbatch=mb, chunk=chunk)
         self.prev_end = last
+
+    def _param_gather(self, k: int, deps: tuple[int, ...]) -> int:
+        """Emit the post-step parameter all-gather of bucket ``k`` (once); returns its last node."""
+        if k not in self.pg_issued:
+            b = self.all_buckets[k]
+            last = self._emit_ops(b.gather, f"dp.{'expert_' if b.expert else ''}bucket{k}.param",
+                                  tuple(dict.fromkeys(deps)))
+            assert last is not None
+            self.pg_issued[k] = last
+        return self.pg_issued[k]
+
+    def _param_gather_waits(self, slot: int, here: tuple[int, ...]) -> tuple[int, ...]:
+        """Megatron's forward pre-hook with ``overlap_param_gather`` (``finish_param_sync``): the
+        first forward of a module waits for its bucket's all-gather of the parameters the previous
+        step updated, dispatching it now if nothing did; once it completes, the next bucket's
+        all-gather (forward order) is dispatched, so it overlaps this bucket's forward."""
+        waits = []
+        for k in self.pg_starts.get(slot, ()):
+            g = self._param_gather(k, here)
+            waits.append(g)
+            if k in self.pg_next:
+                self._param_gather(self.pg_next[k], (g,))
+        return tuple(waits)
+
+    def _held_bytes(self, slot: int) -> int:
+        """Activation bytes a block's backward releases: saved ones plus any recomputed ones."""
+        low = self.ctx.low(slot)
+        return low.saved_bytes + (self.ctx.recompute_bytes.get(self.ctx.slot_block[slot], 0) if low.recompute else 0)
 
     def _after_backward(self, slot: int, last: int | None, final: bool) -> None:
         """After a block's backward of the last micro-batch: issue the reductions it completes."""
@@ -577,7 +644,6 @@ class _Stage:
         if norm_axes and plan.ddp_style == "megatron":  # torch style: a plain step, no clipping
             done = (self._add("finalize.grad_norm.all_reduce", NodeKind.COLL, data_deps=done,
                               comm=CollKind.ALL_REDUCE, comm_bytes=4, axes=norm_axes, category="comm"),)
-        opt_last: dict[int, int] = {}
         last: int | None = None
         dense_n = shard_factor(plan, ctx.mesh, False)
         expert_n = shard_factor(plan, ctx.mesh, True)
@@ -589,11 +655,14 @@ class _Stage:
                 n = expert_n if aligned and low.weights[k].expert else dense_n
                 last = self._emit_list(low.optimizer, chain, (k,), done, (last,) if last is not None else (), {},
                                        f"opt.{ctx.label(slot)}.", -1, slot - 1, -1, 0, scale=n)
-                opt_last[slot] = last
+        if plan.overlap_param_gather:
+            return  # gathered during the next step's forward (emitted at its start, see _param_gather_waits)
+        # Megatron without overlap_param_gather: after the whole optimizer step, every bucket's
+        # all-gather, synchronously one after the other (``start_param_sync`` per model chunk)
+        prev = (last,) if last is not None else done
         for k, b in enumerate(self.all_buckets):
             if b.gather:
-                deps = tuple(opt_last[s] for s in b.slots if s in opt_last) or done
-                self._emit_ops(b.gather, f"dp.{'expert_' if b.expert else ''}bucket{k}.param", deps)
+                prev = (self._param_gather(k, prev),)
 
     def _memory_and_flops(self) -> None:
         ctx = self.ctx

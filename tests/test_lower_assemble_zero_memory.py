@@ -1,0 +1,169 @@
+"""Step assembly: ZeRO-1/2 post-step parameter all-gather placement, the plan fields behind it and
+FSDP2's reshard option, and the transient memory of activation recompute.
+
+Independent sources: closed forms written below (Korthikanti et al. 2022's ``5as^2b/t`` attention
+activations for selective recompute; the flash-attention log-sum-exp ``4asb/t``; peak memory =
+static + in-flight saved activations + one layer's recompute transient) and Megatron-core's
+documented behaviour of the distributed optimizer (``overlap_param_gather`` default False: all
+buckets all-gathered synchronously after the optimizer step; True: the all-gather of each bucket
+is waited on in the forward pre-hook of its first module, which then dispatches the next one).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tensorstage.errors import SpecError
+from tensorstage.graph import GraphOptions, build_graph
+from tensorstage.lower import graph_options
+from tensorstage.lower.blocks import lower_blocks
+from tensorstage.lower.recompute_memory import recompute_transient_bytes
+from tensorstage.lower.steps import BlockLowering, StepNode
+from tensorstage.model.spec import ModelSpec
+from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.schedule.program import CollKind, NodeKind
+from tensorstage.sim import simulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_lower_assemble import chain_block, lowered, mlp_weights, unit_machine  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------ plan fields
+def test_plan_fields_validate_and_parse_yaml_booleans() -> None:
+    assert ParallelPlan.parse({"dp": 2, "zero": 3}).fsdp_reshard_after_forward == "default"
+    assert ParallelPlan.parse({"dp": 2, "zero": 3, "fsdp_reshard_after_forward": False}
+                              ).fsdp_reshard_after_forward == "false"  # YAML false
+    with pytest.raises(SpecError, match="allowed: default, true, false"):
+        ParallelPlan.parse({"dp": 2, "zero": 3, "fsdp_reshard_after_forward": "sometimes"})
+    assert ParallelPlan.parse({"dp": 2}).overlap_param_gather is False  # Megatron-core default
+    with pytest.raises(SpecError, match="overlap_param_gather"):
+        ParallelPlan.parse({"dp": 2, "zero": 0, "overlap_param_gather": True})
+
+
+def test_cli_flags_reach_the_plan() -> None:
+    from tensorstage.commands.planopts import plan_from_options
+
+    plan = plan_from_options(dp=2, zero=1, overlap_param_gather=True)
+    assert plan.overlap_param_gather
+    plan = plan_from_options(dp=2, zero=3, fsdp_reshard_after_forward="false")
+    assert plan.fsdp_reshard_after_forward == "false"
+
+
+# ------------------------------------------------------------------------- ZeRO-1/2 param gathers
+def _zero_programs(overlap: bool, zero: int = 1):
+    # 4 layers of a 32 -> 64 -> 32 MLP, buckets capped at ~one layer of fp32 main grads
+    plan = ParallelPlan.parse(dict(dp=2, zero=zero, global_batch=4, dp_bucket_bytes=4 * 4000,
+                                   overlap_param_gather=overlap))
+    return lowered(plan, 4, chain_block("dense", mlp_weights(32, 64), fwd_flops=4, bwd_i_flops=4,
+                                        bwd_w_flops=4, opt_flops=1))
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_param_gather_after_whole_optimizer_step_without_overlap(zero: int) -> None:
+    programs, _ = _zero_programs(False, zero)
+    nodes = programs[0].nodes
+    opt = [x for x in nodes if x.category == "optimizer"]
+    ags = [x for x in nodes if x.comm == CollKind.ALL_GATHER]
+    rss = [x for x in nodes if x.comm == CollKind.REDUCE_SCATTER]
+    assert len(ags) == len(rss) >= 3  # one per bucket
+    # synchronous start_param_sync after the whole step: first waits for the last optimizer node,
+    # each later one for the previous all-gather
+    assert ags[0].data_deps == (opt[-1].id,)
+    assert all(b.data_deps == (a.id,) for a, b in zip(ags, ags[1:], strict=False))
+    assert min(x.id for x in ags) > max(x.id for x in opt)
+    # a bucket's all-gather moves its bf16 shard: RS input (fp32 main grads) / 2 ranks * 2 / 4 bytes
+    assert [a.comm_bytes for a in ags] == [r.comm_bytes // 2 * 2 // 4 for r in rss]
+
+
+def test_overlapped_param_gather_waits_in_forward_pre_hook() -> None:
+    base, _ = _zero_programs(False)
+    programs, _ = _zero_programs(True)
+    nodes = programs[0].nodes
+    ags = [x for x in nodes if x.comm == CollKind.ALL_GATHER]
+    opt = [x for x in nodes if x.category == "optimizer"]
+    assert max(x.id for x in ags) < min(x.id for x in opt)  # nothing after the step
+    assert sorted(a.comm_bytes for a in ags) == sorted(x.comm_bytes for x in base[0].nodes
+                                                       if x.comm == CollKind.ALL_GATHER)
+    # the first all-gather is dispatched lazily when forward reaches the first module with
+    # parameters (layer 0: this embedding has none), every later one once the previous completes
+    # (Megatron's next_param_gather_bucket_group)
+    embed_fwd = [x.id for x in nodes if x.name.startswith("mb0.embed.") and x.category == "fwd"]
+    assert ags[0].data_deps == (embed_fwd[-1],)
+    assert all(b.data_deps == (a.id,) for a, b in zip(ags, ags[1:], strict=False))
+    # each micro-batch-0 forward of a layer starting a bucket waits for that bucket's gather
+    waiting = [x for x in nodes if x.kind == NodeKind.COMP and x.category == "fwd"
+               and any(d in {a.id for a in ags} for d in x.data_deps)]
+    assert len(waiting) == len(ags) and all(x.microbatch == 0 for x in waiting)
+    # buckets fill in reverse layer order, so forward meets them last-filled first: layer 0 first
+    assert waiting[0].layer == 0
+
+
+# ----------------------------------------------------------------------------- recompute memory
+def _dense_transient(recompute: str, tp: int, **opts: object) -> tuple[int, dict[str, BlockLowering]]:
+    spec = ModelSpec(name="tiny", num_layers=2, hidden=64, num_heads=4, ffn=256, vocab=256)
+    plan = ParallelPlan.parse(dict(tp=tp, seq=32, micro_batch=2, recompute=recompute))
+    graph = build_graph(spec, "train", graph_options(plan, GraphOptions(**opts)))
+    blocks = lower_blocks(graph, plan)
+    return recompute_transient_bytes(graph, plan, blocks)["dense"], blocks
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_selective_recompute_transient_closed_forms(tp: int) -> None:
+    a, s, b, h = 4, 32, 2, 64
+    # Korthikanti et al. 2022: selective recompute drops softmax output (2as^2b), dropout mask
+    # (as^2b) and dropout output (2as^2b), i.e. 5as^2b/t bytes, which the recompute re-creates
+    got, _ = _dense_transient("selective", tp, attention_impl="materialized", dropout=True)
+    assert got == 5 * a * s * s * b // tp
+    # flash attention keeps q, k, v and its output; only the fp32 log-sum-exp is re-created
+    got, _ = _dense_transient("selective", tp, attention_impl="flash")
+    assert got == 4 * a * s * b // tp
+    # s * b * h bytes must not appear: the attention output is kept (wo reads it), not recomputed
+    assert got < s * b * h
+
+
+def test_full_recompute_transient_is_layer_activations_minus_its_input() -> None:
+    full, blocks_full = _dense_transient("full", 2)
+    _, blocks_none = _dense_transient("none", 2)
+    layer_input = 32 * 2 * 64 * 2  # s b h, bf16, replicated over TP without SP
+    assert blocks_full["dense"].saved_bytes == layer_input
+    assert full == blocks_none["dense"].saved_bytes - layer_input
+
+
+def _recompute_block(saved: int, transient: int) -> BlockLowering:
+    blk = chain_block("dense", fwd_flops=2, bwd_i_flops=2, bwd_w_flops=2, saved=saved)
+    blk.recompute = [StepNode("rec0", NodeKind.COMP, "recompute", "matmul", flops=1),
+                     StepNode("rec1", NodeKind.COMP, "recompute", "matmul", flops=1)]
+    blk.extra["recompute_bytes"] = transient
+    return blk
+
+
+@pytest.mark.parametrize("schedule, p, m", [("1f1b", 1, 1), ("1f1b", 2, 4), ("gpipe", 2, 3), ("1f1b", 4, 8)])
+def test_peak_memory_is_static_plus_in_flight_saved_plus_one_recompute(schedule: str, p: int, m: int) -> None:
+    saved, transient, layers_per_stage = 1000, 5000, 3
+    plan = ParallelPlan.parse(dict(pp=p, schedule=schedule, global_batch=m, recompute="full"))
+    programs, mesh = lowered(plan, p * layers_per_stage, _recompute_block(saved, transient))
+    res = simulate(programs, mesh, unit_machine())
+    for r, cr in enumerate(res.classes):
+        # at the first recompute of the stage's last micro-batch-in-flight, every layer of every
+        # in-flight micro-batch still holds its saved activations (1F1B: min(m, p - r); GPipe: m)
+        held = m if schedule == "gpipe" else min(m, p - r)
+        static = sum(programs[r].static_bytes.values())
+        assert cr.memory_peak_bytes - static == held * layers_per_stage * saved + transient
+        allocs = [x.mem_alloc_bytes for x in programs[r].nodes if x.category == "recompute" and x.mem_alloc_bytes]
+        assert allocs == [transient] * (m * layers_per_stage)  # once per layer and micro-batch
+
+
+def test_zero_bubble_keeps_recomputed_tensors_until_weight_grad() -> None:
+    # the weight-gradient pass (W) reads the recomputed activations too: they are released with
+    # the saved ones by W's last node, not by the input-grad pass (I)
+    saved, transient = 1000, 5000
+    plan = ParallelPlan.parse(dict(pp=2, schedule="zb-h1", global_batch=4, recompute="full"))
+    programs, _ = lowered(plan, 4, _recompute_block(saved, transient))
+    for prog in programs:
+        frees = [x for x in prog.nodes if x.mem_free_bytes]
+        assert {x.category for x in frees} == {"bwd_weight"}
+        assert sum(x.mem_free_bytes for x in frees) == sum(x.mem_alloc_bytes for x in prog.nodes) \
+            == 4 * 2 * (saved + transient)
