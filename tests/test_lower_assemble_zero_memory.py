@@ -21,7 +21,7 @@ from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.lower import graph_options
 from tensorstage.lower.blocks import lower_blocks
 from tensorstage.lower.recompute_memory import recompute_transient_bytes
-from tensorstage.lower.steps import BlockLowering, StepNode
+from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import CollKind, NodeKind
@@ -167,3 +167,59 @@ def test_zero_bubble_keeps_recomputed_tensors_until_weight_grad() -> None:
         assert {x.category for x in frees} == {"bwd_weight"}
         assert sum(x.mem_free_bytes for x in frees) == sum(x.mem_alloc_bytes for x in prog.nodes) \
             == 4 * 2 * (saved + transient)
+
+
+# ------------------------------------------------------------------ Megatron shared-embedding bucket
+@pytest.mark.parametrize("zero", [0, 1])
+def test_shared_embedding_gets_its_own_bucket_with_distributed_optimizer(zero: int) -> None:
+    # Megatron (_does_param_require_new_bucket): with the distributed optimizer, the tied table on
+    # the first stage and its copy on the last stage each form a bucket of their own (the bucket
+    # being filled is closed first); plain DDP keeps everything in its one default bucket
+    v, h = 256, 64
+    plan = ParallelPlan.parse(dict(pp=2, dp=2, zero=zero, global_batch=4))
+    emb = chain_block("embedding", [LocalWeight("embed", ("v", "h"), v * h, shape=(v, h))], out_bytes=8)
+    head = chain_block("head", [LocalWeight("final_norm", ("h",), h, shape=(h,))])
+    layer = chain_block("dense", mlp_weights(32, 64), out_bytes=8)
+    programs, _ = lowered(plan, 4, layer, embedding=emb, head=head, tied=True)
+    layer_numel = 2 * (2 * 32 * 64 + 64 + 32)  # 2 layers per stage
+    kind = CollKind.REDUCE_SCATTER if zero else CollKind.ALL_REDUCE
+    sizes = [[x.comm_bytes for x in p.nodes if x.comm == kind and x.name.startswith("dp.")] for p in programs]
+    if zero == 0:  # fp32 main grads, no padding, one bucket per stage
+        assert sizes == [[4 * (layer_numel + v * h)], [4 * (layer_numel + h + v * h)]]
+        return
+    pad = lambda n: -(-n // 128) * 128  # noqa: E731  bucket end: lcm(dp=2, 128) elements
+    align = lambda n: -(-n // 64) * 64  # noqa: E731  parameter start: 64 elements
+    # stage 0 fills in reverse: layers, then the table alone; stage 1: the copy alone (appended
+    # last to the head, so first in reverse), then the head norm and the layers
+    # one layer in reverse registration order: b2 (32), w2 (32x64), b1 (64), w1 (64x32)
+    one_layer = align(align(align(32) + 32 * 64) + 64) + 64 * 32
+    two_layers = align(one_layer) + one_layer
+    assert sizes[0] == [4 * pad(two_layers), 4 * pad(v * h)]
+    assert sizes[1] == [4 * pad(v * h), 4 * pad(align(h) + two_layers)]
+
+
+# ---------------------------------------------------------------- DDP gradient dtype vs torch DDP
+def test_torch_ddp_all_reduces_grads_in_param_dtype() -> None:
+    # torch DDP's buckets hold param.grad in the parameter dtype (bf16 here); Megatron reduces its
+    # fp32 main_grad buffers: same buckets, twice the bytes
+    pytest.importorskip("torch")
+    from test_lower_assemble import rank_records, torch_records
+    from torchref import run_ddp
+
+    h, ffn, layers, cap_mb = 32, 48, 3, 0.004
+    ref = run_ddp({"world_size": 2, "hidden": h, "ffn": ffn, "layers": layers, "steps": 2,
+                   "bucket_cap_mb": cap_mb, "dtype": "bf16"})
+    cap = int(cap_mb * 2**20)
+    for style, elem in (("torch", 2), ("megatron", 4)):
+        plan = ParallelPlan.parse(dict(dp=2, dtype="bf16", global_batch=2, ddp_style=style, dp_bucket_bytes=cap))
+        programs, mesh = lowered(plan, layers, chain_block("dense", mlp_weights(h, ffn)))
+        for rank in range(2):
+            want = torch_records(ref, rank, {"step1.bwd"})  # steady state: rebuilt buckets
+            assert {r[2] for r in want} and all(r[0] == "all_reduce" for r in want)
+            ours = [r for r in rank_records(programs, mesh, rank) if r[0] == "all_reduce"]
+            if style == "torch":
+                assert ours == want
+            else:  # fp32 main grads: a bucket closes at the same byte cap, so at half the elements
+                assert sum(r[2] for r in ours) == sum(r[2] for r in want) * elem // 2
+    total = layers * (2 * h * ffn + ffn + h)
+    assert sum(r[2] for r in want) == 2 * total  # bf16: 2 B per gradient element

@@ -170,6 +170,14 @@ class _Context:
     units: dict[str, UnitComm] = field(default_factory=dict)
 
     @property
+    def shared_embedding(self) -> frozenset[str]:
+        """Names of Megatron's ``shared_embedding`` weights: the tied table and its last-stage copy
+        when the embedding and head sit on different stages (they get their own DP bucket)."""
+        if self.tied_copy is None:
+            return frozenset()
+        return frozenset({self.tied_copy.name, self.tied_copy.name.removesuffix(".tied_copy")})
+
+    @property
     def tag_tied(self) -> int:
         """Tag of the tied-embedding gradient exchange: above every pipeline and block tag."""
         return self.tag_base + self.microbatches * len(self.slot_block) * 3 * self.tag_stride
@@ -435,7 +443,8 @@ class _Stage:
                 if not entries:
                     continue
                 chain: list[int] = []
-                for b in make_buckets(entries, expert, plan, ctx.mesh, ctx.param_bytes, ctx.grad_bytes):
+                for b in make_buckets(entries, expert, plan, ctx.mesh, ctx.param_bytes, ctx.grad_bytes,
+                                      ctx.shared_embedding):
                     if b.reduce or b.gather:
                         self.buckets.setdefault(b.close_slot, []).append(b)
                         if b.gather:

@@ -127,14 +127,26 @@ def make_buckets(
     mesh: Mesh,
     param_bytes: int,
     grad_bytes: int,
+    own_bucket: frozenset[str] = frozenset(),
 ) -> list[Bucket]:
-    """Cut ``entries`` (slot, weight) in reduction order into buckets and size their collectives."""
+    """Cut ``entries`` (slot, weight) in reduction order into buckets and size their collectives.
+
+    Weights named in ``own_bucket`` get a bucket of their own under the distributed optimizer
+    (ZeRO-1/2): Megatron's ``_does_param_require_new_bucket`` does this for the
+    ``shared_embedding`` weights (tied embedding table on the first stage and its copy on the
+    last when ``pp > 1``) so both stages shard its optimizer state alike and the DP
+    reduce-scatter can precede the embedding all-reduce; the bucket being filled is closed first.
+    """
     first_cap, cap = bucket_caps(plan, grad_bytes)
     distopt = plan.zero in (1, 2)
     n = mesh.size(*shard_axes(plan, expert))
     buckets: list[Bucket] = []
     cur: Bucket | None = None
     for slot, w in entries:
+        alone = distopt and w.name in own_bucket
+        if alone and cur is not None and cur.numel:
+            buckets.append(cur)
+            cur = None
         if cur is None:
             cur = Bucket(expert, 0)
         if distopt and cur.numel:
@@ -144,7 +156,7 @@ def make_buckets(
             cur.slots.append(slot)
         cur.close_slot = slot
         limit = first_cap if not buckets and first_cap is not None else cap
-        if limit is not None and cur.numel * grad_bytes >= limit:
+        if alone or (limit is not None and cur.numel * grad_bytes >= limit):
             buckets.append(cur)
             cur = None
     if cur is not None:
