@@ -101,6 +101,28 @@ def test_overlapped_param_gather_waits_in_forward_pre_hook() -> None:
     assert waiting[0].layer == 0
 
 
+def test_overlapped_param_gather_hides_all_but_the_first_gather() -> None:
+    # every collective costs exactly C (NCCL-style fixed ring cost, infinite bandwidth); a layer's
+    # forward (8 s) is longer than C, so with overlap only the first bucket's gather is exposed:
+    # the step is (k - 1) * C shorter than gathering k buckets after the optimizer step
+    from tensorstage.sim import Machine
+    from tensorstage.sim.collectives import Fabric, Tier
+
+    c_s = 1.0
+    machine = Machine(unit_machine().compute, Fabric((Tier("all", 1 << 20, 1e30, 0.0),), ring_base_latency_s=c_s),
+                      1 << 60, 0.0, "bf16", "fixed-cost")
+    times, ks = [], []
+    for overlap in (False, True):
+        plan = ParallelPlan.parse(dict(dp=2, zero=1, global_batch=2, dp_bucket_bytes=4 * 4000,
+                                       overlap_param_gather=overlap))
+        programs, mesh = lowered(plan, 4, chain_block("dense", mlp_weights(32, 64), fwd_flops=8, bwd_i_flops=8,
+                                                      bwd_w_flops=8, opt_flops=1))
+        ks.append(sum(1 for x in programs[0].nodes if x.comm == CollKind.ALL_GATHER))
+        times.append(simulate(programs, mesh, machine).step_time_s)
+    assert ks[0] == ks[1] >= 3
+    assert times[0] - times[1] == pytest.approx((ks[0] - 1) * c_s)
+
+
 # ----------------------------------------------------------------------------- recompute memory
 def _dense_transient(recompute: str, tp: int, **opts: object) -> tuple[int, dict[str, BlockLowering]]:
     spec = ModelSpec(name="tiny", num_layers=2, hidden=64, num_heads=4, ffn=256, vocab=256)
