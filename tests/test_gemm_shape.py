@@ -127,7 +127,8 @@ def test_trace_carries_shapes_and_simulates_identically(tmp_path: Path, fuse: bo
     direct = simulate(low.programs, low.mesh, machine, tokens_per_step=low.tokens_per_step)
     traced = simulate(back.programs, back.mesh, machine, tokens_per_step=low.tokens_per_step)
     assert traced.step_time_s == pytest.approx(direct.step_time_s, rel=1e-12)
-    plain = simulate(low.programs, low.mesh, machine_from_system(system), tokens_per_step=low.tokens_per_step)
+    off = replace(machine, compute=replace(machine.compute, gemm_shapes=False))
+    plain = simulate(low.programs, low.mesh, off, tokens_per_step=low.tokens_per_step)
     assert direct.step_time_s > plain.step_time_s  # the shapes were used (small GEMMs are slower)
     # the ET files themselves carry the shapes of unfused matmul nodes ([b, m, n, k] int64 lists)
     src = {n.id: n.gemm for n in low.programs[0].nodes}
@@ -139,3 +140,44 @@ def test_trace_carries_shapes_and_simulates_identically(tmp_path: Path, fuse: bo
             assert tuple(a["gemm"].values) == src[n.id]
             seen += 1
     assert seen == sum(g is not None for g in src.values()) and (seen > 0) == (not fuse)
+
+
+# --- Megatron fused element-wise kernels (lower/megatron_fusion.py) -----------------------------------
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_megatron_fused_kernels_bytes_closed_form(sp: bool) -> None:
+    """bias-dropout-add = 7 bytes/element (read GEMM output 2 + residual 2, write sum 2 + mask 1),
+    bias-GeLU = 4 (read 2, write 2), LayerNorm weight+bias gradients in one pass = read dy and x
+    (4 bytes/element + the two fp32 vectors of h); FLOPs and communication unchanged."""
+    from tensorstage.graph import build_graph
+    from tensorstage.lower.blocks import lower_blocks
+
+    L, h, a, V, s, b, tp = 2, 256, 8, 1024, 128, 2, 2
+    spec = megatron_gpt(L, h, a, V, s)
+    plan = ParallelPlan(tp=tp, sp=sp, seq=s, micro_batch=b, global_batch=b)
+    base = dict(attention_impl="materialized", attention_flops="full", dropout=True, norm_stats=False,
+                recompute="full", precision="fp16")
+    plain, fused = (lower_blocks(build_graph(spec, "train", GraphOptions(**base, megatron_fusions=f)), plan)["dense"]
+                    for f in (False, True))
+    tokens = b * s // (tp if sp else 1)  # element-wise work runs on the sequence shard under SP
+    for chain in ("forward", "recompute"):
+        nodes = {n.name.replace(".recompute", "").replace(".bias_add", ""): n for n in getattr(fused, chain)}
+        assert nodes["attn.o_proj.bias_dropout_add"].tensor_bytes == 7 * tokens * h
+        assert nodes["mlp.down_proj.bias_dropout_add"].tensor_bytes == 7 * tokens * h
+        assert nodes["mlp.fc1.bias_gelu"].tensor_bytes == 4 * b * s * (4 * h // tp)
+        names = [n.name for n in getattr(fused, chain)]
+        i = names.index(next(x for x in names if x.endswith("o_proj.bias_add:" + ("reduce_scatter" if sp else
+                                                                                    "all_reduce"))))
+        assert names[i + 1].endswith("bias_dropout_add")  # the TP reduction runs before the fused kernel
+        # 3 + 3 + 2 kernels became 1 + 1 + 1
+        assert len(getattr(plain, chain)) - len(getattr(fused, chain)) == 5
+    bwd = {n.name: n for n in fused.backward}
+    for norm in ("input_norm", "post_attention_norm"):
+        assert bwd[f"{norm}.grad_w:{norm}.grad_weight_bias"].tensor_bytes == 4 * tokens * h + 4 * h
+    for chain in ("forward", "recompute", "backward"):
+        p, f = getattr(plain, chain), getattr(fused, chain)
+        assert sum(n.flops for n in p) == sum(n.flops for n in f)
+        assert sorted((n.comm, n.comm_bytes) for n in p if n.comm) == sorted((n.comm, n.comm_bytes) for n in f if n.comm)
+        for i, n in enumerate(f):  # dependencies stay inside the list and point backwards
+            assert n.deps is None or all(0 <= d < i for d in n.deps)

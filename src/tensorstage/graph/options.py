@@ -85,6 +85,9 @@ class GraphOptions:
     norm_stats: bool = True
     capacity_factor: float | None = None  # None = the spec's, or 1.0 (dropless)
     routing_skew: float = 1.0
+    # Megatron-LM's fused element-wise kernels (bias-dropout-add, bias-GeLU, apex LayerNorm backward),
+    # applied by the block lowering: tensorstage.lower.megatron_fusion
+    megatron_fusions: bool = False
 
     def validate(self) -> None:
         """Raise :class:`SpecError` naming the first bad field."""

@@ -74,6 +74,7 @@ from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, dtype_bytes
 from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Block, Op, Tensor
 from tensorstage.lower.chain import NodeList
+from tensorstage.lower.megatron_fusion import fuse_megatron_block
 from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.parallel.apply import ep_alltoall, vocab_parallel_cross_entropy
@@ -126,9 +127,14 @@ def lower_blocks(
     ``overlap_tp_comm``: dependencies let model-parallel collectives overlap independent compute as
     Megatron's async handles allow (see :mod:`tensorstage.lower.chain`); default False: they block
     the stream. The CP ring always overlaps its transfers with the attention chunks.
+    ``graph.options.megatron_fusions`` merges Megatron's fused element-wise kernels
+    (:mod:`tensorstage.lower.megatron_fusion`).
     """
     ctx = _Context.make(graph, plan, sp_regather, overlap_tp_comm)
-    return {name: _BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
+    out = {name: _BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
+    if graph.options.megatron_fusions:
+        out = {name: fuse_megatron_block(b) for name, b in out.items()}
+    return out
 
 
 # --- per-graph context ---------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ SPLIT_K_MIN = 256
 #: the shape ``DeviceSpec.matmul_efficiency`` is measured on (batch, m, n, k)
 REFERENCE_GEMM: Gemm = (1, 8192, 8192, 8192)
 #: whether :meth:`ComputeModel.from_device` turns the shape model on (docs/calibration.md, ablation)
-GEMM_SHAPE_MODEL_DEFAULT = False
+GEMM_SHAPE_MODEL_DEFAULT = True
 
 
 def tile_reuse(tm: int, tn: int) -> float:

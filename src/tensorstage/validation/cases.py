@@ -50,8 +50,11 @@ GROUP_MEMORY = "memory"
 GROUPS = (GROUP_T5, GROUP_TRAINING, GROUP_LAYER, GROUP_MEMORY)
 
 #: Graph conventions of Megatron-LM as used in Narayanan et al. 2021 and Korthikanti et al. 2022.
+#: Megatron's fused bias-dropout-add, bias-GeLU and apex LayerNorm kernels (lower/megatron_fusion.py):
+#: in Megatron-LM since 2020 (both papers' runs); see docs/calibration.md for the ablation
+MEGATRON_FUSIONS = True
 MEGATRON_2021_OPTIONS = dict(attention_impl="materialized", attention_flops="full", dropout=True,
-                             norm_stats=False)
+                             norm_stats=False, megatron_fusions=MEGATRON_FUSIONS)
 
 #: Settings a source leaves unstated, filled from that source's own launch script (per source).
 COMPLETIONS: dict[str, dict[str, Any]] = {
