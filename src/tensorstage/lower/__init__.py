@@ -9,6 +9,7 @@ the two halves.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from tensorstage.graph.graph import Graph, build_graph
@@ -46,6 +47,15 @@ def graph_options(plan: ParallelPlan, base: GraphOptions | None = None) -> Graph
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _graph(spec: ModelSpec, opts: GraphOptions) -> Graph:
+    """The symbolic graph, shared by lowerings of the same model and options: plans that differ only
+    in batch or schedule (a design-space sweep, the simulator's steady-state runs) reuse its
+    compiled cost functions instead of rebuilding and re-lambdifying them. Graphs are read-only
+    to the lowering, so sharing is safe."""
+    return build_graph(spec, opts.phase, opts)
+
+
 def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None, fuse: bool = False) -> Lowered:
     """Lower ``spec`` under ``plan`` to per-rank-class Programs (validates the plan first).
 
@@ -57,7 +67,7 @@ def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = No
 
     plan.validate_for(spec)
     opts = graph_options(plan, options)
-    graph = build_graph(spec, opts.phase, opts)
+    graph = _graph(spec, opts)
     blocks = lower_blocks(graph, plan)
     if fuse:
         from tensorstage.lower.fuse import fuse_blocks
