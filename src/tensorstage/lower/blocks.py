@@ -34,24 +34,20 @@ default, Megatron) one more backward all-gather of each column-parallel input fo
 gradient, which DTensor avoids by saving the gathered input (``sp_regather=False``).
 Vocab-parallel embedding: all-reduce (reduce-scatter with SP) of the Partial lookup; vocab-parallel
 cross-entropy: three fp32 all-reduces of b*s values (:func:`vocab_parallel_cross_entropy`); the LM
-head's input gradient is all-reduced (reduce-scattered with SP). MoE follows Megatron-core's
-alltoall dispatcher: a counts all-to-all (e int64) then the token all-to-all over ``("ep",)``
-(:func:`ep_alltoall`, sized by top-k, capacity factor and skew), then with TP an all-gather of
-the received rows over ``tp`` (SP) before the expert-TP matmuls and a reduce-scatter after them,
-then the combine all-to-all; backward mirrors it. Without SP (Megatron requires SP for MoE+TP) the
+head's input gradient is all-reduced (reduce-scattered with SP). MoE: with TP an all-gather of
+the received rows over ``tp`` (SP) before the expert-TP matmuls and a reduce-scatter after them
+(placement changes of the routed tensors); without SP (Megatron requires SP for MoE+TP) the
 tokens are replicated over TP and the expert outputs / input grads are all-reduced instead.
-With learned positions and SP the embedding follows Megatron's ``LanguageModelEmbedding``:
-all-reduce the lookup, add positions on the full sequence, scatter (a slice); backward all-gathers.
-The counts all-to-all follows torchtitan / tests/torchref (newer Megatron all-gathers the counts
-over tp x ep, and also moves one fp32 routing probability per row; both are a few KB).
-CP ``ring`` (Transformer Engine's ``AttnFuncWithCPAndKVP2P``): per attention forward ``cp - 1``
-SEND/RECV pairs of the local K/V block (one buffer) along ``cp`` (send +1, receive -1), interleaved
-with ``cp`` chunks of the core so transfers overlap compute; backward runs the ring the other way
-for ``cp`` steps (K/V, then K/V + dK/dV, finally dK/dV; see :meth:`_BlockLowerer._ring`). CP
-``allgather`` (TE's ``AttnFuncWithCPAndKVAllGather``): all-gather of K and of V over ``("cp",)``
-before the core; backward all-gathers them again (only the local chunk is saved) and
-reduce-scatters dK and dV. TE supports only the all-gather (or a2a) mode for sliding-window
-layers; ``ring`` on them is costed as for full attention over the window.
+
+Emission that follows one external protocol lives in its own module, called from :meth:`BlockLowerer._pass`
+at fixed points around each op (the order of the calls there is the order of the nodes):
+
+* :mod:`tensorstage.lower.context_parallel` — CP ``ring`` / ``allgather`` K/V exchange around the
+  attention core and the decode CP combine;
+* :mod:`tensorstage.lower.expert_parallel` — MoE counts / dispatch / combine all-to-alls over ``ep``;
+* :mod:`tensorstage.lower.embedding_sp` — Megatron's learned-position embedding under SP;
+* :mod:`tensorstage.lower.op_roles` — the op/tensor predicates (attention core, K/V, experts) the
+  three share with the costing here.
 
 Dependencies (:mod:`tensorstage.lower.chain`): by default each node waits for the one before it
 (TP collectives block the stream, as measured Megatron layer times behave);
@@ -64,7 +60,7 @@ follow Megatron (the SP shard of a column-parallel input, not DTensor's gathered
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from math import ceil, prod
 
 import numpy as np
@@ -74,10 +70,22 @@ from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, dtype_bytes
 from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Block, Op, Tensor
 from tensorstage.lower.chain import NodeList
+from tensorstage.lower.context_parallel import ContextParallelEmitter
+from tensorstage.lower.embedding_sp import LearnedPositionSP
+from tensorstage.lower.expert_parallel import ExpertParallelEmitter
 from tensorstage.lower.megatron_fusion import fuse_megatron_block
+from tensorstage.lower.op_roles import (
+    expert_side,
+    final_grad,
+    is_core,
+    is_expert_weight,
+    reads_kv,
+    to_int,
+    uses_experts,
+)
 from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
-from tensorstage.parallel.apply import ep_alltoall, vocab_parallel_cross_entropy
+from tensorstage.parallel.apply import vocab_parallel_cross_entropy
 from tensorstage.parallel.placement import (
     REPLICATE,
     Collective,
@@ -88,7 +96,7 @@ from tensorstage.parallel.placement import (
     redistribute,
 )
 from tensorstage.parallel.plan import ParallelPlan
-from tensorstage.schedule.program import CollKind, NodeKind
+from tensorstage.schedule.program import NodeKind
 
 #: dims tensor parallelism divides in the per-rank bindings (``v`` is handled with vocab padding)
 TP_SYMBOLS = ("nh", "nkv", "f", "fe", "fs")
@@ -131,7 +139,7 @@ def lower_blocks(
     (:mod:`tensorstage.lower.megatron_fusion`).
     """
     ctx = _Context.make(graph, plan, sp_regather, overlap_tp_comm)
-    out = {name: _BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
+    out = {name: BlockLowerer(ctx, name, blk).lower() for name, blk in graph.blocks().items()}
     if graph.options.megatron_fusions:
         out = {name: fuse_megatron_block(b) for name, b in out.items()}
     return out
@@ -212,32 +220,7 @@ class _Context:
 
 
 # --- per-block lowering --------------------------------------------------------------------------------
-def _is_core(op: Op) -> bool:
-    src = op.grad_of if op.grad_of is not None else op
-    return bool(op.attrs.get("attn_core") or src.attrs.get("attn_core"))
-
-
-def _is_expert_weight(t: Tensor) -> bool:
-    return t.role in ("weight", "weight_grad") and len(t.dims) >= 2 and t.dims[0] == "e"
-
-
-def _tensors(op: Op) -> tuple[Tensor, ...]:
-    return (*op.inputs, *op.outputs)
-
-
-def _expert_side(op: Op) -> bool:
-    """Op that runs on the expert side of the all-to-all (expert MLPs and their gradients)."""
-    for o in (op, op.grad_of):
-        if o is not None and any("fe" in t.dims or _is_expert_weight(t) for t in _tensors(o)):
-            return True
-    return False
-
-
-def _uses_experts(op: Op) -> bool:
-    return any("t" in t.dims or _is_expert_weight(t) for t in _tensors(op))
-
-
-class _BlockLowerer:
+class BlockLowerer:
     """Lowers one block: placements, per-op variant choice, node emission, memory facts."""
 
     def __init__(self, ctx: _Context, name: str, blk: Block) -> None:
@@ -254,9 +237,9 @@ class _BlockLowerer:
         self.costs = self._op_costs()
         self._sizes_cache: dict[tuple[int, int], dict[str, float]] = {}
         self.model_flops = 0.0
-        self.tag = 0
-        self.kv_parts = self._kv_parts_bytes()
-        self.kv_payload = sum(self.kv_parts)
+        self.cp_emit = ContextParallelEmitter(self)
+        self.ep_emit = ExpertParallelEmitter(self)
+        self.embedding_sp = LearnedPositionSP(self)
 
     # --- costs -----------------------------------------------------------------------------------
     def _op_costs(self) -> dict[str, np.ndarray]:
@@ -271,21 +254,21 @@ class _BlockLowerer:
         """(matrix flops, vector flops, bytes, load factor) of ``op`` on this rank."""
         c = self.ctx
         scale = 1.0
-        if _is_core(op) and c.phase != "decode":
+        if is_core(op) and c.phase != "decode":
             sd = 1
             scale = 1.0 / c.cp
         else:
             sd = c.cp * c.tp if seq_sharded else c.cp
-        ed = c.ep if _uses_experts(op) else 1
+        ed = c.ep if uses_experts(op) else 1
         j = self.variants.index((sd, ed))
         i = self.index[id(op)]
         co = self.costs
-        lf = c.load_factor if _expert_side(op) else 1.0
+        lf = c.load_factor if expert_side(op) else 1.0
         nbytes = co["bytes_read"][i, j] + co["bytes_written"][i, j]
         return co["flops"][i, j] * scale, co["vector_flops"][i, j] * scale, nbytes * scale, lf
 
     # --- sizes -----------------------------------------------------------------------------------
-    def _shape(self, t: Tensor) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    def shape(self, t: Tensor) -> tuple[tuple[int, ...], tuple[str, ...]]:
         """Shape of ``t`` over the TP group (local to CP/EP), routed ``e t`` merged into ``t``."""
         c = self.ctx
         sizes = c.full_s_sizes if ("s" in t.dims and "sk" in t.dims) else c.global_sizes
@@ -298,10 +281,10 @@ class _BlockLowerer:
         if "s" in t.dims and "sk" in t.dims and c.phase != "decode":
             i = dims.index("s")
             vals[i] = vals[i] / c.cp
-        return tuple(_int(v) for v in vals), tuple(dims)
+        return tuple(to_int(v) for v in vals), tuple(dims)
 
-    def _local_bytes(self, t: Tensor, p: Placement) -> int:
-        shape, dims = self._shape(t)
+    def local_bytes(self, t: Tensor, p: Placement) -> int:
+        shape, dims = self.shape(t)
         shape_l = list(shape)
         if isinstance(p, Shard) and p.dim in dims:
             i = dims.index(p.dim)
@@ -309,27 +292,11 @@ class _BlockLowerer:
         return prod(shape_l) * dtype_bytes(t.dtype)
 
     def _collectives(self, ch: Change) -> list[Collective]:
-        shape, dims = self._shape(ch.tensor)
+        shape, dims = self.shape(ch.tensor)
         pl = () if ch.src == REPLICATE else (("tp", ch.src),)
         layout = TensorLayout(shape, dtype_bytes(ch.tensor.dtype), pl, (("tp", self.ctx.tp),), dims)
         dst = {} if ch.dst == REPLICATE else {"tp": ch.dst}
         return redistribute(layout, dst)
-
-    def _kv_parts_bytes(self) -> list[int]:
-        """Local bytes of each K/V tensor the attention core reads (before GQA repetition; MLA:
-        the up-projected K and V): local sequence chunk, TP-local heads."""
-        core = [op for op in self.blk.forward if _is_core(op)]
-        produced = {id(t) for op in core for t in op.outputs}
-        kv: dict[int, Tensor] = {}
-        for op in core:
-            for t in op.inputs:
-                if any(d in t.dims for d in ("sk", "skw")) and id(t) not in produced and t.role != "weight":
-                    kv[id(t)] = t
-        parts = []
-        for t in kv.values():
-            head = next((d for d in ("nkv", "nh") if d in t.dims), None)
-            parts.append(self._local_bytes(t, Shard(head) if head else REPLICATE))
-        return parts
 
     # --- nodes -----------------------------------------------------------------------------------
     def _variant_sizes(self, sd: int, ed: int) -> dict[str, float]:
@@ -356,20 +323,20 @@ class _BlockLowerer:
             return None
         da, db, dc = set(operands[0].split()), set(operands[1].split()), set(out.split())
         c = self.ctx
-        core = _is_core(op) and c.phase != "decode"
+        core = is_core(op) and c.phase != "decode"
         sd = 1 if core else (c.cp * c.tp if seq_sharded else c.cp)
-        ed = c.ep if _uses_experts(op) else 1
+        ed = c.ep if uses_experts(op) else 1
         sizes = self._variant_sizes(sd, ed)
 
         def size(dims: set[str]) -> int:
             v = 1.0
             for d in dims:
                 v *= sizes[d] / (c.cp if core and d == "s" else 1)
-            return max(1, _int(v))
+            return max(1, to_int(v))
 
         return (size(da & db & dc), size((da & dc) - db), size((db & dc) - da), size((da & db) - dc))
 
-    def _comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
+    def comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
             self.model_flops += mf
@@ -379,12 +346,12 @@ class _BlockLowerer:
             NodeKind.COMP,
             category,
             label,
-            flops=_int((mf + vf) * lf / parts),
-            tensor_bytes=_int(nb * lf / parts),
+            flops=to_int((mf + vf) * lf / parts),
+            tensor_bytes=to_int(nb * lf / parts),
             gemm=self._gemm(op, placed.seq_sharded) if parts == 1 else None,
         )
 
-    def _coll(self, name: str, coll: Collective, category: str) -> StepNode:
+    def coll(self, name: str, coll: Collective, category: str) -> StepNode:
         return StepNode(
             f"{name}:{coll.kind.name.lower()}",
             NodeKind.COLL,
@@ -395,79 +362,10 @@ class _BlockLowerer:
             axes=coll.axes,
         )
 
-    def _changes(self, nl: NodeList, changes: list[Change], category: str) -> None:
+    def changes(self, nl: NodeList, changes: list[Change], category: str) -> None:
         for ch in changes:
             for coll in self._collectives(ch):
-                nl.comm(self._coll(ch.tensor.name, coll, category), ch.tensor)
-
-    def _next_tag(self) -> int:
-        self.tag += 1
-        return self.tag
-
-    def _p2p_pair(
-        self,
-        nl: NodeList,
-        name: str,
-        nbytes: int,
-        category: str,
-        deps: set[int | None],
-        direction: int = 1,
-    ) -> int:
-        """Append a SEND (to ``+direction``) / RECV (from ``-direction``) pair along ``cp``; returns
-        the RECV's index."""
-        tag = self._next_tag()
-        out = -1
-        for kind, off in ((NodeKind.SEND, direction), (NodeKind.RECV, -direction)):
-            node = StepNode(
-                f"{name}:{kind.name.lower()}",
-                kind,
-                category,
-                "comm",
-                comm_bytes=nbytes,
-                peer_axis="cp",
-                peer_offset=off,
-                tag=tag,
-            )
-            out = nl.add(node, deps)
-        return out
-
-    def _ring(self, nl: NodeList, op: Op, placed: Placed, category: str, backward: bool) -> None:
-        """The core op split in ``cp`` chunks with the ring transfers interleaved (Transformer
-        Engine's ``AttnFuncWithCPAndKVP2P``): the transfer of step i is in flight while chunk i
-        computes; chunk i waits for the transfer of step i-1.
-
-        Forward: ``cp - 1`` K/V blocks, sent to ``+1``, received from ``-1``. Backward runs the ring
-        the other way (send ``-1``, receive ``+1``) for ``cp`` steps: step 0 sends K/V, steps
-        1..cp-2 send K/V together with the dK/dV accumulated so far (one message, twice the
-        bytes), the last step sends dK/dV only; the last received dK/dV is added after the last
-        chunk (``dkv_update``).
-        """
-        cp = self.ctx.cp
-        node = self._comp(op, placed, category, parts=cp)
-        uses = nl.entry(op)
-        steps = cp if backward else cp - 1
-        chunk = -1
-        for i in range(cp):
-            recv = None
-            if i < steps:
-                nbytes = self.kv_payload * (2 if backward and 0 < i < cp - 1 else 1)
-                name = f"{op.name}.{'dkv' if backward and i == cp - 1 else 'kv'}{i}"
-                recv = self._p2p_pair(nl, name, nbytes, category, uses, -1 if backward else 1)
-            chunk = nl.add(replace(node, name=f"{op.name}.chunk{i}"), uses)
-            nl.stream(chunk)
-            uses = {chunk, recv}
-        if backward and cp > 1:
-            numel = self.kv_payload // max(self.ctx.act_bytes, 1)
-            update = StepNode(
-                f"{op.name}.dkv_update",
-                NodeKind.COMP,
-                category,
-                "elementwise",
-                flops=numel,
-                tensor_bytes=3 * self.kv_payload,
-            )
-            chunk = nl.add(update, uses)
-        nl.stream(chunk, op.outputs)
+                nl.comm(self.coll(ch.tensor.name, coll, category), ch.tensor)
 
     def _pass(self, ops: list[Op], backward: bool) -> NodeList:
         c = self.ctx
@@ -476,8 +374,8 @@ class _BlockLowerer:
         core_ops = [
             op
             for op in ops
-            if _is_core(op)
-            and any(_reads_kv(t) for t in op.inputs)
+            if is_core(op)
+            and any(reads_kv(t) for t in op.inputs)
             and not any(t.role == "weight_grad" for t in op.outputs)
         ]
         first_core = core_ops[0] if core_ops else None
@@ -490,37 +388,32 @@ class _BlockLowerer:
         ringed = c.plan.cp_mode == "ring" and split_core
         for op in ops:
             if backward:
-                self._embedding_grad_gather(nl, op)
+                self.embedding_sp.grad_gather(nl, op)
                 self._prefetch_regather(nl, op)
             placed = self.prop.run(op)
             cat = op.category
-            self._changes(nl, placed.changes, cat)
-            if op.kind == "combine" and c.ep > 1:
-                nl.comm(self._coll(f"{op.name}.a2a", self._a2a()[1], cat), op.inputs[0])
-            if op.kind == "dispatch" and c.ep > 1 and not backward:
-                counts = Collective.make(CollKind.ALL_TO_ALL, ("ep",), self._experts() * 8, c.ep)
-                nl.comm(self._coll(f"{op.name}.counts", counts, cat))
+            self.changes(nl, placed.changes, cat)
+            self.ep_emit.before(nl, op, cat, backward)
             ce = op.kind == "cross_entropy" and op.category == "fwd" and c.tp > 1
-            ce_colls = vocab_parallel_cross_entropy(self._tokens(), c.tp) if ce else []
+            ce_colls = vocab_parallel_cross_entropy(self.tokens(), c.tp) if ce else []
             if ce_colls:
-                nl.comm(self._coll(f"{op.name}.max", ce_colls[0], cat), op.inputs[0])
+                nl.comm(self.coll(f"{op.name}.max", ce_colls[0], cat), op.inputs[0])
             cp_core = c.cp > 1 and c.phase != "decode" and op is first_core
             if cp_core and ringed:
-                self._ring(nl, op, placed, cat, backward)
+                self.cp_emit.ring(nl, op, placed, cat, backward)
             else:
                 if cp_core:
-                    self._cp_before(nl, op, cat, backward)
-                nl.comp(self._comp(op, placed, cat), op)
+                    self.cp_emit.before(nl, op, cat, backward)
+                nl.comp(self.comp(op, placed, cat), op)
             if c.cp > 1 and c.phase != "decode" and op is last_core and not ringed:
-                self._cp_after(nl, op, cat, backward)
+                self.cp_emit.after(nl, op, cat, backward)
             for i, coll in enumerate(ce_colls[1:]):
-                nl.comm(self._coll(f"{op.name}.sum{i}", coll, cat), op.outputs[0])
-            if op.kind == "dispatch" and c.ep > 1:
-                nl.comm(self._coll(f"{op.name}.a2a", self._a2a()[0], cat), op.outputs[0])
+                nl.comm(self.coll(f"{op.name}.sum{i}", coll, cat), op.outputs[0])
+            self.ep_emit.after(nl, op, cat)
             if op is decode_last_kv and c.cp > 1:
-                self._decode_combine(nl, op, placed, cat)
+                self.cp_emit.decode_combine(nl, op, placed, cat)
             if not backward:
-                self._embedding_reduce(nl, op, cat)
+                self.embedding_sp.reduce(nl, op, cat)
         return nl
 
     def _prefetch_regather(self, nl: NodeList, op: Op) -> None:
@@ -537,113 +430,13 @@ class _BlockLowerer:
             return
         changes: list[Change] = []
         self.prop.need(x, REPLICATE, changes)
-        self._changes(nl, changes, "bwd_weight")
+        self.changes(nl, changes, "bwd_weight")
 
-    # Megatron's LanguageModelEmbedding with learned positions under SP: the vocab-parallel lookup is
-    # all-reduced (not reduce-scattered), positions are added on the full sequence and the sum is
-    # scattered (sliced) into the SP region; backward all-gathers the gradient before the add, so
-    # the position table's gradient is complete on every TP rank.
-    def _learned_pos_sp(self) -> tuple[Op, Op] | None:
-        if not (self.ctx.sp and self.name == "embedding" and self.ctx.graph.spec.positions == "learned"):
-            return None
-        fwd = self.blk.forward
-        tok = next((op for op in fwd if op.kind == "gather" and "v" in op.inputs[0].dims), None)
-        if tok is None:
-            return None
-        add = next((op for op in fwd if op.kind == "add" and tok.outputs[0] in op.inputs), None)
-        return (tok, add) if add is not None else None
-
-    def _embedding_reduce(self, nl: NodeList, op: Op, cat: str) -> None:
-        hook = self._learned_pos_sp()
-        if hook is None:
-            return
-        tok, add = hook
-        if op is tok:
-            y = op.outputs[0]
-            changes: list[Change] = []
-            self.prop.need(y, REPLICATE, changes)
-            self._changes(nl, changes, cat)
-            self.prop.set(y, REPLICATE)
-        elif op is add:
-            self.prop.set(op.outputs[0], self.prop.home(op.outputs[0]))  # scatter: a free slice
-
-    def _embedding_grad_gather(self, nl: NodeList, op: Op) -> None:
-        hook = self._learned_pos_sp()
-        if hook is None:
-            return
-        grad_name = f"{hook[1].outputs[0].name}.grad"
-        for t in op.inputs:
-            if t.name == grad_name and self.prop.get(t) != REPLICATE:
-                changes: list[Change] = []
-                self.prop.need(t, REPLICATE, changes)
-                self._changes(nl, changes, op.category)
-                self.prop.set(t, REPLICATE)
-
-    def _cp_before(self, nl: NodeList, op: Op, cat: str, backward: bool) -> None:
-        """CP exchange before a core that is not split in chunks (ring) or all-gather mode."""
-        c = self.ctx
-        if c.plan.cp_mode == "ring":
-            steps = c.cp if backward else c.cp - 1
-            deps = nl.entry(op)
-            recvs = []
-            for i in range(steps):
-                nbytes = self.kv_payload * (2 if backward and 0 < i < c.cp - 1 else 1)
-                recv = self._p2p_pair(nl, f"{op.name}.kv{i}", nbytes, cat, deps, -1 if backward else 1)
-                recvs.append(recv)
-                deps = {recv}
-            nl.pending.extend(recvs)
-            return
-        # TE's AttnFuncWithCPAndKVAllGather gathers K and V separately, again in backward
-        kv = [t for t in op.inputs if _reads_kv(t)]
-        for i, part in enumerate(self.kv_parts):
-            ag = Collective.make(CollKind.ALL_GATHER, ("cp",), part, c.cp)
-            nl.comm(
-                self._coll(f"{op.name}.{'kv'[i] if i < 2 else i}", ag, cat), kv[i] if i < len(kv) else None
-            )
-
-    def _cp_after(self, nl: NodeList, op: Op, cat: str, backward: bool) -> None:
-        """All-gather mode backward: reduce-scatter dK and dV (full-sequence gradients)."""
-        c = self.ctx
-        if not backward or c.plan.cp_mode == "ring":
-            return
-        grads = [t for t in op.outputs if _reads_kv(t)]
-        for i, part in enumerate(self.kv_parts):
-            rs = Collective.make(CollKind.REDUCE_SCATTER, ("cp",), part * c.cp, c.cp)
-            node = self._coll(f"{op.name}.d{'kv'[i] if i < 2 else i}", rs, cat)
-            nl.comm(node, grads[i] if i < len(grads) else op.outputs[0])
-
-    def _decode_combine(self, nl: NodeList, op: Op, placed: Placed, cat: str) -> None:
-        """Decode with CP: all-gather each rank's partial attention output and fp32 log-sum-exp."""
-        out = op.outputs[0]
-        p = placed.outputs[0]
-        nbytes = self._local_bytes(out, p)
-        shape, dims = self._shape(out)
-        per_row = shape[-1]
-        rows = prod(shape) // max(per_row, 1)
-        if isinstance(p, Shard) and p.dim in dims:
-            rows = ceil(rows / self.ctx.tp)
-        nbytes += rows * 4
-        ag = Collective.make(CollKind.ALL_GATHER, ("cp",), nbytes, self.ctx.cp)
-        nl.comm(self._coll(f"{op.name}.cp_combine", ag, cat), out)
-
-    def _tokens(self) -> int:
+    def tokens(self) -> int:
         """Tokens of one micro-batch on this rank's CP shard (full TP group)."""
         c = self.ctx
         s = 1 if c.phase == "decode" else c.plan.seq // c.cp
         return c.plan.micro_batch * s
-
-    def _experts(self) -> int:
-        return self.ctx.graph.spec.moe.num_experts if self.ctx.graph.spec.moe else 1
-
-    def _a2a(self) -> list[Collective]:
-        c = self.ctx
-        moe = c.graph.spec.moe
-        assert moe is not None
-        tokens = self._tokens() // (c.tp if c.sp else 1)
-        cf = None if c.dropless else float(c.graph.bindings["cf"])
-        return ep_alltoall(
-            tokens, c.graph.spec.hidden, moe.top_k, c.act_bytes, c.ep, cf, c.graph.options.routing_skew
-        )
 
     # --- the block -------------------------------------------------------------------------------
     def lower(self) -> BlockLowering:
@@ -658,7 +451,7 @@ class _BlockLowerer:
             target = prop.home(o) if seq_dim(o) is not None and not is_head(prop.get(o)) else prop.get(o)
             changes: list[Change] = []
             prop.need(o, target, changes)
-            self._changes(fwd, changes, "fwd")
+            self.changes(fwd, changes, "fwd")
             outputs_home.append((o, target))
         recompute: list[StepNode] = []
         if blk.recompute:
@@ -669,16 +462,16 @@ class _BlockLowerer:
         prop.backward_view(c.sp_regather)
         bwd = self._pass(blk.backward, backward=True)
         for x in blk.inputs:
-            g = _final_grad(blk, x)
+            g = final_grad(blk, x)
             if g is not None:
                 changes = []
                 prop.need(g, prop.home(x), changes)
-                self._changes(bwd, changes, "bwd_input")
+                self.changes(bwd, changes, "bwd_input")
         forward, backward = _tail_last(fwd), _tail_last(bwd)
         weights = [self._local_weight(w) for w in blk.weights]
         optimizer = [self._optimizer_node(op) for op in blk.optimizer]
         saved = sum(self._saved_bytes(t) for t in blk.saved if t.role != "weight")
-        out_bytes = sum(self._local_bytes(o, p) for o, p in outputs_home)
+        out_bytes = sum(self.local_bytes(o, p) for o, p in outputs_home)
         extra: dict[str, object] = {
             "tp_partial_grad_bytes": self._partial_grad_bytes(),
             "sp": c.sp,
@@ -693,20 +486,20 @@ class _BlockLowerer:
             weights=weights,
             saved_bytes=saved,
             output_bytes=out_bytes,
-            model_flops=_int(self.model_flops),
+            model_flops=to_int(self.model_flops),
             kv_cache_bytes=self._kv_cache_bytes(),
             extra=extra,
         )
 
     def _saved_bytes(self, t: Tensor) -> int:
-        return self._local_bytes(t, self.prop.get(t))
+        return self.local_bytes(t, self.prop.get(t))
 
     def _local_weight(self, w: Tensor) -> LocalWeight:
         p = self.prop.get(w)
-        expert = _is_expert_weight(w)
+        expert = is_expert_weight(w)
         n = 1
         for d in w.dims:
-            v = _int(self.ctx.global_sizes[d])
+            v = to_int(self.ctx.global_sizes[d])
             if isinstance(p, Shard) and p.dim == d:
                 v = ceil(v / self.ctx.tp)
             if expert and d == "e":
@@ -717,14 +510,14 @@ class _BlockLowerer:
     def _optimizer_node(self, op: Op) -> StepNode:
         wname = op.attrs.get("weight")
         w = next((t for t in self.blk.weights if t.name == wname), None)
-        ed = self.ctx.ep if (w is not None and _is_expert_weight(w)) else 1
+        ed = self.ctx.ep if (w is not None and is_expert_weight(w)) else 1
         j = self.variants.index((self.ctx.cp, ed))
         i = self.index[id(op)]
         co = self.costs
         flops = co["flops"][i, j] + co["vector_flops"][i, j]
         nbytes = co["bytes_read"][i, j] + co["bytes_written"][i, j]
         return StepNode(
-            op.name, NodeKind.COMP, "optimizer", "optimizer", flops=_int(flops), tensor_bytes=_int(nbytes)
+            op.name, NodeKind.COMP, "optimizer", "optimizer", flops=to_int(flops), tensor_bytes=to_int(nbytes)
         )
 
     def _partial_grad_bytes(self) -> int:
@@ -732,9 +525,9 @@ class _BlockLowerer:
         Megatron all-reduces them over TP once per step (``finalize_model_grads``)."""
         total = 0
         for w in self.blk.weights:
-            g = _final_grad(self.blk, w)
+            g = final_grad(self.blk, w)
             if g is not None and isinstance(self.prop.get(g), Partial) and self.ctx.tp > 1:
-                total += self._local_bytes(g, REPLICATE)
+                total += self.local_bytes(g, REPLICATE)
         return total
 
     def _kv_cache_bytes(self) -> int:
@@ -744,7 +537,7 @@ class _BlockLowerer:
         per_token = 0
         for t in self.blk.kv_cache:
             head = next((d for d in ("nkv", "nh") if d in t.dims), None)
-            per_token += self._local_bytes(t, Shard(head) if head else REPLICATE)
+            per_token += self.local_bytes(t, Shard(head) if head else REPLICATE)
         b = c.plan.micro_batch
         if c.phase == "prefill":
             return b * (c.plan.seq // c.cp) * per_token
@@ -752,11 +545,6 @@ class _BlockLowerer:
         if self.name.endswith("_swa") and c.graph.spec.sliding_window:
             tokens = min(tokens, c.graph.spec.sliding_window)
         return b * ceil(tokens / c.cp) * per_token
-
-
-def _reads_kv(t: Tensor) -> bool:
-    """Keys/values (or their gradients) on the key axis."""
-    return "sk" in t.dims or "skw" in t.dims
 
 
 def _tail_last(nl: NodeList) -> list[StepNode]:
@@ -783,22 +571,6 @@ def _tail_last(nl: NodeList) -> list[StepNode]:
     join = StepNode(f"{last.name}.join", NodeKind.COMP, last.category, "elementwise")
     nl.add(join, [len(nodes) - 1, *loose])
     return nl.nodes
-
-
-def _final_grad(blk: Block, x: Tensor) -> Tensor | None:
-    """The last gradient tensor of ``x`` the block's backward produces (after accumulation)."""
-    out = None
-    prefix = f"{x.name}.grad"
-    for op in blk.backward:
-        for t in op.outputs:
-            if t.name == prefix or t.name.startswith(prefix + "_acc") or t.name == f"{x.name}.grad_acc":
-                out = t
-    return out
-
-
-def _int(x: float) -> int:
-    """Round a cost to an integer (costs are exact up to float noise or causal halves)."""
-    return int(round(float(x)))
 
 
 __all__ = ["lower_blocks"]

@@ -69,7 +69,7 @@ def recompute_transient_bytes(graph: Graph, plan: ParallelPlan,
 
         if ctx is None:
             ctx = block_lowering._Context.make(graph, plan, True)
-        lowerer = block_lowering._BlockLowerer(ctx, name, blk)
+        lowerer = block_lowering.BlockLowerer(ctx, name, blk)
         lowerer.lower()
         out[name] = sum(lowerer._saved_bytes(t) for t in tensors)
     return out

@@ -1,0 +1,69 @@
+"""Expert-parallel emission for block lowering: MoE token dispatch and combine over ``ep``.
+
+Follows Megatron-core's alltoall token dispatcher, so the MoE communication protocol lives in
+one place apart from the per-op costing in :mod:`.blocks`:
+
+* forward, at the ``dispatch`` op: a counts all-to-all (``e`` int64 per rank) before it, then
+  the token all-to-all over ``("ep",)`` after it (:func:`~tensorstage.parallel.apply.ep_alltoall`,
+  sized by top-k, capacity factor and routing skew);
+* at the ``combine`` op (forward and backward): the combine all-to-all before it; backward's
+  dispatch gradient is the token all-to-all again (no counts: the split sizes are known).
+
+The TP all-gather of the received rows before the expert-TP matmuls and the reduce-scatter after
+them (all-reduces without SP; Megatron requires SP for MoE+TP) are not emitted here: they are
+placement changes of the routed tensors that :mod:`.propagate` reports like any other TP change.
+The counts all-to-all follows torchtitan / tests/torchref (newer Megatron all-gathers the counts
+over tp x ep, and also moves one fp32 routing probability per row; both are a few KB).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tensorstage.graph.ir import Op
+from tensorstage.lower.chain import NodeList
+from tensorstage.parallel.apply import ep_alltoall
+from tensorstage.parallel.placement import Collective
+from tensorstage.schedule.program import CollKind
+
+if TYPE_CHECKING:
+    from tensorstage.lower.blocks import BlockLowerer
+
+
+class ExpertParallelEmitter:
+    """EP all-to-alls of one block's passes (a no-op with ``ep == 1``)."""
+
+    def __init__(self, lw: BlockLowerer) -> None:
+        self.lw = lw
+
+    def before(self, nl: NodeList, op: Op, cat: str, backward: bool) -> None:
+        """Combine all-to-all before ``combine``; counts all-to-all before a forward ``dispatch``."""
+        c = self.lw.ctx
+        if op.kind == "combine" and c.ep > 1:
+            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[1], cat), op.inputs[0])
+        if op.kind == "dispatch" and c.ep > 1 and not backward:
+            counts = Collective.make(CollKind.ALL_TO_ALL, ("ep",), self._experts() * 8, c.ep)
+            nl.comm(self.lw.coll(f"{op.name}.counts", counts, cat))
+
+    def after(self, nl: NodeList, op: Op, cat: str) -> None:
+        """Token all-to-all after ``dispatch`` (forward) or its gradient (backward)."""
+        if op.kind == "dispatch" and self.lw.ctx.ep > 1:
+            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[0], cat), op.outputs[0])
+
+    def _experts(self) -> int:
+        spec = self.lw.ctx.graph.spec
+        return spec.moe.num_experts if spec.moe else 1
+
+    def _a2a(self) -> list[Collective]:
+        """(dispatch, combine) all-to-alls of this rank's tokens (SP: its TP shard of them)."""
+        c = self.lw.ctx
+        moe = c.graph.spec.moe
+        assert moe is not None
+        tokens = self.lw.tokens() // (c.tp if c.sp else 1)
+        cf = None if c.dropless else float(c.graph.bindings["cf"])
+        return ep_alltoall(
+            tokens, c.graph.spec.hidden, moe.top_k, c.act_bytes, c.ep, cf, c.graph.options.routing_skew
+        )
+
+
+__all__ = ["ExpertParallelEmitter"]
