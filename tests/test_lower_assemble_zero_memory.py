@@ -129,7 +129,7 @@ def _dense_transient(recompute: str, tp: int, **opts: object) -> tuple[int, dict
     plan = ParallelPlan.parse(dict(tp=tp, seq=32, micro_batch=2, recompute=recompute))
     graph = build_graph(spec, "train", graph_options(plan, GraphOptions(**opts)))
     blocks = lower_blocks(graph, plan)
-    return recompute_transient_bytes(graph, plan, blocks)["dense"], blocks
+    return recompute_transient_bytes(blocks)["dense"], blocks
 
 
 @pytest.mark.parametrize("tp", [1, 2])

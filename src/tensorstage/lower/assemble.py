@@ -247,7 +247,7 @@ def _build_context(graph: Graph, plan: ParallelPlan, blocks: dict[str, BlockLowe
         table = next((w for w in blocks["embedding"].weights if "v" in w.dims), None)
         if table is not None and not head_has_table:
             tied_copy = LocalWeight(f"{table.name}.tied_copy", table.dims, table.numel, table.expert, table.shape)
-    rec_bytes = recompute_transient_bytes(graph, plan, {n: blocks[n] for n in prepared}) if train else {}
+    rec_bytes = recompute_transient_bytes({n: blocks[n] for n in prepared}) if train else {}
     return _Context(graph, plan, mesh, prepared, slot_block, stage_slots, comms, train, m,
                     tag_base=2 * m * stages, tag_stride=max_tag + 1, param_bytes=param_bytes,
                     grad_bytes=grad_bytes, tied_copy=tied_copy, recompute_bytes=rec_bytes)

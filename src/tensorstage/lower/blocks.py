@@ -84,6 +84,8 @@ from tensorstage.lower.op_roles import (
     uses_experts,
 )
 from tensorstage.lower.propagate import Change, Placed, Propagator, is_head, is_seq, seq_dim
+from tensorstage.lower.recompute_memory import EXTRA_KEY as RECOMPUTE_BYTES_KEY
+from tensorstage.lower.recompute_memory import recomputed_saved
 from tensorstage.lower.steps import BlockLowering, LocalWeight, StepNode
 from tensorstage.parallel.apply import vocab_parallel_cross_entropy
 from tensorstage.parallel.placement import (
@@ -474,6 +476,7 @@ class BlockLowerer:
         out_bytes = sum(self.local_bytes(o, p) for o, p in outputs_home)
         extra: dict[str, object] = {
             "tp_partial_grad_bytes": self._partial_grad_bytes(),
+            RECOMPUTE_BYTES_KEY: sum(self._saved_bytes(t) for t in recomputed_saved(blk)),
             "sp": c.sp,
             "sp_regather": c.sp_regather,
         }

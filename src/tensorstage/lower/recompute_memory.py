@@ -9,21 +9,18 @@ with ``selective``. :mod:`.assemble` allocates these bytes on the layer's first 
 and frees them with the saved activations on its last backward node.
 
 Per block the bytes are the local (per-rank) sizes of the tensors that the re-run forward ops
-save for their backward and that the block does not keep anyway. The preferred source is block lowering
-itself (``BlockLowering.extra["recompute_bytes"]``); when a lowering does not report it, it is
-derived here by running block lowering's placement propagation once more for the block (a few
-tens of milliseconds per layer kind) and measuring those tensors with the same local-size rule
-block lowering uses for ``saved_bytes``.
+save for their backward and that the block does not keep anyway (:func:`recomputed_saved`).
+Block lowering measures them with its own placements, the same local-size rule as
+``saved_bytes``, and reports them as ``BlockLowering.extra["recompute_bytes"]``: only it knows
+the final placement of each tensor, so measuring here would mean lowering the block again.
 """
 
 from __future__ import annotations
 
-from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Block, Tensor
 from tensorstage.lower.steps import BlockLowering
-from tensorstage.parallel.plan import ParallelPlan
 
-#: ``BlockLowering.extra`` key block lowering may set to report the transient bytes directly.
+#: ``BlockLowering.extra`` key under which block lowering reports the transient bytes.
 EXTRA_KEY = "recompute_bytes"
 
 
@@ -43,35 +40,16 @@ def recomputed_saved(blk: Block) -> list[Tensor]:
     return list(out.values())
 
 
-def recompute_transient_bytes(graph: Graph, plan: ParallelPlan,
-                              blocks: dict[str, BlockLowering]) -> dict[str, int]:
+def recompute_transient_bytes(blocks: dict[str, BlockLowering]) -> dict[str, int]:
     """Per block name: bytes a recompute pass makes live on one rank until the block's backward ends.
 
-    Blocks without recompute nodes get 0. Uses ``extra["recompute_bytes"]`` where block lowering
-    reports it, else measures :func:`recomputed_saved` with block lowering's placements.
+    Blocks without recompute nodes get 0, as do lowerings that do not report
+    ``extra["recompute_bytes"]`` (hand-built ones in tests).
     """
     out: dict[str, int] = {}
-    ctx = None
     for name, low in blocks.items():
-        if not low.recompute:
-            out[name] = 0
-            continue
-        reported = low.extra.get(EXTRA_KEY)
-        if reported is not None:
-            out[name] = int(reported)  # type: ignore[call-overload]
-            continue
-        blk = graph.blocks().get(name)
-        tensors = recomputed_saved(blk) if blk is not None else []
-        if not tensors:
-            out[name] = 0
-            continue
-        from tensorstage.lower import blocks as block_lowering  # placement propagation lives there
-
-        if ctx is None:
-            ctx = block_lowering._Context.make(graph, plan, True)
-        lowerer = block_lowering.BlockLowerer(ctx, name, blk)
-        lowerer.lower()
-        out[name] = sum(lowerer._saved_bytes(t) for t in tensors)
+        reported = low.extra.get(EXTRA_KEY) if low.recompute else None
+        out[name] = int(reported) if reported is not None else 0  # type: ignore[call-overload]
     return out
 
 
