@@ -61,7 +61,7 @@ from tensorstage.parallel.mesh import Mesh
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.microbatch import assign_layers
 from tensorstage.schedule.pipeline import Action, Kind, StepComm, p2p_plan, pipeline_order
-from tensorstage.schedule.program import NodeKind, Program
+from tensorstage.schedule.program import Node, NodeKind, Program
 
 LIST_FWD, LIST_REC, LIST_BWD = 0, 1, 2
 
@@ -246,7 +246,10 @@ class StageBuilder:
         split backward) becomes a dependency on the previous emitted node (order only).
         """
         last = None
-        add = self.p.add
+        nodes = self.p.nodes
+        p2p = (NodeKind.SEND, NodeKind.RECV)
+        # Hot loop of the lowering (one iteration per emitted node): positional Node construction and
+        # a direct append are ~2x faster than Program.add(**kwargs); ids stay dense.
         for n, j in enumerate(idx):
             s = steps[j]
             dd = []
@@ -257,18 +260,18 @@ class StageBuilder:
                         dd.append(last)
                 else:
                     dd.append(g)
-            data = tuple(dict.fromkeys(dd)) if dd else entry
-            tag = s.tag + tag_off if s.kind in (NodeKind.SEND, NodeKind.RECV) else 0
+            data = (tuple(dict.fromkeys(dd)) if len(dd) > 1 else tuple(dd)) if dd else entry
+            tag = s.tag + tag_off if s.kind in p2p else 0
             flops, tbytes = s.flops, s.tensor_bytes
             if scale > 1:
                 flops, tbytes = -(-flops // scale), -(-tbytes // scale)
             cd = tuple(c for c in ctrl if c not in data) if n == 0 else ()
-            node = add(prefix + s.name, s.kind, data_deps=data, ctrl_deps=cd, flops=flops,
-                       tensor_bytes=tbytes, comm=s.comm, comm_bytes=s.comm_bytes, axes=s.axes,
-                       peer_axis=s.peer_axis, peer_offset=s.peer_offset, tag=tag, category=s.category, op=s.op,
-                       layer=layer, microbatch=mb, chunk=chunk, gemm=s.gemm)
-            idmap[j] = node.id
-            last = node.id
+            nid = len(nodes)
+            nodes.append(Node(nid, prefix + s.name, s.kind, data, cd, flops, tbytes, s.comm, s.comm_bytes,
+                              s.axes, s.peer_axis, s.peer_offset, tag, s.category, s.op, layer, mb, chunk,
+                              0, 0, s.gemm))
+            idmap[j] = nid
+            last = nid
         return last
 
     def _tag_off(self, mb: int, slot: int, which: int) -> int:
