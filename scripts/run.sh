@@ -6,5 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q -e . >/dev/null
+# Quiet install; show pip's output only if it fails.
+if ! log=$(.venv/bin/python -m pip install -q -e . 2>&1); then
+    printf '%s\n' "$log" >&2
+    exit 1
+fi
 exec .venv/bin/tensorstage run "$@"
