@@ -112,11 +112,15 @@ def register(app: typer.Typer) -> None:
                                    help=f"Chakra output: {'|'.join(TRACE_MODES)} (auto: per-rank up to "
                                         f"{PER_RANK_TRACE_LIMIT} ranks, else one file per class)."),
         workers: int = typer.Option(1, "--workers", help="Processes writing trace files."),
+        as_json: bool = typer.Option(False, "--json", help="Print result.json (the simulate --json result)."),
     ) -> None:
         """Main job: lower MODEL, write Chakra traces, simulate a step and write a report with plots."""
-        from tensorstage.report.console import console
+        from tensorstage.report.console import console, print_json
 
         report, data = run_job(model, system, plan, out, traces, workers)
+        if as_json:  # the same document as out/result.json, so scripts need not read the file back
+            print_json(data)
+            return
         p = plan
         console.print(f"{model} on {system}: {plan.world} GPUs, TP {p.tp} PP {p.pp} DP {p.dp} CP {p.cp}, "
                       f"{p.schedule}, global batch {p.global_batch} x {p.seq} tokens")

@@ -31,7 +31,15 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from tensorstage.errors import SpecError
 from tensorstage.model.spec import ModelSpec
@@ -45,6 +53,11 @@ Phase = Literal["train", "prefill", "decode"]
 CPMode = Literal["ring", "allgather"]
 DDPStyle = Literal["megatron", "torch"]
 FSDPReshard = Literal["default", "true", "false"]
+
+#: Numeric plan fields; a YAML ``true``/``false`` in one of them is an error, not 1/0.
+NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "zero", "seq", "global_batch", "micro_batch",
+                  "dp_bucket_bytes", "zero_shard_size", "fsdp_prefetch", "context", "capacity_factor",
+                  "routing_skew")
 
 BASE_AXES = ("tp", "cp", "dp", "pp")
 DEFAULT_RANK_ORDER = BASE_AXES
@@ -124,9 +137,6 @@ class ParallelPlan(BaseModel):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        tp = data.get("tp", 1)
-        if isinstance(tp, int) and tp == 1 and data.get("sp"):
-            data["sp"] = False  # no-op, as Megatron-LM: see module docstring
         if not data.get("global_batch"):
             dp, mb, pp = (data.get(k, 1) for k in ("dp", "micro_batch", "pp"))
             if all(isinstance(v, int) for v in (dp, mb, pp)):
@@ -136,6 +146,21 @@ class ParallelPlan(BaseModel):
         if isinstance(data.get("rank_order"), str):
             data["rank_order"] = split_rank_order(data["rank_order"])
         return data
+
+    @field_validator(*NUMERIC_FIELDS, mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: object) -> object:
+        """Reject ``tp: true`` and the like: pydantic would read it as 1, silently (YAML typo)."""
+        if isinstance(value, bool):
+            raise ValueError("expected a number, not true/false")
+        return value
+
+    @field_validator("sp")
+    @classmethod
+    def _sp_needs_tp(cls, sp: bool, info: ValidationInfo) -> bool:
+        """``sp`` with ``tp == 1`` is a no-op, as Megatron-LM (module docstring); checked after
+        ``sp`` itself is validated so a value like ``sp: maybe`` is still rejected."""
+        return sp and info.data.get("tp") != 1
 
     # --- construction --------------------------------------------------------------------------
     @classmethod
@@ -439,7 +464,7 @@ _ALLOWED: dict[str, tuple[object, ...]] = {
 def read_plan_yaml(path: str | Path) -> dict[str, object]:
     """The mapping in a plan YAML file, unchecked. Malformed YAML, a missing file or a non-mapping
     is one :class:`SpecError` whose field is ``file:line``; an unknown key names the key, its line
-    and the allowed keys."""
+    and the allowed keys. Keys may be spelled as the flags (``global-batch`` = ``global_batch``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -458,13 +483,19 @@ def read_plan_yaml(path: str | Path) -> dict[str, object]:
     if not isinstance(data, dict) or root is None:
         raise SpecError(f"{path}:1", "plan file must be a mapping of plan keys to values")
     for key_node, _ in root.value:
-        if key_node.value not in ParallelPlan.model_fields:
+        if _plan_key(key_node.value) not in ParallelPlan.model_fields:
             raise SpecError(
                 f"{path}:{key_node.start_mark.line + 1}",
                 f"unknown plan key {key_node.value!r}",
                 ParallelPlan.model_fields,
             )
-    return data
+    return {_plan_key(k): v for k, v in data.items()}
+
+
+def _plan_key(key: object) -> object:
+    """A YAML key as a plan field: the flag spelling (``global-batch``) is accepted, since the
+    ``-c`` help says the keys are the flag names."""
+    return key.replace("-", "_") if isinstance(key, str) else key
 
 
 def load_plan(path: str | Path, overrides: dict[str, object] | None = None) -> ParallelPlan:

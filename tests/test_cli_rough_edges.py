@@ -1,0 +1,78 @@
+"""Rough edges a user hit on the CLI, each pinned by an independent expectation.
+
+* ``run --json`` exists (the README says every command takes ``--json``) and prints the same
+  document as ``result.json``; its tokens per step is the default plan's global batch x sequence.
+* Plan YAML keys may be spelled as the flags (``global-batch``), as ``-c``'s help says.
+* A YAML ``true`` in a numeric plan field (``tp: true``) and a non-boolean ``sp`` are rejected
+  with one line naming the field, instead of silently becoming ``tp=1`` / ``sp=False``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tensorstage.cli import app
+from tensorstage.errors import SpecError
+from tensorstage.parallel.plan import ParallelPlan, load_plan
+
+runner = CliRunner()
+
+
+def test_run_json_prints_result_json(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", "gpt3-125m", "--tp", "1", "--pp", "2", "--dp", "1", "--seq", "256",
+                              "--global-batch", "4", "--out", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.output)
+    assert printed == json.loads((out / "result.json").read_text())
+    assert printed["tokens_per_step"] == 4 * 256  # global batch x sequence
+    assert printed["tokens_per_s"] == pytest.approx(4 * 256 / printed["step_time_s"])
+
+
+def test_plan_yaml_accepts_flag_spelling(tmp_path: Path) -> None:
+    f = tmp_path / "plan.yaml"
+    f.write_text("tp: 2\ndp: 2\nglobal-batch: 16\nmicro-batch: 2\nrank-order: tp,dp,cp,pp\n")
+    plan = load_plan(f)
+    assert (plan.global_batch, plan.micro_batch) == (16, 2)
+    assert plan.rank_order == ("tp", "dp", "cp", "pp")
+    assert plan.microbatches == 16 // (2 * 2)  # global / (dp x micro)
+
+
+def test_plan_yaml_still_rejects_unknown_dashed_key(tmp_path: Path) -> None:
+    f = tmp_path / "plan.yaml"
+    f.write_text("tp: 2\nglobal-batches: 16\n")
+    with pytest.raises(SpecError) as exc:
+        load_plan(f)
+    assert exc.value.field == f"{f}:2"
+
+
+@pytest.mark.parametrize("field", ["tp", "pp", "seq", "global_batch", "zero", "routing_skew"])
+def test_boolean_in_numeric_field_is_rejected(field: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        ParallelPlan.parse({field: True})
+    assert exc.value.field == f"plan.{field}"
+
+
+def test_sp_must_be_a_boolean_even_when_tp_is_1() -> None:
+    with pytest.raises(SpecError) as exc:
+        ParallelPlan.parse({"sp": "maybe"})
+    assert exc.value.field == "plan.sp"
+    # the documented normalisation still holds: sp with tp=1 is a no-op (Megatron-LM)
+    assert ParallelPlan.parse({"sp": True}).sp is False
+    assert ParallelPlan.parse({"sp": True, "tp": 2}).sp is True
+
+
+def test_bad_yaml_value_is_one_line_exit_2(tmp_path: Path) -> None:
+    f = tmp_path / "plan.yaml"
+    f.write_text("tp: true\n")
+    code = "from tensorstage.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", code, "simulate", "gpt3-125m", "--system", "dgx-a100-selene",
+                          "-c", str(f), "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "tp" in res.stderr
