@@ -76,3 +76,25 @@ def test_bad_yaml_value_is_one_line_exit_2(tmp_path: Path) -> None:
                           "-c", str(f), "--json"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and res.stderr.startswith("error: ") and "tp" in res.stderr
+
+
+@pytest.mark.parametrize(("ep", "skew", "ok"), [
+    (4, 4.0, True),    # every token routes both copies to one rank: 4 x the mean (= ep)
+    (4, 4.01, False),
+    (2, 2.5, False),   # two ranks: the busiest holds at most all copies = 2 x the mean
+    (8, 4.0, True),    # one expert per rank: at most every token -> num_experts / top_k = 4
+    (8, 5.0, False),
+    (1, 1.5, False),   # one rank always carries exactly the mean
+])
+def test_routing_skew_is_bounded_by_what_routing_can_do(ep: int, skew: float, ok: bool) -> None:
+    from tensorstage.model import resolve_model
+
+    spec = resolve_model(str(Path(__file__).parent / "data" / "models" / "tiny-moe.yaml"))
+    assert (spec.moe.num_experts, spec.moe.top_k) == (8, 2)
+    plan = ParallelPlan.parse({"dp": 8, "ep": ep, "routing_skew": skew})
+    if ok:
+        plan.validate_for(spec)
+    else:
+        with pytest.raises(SpecError) as exc:
+            plan.validate_for(spec)
+        assert exc.value.field == "routing_skew"

@@ -407,6 +407,15 @@ class ParallelPlan(BaseModel):
                 raise SpecError(
                     "tp", f"expert_ffn={model.moe.expert_ffn} must be divisible by expert TP = tp={tp}"
                 )
+            # the busiest EP rank gets at most every token, each sending it min(top_k, experts per
+            # rank) copies: load / mean <= min(ep, num_experts / top_k); above that is no routing at all
+            max_skew = min(self.ep, model.moe.num_experts / model.moe.top_k)
+            if self.routing_skew > max_skew:
+                raise SpecError(
+                    "routing_skew",
+                    f"{self.routing_skew:g} > {max_skew:g}, the most any routing can put on one EP rank "
+                    f"(min(ep, num_experts/top_k) = min({self.ep}, {model.moe.num_experts}/{model.moe.top_k}))",
+                )
         elif self.ep > 1:
             raise SpecError("ep", f"ep={self.ep} > 1 but {model.name} has no experts")
         layers, stages = model.num_layers, self.pp * self.vpp
