@@ -98,3 +98,15 @@ def test_routing_skew_is_bounded_by_what_routing_can_do(ep: int, skew: float, ok
         with pytest.raises(SpecError) as exc:
             plan.validate_for(spec)
         assert exc.value.field == "routing_skew"
+
+
+def test_explain_takes_the_plan_flag_name_for_the_micro_batch() -> None:
+    def data(*flags: str) -> dict:
+        res = runner.invoke(app, ["explain", "gpt3-125m", "--seq", "512", *flags, "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.output)
+
+    one, three = data("--batch", "1"), data("--micro-batch", "3")
+    assert three["bindings"]["b"] == 3
+    # every per-layer FLOP count is linear in the micro-batch b
+    assert three["blocks"]["dense"]["fwd_flops"] == pytest.approx(3 * one["blocks"]["dense"]["fwd_flops"])

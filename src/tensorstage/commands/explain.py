@@ -175,7 +175,8 @@ def register(app: typer.Typer) -> None:
     def explain(
         model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
         seq: int = typer.Option(4096, "--seq", help="Sequence length s (prefill / train)."),
-        batch: int = typer.Option(1, "--batch", help="Micro-batch b (sequences)."),
+        batch: int = typer.Option(1, "--batch", "--micro-batch",
+                                  help="Micro-batch b (sequences); --micro-batch as in the plan flags."),
         phase: str = typer.Option("train", "--phase", help=f"One of {', '.join(PHASES)}."),
         context: int = typer.Option(4096, "--context", help="KV context length c for decode."),
         recompute: str = typer.Option("none", "--recompute", help=f"One of {', '.join(RECOMPUTE)}."),
