@@ -110,3 +110,54 @@ def test_explain_takes_the_plan_flag_name_for_the_micro_batch() -> None:
     assert three["bindings"]["b"] == 3
     # every per-layer FLOP count is linear in the micro-batch b
     assert three["blocks"]["dense"]["fwd_flops"] == pytest.approx(3 * one["blocks"]["dense"]["fwd_flops"])
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    code = "from tensorstage.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def small_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Per-rank traces of gpt3-125m, DP 2 x PP 2 (4 files, 2 rank classes)."""
+    d = tmp_path_factory.mktemp("trace") / "t"
+    res = runner.invoke(app, ["generate", "gpt3-125m", "--pp", "2", "--dp", "2", "--seq", "256",
+                              "--global-batch", "4", "--out", str(d)])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in d.glob("*.et")) == [f"trace.{r}.et" for r in range(4)]
+    return d
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_trace_with_a_missing_rank_file_is_rejected(small_trace: Path, tmp_path: Path) -> None:
+    d = _copy(small_trace, tmp_path / "t")
+    (d / "trace.3.et").unlink()  # rank 3 is not its class's representative (rank 1 is)
+    res = _cli("simulate", "--trace", str(d), "--system", "dgx-a100-selene", "--json")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "trace.3.et" in res.stderr
+
+
+def test_trace_with_a_truncated_rank_file_is_rejected(small_trace: Path, tmp_path: Path) -> None:
+    d = _copy(small_trace, tmp_path / "t")
+    f = d / "trace.3.et"  # not decoded (rank 1 stands for its class): caught by the manifest's size
+    f.write_bytes(f.read_bytes()[:100])
+    res = _cli("simulate", "--trace", str(d), "--system", "dgx-a100-selene", "--json")
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: trace:")
+    assert "truncated" in res.stderr
+
+
+@pytest.mark.parametrize("extra", [["--tp", "2"], ["--dtype", "fp16"]])
+def test_plan_flags_with_trace_are_an_error_not_ignored(small_trace: Path, extra: list[str]) -> None:
+    res = _cli("simulate", "--trace", str(small_trace), "--system", "dgx-a100-selene", *extra)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: plan:")
+
+
+def test_trace_only_flags_without_trace_are_an_error() -> None:
+    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--trace-dtype", "fp16")
+    assert res.returncode == 2 and res.stdout == "" and "--trace-dtype" in res.stderr

@@ -231,10 +231,16 @@ def register(app: typer.Typer) -> None:
         if trace is not None:
             if model is not None:
                 raise SpecError("model", "give a MODEL or --trace, not both")
+            if plan != ParallelPlan.parse({}):  # silently ignoring them would mislead
+                raise SpecError("plan", "plan flags and -c do not apply to --trace: the traces fix the plan "
+                                "(use --trace-dtype for the compute dtype)")
             run = simulate_trace(trace, system, trace_dtype, tokens)
         else:
             if model is None:
                 raise SpecError("model", "missing MODEL (or --trace DIR)")
+            if trace_dtype is not None or tokens is not None:
+                raise SpecError("trace", "--trace-dtype and --tokens-per-step apply only to --trace "
+                                "(use --dtype; tokens per step follow from the plan)")
             if system is None:
                 raise SpecError("system", "--system is required", _system_names())
             run = simulate_model(model, system, plan, full=full or timeline is not None)

@@ -140,6 +140,7 @@ def _ours(d: Path) -> TraceInput:
         for cid, key in classes.items():
             rep = sum(key.get(a.name, 0) * a.stride for a in view)
             files[cid] = (d / f"{prefix}.{rep}.et", rep)
+    _check_files(d, manifest, [path for path, _ in files.values()])
     totals = manifest.get("classes", {})
     programs: list[Program] = []
     annotated = True
@@ -160,6 +161,24 @@ def _ours(d: Path) -> TraceInput:
         "no class JSON side files: COMP op kinds unknown, every COMP node charged at the matrix-unit rate; "
         "no per-node memory (write traces with json=True for exact results)"]
     return TraceInput(programs, mesh, "tensorstage", dict(manifest.get("inputs", {})), annotated, False, notes)
+
+
+def _check_files(d: Path, manifest: dict[str, Any], class_files: list[Path]) -> None:
+    """Every file the manifest lists is there with the recorded total size. Only one file per rank
+    class is decoded, so without this a missing or truncated rank file (which ASTRA-sim would
+    trip over) would pass unnoticed; a stat per file is cheap even at thousands of ranks."""
+    info = manifest["files"]
+    if manifest["mode"] == "classes_only":
+        paths = class_files
+    else:
+        paths = [d / f"{info['prefix']}.{rank}.et" for rank in range(int(manifest["world"]))]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise SpecError("trace", f"missing trace file {missing[0]} ({len(missing)} of {len(paths)} missing)")
+    total = sum(p.stat().st_size for p in paths)
+    if info.get("bytes") is not None and total != int(info["bytes"]):
+        raise SpecError("trace", f"trace files hold {total} bytes, the manifest recorded {info['bytes']}: "
+                        "a file is truncated or was changed")
 
 
 def _axes_of_pg(pg: str, pg_axes: list[tuple[int, int, tuple[str, ...]]], mesh: Mesh, where: str) -> tuple[str, ...]:
