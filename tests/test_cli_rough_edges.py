@@ -137,7 +137,7 @@ def _copy(src: Path, dst: Path) -> Path:
 
 def test_trace_with_a_missing_rank_file_is_rejected(small_trace: Path, tmp_path: Path) -> None:
     d = _copy(small_trace, tmp_path / "t")
-    (d / "trace.3.et").unlink()  # rank 3 is not its class's representative (rank 1 is)
+    (d / "trace.3.et").unlink()  # rank 3 is not its class's representative (rank 2 is)
     res = _cli("simulate", "--trace", str(d), "--system", "dgx-a100-selene", "--json")
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "trace.3.et" in res.stderr
@@ -145,7 +145,7 @@ def test_trace_with_a_missing_rank_file_is_rejected(small_trace: Path, tmp_path:
 
 def test_trace_with_a_truncated_rank_file_is_rejected(small_trace: Path, tmp_path: Path) -> None:
     d = _copy(small_trace, tmp_path / "t")
-    f = d / "trace.3.et"  # not decoded (rank 1 stands for its class): caught by the manifest's size
+    f = d / "trace.3.et"  # not decoded (rank 2 stands for its class): caught by the manifest's size
     f.write_bytes(f.read_bytes()[:100])
     res = _cli("simulate", "--trace", str(d), "--system", "dgx-a100-selene", "--json")
     assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: trace:")
