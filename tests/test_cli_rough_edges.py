@@ -161,3 +161,27 @@ def test_plan_flags_with_trace_are_an_error_not_ignored(small_trace: Path, extra
 def test_trace_only_flags_without_trace_are_an_error() -> None:
     res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--trace-dtype", "fp16")
     assert res.returncode == 2 and res.stdout == "" and "--trace-dtype" in res.stderr
+
+
+SYSTEM_YAML = """\
+name: my-cluster
+device: H100-SXM
+gpus_per_node: 4
+network:
+  - {name: nvlink, scope: scale-up, topology: Switch, npus: 4, bandwidth_GBps: 450.0, latency_ns: 3400.0}
+"""
+
+
+def test_user_system_without_sources_names_every_field_that_needs_one(tmp_path: Path) -> None:
+    f = tmp_path / "sys.yaml"
+    f.write_text(SYSTEM_YAML)
+    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--json")
+    assert res.returncode == 2 and res.stdout == ""
+    for field in ("gpus_per_node", "network.nvlink.bandwidth_GBps", "network.nvlink.latency_ns"):
+        assert field in res.stderr
+    sources = "".join(f"  {k}: 'ASSUMPTION: test'\n" for k in
+                      ("gpus_per_node", "network.nvlink.bandwidth_GBps", "network.nvlink.latency_ns"))
+    f.write_text(SYSTEM_YAML + "sources:\n" + sources)
+    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["world"] == 4  # tp 4 x dp 1 x pp 1

@@ -80,7 +80,7 @@ class DeviceSpec(_Frozen):
     """Streaming multiprocessors (NVIDIA) / compute units that GEMM thread-block tiles are scheduled
     on, in waves (:func:`tensorstage.sim.compute.gemm_shape_factor`); ``None``: no shape model."""
 
-    sources: dict[str, str]
+    sources: dict[str, str] = {}  # absent -> the check below lists every field that needs one
     notes: str = ""
 
     @model_validator(mode="after")
@@ -106,7 +106,8 @@ class DeviceSpec(_Frozen):
             raise ValueError(f"sources: keys that are not numeric fields: {unknown}")
         missing = [f for f in numeric_fields() if getattr(self, f) is not None and not self.sources.get(f)]
         if missing:
-            raise ValueError(f"sources: every numeric field needs a source; missing: {missing}")
+            raise ValueError(f"sources: every numeric field needs a source; missing: {missing} "
+                             "(a hypothetical number: 'ASSUMPTION: <why>')")
         return self
 
     # --- queries ----------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ class SystemSpec(_Frozen):
     network: tuple[NetworkDim, ...]
     scaleout: ScaleOutFabric | None = None
     nvls: bool = False
-    sources: dict[str, str]
+    sources: dict[str, str] = {}  # absent -> the check below lists every field that needs one
 
     @model_validator(mode="after")
     def _check(self) -> SystemSpec:
@@ -153,7 +153,8 @@ class SystemSpec(_Frozen):
             required += [f"scaleout.{f}" for f in ("nic_Gbps", "nics_per_node", "oversubscription")]
         missing = [k for k in required if not self.sources.get(k)]
         if missing:
-            raise ValueError(f"sources: every numeric field needs a source; missing: {missing}")
+            raise ValueError(f"sources: every numeric field needs a source; missing: {missing} "
+                             "(a hypothetical number: 'ASSUMPTION: <why>')")
         known = set(required) | {f"network.{d.name}.npus" for d in self.network} | {"nvls"}
         unknown = sorted(set(self.sources) - known)
         if unknown:
