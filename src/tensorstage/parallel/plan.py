@@ -96,7 +96,8 @@ class ParallelPlan(BaseModel):
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 1 optimizer, 2 +grads, 3 +params (FSDP)")
     schedule: Schedule = "1f1b"
     recompute: Recompute = "none"
-    seq: int = Field(2048, ge=1, description="sequence length in tokens (decode: one new token per sequence; KV length when context is 0)")
+    seq: int = Field(2048, ge=1, description="sequence length in tokens (decode: one new token per "
+                     "sequence; KV length when context is 0)")
     global_batch: int = Field(0, ge=0, description="sequences per step; 0 = dp*micro_batch*pp")
     micro_batch: int = Field(1, ge=1, description="sequences per micro-batch per DP rank")
     dtype: DType = "bf16"
