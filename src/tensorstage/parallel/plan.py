@@ -415,7 +415,8 @@ class ParallelPlan(BaseModel):
                 raise SpecError(
                     "routing_skew",
                     f"{self.routing_skew:g} > {max_skew:g}, the most any routing can put on one EP rank "
-                    f"(min(ep, num_experts/top_k) = min({self.ep}, {model.moe.num_experts}/{model.moe.top_k}))",
+                    f"(min(ep, num_experts/top_k) = "
+                    f"min({self.ep}, {model.moe.num_experts}/{model.moe.top_k}))",
                 )
         elif self.ep > 1:
             raise SpecError("ep", f"ep={self.ep} > 1 but {model.name} has no experts")
