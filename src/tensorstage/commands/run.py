@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
         traces: str = typer.Option("auto", "--traces",
                                    help=f"Chakra output: {'|'.join(TRACE_MODES)} (auto: per-rank up to "
                                         f"{PER_RANK_TRACE_LIMIT} ranks, else one file per class)."),
-        workers: int = typer.Option(1, "--workers", help="Processes writing trace files."),
+        workers: int = typer.Option(1, "--workers", min=0, help="Trace writer processes; 0 = one per CPU "
+                                                 "(output is identical for any count)."),
         as_json: bool = typer.Option(False, "--json", help="Print result.json (the simulate --json result)."),
     ) -> None:
         """Main job: lower MODEL, write Chakra traces, simulate a step and write a report with plots."""
