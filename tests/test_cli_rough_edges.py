@@ -185,3 +185,11 @@ def test_user_system_without_sources_names_every_field_that_needs_one(tmp_path: 
     res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["world"] == 4  # tp 4 x dp 1 x pp 1
+
+
+@pytest.mark.parametrize("phase", ["train", "prefill"])
+def test_context_outside_decode_is_an_error_not_ignored(phase: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        ParallelPlan.parse({"phase": phase, "seq": 1024, "context": 4096})
+    assert exc.value.field == "context"
+    assert ParallelPlan.parse({"phase": "decode", "seq": 1024, "context": 4096}).kv_len == 4096

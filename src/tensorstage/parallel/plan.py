@@ -346,6 +346,11 @@ class ParallelPlan(BaseModel):
                     f"interleaved schedule needs microbatches ({self.microbatches}) "
                     f"divisible by pp={self.pp} (Megatron rule)",
                 )
+        if self.context and self.phase != "decode":  # would be ignored: train/prefill attend over seq
+            raise SpecError(
+                "context", f"context={self.context} applies only to phase decode, got phase {self.phase}; "
+                "train and prefill attend over seq"
+            )
         if self.phase == "decode":
             if self.kv_len % self.cp:
                 raise SpecError(
