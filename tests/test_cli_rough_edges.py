@@ -193,3 +193,23 @@ def test_context_outside_decode_is_an_error_not_ignored(phase: str) -> None:
         ParallelPlan.parse({"phase": phase, "seq": 1024, "context": 4096})
     assert exc.value.field == "context"
     assert ParallelPlan.parse({"phase": "decode", "seq": 1024, "context": 4096}).kv_len == 4096
+
+
+@pytest.mark.parametrize(("plan", "field"), [
+    ({"dp": 4, "zero": 0, "zero_shard_size": 2}, "zero_shard_size"),
+    ({"dp": 2, "zero": 1, "fsdp_reshard_after_forward": "true"}, "fsdp_reshard_after_forward"),
+])
+def test_options_that_would_be_ignored_are_errors(plan: dict, field: str) -> None:
+    with pytest.raises(SpecError) as exc:
+        ParallelPlan.parse(plan)
+    assert exc.value.field == field
+
+
+@pytest.mark.parametrize("extra", [{"capacity_factor": 1.25}, {"routing_skew": 1.5}])
+def test_moe_options_on_a_dense_model_are_errors(extra: dict) -> None:
+    from tensorstage.model import resolve_model
+
+    plan = ParallelPlan.parse(extra)
+    with pytest.raises(SpecError) as exc:
+        plan.validate_for(resolve_model("gpt3-125m"))
+    assert exc.value.field == next(iter(extra))

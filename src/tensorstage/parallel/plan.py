@@ -376,6 +376,13 @@ class ParallelPlan(BaseModel):
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
             )
+        if self.zero_shard_size is not None and self.zero == 0:  # nothing is sharded: would be ignored
+            raise SpecError("zero_shard_size", "hybrid sharding needs zero 1, 2 or 3, got zero=0")
+        if self.fsdp_reshard_after_forward != "default" and self.zero != 3:
+            raise SpecError(
+                "fsdp_reshard_after_forward",
+                f"applies only to zero 3 (FSDP), got zero={self.zero}",
+            )
         if self.zero_shard_size is not None and (self.dp * self.cp) % self.zero_shard_size:
             raise SpecError(
                 "zero_shard_size", f"{self.zero_shard_size} must divide dp*cp={self.dp * self.cp}"
@@ -425,6 +432,10 @@ class ParallelPlan(BaseModel):
                 )
         elif self.ep > 1:
             raise SpecError("ep", f"ep={self.ep} > 1 but {model.name} has no experts")
+        else:
+            for name in ("capacity_factor", "routing_skew"):  # would be ignored on a dense model
+                if getattr(self, name) != type(self).model_fields[name].default:
+                    raise SpecError(name, f"applies only to MoE models; {model.name} has no experts")
         layers, stages = model.num_layers, self.pp * self.vpp
         if self.pp_layer_split is None:
             if layers % stages:
