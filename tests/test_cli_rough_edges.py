@@ -213,3 +213,14 @@ def test_moe_options_on_a_dense_model_are_errors(extra: dict) -> None:
     with pytest.raises(SpecError) as exc:
         plan.validate_for(resolve_model("gpt3-125m"))
     assert exc.value.field == next(iter(extra))
+
+
+def test_explain_reports_kv_bytes_once_and_right_in_every_phase() -> None:
+    # Llama-3.1-8B: 32 layers x 8 KV heads x 128 dims x (K and V) x 2 bytes (bf16)
+    want = 32 * 8 * 128 * 2 * 2
+    for phase in ("train", "decode"):
+        res = runner.invoke(app, ["explain", "llama3.1-8b", "--phase", phase, "--seq", "256", "--json"])
+        assert res.exit_code == 0, res.output
+        data = json.loads(res.output)
+        assert data["kv_cache_bytes_per_token"] == want
+        assert "kv_cache_bytes_per_token" not in data["totals"]  # was 0.0 in train: contradicted the above

@@ -102,7 +102,8 @@ def explain_data(
         "params": graph.param_count(),
         "layer_kinds": {k: graph.layer_kinds.count(k) for k in graph.layers},
         "blocks": blocks,
-        "totals": {m: float(v) for m, v in rep.totals.items()},
+        # KV bytes per token are reported once, below, from a decode graph (a train graph has none)
+        "totals": {m: float(v) for m, v in rep.totals.items() if m != "kv_cache_bytes_per_token"},
         "total_flops": float(rep.total_flops()),
         "flops_per_token": _per_token_flops(spec, opts, seq, batch, context),
         "kv_cache_bytes_per_token": kv_graph.kv_cache_bytes_per_token(),
