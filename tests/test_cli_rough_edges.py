@@ -224,3 +224,14 @@ def test_explain_reports_kv_bytes_once_and_right_in_every_phase() -> None:
         data = json.loads(res.output)
         assert data["kv_cache_bytes_per_token"] == want
         assert "kv_cache_bytes_per_token" not in data["totals"]  # was 0.0 in train: contradicted the above
+
+
+def test_validate_json_names_its_timing_with_a_unit() -> None:
+    res = runner.invoke(app, ["validate", "--only", "MEM-ZERO-7.5B-64GPU", "--json"])
+    assert res.exit_code == 0, res.output
+    cases = json.loads(res.output)["cases"]
+    assert len(cases) == 4
+    for case in cases:
+        assert "wall_s" in case and "seconds" not in case
+        # ZeRO paper (Rajbhandari et al. 2020, Fig. 1): 120 / 31.4 / 16.6 / 1.9 GB for 7.5B on 64 GPUs
+        assert case["predicted"] == pytest.approx(case["measured"], rel=0.02)

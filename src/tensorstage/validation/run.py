@@ -62,7 +62,7 @@ class CaseResult:
     groups: list[str]
     note: str = ""
     error: str = ""
-    seconds: float = 0.0
+    wall_s: float = 0.0  # wall-clock time to run the case: the one field that varies run to run
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
