@@ -235,3 +235,18 @@ def test_validate_json_names_its_timing_with_a_unit() -> None:
         assert "wall_s" in case and "seconds" not in case
         # ZeRO paper (Rajbhandari et al. 2020, Fig. 1): 120 / 31.4 / 16.6 / 1.9 GB for 7.5B on 64 GPUs
         assert case["predicted"] == pytest.approx(case["measured"], rel=0.02)
+
+
+def test_simulate_json_peak_is_a_rate_and_mfu_follows_from_it() -> None:
+    res = runner.invoke(app, ["simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--seq", "512", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.output)
+    assert d["peak_flops_per_s_per_device"] == 312e12  # A100 dense BF16 datasheet
+    # MFU = model FLOPs / (step time x GPUs x peak FLOP/s); model FLOPs summed from the classes
+    model_flops = sum(c["ranks"] * c["model_flops"] for c in d["breakdown"]["classes"])
+    assert d["mfu"] == pytest.approx(model_flops / (d["step_time_s"] * d["world"] * 312e12))
+    # closed form per token: 6 x layer weights (12 h^2 each) + 6 h v (LM head) + causal attention
+    # 7 h s per layer (2 forward, 5 flash backward); one sequence of 512 tokens
+    h, v, s, layers = 768, 50257, 512, 12
+    per_token = 6 * 12 * h * h * layers + 6 * h * v + 7 * h * s * layers
+    assert model_flops == pytest.approx(s * per_token, rel=0.01)

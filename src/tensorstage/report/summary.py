@@ -68,7 +68,7 @@ def result_dict(result: SimResult, inputs: Mapping[str, Any] | None = None,
         "world": result.world,
         "dtype": result.dtype,
         "system": result.system,
-        "peak_flops_per_device": result.peak_flops_per_device,
+        "peak_flops_per_s_per_device": result.peak_flops_per_device,  # a rate: FLOP/s
         "hbm_capacity_bytes": result.hbm_capacity_bytes,
         "peak_memory_bytes": result.peak_memory_bytes,
         "oom": result.oom,
