@@ -250,3 +250,23 @@ def test_simulate_json_peak_is_a_rate_and_mfu_follows_from_it() -> None:
     h, v, s, layers = 768, 50257, 512, 12
     per_token = 6 * 12 * h * h * layers + 6 * h * v + 7 * h * s * layers
     assert model_flops == pytest.approx(s * per_token, rel=0.01)
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "gpt3-125m", "--seq", "256", "--global-batch", "1", "--tp", "1", "--pp", "1", "--dp", "1", "--out"],
+    ["generate", "gpt3-125m", "--seq", "256", "--out"],
+    ["simulate", "gpt3-125m", "--seq", "256", "--system", "dgx-a100-selene", "--report"],
+])
+def test_an_unrelated_directory_is_never_replaced(tmp_path: Path, command: list[str]) -> None:
+    mine = tmp_path / "project"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    (mine / "manifest.json").write_text('{"name": "a web app"}')  # same name, not ours
+    res = _cli(*command, str(mine))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert (mine / "notes.txt").read_text() == "keep me"
+    # an earlier output of the same command is replaced as before
+    fresh = tmp_path / "fresh"
+    for _ in range(2):
+        res = _cli(*command, str(fresh))
+        assert res.returncode == 0, res.stderr

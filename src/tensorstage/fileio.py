@@ -7,6 +7,7 @@ file" (``SpecError``); each writer re-implementing them drifts.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -42,3 +43,34 @@ def read_text_file(path: str | os.PathLike[str]) -> str:
         raise SpecError(str(p), f"cannot read file: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise SpecError(str(p), "not a UTF-8 text file") from None
+
+
+#: File sets by which an existing directory is recognised as an earlier tensorstage output
+#: (``run`` result, ``--report`` folder) and so may be replaced wholesale; a trace folder is
+#: recognised by its manifest's ``"tool": "tensorstage"``.
+OUTPUT_MARKERS = (("result.json", "report.md"), ("report.md", "report.html"))
+
+
+def _is_our_output(p: Path) -> bool:
+    if any(all((p / f).is_file() for f in files) for files in OUTPUT_MARKERS):
+        return True
+    try:
+        return json.loads((p / "manifest.json").read_text(encoding="utf-8")).get("tool") == "tensorstage"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def require_replaceable_dir(path: str | os.PathLike[str], field: str = "out") -> None:
+    """Refuse to replace ``path`` unless it is absent, empty or an earlier tensorstage output.
+
+    Why: output directories are replaced atomically (the old one is deleted), so a mistyped
+    ``--out ~/project`` would otherwise silently delete the user's files.
+    """
+    p = Path(path)
+    if not p.exists():
+        return
+    if not p.is_dir():
+        raise SpecError(field, f"{p} exists and is not a directory")
+    if any(p.iterdir()) and not _is_our_output(p):
+        raise SpecError(field, f"{p} is a non-empty directory that is not a tensorstage output "
+                        "(it would be replaced); give a new or empty directory")

@@ -26,6 +26,7 @@ import typer
 
 from tensorstage.commands.planopts import CONFIG_PARAM, PLAN_FLAG_NAMES, plan_from_options, plan_parameters
 from tensorstage.errors import SpecError
+from tensorstage.fileio import require_replaceable_dir
 from tensorstage.parallel.plan import ParallelPlan
 
 DEFAULT_MODEL = "llama3.1-8b"
@@ -81,6 +82,7 @@ def run_job(model: str, system: str, plan: ParallelPlan, out: Path, traces: str 
 
     if traces not in TRACE_MODES:
         raise SpecError("traces", f"unknown trace mode {traces!r}", TRACE_MODES)
+    require_replaceable_dir(out)  # fail before the work, not after it
     load_system(system, plan.world)  # bad system: fail before lowering
     lowered = lower_model(model, plan)
     run = simulate_lowered(lowered, model, system)

@@ -228,6 +228,10 @@ def register(app: typer.Typer) -> None:
                                   "extrapolation; implied by --timeline)."),
     ) -> None:
         """Simulate one step: step time, tokens/s, MFU/HFU, exposed comm, bubbles, peak memory."""
+        if report is not None:
+            from tensorstage.fileio import require_replaceable_dir
+
+            require_replaceable_dir(report, "report")  # before the simulation, not after it
         if trace is not None:
             if model is not None:
                 raise SpecError("model", "give a MODEL or --trace, not both")

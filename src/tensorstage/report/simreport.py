@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tensorstage.fileio import require_replaceable_dir
 from tensorstage.report.plots import memory_breakdown_png, time_breakdown_png, timeline_png
 from tensorstage.sim.engine import Execution
 
@@ -26,9 +27,11 @@ PLOTS = {"timeline": "timeline.png", "time": "time_breakdown.png", "memory": "me
 
 
 @contextmanager
-def atomic_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a fresh sibling temp directory; on success it replaces ``out`` (else it is removed)."""
+def atomic_dir(out: str | Path, field: str = "out") -> Iterator[Path]:
+    """Yield a fresh sibling temp directory; on success it replaces ``out`` (else it is removed).
+    ``out`` must be absent, empty or an earlier tensorstage output (:func:`require_replaceable_dir`)."""
     out = Path(out)
+    require_replaceable_dir(out, field)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +218,6 @@ def write_report_files(directory: str | Path, data: Mapping[str, Any], ex: Execu
 
 def write_report(out_dir: str | Path, data: Mapping[str, Any], ex: Execution, title: str) -> Path:
     """:func:`write_report_files` into ``out_dir`` atomically (replaces an existing directory)."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, "report") as tmp:
         write_report_files(tmp, data, ex, title)
     return Path(out_dir) / "report.md"

@@ -31,6 +31,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from tensorstage import __version__
+from tensorstage.fileio import require_replaceable_dir
 from tensorstage.parallel.mesh import Communicators, Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.trace.classes import RankClasses
@@ -80,6 +81,7 @@ def write_chakra(
     templates = [ClassTemplate.build(p, i, mesh, duration_micros) for i, p in enumerate(classes.programs)]
 
     out = Path(out_dir)
+    require_replaceable_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
