@@ -270,3 +270,18 @@ def test_an_unrelated_directory_is_never_replaced(tmp_path: Path, command: list[
     for _ in range(2):
         res = _cli(*command, str(fresh))
         assert res.returncode == 0, res.stderr
+
+
+def test_model_paths_that_are_not_models_say_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorstage.model import resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "gpt3-125m").mkdir()  # e.g. an output folder named after the model
+    for name, words in (("notes.txt", ".json HF config"), ("empty", "without a config.json")):
+        with pytest.raises(SpecError) as exc:
+            resolve_model(name)
+        assert exc.value.field == "model" and words in exc.value.reason
+    spec = resolve_model("gpt3-125m")  # the preset still wins over a same-named folder
+    assert (spec.num_layers, spec.hidden) == (12, 768)  # GPT-3 paper, Table 2.1

@@ -50,6 +50,10 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf_config(path / "config.json", name=path.name)
     spec = find_preset(text)
-    if spec is None:
-        raise unknown_model_error(text)
-    return spec
+    if spec is not None:
+        return spec
+    if path.is_file():  # a path, not a preset name: say what files are understood
+        raise SpecError("model", f"{text} is neither a .json HF config nor a .yaml/.yml model file")
+    if path.is_dir():
+        raise SpecError("model", f"{text} is a directory without a config.json")
+    raise unknown_model_error(text)
