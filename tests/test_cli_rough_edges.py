@@ -285,3 +285,12 @@ def test_model_paths_that_are_not_models_say_so(tmp_path: Path, monkeypatch: pyt
         assert exc.value.field == "model" and words in exc.value.reason
     spec = resolve_model("gpt3-125m")  # the preset still wins over a same-named folder
     assert (spec.num_layers, spec.hidden) == (12, 768)  # GPT-3 paper, Table 2.1
+
+
+def test_unwritable_outputs_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--timeline", str(tmp_path), "--json")
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: timeline:")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--timeline", str(blocker / "t.json"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr

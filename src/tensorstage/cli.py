@@ -59,6 +59,10 @@ def main() -> None:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # an output path that is a folder, not writable, ...: the user's to fix
+        where = exc.filename if exc.filename is not None else "file"
+        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

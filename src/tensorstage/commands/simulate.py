@@ -232,6 +232,8 @@ def register(app: typer.Typer) -> None:
             from tensorstage.fileio import require_replaceable_dir
 
             require_replaceable_dir(report, "report")  # before the simulation, not after it
+        if timeline is not None and timeline.is_dir():
+            raise SpecError("timeline", f"{timeline} is a directory; give a file path (e.g. step.json)")
         if trace is not None:
             if model is not None:
                 raise SpecError("model", "give a MODEL or --trace, not both")
