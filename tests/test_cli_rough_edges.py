@@ -294,3 +294,11 @@ def test_unwritable_outputs_are_one_line_not_a_traceback(tmp_path: Path) -> None
     blocker.write_text("")
     res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--timeline", str(blocker / "t.json"))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+
+
+def test_plan_yaml_takes_pp_layer_split_as_the_flag_does(tmp_path: Path) -> None:
+    f = tmp_path / "plan.yaml"
+    f.write_text("pp: 3\npp-layer-split: 3,5, 4\n")
+    plan = load_plan(f)
+    assert plan.pp_layer_split == (3, 5, 4)
+    assert plan == load_plan(f, {}) == ParallelPlan.parse({"pp": 3, "pp_layer_split": [3, 5, 4]})

@@ -146,6 +146,8 @@ class ParallelPlan(BaseModel):
             data["fsdp_reshard_after_forward"] = str(data["fsdp_reshard_after_forward"]).lower()
         if isinstance(data.get("rank_order"), str):
             data["rank_order"] = split_rank_order(data["rank_order"])
+        if isinstance(data.get("pp_layer_split"), str):  # YAML "7,8,8,7", as the flag takes it
+            data["pp_layer_split"] = tuple(x.strip() for x in data["pp_layer_split"].split(",") if x.strip())
         return data
 
     @field_validator(*NUMERIC_FIELDS, mode="before")
