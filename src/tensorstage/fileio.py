@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tensorstage.errors import SpecError
@@ -27,6 +30,7 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are shareable files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,3 +78,29 @@ def require_replaceable_dir(path: str | os.PathLike[str], field: str = "out") ->
     if any(p.iterdir()) and not _is_our_output(p):
         raise SpecError(field, f"{p} is a non-empty directory that is not a tensorstage output "
                         "(it would be replaced); give a new or empty directory")
+
+
+@contextmanager
+def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path]:
+    """Yield a fresh sibling temp directory; when the block succeeds it replaces ``out`` in one
+    rename (else it is removed), so readers never see a half-written output directory.
+    ``out`` must be absent, empty or an earlier tensorstage output (:func:`require_replaceable_dir`)."""
+    out = Path(out)
+    require_replaceable_dir(out, field)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

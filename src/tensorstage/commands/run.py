@@ -75,8 +75,9 @@ def run_job(model: str, system: str, plan: ParallelPlan, out: Path, traces: str 
     Returns the report path and the result dict.
     """
     from tensorstage.commands.simulate import TIMELINE_MAX_EVENTS, lower_model, model_inputs, simulate_lowered
+    from tensorstage.fileio import atomic_dir
     from tensorstage.hardware import load_system
-    from tensorstage.report.simreport import atomic_dir, write_json, write_report_files
+    from tensorstage.report.simreport import write_json, write_report_files
     from tensorstage.sim.timeline import write_chrome_trace
     from tensorstage.trace import write_chakra
 

@@ -15,11 +15,10 @@ same bytes per second as our spec says. Dimensions of one NPU carry no traffic a
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tensorstage.fileio import write_text_atomic
 from tensorstage.hardware.system import SystemSpec
 
 ASTRA_GB_BYTES = 2**30  # ASTRA-sim analytical backend's "GB"
@@ -51,12 +50,5 @@ def astra_network_yml(spec: SystemSpec) -> str:
 def write_astra_network(spec: SystemSpec, path: str | Path) -> Path:
     """Write :func:`astra_network_yml` to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(astra_network_yml(spec))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, astra_network_yml(spec))
     return path

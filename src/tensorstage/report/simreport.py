@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tensorstage.fileio import require_replaceable_dir
+from tensorstage.fileio import atomic_dir
 from tensorstage.report.plots import memory_breakdown_png, time_breakdown_png, timeline_png
 from tensorstage.sim.engine import Execution
 
@@ -24,31 +21,6 @@ from tensorstage.sim.engine import Execution
 PLAN_KEYS = ("world", "tp", "pp", "vpp", "dp", "cp", "ep", "sp", "zero", "schedule", "recompute", "seq",
              "global_batch", "micro_batch", "microbatches", "dtype", "phase")
 PLOTS = {"timeline": "timeline.png", "time": "time_breakdown.png", "memory": "memory_breakdown.png"}
-
-
-@contextmanager
-def atomic_dir(out: str | Path, field: str = "out") -> Iterator[Path]:
-    """Yield a fresh sibling temp directory; on success it replaces ``out`` (else it is removed).
-    ``out`` must be absent, empty or an earlier tensorstage output (:func:`require_replaceable_dir`)."""
-    out = Path(out)
-    require_replaceable_dir(out, field)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_json(path: Path, data: Any) -> Path:

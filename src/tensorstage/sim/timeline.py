@@ -9,11 +9,10 @@ requires. The file is written atomically (temp file, then rename) and is determi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from tensorstage.fileio import write_text_atomic
 from tensorstage.sim.engine import K_COMP, Execution
 from tensorstage.sim.result import memory_series
 
@@ -60,13 +59,5 @@ def write_chrome_trace(ex: Execution, path: str | Path, max_events: int | None =
     """Write :func:`chrome_trace` to ``path`` atomically; returns the path."""
     path = Path(path)
     text = json.dumps(chrome_trace(ex, max_events), separators=(",", ":"))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a trace is a shareable output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
     return path

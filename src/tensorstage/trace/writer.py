@@ -22,7 +22,6 @@ from __future__ import annotations
 import json as jsonlib
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from collections import Counter, defaultdict
@@ -31,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from tensorstage import __version__
-from tensorstage.fileio import require_replaceable_dir
+from tensorstage.fileio import atomic_dir
 from tensorstage.parallel.mesh import Communicators, Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.trace.classes import RankClasses
@@ -80,14 +79,7 @@ def write_chakra(
     comms = Communicators.number(mesh, kinds)
     templates = [ClassTemplate.build(p, i, mesh, duration_micros) for i, p in enumerate(classes.programs)]
 
-    out = Path(out_dir)
-    require_replaceable_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
+    with atomic_dir(out_dir) as tmp:
         _write_comm_groups(tmp / comm_groups_file(prefix), comms)
         if classes_only:
             n_files, n_bytes = _write_classes(tmp, prefix, classes, templates, comms)
@@ -98,10 +90,6 @@ def write_chakra(
                 _write_json(tmp / f"{prefix}.class{i}.json", program_json(p, i, mesh, duration_micros))
         manifest = _manifest(classes, comms, prefix, classes_only, inputs or {}, n_files, n_bytes)
         _write_json(tmp / MANIFEST, manifest)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -225,16 +213,6 @@ def _write_json(path: Path, obj: object) -> None:
     with open(path, "w", encoding="utf-8") as f:
         jsonlib.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def class_totals(program: Program, mesh: Mesh) -> dict[str, object]:
