@@ -153,8 +153,8 @@ def test_bad_input_exits_2_with_one_line(args: list[str]) -> None:
 def test_steady_state_extrapolation_matches_full_simulation() -> None:
     from dataclasses import replace
 
-    from tensorstage.commands.simulate import simulate_model, steady_counts
-    from tensorstage.sim.steady import extrapolate
+    from tensorstage.commands.simulate import simulate_model
+    from tensorstage.sim.steady import extrapolate, steady_counts
 
     plan = ParallelPlan.parse({"tp": 2, "pp": 2, "dp": 2, "global_batch": 80, "seq": 512, "recompute": "selective"})
     assert steady_counts(plan) == (4, 5, 6)

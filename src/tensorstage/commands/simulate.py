@@ -31,10 +31,6 @@ from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import Program
 from tensorstage.sim import Execution, SimResult, execute, machine_from_system, summarize
 
-#: Steady-state extrapolation only when the step has at least this many times m3 micro-batches.
-STEADY_MIN_FACTOR = 3
-#: How many times the three-count window may move one spacing on when the check fails.
-STEADY_SHIFTS = 2
 #: Node events kept in a timeline JSON (earliest first): ~250 bytes each, so ~125 MB at most.
 TIMELINE_MAX_EVENTS = 500_000
 
@@ -92,53 +88,17 @@ def lower_model(model: str, plan: ParallelPlan) -> Any:
     return lower(resolve_model(model), plan, fuse=True)
 
 
-def steady_counts(plan: ParallelPlan) -> tuple[int, int, int] | None:
-    """Micro-batch counts ``m1 < m2 < m3`` past the pipeline warm-up to extrapolate from, or ``None``
-    when the plan's step is small enough to simulate in full (fewer than :data:`STEADY_MIN_FACTOR`
-    times ``m3`` micro-batches) or is not a training step."""
-    if plan.phase != "train":
-        return None
-    spacing = plan.pp if plan.schedule == "interleaved" else 1
-    k = plan.pp * plan.vpp
-    m1 = -(-(k + max(2, k // 8)) // spacing) * spacing  # margin: end stages settle a few micro-batches late
-    m3 = m1 + 2 * spacing
-    if plan.microbatches < STEADY_MIN_FACTOR * (m3 + STEADY_SHIFTS * spacing) or (plan.microbatches - m3) % spacing:
-        return None
-    return m1, m1 + spacing, m3
-
-
-def _with_microbatches(plan: ParallelPlan, m: int) -> ParallelPlan:
-    data = plan.model_dump()
-    data["global_batch"] = m * plan.dp * plan.micro_batch
-    return ParallelPlan.parse(data)
-
-
 def simulate_steady(model: str, system: str, plan: ParallelPlan) -> SimRun | None:
-    """The step extrapolated from three short simulations (:mod:`tensorstage.sim.steady`), or ``None``
-    if the plan does not qualify or the three results are not affine in the micro-batch count."""
-    from tensorstage.sim.steady import extrapolate
+    """The step extrapolated from three short simulations (:func:`tensorstage.sim.steady.simulate_steady`),
+    or ``None`` if the plan does not qualify or the results are not affine in the micro-batch count."""
+    from tensorstage.sim.steady import simulate_steady as steady
 
-    start = steady_counts(plan)
-    if start is None:
+    got = steady(plan, lambda p: simulate_lowered(lower_model(model, p), model, system), lambda r: r.result)
+    if got is None:
         return None
-    spacing = start[1] - start[0]
-    counts = list(start)
-    runs = [simulate_lowered(lower_model(model, _with_microbatches(plan, m)), model, system) for m in counts]
-    tokens = plan.global_batch * plan.seq
-    for shift in range(STEADY_SHIFTS + 1):  # a warm-up longer than expected: move the window on
-        if shift:
-            counts.append(counts[-1] + spacing)
-            runs.append(simulate_lowered(lower_model(model, _with_microbatches(plan, counts[-1])), model, system))
-        res = extrapolate(*(r.result for r in runs[-3:]), spacing, (plan.microbatches - counts[-1]) / spacing,
-                          tokens)
-        if res is not None:
-            break
-    else:
-        return None
-    counts = counts[-3:]
-    last = runs[-1]
+    res, last, counts = got
     inputs = model_inputs(model, system, plan)
-    inputs["tokens_per_step"] = tokens
+    inputs["tokens_per_step"] = plan.global_batch * plan.seq
     note = (f"step extrapolated from {', '.join(map(str, counts))} micro-batches to {plan.microbatches} "
             "(every additive result checked affine in the micro-batch count; --full simulates every node); "
             f"a pipeline timeline plot shows the {counts[2]}-micro-batch step")

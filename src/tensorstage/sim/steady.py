@@ -19,10 +19,14 @@ MFU, HFU and tokens/s are recomputed from the extrapolated FLOPs and step time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields, replace
-from typing import Any
+from typing import Any, TypeVar
 
+from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.sim.result import ClassResult, SimResult, split_exposed
+
+T = TypeVar("T")
 
 #: Bound on the extrapolation error a non-constant increment could cause, relative to the larger of
 #: the extrapolated value and (for times) the extrapolated step time.
@@ -96,3 +100,56 @@ def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps
         mfu=model / denom if denom > 0 else 0.0, hfu=executed / denom if denom > 0 else 0.0,
         classes=classes, collective_algorithms=algos,
     )
+
+
+#: Steady-state extrapolation only when the step has at least this many times m3 micro-batches.
+STEADY_MIN_FACTOR = 3
+#: How many times the three-count window may move one spacing on when the check fails.
+STEADY_SHIFTS = 2
+
+
+def steady_counts(plan: ParallelPlan) -> tuple[int, int, int] | None:
+    """Micro-batch counts ``m1 < m2 < m3`` past the pipeline warm-up to extrapolate from, or ``None``
+    when the plan's step is small enough to simulate in full (fewer than :data:`STEADY_MIN_FACTOR`
+    times ``m3`` micro-batches) or is not a training step."""
+    if plan.phase != "train":
+        return None
+    spacing = plan.pp if plan.schedule == "interleaved" else 1
+    k = plan.pp * plan.vpp
+    m1 = -(-(k + max(2, k // 8)) // spacing) * spacing  # margin: end stages settle a few micro-batches late
+    m3 = m1 + 2 * spacing
+    if plan.microbatches < STEADY_MIN_FACTOR * (m3 + STEADY_SHIFTS * spacing) or (plan.microbatches - m3) % spacing:
+        return None
+    return m1, m1 + spacing, m3
+
+
+def with_microbatches(plan: ParallelPlan, microbatches: int) -> ParallelPlan:
+    """``plan`` with the global batch changed to give ``microbatches`` micro-batches per pipeline."""
+    return plan.model_copy(update={"global_batch": microbatches * plan.dp * plan.micro_batch})
+
+
+def simulate_steady(plan: ParallelPlan, run: Callable[[ParallelPlan], T],
+                    result: Callable[[T], SimResult]) -> tuple[SimResult, T, list[int]] | None:
+    """Extrapolate ``plan``'s step from three short simulations, or ``None`` if it does not qualify
+    (:func:`steady_counts`) or no window of three gives affine results.
+
+    ``run(short_plan)`` simulates a plan with fewer micro-batches and returns whatever the caller
+    keeps (``result`` extracts its :class:`SimResult`). Returns the extrapolated result, the last
+    short run and the three micro-batch counts used. One driver for the CLI and the validation.
+    """
+    start = steady_counts(plan)
+    if start is None:
+        return None
+    spacing = start[1] - start[0]
+    counts = list(start)
+    runs = [run(with_microbatches(plan, m)) for m in counts]
+    tokens = plan.global_batch * plan.seq
+    for shift in range(STEADY_SHIFTS + 1):  # a warm-up longer than expected: move the window on
+        if shift:
+            counts.append(counts[-1] + spacing)
+            runs.append(run(with_microbatches(plan, counts[-1])))
+        res = extrapolate(*(result(r) for r in runs[-3:]), spacing,
+                          (plan.microbatches - counts[-1]) / spacing, tokens)
+        if res is not None:
+            return res, runs[-1], counts[-3:]
+    return None

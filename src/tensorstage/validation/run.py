@@ -122,25 +122,10 @@ class Predictor:
                         tokens_per_step=low.tokens_per_step)
 
     def _steady(self, setup: Setup) -> Any:
-        from tensorstage.commands.simulate import STEADY_SHIFTS, steady_counts
-        from tensorstage.sim.steady import extrapolate
+        from tensorstage.sim.steady import simulate_steady
 
-        plan = setup.plan
-        counts = steady_counts(plan)
-        if counts is None:
-            return None
-        spacing = counts[1] - counts[0]
-        ms = list(counts)
-        runs = [self._simulate(setup, with_microbatches(plan, m)) for m in ms]
-        for shift in range(STEADY_SHIFTS + 1):
-            if shift:
-                ms.append(ms[-1] + spacing)
-                runs.append(self._simulate(setup, with_microbatches(plan, ms[-1])))
-            res = extrapolate(*runs[-3:], spacing, (plan.microbatches - ms[-1]) / spacing,
-                              plan.global_batch * plan.seq)
-            if res is not None:
-                return res
-        return None
+        got = simulate_steady(setup.plan, lambda p: self._simulate(setup, p), lambda r: r)
+        return None if got is None else got[0]
 
     def block(self, setup: Setup, name: str = "dense") -> Any:
         """The block lowering of one layer kind (per rank, one micro-batch)."""
@@ -237,11 +222,6 @@ class Predictor:
         keys = ("weights", "gradients", "optimizer_states", "master_weights")
         return max(sum(v for k, v in p.static_bytes.items() if any(k.startswith(x) for x in keys))
                    for p in low.programs) / 1e9
-
-
-def with_microbatches(plan: ParallelPlan, microbatches: int) -> ParallelPlan:
-    """``plan`` with the global batch changed to give ``microbatches`` micro-batches per pipeline."""
-    return plan.model_copy(update={"global_batch": microbatches * plan.dp * plan.micro_batch})
 
 
 def in_flight(actions: Iterable[Any]) -> int:
