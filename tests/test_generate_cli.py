@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage.model import resolve_model
 from tensorstage.trace import validate_trace_dir
+from tests.support import run_main
 
 DATA = Path(__file__).parent / "data"
 TINY_MOE = str(DATA / "models" / "tiny-moe.yaml")

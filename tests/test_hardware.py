@@ -11,10 +11,7 @@ import yaml
 from tensorstage.errors import SpecError
 from tensorstage.hardware.device import DTYPES, DeviceSpec, numeric_fields
 from tensorstage.hardware.presets import all_devices, device_names, load_device
-
-PUBLIC_CASES = Path("/work/shared/validation/public_cases.yaml")
-if not PUBLIC_CASES.exists():  # a checkout with the shared folder inside it
-    PUBLIC_CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import public_cases
 
 GiB = 2**30
 
@@ -50,7 +47,7 @@ def test_every_numeric_field_has_a_source(device: DeviceSpec) -> None:
 
 
 def _reference() -> list[dict]:
-    return yaml.safe_load(PUBLIC_CASES.read_text())["hardware_reference"]
+    return public_cases()["hardware_reference"]
 
 
 def _per_direction_GBps(text: str) -> float:

@@ -11,10 +11,7 @@ import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names, write_system_yaml
-
-PUBLIC_CASES = Path("/work/shared/validation/public_cases.yaml")
-if not PUBLIC_CASES.exists():
-    PUBLIC_CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import public_cases
 
 
 def test_presets_cover_the_brief() -> None:
@@ -56,7 +53,7 @@ def test_network_agrees_with_the_device_and_the_fabric(system: SystemSpec) -> No
 
 def test_selene_and_superpod_match_the_published_configs() -> None:
     """public_cases.yaml Selene runs: '8x 200 Gb/s HDR InfiniBand per node', NVSwitch 8 GPUs; H100: 450 GB/s/dir."""
-    cases = yaml.safe_load(PUBLIC_CASES.read_text())["cases"]
+    cases = public_cases()["cases"]
     selene = [c["hardware"] for c in cases if "Selene" in str(c.get("hardware", {}).get("system", ""))]
     inter = {h["inter_node"] for h in selene if "inter_node" in h}
     assert inter, "public_cases.yaml should carry Selene cases"

@@ -20,7 +20,6 @@ from collections import Counter
 from fractions import Fraction
 
 import pytest
-from support import megatron_gpt
 
 from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.lower import graph_options
@@ -30,6 +29,7 @@ from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
 from tensorstage.parallel import ParallelPlan
 from tensorstage.parallel.placement import ring_wire_bytes
 from tensorstage.schedule.program import CollKind, NodeKind
+from tests.support import megatron_gpt
 
 MEGATRON = GraphOptions(attention_impl="materialized", dropout=True, norm_stats=False, attention_flops="full")
 

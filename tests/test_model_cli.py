@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage.model import list_presets
+from tests.support import run_main
 
 DATA = Path(__file__).parent / "data"
 

@@ -3,10 +3,7 @@ per-layer volume derived from placements (F-TP-COMM), ZeRO/FSDP/HSDP, EP, paddin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.parallel import apply
@@ -22,11 +19,9 @@ from tensorstage.parallel.placement import (
 )
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import CollKind
+from tests.support import public_cases
 
 AR, AG, RS, A2A = CollKind.ALL_REDUCE, CollKind.ALL_GATHER, CollKind.REDUCE_SCATTER, CollKind.ALL_TO_ALL
-CASES = Path("/work/shared/validation/public_cases.yaml")
-if not CASES.exists():  # a checkout with the shared folder inside it
-    CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
 
 
 def layout(shape, placements, sizes, dims=None, elem=2):
@@ -109,9 +104,7 @@ def simulate_ring_bytes_sent(kind: CollKind, full_bytes: int, n: int) -> int:
 
 
 def test_f_collectives_statement_present() -> None:
-    if not CASES.exists():
-        pytest.skip("public_cases.yaml not available")
-    cases = {c["id"]: c for c in yaml.safe_load(CASES.read_text())["formulas"]}
+    cases = {c["id"]: c for c in public_cases()["formulas"]}
     stmt = cases["F-COLLECTIVES"]["statement"]
     assert "2(n-1)/n*S" in stmt and "(n-1)/n*S" in stmt
 

@@ -1,7 +1,7 @@
 """Pipeline schedules: closed-form bubbles, memory, dependency soundness, and p2p pairing.
 
 Expected numbers come from formulas written here, not from the code under test:
-F-PP-BUBBLE and F-ZERO-BUBBLE of /work/shared/validation/public_cases.yaml (Narayanan et al.
+F-PP-BUBBLE and F-ZERO-BUBBLE of ../shared/validation/public_cases.yaml (Narayanan et al.
 SC'21 sec. 2.2; Qi et al. ICLR'24).
 """
 
