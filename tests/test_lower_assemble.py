@@ -444,12 +444,12 @@ def test_fsdp_prefetch_depth_gates_gathers() -> None:
         assert nodes[g.data_deps[0]].kind == NodeKind.COMP
 
 
-def test_llama_405b_issue5_plan_lowers_fast_with_closed_form_bytes() -> None:
+def test_llama_405b_issue5_plan_lowers_one_program_per_stage_with_closed_form_bytes() -> None:
     """Issue 5's plan through the real lowering: TP 8 (SP), PP 16 (7, 8 x 14, 7 layers), DP 1024, 1F1B,
     4 micro-batches of 1 x 8192 tokens. DP all-reduce bytes per stage = 4 B (fp32 main grads) x the
-    stage's TP-local parameters, from the Llama-3.1-405B shapes written here."""
-    import time
-
+    stage's TP-local parameters, from the Llama-3.1-405B shapes written here. The lowering stays
+    fast because it builds one program per rank class (16), not per rank (131,072); the wall time
+    is measured by bench/bench_lower.py, not asserted here."""
     from tensorstage.lower import lower
     from tensorstage.model import resolve_model
 
@@ -457,10 +457,8 @@ def test_llama_405b_issue5_plan_lowers_fast_with_closed_form_bytes() -> None:
     split = [7] + [8] * 14 + [7]
     plan = ParallelPlan.parse(dict(tp=8, pp=16, dp=1024, sp=True, seq=8192, micro_batch=1, global_batch=4096,
                                    pp_layer_split=split))
-    t0 = time.perf_counter()
     low = lower(spec, plan)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 4.0  # target < 2 s; measured ~0.3 s on the 2-core dev box (bound leaves room for load)
+    assert low.mesh.world == 8 * 16 * 1024 and len(low.programs) == 16
     h, f, kv, tp = 16384, 53248, 8 * 128, 8
     layer = (2 * h * h + 2 * h * kv + 3 * h * f) // tp + 2 * h  # q, o, k, v, gate/up/down; 2 RMSNorms
     vocab = -(-128256 // (128 * tp)) * 128 * tp // tp * h  # Megatron-padded vocabulary, vocab-parallel

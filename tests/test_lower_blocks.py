@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from fractions import Fraction
 
@@ -564,12 +563,14 @@ def test_prefill_with_sp_gathers_before_the_last_token_logits() -> None:
 
 
 # --- performance ------------------------------------------------------------------------------------------
-def test_lowering_405b_is_fast() -> None:
+def test_lowering_405b_costs_the_same_as_two_layers() -> None:
+    """Why lowering a 126-layer model is fast: each distinct block is lowered once, so the result (and
+    the work) is exactly that of a 2-layer model with the same shapes. The wall time is measured by
+    bench/bench_lower.py, not asserted here."""
     spec = resolve_model("llama3.1-405b")
     plan = ParallelPlan(tp=8, sp=True, cp=2, pp=16, dp=4, seq=8192, recompute="selective")
     opts = graph_options(plan)
-    start = time.perf_counter()
-    g = build_graph(spec, opts.phase, opts)
-    bl = lower_blocks(g, plan)
-    assert time.perf_counter() - start < 1.0
+    bl = lower_blocks(build_graph(spec, opts.phase, opts), plan)
     assert set(bl) == {"embedding", "dense", "head"}
+    shallow = spec.model_copy(update={"num_layers": 2})
+    assert lower_blocks(build_graph(shallow, opts.phase, opts), plan) == bl
