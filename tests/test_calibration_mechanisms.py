@@ -88,5 +88,6 @@ def test_preset_fabric_carries_nccl_base_latency() -> None:
 
 
 def test_negative_base_latency_rejected() -> None:
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as exc:
         Fabric((Tier("nvl", 8, B0, A0),), ring_base_latency_s=-1.0)
+    assert exc.value.field == "fabric.ring_base_latency_s" and ">= 0" in str(exc.value)

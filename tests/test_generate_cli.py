@@ -114,7 +114,6 @@ def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: p
 def test_dp_all_reduce_moves_every_parameter_in_fp32(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      dense_yaml: str) -> None:
-    pytest.importorskip("torch")
     from torchref_models import reference_param_count
 
     spec = resolve_model(dense_yaml)

@@ -11,7 +11,7 @@ import yaml
 from tensorstage.errors import SpecError
 from tensorstage.hardware.device import DTYPES, DeviceSpec, numeric_fields
 from tensorstage.hardware.presets import all_devices, device_names, load_device
-from tests.support import public_cases
+from tests.support import public_cases, states
 
 GiB = 2**30
 
@@ -35,11 +35,34 @@ def test_all_presets_load_and_cover_the_brief() -> None:
         assert d.hbm_bytes >= 32 * GiB
 
 
+#: each numeric field in the unit its sources quote (value multiplier) and the other units they use
+_FIELD_UNITS: dict[str, tuple[float, dict[str, float]]] = {
+    **{f: (1e-12, {"PFLOPS": 1e3}) for f in ("fp32_flops", "tf32_flops", "bf16_flops", "fp16_flops", "fp8_flops")},
+    **{f: (1.0, {"TB/s": 1e3, "Gb/s": 1 / 8, "Gbps": 1 / 8}) for f in ("hbm_GBps", "scaleup_GBps", "scaleout_GBps")},
+    "hbm_bytes": (1 / GiB, {}),  # datasheet "80GB" is read as GiB (the preset convention, stated in B200's source)
+    "sm_count": (1.0, {}),
+    "scaleup_domain": (1.0, {}),
+}
+
+
 @pytest.mark.parametrize("device", all_devices(), ids=lambda d: d.name)
-def test_every_numeric_field_has_a_source(device: DeviceSpec) -> None:
+def test_every_numeric_field_has_a_source_stating_it(device: DeviceSpec) -> None:
+    """Every number has a source, and a cited (datasheet, paper, docs) source states that very number
+    (as written, in another unit, or divided as the text says): a changed preset number without a
+    changed citation fails. MEASURED / ASSUMPTION fields are checked by the tests below."""
+    checked = 0
     for field in numeric_fields():
-        if getattr(device, field) is not None:
-            assert device.sources.get(field, "").strip(), f"{device.name}.{field} has no source"
+        value = getattr(device, field)
+        if value is None:
+            continue
+        text = device.sources.get(field, "")
+        assert text.strip(), f"{device.name}.{field} has no source"
+        if text.startswith(("MEASURED", "ASSUMPTION")):
+            continue
+        scale, units = _FIELD_UNITS[field]
+        assert states(text, value * scale, units), (device.name, field, value, text)
+        checked += 1
+    assert checked >= 5
     # efficiencies are never datasheet numbers: each says MEASURED or ASSUMPTION
     for field in ("matmul_efficiency", "hbm_efficiency", "kernel_launch_s"):
         assert device.sources[field].startswith(("MEASURED", "ASSUMPTION")), field

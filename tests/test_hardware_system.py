@@ -11,7 +11,7 @@ import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names, write_system_yaml
-from tests.support import public_cases
+from tests.support import public_cases, states
 
 
 def test_presets_cover_the_brief() -> None:
@@ -25,14 +25,24 @@ def test_presets_cover_the_brief() -> None:
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
-def test_every_number_has_a_source(system: SystemSpec) -> None:
-    assert system.sources["gpus_per_node"]
+def test_every_number_has_a_source_stating_it(system: SystemSpec) -> None:
+    """Each number's source states that number (as written or in the unit the source uses): a
+    changed preset number without a changed citation fails."""
+    def check(key: str, value: float, units: dict[str, float] | None = None) -> None:
+        text = system.sources[key]
+        assert states(text, value, units or {}), (system.name, key, value, text)
+
+    check("gpus_per_node", system.gpus_per_node)
     for d in system.network:
-        assert system.sources[f"network.{d.name}.bandwidth_GBps"].strip()
-        assert system.sources[f"network.{d.name}.latency_ns"].strip()
+        check(f"network.{d.name}.bandwidth_GBps", d.bandwidth_GBps, {"TB/s": 1e3, "Gb/s": 1 / 8})
+        check(f"network.{d.name}.latency_ns", d.latency_ns, {"us": 1e3})
+        if d.scope == "scale-out":  # scale-up npus: against gpus_per_node in the next test
+            check(f"network.{d.name}.npus", d.npus)
     if system.scaleout is not None:
-        for f in ("nic_Gbps", "nics_per_node", "oversubscription"):
-            assert system.sources[f"scaleout.{f}"].strip()
+        check("scaleout.nic_Gbps", system.scaleout.nic_Gbps)
+        check("scaleout.nics_per_node", system.scaleout.nics_per_node)
+        assert system.scaleout.oversubscription == 1.0  # every preset fabric is non-blocking ...
+        assert "non-blocking" in system.sources["scaleout.oversubscription"]  # ... and its source says so
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)

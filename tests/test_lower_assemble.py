@@ -111,7 +111,6 @@ def mlp_weights(h: int, ffn: int) -> list[LocalWeight]:
 # ------------------------------------------------------------------------------- against PyTorch
 @pytest.fixture(scope="module")
 def torch_runs() -> dict:
-    pytest.importorskip("torch")
     from torchref import run_many
 
     jobs2 = {

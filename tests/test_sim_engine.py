@@ -258,21 +258,26 @@ def test_inconsistent_programs_raise_spec_error() -> None:
     mesh = Mesh.create([("tp", 1), ("pp", 2)])
     a, b = Program({"pp": 0}), Program({"pp": 1})
     a.add("s", NodeKind.SEND, comm_bytes=10, peer_axis="pp", peer_offset=1, tag=1)
-    with pytest.raises(SpecError, match="send/recv mismatch"):
+    with pytest.raises(SpecError, match="send/recv mismatch") as exc:
         simulate([a, b], mesh, machine())
+    assert exc.value.field == "programs" and "tag 1: 1 send(s), 0 recv(s)" in str(exc.value)
     c = Program({"pp": 0})
     c.add("x", NodeKind.COMP, data_deps=(1,))
     c.add("y", NodeKind.COMP)
-    with pytest.raises(SpecError, match="not an earlier id"):
+    with pytest.raises(SpecError, match="not an earlier id") as exc:
         simulate([c], Mesh.create([("pp", 1)]), machine())
+    assert exc.value.field == "programs" and "node 0 (x) depends on 1" in str(exc.value)
     d0, d1 = Program({"pp": 0}), Program({"pp": 1})
     d0.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
     d0.add("ar2", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
     d1.add("r", NodeKind.RECV, comm_bytes=8, peer_axis="pp", peer_offset=-1, tag=0)
     d1.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",), data_deps=(0,))
     d0.add("s", NodeKind.SEND, comm_bytes=8, peer_axis="pp", peer_offset=1, tag=0, data_deps=(1,))
-    with pytest.raises(SpecError, match="deadlock"):
+    with pytest.raises(SpecError, match="deadlock") as exc:
         simulate([d0, d1], mesh, machine())
+    # stage 0's all-reduce needs stage 1's, which waits on a recv stage 0 sends only after its second one
+    assert exc.value.field == "programs" and "5 node(s) never ran; first: class {'pp': 0} node 0 (ar, COLL)" in str(
+        exc.value)
 
 
 def test_timeline_export(tmp_path) -> None:
