@@ -79,15 +79,7 @@ def test_reference_shape_keeps_the_measured_ceiling_and_others_are_slower() -> N
     ("device", "shape", "mamf_tflops"),
     [
         ("A100-80GB", (6912, 16384, 2048), 267.9),
-        pytest.param(
-            "H100-SXM", (6144, 17920, 2816), 792.1,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="known model error: the shape factor is relative to 8192^3, which loses 3.8 % to wave "
-                "fill and K overhead on 132 SMs, so a better-filled shape is credited above the measured best "
-                "(798.5 > 792.1 TFLOP/s); strict, so a fix turns this into a failure to unmark",
-            ),
-        ),
+        ("H100-SXM", (6144, 17920, 2816), 792.1),
     ],
 )
 def test_shaped_large_gemm_at_most_mamf_and_within_10pct(device: str, shape: tuple, mamf_tflops: float) -> None:

@@ -202,6 +202,8 @@ class ComputeModel:
         return self.tensor_flops
 
     def shape_scale(self, gemm: Gemm) -> float:
-        """``gemm_shape_factor(gemm) / gemm_shape_factor(REFERENCE_GEMM)`` on this device's SMs."""
+        """``gemm_shape_factor(gemm) / gemm_shape_factor(REFERENCE_GEMM)`` on this device's SMs, at
+        most 1: the measured ``matmul_efficiency`` is a ceiling (the reference GEMM runs near the best
+        rate any shape reaches; a shape the factor scores above it is not credited beyond it)."""
         ref = gemm_shape_factor(*REFERENCE_GEMM, self.sm_count)
-        return gemm_shape_factor(*gemm, self.sm_count) / ref
+        return min(1.0, gemm_shape_factor(*gemm, self.sm_count) / ref)
