@@ -251,7 +251,7 @@ def find_data(arg: str | None) -> tuple[str, str, str]:
         data = arg if os.path.basename(arg.rstrip("/")) == "data" else os.path.join(arg, "systems", "data")
         root = Path(data).resolve().parent.parent
         dist = sorted(glob.glob(str(root.parent / "aiconfigurator_core-*.dist-info")))
-        version = os.path.basename(dist[-1]).split("-")[1].removesuffix(".dist-info") if dist else "unknown"
+        version = os.path.basename(dist[-1]).removesuffix(".dist-info").split("-")[1] if dist else "unknown"
         return data, "aiconfigurator-core", version
     from importlib import metadata, util
 

@@ -123,7 +123,7 @@ def test_tables_carry_provenance() -> None:
     for dev in available_devices():
         d = json.loads((root / f"{dev}.json").read_text())
         prov = d["provenance"]
-        assert prov["package"] == "aiconfigurator-core" and prov["package_version"]
+        assert prov["package"] == "aiconfigurator-core" and re.fullmatch(r"\d+\.\d+\.\d+", prov["package_version"])
         assert prov["command"].startswith("python scripts/calibrate_kernels.py")
         kinds = {s["kernel"] for s in prov["sources"]}
         assert {"gemm", "attention_fwd", "decode_attention"} <= kinds
@@ -161,3 +161,32 @@ def test_simulation_uses_the_tables_when_on() -> None:
     assert r_on.step_time_s != r_off.step_time_s
     again = simulate(low.programs, low.mesh, on, tokens_per_step=low.tokens_per_step)
     assert again.step_time_s == r_on.step_time_s
+
+
+def test_decode_attention_node_takes_the_decode_table() -> None:
+    """Llama-3-8B decode, TP 2, 16 sequences at 8K context: the core carries (16 * 32/2, 1, 8192, 128);
+    the compute model recovers 16 x 8/2 KV heads from the node's K/V bytes and charges the decode table."""
+    spec = resolve_model("llama3-8b")
+    low = lower(spec, ParallelPlan(tp=2, phase="decode", context=8192, micro_batch=16, global_batch=16))
+    core = next(n for n in low.programs[0].nodes if n.kind == NodeKind.COMP and n.op == "attention")
+    assert core.gemm == (16 * 32 // 2, 1, 8192, 128)
+    dev = load_device("H100-SXM")
+    cm = ComputeModel.from_device(dev, "bf16", kernel_tables=True)
+    expected = load_tables("H100-SXM").decode_attention_s(16, 16, 8 // 2, 8192, 128) + dev.kernel_launch_s
+    got = cm.time_s(core.flops, core.tensor_bytes, core.op, core.gemm, core.category)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # memory-bound: the K/V bytes at no more than the peak HBM bandwidth
+    kv_bytes = 2 * 16 * 4 * 8192 * 128 * 2
+    assert got > kv_bytes / (dev.hbm_GBps * 1e9)
+
+
+def test_grouped_gemm_is_floored_by_reading_every_groups_weights() -> None:
+    """64 experts of 4096 x 14336 with 8 tokens each: the table rate of 512 rows would share one weight;
+    the node's bytes (every expert's weight) bound it from below at the achievable HBM rate."""
+    dev = load_device("H100-SXM")
+    cm = ComputeModel.from_device(dev, "bf16", kernel_tables=True)
+    b, m, n, k = 64, 8, 14336, 4096
+    nbytes = 2 * b * (m * k + k * n + m * n)
+    t = cm.time_s(2 * b * m * n * k, nbytes, "matmul", (b, m, n, k))
+    assert t == pytest.approx(nbytes / (dev.hbm_GBps * 1e9 * dev.hbm_efficiency) + dev.kernel_launch_s, rel=1e-12)
+    assert t > load_tables("H100-SXM").gemm_s(b, m, n, k, "bf16")

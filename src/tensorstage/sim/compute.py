@@ -58,7 +58,9 @@ attention in BF16 under FP8 recipes). The fraction of query-key pairs computed c
 FLOPs (``flops / (b*h*sq*skv*(4*d + 5))`` forward, ``/ (10*d + 10)`` backward: the graph's attention
 FLOPs plus its softmax vector FLOPs), so a causal kernel counted with the ``full`` FLOP convention is
 charged as a full one. A matmul whose node FLOPs exceed its shape's ``2*b*m*n*k`` (MoE load factor)
-is charged in proportion. Every other node, and every node of a device or dtype without a table,
+is charged in proportion, and a GEMM is never faster than streaming its node's bytes at the achievable
+HBM rate (a batched GEMM, e.g. MoE experts, reads every group's own weights; the table times one
+weight shared by all rows). Every other node, and every node of a device or dtype without a table,
 keeps the roofline above; each node still pays ``kernel_launch_s`` (the tables time the kernel
 itself, back to back, not the gap between framework-launched kernels).
 """
@@ -251,7 +253,8 @@ class ComputeModel:
         if t is None:
             return None
         shape_flops = 2.0 * b * m * n * k
-        return t * max(1.0, flops / shape_flops)
+        # a batched (grouped) GEMM reads every group's own operands: never faster than its bytes
+        return max(t * max(1.0, flops / shape_flops), tensor_bytes / self.hbm_Bps)
 
     def rate_flops(self, op: str, gemm: Gemm | None = None) -> float:
         """Achievable FLOP/s charged to a node of kind ``op`` (with GEMM shape ``gemm``, if known)."""
