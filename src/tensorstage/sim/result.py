@@ -214,7 +214,7 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
     by_op = _sum_by(enc, dur, plain)
     for label, t in _sum_by(enc, dur, comp & fused).items():
         parts = fused_parts(label) or []
-        times = [model.time_s(f, b, name, g) for name, f, b, _, g in parts]
+        times = [model.time_s(f, b, name, g, cat) for name, f, b, cat, g in parts]
         tot = sum(times)
         for (name, _, _, cat, _), ti in zip(parts, times, strict=True):
             share = t * (ti / tot if tot > 0 else 1.0 / len(parts))
