@@ -404,3 +404,29 @@ def test_lower_id_node_cuts_into_a_chain_as_unmerged() -> None:
     assert plain.end[1] == pytest.approx(3 * d)  # c2 [0,d], c3 [d,2d], a [2d,3d]
     assert merged.start == plain.start and merged.end == plain.end
     assert merged.step_time_s == pytest.approx(5 * d)
+
+
+def test_sync_wait_counts_overlapping_waits_once() -> None:
+    """Waits [0,4), [1,3), [2,6), [8,9) and an empty one: union = [0,6) + [8,9) = 7, not 4+2+4+1 = 11."""
+    import numpy as np
+
+    from tensorstage.sim.result import union_length
+
+    starts = np.array([0.0, 1.0, 2.0, 8.0, 5.0])
+    ends = np.array([4.0, 3.0, 6.0, 9.0, 5.0])
+    assert union_length(starts, ends) == 7.0
+    assert union_length(np.array([]), np.array([])) == 0.0
+
+
+def test_sync_wait_never_exceeds_the_step() -> None:
+    """Many collectives waiting at once (a pipeline with data parallelism) still wait at most a step."""
+    from tensorstage.hardware.system import load_system
+    from tensorstage.lower import lower
+    from tensorstage.parallel.plan import ParallelPlan
+    from tests.support import megatron_gpt
+
+    plan = ParallelPlan.parse(dict(tp=2, pp=4, dp=4, seq=512, micro_batch=1, global_batch=32), where="plan")
+    low = lower(megatron_gpt(L=8, h=512, a=8, V=2048, s=512), plan, fuse=True)
+    res = simulate(low.programs, low.mesh, load_system("dgx-h100-superpod", 32))
+    for c in res.classes:
+        assert 0.0 <= c.sync_wait_s <= res.step_time_s

@@ -100,7 +100,7 @@ REFERENCE_GEMM: Gemm = (1, 8192, 8192, 8192)
 #: whether :meth:`ComputeModel.from_device` turns the shape model on (docs/calibration.md, ablation)
 GEMM_SHAPE_MODEL_DEFAULT = True
 #: whether :meth:`ComputeModel.from_device` uses the measured kernel tables (docs/calibration.md)
-KERNEL_TABLES_DEFAULT = False
+KERNEL_TABLES_DEFAULT = True
 #: dtypes whose GEMMs the tables time (others keep the roofline)
 _TABLE_DTYPES = ("bf16", "fp16", "fp8")
 
