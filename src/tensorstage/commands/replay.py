@@ -1,4 +1,10 @@
-"""``tensorstage replay --bench`` and ``tensorstage calibrate-network``: measure, compare, calibrate.
+"""``tensorstage replay`` and ``tensorstage calibrate-network``: measure, compare, calibrate.
+
+* ``replay MODEL [plan flags] | --trace DIR``: every communication node of every rank of the
+  plan's mesh run on one process per rank, in program order, sizes times ``--scale``, compute
+  skipped or slept (:mod:`tensorstage.replay.step`); prints measured vs simulated communication
+  per class and kind; ``--timeline`` writes the Perfetto trace (one track per rank, then the
+  simulated timeline of the same slice).
 
 * ``replay --bench``: the microbenchmark sweep (:func:`tensorstage.replay.bench.run_microbench`)
   on ``--ranks`` real processes (gloo), on emulated links (network namespaces + ``tc``, root) or
@@ -17,6 +23,7 @@ from pathlib import Path
 import typer
 
 from tensorstage.errors import SpecError
+from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
 
 _SIZE = re.compile(r"^(\d+)\s*([KMG]?)(i?B)?$", re.IGNORECASE)
@@ -57,11 +64,85 @@ def _print_bench(doc: dict) -> None:
         typer.echo(f"note: {n}")
 
 
+def _print_step(doc: dict) -> None:
+    rows = []
+    for pc in doc["per_class"]:
+        label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
+        for kind, v in pc["by_kind"].items():
+            rows.append([label, kind, v["nodes"], v["measured_s"] * 1e3, v["simulated_s"] * 1e3])
+        rows.append([label, "total", sum(v["nodes"] for v in pc["by_kind"].values()), pc["comm_measured_s"] * 1e3,
+                     pc["comm_simulated_s"] * 1e3])
+    print_table(f"Step communication, measured vs simulated ({doc['links']['ranks']} processes, {doc['network']})",
+                ["class", "kind", "nodes", "measured ms", "simulated ms"], rows)
+    typer.echo(f"replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms (ops one after another per rank); "
+               f"simulated step of the same slice {doc['simulated_step_s'] * 1e3:.1f} ms (streams overlapped)")
+    for n in doc["notes"]:
+        typer.echo(f"note: {n}")
+
+
+def _step_markdown(doc: dict) -> str:
+    lines = [f"# Step replay: {doc['links']['ranks']} processes on {doc['network']}", "",
+             f"Inputs: `{json.dumps(doc['inputs'], sort_keys=True)}`", "",
+             "| class | kind | nodes | measured ms | simulated ms |", "| --- | --- | ---: | ---: | ---: |"]
+    for pc in doc["per_class"]:
+        label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
+        for kind, v in pc["by_kind"].items():
+            lines.append(f"| {label} | {kind} | {v['nodes']} | {v['measured_s'] * 1e3:.2f} | {v['simulated_s'] * 1e3:.2f} |")
+        lines.append(f"| {label} | **total** | | {pc['comm_measured_s'] * 1e3:.2f} | {pc['comm_simulated_s'] * 1e3:.2f} |")
+    lines += ["", f"Replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms; simulated step of the same slice "
+              f"{doc['simulated_step_s'] * 1e3:.1f} ms.", ""] + [f"- {n}" for n in doc["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def _replay_step(model: str | None, trace: Path | None, plan: object, links_for: object, kw: dict,
+                 json_out: bool, timeline: Path | None, report: Path | None) -> None:
+    from tensorstage.replay.step import replay_model, replay_trace, step_dict
+    from tensorstage.replay.timeline import replay_trace_events
+
+    if trace is not None:
+        if model is not None:
+            raise SpecError("model", "give a MODEL or --trace, not both")
+        if plan != ParallelPlan.parse({}):
+            raise SpecError("plan", "plan flags and -c do not apply to --trace: the traces fix the plan")
+        res = replay_trace(trace, links_for, **kw)
+    else:
+        if model is None:
+            raise SpecError("model", "missing MODEL (or --trace DIR, or --bench)")
+        res = replay_model(model, plan, links_for, **kw)
+    doc = step_dict(res)
+    events = replay_trace_events(res) if (timeline is not None or report is not None) else None
+    if timeline is not None:
+        from tensorstage.fileio import write_text_atomic
+
+        write_text_atomic(timeline, json.dumps(events) + "\n")
+    if report is not None:
+        from tensorstage.replay.report import write_report
+
+        write_report(report, doc, _step_markdown(doc), plot=False, extra={"timeline.json": events})
+    if json_out:
+        print_json(doc)
+    else:
+        _print_step(doc)
+
+
 def register(app: typer.Typer) -> None:
+    from tensorstage.commands.planopts import with_plan_options
+
     @app.command("replay")
+    @with_plan_options
     def replay(
+        model: str | None = typer.Argument(None, help="Model to lower and replay (or --trace DIR, or --bench)."),
+        plan: ParallelPlan = None,  # type: ignore[assignment]  # filled in by with_plan_options
+        trace: Path | None = typer.Option(None, "--trace", help="Replay the Chakra ET files in this directory."),
         bench: bool = typer.Option(False, "--bench", help="Run the collective/send-recv microbenchmark sweep."),
-        ranks: int = typer.Option(8, "--ranks", help="Processes to start."),
+        ranks: int | None = typer.Option(None, "--ranks", help="Processes to start (bench: 8; replay: the "
+                                         "plan's world size, which it must equal)."),
+        scale: float = typer.Option(0.01, "--scale", help="Replay: factor on every message size (0 < F <= 1)."),
+        compute: str = typer.Option("skip", "--compute", help="Replay: compute nodes skip|wait (sleep for "
+                                    "their simulated duration on --system)."),
+        system: str = typer.Option("dgx-h100-superpod", "--system", help="Replay: system whose device times "
+                                   "compute nodes (links come from the --link flags)."),
+        timeline: Path | None = typer.Option(None, "--timeline", help="Replay: write the Perfetto trace here."),
         network: str = typer.Option("auto", "--network", help="auto|netns|loopback (netns needs root)."),
         link_GBps: float = typer.Option(0.0125, "--link-GBps", help="Per-rank link rate, GB/s each direction "
                                         "(intra-node tier); emulated with tc, or assumed on loopback."),
@@ -80,17 +161,29 @@ def register(app: typer.Typer) -> None:
         report: Path | None = typer.Option(None, "--report", help="Write result.json, report.md and a plot here."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
-        """Run communication on real processes (gloo) over emulated links and compare with the model."""
+        """Run a plan's communication (or the --bench sweep) on real processes over emulated links."""
         from tensorstage.replay.bench import bench_dict, make_links, run_microbench
         from tensorstage.replay.report import bench_markdown, write_report
 
-        if not bench:
-            raise SpecError("replay", "give --bench (the microbenchmark sweep)")
         if report is not None:
             from tensorstage.fileio import require_replaceable_dir
 
             require_replaceable_dir(report, "report")
-        links = make_links(ranks, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
+        if timeline is not None and timeline.is_dir():
+            raise SpecError("timeline", f"{timeline} is a directory; give a file path (e.g. replay.json)")
+        if not bench:
+            def links_for(world: int) -> object:
+                if ranks is not None and ranks != world:
+                    raise SpecError("ranks", f"the plan has {world} ranks; --ranks must equal it (got {ranks})")
+                return make_links(world, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
+
+            kw = {"system": system, "scale": scale, "compute": compute, "network": network, "timeout_s": timeout_s,
+                  "max_bytes": int(max_gib * 2**30), "inputs": {"scale": scale, "compute": compute}}
+            _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report)
+            return
+        if model is not None or trace is not None or plan != ParallelPlan.parse({}):
+            raise SpecError("bench", "--bench takes no MODEL, --trace or plan flags")
+        links = make_links(ranks or 8, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
         res = run_microbench(links, network=network, ops=parse_ops(ops), sizes_bytes=parse_sizes(sizes),
                              warmup=warmup, repeats=repeats, timeout_s=timeout_s, max_bytes=int(max_gib * 2**30))
         doc = bench_dict(res)
