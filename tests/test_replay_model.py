@@ -148,3 +148,13 @@ def test_results_file_that_is_not_a_bench_result_is_refused(tmp_path: Path) -> N
         bench_from_dict({"kind": "something else"})
     with pytest.raises(SpecError, match="node_size"):
         make_links(8, 1.0, 0.0, node_size=8, inter_GBps=1.0)
+
+
+def test_without_root_netns_is_a_one_line_error_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tensorstage.replay import bench, netns
+
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(SpecError, match="network: emulated links need root"):
+        bench.choose_network("netns")
+    mode, notes = bench.choose_network("auto")
+    assert mode == "loopback" and "need root" in notes[0]

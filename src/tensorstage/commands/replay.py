@@ -204,6 +204,8 @@ def register(app: typer.Typer) -> None:
         system: str = typer.Option(..., "--system", help="Base system preset or YAML (devices, dimensions)."),
         out: Path = typer.Option(..., "--out", help="System YAML to write."),
         min_kib: int = typer.Option(0, "--min-kib", help="Fit only cases of at least this size (KiB)."),
+        fit_ops: str = typer.Option("all_reduce,all_gather,reduce_scatter,send_recv", "--fit-ops",
+                                    help="Operations the fit uses (all_to_all: many flows per port, left out)."),
         json_out: bool = typer.Option(False, "--json", help="Print the fit as JSON."),
     ) -> None:
         """Fit alpha-beta per link tier from replay results and write a calibrated system file."""
@@ -219,7 +221,7 @@ def register(app: typer.Typer) -> None:
             raise SpecError("results", f"{results}: not JSON ({exc})") from None
         links, samples, network = bench_from_dict(data)
         base = load_base_system(system)
-        fits = fit_tiers(compare(samples, links), links, min_kib * 1024)
+        fits = fit_tiers(compare(samples, links), links, min_kib * 1024, parse_ops(fit_ops))
         spec = calibrated_system(base, fits, results.name, network)
         write_system_yaml(spec, out)
         doc = {"system": spec.name, "out": str(out),
