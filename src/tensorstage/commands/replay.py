@@ -69,11 +69,12 @@ def _print_step(doc: dict) -> None:
     for pc in doc["per_class"]:
         label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
         for kind, v in pc["by_kind"].items():
-            rows.append([label, kind, v["nodes"], v["measured_s"] * 1e3, v["simulated_s"] * 1e3])
+            rows.append([label, kind, v["nodes"], v["measured_s"] * 1e3, v["simulated_s"] * 1e3,
+                         v["gloo_model_s"] * 1e3])
         rows.append([label, "total", sum(v["nodes"] for v in pc["by_kind"].values()), pc["comm_measured_s"] * 1e3,
-                     pc["comm_simulated_s"] * 1e3])
+                     pc["comm_simulated_s"] * 1e3, pc["comm_gloo_model_s"] * 1e3])
     print_table(f"Step communication, measured vs simulated ({doc['links']['ranks']} processes, {doc['network']})",
-                ["class", "kind", "nodes", "measured ms", "simulated ms"], rows)
+                ["class", "kind", "nodes", "measured ms", "simulated ms", "gloo model ms"], rows)
     typer.echo(f"replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms (ops one after another per rank); "
                f"simulated step of the same slice {doc['simulated_step_s'] * 1e3:.1f} ms (streams overlapped)")
     for n in doc["notes"]:
@@ -83,12 +84,15 @@ def _print_step(doc: dict) -> None:
 def _step_markdown(doc: dict) -> str:
     lines = [f"# Step replay: {doc['links']['ranks']} processes on {doc['network']}", "",
              f"Inputs: `{json.dumps(doc['inputs'], sort_keys=True)}`", "",
-             "| class | kind | nodes | measured ms | simulated ms |", "| --- | --- | ---: | ---: | ---: |"]
+             "| class | kind | nodes | measured ms | simulated ms | gloo model ms |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
     for pc in doc["per_class"]:
         label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
         for kind, v in pc["by_kind"].items():
-            lines.append(f"| {label} | {kind} | {v['nodes']} | {v['measured_s'] * 1e3:.2f} | {v['simulated_s'] * 1e3:.2f} |")
-        lines.append(f"| {label} | **total** | | {pc['comm_measured_s'] * 1e3:.2f} | {pc['comm_simulated_s'] * 1e3:.2f} |")
+            lines.append(f"| {label} | {kind} | {v['nodes']} | {v['measured_s'] * 1e3:.2f} | {v['simulated_s'] * 1e3:.2f} | "
+                         f"{v['gloo_model_s'] * 1e3:.2f} |")
+        lines.append(f"| {label} | **total** | | {pc['comm_measured_s'] * 1e3:.2f} | {pc['comm_simulated_s'] * 1e3:.2f} | "
+                     f"{pc['comm_gloo_model_s'] * 1e3:.2f} |")
     lines += ["", f"Replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms; simulated step of the same slice "
               f"{doc['simulated_step_s'] * 1e3:.1f} ms.", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"

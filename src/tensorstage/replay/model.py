@@ -78,11 +78,21 @@ class Links:
                        Tier(b.name, self.ranks // self.node_size, b.rate_Bps, b.latency_s)))
 
     def members(self, ranks: tuple[int, ...]) -> tuple[int, ...]:
-        """Members per tier domain of a contiguous group starting at rank 0 (how the sweep groups are)."""
+        """Members per tier domain of a group: ``(most members inside one node, all members)``."""
         n = len(ranks)
         if not self.two_tier:
             return (n,)
-        return (min(n, self.node_size), n)
+        per_node: dict[int, int] = {}
+        for r in ranks:
+            per_node[r // self.node_size] = per_node.get(r // self.node_size, 0) + 1
+        return (max(per_node.values()), n)
+
+    def label(self, ranks: tuple[int, ...], p2p: bool) -> str:
+        """The sweep's group label a group of ``ranks`` behaves as: inside one node or across nodes."""
+        inside = not self.two_tier or len({r // self.node_size for r in ranks}) == 1
+        if p2p:
+            return "p2p-intra" if inside else "p2p-inter"
+        return "node" if inside and self.two_tier else "world"
 
     def tier_of(self, case: BenchCase) -> int:
         """Index of the tier whose link bounds ``case`` (the slowest tier the group spans)."""

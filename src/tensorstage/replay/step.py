@@ -8,7 +8,9 @@ with its simulated node.
 
 Measured time of an operation = ``max(end) - max(start)`` over the ranks that took part (from the
 last arrival to the last completion); simulated = the node's ``end - start`` (transfer time; a
-send/recv pair is charged to the send, which the simulator moves eagerly). Per class and
+send/recv pair is charged to the send, which the simulator moves eagerly); beside both, gloo's
+own algorithm on the same links (:func:`tensorstage.replay.model.gloo_time_s`: e.g. its
+reduce-scatter is an all-reduce of the input, twice the simulator's ring). Per class and
 node, the measured time is the mean over the groups (or rank pairs) that ran it; the step's
 communication per class is the sum over its nodes, by kind, measured beside simulated; the measured wall time of the whole replay and the simulated step time of the
 same slice are reported too (the processes run each rank's ops one after another, the simulator
@@ -27,7 +29,8 @@ from typing import Any
 from tensorstage.errors import SpecError
 from tensorstage.replay.bench import choose_network
 from tensorstage.replay.launch import Placement, run_ranks
-from tensorstage.replay.model import Links
+from tensorstage.replay.microbench import BenchCase
+from tensorstage.replay.model import Links, gloo_time_s
 from tensorstage.replay.netns import EmulatedNetwork
 from tensorstage.replay.program import RankOps, rank_ops, scaled_programs
 from tensorstage.schedule.program import NodeKind, Program
@@ -127,6 +130,7 @@ def measured_nodes(res: StepReplay) -> list[dict[str, Any]]:
     groups or pairs that ran it) and simulated seconds, with the node's name and kind."""
     spans: dict[str, list[tuple[int, int]]] = defaultdict(list)
     where: dict[str, tuple[str, int, int]] = {}
+    case_of: dict[str, BenchCase] = {}
     for r, out in enumerate(res.results):
         for rec in out["records"]:
             if rec["kind"] == "wait":
@@ -135,19 +139,28 @@ def measured_nodes(res: StepReplay) -> list[dict[str, Any]]:
             c, nid = res.rank_ops.origin[r][rec["i"]]
             if rec["key"] not in where or rec["kind"] == "send":
                 where[rec["key"]] = (rec["kind"], c, nid)
+            if rec["key"] not in case_of:
+                op = res.rank_ops.ops[r][rec["i"]]
+                p2p = op.kind in ("send", "recv")
+                ranks = tuple(sorted((r, op.peer))) if p2p else tuple(res.rank_ops.groups[op.group])
+                case_of[rec["key"]] = BenchCase("send_recv" if p2p else op.kind, res.links.label(ranks, p2p), ranks,
+                                                op.bytes)
     per_node: dict[tuple[int, int], list[float]] = defaultdict(list)
+    gloo: dict[tuple[int, int], list[float]] = defaultdict(list)
     kinds: dict[tuple[int, int], str] = {}
     for key, s in spans.items():
         kind, c, nid = where[key]
         per_node[(c, nid)].append((max(e for _, e in s) - max(b for b, _ in s)) * 1e-9)
         kinds[(c, nid)] = "send_recv" if kind in ("send", "recv") else kind
+        gloo[(c, nid)].append(gloo_time_s(case_of[key], res.links))
     ex = res.execution
     out_nodes = []
     for (c, nid) in sorted(per_node):
         g = ex.offsets[c] + nid
         ts = per_node[(c, nid)]
         out_nodes.append({"class": c, "node": nid, "name": res.programs[c].nodes[nid].name, "kind": kinds[(c, nid)],
-                          "instances": len(ts), "measured_s": sum(ts) / len(ts), "simulated_s": ex.end[g] - ex.start[g]})
+                          "instances": len(ts), "measured_s": sum(ts) / len(ts), "simulated_s": ex.end[g] - ex.start[g],
+                          "gloo_model_s": sum(gloo[(c, nid)]) / len(ts)})
     return out_nodes
 
 
@@ -159,10 +172,12 @@ def step_dict(res: StepReplay) -> dict[str, Any]:
         mine = [o for o in ops if o["class"] == c]
         by_kind = {k: {"nodes": sum(1 for o in mine if o["kind"] == k),
                        "measured_s": sum(o["measured_s"] for o in mine if o["kind"] == k),
+                       "gloo_model_s": sum(o["gloo_model_s"] for o in mine if o["kind"] == k),
                        "simulated_s": sum(o["simulated_s"] for o in mine if o["kind"] == k)} for k in _KINDS}
         per_class.append({"class_key": dict(p.class_key), "ranks": res.execution.ranks[c],
                           "comm_measured_s": sum(o["measured_s"] for o in mine),
                           "comm_simulated_s": sum(o["simulated_s"] for o in mine),
+                          "comm_gloo_model_s": sum(o["gloo_model_s"] for o in mine),
                           "by_kind": {k: v for k, v in by_kind.items() if v["nodes"]}})
     starts = [rec["start_ns"] for out in res.results for rec in out["records"]]
     ends = [rec["end_ns"] for out in res.results for rec in out["records"]]
