@@ -67,7 +67,13 @@ def netns_unavailable_reason() -> str | None:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, check=False)
     if made.returncode != 0:
         return f"cannot create a network namespace: {made.stderr.strip() or made.returncode}"
-    subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
+    try:
+        htb = subprocess.run(["ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:",
+                              "htb"], capture_output=True, text=True, check=False)
+        if htb.returncode != 0:
+            return f"the kernel cannot shape links (tc htb): {htb.stderr.strip() or htb.returncode}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
