@@ -2,7 +2,7 @@
 
 Why separate processes (not threads): gloo's cost on real sockets is what is measured, and in
 the emulated-network mode every rank lives in its own network namespace, which only a process
-can enter (``ip netns exec``). Workers get their own session, so a Ctrl-C reaches only this
+can enter (``ip netns exec``). Workers run in their own process group, so a Ctrl-C reaches only this
 process, which then stops every worker it started (by pid) before the network is torn down.
 
 Bounded in time: the whole run has a wall-clock limit (``timeout_s``); on expiry, on a worker
