@@ -49,3 +49,19 @@ def test_tp2_pp2_dp2_step_replays_every_communication_node_in_order(tmp_path: Pa
     assert {f"replay rank {r}" for r in range(8)} <= names
     assert sum(n.startswith("simulated") for n in names) == len(lw.programs)
     json.dumps(events)
+
+
+def test_dp0_slice_keeps_tp_groups_and_pipeline_pairs_and_counts_what_it_leaves_out() -> None:
+    from tensorstage.replay.program import rank_ops, slice_ranks
+
+    plan = ParallelPlan(tp=2, pp=2, dp=2, sp=True, zero=1, seq=128, global_batch=4, micro_batch=1)
+    lw = lower(megatron_gpt(L=2, h=256, a=8, V=1024, s=128), plan, fuse=True)
+    members = slice_ranks(lw.mesh, {"dp": 0})
+    assert members == [0, 1, 4, 5]  # Megatron order: tp innermost (stride 1), dp stride 2, pp stride 4
+    ro = rank_ops(lw.programs, lw.mesh, ranks=members)
+    assert sorted(ro.groups) == [[0, 1], [2, 3]]  # the two TP groups, in process indices
+    peers = {(i, o.peer) for i, ops in enumerate(ro.ops) for o in ops if o.kind in ("send", "recv")}
+    assert peers == {(0, 2), (2, 0), (1, 3), (3, 1)}  # pipeline neighbours stay inside the slice
+    dp_nodes = sum(1 for r in members for n in next(p for p in lw.programs if p.class_key["pp"] == lw.mesh.coord(r, "pp")).nodes
+                   if n.kind == NodeKind.COLL and "dp" in n.axes)
+    assert sum(ro.skipped.values()) == dp_nodes > 0

@@ -64,6 +64,19 @@ def _print_bench(doc: dict) -> None:
         typer.echo(f"note: {n}")
 
 
+def parse_slice(text: str | None) -> dict[str, int]:
+    """``"dp=0,cp=0"`` -> ``{"dp": 0, "cp": 0}`` (mesh axis coordinates the replayed ranks have)."""
+    out: dict[str, int] = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        axis, _, value = part.partition("=")
+        if not value.strip().isdigit():
+            raise SpecError("slice", f"not AXIS=COORD: {part!r} (e.g. dp=0 or dp=0,cp=0)")
+        out[axis.strip()] = int(value)
+    return out
+
+
 def _print_step(doc: dict) -> None:
     rows = []
     for pc in doc["per_class"]:
@@ -140,7 +153,9 @@ def register(app: typer.Typer) -> None:
         trace: Path | None = typer.Option(None, "--trace", help="Replay the Chakra ET files in this directory."),
         bench: bool = typer.Option(False, "--bench", help="Run the collective/send-recv microbenchmark sweep."),
         ranks: int | None = typer.Option(None, "--ranks", help="Processes to start (bench: 8; replay: the "
-                                         "plan's world size, which it must equal)."),
+                                         "ranks replayed, which it must equal)."),
+        slice_: str | None = typer.Option(None, "--slice", help="Replay: only ranks with these mesh "
+                                          "coordinates, e.g. dp=0 (one TP group per pipeline stage)."),
         scale: float = typer.Option(0.01, "--scale", help="Replay: factor on every message size (0 < F <= 1)."),
         compute: str = typer.Option("skip", "--compute", help="Replay: compute nodes skip|wait (sleep for "
                                     "their simulated duration on --system)."),
@@ -178,15 +193,16 @@ def register(app: typer.Typer) -> None:
         if not bench:
             def links_for(world: int) -> object:
                 if ranks is not None and ranks != world:
-                    raise SpecError("ranks", f"the plan has {world} ranks; --ranks must equal it (got {ranks})")
+                    raise SpecError("ranks", f"{world} ranks are replayed; --ranks must equal it (got {ranks})")
                 return make_links(world, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
 
             kw = {"system": system, "scale": scale, "compute": compute, "network": network, "timeout_s": timeout_s,
-                  "max_bytes": int(max_gib * 2**30), "inputs": {"scale": scale, "compute": compute}}
+                  "max_bytes": int(max_gib * 2**30), "fixed": parse_slice(slice_),
+                  "inputs": {"scale": scale, "compute": compute, "slice": slice_ or "all"}}
             _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report)
             return
-        if model is not None or trace is not None or plan != ParallelPlan.parse({}):
-            raise SpecError("bench", "--bench takes no MODEL, --trace or plan flags")
+        if model is not None or trace is not None or slice_ or plan != ParallelPlan.parse({}):
+            raise SpecError("bench", "--bench takes no MODEL, --trace, --slice or plan flags")
         links = make_links(ranks or 8, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
         res = run_microbench(links, network=network, ops=parse_ops(ops), sizes_bytes=parse_sizes(sizes),
                              warmup=warmup, repeats=repeats, timeout_s=timeout_s, max_bytes=int(max_gib * 2**30))

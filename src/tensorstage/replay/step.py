@@ -16,8 +16,8 @@ communication per class is the sum over its nodes, by kind, measured beside simu
 same slice are reported too (the processes run each rank's ops one after another, the simulator
 overlaps streams, so these differ by design; the per-operation sums are the like-for-like view).
 
-Only whole meshes are replayed: ``--ranks`` must equal the plan's world size (a plan of a few
-ranks, such as TP2 x PP2 x DP2 = 8, keeps every communicator's shape).
+The whole mesh is replayed, or a slice of it (``--slice dp=0``: the ranks with those coordinates,
+e.g. one TP group per pipeline stage); ``--ranks`` must equal the number of ranks replayed.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tensorstage.replay.launch import Placement, run_ranks
 from tensorstage.replay.microbench import BenchCase
 from tensorstage.replay.model import Links, gloo_time_s
 from tensorstage.replay.netns import EmulatedNetwork
-from tensorstage.replay.program import RankOps, rank_ops, scaled_programs
+from tensorstage.replay.program import RankOps, rank_ops, scaled_programs, slice_ranks
 from tensorstage.schedule.program import NodeKind, Program
 
 _KINDS = ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")
@@ -63,16 +63,18 @@ def _bounds(ro: RankOps, max_bytes: int) -> None:
 
 def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system: str, dtype: str = "bf16",
                     scale: float = 0.01, compute: str = "skip", network: str = "auto", timeout_s: float = 600.0,
-                    max_bytes: int = 4 * 2**30, inputs: dict[str, Any] | None = None) -> StepReplay:
-    """Simulate and run the scaled slice (module docstring)."""
+                    max_bytes: int = 4 * 2**30, inputs: dict[str, Any] | None = None,
+                    fixed: dict[str, int] | None = None) -> StepReplay:
+    """Simulate and run the scaled slice (module docstring); ``fixed``: axis coordinates that
+    select the replayed ranks (:func:`tensorstage.replay.program.slice_ranks`), default all."""
     from tensorstage.hardware import load_system
     from tensorstage.sim import execute, machine_from_system
 
     if not 0 < scale <= 1:
         raise SpecError("scale", f"must be in (0, 1], got {scale}")
-    if links.ranks != mesh.world:
-        raise SpecError("ranks", f"the plan has {mesh.world} ranks; --ranks must equal it (got {links.ranks}); "
-                        "replay a plan of fewer ranks (e.g. --dp 1) on small machines")
+    members = slice_ranks(mesh, fixed or {})
+    if links.ranks != len(members):
+        raise SpecError("ranks", f"the slice has {len(members)} ranks; --ranks must equal it (got {links.ranks})")
     scaled = scaled_programs(programs, scale, compute)
     machine = machine_from_system(load_system(system, mesh.world), dtype)
     machine = replace(machine, fabric=links.fabric())
@@ -84,7 +86,7 @@ def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system:
                 if n.kind == NodeKind.COMP:
                     g = ex.offsets[c] + n.id
                     compute_s[(c, n.id)] = ex.end[g] - ex.start[g]
-    ro = rank_ops(scaled, mesh, compute, compute_s)
+    ro = rank_ops(scaled, mesh, compute, compute_s, members)
     _bounds(ro, max_bytes)
     sim_s = ex.step_time_s
     if sim_s > 0.8 * timeout_s:
@@ -97,6 +99,9 @@ def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system:
             results = run_ranks(ro.groups, ro.ops, place, timeout_s)
     else:
         results = run_ranks(ro.groups, ro.ops, Placement.loopback(links.ranks), timeout_s)
+    if ro.skipped:
+        notes.append("left out (their group or peer is outside the slice), summed over ranks: "
+                     + ", ".join(f"{v} {k}" for k, v in ro.skipped.items()))
     return StepReplay(scaled, mesh, links, mode, ex, ro, results, dict(inputs or {}), notes)
 
 
@@ -108,7 +113,8 @@ def replay_model(model: str, plan: Any, links_for: Any, **kw: Any) -> StepReplay
 
     lowered = lower(resolve_model(model), plan, fuse=True)
     inputs = {"source": "model", "model": model, "plan": plan.summary(), **kw.pop("inputs", {})}
-    return replay_programs(lowered.programs, lowered.mesh, links_for(lowered.mesh.world), dtype=plan.dtype,
+    members = slice_ranks(lowered.mesh, kw.get("fixed") or {})
+    return replay_programs(lowered.programs, lowered.mesh, links_for(len(members)), dtype=plan.dtype,
                            inputs=inputs, **kw)
 
 
@@ -120,7 +126,8 @@ def replay_trace(directory: Any, links_for: Any, **kw: Any) -> StepReplay:
 
     trace = programs_from_trace(directory)
     inputs = {"source": "trace", "trace": Path(directory).name, **kw.pop("inputs", {})}
-    res = replay_programs(trace.programs, trace.mesh, links_for(trace.mesh.world), inputs=inputs, **kw)
+    members = slice_ranks(trace.mesh, kw.get("fixed") or {})
+    res = replay_programs(trace.programs, trace.mesh, links_for(len(members)), inputs=inputs, **kw)
     res.notes.extend(trace.notes)
     return res
 

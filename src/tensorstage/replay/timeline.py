@@ -21,7 +21,8 @@ def replay_trace_events(res: StepReplay) -> dict[str, Any]:
     t0 = min((rec["start_ns"] for out in res.results for rec in out["records"]), default=0)
     events: list[dict[str, Any]] = []
     for r, out in enumerate(res.results):
-        events.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"replay rank {r}"}})
+        rank = res.rank_ops.ranks[r] if res.rank_ops.ranks else r
+        events.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"replay rank {rank}"}})
         events.append({"ph": "M", "name": "thread_name", "pid": r, "tid": 0, "args": {"name": "ops"}})
         for rec in out["records"]:
             c, nid = res.rank_ops.origin[r][rec["i"]]
