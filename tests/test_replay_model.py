@@ -133,6 +133,15 @@ def test_calibrate_network_cli(tmp_path: Path) -> None:
     (["replay", "--bench", "--link-GBps", "0"], "link_GBps"),
     (["replay", "--bench", "--sizes", "64M", "--max-gib", "0.01"], "max_bytes"),
     (["replay", "--bench", "--sizes", "64M", "--link-GBps", "0.0001", "--timeout-s", "5"], "timeout_s"),
+    (["replay"], "model"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--slice", "dp=9"], "slice"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--slice", "zz=0"], "slice"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--slice", "dp"], "slice"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--ranks", "3"], "ranks"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--scale", "0"], "scale"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--compute", "simulate"], "compute"),
+    (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--scale", "1", "--max-gib", "0.01"], "scale"),
+    (["replay", "--bench", "--tp", "2"], "bench"),
 ])
 def test_bad_replay_input_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              args: list[str], field: str) -> None:
