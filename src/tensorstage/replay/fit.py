@@ -9,8 +9,9 @@ counts as much as a 64 MiB one); a negative ``alpha`` (noise at small sizes) is 
 
 By default the fit uses the operations that put one TCP flow on each port (ring all-reduce,
 all-gather, reduce-scatter, send/recv: :data:`FIT_OPS`). All-to-all runs ``n-1`` concurrent flows
-per port and finishes with the slowest of them, measured 10-30 % above the port-rate model on a
-shaped link (docs/benchmarks.md); that is a transport effect, not the link's alpha or beta, so it
+per port, each pair both ways at once (which gloo serializes), and finishes with the slowest of
+them, measured 10-30 % above the port-rate model on a shaped link (docs/benchmarks.md); that is a
+transport effect, not the link's alpha or beta, so it
 stays visible in the comparison instead of dragging the fitted bandwidth down.
 """
 
