@@ -123,10 +123,13 @@ def _nearest(keys: list[int], x: int) -> int:
 class KernelTables:
     """The measured kernel model of one device (see module docstring); ``None`` where it has no table."""
 
-    def __init__(self, data: dict, scale: float = 1.0) -> None:
+    def __init__(self, data: dict, scale: float = 1.0, compute_scale: float = 1.0) -> None:
         self.device: str = data["device"]
         self.data = data
         self._scale = scale  # multiplies every time (tests use it to show the held-out check can fail)
+        # multiplies compute-bound times only (GEMM, attention): the sustained-clock anchor, see
+        # :meth:`sustained`; decode attention is HBM-bound and keeps the measured time
+        self._compute_scale = compute_scale
         self._gemm = {dt: (Surface.from_json(t), t["quantization"], float(t["ref_flops"]))
                       for dt, t in data.get("gemm", {}).items()}
         self._attn = {int(hd): Surface.from_json(t) for hd, t in data.get("attention_fwd", {}).get("head_dim", {}).items()}
@@ -153,7 +156,7 @@ class KernelTables:
         eff = surf(log2(rows), log2(n), log2(k))
         if quant == "tile128":
             eff *= tile_quantization(m, n)  # per group: each of the batch GEMMs pads its own tiles
-        return 2.0 * batch * m * n * k / (ref * eff) * self._scale
+        return 2.0 * batch * m * n * k / (ref * eff) * self._scale * self._compute_scale
 
     def attention_fwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
                         causal: bool = True, work: float | None = None) -> float | None:
@@ -165,7 +168,7 @@ class KernelTables:
         frac = (0.5 if causal else 1.0) if work is None else work
         flops = 4.0 * batch * heads * q_len * kv_len * head_dim * frac
         eff = self._attn[hd](log2(batch * heads), log2(q_len))
-        return flops / (self._attn_ref * eff) * self._scale
+        return flops / (self._attn_ref * eff) * self._scale * self._compute_scale
 
     def attention_bwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
                         causal: bool = True, work: float | None = None) -> float | None:
@@ -185,7 +188,16 @@ class KernelTables:
 
     def scaled(self, factor: float) -> KernelTables:
         """The same tables with every time multiplied by ``factor``."""
-        return KernelTables(self.data, self._scale * factor)
+        return KernelTables(self.data, self._scale * factor, self._compute_scale)
+
+    def sustained(self, factor: float) -> KernelTables:
+        """The same tables with compute-bound (GEMM, attention) times multiplied by ``factor``."""
+        return KernelTables(self.data, self._scale, self._compute_scale * factor)
+
+    def reference_gemm_efficiency(self, peak_flops: float) -> float | None:
+        """Measured fraction of ``peak_flops`` of the bf16 reference GEMM (8192^3), as tabulated."""
+        t = self.gemm_s(1, 8192, 8192, 8192, "bf16")
+        return None if t is None else 2.0 * 8192**3 / (t / self._compute_scale) / peak_flops
 
 
 #: package folder of the committed tables
