@@ -255,8 +255,11 @@ def transformer_layer(
     routing_skew: float,
     dropless: bool = True,
 ) -> Tensor:
-    """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.)))."""
+    """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.))); or the parallel
+    block of GPT-J / PaLM / GPT-NeoX (:func:`parallel_layer`)."""
     train = cfg.phase == "train"
+    if spec.parallel_block:
+        return parallel_layer(bld, x, spec, cfg, moe_layer, capacity_factor, routing_skew, dropless)
     a = _norm(bld, "input_norm", x, spec, cfg)
     a = (mla_attention if spec.mla is not None else attention)(bld, a, spec, cfg)
     if cfg.dropout and train:
@@ -267,6 +270,37 @@ def transformer_layer(
     if cfg.dropout and train:
         m = bld.dropout("mlp.out_dropout", m)
     return bld.add("mlp.residual", x, m)
+
+
+def parallel_layer(
+    bld: Builder,
+    x: Tensor,
+    spec: ModelSpec,
+    cfg: LayerConfig,
+    moe_layer: bool,
+    capacity_factor: float,
+    routing_skew: float,
+    dropless: bool = True,
+) -> Tensor:
+    """Parallel block: x + Drop(Attn(Norm(x))) + Drop(MLP(Norm'(x))), Norm' = Norm when
+    ``parallel_norms`` is 1 (GPT-J's ``ln_1``, PaLM), its own norm when 2 (GPT-NeoX).
+
+    The branch outputs are summed before the residual add, so under tensor parallelism the two
+    row-parallel partial sums are reduced by one all-reduce (PaLM sec. 2; GPT-NeoX's
+    ``gpt_j_residual``: dropout per branch on the partial sums, one ``reduce`` after the sum).
+    Dropout is marked ``on_partial_sum``: with the TP group's shared RNG state its mask is the
+    same on every rank, so it applies to partial sums and the propagation keeps them unreduced.
+    """
+    train = cfg.phase == "train"
+    a_in = _norm(bld, "input_norm", x, spec, cfg)
+    m_in = a_in if spec.parallel_norms == 1 else _norm(bld, "post_attention_norm", x, spec, cfg)
+    a = (mla_attention if spec.mla is not None else attention)(bld, a_in, spec, cfg)
+    m = moe(bld, m_in, spec, capacity_factor, routing_skew, dropless) if moe_layer else mlp(bld, m_in, spec, "f")
+    if cfg.dropout and train:
+        a = bld.dropout("attn.out_dropout", a, on_partial_sum=True)
+        m = bld.dropout("mlp.out_dropout", m, on_partial_sum=True)
+    y = bld.add("parallel.branch_sum", a, m)
+    return bld.add("mlp.residual", x, y)
 
 
 def embedding(bld: Builder, spec: ModelSpec, cfg: LayerConfig) -> tuple[Tensor, Tensor]:

@@ -18,7 +18,8 @@ Rules (one placement per tensor on the TP axis):
   region: inputs lacking the head dim must be Replicate; else a sequence-sharded input puts it in the
   sequence-parallel region (each tensor sharded on its own sequence dim: ``s``, ``sk`` or the routed
   token dim ``t``); else a Partial input is reduced to home (all-reduce, or reduce-scatter with SP),
-  except an ``add`` of Partials only, which stays Partial (gradient accumulation);
+  except an ``add`` of Partials only, which stays Partial (gradient accumulation), and an op marked
+  ``on_partial_sum`` (the parallel block's branch dropout, whose mask the TP group shares);
 * outputs lacking the sharded dim of a reduction (norm weight grads, bias grads) come out Partial.
 
 ``avail`` records placements a tensor already has (a tensor gathered once for Q is reused by K
@@ -242,6 +243,10 @@ class Propagator:
         elif any(isinstance(p, Partial) for _, p in acts):
             if op.kind == "add" and all(isinstance(p, Partial) for _, p in acts):
                 return self._finish(op, [], ps, [Partial() for _ in op.outputs])
+            if op.attrs.get("on_partial_sum") and all(isinstance(p, Partial) for _, p in acts):
+                # dropout with a mask shared by the TP group is linear: it stays Partial (parallel block)
+                outs_p = [REPLICATE if o.role == "mask" else Partial() for o in op.outputs]
+                return self._finish(op, [], ps, outs_p)
             target, mode = (want_seq, "seq") if self.sp else ((lambda t: REPLICATE), "rep")
         else:
             target, mode = (lambda t: REPLICATE), "rep"

@@ -23,7 +23,7 @@ Conventions (the same as the Hugging Face implementations of the supported famil
   ``expert_bias`` adds biases to routed and shared experts; layers in ``moe.dense_layers`` carry
   a dense MLP of width ``ffn`` instead;
 * norms: two per layer (before attention, before the MLP) plus the final norm; layernorm has
-  weight and bias, rmsnorm only a weight;
+  weight and bias, rmsnorm only a weight; a parallel block has ``parallel_norms`` per layer;
 * embeddings: token table ``vocab x hidden``, learned positions ``max_seq x hidden``, and an
   LM head ``vocab x hidden`` unless ``tied_embeddings``.
 
@@ -149,7 +149,8 @@ def mlp_params(spec: ModelSpec, width: int, bias: bool) -> int:
 
 def _layer(spec: ModelSpec, moe_layer: bool) -> LayerParams:
     attention = attention_params(spec)
-    norms = 2 * _norm_params(spec, spec.hidden)
+    # a parallel block with one shared norm (GPT-J, PaLM) has one norm per layer, not two
+    norms = (spec.parallel_norms if spec.parallel_block else 2) * _norm_params(spec, spec.hidden)
     if not moe_layer or spec.moe is None:
         return LayerParams(attention, norms, mlp_params(spec, spec.ffn, spec.mlp_bias), 0, 0, 0, 0)
     moe = spec.moe
