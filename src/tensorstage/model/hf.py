@@ -275,6 +275,36 @@ def _gptj(c: _Config, name: str) -> dict[str, Any]:
     }
 
 
+def _bloom(c: _Config, name: str) -> dict[str, Any]:
+    """BloomForCausalLM: ALiBi, LayerNorm after the embedding, biases everywhere, GELU 4h MLP,
+    head tied to the embedding (BloomForCausalLM ties lm_head to word_embeddings)."""
+    # BloomConfig also reads the older spellings n_embed / num_attention_heads / num_hidden_layers
+    hidden = c.opt("hidden_size", c.opt("n_embed"))
+    heads = c.opt("n_head", c.opt("num_attention_heads"))
+    layers = c.opt("n_layer", c.opt("num_hidden_layers"))
+    for key, value in (("hidden_size", hidden), ("n_head", heads), ("n_layer", layers)):
+        if value is None:
+            c.req(key)
+    return {
+        "name": name,
+        "family": "bloom",
+        "num_layers": layers,
+        "hidden": hidden,
+        "num_heads": heads,
+        "ffn": 4 * hidden,
+        "vocab": c.req("vocab_size"),
+        "max_seq": c.opt("seq_length", 2048),
+        "activation": "gelu",
+        "norm": "layernorm",
+        "positions": "alibi",
+        "embed_norm": True,
+        "tied_embeddings": bool(c.opt("tie_word_embeddings", True)),
+        "qkv_bias": True,
+        "out_bias": True,
+        "mlp_bias": True,
+    }
+
+
 _Importer = Callable[[_Config, str], dict[str, Any]]
 
 # architectures[0] -> (model_type, importer)
@@ -290,6 +320,7 @@ ARCHITECTURES: dict[str, tuple[str, _Importer]] = {
     "GPT2LMHeadModel": ("gpt2", _gpt2),
     "GPTNeoXForCausalLM": ("gpt_neox", _gpt_neox),
     "GPTJForCausalLM": ("gptj", _gptj),
+    "BloomForCausalLM": ("bloom", _bloom),
 }
 _BY_MODEL_TYPE: dict[str, _Importer] = {mt: fn for mt, fn in ARCHITECTURES.values()}
 

@@ -25,7 +25,8 @@ Conventions (the same as the Hugging Face implementations of the supported famil
 * norms: two per layer (before attention, before the MLP) plus the final norm; layernorm has
   weight and bias, rmsnorm only a weight; a parallel block has ``parallel_norms`` per layer;
 * embeddings: token table ``vocab x hidden``, learned positions ``max_seq x hidden``, and an
-  LM head ``vocab x hidden`` unless ``tied_embeddings``.
+  LM head ``vocab x hidden`` unless ``tied_embeddings``; ``embed_norm`` adds one norm after the
+  token embedding (BLOOM), counted with the norms; ALiBi positions have no parameters.
 
 "Active" parameters are those a single token touches: everything except the routed experts not
 selected, i.e. non-expert weights + ``top_k`` routed experts + all shared experts per MoE layer.
@@ -172,12 +173,13 @@ def param_counts(spec: ModelSpec) -> ParamCounts:
         embedding += spec.max_seq * spec.hidden
     lm_head = 0 if spec.tied_embeddings else spec.vocab * spec.hidden
     final_norm = _norm_params(spec, spec.hidden)
+    embed_norm = _norm_params(spec, spec.hidden) if spec.embed_norm else 0  # BLOOM: counted in norms
 
     def summed(attr: str) -> int:
         return sum(n * getattr(layer, attr) for n, layer in ((n_dense, dense), (n_moe, moe)) if layer)
 
     layers_total = summed("total")
-    total = embedding + lm_head + final_norm + layers_total
+    total = embedding + lm_head + final_norm + embed_norm + layers_total
     inactive = 0
     if moe is not None and spec.moe is not None:
         inactive = n_moe * (spec.moe.num_experts - spec.moe.top_k) * moe.routed_expert_each
@@ -196,5 +198,5 @@ def param_counts(spec: ModelSpec) -> ParamCounts:
         router=summed("router"),
         routed_experts=summed("routed_experts"),
         shared_experts=summed("shared_experts"),
-        norms=summed("norms") + final_norm,
+        norms=summed("norms") + final_norm + embed_norm,
     )

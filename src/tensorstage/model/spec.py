@@ -16,7 +16,7 @@ from tensorstage.errors import SpecError
 
 Activation = Literal["gelu", "relu", "swiglu", "geglu"]
 Norm = Literal["layernorm", "rmsnorm"]
-Positions = Literal["learned", "rope", "none"]
+Positions = Literal["learned", "rope", "alibi", "none"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
@@ -105,6 +105,8 @@ class ModelSpec(_Frozen):
     # (GPT-NeoX-20B / Pythia, whose two norms are untied).
     parallel_block: bool = False
     parallel_norms: Literal[1, 2] = 1
+    # a norm right after the token embedding (BLOOM's word_embeddings_layernorm)
+    embed_norm: bool = False
     source: str = ""
 
     @model_validator(mode="after")
