@@ -10,7 +10,8 @@
   we add mlp / attn outputs"), so a layer's forward has one all-reduce where the sequential block
   has two (Korthikanti et al. 2022 sec. 4.2); with one shared norm the backward also has one (the
   two column-parallel input gradients are summed first), with two norms it has two. With sequence
-  parallelism: one reduce-scatter forward and one all-gather per norm.
+  parallelism: one reduce-scatter forward and one all-gather per norm; backward one all-gather of the
+  output gradient, one re-gather and one reduce-scatter per norm.
 * Hugging Face import: ``GPTJForCausalLM`` and ``GPTNeoXForCausalLM`` with ``use_parallel_residual``.
 """
 
@@ -115,9 +116,14 @@ def test_tp_one_all_reduce_for_both_branches(norms: int) -> None:
     seq_fwd, seq_bwd = _tp_colls(_spec(norms).model_copy(update={"parallel_block": False, "parallel_norms": 1}),
                                  tp=2)
     assert seq_fwd == seq_bwd == [(CollKind.ALL_REDUCE, sbh)] * 2  # the sequential block: Megatron's g and f
-    sp_fwd, _ = _tp_colls(_spec(norms), tp=2, sp=True)
+    sp_fwd, sp_bwd = _tp_colls(_spec(norms), tp=2, sp=True)
+    ag, rs = (CollKind.ALL_GATHER, sbh // 2), (CollKind.REDUCE_SCATTER, sbh)
     # SP: each norm's output is all-gathered once (one shared norm: once), one reduce-scatter after the sum
-    assert sorted(sp_fwd) == sorted([(CollKind.ALL_GATHER, sbh // 2)] * norms + [(CollKind.REDUCE_SCATTER, sbh)])
+    assert sorted(sp_fwd) == sorted([ag] * norms + [rs])
+    # backward: one all-gather of the output gradient serves both branches (their dropout backward runs
+    # on the full sequence, as its forward), Megatron's re-gather of each norm output, and one
+    # reduce-scatter per norm of the summed input gradients (the sequential block: 4 AG + 2 RS)
+    assert sorted(sp_bwd) == sorted([ag] * (1 + norms) + [rs] * norms)
 
 
 def test_hf_gptj_and_neox_import_the_parallel_block() -> None:

@@ -235,7 +235,11 @@ class Propagator:
             d = seq_dim(t)
             return Shard(d) if d is not None else REPLICATE
 
-        if head is not None:
+        if op.grad_of is not None and op.grad_of.attrs.get("on_partial_sum"):
+            # backward of the parallel block's branch dropout runs where its forward ran, on the full
+            # sequence: one gather of the gradient serves both branches (GPT-NeoX gpt_j_residual)
+            target, mode = (lambda t: REPLICATE), "rep"  # noqa: E731
+        elif head is not None:
             target: Callable[[Tensor], Placement] = lambda t: Shard(head) if head in t.dims else REPLICATE  # noqa: E731
             mode = "head"
         elif any(is_seq(p) for _, p in acts):
