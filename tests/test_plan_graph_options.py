@@ -98,6 +98,12 @@ def test_bad_values_name_the_field(key: str, value: str) -> None:
         ParallelPlan.parse({key: value})
 
 
+def test_dropout_outside_training_is_refused() -> None:
+    with pytest.raises(SpecError, match="^dropout: applies only to phase train"):
+        ParallelPlan.parse({"dropout": True, "phase": "prefill"})
+    assert ParallelPlan.parse({"dropout": False, "phase": "decode"}).dropout is False
+
+
 def test_cli_bad_value_is_one_line_exit_2(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

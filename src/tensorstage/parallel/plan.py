@@ -371,6 +371,8 @@ class ParallelPlan(BaseModel):
                 "context", f"context={self.context} applies only to phase decode, got phase {self.phase}; "
                 "train and prefill attend over seq"
             )
+        if self.dropout and self.phase != "train":  # would be ignored: inference runs without dropout
+            raise SpecError("dropout", f"applies only to phase train, got phase {self.phase}")
         if self.phase == "decode":
             if self.kv_len % self.cp:
                 raise SpecError(
