@@ -69,6 +69,13 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
      "Pipeline SP all-gather / reduce-scatter with their GEMMs (Megatron --tp-comm-overlap; needs sp)."),
     ("capacity_factor", float, ("--capacity-factor",), "MoE capacity factor (default: dropless)."),
     ("routing_skew", float, ("--routing-skew",), "MoE load at the busiest expert rank / mean (>= 1)."),
+    ("attention_impl", str, ("--attention-impl",),
+     "Attention kernel: flash (fused, default)|materialized (eager softmax, saves probabilities)."),
+    ("attention_flops", str, ("--attention-flops",),
+     "Attention FLOP convention: causal_half (default, Megatron-Core)|full (no causal halving)."),
+    ("dropout", bool, ("--dropout/--no-dropout",), "Model dropout layers (default off)."),
+    ("megatron_fusions", bool, ("--megatron-fusions/--no-megatron-fusions",),
+     "Megatron-LM fused element-wise kernels: bias-dropout-add, bias-GeLU (default off)."),
 )
 PLAN_FLAG_NAMES = tuple(name for name, *_ in PLAN_FLAGS)
 CONFIG_PARAM = "plan_config"
