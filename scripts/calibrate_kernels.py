@@ -243,6 +243,34 @@ def _pick(rows: list[dict]) -> list[dict]:
     return sorted(keyed[:SAMPLE_PER_TABLE], key=lambda r: json.dumps(r, sort_keys=True))
 
 
+# --- cross-check against other software stacks ------------------------------------------------------
+
+def crosscheck(data: str, base: str, out: dict) -> dict:
+    """MAPE of the fitted GEMM tables against the same package's measurements with other serving stacks
+    (vLLM, SGLang: different GEMM libraries on the same GPU model), none of which entered the fit."""
+    kt = KernelTables({"device": "fit", "gemm": out["gemm"]})
+    res: dict = {}
+    for backend in ("vllm", "sglang"):
+        vdir = latest(os.path.join(base, "gemm", backend), "gemm_perf.parquet")
+        if not vdir:
+            continue
+        path = os.path.join(vdir, "gemm_perf.parquet")
+        df = read(path)
+        for src_dt, dt in GEMM_DTYPES.items():
+            g = df[df.gemm_dtype == src_dt].groupby(["m", "n", "k"], as_index=False)["latency"].median()
+            if g.empty or dt not in out["gemm"]:
+                continue
+            m, n, k = (g[c].to_numpy() for c in ("m", "n", "k"))
+            t = g["latency"].to_numpy() * 1e-3
+            pred = np.array([kt.gemm_s(1, int(a), int(b), int(c), dt) for a, b, c in zip(m, n, k, strict=True)])
+            big = (m >= 1024) & (n >= 1024) & (k >= 1024)
+            res[f"gemm/{dt}/{backend}-{os.path.basename(vdir)}"] = {
+                "points": int(len(t)), "mape_pct": round(mape(pred, t), 2),
+                "mape_pct_all_dims_ge_1024": round(mape(pred[big], t[big]), 2),
+                "file": source(data, path, os.path.basename(vdir), src_dt)["file"]}
+    return res
+
+
 # --- driver ----------------------------------------------------------------------------------------
 
 def find_data(arg: str | None) -> tuple[str, str, str]:
@@ -329,6 +357,9 @@ def calibrate(data: str, package: str, version: str, out_dir: Path, heldout_path
             out["provenance"]["sources"].append(
                 {**source(data, path, os.path.basename(adir), "bfloat16"), "kernel": "decode_attention"})
         out["heldout_mape_pct"] = {k: v["heldout_mape_pct"] for k, v in rep.items()}
+        if "gemm" in out:
+            out["crosscheck"] = crosscheck(data, base, out)
+            rep.update({f"crosscheck/{k}": v for k, v in out["crosscheck"].items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{preset}.json").write_text(json.dumps(out, sort_keys=True, separators=(",", ":")) + "\n")
         summary[preset] = rep
@@ -361,10 +392,18 @@ def main() -> None:
     print(f"{'device':<10} {'kernel':<28} {'points':>7} {'held':>6} {'fit %':>7} {'held-out %':>10}")
     for dev, rep in summary.items():
         for kern, r in rep.items():
+            if kern.startswith("crosscheck/"):
+                continue
             extra = (f"  (quantization {r['quantization']}; m,n,k >= 1024: "
                      f"{r['heldout_mape_pct_all_dims_ge_1024']:.2f} %)") if "quantization" in r else ""
             print(f"{dev:<10} {kern:<28} {r['points']:>7} {r['heldout_points']:>6} {r['fit_mape_pct']:>7.2f} "
                   f"{r['heldout_mape_pct']:>10.2f}{extra}")
+    print("\ncross-check: the fitted GEMM tables against other stacks' measurements (not fitted)")
+    for dev, rep in summary.items():
+        for kern, r in rep.items():
+            if kern.startswith("crosscheck/"):
+                print(f"{dev:<10} {kern[11:]:<34} {r['points']:>7} MAPE {r['mape_pct']:>6.2f} %  "
+                      f"(m,n,k >= 1024: {r['mape_pct_all_dims_ge_1024']:.2f} %)")
 
 
 if __name__ == "__main__":
