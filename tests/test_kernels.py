@@ -23,6 +23,8 @@ from tensorstage.schedule.program import NodeKind
 from tensorstage.sim import machine_from_system, simulate
 from tensorstage.sim.compute import KERNEL_TABLES_DEFAULT, ComputeModel
 from tensorstage.sim.kernels import KernelTables, available_devices, load_tables
+from tensorstage.trace import write_chakra
+from tensorstage.trace.to_programs import programs_from_trace
 from tests.support import megatron_gpt
 
 HELDOUT = Path(__file__).parent / "data" / "kernel_heldout.json"
@@ -151,16 +153,35 @@ def test_simulation_uses_the_tables_when_on() -> None:
     spec = resolve_model("gpt3-125m")
     plan = ParallelPlan(tp=2, dp=2, seq=2048, micro_batch=1, global_batch=4)
     low = lower(spec, plan)
-    machine = machine_from_system(load_system("dgx-h100-superpod", low.mesh.world))
+    system = load_system("dgx-h100-superpod", low.mesh.world)
+    machine = machine_from_system(system)
     assert machine.compute.kernels is None
-    from dataclasses import replace
-
-    on = replace(machine, compute=replace(machine.compute, kernels=load_tables("H100-SXM")))
+    on = machine_from_system(system, kernel_tables=True)
+    assert on.compute.kernels is load_tables("H100-SXM")
     r_off = simulate(low.programs, low.mesh, machine, tokens_per_step=low.tokens_per_step)
     r_on = simulate(low.programs, low.mesh, on, tokens_per_step=low.tokens_per_step)
     assert r_on.step_time_s != r_off.step_time_s
     again = simulate(low.programs, low.mesh, on, tokens_per_step=low.tokens_per_step)
     assert again.step_time_s == r_on.step_time_s
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fused_and_traced_programs_simulate_identically_with_tables(tmp_path: Path, fuse: bool) -> None:
+    """Fused parts keep their category and shape, and Chakra traces carry the attention shapes, so
+    the measured-kernel step time is the same from the model, fused or not, and from its trace."""
+    spec = resolve_model("gpt3-125m")
+    plan = ParallelPlan(tp=2, pp=2, dp=2, seq=2048, micro_batch=1, global_batch=8)
+    low = lower(spec, plan, fuse=fuse)
+    m = machine_from_system(load_system("dgx-h100-superpod", low.mesh.world), kernel_tables=True)
+    d = tmp_path / "tr"
+    write_chakra(low.programs, low.mesh, d, json=True, classes_only=True, progress=False)
+    back = programs_from_trace(d)
+    direct = simulate(low.programs, low.mesh, m, tokens_per_step=low.tokens_per_step).step_time_s
+    traced = simulate(back.programs, back.mesh, m, tokens_per_step=low.tokens_per_step).step_time_s
+    assert traced == pytest.approx(direct, rel=1e-12)
+    plain = lower(spec, plan, fuse=False)
+    unfused = simulate(plain.programs, plain.mesh, m, tokens_per_step=plain.tokens_per_step).step_time_s
+    assert direct == pytest.approx(unfused, rel=1e-12)
 
 
 def test_decode_attention_node_takes_the_decode_table() -> None:
