@@ -21,9 +21,9 @@ throughput-bound (large) regimes scale.
   (TensorRT-LLM context FMHA) give ``eff(b*heads, seq)`` per head dimension, with
   ``flops = 4*b*h*sq*skv*d*work`` (``work`` = fraction of query-key pairs computed, 1/2 causal).
 * **Attention backward** ``attention_bwd_s``: not measured in the tables. FlashAttention-2 (Dao,
-  arXiv:2307.08691, sections 3.1.2 and 4.1) does 5 matmuls in the backward against 2 in the forward
-  (2.5x the FLOPs) and reaches up to 63 % of A100 peak in the backward against up to 73 % in the
-  forward; so ``t_bwd = 2.5 * (0.73 / 0.63) * t_fwd`` (:data:`ATTN_BWD_FLOP_RATIO`,
+  arXiv:2307.08691, introduction and sections 3.1.2, 4.1) does 5 matmuls in the backward against 2
+  in the forward (2.5x the FLOPs) and reaches up to 63 % of A100 peak in the backward against up to
+  73 % in the forward; so ``t_bwd = 2.5 * (0.73 / 0.63) * t_fwd`` (:data:`ATTN_BWD_FLOP_RATIO`,
   :data:`ATTN_BWD_EFF_RATIO`).
 * **Decode attention** ``decode_attention_s``: one query token per sequence against ``kv_len``
   cached keys; memory-bound, so the table stores the fraction of peak HBM bandwidth reached on the
