@@ -35,7 +35,8 @@ def _predict(kt: KernelTables, kernel: str, p: dict) -> float | None:
     if kernel.startswith("gemm/"):
         return kt.gemm_s(1, p["m"], p["n"], p["k"], kernel.split("/")[1])
     if kernel.startswith("attention_fwd/"):
-        return kt.attention_fwd_s(p["batch"], p["heads"], p["seq"], p["seq"], p["head_dim"], causal=True)
+        return kt.attention_fwd_s(p["batch"], p["heads"], p["seq"], p["seq"], p["head_dim"], causal=True,
+                                  kv_heads=p["kv_heads"])
     return kt.decode_attention_s(p["batch"], p["heads"], p["kv_heads"], p["kv_len"], p["head_dim"])
 
 
@@ -131,7 +132,7 @@ def test_tables_carry_provenance() -> None:
         assert {"gemm", "attention_fwd", "decode_attention"} <= kinds
         for s in prov["sources"]:
             assert re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) and s["file"].endswith(".parquet")
-            assert s["backend"] == "trtllm" and s["backend_version"] and s["dtype"]
+            assert s["backend"] in ("trtllm", "vllm") and s["backend_version"] and s["dtype"]
         assert len((root / f"{dev}.json").read_bytes()) < 100_000
 
 
@@ -211,3 +212,24 @@ def test_grouped_gemm_is_floored_by_reading_every_groups_weights() -> None:
     t = cm.time_s(2 * b * m * n * k, nbytes, "matmul", (b, m, n, k))
     assert t == pytest.approx(nbytes / (dev.hbm_GBps * 1e9 * dev.hbm_efficiency) + dev.kernel_launch_s, rel=1e-12)
     assert t > load_tables("H100-SXM").gemm_s(b, m, n, k, "bf16")
+
+
+def test_gqa_attention_node_recovers_its_kv_heads_from_bytes() -> None:
+    """Llama-3-8B (32 query, 8 K/V heads), TP 2, 2 x 4096 tokens: the forward and backward cores are
+    charged as 16 query heads on 4 K/V heads per sequence (FlashAttention-3 runs GQA faster than MHA)."""
+    spec = resolve_model("llama3-8b")
+    low = lower(spec, ParallelPlan(tp=2, seq=4096, micro_batch=2, global_batch=2))
+    dev = load_device("H100-SXM")
+    cm = ComputeModel.from_device(dev, "bf16", kernel_tables=True)
+    kt = load_tables("H100-SXM")
+    fwd = kt.attention_fwd_s(2, 16, 4096, 4096, 128, kv_heads=4)
+    expected = {"fwd": fwd, "bwd_input": kt.attention_bwd_s(2, 16, 4096, 4096, 128, kv_heads=4)}
+    seen = set()
+    for n in low.programs[0].nodes:
+        if n.kind == NodeKind.COMP and n.op == "attention" and n.category in expected:
+            assert n.gemm == (2 * 16, 4096, 4096, 128)
+            got = cm.time_s(n.flops, n.tensor_bytes, n.op, n.gemm, n.category) - dev.kernel_launch_s
+            assert got == pytest.approx(expected[n.category], rel=1e-9)
+            seen.add(n.category)
+    assert seen == set(expected)
+    assert fwd < kt.attention_fwd_s(2, 16, 4096, 4096, 128)  # the same FLOPs as MHA, faster

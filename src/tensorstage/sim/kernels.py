@@ -17,9 +17,11 @@ throughput-bound (large) regimes scale.
   ``n``, what a 128x128 output tile wastes on a ragged edge; the script keeps it only where it
   lowers the held-out error). A batched GEMM (MoE experts, materialized attention scores) is
   charged as one grouped GEMM of ``b*m`` rows with the per-group tile quantization of ``m``.
-* **Attention forward** ``attention_fwd_s``: measured causal FlashAttention-style prefill kernels
-  (TensorRT-LLM context FMHA) give ``eff(b*heads, seq)`` per head dimension, with
-  ``flops = 4*b*h*sq*skv*d*work`` (``work`` = fraction of query-key pairs computed, 1/2 causal).
+* **Attention forward** ``attention_fwd_s``: measured causal prefill kernels (FlashAttention-2 on
+  A100, FlashAttention-3 on Hopper, TensorRT-LLM's FMHA on Blackwell) give
+  ``eff(b*heads, seq, heads/kv_heads)`` per head dimension (FlashAttention-3 packs a query group per
+  K/V head, so GQA runs faster than MHA at the same FLOPs), with ``flops = 4*b*h*sq*skv*d*work``
+  (``work`` = fraction of query-key pairs computed, 1/2 causal).
 * **Attention backward** ``attention_bwd_s``: not measured in the tables. FlashAttention-2 (Dao,
   arXiv:2307.08691, introduction and sections 3.1.2, 4.1) does 5 matmuls in the backward against 2
   in the forward (2.5x the FLOPs) and reaches up to 63 % of A100 peak in the backward against up to
@@ -156,21 +158,24 @@ class KernelTables:
         return 2.0 * batch * m * n * k / (ref * eff) * self._scale
 
     def attention_fwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
-                        causal: bool = True, work: float | None = None) -> float | None:
+                        causal: bool = True, work: float | None = None, kv_heads: int | None = None
+                        ) -> float | None:
         """Fused attention forward (BF16). ``work``: fraction of the ``q_len x kv_len`` pairs computed
-        (default 1/2 causal, 1 otherwise)."""
+        (default 1/2 causal, 1 otherwise); ``kv_heads``: K/V heads (default ``heads``, no GQA)."""
         if not self._attn or min(batch, heads, q_len, kv_len, head_dim) < 1:
             return None
         hd = _nearest(sorted(self._attn), head_dim)
         frac = (0.5 if causal else 1.0) if work is None else work
         flops = 4.0 * batch * heads * q_len * kv_len * head_dim * frac
-        eff = self._attn[hd](log2(batch * heads), log2(q_len))
+        group = max(1.0, heads / kv_heads) if kv_heads else 1.0
+        eff = self._attn[hd](log2(batch * heads), log2(q_len), log2(group))
         return flops / (self._attn_ref * eff) * self._scale
 
     def attention_bwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
-                        causal: bool = True, work: float | None = None) -> float | None:
+                        causal: bool = True, work: float | None = None, kv_heads: int | None = None
+                        ) -> float | None:
         """Fused attention backward: forward time x 2.5 FLOPs x (0.73 / 0.63) efficiency (module docstring)."""
-        fwd = self.attention_fwd_s(batch, heads, q_len, kv_len, head_dim, causal, work)
+        fwd = self.attention_fwd_s(batch, heads, q_len, kv_len, head_dim, causal, work, kv_heads)
         return None if fwd is None else fwd * ATTN_BWD_FLOP_RATIO / ATTN_BWD_EFF_RATIO
 
     def decode_attention_s(self, batch: int, heads: int, kv_heads: int, kv_len: int, head_dim: int,
