@@ -2,8 +2,8 @@
 
 The tables (``tensorstage/hardware/kernels/<device>.json``, one per device preset name) are written
 by ``scripts/calibrate_kernels.py`` from the measured kernel latencies that the Apache-2.0 package
-``aiconfigurator-core`` ships (NVIDIA; TensorRT-LLM ``torch_flow`` GEMMs and fused attention, timed
-on the device). Each table stores an *achieved efficiency* surface, not times: the fraction of a
+``aiconfigurator-core`` ships (NVIDIA; TensorRT-LLM ``torch_flow`` GEMMs and decode attention,
+vLLM's FlashAttention forks for prefill attention, all timed on the device). Each table stores an *achieved efficiency* surface, not times: the fraction of a
 reference peak (recorded in the table, so a later change of the preset does not move the kernel
 times) that the kernel reached, on a log2-spaced grid, fitted by least squares to the measured
 points with held-out points left out (``docs/calibration.md``, "Measured kernel model"). A query
@@ -15,8 +15,10 @@ throughput-bound (large) regimes scale.
 * **GEMM** ``gemm_s(batch, m, n, k, dtype)``: ``2*b*m*n*k / (ref_flops * eff(b*m, n, k) * q)``; ``q``
   is the tile quantization of the table (``tile128``: ``m / (128*ceil(m/128))`` times the same for
   ``n``, what a 128x128 output tile wastes on a ragged edge; the script keeps it only where it
-  lowers the held-out error). A batched GEMM (MoE experts, materialized attention scores) is
-  charged as one grouped GEMM of ``b*m`` rows with the per-group tile quantization of ``m``.
+  lowers the held-out error; on the current data it does not, so ``q = 1``). A batched GEMM (MoE
+  experts, materialized attention scores) is charged as one grouped GEMM of ``b*m`` rows with the
+  per-group tile quantization of ``m``; the compute model floors it by its bytes (every group
+  reads its own weights).
 * **Attention forward** ``attention_fwd_s``: measured causal prefill kernels (FlashAttention-2 on
   A100, FlashAttention-3 on Hopper, TensorRT-LLM's FMHA on Blackwell) give
   ``eff(b*heads, seq, heads/kv_heads)`` per head dimension (FlashAttention-3 packs a query group per
