@@ -18,30 +18,9 @@ from typing import Any
 
 import typer
 
+from tensorstage import api
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
-
-
-def generation_inputs(model: str, lowered: Any) -> dict[str, Any]:
-    """What a trace was generated from (recorded verbatim in the manifest)."""
-    plan = lowered.plan
-    return {"source": "model", "model": model, "model_name": lowered.spec.name, "dtype": plan.dtype,
-            "tokens_per_step": lowered.tokens_per_step, "plan": plan.summary()}
-
-
-def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "trace", workers: int = 1,
-                    classes_only: bool = False, json_traces: bool = False, progress: bool = False
-                    ) -> dict[str, Any]:
-    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest."""
-    from tensorstage.lower import lower
-    from tensorstage.model import resolve_model
-    from tensorstage.trace import write_chakra
-
-    spec = resolve_model(model)
-    lowered = lower(spec, plan)
-    return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,
-                        classes_only=classes_only, json=json_traces, progress=progress,
-                        inputs=generation_inputs(model, lowered))
 
 
 def _summary_rows(manifest: dict[str, Any]) -> list[list[Any]]:
@@ -63,6 +42,7 @@ def register(app: typer.Typer) -> None:
     def generate(
         model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
         plan: ParallelPlan | None = None,
+        plan_choice: api.PlanChoice | None = None,
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
         prefix: str = typer.Option("trace", "--prefix", help="File-name prefix: <prefix>.<rank>.et."),
         workers: int = typer.Option(
@@ -86,11 +66,14 @@ def register(app: typer.Typer) -> None:
         workers = workers or os.cpu_count() or 1
         if progress is None:
             progress = sys.stderr.isatty()
-        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
+        done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
+                            json_traces=json_traces, progress=progress)
+        manifest = done.manifest
         if json_out:
-            print_json(manifest)
+            print_json({**manifest, "plan_notes": list(plan_choice.notes) if plan_choice else []})
             return
         files = manifest["files"]
+        typer.echo(api.describe_plan(plan))
         title = (f"{model}: {manifest['world']:,} ranks, {len(manifest['classes'])} classes, "
                  f"{files['count']:,} files ({files['bytes'] / 1e6:,.1f} MB) in {out}")
         print_table(title, ["class", "key", "nodes", "TFLOP", "model TFLOP", "coll GB", "send GB", "recv GB",
