@@ -296,7 +296,9 @@ def test_unwritable_outputs_are_one_line_not_a_traceback(tmp_path: Path) -> None
     assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: timeline:")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--timeline", str(blocker / "t.json"))
+    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--seq", "512", "--tp", "1", "--pp", "1",
+               "--dp", "1", "--timeline", str(blocker / "t.json"))
+    assert "timeline: cannot write" in res.stderr
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 

@@ -7,6 +7,7 @@ file" (``SpecError``); each writer re-implementing them drifts.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -14,6 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from tensorstage.errors import SpecError
 
@@ -26,27 +30,70 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically: temp file beside it, then ``os.replace``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    except OSError as exc:  # name the user's path, never the hidden temp file
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs are shareable files
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
 
 
-def read_text_file(path: str | os.PathLike[str]) -> str:
-    """Read a UTF-8 text input; a missing or unreadable file is a :class:`SpecError` naming it."""
+#: The largest user text file read (plan, system, cases, model): far above any real one, and a
+#: guard against ``-c /dev/zero`` or a multi-GB file read into memory.
+MAX_TEXT_FILE_BYTES = 64 * 2**20
+
+
+def read_text_file(path: str | os.PathLike[str], what: str = "file") -> str:
+    """Read a UTF-8 text input: the one reader of every user file (plan ``-c``, ``--system``,
+    ``--cases``, model files), so each problem is the same one-line :class:`SpecError` naming the
+    user's path: ``FILE: cannot read <what>: <reason>``, ``FILE: not a UTF-8 text file``."""
     p = Path(path)
     try:
-        return p.read_text(encoding="utf-8")
+        with open(p, "rb") as fh:
+            data = fh.read(MAX_TEXT_FILE_BYTES + 1)
     except OSError as exc:
-        raise SpecError(str(p), f"cannot read file: {exc.strerror or exc}") from None
+        raise SpecError(str(p), f"cannot read {what}: {exc.strerror or exc}") from None
+    if len(data) > MAX_TEXT_FILE_BYTES:
+        raise SpecError(str(p), f"larger than {MAX_TEXT_FILE_BYTES // 2**20} MiB; not a {what} tensorstage reads")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError:
         raise SpecError(str(p), "not a UTF-8 text file") from None
+
+
+def parse_yaml_text(text: str, path: str | os.PathLike[str]) -> Any:
+    """``yaml.safe_load`` (no Python objects) with errors as ``FILE:LINE: invalid YAML: problem``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"{path}{line}", f"invalid YAML: {problem}") from None
+
+
+def read_yaml_file(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """A user YAML file through :func:`read_text_file` and :func:`parse_yaml_text`."""
+    return parse_yaml_text(read_text_file(path, what), path)
+
+
+def read_json_file(path: str | os.PathLike[str], what: str = "file") -> Any:
+    """A user JSON file; a syntax error is ``FILE:LINE: invalid JSON at column C: problem``."""
+    text = read_text_file(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SpecError(f"{path}:{exc.lineno}", f"invalid JSON at column {exc.colno}: {exc.msg}") from None
 
 
 #: File sets by which an existing directory is recognised as an earlier tensorstage output
@@ -80,6 +127,13 @@ def require_replaceable_dir(path: str | os.PathLike[str], field: str = "out") ->
                         "(it would be replaced); give a new or empty directory")
 
 
+def os_reason(exc: OSError) -> str:
+    """Why a write failed, in the user's words (mkdir under a file is EEXIST/ENOTDIR)."""
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR):  # mkdir under a file: say which way it is wrong
+        return "a folder on its path is a file"
+    return exc.strerror or str(exc)
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path]:
     """Yield a fresh sibling temp directory; when the block succeeds it replaces ``out`` in one
@@ -87,10 +141,13 @@ def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path
     ``out`` must be absent, empty or an earlier tensorstage output (:func:`require_replaceable_dir`)."""
     out = Path(out)
     require_replaceable_dir(out, field)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:  # name the option and the user's path, never the hidden temp folder
+        raise SpecError(field, f"cannot write {out}: {os_reason(exc)}") from None
     try:
         yield tmp
         if out.exists():
@@ -101,6 +158,11 @@ def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is None or str(exc.filename).startswith((str(tmp), str(out))):
+            raise SpecError(field, f"cannot write {out}: {os_reason(exc)}") from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,8 +40,13 @@ def write_outputs(run: SimRun, json_out: bool, timeline: Path | None, report: Pa
     data = run.data()
     plan = data.get("inputs", {}).get("plan")
     if timeline is not None:
-        Path(timeline).parent.mkdir(parents=True, exist_ok=True)
-        write_chrome_trace(run.execution, timeline, max_events=TIMELINE_MAX_EVENTS)
+        try:
+            Path(timeline).parent.mkdir(parents=True, exist_ok=True)
+            write_chrome_trace(run.execution, timeline, max_events=TIMELINE_MAX_EVENTS)
+        except OSError as exc:  # the option and the user's path
+            from tensorstage.fileio import os_reason
+
+            raise SpecError("timeline", f"cannot write {timeline}: {os_reason(exc)}") from None
     if report is not None:
         write_report(report, data, run.execution, run.title())
     if json_out:

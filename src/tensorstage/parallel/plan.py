@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.apply import ParamSharding, param_sharding
 from tensorstage.parallel.mesh import Mesh
@@ -495,10 +496,7 @@ def read_plan_yaml(path: str | Path) -> dict[str, object]:
     is one :class:`SpecError` whose field is ``file:line``; an unknown key names the key, its line
     and the allowed keys. Keys may be spelled as the flags (``global-batch`` = ``global_batch``)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), f"cannot read plan file: {exc.strerror}") from None
+    text = read_text_file(path, "plan file")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
