@@ -74,7 +74,7 @@ def test_reference_shape_keeps_the_measured_ceiling_and_others_are_slower() -> N
                          [("A100-80GB", (6912, 16384, 2048), 267.9), ("H100-SXM", (6144, 17920, 2816), 792.1)])
 def test_shaped_large_gemm_within_10pct_below_mamf(device: str, shape: tuple, mamf_tflops: float) -> None:
     """stas00/ml-engineering MAMF table (bf16 best shapes): the shaped rate is within 10 % below it, or
-    above it by at most the spread of the ceiling measurement itself (8192^3 on the lent H100: 769-798
+    above it by at most the spread of the ceiling measurement itself (8192^3 on an H100 SXM: 769-798
     TFLOP/s, +-2 %): the model credits this shape with better wave fill than 8192^3 on 132 SMs."""
     m, n, k = shape
     cm = ComputeModel.from_device(load_device(device), "bf16", gemm_shapes=True)

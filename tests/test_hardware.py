@@ -133,7 +133,7 @@ def test_nvidia_tensor_core_ratios() -> None:
 
 
 def test_measured_efficiencies_follow_from_the_recorded_measurements() -> None:
-    """KINDS.md: H100 8192^3 bf16 GEMM up to 798 TFLOP/s, copy ~3.0 TB/s; H200 788 TFLOP/s, ~4.3 TB/s."""
+    """bench/bench_kernels.py runs: H100 8192^3 bf16 GEMM up to 798 TFLOP/s, copy ~3.0 TB/s; H200 788 TFLOP/s, ~4.3 TB/s."""
     h100, h200 = load_device("H100-SXM"), load_device("H200")
     assert h100.matmul_efficiency == pytest.approx(798e12 / h100.bf16_flops, abs=0.02)
     assert h100.hbm_efficiency == pytest.approx(3.0e12 / h100.hbm_Bps, abs=0.02)
