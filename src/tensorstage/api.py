@@ -22,12 +22,13 @@ Example (see ``docs/api.md`` and ``examples/api_tour.py``)::
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tensorstage.errors import SpecError
+from tensorstage.errors import InputWarning, SpecError
 from tensorstage.parallel.plan import ParallelPlan, load_plan, split_rank_order
 
 if TYPE_CHECKING:
@@ -198,7 +199,21 @@ def lower(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, fuse: bool 
     ``fuse=True`` merges compute runs for the simulator (same step time, fewer nodes)."""
     from tensorstage.lower import lower as _lower
 
-    return _lower(load_model(model), plan, fuse=fuse)
+    spec = load_model(model)
+    lowered = _lower(spec, plan, fuse=fuse)  # a bad plan is an error first, never a warning then an error
+    warn_about(spec, plan)
+    return lowered
+
+
+def warn_about(spec: ModelSpec, plan: ParallelPlan) -> None:
+    """Warn (:class:`~tensorstage.errors.InputWarning`) about a legal but doubtful combination:
+    tokens beyond the model's trained context (``max_seq``; learned positions make it an error
+    in :meth:`ParallelPlan.validate_for`)."""
+    tokens = max(plan.seq, plan.kv_len)
+    if tokens > spec.max_seq and spec.positions != "learned":
+        warnings.warn(InputWarning(
+            f"seq: {tokens:,} tokens exceed {spec.name}'s maximum context of {spec.max_seq:,} (max_seq); "
+            "the numbers assume the model runs at that length anyway"), stacklevel=3)
 
 
 # --- simulation ----------------------------------------------------------------------------------
@@ -338,14 +353,22 @@ def generation_inputs(model: str, lowered: Lowered) -> dict[str, Any]:
 
 def generate(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, out: str | Path = "traces", *,
              prefix: str = "trace", workers: int = 1, classes_only: bool = False, json_traces: bool = True,
-             progress: bool = False) -> Generated:
-    """Lower ``model`` under ``plan`` and write its Chakra ET traces into ``out`` (atomically)."""
+             progress: bool = False, force: bool = False,
+             on_estimate: Callable[[int, int, int], None] | None = None) -> Generated:
+    """Lower ``model`` under ``plan`` and write its Chakra ET traces into ``out`` (atomically).
+
+    Before writing, ``on_estimate(files, bytes, free_bytes)`` gets the estimated output size; an
+    output larger than the free space is refused (:class:`SpecError`) unless ``force``."""
+    from tensorstage.fileio import require_replaceable_dir, require_writable_dir
     from tensorstage.trace import write_chakra
 
+    require_replaceable_dir(out)  # before the lowering, not after it
+    require_writable_dir(out)
     lowered = lower(model, plan)
     manifest = write_chakra(lowered.programs, lowered.mesh, Path(out), prefix=prefix, workers=workers,
                             classes_only=classes_only, json=json_traces, progress=progress,
-                            inputs=generation_inputs(_name(model), lowered))
+                            inputs=generation_inputs(_name(model), lowered), force=force,
+                            on_estimate=on_estimate)
     return Generated(Path(out), manifest)
 
 
@@ -366,7 +389,7 @@ def run(model: str = DEFAULT_MODEL, system: str = DEFAULT_SYSTEM, plan: Parallel
     """Lower, write traces, simulate, write result/timeline/report into ``out`` (atomically).
 
     ``notes`` (e.g. :attr:`PlanChoice.notes`) are recorded in ``result.json``."""
-    from tensorstage.fileio import atomic_dir, require_replaceable_dir
+    from tensorstage.fileio import atomic_dir, require_replaceable_dir, require_writable_dir
     from tensorstage.report.simreport import write_json, write_report_files
     from tensorstage.sim.timeline import write_chrome_trace
     from tensorstage.trace import write_chakra
@@ -375,6 +398,7 @@ def run(model: str = DEFAULT_MODEL, system: str = DEFAULT_SYSTEM, plan: Parallel
     if traces not in TRACE_MODES:
         raise SpecError("traces", f"unknown trace mode {traces!r}", TRACE_MODES)
     require_replaceable_dir(out)  # fail before the work, not after it
+    require_writable_dir(out)
     load_system(system, plan.world)  # bad system: fail before lowering
     lowered = lower(model, plan, fuse=True)
     sim = simulate_lowered(lowered, model, system)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 from typing import Any
 
 import typer
@@ -19,7 +20,7 @@ except ImportError:  # pragma: no cover
     from click import exceptions as click_exc  # type: ignore[no-redef]
 
 from tensorstage import __version__
-from tensorstage.errors import SpecError
+from tensorstage.errors import InputWarning, SpecError
 
 app = typer.Typer(
     name="tensorstage",
@@ -71,8 +72,20 @@ def _usage_line(exc: Any) -> str:
     return f"error: {where}: {msg}"
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Our input warnings as one ``warning:`` line; others as Python shows them."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, *_, **__)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Console entry point: run the app, turning bad input into one line and exit code 2."""
+    warnings.showwarning = _show_warning
     try:
         code = app(prog_name="tensorstage", standalone_mode=False)
         if isinstance(code, int) and code:
@@ -83,7 +96,7 @@ def main() -> None:
     except click_exc.UsageError as exc:  # --tp 1.5, a misspelt command, a missing argument
         print(_usage_line(exc), file=sys.stderr)
         sys.exit(2)
-    except typer.Abort:  # Ctrl-C outside a command's own handling
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: the command has cleaned up; no traceback
         print("cancelled", file=sys.stderr)
         sys.exit(130)
     except SpecError as exc:

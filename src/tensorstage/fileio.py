@@ -134,6 +134,65 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def require_replaceable_file(path: str | os.PathLike[str], field: str, prefix: bytes, force: bool = False) -> None:
+    """Refuse to overwrite ``path`` unless it is absent, starts with ``prefix`` (our own earlier
+    output) or ``force``: a mistyped ``--timeline notes.json`` must not destroy the user's file."""
+    p = Path(path)
+    if p.is_dir():
+        raise SpecError(field, f"{p} is a directory; give a file path (e.g. step.json)")
+    if not p.exists() or force:
+        return
+    try:
+        with open(p, "rb") as fh:
+            head = fh.read(len(prefix))
+    except OSError as exc:
+        raise SpecError(field, f"cannot read {p}: {exc.strerror or exc}") from None
+    if head != prefix:
+        raise SpecError(field, f"{p} exists and is not a tensorstage output; give another path or --force "
+                        "to overwrite it")
+
+
+def require_writable_dir(path: str | os.PathLike[str], field: str = "out") -> None:
+    """Fail before the work when ``path`` cannot be created: a folder on its path is a file, or
+    the nearest existing folder is not writable (the write itself still reports anything else)."""
+    p = Path(path)
+    probe = p.parent if p.parent != p else p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SpecError(field, f"cannot write {p}: a folder on its path is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SpecError(field, f"cannot write {p}: Permission denied")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is someone else's
+        return True
+    return True
+
+
+def remove_stale_temps(out: str | os.PathLike[str]) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` folders beside ``out`` whose process is
+    gone (killed, or a second Ctrl-C): they are ours, hidden, and can hold gigabytes. A live
+    process's temp folder (a concurrent writer) is left alone. Returns what was removed."""
+    out = Path(out)
+    removed = []
+    try:
+        siblings = list(out.parent.glob(f".{out.name}.*-*"))
+    except OSError:
+        return removed
+    for p in siblings:
+        tag, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if tag in ("tmp", "old") and pid.isdigit() and p.is_dir() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextmanager
 def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path]:
     """Yield a fresh sibling temp directory; when the block succeeds it replaces ``out`` in one
@@ -142,6 +201,7 @@ def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path
     out = Path(out)
     require_replaceable_dir(out, field)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    remove_stale_temps(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -161,7 +221,8 @@ def atomic_dir(out: str | os.PathLike[str], field: str = "out") -> Iterator[Path
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.filename is None or str(exc.filename).startswith((str(tmp), str(out))):
-            raise SpecError(field, f"cannot write {out}: {os_reason(exc)}") from None
+            # still an OSError (callers may retry), but naming the option and the user's path
+            raise OSError(exc.errno, f"{field}: cannot write {out}: {os_reason(exc)}") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

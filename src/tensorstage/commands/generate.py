@@ -19,6 +19,7 @@ from typing import Any
 import typer
 
 from tensorstage import api
+from tensorstage.interrupts import cancel_on_interrupt
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
 
@@ -56,6 +57,8 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         progress: bool | None = typer.Option(
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+        force: bool = typer.Option(
+            False, "--force", help="Write even when the estimated output exceeds the free disk space."),
         world: int | None = typer.Option(
             None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
     ) -> None:
@@ -66,8 +69,13 @@ def register(app: typer.Typer) -> None:
         workers = workers or os.cpu_count() or 1
         if progress is None:
             progress = sys.stderr.isatty()
-        done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
-                            json_traces=json_traces, progress=progress)
+        def estimate(files: int, size: int, free: int) -> None:  # stderr: stdout stays the result
+            print(f"estimate: {files:,} files, about {size / 1e6:,.1f} MB ({free / 1e9:,.1f} GB free)",
+                  file=sys.stderr)
+
+        with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
+            done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
+                                json_traces=json_traces, progress=progress, force=force, on_estimate=estimate)
         manifest = done.manifest
         if json_out:
             print_json({**manifest, "plan_notes": list(plan_choice.notes) if plan_choice else []})

@@ -24,6 +24,7 @@ import typer
 from tensorstage import api
 from tensorstage.api import DEFAULT_MODEL, DEFAULT_SYSTEM, PER_RANK_TRACE_LIMIT, TRACE_MODES
 from tensorstage.commands.planopts import with_plan_options
+from tensorstage.interrupts import cancel_on_interrupt
 from tensorstage.parallel.plan import ParallelPlan
 
 DEFAULT_OUT = Path("tensorstage-out")
@@ -49,7 +50,8 @@ def register(app: typer.Typer) -> None:
         from tensorstage.report.console import console, print_json
 
         notes = list(plan_choice.notes) if plan_choice else None
-        done = api.run(model, system, plan, out, traces=traces, workers=workers, notes=notes)
+        with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
+            done = api.run(model, system, plan, out, traces=traces, workers=workers, notes=notes)
         data = done.data
         if as_json:  # the same document as out/result.json, so scripts need not read the file back
             print_json(data)

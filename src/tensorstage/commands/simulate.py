@@ -79,16 +79,23 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
         timeline: Path | None = typer.Option(None, "--timeline", help="Write a Chrome/Perfetto trace JSON here."),
         report: Path | None = typer.Option(None, "--report", help="Write report.md, report.html and plots here."),
+        force: bool = typer.Option(False, "--force", help="Let --timeline overwrite a file that is not an "
+                                   "earlier tensorstage timeline."),
         full: bool = typer.Option(False, "--full", help="Simulate every micro-batch (no steady-state "
                                   "extrapolation; implied by --timeline)."),
     ) -> None:
         """Simulate one step: step time, tokens/s, MFU/HFU, exposed comm, bubbles, peak memory."""
         if report is not None:
-            from tensorstage.fileio import require_replaceable_dir
+            from tensorstage.fileio import require_replaceable_dir, require_writable_dir
 
             require_replaceable_dir(report, "report")  # before the simulation, not after it
-        if timeline is not None and timeline.is_dir():
-            raise SpecError("timeline", f"{timeline} is a directory; give a file path (e.g. step.json)")
+            require_writable_dir(report, "report")
+        if timeline is not None:
+            from tensorstage.fileio import require_replaceable_file, require_writable_dir
+            from tensorstage.sim.timeline import TIMELINE_PREFIX
+
+            require_replaceable_file(timeline, "timeline", TIMELINE_PREFIX, force)
+            require_writable_dir(timeline, "timeline")
         if trace is not None:
             if model is not None:
                 raise SpecError("model", "give a MODEL or --trace, not both")
