@@ -8,6 +8,7 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
 import warnings
 from typing import Any
@@ -59,6 +60,11 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+#: Below this terminal width ``--help`` is printed in click's plain layout, which wraps every
+#: option name and choice instead of truncating the longest ones (``--fsdp-reshard-aft…``).
+NARROW_HELP_COLUMNS = 110
+
+
 def _usage_line(exc: Any) -> str:
     """A click usage error as one line (click prints a multi-line box): the command path, the
     option (``--tp``) and the message, e.g. ``error: tensorstage simulate: --tp: '1.5' ...``."""
@@ -83,9 +89,14 @@ def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__
 _python_showwarning = warnings.showwarning
 
 
+_RICH_MODE = app.rich_markup_mode
+
+
 def main() -> None:
     """Console entry point: run the app, turning bad input into one line and exit code 2."""
     warnings.showwarning = _show_warning
+    narrow = shutil.get_terminal_size((NARROW_HELP_COLUMNS, 24)).columns < NARROW_HELP_COLUMNS
+    app.rich_markup_mode = None if narrow else _RICH_MODE  # plain click help wraps; rich's table cuts (…)
     try:
         code = app(prog_name="tensorstage", standalone_mode=False)
         if isinstance(code, int) and code:

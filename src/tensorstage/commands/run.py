@@ -40,7 +40,7 @@ def register(app: typer.Typer) -> None:
         system: str = typer.Option(DEFAULT_SYSTEM, "--system", help="System preset or YAML (sized to the plan)."),
         out: Path = typer.Option(DEFAULT_OUT, "--out", help="Output directory (replaced atomically)."),
         traces: str = typer.Option("auto", "--traces",
-                                   help=f"Chakra output: {'|'.join(TRACE_MODES)} (auto: per-rank up to "
+                                   help=f"Chakra output: {', '.join(TRACE_MODES)} (auto: per-rank up to "
                                         f"{PER_RANK_TRACE_LIMIT} ranks, else one file per class)."),
         workers: int = typer.Option(1, "--workers", min=0, help="Trace writer processes; 0 = one per CPU "
                                                  "(output is identical for any count)."),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -43,6 +44,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        # one rule everywhere: 4 significant digits, but never scientific notation for values a
+        # reader compares by eye (123,528 tokens/s, not 1.235e+05)
+        if math.isfinite(value) and 1e4 <= abs(value) < 1e15:
+            return f"{value:,.0f}"
         return f"{value:,.4g}"
     if isinstance(value, int):
         return f"{value:,}"
