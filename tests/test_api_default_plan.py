@@ -79,21 +79,24 @@ def test_run_simulate_generate_agree(tmp_path: Path, monkeypatch: pytest.MonkeyP
     sim = run_main(monkeypatch, capsys, "simulate", model, "--system", system, *FLAGS, "--json")
     run = run_main(monkeypatch, capsys, "run", model, "--system", system, *FLAGS, "--out",
                    str(tmp_path / "r"), "--traces", "none", "--json")
-    gen = run_main(monkeypatch, capsys, "generate", model, *FLAGS, "--out", str(tmp_path / "g"), "--json")
+    gen = run_main(monkeypatch, capsys, "generate", model, *FLAGS, "--out", str(tmp_path / "g"), "--system", system,
+                   "--json")
     assert (sim.returncode, run.returncode, gen.returncode) == (0, 0, 0), (sim.stderr, run.stderr, gen.stderr)
     s, r, g = json.loads(sim.stdout), json.loads(run.stdout), json.loads(gen.stdout)
     assert s["inputs"]["plan"] == r["inputs"]["plan"] == g["inputs"]["plan"]
     assert s["world"] == r["world"] == g["world"] == 1 * 2 * 2
     assert s["inputs"]["plan"]["world"] == 4
-    assert s["peak_memory_bytes"] == r["peak_memory_bytes"] > 0
+    assert s["peak_memory_bytes"] == r["peak_memory_bytes"] == g["peak_memory_bytes"] > 0
+    gib = f"{s['peak_memory_bytes'] / 2**30:.2f}"
     # the human outputs print the same plan line
     line = api.describe_plan(api.make_plan(tp=1, pp=2, dp=2, seq=512, global_batch=8))
     for cmd in (["simulate", model, "--system", system, *FLAGS],
                 ["run", model, "--system", system, *FLAGS, "--out", str(tmp_path / "r"), "--traces", "none"],
-                ["generate", model, *FLAGS, "--out", str(tmp_path / "g")]):
+                ["generate", model, *FLAGS, "--out", str(tmp_path / "g"), "--system", system]):
         res = run_main(monkeypatch, capsys, *cmd)
         assert res.returncode == 0, res.stderr
-        assert line in res.stdout.replace("\n", " ") or line in res.stdout, (cmd, res.stdout)
+        assert line in res.stdout, (cmd, res.stdout)
+        assert gib in res.stdout, (cmd, gib, res.stdout)  # the same peak memory, same format
 
 
 def test_derived_change_is_one_line_on_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -330,6 +330,13 @@ class Generated:
 
     out: Path
     manifest: dict[str, Any]
+    #: The simulated step when a system was given (the same as :func:`simulate` returns).
+    sim: SimRun | None = None
+
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """Peak memory of the busiest rank in the simulated step (None without a system)."""
+        return None if self.sim is None else self.sim.result.peak_memory_bytes
 
     @property
     def world(self) -> int:
@@ -354,22 +361,30 @@ def generation_inputs(model: str, lowered: Lowered) -> dict[str, Any]:
 def generate(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, out: str | Path = "traces", *,
              prefix: str = "trace", workers: int = 1, classes_only: bool = False, json_traces: bool = True,
              progress: bool = False, force: bool = False,
-             on_estimate: Callable[[int, int, int], None] | None = None) -> Generated:
+             on_estimate: Callable[[int, int, int], None] | None = None,
+             system: str | Path | SystemSpec | None = None) -> Generated:
     """Lower ``model`` under ``plan`` and write its Chakra ET traces into ``out`` (atomically).
 
     Before writing, ``on_estimate(files, bytes, free_bytes)`` gets the estimated output size; an
-    output larger than the free space is refused (:class:`SpecError`) unless ``force``."""
+    output larger than the free space is refused (:class:`SpecError`) unless ``force``. With a
+    ``system`` the step is also simulated (exactly as :func:`simulate`: the same peak memory) and
+    the system is recorded in the manifest, so ``simulate --trace`` needs no ``--system``."""
     from tensorstage.fileio import require_replaceable_dir, require_writable_dir
     from tensorstage.trace import write_chakra
 
     require_replaceable_dir(out)  # before the lowering, not after it
     require_writable_dir(out)
+    if system is not None:
+        load_system(system, plan.world)  # a bad system: fail before any work
     lowered = lower(model, plan)
+    sim = simulate(model, system, plan) if system is not None else None
+    inputs = generation_inputs(_name(model), lowered)
+    if system is not None:
+        inputs["system"] = _name(system)
     manifest = write_chakra(lowered.programs, lowered.mesh, Path(out), prefix=prefix, workers=workers,
                             classes_only=classes_only, json=json_traces, progress=progress,
-                            inputs=generation_inputs(_name(model), lowered), force=force,
-                            on_estimate=on_estimate)
-    return Generated(Path(out), manifest)
+                            inputs=inputs, force=force, on_estimate=on_estimate)
+    return Generated(Path(out), manifest, sim)
 
 
 # --- the main job --------------------------------------------------------------------------------

@@ -57,6 +57,9 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         progress: bool | None = typer.Option(
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+        system: str | None = typer.Option(
+            None, "--system", help="Also simulate the step on this system (preset or YAML): prints the peak "
+                                   "memory and records the system for `simulate --trace`."),
         force: bool = typer.Option(
             False, "--force", help="Write even when the estimated output exceeds the free disk space."),
         world: int | None = typer.Option(
@@ -75,13 +78,22 @@ def register(app: typer.Typer) -> None:
 
         with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
             done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
-                                json_traces=json_traces, progress=progress, force=force, on_estimate=estimate)
+                                json_traces=json_traces, progress=progress, force=force, on_estimate=estimate,
+                                system=system)
         manifest = done.manifest
         if json_out:
-            print_json({**manifest, "plan_notes": list(plan_choice.notes) if plan_choice else []})
+            extra: dict[str, Any] = {"plan_notes": list(plan_choice.notes) if plan_choice else []}
+            if done.sim is not None:
+                extra.update(system=system, peak_memory_bytes=done.peak_memory_bytes,
+                             hbm_capacity_bytes=done.sim.result.hbm_capacity_bytes)
+            print_json({**manifest, **extra})
             return
         files = manifest["files"]
         typer.echo(api.describe_plan(plan))
+        if done.sim is not None:
+            res = done.sim.result
+            typer.echo(f"peak memory {res.peak_memory_bytes / 2**30:.2f} / {res.hbm_capacity_bytes / 2**30:.2f} GiB "
+                       f"on {system} (simulated step)" + (" (OOM)" if res.oom else ""))
         title = (f"{model}: {manifest['world']:,} ranks, {len(manifest['classes'])} classes, "
                  f"{files['count']:,} files ({files['bytes'] / 1e6:,.1f} MB) in {out}")
         print_table(title, ["class", "key", "nodes", "TFLOP", "model TFLOP", "coll GB", "send GB", "recv GB",
