@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 import tensorstage
 from tensorstage import api
 from tensorstage.errors import SpecError
+from tests.support import run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

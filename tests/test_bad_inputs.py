@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-from support import run_main
+
+from tests.support import run_main
 
 SIM = ["simulate", "llama3.1-8b", "--system", "dgx-h100-superpod"]
 MIX = ["simulate", "mixtral-8x7b", "--system", "dgx-h100-superpod"]

@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage.errors import SpecError
 from tensorstage.fileio import read_json_file, read_text_file, read_yaml_file
+from tests.support import run_main
 
 BINARY = b"\xff\xfe\x00\x01 not text"
 

@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage import api
 from tensorstage.errors import InputWarning, SpecError
 from tensorstage.limits import INT64_MAX, MAX_LAYERS, MAX_WORLD
+from tests.support import run_main
 
 SIM = ["simulate", "llama3.1-8b", "--system", "dgx-h100-superpod"]
 TINY = ["--tp", "1", "--pp", "1", "--dp", "1", "--seq", "128", "--global-batch", "1"]

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from support import run_main
 
 from tensorstage import api
 from tensorstage.errors import SpecError
+from tests.support import run_main
 
 MODEL = str(Path(__file__).parent / "data" / "models" / "tiny-moe.yaml")  # 4 layers, 8 heads, 8 experts
 SYSTEM = "dgx-h100-superpod"
