@@ -22,6 +22,7 @@ from pathlib import Path
 
 import typer
 
+from tensorstage.api import PlanChoice
 from tensorstage.errors import SpecError
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
@@ -150,6 +151,7 @@ def register(app: typer.Typer) -> None:
     def replay(
         model: str | None = typer.Argument(None, help="Model to lower and replay (or --trace DIR, or --bench)."),
         plan: ParallelPlan = None,  # type: ignore[assignment]  # filled in by with_plan_options
+        plan_choice: PlanChoice | None = None,  # which plan flags were given (filled in likewise)
         trace: Path | None = typer.Option(None, "--trace", help="Replay the Chakra ET files in this directory."),
         bench: bool = typer.Option(False, "--bench", help="Run the collective/send-recv microbenchmark sweep."),
         ranks: int | None = typer.Option(None, "--ranks", help="Processes to start (bench: 8; replay: the "
@@ -201,7 +203,8 @@ def register(app: typer.Typer) -> None:
                   "inputs": {"scale": scale, "compute": compute, "slice": slice_ or "all"}}
             _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report)
             return
-        if model is not None or trace is not None or slice_ or plan != ParallelPlan.parse({}):
+        flags_given = plan_choice is not None and (bool(plan_choice.given) or plan_choice.base != "default")
+        if model is not None or trace is not None or slice_ or flags_given:
             raise SpecError("bench", "--bench takes no MODEL, --trace, --slice or plan flags")
         links = make_links(ranks or 8, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
         res = run_microbench(links, network=network, ops=parse_ops(ops), sizes_bytes=parse_sizes(sizes),
