@@ -101,12 +101,12 @@ def choose_plan(config: str | Path | None = None, **overrides: Any) -> PlanChoic
     file means the same thing to every command. Bad values raise :class:`SpecError`.
     """
     given = _normalise(overrides)
+    if "global_batch" in given and given["global_batch"] == 0:  # was silently dp*micro_batch*pp
+        raise SpecError("global_batch", "must be >= 1 (sequences per step)")
     if config is not None:
         return PlanChoice(load_plan(config, given), str(config), tuple(given))
     data = dict(DEFAULT_PLAN_VALUES)
     data.update(given)
-    if "global_batch" in given and given["global_batch"] == 0:
-        raise SpecError("global_batch", "must be >= 1 (sequences per step)")
     try:
         plan = ParallelPlan.parse(data, where="plan")
     except SpecError as exc:
@@ -140,8 +140,6 @@ def _derived_notes(plan: ParallelPlan, given: Mapping[str, Any]) -> list[str]:
 def make_plan(config: str | Path | None = None, **overrides: Any) -> ParallelPlan:
     """:func:`choose_plan` without the provenance: the checked :class:`ParallelPlan`."""
     return choose_plan(config, **overrides).plan
-
-
 
 
 def describe_plan(plan: ParallelPlan) -> str:
@@ -200,7 +198,13 @@ def lower(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, fuse: bool 
     from tensorstage.lower import lower as _lower
 
     spec = load_model(model)
-    lowered = _lower(spec, plan, fuse=fuse)  # a bad plan is an error first, never a warning then an error
+    try:
+        lowered = _lower(spec, plan, fuse=fuse)  # a bad plan is an error first, never a warning then one
+    except SpecError as exc:
+        if exc.field == "seq" and plan.seq == DEFAULT_PLAN.seq and "default plan" not in exc.reason:
+            raise SpecError(exc.field, f"{exc.reason} (seq {plan.seq} is the default plan's; give --seq)",
+                            exc.allowed) from None
+        raise
     warn_about(spec, plan)
     return lowered
 
