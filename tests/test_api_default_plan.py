@@ -51,10 +51,21 @@ def test_a_plan_file_replaces_the_default(tmp_path: Path) -> None:
     assert (p.tp, p.pp, p.dp, p.sp) == (4, 1, 2, False)
 
 
-def test_global_batch_zero_is_an_error_not_a_substitution() -> None:
+def test_global_batch_zero_is_an_error_not_a_substitution(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as err:
         api.make_plan(global_batch=0)
     assert err.value.field == "global_batch"
+    f = tmp_path / "plan.yaml"
+    f.write_text("dp: 2\n")
+    with pytest.raises(SpecError) as err:
+        api.make_plan(f, global_batch=0)
+    assert err.value.field == "global_batch"
+
+
+def test_a_default_seq_the_model_cannot_take_says_where_it_came_from() -> None:
+    with pytest.raises(SpecError) as err:  # GPT-3 125M: learned positions, 2048 (GPT-3 paper, Table 2.1)
+        api.lower("gpt3-125m", api.DEFAULT_PLAN)
+    assert err.value.field == "seq" and "default plan" in err.value.reason
 
 
 def test_a_kept_default_in_an_error_is_named() -> None:
