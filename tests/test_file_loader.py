@@ -96,3 +96,21 @@ def test_unwritable_outputs_name_the_option_and_the_users_path(cmd: list[str], t
     assert res.stderr == f"error: {option}: cannot write {target}: a folder on its path is a file\n"
     assert ".tmp" not in res.stderr and blocker.read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt"]
+
+
+def test_disk_full_names_the_option_and_the_users_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    import tensorstage.trace.writer as writer
+
+    def full(path: str, data: bytes) -> None:  # what os.write raises on a full disk: no file name
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer, "_write_file", full)
+    out = tmp_path / "traces"
+    res = run_main(monkeypatch, capsys, "generate", "gpt3-125m", "--tp", "1", "--pp", "1", "--dp", "1", "--seq", "128",
+                   "--workers", "1", "--out", str(out))
+    assert res.returncode == 2
+    assert res.stderr.splitlines()[-1] == f"error: out: cannot write {out}: No space left on device"
+    assert ".tmp" not in res.stderr and list(tmp_path.iterdir()) == []
