@@ -127,3 +127,16 @@ def test_example_script_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     out = capsys.readouterr().out
     assert "from the traces: step" in out
     assert (tmp_path / "traces" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("cmd", [["simulate", "--system", "dgx-a100-selene"], ["replay"]])
+def test_the_default_plan_is_not_a_plan_flag_given_with_trace(cmd: list[str], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "no-traces")
+    res = run_main(monkeypatch, capsys, *cmd, "--trace", missing)  # no plan flags: the trace is looked at
+    assert res.returncode == 2 and not res.stderr.startswith("error: plan:"), res.stderr
+    res = run_main(monkeypatch, capsys, *cmd, "--trace", missing, "--tp", "2")  # 2 = the default's value
+    assert res.returncode == 2 and res.stderr.startswith("error: plan:"), res.stderr
+    res = run_main(monkeypatch, capsys, "replay", "--bench", "--tp", "2")
+    assert res.returncode == 2 and res.stderr.startswith("error: bench:"), res.stderr
