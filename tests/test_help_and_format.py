@@ -39,3 +39,11 @@ def test_validate_reports_progress() -> None:
     v = api.validate(only=r"^TRAIN-NARAYANAN21-T1-1\.7B$", progress=lambda i, n, t: calls.append((i, n, t.id)))
     assert calls == [(1, 1, "TRAIN-NARAYANAN21-T1-1.7B")]
     assert not v.failed and len(v.results) == 1
+
+
+def test_the_spinner_stays_off_when_stderr_is_not_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
+    from tensorstage.report.console import status
+
+    with status("simulating ..."):
+        pass
+    assert capsys.readouterr() == ("", "")  # piped runs: nothing but the result

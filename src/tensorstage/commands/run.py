@@ -47,11 +47,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print result.json (the simulate --json result)."),
     ) -> None:
         """Main job: lower MODEL, write Chakra traces, simulate a step and write a report with plots."""
-        from tensorstage.report.console import console, print_json
+        from tensorstage.report.console import console, print_json, status
 
         notes = list(plan_choice.notes) if plan_choice else None
-        with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
-            done = api.run(model, system, plan, out, traces=traces, workers=workers, notes=notes)
+        with cancel_on_interrupt(), status(f"running {model} on {plan.world:,} GPUs ..."):  # Ctrl-C: one line,
+            done = api.run(model, system, plan, out, traces=traces, workers=workers, notes=notes)  # no traceback
         data = done.data
         if as_json:  # the same document as out/result.json, so scripts need not read the file back
             print_json(data)

@@ -28,6 +28,7 @@ from tensorstage import api
 from tensorstage.api import TIMELINE_MAX_EVENTS, SimRun
 from tensorstage.errors import SpecError
 from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.report.console import status
 
 
 def write_outputs(run: SimRun, json_out: bool, timeline: Path | None, report: Path | None) -> None:
@@ -113,7 +114,8 @@ def register(app: typer.Typer) -> None:
             if system is None:
                 raise SpecError("system", "--system is required", _system_names())
             notes = list(plan_choice.notes) if json_out and plan_choice else None  # human output: on stderr
-            run = api.simulate(model, system, plan, full=full or timeline is not None, notes=notes)
+            with status(f"lowering and simulating {model} on {plan.world:,} GPUs ..."):
+                run = api.simulate(model, system, plan, full=full or timeline is not None, notes=notes)
         write_outputs(run, json_out, timeline, report)
 
 

@@ -7,6 +7,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -60,3 +61,11 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def status(message: str) -> AbstractContextManager[object]:
+    """A spinner with ``message`` on stderr while a long step runs (lowering and simulating a big
+    plan takes seconds), only on a terminal: piped and JSON output stay byte-identical."""
+    if not sys.stderr.isatty():
+        return nullcontext()
+    return Console(stderr=True).status(message)
