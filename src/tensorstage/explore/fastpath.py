@@ -173,7 +173,7 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     emb, head = _BlockCost(graph, "embedding", c, cm), _BlockCost(graph, "head", c, cm)
 
     def per_layer(cat: str) -> np.ndarray:
-        return sum(layer[k].time_s[cat] for k in kinds) / L
+        return sum(layer[k].time_s[cat] * kinds.count(k) for k in layer) / L
 
     act_b = DTYPE_BYTES[str(c["dtype"][0])]
     msg = mb * c["seq"] / cp * graph.spec.hidden * act_b  # one layer's activations
@@ -198,7 +198,7 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     pipe = m * per_mb + bubble + p2p
     # data parallelism over dp*cp (stride tp)
     sb = state_bytes_per_param(graph.options)
-    params_layer = sum(graph.evaluate(graph.layers[k].param_count) for k in kinds) / L
+    params_layer = sum(float(graph.evaluate(graph.layers[k].param_count)) * kinds.count(k) for k in graph.layers) / L
     emb_p, head_p = (float(graph.evaluate(b.param_count)) for b in (graph.embedding, graph.head))
     params_rank = (lps * params_layer + np.where(pp > 1, max(emb_p, head_p), emb_p + head_p)) / tp
     grad_bytes = params_rank * sb["grad"]
@@ -222,7 +222,7 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
         sched == "interleaved", np.minimum(m * vpp, 2 * (pp - 1) + (vpp - 1) * pp + 1) * lps / vpp,
         np.where(sched == "gpipe", m * lps, np.minimum(pp, m) * lps))
     peak = state + act * inflight_layers
-    model_flops = sum(layer[k].model_flops for k in kinds) + emb.model_flops + head.model_flops
+    model_flops = sum(layer[k].model_flops * kinds.count(k) for k in layer) + emb.model_flops + head.model_flops
     world = tp * pp * dp * cp
     mfu = model_flops * m * dp * cp / (step * world * cm.peak_flops)
     return {"step_time_s": step, "mfu": mfu, "peak_memory_bytes": peak}
@@ -235,8 +235,12 @@ def _activation_bytes(graph: Any, c: Mapping[str, np.ndarray], sp: np.ndarray) -
 
     tp = c["tp"].astype(float)
     b = {"b": c["micro_batch"].astype(float), "s": c["seq"] / c["cp"]}
-    kinds = graph.layer_kinds
-    glob = sum(graph.costs(b).per_block[k]["activation_bytes"] for k in kinds) / len(kinds)
-    loc_b = {**b, **{s: graph.bindings[s] / tp for s in TP_SYMBOLS}}
-    loc = sum(graph.costs(loc_b).per_block[k]["activation_bytes"] for k in kinds) / len(kinds)
+    counts = {k: graph.layer_kinds.count(k) for k in graph.layers}
+
+    def mean_layer(bindings: dict[str, Any]) -> np.ndarray:
+        per = graph.costs(bindings).per_block
+        return sum(per[k]["activation_bytes"] * n for k, n in counts.items()) / len(graph.layer_kinds)
+
+    glob = mean_layer(b)
+    loc = mean_layer({**b, **{s: graph.bindings[s] / tp for s in TP_SYMBOLS}})
     return np.where(sp, glob / tp, loc)

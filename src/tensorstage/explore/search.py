@@ -28,7 +28,7 @@ import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.explore.agents import Told, make_agent
-from tensorstage.explore.evaluate import OK, PRUNED
+from tensorstage.explore.evaluate import OK, OOM, PRUNED
 from tensorstage.explore.executors import LocalExecutor, RayExecutor
 from tensorstage.explore.setup import Task, build_system, config_key, make_task
 from tensorstage.explore.space import Space
@@ -127,7 +127,11 @@ class _Runner:
             fast = screen_tasks([t for _, _, t in todo])
             keep = []
             for (i, cfg, task), res in zip(todo, fast, strict=True):
-                if self.evaluator == "fast" or res["status"] != OK:
+                if self.evaluator == "fast" and res["status"] == OK and res["metrics"]["memory_fraction"] > 1.0:
+                    res = {**res, "status": OOM, "message": f"screen: {res['metrics']['memory_fraction']:.2f} x HBM"}
+                    out[i] = self._finish(first_number + i, cfg, task, res, "fast")
+                    self.evaluations += 1
+                elif self.evaluator == "fast" or res["status"] != OK:
                     out[i] = self._finish(first_number + i, cfg, task, res, "fast" if res["status"] == OK else "constraint")
                     self.evaluations += res["status"] == OK
                 elif res["metrics"]["memory_fraction"] > PRUNE_MEMORY_FRACTION:

@@ -19,7 +19,7 @@ configuration was already evaluated. Stacks and the names they accept:
 Parameter forms: ``{choice: [..]}`` (or a bare list), ``{int: [lo, hi], step: k}``, ``{pow2: [lo, hi]}``,
 ``{float: [lo, hi], steps: n, log: false}``. ``derived`` maps names to expressions, ``constraints``
 is a list of boolean expressions (:mod:`.expr`); names visible to expressions are the parameters,
-derived values, ``gpus``, the ``fixed`` plan values, ``model.<field>`` and ``system.gpus_per_node``;
+derived values, ``gpus``, the ``fixed`` plan values (other plan fields: their defaults), ``model.<field>`` and ``system.gpus_per_node``;
 a constraint naming a result metric (``peak_memory_bytes <= hbm_bytes``) is checked after
 evaluation.
 """
@@ -50,6 +50,9 @@ METRICS = ("step_time_s", "mfu", "tokens_per_s", "tokens_per_s_per_gpu", "peak_m
 GOALS = ("min", "max")
 KINDS = ("choice", "int", "pow2", "float")
 MODEL_FIELDS = ("num_layers", "hidden", "num_heads", "kv_heads", "ffn", "vocab", "num_experts")
+#: Plan fields left out of a space take the plan's defaults, and expressions see them too.
+_PLAN_DEFAULTS: dict[str, Any] = {k: f.default for k, f in ParallelPlan.model_fields.items()
+                                  if isinstance(f.default, int | float | str | bool)}
 #: A grid larger than this is not enumerated (a vectorised pass over it would not fit in memory).
 MAX_ENUMERATE = 20_000_000
 
@@ -135,7 +138,7 @@ class Space:
 
     def env(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """The names an expression sees for one candidate (or arrays of candidates)."""
-        return {**self.constants, **self.fixed, "gpus": self.gpus, **cfg}
+        return {**_PLAN_DEFAULTS, **self.constants, **self.fixed, "gpus": self.gpus, **cfg}
 
     def feasible(self, cfg: Mapping[str, Any]) -> tuple[bool, str]:
         """Whether the pre-evaluation constraints hold; else the first failing one's text."""
@@ -336,7 +339,7 @@ def _objectives(raw: Any, where: str) -> list[Objective]:
 
 def _check_names(space: Space, where: str) -> None:
     """Every name an expression reads must exist (a typo fails at load, not mid-search)."""
-    visible = set(space.constants) | set(space.fixed) | {"gpus"} | set(space.names)
+    visible = set(_PLAN_DEFAULTS) | set(space.constants) | set(space.fixed) | {"gpus"} | set(space.names)
     for name, ex in space.derived.items():
         missing = sorted(ex.names - visible)
         if missing:
