@@ -87,3 +87,22 @@ def test_cli_bad_space_is_one_line_exit_2(tmp_path):
     assert "\n" not in str(res.exception)
     with pytest.raises(SpecError):
         load_space(tmp_path / "missing.yaml")
+
+
+def test_shipped_examples_load_and_set_the_4d_network():
+    from pathlib import Path
+
+    from tensorstage.explore.setup import build_system, make_task
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "spaces"
+    for f in sorted(root.glob("*.yaml")):
+        assert load_space(f).parameters, f
+    sp = load_space(root / "cosmic_gpt3_175b_1024.yaml")  # its system path is relative to the file
+    cfg = sp.decode(tuple(0 for _ in sp.parameters))
+    cfg.update({"tp": 8, "pp": 8, "dp": 16, "pod.npus": 4, "leaf.npus": 8, "spine.bandwidth_GBps": 50.0})
+    assert sp.feasible(cfg)[0]
+    task = make_task(sp.model, sp.system, sp.gpus, sp.fixed, cfg)
+    system = build_system(*task.system_key())
+    dims = {d.name: d for d in system.network}
+    assert [d.npus for d in system.network] == [8, 4, 8, 1024 // (8 * 4 * 8)]
+    assert dims["spine"].bandwidth_GBps == 50.0 and dims["pod"].bandwidth_GBps == 12.5

@@ -1,8 +1,9 @@
 """``best-plan``: the best training layout of a model on a system and GPU count, like Calculon's
 optimal execution search, in two stages.
 
-1. Enumerate the layout space (:func:`layout_space`: TP, PP, DP, micro-batch, interleaving,
-   recompute, ZeRO-1) as a :class:`Space`, keep what the plan rules accept, and screen every
+1. Enumerate the layout space (:func:`layout_space`: TP, PP (an uneven
+   :func:`balanced_split` when PP does not divide the layers), DP, micro-batch, interleaving,
+   recompute, ZeRO 0/1/3) as a :class:`Space`, keep what the plan rules accept, and screen every
    survivor in closed form (:mod:`.fastpath`); drop what the screen puts out of memory.
 2. Simulate the ``top`` best-screened layouts in full (:func:`.evaluate.training_step`) and rank
    them by the simulated objective.
@@ -79,10 +80,11 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     node = load_system(system, gpus).gpus_per_node
     layers = spec.num_layers
     tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= node and gpus % t == 0]
-    pps = [p for p in _divisors(layers) if p <= gpus]
+    # stage counts that divide the layers, and powers of two (uneven split: see balanced_split)
+    pps = sorted({p for p in _divisors(layers) if p <= gpus} | {2**k for k in range(1, 8) if 2**k < layers})
     fx = {"seq": seq, "global_batch": global_batch, "dtype": dtype, **(fixed or {})}
     params: dict[str, Any] = {"tp": tps, "pp": pps, "vpp": [1, 2, 3, 4], "micro_batch": [1, 2, 4, 8],
-                              "recompute": ["none", "selective", "full"], "zero": [0, 1]}
+                              "recompute": ["none", "selective", "full"], "zero": [0, 1, 3]}
     for k in list(params):
         if k in fx:
             params.pop(k)
@@ -91,7 +93,8 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     data = {"name": f"layouts-{model}-{gpus}", "model": model, "system": system, "gpus": gpus, "fixed": fx,
             "parameters": {"plan": params}, "derived": derived,
             "constraints": ["gpus % (tp * pp) == 0", "global_batch % (dp * micro_batch) == 0",
-                            "model.num_layers % (pp * vpp) == 0", "vpp == 1 or pp > 1"],
+                            "model.num_layers % (pp * vpp) == 0 or (vpp == 1 and pp < model.num_layers)",
+                            "vpp == 1 or pp > 1"],
             "objectives": [{"metric": "step_time_s", "goal": "min"}]}
     return parse_space(data, where="best-plan")
 
@@ -101,8 +104,11 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
     idx = space.enumerate_indices()
     mask, _ = space.feasible_mask(idx)
     tasks = []
+    layers = int(space.constants["model.num_layers"])
     for row in idx[mask]:
         cfg = space.decode(tuple(int(v) for v in row))
+        if layers % (cfg.get("pp", 1) * cfg.get("vpp", 1)) and "pp_layer_split" not in space.fixed:
+            cfg["pp_layer_split"] = balanced_split(layers, cfg["pp"])
         tasks.append(make_task(space.model, space.system, space.gpus, space.fixed, cfg))
     results = screen_tasks(tasks)
     legal = [(t, r) for t, r in zip(tasks, results, strict=True) if r["status"] == OK]
@@ -133,6 +139,18 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     out.simulated = ok + [r for r in out.simulated if r.status != OK]
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage when ``pp`` does not divide them: ``layers // pp`` each, one more on the
+    middle stages first (the end stages also hold the embedding and the head), as Llama 3 405B's
+    126 layers on 16 stages (7, 8 x 14, 7)."""
+    base, extra = divmod(layers, pp)
+    split = [base] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    for i in order[:extra]:
+        split[i] += 1
+    return tuple(split)
 
 
 def layout_of(plan: dict[str, Any]) -> tuple[int, int, int]:

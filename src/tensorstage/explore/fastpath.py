@@ -21,7 +21,9 @@ Terms per candidate (all per rank of the busiest pipeline stage, one micro-batch
 * pipeline (``F-PP-BUBBLE``, Qi et al. 2024): ``m (F+B+W) + (p-1)(F+B+W)`` for GPipe/1F1B,
   ``(p-1)/v`` for interleaved, ``(p-1)(F+B-W)`` for ZB-H1, plus the boundary sends on the critical path;
 * data parallelism: the stage's gradients all-reduced (or reduce-scattered + all-gathered under
-  ZeRO) over ``dp * cp``, hidden behind the last micro-batch's backward when overlapped;
+  ZeRO-1/2) over ``dp * cp``, hidden behind the last micro-batch's backward when overlapped;
+  ZeRO-3 gathers the parameters twice per micro-batch, exposed where that outlasts the
+  micro-batch's compute;
 * optimizer step on the local shard; memory: model state per ZeRO stage + activations of the
   micro-batches in flight on stage 0 (1F1B: ``min(p, m)``; interleaved: Megatron's warm-up count).
 """
@@ -181,7 +183,7 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     tp_coll = np.where(sp, _coll("rs", msg, ones, tp, fabric) + _coll("ag", msg, ones, tp, fabric),
                        _coll("ar", msg, ones, tp, fabric))
     n_fwd_coll = 2 + np.where(c["recompute"] == "full", 2, 0)
-    lps = L / pp  # layers per stage
+    lps = np.where(L % (pp * vpp) == 0, L / pp, np.ceil(L / pp))  # layers on the busiest stage (uneven: ceil)
     F = lps * (per_layer("fwd") + 2 * tp_coll)
     B = lps * (per_layer("bwd_input") + per_layer("recompute") + n_fwd_coll * tp_coll)
     W = lps * per_layer("bwd_weight")
@@ -212,7 +214,12 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     gather_exposed = np.where(c["overlap_param_gather"].astype(bool), 0.0, gather)
     shard = np.where(zero >= 1, dpn, 1)
     opt = (lps * per_layer("optimizer") + head.time_s["optimizer"]) / shard
-    step = pipe + dp_exposed + gather_exposed + opt
+    # ZeRO-3 / FSDP: the stage's parameters are gathered for every micro-batch's forward and
+    # backward (only what outlasts that micro-batch's compute shows, plus the first gather); the
+    # gradients are reduce-scattered after the last backward, like the ZeRO-1/2 buckets
+    ag_mb = _coll("ag", params_rank * sb["param"], tp, dpn, fabric)
+    fsdp = m * np.maximum(2 * ag_mb - per_mb, 0.0) + ag_mb + dp_exposed
+    step = pipe + np.where(zero >= 3, fsdp, dp_exposed + gather_exposed) + opt
     # memory
     state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / dpn, sb["grad"])
                            + (sb["master"] + sb["optimizer_states"]) / shard)

@@ -11,8 +11,9 @@ configuration was already evaluated. Stacks and the names they accept:
 * ``plan``: any :class:`~tensorstage.parallel.plan.ParallelPlan` field (tp, pp, dp, cp, ep, vpp,
   zero, recompute, schedule, micro_batch, sp, ...).
 * ``collective``: the plan fields that shape collectives (:data:`COLLECTIVE_FIELDS`).
-* ``network``: ``<dimension>.<bandwidth_GBps|latency_ns>`` of the system's network dimensions
-  (``nvlink.bandwidth_GBps``), and ``<dimension>.npus`` of the scale-up dimension (NPUs per node).
+* ``network``: ``<dimension>.<bandwidth_GBps|latency_ns|topology|npus>`` of the system's network
+  dimensions (``nvlink.bandwidth_GBps``); the scale-up dimension's ``npus`` is the node size, the
+  outermost scale-out dimension's is resized to the GPU count (the inner ones' are free).
 * ``hardware``: ``device`` (a device preset name).
 * ``serving``: reserved for the serving simulator (rejected until it exists).
 
@@ -42,7 +43,7 @@ from tensorstage.parallel.plan import ParallelPlan
 STACKS = ("plan", "collective", "network", "hardware", "serving")
 COLLECTIVE_FIELDS = ("dp_bucket_bytes", "overlap_grad_reduce", "overlap_param_gather", "cp_mode", "ddp_style",
                      "zero_shard_size", "fsdp_prefetch")
-NETWORK_ATTRS = ("bandwidth_GBps", "latency_ns", "npus")
+NETWORK_ATTRS = ("bandwidth_GBps", "latency_ns", "npus", "topology")
 HARDWARE_FIELDS = ("device",)
 #: Result metrics an objective or a post-evaluation constraint may name (see :mod:`.evaluate`).
 METRICS = ("step_time_s", "mfu", "tokens_per_s", "tokens_per_s_per_gpu", "peak_memory_bytes", "hbm_bytes",
@@ -256,9 +257,11 @@ def model_constants(model: str) -> dict[str, Any]:
             "model.num_experts": spec.moe.num_experts if spec.moe else 1}
 
 
-def parse_space(data: Any, where: str = "space") -> Space:
-    """Validate a space mapping (the parsed YAML) into a :class:`Space`; problems are one-line ``SpecError``s."""
+def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Space:
+    """Validate a space mapping (the parsed YAML) into a :class:`Space`; problems are one-line ``SpecError``s.
+    A relative system YAML path is taken relative to ``base`` (the space file's folder)."""
     from tensorstage.hardware import load_system
+    from tensorstage.hardware.presets import looks_like_path
 
     if not isinstance(data, dict):
         raise SpecError(where, "a space file is a mapping (model, system, gpus, parameters, ...)")
@@ -274,6 +277,8 @@ def parse_space(data: Any, where: str = "space") -> Space:
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise SpecError(f"{where}.gpus", f"must be a positive integer, got {gpus!r}")
     consts = model_constants(str(data["model"]))
+    if base is not None and looks_like_path(str(data["system"])) and not Path(str(data["system"])).is_absolute():
+        data = {**data, "system": str((base / str(data["system"])).resolve())}
     system = load_system(str(data["system"]), gpus)
     consts["system.gpus_per_node"] = system.gpus_per_node
     dims = [d.name for d in system.network]
@@ -368,4 +373,4 @@ def load_space(path: str | Path) -> Space:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         raise SpecError(f"{path}{line}", f"malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
-    return parse_space(data, where=path.name)
+    return parse_space(data, where=path.name, base=path.parent)
