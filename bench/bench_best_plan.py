@@ -51,17 +51,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", help="case names (e.g. 1.7B llama3-405B); default all")
     ap.add_argument("--top", type=int, default=4)
+    ap.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="plan keys pinned in both searches, e.g. zero=0 recompute=full (the features of "
+                         "Megatron-LM in 2021: no ZeRO, full recompute as Table 1 states)")
     args = ap.parse_args()
+    pins = {}
+    for item in args.fix:
+        k, _, v = item.partition("=")
+        pins[k] = int(v) if v.lstrip("-").isdigit() else v
     rows = []
     for c in cases():
         if args.cases and c["name"] not in args.cases:
             continue
         kw = dict(dtype=c["dtype"], top=args.top)
         t0 = time.perf_counter()
-        opt = best_plan(c["model"], c["system"], c["gpus"], c["global_batch"], c["seq"], **kw)
+        opt = best_plan(c["model"], c["system"], c["gpus"], c["global_batch"], c["seq"], fixed=pins or None, **kw)
         t_opt = time.perf_counter() - t0
         pub = best_plan(c["model"], c["system"], c["gpus"], c["global_batch"], c["seq"],
-                        fixed={"tp": c["tp"], "pp": c["pp"]}, **kw)
+                        fixed={**pins, "tp": c["tp"], "pp": c["pp"]}, **kw)
         b, p = opt.best, pub.best
         row = {"case": c["name"], "gpus": c["gpus"], "published": f"TP{c['tp']} PP{c['pp']}"}
         if b is not None:

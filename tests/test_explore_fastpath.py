@@ -36,10 +36,13 @@ def test_model_flops_match_narayanan_closed_form():
 def test_zero1_saves_megatron_bytes_per_param():
     """Megatron's distributed optimizer keeps 6 + 12/DP bytes per parameter instead of 18
     (public_cases F-MEGATRON-BYTES): ZeRO-1 over DP=8 saves 12 x 7/8 bytes per parameter."""
-    m = _screen(8, dp=np.array([8, 8]), zero=np.array([0, 1]), global_batch=np.array([8, 8]))
+    m = _screen(8, dp=np.full(3, 8), zero=np.array([0, 1, 3]), global_batch=np.full(3, 8))
     params = 12 * L * H**2 * (1 + 13 / (12 * H) + (V + S) / (12 * L * H))  # F-PARAMS-DENSE
     saved = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][1]
     assert saved == pytest.approx(12 * (1 - 1 / 8) * params, rel=0.01)
+    # ZeRO-3 (F-ADAM-ZERO, with Megatron's 18 bytes): every byte of state sharded, 18 / DP per parameter
+    saved3 = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][2]
+    assert saved3 == pytest.approx(18 * (1 - 1 / 8) * params, rel=0.01)
 
 
 def test_pipeline_bubble_fraction():

@@ -181,3 +181,28 @@ def test_network_and_device_parameters_change_the_system():
     for dev, bw in itertools.product(["A100-80GB", "H100-SXM"], [12.5]):
         assert by[(bw, dev)] > by[(50.0, dev)]  # slower DP all-reduce across nodes
     assert by[(50.0, "H100-SXM")] < by[(50.0, "A100-80GB")]
+
+
+class FirstFeasibleAgent:
+    """A user plug-in: proposes index vectors in row-major order (the ask/tell contract, nothing else)."""
+
+    name = "first"
+
+    def __init__(self, space, seed, n_objectives):
+        self.rows = itertools.product(*(range(n) for n in space.sizes))
+        self.told = 0
+
+    def ask(self, n):
+        return list(itertools.islice(self.rows, n))
+
+    def tell(self, results):
+        self.told += len(results)
+
+
+def test_plug_in_agent_by_module_and_class():
+    sp = parse_space({**SMALL, "objectives": SMALL["objectives"][:1]})
+    res = run_study(sp, f"{__name__}:FirstFeasibleAgent", 3, None, evaluator="fast")
+    assert res.evaluations == 3
+    assert res.trials[0].params["tp"] == 1 and res.trials[0].params["pp"] == 1
+    with pytest.raises(Exception, match="cannot load plug-in"):
+        run_study(sp, "no_such_module_xyz:Agent", 1, None, evaluator="fast")
