@@ -206,3 +206,12 @@ def test_plug_in_agent_by_module_and_class():
     assert res.trials[0].params["tp"] == 1 and res.trials[0].params["pp"] == 1
     with pytest.raises(Exception, match="cannot load plug-in"):
         run_study(sp, "no_such_module_xyz:Agent", 1, None, evaluator="fast")
+
+
+def test_penalty_is_finite_before_any_feasible_result():
+    from tensorstage.explore.agents.base import penalised
+
+    worst = [float("-inf"), float("-inf")]
+    assert all(np.isfinite(penalised(None, worst)))
+    penalised((2.0, -3.0), worst)
+    assert penalised(None, worst) == [5.0, 1.0]  # above the worst seen: w + |w| + 1

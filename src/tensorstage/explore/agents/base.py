@@ -14,6 +14,7 @@ Plug-ins: ``--agent package.module:ClassName`` imports a class with the construc
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,6 +44,10 @@ class Agent(Protocol):
         """Results of earlier asks, in the order asked."""
         ...
 
+
+#: Penalty of an infeasible result before any feasible one has been seen (finite, so every
+#: library accepts it, and far above any step time or memory in bytes).
+UNSEEN_PENALTY = 1e30
 
 AgentFactory = Callable[[Space, int, int], Agent]
 _AGENTS: dict[str, AgentFactory] = {}
@@ -84,4 +89,4 @@ def penalised(values: tuple[float, ...] | None, worst: list[float]) -> list[floa
         for i, v in enumerate(values):
             worst[i] = max(worst[i], v)
         return list(values)
-    return [w + abs(w) + 1.0 for w in worst]
+    return [w + abs(w) + 1.0 if math.isfinite(w) else UNSEEN_PENALTY for w in worst]
