@@ -5,8 +5,9 @@ optimal execution search, in two stages.
    :func:`balanced_split` when PP does not divide the layers), DP, micro-batch, interleaving,
    recompute, ZeRO 0/1/3) as a :class:`Space`, keep what the plan rules accept, and screen every
    survivor in closed form (:mod:`.fastpath`); drop what the screen puts out of memory.
-2. Simulate the ``top`` best-screened layouts in full (:func:`.evaluate.training_step`) and rank
-   them by the simulated objective.
+2. Simulate the best-screened layouts in full (:func:`.evaluate.training_step`) until ``top`` of
+   them fit in memory (at most :data:`MAX_SIMULATED_FACTOR` x ``top`` simulations) and rank those by
+   the simulated objective.
 
 The screen ranks layouts with Spearman ~0.98 against the simulator (``bench/bench_explore.py``),
 so the true optimum is almost always among the top few; ``top`` trades time for certainty.
@@ -26,6 +27,8 @@ from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
 from tensorstage.explore.setup import Task, make_task
 from tensorstage.explore.space import Space, parse_space
 
+#: best-plan simulates down the screened ranking until ``top`` layouts fit, at most this many x ``top``.
+MAX_SIMULATED_FACTOR = 3
 #: Objectives best-plan ranks by, with their goal.
 OBJECTIVES = {"step_time_s": "min", "mfu": "max", "tokens_per_s": "max", "peak_memory_bytes": "min",
               "gpu_s_per_token": "min"}
@@ -130,10 +133,14 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]
     order = sorted(fits, key=lambda i: (sign * fast[i]["metrics"][objective], tasks[i].key))
     out = BestPlan(model, system, gpus, objective, enumerated, len(tasks), t1 - t0)
-    for i in order[:top]:
+    found = 0
+    for i in order[: MAX_SIMULATED_FACTOR * top]:  # past layouts the simulator finds out of memory
         res = training_step(tasks[i])
         out.simulated.append(Ranked(tasks[i].plan, fast[i]["metrics"], res["metrics"] or None, res["status"],
                                     res["message"]))
+        found += res["status"] == OK
+        if found == top:
+            break
     ok = [r for r in out.simulated if r.status == OK]
     ok.sort(key=lambda r: sign * r.full[objective])  # type: ignore[index]
     out.simulated = ok + [r for r in out.simulated if r.status != OK]
