@@ -215,3 +215,15 @@ def test_penalty_is_finite_before_any_feasible_result():
     assert all(np.isfinite(penalised(None, worst)))
     penalised((2.0, -3.0), worst)
     assert penalised(None, worst) == [5.0, 1.0]  # above the worst seen: w + |w| + 1
+
+
+def test_best_plan_layouts_split_uneven_stages_also_when_pp_is_pinned():
+    from tensorstage.explore.bestplan import balanced_split, layout_space, screen_layouts
+
+    assert balanced_split(126, 16) == (7, *[8] * 14, 7)  # Llama 3 405B's 126 layers on 16 stages
+    assert balanced_split(24, 5) == (5, 5, 5, 5, 4)  # middle stages first, then the first (the last holds the head)
+    for fixed in (None, {"tp": 1, "pp": 16}):
+        sp = layout_space("megatron-1.7b", "dgx-a100-selene", 16, 64, 2048, "fp16", fixed)
+        tasks, _, _ = screen_layouts(sp)
+        split = [t.plan["pp_layer_split"] for t in tasks if t.plan.get("pp", sp.fixed.get("pp")) == 16]
+        assert split and all(tuple(s) == balanced_split(24, 16) for s in split)

@@ -110,8 +110,9 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
     layers = int(space.constants["model.num_layers"])
     for row in idx[mask]:
         cfg = space.decode(tuple(int(v) for v in row))
-        if layers % (cfg.get("pp", 1) * cfg.get("vpp", 1)) and "pp_layer_split" not in space.fixed:
-            cfg["pp_layer_split"] = balanced_split(layers, cfg["pp"])
+        env = space.env(cfg)  # pp may be a parameter or pinned in fixed
+        if layers % (env["pp"] * env["vpp"]) and "pp_layer_split" not in space.fixed:
+            cfg["pp_layer_split"] = balanced_split(layers, int(env["pp"]))
         tasks.append(make_task(space.model, space.system, space.gpus, space.fixed, cfg))
     results = screen_tasks(tasks)
     legal = [(t, r) for t, r in zip(tasks, results, strict=True) if r["status"] == OK]
@@ -154,7 +155,7 @@ def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
     126 layers on 16 stages (7, 8 x 14, 7)."""
     base, extra = divmod(layers, pp)
     split = [base] * pp
-    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))  # middle, first, last
     for i in order[:extra]:
         split[i] += 1
     return tuple(split)
