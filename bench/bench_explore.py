@@ -88,6 +88,11 @@ def main() -> None:
                  ["full simulations", len(pick)],
                  ["full simulations per minute", round(60 * len(pick) / t_full, 1)],
                  ["workers", args.workers]])
+    worst = sorted(range(len(ok)), key=lambda k: -rel[k])[:3]
+    print_table("largest screen errors", ["tp", "pp", "dp", "vpp", "micro_batch", "recompute", "zero", "screen_s",
+                                          "full_s"],
+                [[*(tasks[pick[ok[k]]].plan.get(f) for f in ("tp", "pp", "dp", "vpp", "micro_batch", "recompute",
+                                                            "zero")), round(a[k], 3), round(b[k], 3)] for k in worst])
 
 
 if __name__ == "__main__":
