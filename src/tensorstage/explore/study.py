@@ -1,6 +1,6 @@
 """The study store: every trial in one SQLite table, written as each finishes, and the Pareto front.
 
-Why SQLite: it is in the standard library, a committed row survives Ctrl-C, a crash or a killed
+Why SQLite: it ships with Python (sqlite3), a committed row survives Ctrl-C, a crash or a killed
 process (the write-ahead log makes each commit atomic), and a resumed run reads back exactly what
 finished. A trial's number is its position in the agent's ask order, so the table is the same
 whatever order parallel workers finish in.

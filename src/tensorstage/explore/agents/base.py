@@ -46,7 +46,7 @@ class Agent(Protocol):
 
 
 #: Penalty of an infeasible result before any feasible one has been seen (finite, so every
-#: library accepts it, and far above any step time or memory in bytes).
+#: optimiser package accepts it, and far above any step time or memory in bytes).
 UNSEEN_PENALTY = 1e30
 
 AgentFactory = Callable[[Space, int, int], Agent]

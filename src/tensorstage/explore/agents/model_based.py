@@ -1,9 +1,9 @@
-"""Agents backed by search libraries: GA and NSGA-II (pymoo), TPE (optuna).
+"""Agents backed by search packages: GA and NSGA-II (pymoo), TPE (optuna).
 
 They work on the same integer index vectors as the other agents: pymoo sees integer variables
 with bounds ``[0, size - 1]`` (SBX crossover and polynomial mutation rounded back to integers,
 as pymoo's mixed-integer examples do); optuna sees ``suggest_int`` for ordered parameters and
-``suggest_categorical`` for choices. Both libraries are imported lazily (the ``explore`` extra).
+``suggest_categorical`` for choices. Both packages are imported lazily (the ``explore`` extra).
 They may propose a configuration already evaluated; the study answers it from its store without
 spending budget.
 """
