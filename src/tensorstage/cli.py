@@ -41,6 +41,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.run",
     "tensorstage.commands.validate",
     "tensorstage.commands.replay",
+    "tensorstage.commands.explore",
 )
 
 
