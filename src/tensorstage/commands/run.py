@@ -56,10 +56,10 @@ def register(app: typer.Typer) -> None:
         if as_json:  # the same document as out/result.json, so scripts need not read the file back
             print_json(data)
             return
-        console.print(f"{model} on {system}", highlight=False)
-        console.print(api.describe_plan(plan), highlight=False)
+        console.print(f"{model} on {system}", highlight=False, soft_wrap=True)
+        console.print(api.describe_plan(plan), highlight=False, soft_wrap=True)
         console.print(f"step {data['step_time_s']:.3f} s | {data['tokens_per_s']:,.0f} tokens/s | "
                       f"MFU {data['mfu']:.1%} | HFU {data['hfu']:.1%} | peak memory "
                       f"{data['peak_memory_bytes'] / 2**30:.2f} / {data['hbm_capacity_bytes'] / 2**30:.2f} GiB"
-                      + (" (OOM)" if data["oom"] else ""), highlight=False)
-        console.print(f"report: {done.report}", highlight=False)
+                      + (" (OOM)" if data["oom"] else ""), highlight=False, soft_wrap=True)
+        console.print(f"report: {done.report}", highlight=False, soft_wrap=True)
