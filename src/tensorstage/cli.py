@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.simulate",
     "tensorstage.commands.run",
     "tensorstage.commands.validate",
+    "tensorstage.commands.serve",
 )
 
 

@@ -1,0 +1,36 @@
+"""``tensorstage serve``: JSON output and one-line errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from support import run_main
+
+
+def test_serve_json(monkeypatch, capsys):
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--qps", "50", "--requests", "40", "--isl", "64",
+                 "--osl", "8", "--slo-ttft-ms", "1000", "--slo-tpot-ms", "100", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["requests"] == 40 and doc["output_tokens"] == 320
+    assert doc["ttft_ms"]["p50"] <= doc["ttft_ms"]["p99"]
+    assert 0 <= doc["slo_attainment"] <= 1
+
+
+@pytest.mark.parametrize(("args", "field"), [
+    (["--engine", "nope"], "engine"),
+    (["--qps", "0"], "workload.rate_per_s"),
+    (["--qps", "1", "--offline", "3"], "workload"),
+    (["--isl", "0"], "workload.input_tokens"),
+    (["--weight-dtype", "int3"], "--weight-dtype"),
+    (["--router", "random"], "--router"),
+    (["--max-num-seqs", "0"], "engine.max_num_seqs"),
+    (["--slo-ttft-ms", "-5"], "--slo-ttft-ms"),
+])
+def test_serve_bad_input_is_one_line(monkeypatch, capsys, args, field):
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), r.stderr
