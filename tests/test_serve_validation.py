@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from support import run_main
+
 from tensorstage.errors import SpecError
 from tensorstage.validation.serving import default_serving_cases_path, run_serving_validation, serving_report
 
