@@ -6,24 +6,30 @@ print a table or JSON. Bad input is one line and exit code 2 (``SpecError``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from tensorstage.errors import SpecError
 from tensorstage.model.resolve import resolve_model
 from tensorstage.report.console import print_json, print_table
-from tensorstage.serve import ServingPlan, Workload, load_profile, simulate
+from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile, simulate
 from tensorstage.serve.engines import engine_names
 from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
 from tensorstage.serve.routers import ROUTERS
+from tensorstage.serve.traces import FORMATS, load_trace
 from tensorstage.serve.workloads import LENGTHS
 
 
-def _workload(offline: int | None, qps: float | None, concurrency: int | None, requests: int, isl: int,
-              osl: int, lengths: str, spread: float, prefix_groups: int, prefix_tokens: int,
-              burstiness: float, seed: int) -> Workload:
-    modes = [m for m, v in (("--offline", offline), ("--qps", qps), ("--concurrency", concurrency)) if v is not None]
+def _workload(offline: int | None, qps: float | None, concurrency: int | None, trace: Path | None,
+              trace_format: str | None, requests: int, isl: int, osl: int, lengths: str, spread: float,
+              prefix_groups: int, prefix_tokens: int, burstiness: float, seed: int) -> Workload | RequestTable:
+    modes = [m for m, v in (("--offline", offline), ("--qps", qps), ("--concurrency", concurrency),
+                            ("--trace", trace)) if v is not None]
     if len(modes) > 1:
-        raise SpecError("workload", f"give one of --offline, --qps, --concurrency (got {' and '.join(modes)})")
+        raise SpecError("workload", f"give one of --offline, --qps, --concurrency, --trace (got {' and '.join(modes)})")
+    if trace is not None:
+        return load_trace(trace, trace_format)
     common = dict(input_tokens=isl, output_tokens=osl, lengths=lengths, spread=spread,
                   prefix_groups=prefix_groups, prefix_tokens=prefix_tokens, seed=seed)
     if qps is not None:
@@ -35,7 +41,7 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, r
 
 
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
-           router: str, workload: Workload, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
+           router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
            overrides: dict[str, object], json_out: bool) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
@@ -86,6 +92,8 @@ def register(app: typer.Typer) -> None:
         offline: int = typer.Option(None, "--offline", help="N requests all at t=0 (throughput benchmark)."),
         qps: float = typer.Option(None, "--qps", help="Poisson arrivals at this rate (requests/s)."),
         concurrency: int = typer.Option(None, "--concurrency", help="Closed loop with this many clients."),
+        trace: Path = typer.Option(None, "--trace", help="Replay a trace file (Azure CSV, Mooncake JSONL, BurstGPT CSV)."),
+        trace_format: str = typer.Option(None, "--trace-format", help=f"Trace format: {', '.join(FORMATS)} (default: guessed)."),
         requests: int = typer.Option(1000, "--requests", help="Requests for --qps / --concurrency."),
         isl: int = typer.Option(1024, "--isl", help="Input (prompt) tokens per request (mean)."),
         osl: int = typer.Option(256, "--osl", help="Output tokens per request (mean)."),
@@ -104,7 +112,7 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Simulate request-level serving: TTFT, TPOT, E2E percentiles, throughput, goodput."""
-        wl = _workload(offline, qps, concurrency, requests, isl, osl, lengths, spread, prefix_groups,
+        wl = _workload(offline, qps, concurrency, trace, trace_format, requests, isl, osl, lengths, spread, prefix_groups,
                        prefix_tokens, burstiness, seed)
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}

@@ -8,7 +8,8 @@
    preemption by recompute: its blocks are freed, it goes back to the front of the queue and later
    re-prefills its prompt plus the tokens it had generated).
 2. Running requests still in prefill take a chunk of their remaining prompt (chunked prefill), in
-   admission order, while budget and KV blocks last. Without chunked prefill a prompt runs whole.
+   admission order, while budget and KV blocks last. Without chunked prefill a prompt runs whole
+   (one longer than the budget only in a step with no other prefill).
 3. Waiting requests are admitted in FCFS order while a slot (``max_num_seqs``), budget and KV
    blocks for their first chunk remain. With a prefix cache, a request whose prefix this replica has
    computed before starts with those tokens already in its KV (whole blocks only).
@@ -208,8 +209,9 @@ class Replica:
         while not stop and self.waiting and fi < len(free_slots) and budget > 0:
             r = self.waiting[0]
             first = int(self.req.prompt_tokens[r]) + self._gen_store.get(r, 0)
-            anything = len(dec_slots) > 0 or len(slots) > 1
-            if not prof.chunked_prefill and first > budget and anything:
+            # an unchunked prompt longer than the budget runs whole in a step with no other prefill
+            prefilling = len(slots) > 1
+            if not prof.chunked_prefill and first > budget and prefilling:
                 break
             if int(self._blocks_for(min(first, budget) if prof.chunked_prefill else first)) > self.free_blocks:
                 break
@@ -217,7 +219,7 @@ class Replica:
             s = int(free_slots[fi])
             fi += 1
             self._admit(r, s, static=False)
-            chunk = self._chunk(s, budget if prof.chunked_prefill or anything else 1 << 62)
+            chunk = self._chunk(s, budget if prof.chunked_prefill or prefilling else 1 << 62)
             if chunk == 0:  # cannot happen after the block check; keep the request queued
                 self._preempt_back(s, r)
                 break
