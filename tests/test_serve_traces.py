@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from support import run_main
+
 from tensorstage.errors import SpecError
 from tensorstage.serve.traces import load_trace
 
