@@ -11,9 +11,11 @@ from pathlib import Path
 import typer
 
 from tensorstage.errors import SpecError
+from tensorstage.hardware.system import load_system
 from tensorstage.model.resolve import resolve_model
 from tensorstage.report.console import print_json, print_table
 from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile, simulate
+from tensorstage.serve.capacity import find_max_qps
 from tensorstage.serve.engines import engine_names
 from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
 from tensorstage.serve.routers import ROUTERS
@@ -42,7 +44,7 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
 
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
-           overrides: dict[str, object], json_out: bool) -> None:
+           overrides: dict[str, object], json_out: bool, find_max: bool = False) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -58,6 +60,22 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
                        router=router).check()
     ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
     tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
+    if find_max:
+        if not isinstance(workload, Workload) or workload.arrival == "closed":
+            raise SpecError("--find-max-qps", "needs a synthetic open-loop workload (not --trace or --concurrency)")
+        cap = find_max_qps(spec, load_system(system), plan, workload, ttft, tpot)
+        doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
+               "max_rate_per_s": round(cap.max_rate_per_s, 6), "offline_rate_per_s": round(cap.offline_rate_per_s, 6),
+               "probes": [{"rate_per_s": round(r, 6), "meets_slo": ok} for r, ok in cap.probes],
+               "at_max": None if cap.at_max is None else cap.at_max.metrics.summary()}
+        if json_out:
+            print_json(doc)
+        else:
+            print_table("Rate search (p99 TTFT and TPOT within the SLOs)", ["rate/s", "meets SLO"],
+                        [[p["rate_per_s"], "yes" if p["meets_slo"] else "no"] for p in doc["probes"]])
+            print(f"max rate meeting the SLOs: {cap.max_rate_per_s:.4g} requests/s "
+                  f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s)")
+        return
     result = simulate(spec, system, plan, workload, ttft, tpot)
     doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
            "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
@@ -109,6 +127,8 @@ def register(app: typer.Typer) -> None:
         block_tokens: int = typer.Option(None, "--block-tokens", help="Override the KV block size."),
         kv_mem_fraction: float = typer.Option(None, "--kv-mem-fraction", help="Override the memory fraction."),
         seed: int = typer.Option(0, "--seed", help="Workload seed."),
+        find_max: bool = typer.Option(False, "--find-max-qps", help="Bisect the highest Poisson rate whose "
+                                      "p99 TTFT/TPOT meet the SLOs."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Simulate request-level serving: TTFT, TPOT, E2E percentiles, throughput, goodput."""
@@ -117,7 +137,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out)
+               overrides, json_out, find_max)
 
 
 __all__ = ["register"]
