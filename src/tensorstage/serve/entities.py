@@ -83,6 +83,23 @@ class StepLog:
         self.kv_blocks_used.append(kv_blocks_used)
         self.emitted.append(emitted)
 
+    def add_run(self, replica: int, start_s: float, durations_s: np.ndarray, decodes: int, running: int,
+                kv_blocks_used: np.ndarray) -> None:
+        """Append a run of decode-only steps (one row each)."""
+        k = len(durations_s)
+        ends = start_s + np.cumsum(durations_s)
+        starts = np.concatenate(([start_s], ends[:-1]))
+        self.replica.extend([replica] * k)
+        self.start_s.extend(starts.tolist())
+        self.end_s.extend(ends.tolist())
+        self.tokens.extend([decodes] * k)
+        self.prefill_tokens.extend([0] * k)
+        self.decodes.extend([decodes] * k)
+        self.running.extend([running] * k)
+        self.waiting.extend([0] * k)
+        self.kv_blocks_used.extend(np.asarray(kv_blocks_used).tolist())
+        self.emitted.extend([decodes] * k)
+
     def arrays(self) -> dict[str, np.ndarray]:
         """Columns as numpy arrays."""
         return {k: np.asarray(v) for k, v in self.__dict__.items()}

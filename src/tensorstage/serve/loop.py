@@ -5,7 +5,10 @@ array walked with a pointer (open loop) or created when a request finishes (clos
 ``concurrency`` clients sends its next request when the previous one completes, as the benchmark
 clients of vLLM, SGLang and genai-perf do). Ties are broken by insertion order, so a run is
 deterministic. A replica that is idle starts a step as soon as work arrives; a step's requests and
-duration are fixed when it starts (the engine schedules once per iteration).
+duration are fixed when it starts (the engine schedules once per iteration). A run of decode-only
+steps (:meth:`Replica.plan_decode_run`) is one event; a request routed to that replica during the
+run cuts it after the step in progress (a newer plan version; the old end event is skipped), so
+results equal stepping one iteration at a time.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
     finishes, and ``req.arrival_s`` is filled in. Otherwise ``req.arrival_s`` must be sorted.
     """
     n = len(req)
-    heap: list[tuple[float, int, int]] = []
+    heap: list[tuple[float, int, int, int]] = []  # (end time, seq, replica, plan version)
     plans: dict[int, StepPlan] = {}
+    starts: dict[int, float] = {}
+    version = [0] * len(replicas)
     seq = 0
     now = 0.0
     nxt = 0  # next request index to arrive
@@ -39,27 +44,44 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
     released = min(concurrency, n) if concurrency > 0 else n
     done = 0
 
-    def start(rep: Replica, t: float) -> None:
+    def push(rep: Replica, end: float) -> None:
         nonlocal seq
-        plan = rep.plan()
+        heapq.heappush(heap, (end, seq, rep.index, version[rep.index]))
+        seq += 1
+
+    def start(rep: Replica, t: float) -> None:
+        plan = rep.plan_decode_run(t) or rep.plan()
         if plan is None:
             rep.busy = False
             return
         rep.busy = True
         plans[rep.index] = plan
-        end = t + plan.duration_s
-        if log is not None:
-            log.add(rep.index, t, end, int(plan.new_tokens.sum()), plan.prefill_tokens, plan.decodes,
-                    rep.running(), len(rep.waiting), rep.kv_blocks_used(), plan.emits)
-        heapq.heappush(heap, (end, seq, rep.index))
-        seq += 1
+        starts[rep.index] = t
+        if log is not None and plan.step_durations_s is None:
+            log.add(rep.index, t, t + plan.duration_s, int(plan.new_tokens.sum()), plan.prefill_tokens,
+                    plan.decodes, rep.running(), len(rep.waiting), rep.kv_blocks_used(), plan.emits)
+        push(rep, t + plan.duration_s)
+
+    def interrupt(rep: Replica, t: float) -> None:
+        """A request arrived at a replica inside a run of decode steps: the run ends with the step in
+        progress at ``t`` (the arrival joins the next step, as it would stepping one at a time)."""
+        plan = plans[rep.index]
+        if plan.step_durations_s is not None and rep.truncate_run(plan, starts[rep.index], t):
+            version[rep.index] += 1
+            push(rep, starts[rep.index] + plan.duration_s)
 
     while done < n:
         t_arr = req.arrival_s[nxt] if nxt < released else np.inf
         if heap and heap[0][0] <= t_arr:
-            now, _, i = heapq.heappop(heap)
+            now, _, i, ver = heapq.heappop(heap)
+            if ver != version[i]:
+                continue  # a run cut short by an arrival: its old end event
             rep = replicas[i]
-            finished = rep.complete(plans.pop(i), now)
+            plan = plans.pop(i)
+            if log is not None and plan.step_durations_s is not None:
+                log.add_run(i, starts[i], plan.step_durations_s, plan.decodes, rep.running(),
+                            plan.step_kv_blocks)  # type: ignore[arg-type]
+            finished = rep.complete(plan, now)
             done += len(finished)
             if progress is not None and finished:
                 progress(len(finished))
@@ -83,6 +105,8 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
         for i in dict.fromkeys(touched):
             if not replicas[i].busy:
                 start(replicas[i], now)
+            else:
+                interrupt(replicas[i], now)
     return now
 
 

@@ -283,6 +283,36 @@ class IterationPredictor:
             kernels += n * ((len(chunk_new) > 0) * len(self._pf_attn[kind]) + (len(decode_ctx) > 0) * len(self._dc_attn[kind]))
         return total, kernels
 
+    def decode_run_s(self, ctx0: np.ndarray, steps: int, overhead_s: float = 0.0,
+                     kernel_gap_s: float | None = None) -> np.ndarray:
+        """Durations of ``steps`` consecutive decode-only steps of the same requests, whose contexts
+        start at ``ctx0`` and grow by one per step: the same costs :meth:`iteration` gives step by
+        step (``ComputeModel.time_s`` per attention op and step), with the per-request sums taken in
+        closed form from the polynomial attention costs instead of one array pass per step."""
+        ctx = np.asarray(ctx0, dtype=np.float64)
+        n = len(ctx)
+        lin, comm, k1 = self.linear_s(n, n)
+        j = np.arange(steps, dtype=np.float64)
+        s1, s2 = float(ctx.sum()), float((ctx * ctx).sum())
+        att = np.zeros(steps)
+        k2 = 0
+        for kind, count in self.counts.items():
+            if kind not in self._dc_attn:
+                continue
+            k2 += count * len(self._dc_attn[kind])
+            for op, ff, fb in self._dc_attn[kind]:
+                sums = []
+                for fn in (ff, fb):
+                    if isinstance(fn, _PolyFn):
+                        a, b, c = fn.coef
+                        sums.append(a * (s2 + 2 * j * s1 + n * j * j) + b * (s1 + n * j) + n * c)
+                    else:
+                        sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
+                t = self.compute.time_s
+                att += count * np.array([t(f, b_, op) for f, b_ in zip(sums[0].tolist(), sums[1].tolist(), strict=True)])
+        launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
+        return (lin + comm + launch + overhead_s) + att
+
     def iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
                   decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float = 0.0,
                   kernel_gap_s: float | None = None) -> IterationCost:
