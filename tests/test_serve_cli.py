@@ -27,6 +27,8 @@ def test_serve_json(monkeypatch, capsys):
     (["--router", "random"], "--router"),
     (["--max-num-seqs", "0"], "engine.max_num_seqs"),
     (["--slo-ttft-ms", "-5"], "--slo-ttft-ms"),
+    (["--disagg", "2-1"], "--disagg"),
+    (["--disagg", "0:1"], "--disagg"),
 ])
 def test_serve_bad_input_is_one_line(monkeypatch, capsys, args, field):
     r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", *args)

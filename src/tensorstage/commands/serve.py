@@ -44,7 +44,8 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
 
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
-           overrides: dict[str, object], json_out: bool, find_max: bool = False) -> None:
+           overrides: dict[str, object], json_out: bool, find_max: bool = False,
+           disagg: str | None = None) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -56,8 +57,15 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
             raise SpecError(name, f"must be > 0, got {val}")
     spec = resolve_model(model)
     profile = load_profile(engine, **overrides)
+    split = None
+    if disagg is not None:
+        parts = disagg.split(":")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) >= 1 for p in parts):
+            raise SpecError("--disagg", f"expected P:D with integers >= 1 (prefill:decode replicas), got {disagg!r}")
+        split = (int(parts[0]), int(parts[1]))
     plan = ServingPlan(engine=profile, tp=tp, replicas=replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                       router=router).check()
+                       router=router, disagg=split).check()
+    replicas = plan.num_replicas()
     ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
     tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
     if find_max:
@@ -78,7 +86,7 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
         return
     result = simulate(spec, system, plan, workload, ttft, tpot)
     doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
-           "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
+           "disagg": None if split is None else f"{split[0]}:{split[1]}", "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
            **result.metrics.summary()}
     if json_out:
         print_json(doc)
@@ -104,6 +112,8 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("vllm", "--engine", help=f"Engine profile: {', '.join(engine_names())}."),
         tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree per replica."),
         replicas: int = typer.Option(1, "--replicas", help="Model replicas."),
+        disagg: str = typer.Option(None, "--disagg", help="Disaggregated P:D prefill:decode replicas "
+                                   "(replaces --replicas)."),
         weight_dtype: str = typer.Option("bf16", "--weight-dtype", help=f"Weights: {', '.join(WEIGHT_BYTES)}."),
         kv_dtype: str = typer.Option(None, "--kv-dtype", help=f"KV cache: {', '.join(KV_DTYPES)} (default: 16-bit)."),
         router: str = typer.Option("round_robin", "--router", help=f"Router: {', '.join(ROUTERS)}."),
@@ -137,7 +147,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out, find_max)
+               overrides, json_out, find_max, disagg)
 
 
 __all__ = ["register"]

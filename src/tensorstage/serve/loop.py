@@ -24,13 +24,21 @@ from tensorstage.serve.routers import Router
 
 
 def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, concurrency: int = 0,
-             log: StepLog | None = None, progress: Callable[[int], None] | None = None) -> float:
+             log: StepLog | None = None, progress: Callable[[int], None] | None = None,
+             decode_pool: Sequence[Replica] = (), decode_router: Router | None = None,
+             transfer_s: Callable[[int], float] | None = None) -> float:
     """Simulate until every request finished; returns the time of the last event (s).
 
     ``concurrency`` > 0: closed loop; request ``i`` (i >= concurrency) arrives when an earlier one
     finishes, and ``req.arrival_s`` is filled in. Otherwise ``req.arrival_s`` must be sorted.
+    Disaggregated serving: ``replicas`` are the prefill pool (role ``prefill``), ``decode_pool`` the
+    decode replicas; a handed-off request reaches ``decode_router``'s choice ``transfer_s(r)``
+    seconds after its first token (the KV transfer).
     """
     n = len(req)
+    pools = list(replicas)
+    replicas = pools + list(decode_pool)
+    transfers: list[tuple[float, int, int]] = []  # (arrival at the decode pool, seq, request)
     heap: list[tuple[float, int, int, int]] = []  # (end time, seq, replica, plan version)
     plans: dict[int, StepPlan] = {}
     starts: dict[int, float] = {}
@@ -72,6 +80,15 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
 
     while done < n:
         t_arr = req.arrival_s[nxt] if nxt < released else np.inf
+        if transfers and transfers[0][0] <= t_arr and (not heap or transfers[0][0] < heap[0][0]):
+            now, _, r = heapq.heappop(transfers)
+            i = len(pools) + decode_router(r, req, decode_pool)  # type: ignore[misc]
+            replicas[i].enqueue_prefilled(r)
+            if not replicas[i].busy:
+                start(replicas[i], now)
+            else:
+                interrupt(replicas[i], now)
+            continue
         if heap and heap[0][0] <= t_arr:
             now, _, i, ver = heapq.heappop(heap)
             if ver != version[i]:
@@ -83,6 +100,11 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
                             plan.step_kv_blocks)  # type: ignore[arg-type]
             finished = rep.complete(plan, now)
             done += len(finished)
+            if rep.handoffs:
+                for r in rep.handoffs:
+                    heapq.heappush(transfers, (now + transfer_s(r), seq, r))  # type: ignore[misc]
+                    seq += 1
+                rep.handoffs.clear()
             if progress is not None and finished:
                 progress(len(finished))
             if concurrency > 0:
@@ -98,7 +120,7 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
         # route every request arriving at this instant, then start idle replicas
         touched = []
         while nxt < released and req.arrival_s[nxt] <= now:
-            i = router(nxt, req, replicas)
+            i = router(nxt, req, pools)
             replicas[i].enqueue(nxt)
             touched.append(i)
             nxt += 1

@@ -21,6 +21,11 @@
 requests are admitted with KV for their whole prompt + output reserved; the first step prefills
 every prompt, then decode steps run until the batch's longest request finishes.
 
+**Disaggregation** (``role``): a ``prefill`` replica hands a request off when its first token is
+out (slot and KV blocks freed; the loop delivers it to the decode pool after the KV transfer); a
+``decode`` replica admits handed-off requests with their prompt already in its KV cache, ahead of
+any scheduling, while slots and blocks last (decode admission).
+
 Per-slot state is numpy arrays over ``max_num_seqs`` slots, so a step costs a few vector
 operations whatever the batch size.
 """
@@ -57,8 +62,11 @@ class Replica:
     """One replica's scheduler state (module docstring)."""
 
     def __init__(self, index: int, profile: EngineProfile, predictor: IterationPredictor,
-                 kv_capacity_tokens: int, requests: RequestTable) -> None:
+                 kv_capacity_tokens: int, requests: RequestTable, role: str = "both") -> None:
         self.index = index
+        self.role = role  # both | prefill (hands requests off after the first token) | decode
+        self.handoffs: list[int] = []  # prefill role: requests whose KV leaves after the last step
+        self._prefilled: set[int] = set()  # decode role: queued requests whose prompt KV arrived
         self.profile = profile
         self.predictor = predictor
         self.req = requests
@@ -90,6 +98,36 @@ class Replica:
         """A request routed to this replica joins the waiting queue."""
         self.waiting.append(r)
         self.outstanding_tokens += int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+
+    def enqueue_prefilled(self, r: int) -> None:
+        """Disaggregated decode: a request whose prompt KV (and first token) came from a prefill pool."""
+        self._prefilled.add(r)
+        self.enqueue(r)
+
+    def _admit_prefilled(self) -> None:
+        """Admit queued handed-off requests (FCFS) while slots and KV blocks for prompt + 1 last."""
+        free_slots = np.flatnonzero(self.slot_req < 0)
+        fi = 0
+        while self.waiting and self.waiting[0] in self._prefilled and fi < len(free_slots):
+            r = self.waiting[0]
+            prompt = int(self.req.prompt_tokens[r])
+            need = int(self._blocks_for(prompt + 1))
+            if need > self.free_blocks:
+                break
+            self.waiting.popleft()
+            self._prefilled.discard(r)
+            s = int(free_slots[fi])
+            fi += 1
+            self.slot_req[s] = r
+            self.computed[s] = prompt
+            self.target[s] = prompt
+            self.gen[s] = 1
+            self.out[s] = int(self.req.output_tokens[r])
+            self.order[s] = self._counter
+            self._counter += 1
+            self.blocks[s] = need
+            self.free_blocks -= need
+            self.req.replica[r] = self.index
 
     def has_work(self) -> bool:
         """Anything running or waiting."""
@@ -171,6 +209,8 @@ class Replica:
 
     def _schedule_continuous(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         prof = self.profile
+        if self._prefilled:
+            self._admit_prefilled()
         budget = prof.max_num_batched_tokens or (1 << 62)
         active = self.slot_req >= 0
         dec = active & (self.computed >= self.target)
@@ -342,6 +382,15 @@ class Replica:
         if len(first):
             self.req.first_token_s[self.slot_req[first]] = end_s
         self.gen[es] += plan.steps
+        if self.role == "prefill":  # first token out: the request moves to the decode pool
+            moving = es[(self.gen[es] == 1) & (self.out[es] > 1)]
+            if len(moving):
+                rs = [int(r) for r in self.slot_req[moving]]
+                self.handoffs.extend(rs)
+                for r in rs:
+                    self.outstanding_tokens -= int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+                self._release(moving)
+                es = es[self.slot_req[es] >= 0]
         done = es[self.gen[es] >= self.out[es]]
         finished = [int(r) for r in self.slot_req[done]]
         if len(done):

@@ -1,5 +1,10 @@
 """``simulate``: a model served by replicas of an engine on a system, under a workload.
 
+Disaggregated serving (``ServingPlan.disagg = (P, D)``, as DistServe / Splitwise / Dynamo): P
+prefill replicas run prompts and the first token, then the prompt's KV cache moves to one of D
+decode replicas (least outstanding tokens) over the system's outermost network tier (each of the
+TP devices sends its shard: ``alpha + bytes / B``), which decode the rest.
+
 ``ModelSpec + ServingPlan + Workload (or a RequestTable) -> ServingResult``. The device roofline
 and the fabric come from the system preset through :func:`tensorstage.sim.machine.machine_from_system`,
 the same path the training simulator takes; the iteration cost from
@@ -24,7 +29,8 @@ from tensorstage.serve.predictor import GRAPH_PRECISION, IterationPredictor, kv_
 from tensorstage.serve.replica import Replica
 from tensorstage.serve.routers import make_router
 from tensorstage.serve.workloads import Workload
-from tensorstage.sim.machine import machine_from_system
+from tensorstage.sim.collectives import p2p_time_s
+from tensorstage.sim.machine import fabric_from_system, machine_from_system
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,8 @@ class ServingPlan:
     weight_dtype: str = "bf16"
     kv_dtype: str | None = None
     router: str = "round_robin"
+    #: disaggregated serving: (prefill replicas, decode replicas); ``replicas`` is then ignored
+    disagg: tuple[int, int] | None = None
 
     def check(self) -> ServingPlan:
         """Raise a one-line :class:`SpecError` naming the first bad field."""
@@ -44,7 +52,16 @@ class ServingPlan:
             raise SpecError("tp", f"must be >= 1, got {self.tp}")
         if self.replicas < 1:
             raise SpecError("replicas", f"must be >= 1, got {self.replicas}")
+        if self.disagg is not None:
+            if len(self.disagg) != 2 or min(self.disagg) < 1:
+                raise SpecError("disagg", f"needs P:D with P, D >= 1, got {self.disagg}")
+            if self.engine.policy != "continuous":
+                raise SpecError("disagg", "needs a continuous-batching engine", ("vllm", "sglang", "trtllm"))
         return self
+
+    def num_replicas(self) -> int:
+        """Replicas of the deployment (both pools when disaggregated)."""
+        return sum(self.disagg) if self.disagg else self.replicas
 
 
 @dataclass
@@ -90,11 +107,26 @@ def simulate(spec: ModelSpec, system: SystemSpec | str, plan: ServingPlan, workl
     if longest > cap:
         raise SpecError("workload", f"a request of {longest} tokens exceeds the KV cache of one replica "
                         f"({cap} tokens); raise --tp or shorten the requests")
-    replicas = [Replica(i, prof, pred, cap, req) for i in range(plan.replicas)]
     log = StepLog()
-    run_loop(req, replicas, make_router(plan.router), concurrency, log, progress)
+    if plan.disagg is None:
+        replicas = [Replica(i, prof, pred, cap, req) for i in range(plan.replicas)]
+        run_loop(req, replicas, make_router(plan.router), concurrency, log, progress)
+    else:
+        n_p, n_d = plan.disagg
+        replicas = [Replica(i, prof, pred, cap, req, role="prefill") for i in range(n_p)]
+        decode = [Replica(n_p + i, prof, pred, cap, req, role="decode") for i in range(n_d)]
+        fabric = fabric_from_system(sysm)
+        kv_dev = pred.kv_bytes_per_token()
+
+        def transfer_s(r: int) -> float:
+            """Each of the tp devices sends its KV shard of the prompt over the outermost tier."""
+            return p2p_time_s(kv_dev * float(req.prompt_tokens[r]), len(fabric.tiers) - 1, fabric)
+
+        run_loop(req, replicas, make_router(plan.router), concurrency, log, progress, decode,
+                 make_router("least_tokens"), transfer_s)
+        replicas = replicas + decode
     steps = log.arrays()
-    num_gpus = plan.tp * plan.replicas
+    num_gpus = plan.tp * plan.num_replicas()
     metrics = compute_metrics(req, steps, num_gpus, replicas[0].total_blocks, slo_ttft_s, slo_tpot_s,
                               sum(r.prefix_hits for r in replicas), sum(r.prefix_lookups for r in replicas))
     return ServingResult(req, steps, metrics, cap, num_gpus, plan)
