@@ -35,3 +35,17 @@ def test_serve_bad_input_is_one_line(monkeypatch, capsys, args, field):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {field}:"), r.stderr
+
+
+def test_serve_timeline_deterministic(tmp_path, monkeypatch, capsys):
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for p in paths:
+        r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--qps", "50", "--requests", "20", "--osl", "4",
+                     "--timeline", str(p))
+        assert r.returncode == 0, r.stderr
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    doc = json.loads(paths[0].read_text())
+    names = {e["name"] for e in doc["traceEvents"]}
+    assert {"step", "queue+prefill", "decode", "process_name"} <= names
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--timeline", str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("error: --timeline:")

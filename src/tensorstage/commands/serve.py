@@ -19,6 +19,7 @@ from tensorstage.serve.capacity import find_max_qps
 from tensorstage.serve.engines import engine_names
 from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
 from tensorstage.serve.routers import ROUTERS
+from tensorstage.serve.timeline import write_serving_trace
 from tensorstage.serve.traces import FORMATS, load_trace
 from tensorstage.serve.workloads import LENGTHS
 
@@ -45,7 +46,7 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
            overrides: dict[str, object], json_out: bool, find_max: bool = False,
-           disagg: str | None = None) -> None:
+           disagg: str | None = None, timeline: Path | None = None) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -55,6 +56,8 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
     for name, val in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-tpot-ms", slo_tpot_ms)):
         if val is not None and not val > 0:
             raise SpecError(name, f"must be > 0, got {val}")
+    if timeline is not None and timeline.is_dir():
+        raise SpecError("--timeline", f"{timeline} is a directory; give a file name such as serve.json")
     spec = resolve_model(model)
     profile = load_profile(engine, **overrides)
     split = None
@@ -85,6 +88,8 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
                   f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s)")
         return
     result = simulate(spec, system, plan, workload, ttft, tpot)
+    if timeline is not None:
+        write_serving_trace(result.requests, result.steps, timeline)
     doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
            "disagg": None if split is None else f"{split[0]}:{split[1]}", "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
            **result.metrics.summary()}
@@ -139,6 +144,8 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="Workload seed."),
         find_max: bool = typer.Option(False, "--find-max-qps", help="Bisect the highest Poisson rate whose "
                                       "p99 TTFT/TPOT meet the SLOs."),
+        timeline: Path = typer.Option(None, "--timeline", help="Write a Perfetto/Chrome trace JSON (a track per "
+                                      "replica and per request)."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Simulate request-level serving: TTFT, TPOT, E2E percentiles, throughput, goodput."""
@@ -147,7 +154,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out, find_max, disagg)
+               overrides, json_out, find_max, disagg, timeline)
 
 
 __all__ = ["register"]
