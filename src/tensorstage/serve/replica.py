@@ -88,6 +88,7 @@ class Replica:
         self._gen_store: dict[int, int] = {}  # output tokens of preempted requests, kept for their resume
         self.busy = False
         self.decode_runs = True  # plan runs of decode-only steps as one event (same results, faster)
+        self._run_cap = 16  # longest run planned next: adapts to how soon arrivals cut runs (speed only)
         self.outstanding_tokens = 0  # prompt + output tokens of requests routed here and not finished
         self.preemptions = 0
         self.prefix_hits = 0
@@ -328,6 +329,7 @@ class Replica:
         old = self.blocks[act].copy()
         self.blocks[act] = np.maximum(self._blocks_for(c + k), self._held[act])
         self.free_blocks += int((old - self.blocks[act]).sum())
+        self._run_cap = max(4, 2 * k)  # runs here get cut after about k steps: plan shorter ones
         plan.steps = k
         plan.new_tokens = np.full(len(act), k, dtype=np.int64)
         plan.step_durations_s = d[:k]
@@ -336,7 +338,7 @@ class Replica:
         plan.emits = plan.decodes * k
         return True
 
-    def plan_decode_run(self, start_s: float, max_steps: int = 48) -> StepPlan | None:
+    def plan_decode_run(self, start_s: float, max_steps: int | None = None) -> StepPlan | None:
         """Several decode-only steps as one event, when nothing can change between them.
 
         Applies when every running request is decoding, none waits, and the batch fits the token
@@ -355,7 +357,7 @@ class Replica:
         c = self.computed[act]
         if (c < self.target[act]).any():
             return None
-        k = min(int((self.out[act] - self.gen[act]).min()), max_steps)
+        k = min(int((self.out[act] - self.gen[act]).min()), max_steps or self._run_cap)
         have = self.blocks[act]
         while k >= 2 and int(np.maximum(self._blocks_for(c + k) - have, 0).sum()) > self.free_blocks:
             k //= 2
@@ -369,6 +371,8 @@ class Replica:
         used_before = self.kv_blocks_used()
         self.blocks[act] = np.maximum(self._blocks_for(c + k), have)
         self.free_blocks -= int(grow[-1])
+        if k == self._run_cap:
+            self._run_cap = min(2 * k, 1024)
         return StepPlan(act, np.full(n, k, dtype=np.int64), np.ones(n, dtype=bool), float(d.sum()), 0, n, n * k,
                         steps=k, step_durations_s=d, step_kv_blocks=used_before + grow)
 
