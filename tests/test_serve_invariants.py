@@ -157,3 +157,18 @@ def test_deterministic(setup):
     a = simulate(spec, system, plan, wl, predictor=pred).metrics.summary()
     b = simulate(spec, system, plan, wl, predictor=pred).metrics.summary()
     assert a == b
+
+
+def test_prefix_cache_skips_shared_prefix_blocks(setup):
+    """20 requests in 2 prefix groups of 64 tokens (4 blocks of 16): the first of each group misses,
+    the other 18 hit and compute 64 fewer prompt tokens each."""
+    spec, system, pred = setup
+    wl = Workload(20, 100, 5, arrival="poisson", rate_per_s=50.0, prefix_groups=2, prefix_tokens=64, seed=4)
+    on = simulate(spec, system, ServingPlan(engine=load_profile("vllm"), tp=1), wl, predictor=pred)
+    off = simulate(spec, system, ServingPlan(engine=load_profile("vllm", prefix_caching=False), tp=1), wl,
+                   predictor=pred)
+    assert on.metrics.prefix_hit_rate == pytest.approx(18 / 20)
+    assert off.metrics.prefix_hit_rate is None
+    assert off.steps["prefill_tokens"].sum() == 20 * 100
+    assert on.steps["prefill_tokens"].sum() == 20 * 100 - 18 * 64
+    assert on.steps["emitted"].sum() == off.steps["emitted"].sum() == 20 * 5

@@ -359,7 +359,9 @@ class Replica:
             return None
         k = min(int((self.out[act] - self.gen[act]).min()), max_steps or self._run_cap)
         have = self.blocks[act]
-        while k >= 2 and int(np.maximum(self._blocks_for(c + k) - have, 0).sum()) > self.free_blocks:
+        # each slot needs at most k // block + 1 new blocks: check exactly only when that may not fit
+        while k >= 2 and self.free_blocks < n * (k // self.block + 1) and \
+                int(np.maximum(self._blocks_for(c + k) - have, 0).sum()) > self.free_blocks:
             k //= 2
         if k < 2:
             return None
