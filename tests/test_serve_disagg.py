@@ -49,3 +49,21 @@ def test_pools_conserve_tokens_and_requests(setup):
     assert st["prefill_tokens"][~on_decode].sum() == res.requests.prompt_tokens.sum()
     assert st["decodes"][~on_decode].sum() == 0  # prefill replicas never decode
     assert set(res.requests.replica[res.requests.output_tokens > 1].tolist()) <= {2, 3, 4}
+
+
+def test_heterogeneous_decode_pool_uses_its_own_devices(setup):
+    """Decode pool on H200: TTFT as on H100 (same prefill pool), decode steps costed on H200."""
+    spec, system, pred = setup
+    prof = load_profile("vllm")
+    isl, osl = 400, 5
+    plan = ServingPlan(engine=prof, tp=1, disagg=(1, 1), decode_system="dgx-h200")
+    res = simulate(spec, system, plan, Workload(1, isl, osl), predictor=pred)
+    h200 = build_predictor(spec, load_system("dgx-h200"), plan)
+    fabric = fabric_from_system(system)
+    transfer = p2p_time_s(pred.kv_bytes_per_token() * isl, len(fabric.tiers) - 1, fabric)
+    decode = [h200.iteration([], [], [isl + k], 1, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s).total_s
+              for k in range(1, osl)]
+    prefill = pred.iteration([isl], [0], [], 1, prof.scheduler_cpu_s).total_s
+    assert res.requests.finish_s[0] == pytest.approx(prefill + transfer + sum(decode), rel=1e-12)
+    h100_decode = pred.iteration([], [], [isl + 1], 1, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s).total_s
+    assert decode[0] < h100_decode  # more HBM bandwidth, same everything else

@@ -46,7 +46,7 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
            overrides: dict[str, object], json_out: bool, find_max: bool = False,
-           disagg: str | None = None, timeline: Path | None = None) -> None:
+           disagg: str | None = None, timeline: Path | None = None, decode_system: str | None = None) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -67,7 +67,7 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
             raise SpecError("--disagg", f"expected P:D with integers >= 1 (prefill:decode replicas), got {disagg!r}")
         split = (int(parts[0]), int(parts[1]))
     plan = ServingPlan(engine=profile, tp=tp, replicas=replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                       router=router, disagg=split).check()
+                       router=router, disagg=split, decode_system=decode_system).check()
     replicas = plan.num_replicas()
     ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
     tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
@@ -119,6 +119,8 @@ def register(app: typer.Typer) -> None:
         replicas: int = typer.Option(1, "--replicas", help="Model replicas."),
         disagg: str = typer.Option(None, "--disagg", help="Disaggregated P:D prefill:decode replicas "
                                    "(replaces --replicas)."),
+        decode_system: str = typer.Option(None, "--decode-system", help="System of the decode pool with --disagg "
+                                          "(heterogeneous pools; default: --system)."),
         weight_dtype: str = typer.Option("bf16", "--weight-dtype", help=f"Weights: {', '.join(WEIGHT_BYTES)}."),
         kv_dtype: str = typer.Option(None, "--kv-dtype", help=f"KV cache: {', '.join(KV_DTYPES)} (default: 16-bit)."),
         router: str = typer.Option("round_robin", "--router", help=f"Router: {', '.join(ROUTERS)}."),
@@ -154,7 +156,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out, find_max, disagg, timeline)
+               overrides, json_out, find_max, disagg, timeline, decode_system)
 
 
 __all__ = ["register"]

@@ -3,7 +3,8 @@
 Disaggregated serving (``ServingPlan.disagg = (P, D)``, as DistServe / Splitwise / Dynamo): P
 prefill replicas run prompts and the first token, then the prompt's KV cache moves to one of D
 decode replicas (least outstanding tokens) over the system's outermost network tier (each of the
-TP devices sends its shard: ``alpha + bytes / B``), which decode the rest.
+TP devices sends its shard: ``alpha + bytes / B``), which decode the rest. ``decode_system`` puts
+the decode pool on other devices (heterogeneous pools; same TP, the prefill system's fabric).
 
 ``ModelSpec + ServingPlan + Workload (or a RequestTable) -> ServingResult``. The device roofline
 and the fabric come from the system preset through :func:`tensorstage.sim.machine.machine_from_system`,
@@ -45,6 +46,8 @@ class ServingPlan:
     router: str = "round_robin"
     #: disaggregated serving: (prefill replicas, decode replicas); ``replicas`` is then ignored
     disagg: tuple[int, int] | None = None
+    #: heterogeneous pools: the decode pool runs on this system's devices (None: the same system)
+    decode_system: str | None = None
 
     def check(self) -> ServingPlan:
         """Raise a one-line :class:`SpecError` naming the first bad field."""
@@ -52,6 +55,8 @@ class ServingPlan:
             raise SpecError("tp", f"must be >= 1, got {self.tp}")
         if self.replicas < 1:
             raise SpecError("replicas", f"must be >= 1, got {self.replicas}")
+        if self.decode_system is not None and self.disagg is None:
+            raise SpecError("decode_system", "applies to disaggregated serving only (give disagg P:D)")
         if self.disagg is not None:
             if len(self.disagg) != 2 or min(self.disagg) < 1:
                 raise SpecError("disagg", f"needs P:D with P, D >= 1, got {self.disagg}")
@@ -114,7 +119,15 @@ def simulate(spec: ModelSpec, system: SystemSpec | str, plan: ServingPlan, workl
     else:
         n_p, n_d = plan.disagg
         replicas = [Replica(i, prof, pred, cap, req, role="prefill") for i in range(n_p)]
-        decode = [Replica(n_p + i, prof, pred, cap, req, role="decode") for i in range(n_d)]
+        d_pred, d_cap = pred, cap
+        if plan.decode_system is not None:
+            d_sys = load_system(plan.decode_system)
+            d_pred = build_predictor(spec, d_sys, plan)
+            d_cap = kv_capacity_tokens(d_pred, d_sys.device.hbm_bytes, prof.kv_mem_fraction, prof.block_tokens)
+            if longest > d_cap:
+                raise SpecError("decode_system", f"a request of {longest} tokens exceeds the decode replica's KV "
+                                f"cache ({d_cap} tokens)")
+        decode = [Replica(n_p + i, prof, d_pred, d_cap, req, role="decode") for i in range(n_d)]
         fabric = fabric_from_system(sysm)
         kv_dev = pred.kv_bytes_per_token()
 
