@@ -49,3 +49,24 @@ def test_serve_timeline_deterministic(tmp_path, monkeypatch, capsys):
     assert {"step", "queue+prefill", "decode", "process_name"} <= names
     r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--timeline", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: --timeline:")
+
+
+def test_serve_report_deterministic_and_safe(tmp_path, monkeypatch, capsys):
+    args = ["serve", "gpt3-125m", "--qps", "100", "--requests", "30", "--osl", "5", "--slo-ttft-ms", "5"]
+    outs = [tmp_path / "r1", tmp_path / "r2"]
+    for out in outs:
+        r = run_main(monkeypatch, capsys, *args, "--report", str(out))
+        assert r.returncode == 0, r.stderr
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == ["latency_cdf.png", "load.png", "report.md", "result.json"]
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    res = json.loads((outs[0] / "result.json").read_text())
+    assert len(res["per_request"]["ttft_s"]) == 30
+    r = run_main(monkeypatch, capsys, *args, "--report", str(outs[0]))  # an earlier report: replaced
+    assert r.returncode == 0
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    r = run_main(monkeypatch, capsys, *args, "--report", str(foreign))
+    assert r.returncode == 2 and r.stderr.startswith("error: --report:") and (foreign / "notes.txt").exists()

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import require_replaceable_dir
 from tensorstage.hardware.system import load_system
 from tensorstage.model.resolve import resolve_model
 from tensorstage.report.console import print_json, print_table
@@ -18,6 +19,7 @@ from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile,
 from tensorstage.serve.capacity import find_max_qps
 from tensorstage.serve.engines import engine_names
 from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
+from tensorstage.serve.report import write_serving_report
 from tensorstage.serve.routers import ROUTERS
 from tensorstage.serve.timeline import write_serving_trace
 from tensorstage.serve.traces import FORMATS, load_trace
@@ -46,7 +48,8 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
 def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_dtype: str, kv_dtype: str | None,
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
            overrides: dict[str, object], json_out: bool, find_max: bool = False,
-           disagg: str | None = None, timeline: Path | None = None, decode_system: str | None = None) -> None:
+           disagg: str | None = None, timeline: Path | None = None, decode_system: str | None = None,
+           report: Path | None = None) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -56,6 +59,8 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
     for name, val in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-tpot-ms", slo_tpot_ms)):
         if val is not None and not val > 0:
             raise SpecError(name, f"must be > 0, got {val}")
+    if report is not None:
+        require_replaceable_dir(report, "--report")
     if timeline is not None and timeline.is_dir():
         raise SpecError("--timeline", f"{timeline} is a directory; give a file name such as serve.json")
     spec = resolve_model(model)
@@ -90,9 +95,14 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
     result = simulate(spec, system, plan, workload, ttft, tpot)
     if timeline is not None:
         write_serving_trace(result.requests, result.steps, timeline)
-    doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
-           "disagg": None if split is None else f"{split[0]}:{split[1]}", "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
-           **result.metrics.summary()}
+    summary = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
+               "disagg": None if split is None else f"{split[0]}:{split[1]}", "num_gpus": result.num_gpus,
+               "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
+               **result.metrics.summary()}
+    if report is not None:
+        write_serving_report(report, result, summary, f"{spec.name} on {system}: {profile.name}, TP{tp} x {replicas}",
+                             ttft, tpot)
+    doc = summary
     if json_out:
         print_json(doc)
         return
@@ -148,6 +158,8 @@ def register(app: typer.Typer) -> None:
                                       "p99 TTFT/TPOT meet the SLOs."),
         timeline: Path = typer.Option(None, "--timeline", help="Write a Perfetto/Chrome trace JSON (a track per "
                                       "replica and per request)."),
+        report: Path = typer.Option(None, "--report", help="Write report.md, result.json and latency/load plots "
+                                    "into this directory."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Simulate request-level serving: TTFT, TPOT, E2E percentiles, throughput, goodput."""
@@ -156,7 +168,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out, find_max, disagg, timeline, decode_system)
+               overrides, json_out, find_max, disagg, timeline, decode_system, report)
 
 
 __all__ = ["register"]
