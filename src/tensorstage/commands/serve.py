@@ -49,7 +49,7 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
            router: str, workload: Workload | RequestTable, slo_ttft_ms: float | None, slo_tpot_ms: float | None,
            overrides: dict[str, object], json_out: bool, find_max: bool = False,
            disagg: str | None = None, timeline: Path | None = None, decode_system: str | None = None,
-           report: Path | None = None) -> None:
+           report: Path | None = None, attention_dp: bool = False) -> None:
     if weight_dtype not in WEIGHT_BYTES:
         raise SpecError("--weight-dtype", f"unknown dtype {weight_dtype!r}", WEIGHT_BYTES)
     if kv_dtype is not None and kv_dtype not in KV_DTYPES:
@@ -72,7 +72,8 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
             raise SpecError("--disagg", f"expected P:D with integers >= 1 (prefill:decode replicas), got {disagg!r}")
         split = (int(parts[0]), int(parts[1]))
     plan = ServingPlan(engine=profile, tp=tp, replicas=replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                       router=router, disagg=split, decode_system=decode_system).check()
+                       router=router, disagg=split, decode_system=decode_system,
+                       attention_dp=attention_dp).check()
     replicas = plan.num_replicas()
     ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
     tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
@@ -126,6 +127,8 @@ def register(app: typer.Typer) -> None:
         system: str = typer.Option("dgx-h100-superpod", "--system", help="System preset or YAML."),
         engine: str = typer.Option("vllm", "--engine", help=f"Engine profile: {', '.join(engine_names())}."),
         tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree per replica."),
+        attention_dp: bool = typer.Option(False, "--attention-dp", help="Attention data-parallel over the --tp "
+                                          "GPUs, routed experts expert-parallel (MoE)."),
         replicas: int = typer.Option(1, "--replicas", help="Model replicas."),
         disagg: str = typer.Option(None, "--disagg", help="Disaggregated P:D prefill:decode replicas "
                                    "(replaces --replicas)."),
@@ -168,7 +171,7 @@ def register(app: typer.Typer) -> None:
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
                      "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
-               overrides, json_out, find_max, disagg, timeline, decode_system, report)
+               overrides, json_out, find_max, disagg, timeline, decode_system, report, attention_dp)
 
 
 __all__ = ["register"]

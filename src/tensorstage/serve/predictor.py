@@ -23,6 +23,11 @@ request, attending over its context ``c``). Nothing here is a second cost model:
 * **Collectives** come from the block lowering (:func:`tensorstage.lower.blocks.lower_blocks`):
   the placement-derived TP all-reduces / EP all-to-alls of one layer, whose sizes are affine in the
   tokens (read at two sequence lengths), timed by :func:`tensorstage.sim.collectives.collective_time_s`.
+* **Attention data parallelism** (``attention_dp``, as TensorRT-LLM / SGLang / vLLM DP-attention
+  for MoE): the replica's ``tp`` GPUs each run attention with all heads on their share of the
+  requests (KV cache not split by heads: a token's KV lives on one rank), and routed experts are
+  split over them by expert parallelism (EP = tp; the dispatch/combine all-to-alls come from the
+  block lowering of an EP plan). Per-rank tokens are the step's / tp (balanced ranks assumed).
 * **Weights and KV dtypes**: the graph's weights are stored at the serving dtype
   (:data:`WEIGHT_BYTES`: fp8/int8 1 byte, int4/fp4 half a byte), KV in ``kv_dtype``.
 
@@ -45,6 +50,7 @@ from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Op
 from tensorstage.lower import graph_options
 from tensorstage.lower.blocks import TP_SYMBOLS, lower_blocks
+from tensorstage.lower.op_roles import is_expert_weight, uses_experts
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.sim.collectives import Fabric, collective_time_s, members_per_domain
@@ -119,13 +125,17 @@ class IterationPredictor:
     """Cost of an engine step for one model on one replica of ``tp`` devices (module docstring)."""
 
     def __init__(self, spec: ModelSpec, compute: ComputeModel, fabric: Fabric | None, tp: int = 1,
-                 weight_dtype: str = "bf16", kv_dtype: str | None = None, gpus_per_node: int = 8) -> None:
+                 weight_dtype: str = "bf16", kv_dtype: str | None = None, gpus_per_node: int = 8,
+                 attention_dp: bool = False) -> None:
         if weight_dtype not in WEIGHT_BYTES:
             raise SpecError("weight_dtype", f"unknown weight dtype {weight_dtype!r}", WEIGHT_BYTES)
         kv = kv_dtype or ("fp16" if weight_dtype == "fp16" else "bf16")
         if kv not in KV_DTYPES:
             raise SpecError("kv_dtype", f"unknown KV-cache dtype {kv!r}", KV_DTYPES)
         self.spec, self.compute, self.fabric, self.tp = spec, compute, fabric, tp
+        # attention data parallelism + expert parallelism over the replica's tp GPUs (module docstring)
+        self.dp = tp if attention_dp else 1
+        self.ep = tp if attention_dp and spec.moe is not None else 1
         self.weight_dtype, self.kv_dtype = weight_dtype, kv
         opts = GraphOptions(precision=GRAPH_PRECISION[weight_dtype], kv_dtype=kv)
         self.prefill = build_graph(spec, "prefill", opts)
@@ -144,21 +154,25 @@ class IterationPredictor:
         self._linear_cache: dict[tuple[int, int], tuple[float, float, int]] = {}
 
     # --- sizes ------------------------------------------------------------------------------
-    def _bindings(self, graph: Graph) -> dict[str, float]:
+    def _bindings(self, graph: Graph, expert: bool = False) -> dict[str, float]:
         vals = dict(graph.bindings)
+        if self.dp > 1:  # attention-DP: nothing tensor-parallel; routed experts split over EP
+            if expert and self.ep > 1:
+                vals["e"] = vals["e"] / self.ep
+            return vals
         for name in TP_SYMBOLS:
             vals[name] = max(1.0, vals[name] / self.tp) if name == "nkv" else vals[name] / self.tp
         vals["v"] = vals["v"] / self.tp
         return vals
 
-    def _eval(self, expr: sp.Expr, graph: Graph | None = None, **free: float) -> float:
-        vals = self._bindings(graph or self.prefill)
+    def _eval(self, expr: sp.Expr, graph: Graph | None = None, expert: bool = False, **free: float) -> float:
+        vals = self._bindings(graph or self.prefill, expert)
         vals.update(free)
         return float(sp.sympify(expr).xreplace({SYMBOLS[k]: v for k, v in vals.items()}))
 
-    def _fn(self, expr: sp.Expr, graph: Graph, var: str):
+    def _fn(self, expr: sp.Expr, graph: Graph, var: str, expert: bool = False):
         """A numpy function of ``var`` (other symbols bound to this replica's local sizes)."""
-        vals = self._bindings(graph)
+        vals = self._bindings(graph, expert)
         vals["b"] = 1.0
         subs = {SYMBOLS[k]: v for k, v in vals.items() if k != var}
         f = sp.lambdify([SYMBOLS[var]], sp.sympify(expr).xreplace(subs), "numpy")
@@ -167,7 +181,7 @@ class IterationPredictor:
     # --- per-op terms ---------------------------------------------------------------------------
     def _weight_delta(self, op: Op, graph: Graph) -> float:
         """Bytes to add to an op's traffic so its weights are read at the serving weight dtype."""
-        numel = sum(self._eval(t.numel, graph) for t in op.inputs if t.role == "weight")
+        numel = sum(self._eval(t.numel, graph, is_expert_weight(t)) for t in op.inputs if t.role == "weight")
         return numel * (self._wbytes - self._param_bytes)
 
     def _gemm_nk(self, op: Op, graph: Graph) -> tuple[int, int, int] | None:
@@ -193,10 +207,13 @@ class IterationPredictor:
         for op in blk.all_ops():
             if bool(op.attrs.get("attn_core")) != core:
                 continue
-            fl = _affine(self._fn(op.flops + op.vector_flops, graph, var))
-            by = _affine(self._fn(op.bytes_read + op.bytes_written, graph, var))
+            ex = self.dp > 1 and uses_experts(op)
+            fl = _affine(self._fn(op.flops + op.vector_flops, graph, var, ex))
+            by = _affine(self._fn(op.bytes_read + op.bytes_written, graph, var, ex))
             delta = self._weight_delta(op, graph)
-            out.append(_Term(op.kind, fl[0], fl[1], by[0] + delta, by[1], self._gemm_nk(op, graph)))
+            # per-rank tokens are T / dp: the slopes per step token are the per-rank ones / dp
+            out.append(_Term(op.kind, fl[0], fl[1] / self.dp, by[0] + delta, by[1] / self.dp,
+                             self._gemm_nk(op, graph)))
         return out
 
     def _core_fns(self, graph: Graph, block: str, var: str) -> list[tuple[str, object, object]]:
@@ -216,12 +233,16 @@ class IterationPredictor:
 
     def _comm_terms(self, gpus_per_node: int) -> list[tuple[object, float, float, tuple[int, ...]]]:
         """Collectives of the whole model per step as (kind, bytes0, bytes_per_token, members)."""
-        if self.tp == 1 or self.fabric is None:
+        if self.tp == 1 or self.fabric is None or (self.dp > 1 and self.ep == 1):
             return []
         sizes = []
         for seq in _COMM_SEQS:
-            plan = ParallelPlan(tp=self.tp, phase="prefill", seq=seq, micro_batch=1, global_batch=1,
-                                dtype=GRAPH_PRECISION[self.weight_dtype])
+            if self.dp > 1:
+                plan = ParallelPlan(tp=1, dp=self.dp, ep=self.ep, phase="prefill", seq=seq, micro_batch=1,
+                                    global_batch=self.dp, dtype=GRAPH_PRECISION[self.weight_dtype])
+            else:
+                plan = ParallelPlan(tp=self.tp, phase="prefill", seq=seq, micro_batch=1, global_batch=1,
+                                    dtype=GRAPH_PRECISION[self.weight_dtype])
             g = build_graph(self.spec, "prefill", replace(graph_options(plan), kv_dtype=self.kv_dtype))
             blocks = lower_blocks(g, plan)
             found = []
@@ -234,13 +255,14 @@ class IterationPredictor:
         out = []
         (s0, s1) = _COMM_SEQS
         for (kind, b0, _), (_, b1, _) in zip(sizes[0], sizes[1], strict=True):
-            slope = (b1 - b0) / (s1 - s0)
-            out.append((kind, b0 - slope * s0, slope, members))
+            slope = (b1 - b0) / (s1 - s0)  # per rank token; a rank has T / dp of the step's tokens
+            out.append((kind, b0 - slope * s0, slope / self.dp, members))
         return out
 
     # --- costs ------------------------------------------------------------------------------
     def _op_time(self, t: _Term, m: int) -> float:
-        gemm = (t.gemm_nk[0], m, t.gemm_nk[1], t.gemm_nk[2]) if t.gemm_nk and m > 0 else None
+        rows = -(-m // self.dp)  # GEMM rows on one rank
+        gemm = (t.gemm_nk[0], rows, t.gemm_nk[1], t.gemm_nk[2]) if t.gemm_nk and m > 0 else None
         return self.compute.time_s(t.flops0 + t.flops1 * m, t.bytes0 + t.bytes1 * m, t.kind, gemm)
 
     def linear_s(self, tokens: int, n_logits: int) -> tuple[float, float, int]:
@@ -275,10 +297,11 @@ class IterationPredictor:
                 for op, ff, fb in self._pf_attn[kind]:
                     fl = float(np.sum(ff(full) - ff(chunk_prefix)))
                     by = float(np.sum(fb(chunk_new))) + self._kv_tok[kind] * float(np.sum(chunk_prefix))
-                    t += self.compute.time_s(fl, by, op)
+                    t += self.compute.time_s(fl / self.dp, by / self.dp, op)
             if len(decode_ctx):
                 for op, ff, fb in self._dc_attn[kind]:
-                    t += self.compute.time_s(float(np.sum(ff(decode_ctx))), float(np.sum(fb(decode_ctx))), op)
+                    t += self.compute.time_s(float(np.sum(ff(decode_ctx))) / self.dp,
+                                             float(np.sum(fb(decode_ctx))) / self.dp, op)
             total += n * t
             kernels += n * ((len(chunk_new) > 0) * len(self._pf_attn[kind]) + (len(decode_ctx) > 0) * len(self._dc_attn[kind]))
         return total, kernels
@@ -309,7 +332,9 @@ class IterationPredictor:
                     else:
                         sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
                 t = self.compute.time_s
-                att += count * np.array([t(f, b_, op) for f, b_ in zip(sums[0].tolist(), sums[1].tolist(), strict=True)])
+                dp = self.dp
+                att += count * np.array([t(f / dp, b_ / dp, op)
+                                         for f, b_ in zip(sums[0].tolist(), sums[1].tolist(), strict=True)])
         launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
         return (lin + comm + launch + overhead_s) + att
 
@@ -334,14 +359,15 @@ class IterationPredictor:
 
     # --- memory -----------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> float:
-        """KV-cache bytes one token occupies on one device of the replica (all layers)."""
-        return sum(self._kv_tok[k] * n for k, n in self.counts.items() if k in self._kv_tok)
+        """KV-cache bytes one token occupies on one device of the replica (all layers; with
+        attention-DP a token lives on one rank, so the per-device average is that / dp)."""
+        return sum(self._kv_tok[k] * n for k, n in self.counts.items() if k in self._kv_tok) / self.dp
 
     def weight_bytes_per_device(self) -> float:
         """Weight bytes one device holds (TP-sharded dims divided, the rest replicated)."""
         total = 0.0
         for name, blk in self.prefill.blocks().items():
-            total += self.counts[name] * sum(self._eval(t.numel) for t in blk.weights)
+            total += self.counts[name] * sum(self._eval(t.numel, expert=is_expert_weight(t)) for t in blk.weights)
         return total * self._wbytes
 
 

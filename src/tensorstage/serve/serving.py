@@ -46,6 +46,8 @@ class ServingPlan:
     router: str = "round_robin"
     #: disaggregated serving: (prefill replicas, decode replicas); ``replicas`` is then ignored
     disagg: tuple[int, int] | None = None
+    #: attention data-parallel over the tp GPUs, routed experts expert-parallel (MoE serving)
+    attention_dp: bool = False
     #: heterogeneous pools: the decode pool runs on this system's devices (None: the same system)
     decode_system: str | None = None
 
@@ -85,7 +87,8 @@ def build_predictor(spec: ModelSpec, system: SystemSpec, plan: ServingPlan) -> I
     """The iteration-cost predictor of one replica (the system resized to ``tp`` devices)."""
     sysm = system.with_num_gpus(max(plan.tp, 1)) if plan.tp > 1 else system
     machine = machine_from_system(sysm, GRAPH_PRECISION.get(plan.weight_dtype, "bf16"))
-    return IterationPredictor(spec, machine.compute, machine.fabric, plan.tp, plan.weight_dtype, plan.kv_dtype)
+    return IterationPredictor(spec, machine.compute, machine.fabric, plan.tp, plan.weight_dtype, plan.kv_dtype,
+                              attention_dp=plan.attention_dp)
 
 
 def simulate(spec: ModelSpec, system: SystemSpec | str, plan: ServingPlan, workload: Workload | RequestTable,

@@ -11,7 +11,8 @@ becomes one simulation with the engine profile that matches how it was measured 
 * ``static_batch_throughput_and_ttft``: the batch-64 row's throughput and first-token latency,
   the batch-1 row's first-token latency.
 * ``offline_throughput_ifb`` (trtllm-bench throughput): the ``trtllm`` profile, all requests at
-  t = 0, total output tokens/s of the TP group.
+  t = 0, total output tokens/s of the TP group; attention-DP with EP over the TP GPUs where the
+  case's layout note says the run enabled attention DP, plain TP otherwise.
 * MLPerf Offline / Server: skipped; the case file gives the output length but not the input-length
   distribution of the dataset, which a simulation needs.
 
@@ -136,10 +137,10 @@ class _Runner:
         self._pred: dict[tuple, Any] = {}
 
     def run(self, spec: ModelSpec, system: str, tp: int, dtypes: tuple[str, str | None], engine: str,
-            req: RequestTable, **overrides: Any):
+            req: RequestTable, attention_dp: bool = False, **overrides: Any):
         prof = load_profile(engine, **overrides)
-        plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1])
-        key = (spec.name, system, tp, dtypes)
+        plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp)
+        key = (spec.name, system, tp, dtypes, attention_dp)
         sysm = load_system(system)
         if key not in self._pred:
             self._pred[key] = build_predictor(spec, sysm, plan)
@@ -152,6 +153,8 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
     if spec is None or system is None:
         raise LookupError("model dimensions or system not available")
     out: list[ServingPoint] = []
+    # the source's own layout note says when attention data parallelism (with EP) was on
+    adp = "attention dp" in str((case.get("parallelism") or {}).get("layout", "")).lower()
     for p in case.get("measured_points", []):
         tp = _tp(case, p)
         if tp is None:
@@ -182,7 +185,7 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                                         float(p["first_token_latency_ms"]), res.metrics.ttft_s["p50"] * 1e3))
             elif kind == "offline_throughput_ifb":
                 n = int(p["num_requests"])
-                res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl))
+                res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl), attention_dp=adp)
                 out.append(ServingPoint(cid, KIND_IFB, f"TP{tp} {isl}/{osl} x{n}", float(p["total_out_tok_s"]),
                                         res.metrics.output_tokens_per_s))
             else:
