@@ -6,9 +6,11 @@ print a table or JSON. Bad input is one line and exit code 2 (``SpecError``).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
+from rich.progress import Progress
 
 from tensorstage.errors import SpecError
 from tensorstage.fileio import require_replaceable_dir
@@ -24,6 +26,9 @@ from tensorstage.serve.routers import ROUTERS
 from tensorstage.serve.timeline import write_serving_trace
 from tensorstage.serve.traces import FORMATS, load_trace
 from tensorstage.serve.workloads import LENGTHS
+
+#: runs this long show a progress bar (on a terminal, not with --json)
+PROGRESS_MIN_REQUESTS = 20_000
 
 
 def _workload(offline: int | None, qps: float | None, concurrency: int | None, trace: Path | None,
@@ -93,7 +98,14 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
             print(f"max rate meeting the SLOs: {cap.max_rate_per_s:.4g} requests/s "
                   f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s)")
         return
-    result = simulate(spec, system, plan, workload, ttft, tpot)
+    n_req = len(workload) if isinstance(workload, RequestTable) else workload.num_requests
+    if n_req >= PROGRESS_MIN_REQUESTS and sys.stderr.isatty() and not json_out:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("serving", total=n_req)
+            result = simulate(spec, system, plan, workload, ttft, tpot,
+                              progress=lambda k: bar.advance(task, k))
+    else:
+        result = simulate(spec, system, plan, workload, ttft, tpot)
     if timeline is not None:
         write_serving_trace(result.requests, result.steps, timeline)
     summary = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
