@@ -28,6 +28,7 @@ def test_serve_json(monkeypatch, capsys):
     (["--max-num-seqs", "0"], "engine.max_num_seqs"),
     (["--slo-ttft-ms", "-5"], "--slo-ttft-ms"),
     (["--disagg", "2-1"], "--disagg"),
+    (["--tp", "5"], "tp"),
     (["--disagg", "0:1"], "--disagg"),
 ])
 def test_serve_bad_input_is_one_line(monkeypatch, capsys, args, field):

@@ -132,6 +132,9 @@ class IterationPredictor:
         kv = kv_dtype or ("fp16" if weight_dtype == "fp16" else "bf16")
         if kv not in KV_DTYPES:
             raise SpecError("kv_dtype", f"unknown KV-cache dtype {kv!r}", KV_DTYPES)
+        if not attention_dp and spec.num_heads % tp:
+            divisors = [d for d in range(1, spec.num_heads + 1) if spec.num_heads % d == 0 and d <= 64]
+            raise SpecError("tp", f"must divide the model's {spec.num_heads} attention heads, got {tp}", divisors)
         self.spec, self.compute, self.fabric, self.tp = spec, compute, fabric, tp
         # attention data parallelism + expert parallelism over the replica's tp GPUs (module docstring)
         self.dp = tp if attention_dp else 1
