@@ -11,10 +11,7 @@ import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names, write_system_yaml
-
-PUBLIC_CASES = Path("/work/shared/validation/public_cases.yaml")
-if not PUBLIC_CASES.exists():
-    PUBLIC_CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import public_cases, states
 
 
 def test_presets_cover_the_brief() -> None:
@@ -28,14 +25,24 @@ def test_presets_cover_the_brief() -> None:
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
-def test_every_number_has_a_source(system: SystemSpec) -> None:
-    assert system.sources["gpus_per_node"]
+def test_every_number_has_a_source_stating_it(system: SystemSpec) -> None:
+    """Each number's source states that number (as written or in the unit the source uses): a
+    changed preset number without a changed citation fails."""
+    def check(key: str, value: float, units: dict[str, float] | None = None) -> None:
+        text = system.sources[key]
+        assert states(text, value, units or {}), (system.name, key, value, text)
+
+    check("gpus_per_node", system.gpus_per_node)
     for d in system.network:
-        assert system.sources[f"network.{d.name}.bandwidth_GBps"].strip()
-        assert system.sources[f"network.{d.name}.latency_ns"].strip()
+        check(f"network.{d.name}.bandwidth_GBps", d.bandwidth_GBps, {"TB/s": 1e3, "Gb/s": 1 / 8})
+        check(f"network.{d.name}.latency_ns", d.latency_ns, {"us": 1e3})
+        if d.scope == "scale-out":  # scale-up npus: against gpus_per_node in the next test
+            check(f"network.{d.name}.npus", d.npus)
     if system.scaleout is not None:
-        for f in ("nic_Gbps", "nics_per_node", "oversubscription"):
-            assert system.sources[f"scaleout.{f}"].strip()
+        check("scaleout.nic_Gbps", system.scaleout.nic_Gbps)
+        check("scaleout.nics_per_node", system.scaleout.nics_per_node)
+        assert system.scaleout.oversubscription == 1.0  # every preset fabric is non-blocking ...
+        assert "non-blocking" in system.sources["scaleout.oversubscription"]  # ... and its source says so
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
@@ -56,7 +63,7 @@ def test_network_agrees_with_the_device_and_the_fabric(system: SystemSpec) -> No
 
 def test_selene_and_superpod_match_the_published_configs() -> None:
     """public_cases.yaml Selene runs: '8x 200 Gb/s HDR InfiniBand per node', NVSwitch 8 GPUs; H100: 450 GB/s/dir."""
-    cases = yaml.safe_load(PUBLIC_CASES.read_text())["cases"]
+    cases = public_cases()["cases"]
     selene = [c["hardware"] for c in cases if "Selene" in str(c.get("hardware", {}).get("system", ""))]
     inter = {h["inter_node"] for h in selene if "inter_node" in h}
     assert inter, "public_cases.yaml should carry Selene cases"

@@ -68,7 +68,7 @@ def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = No
     plan.validate_for(spec)
     opts = graph_options(plan, options)
     graph = _graph(spec, opts)
-    blocks = lower_blocks(graph, plan)
+    blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
     if fuse:
         from tensorstage.lower.fuse import fuse_blocks
 

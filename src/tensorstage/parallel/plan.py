@@ -124,6 +124,11 @@ class ParallelPlan(BaseModel):
         description="ZeRO-1/2: all-gather updated params during the next forward (Megatron "
         "overlap_param_gather; default off as in Megatron-core: all-gather right after the step)",
     )
+    tp_comm_overlap: bool = Field(
+        False,
+        description="Megatron-Core --tp-comm-overlap (Transformer Engine userbuffers): SP all-gather / "
+        "reduce-scatter over tp pipelined with the GEMM they feed / drain; needs tp > 1 and sp",
+    )
     cp_mode: CPMode = "ring"
     phase: Phase = "train"
     context: int = Field(0, ge=0, description="KV length for decode; 0 = seq")
@@ -377,6 +382,12 @@ class ParallelPlan(BaseModel):
                 "overlap_param_gather",
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
+            )
+        if self.tp_comm_overlap and (self.tp < 2 or not self.sp):
+            raise SpecError(
+                "tp_comm_overlap",
+                f"overlapping TP communication with GEMMs needs tp > 1 and sp (Megatron requires "
+                f"--sequence-parallel), got tp={self.tp} sp={self.sp}",
             )
         if self.zero_shard_size is not None and self.zero == 0:  # nothing is sharded: would be ignored
             raise SpecError("zero_shard_size", "hybrid sharding needs zero 1, 2 or 3, got zero=0")
