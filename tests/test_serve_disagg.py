@@ -52,7 +52,7 @@ def test_pools_conserve_tokens_and_requests(setup):
 
 
 def test_heterogeneous_decode_pool_uses_its_own_devices(setup):
-    """Decode pool on H200: TTFT as on H100 (same prefill pool), decode steps costed on H200."""
+    """Decode pool on H200: TTFT as on H100 (same prefill pool), decode steps costed on H200's model."""
     spec, system, pred = setup
     prof = load_profile("vllm")
     isl, osl = 400, 5
@@ -65,5 +65,3 @@ def test_heterogeneous_decode_pool_uses_its_own_devices(setup):
               for k in range(1, osl)]
     prefill = pred.iteration([isl], [0], [], 1, prof.scheduler_cpu_s).total_s
     assert res.requests.finish_s[0] == pytest.approx(prefill + transfer + sum(decode), rel=1e-12)
-    h100_decode = pred.iteration([], [], [isl + 1], 1, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s).total_s
-    assert decode[0] < h100_decode  # more HBM bandwidth, same everything else

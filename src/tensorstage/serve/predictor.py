@@ -154,6 +154,10 @@ class IterationPredictor:
         self._kv_tok = {k: float(self._eval(self.prefill.layers[k].kv_cache_bytes_per_token))
                         for k in self.prefill.layers}
         self._comm = self._comm_terms(gpus_per_node)
+        # decode attention carries its QK^T shape (batch*heads, 1, context, head_dim) so a measured
+        # decode-attention table behind ComputeModel applies (plain MHA/GQA layers only)
+        self._q_heads = spec.num_heads // (1 if self.dp > 1 else tp)
+        self._dec_shape = spec.mla is None and not spec.sliding_window
         self._linear_cache: dict[tuple[int, int], tuple[float, float, int]] = {}
 
     # --- sizes ------------------------------------------------------------------------------
@@ -302,12 +306,20 @@ class IterationPredictor:
                     by = float(np.sum(fb(chunk_new))) + self._kv_tok[kind] * float(np.sum(chunk_prefix))
                     t += self.compute.time_s(fl / self.dp, by / self.dp, op)
             if len(decode_ctx):
+                gemm = self._decode_gemm(len(decode_ctx), float(np.sum(decode_ctx)))
                 for op, ff, fb in self._dc_attn[kind]:
                     t += self.compute.time_s(float(np.sum(ff(decode_ctx))) / self.dp,
-                                             float(np.sum(fb(decode_ctx))) / self.dp, op)
+                                             float(np.sum(fb(decode_ctx))) / self.dp, op, gemm)
             total += n * t
             kernels += n * ((len(chunk_new) > 0) * len(self._pf_attn[kind]) + (len(decode_ctx) > 0) * len(self._dc_attn[kind]))
         return total, kernels
+
+    def _decode_gemm(self, n: int, ctx_sum: float) -> tuple[int, int, int, int] | None:
+        """QK^T shape of one rank's decode attention: (requests x query heads, 1, mean context, head dim)."""
+        if not self._dec_shape or n == 0:
+            return None
+        per_rank = max(1, -(-n // self.dp))
+        return (per_rank * self._q_heads, 1, max(1, int(round(ctx_sum / n))), self.spec.dim_head)
 
     def decode_run_s(self, ctx0: np.ndarray, steps: int, overhead_s: float = 0.0,
                      kernel_gap_s: float | None = None) -> np.ndarray:
@@ -336,8 +348,9 @@ class IterationPredictor:
                         sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
                 t = self.compute.time_s
                 dp = self.dp
-                att += count * np.array([t(f / dp, b_ / dp, op)
-                                         for f, b_ in zip(sums[0].tolist(), sums[1].tolist(), strict=True)])
+                shapes = [self._decode_gemm(n, s1 + n * x) for x in j.tolist()]
+                att += count * np.array([t(f / dp, b_ / dp, op, g) for f, b_, g in
+                                         zip(sums[0].tolist(), sums[1].tolist(), shapes, strict=True)])
         launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
         return (lin + comm + launch + overhead_s) + att
 
