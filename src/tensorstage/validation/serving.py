@@ -49,6 +49,9 @@ KIND_TTFT = "ttft_batch1"
 KIND_IFB = "offline_throughput_ifb"
 KIND_STATIC_TTFT = "static_batch_ttft"
 
+#: case kinds mapped to simulations (the MLPerf kinds lack the dataset's input lengths)
+SIMULATED_KINDS = ("static_batch_throughput", "ttft_vs_prompt_length_batch1", "static_batch_throughput_and_ttft",
+                   "offline_throughput_ifb")
 #: Models the presets lack, from their Hugging Face ``config.json`` (source per model).
 EXTRA_MODELS: dict[str, dict[str, Any]] = {
     "gpt-j-6b": dict(
@@ -149,6 +152,8 @@ class _Runner:
 
 def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
     cid, kind = case["id"], case["kind"]
+    if kind not in SIMULATED_KINDS:
+        raise LookupError(f"kind {kind} not simulated: the case file gives no input-length distribution")
     spec, system, dtypes = _model(case), _system(case), _dtypes(case)
     if spec is None or system is None:
         raise LookupError("model dimensions or system not available")
@@ -188,8 +193,6 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                 res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl), attention_dp=adp)
                 out.append(ServingPoint(cid, KIND_IFB, f"TP{tp} {isl}/{osl} x{n}", float(p["total_out_tok_s"]),
                                         res.metrics.output_tokens_per_s))
-            else:
-                raise LookupError(f"kind {kind} not simulated (input lengths of the dataset not in the case file)")
         except SpecError as exc:  # e.g. the batch does not fit: a prediction failure, reported
             out.append(ServingPoint(cid, kind, f"TP{tp} {isl}/{osl}", float(next(
                 (v for k, v in p.items() if k.startswith(("out_tok", "ttft", "total_out"))), 0.0)), None, str(exc)))
