@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from support import run_main
+
+from tests.support import run_main
 
 
 def test_serve_json(monkeypatch, capsys):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from support import run_main
 
 from tensorstage.errors import SpecError
 from tensorstage.serve.traces import load_trace
+from tests.support import run_main
 
 AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n" \
         "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:15:51.0000000,20,0\n"

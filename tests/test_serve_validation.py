@@ -9,18 +9,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
-from support import run_main
-
-from tensorstage.errors import SpecError
-from tensorstage.validation.serving import default_serving_cases_path, run_serving_validation, serving_report
+from tensorstage.validation.serving import run_serving_validation, serving_report
+from tests.support import run_main, shared_file
 
 
 def _path():
-    try:
-        return default_serving_cases_path()
-    except SpecError:
-        pytest.skip("shared serving cases file not present")
+    return shared_file("validation/public_serving_cases.yaml")
 
 
 def test_batch1_ttft_h100_within_15_percent():
@@ -33,8 +27,8 @@ def test_batch1_ttft_h100_within_15_percent():
 
 
 def test_validate_serving_json_cli(monkeypatch, capsys):
-    _path()
-    r = run_main(monkeypatch, capsys, "validate", "--serving", "--only", "TRTLLM05-TTFT-BS1-A100-GPT-J-6B", "--json")
+    r = run_main(monkeypatch, capsys, "validate", "--serving", "--cases", str(_path()), "--only",
+                 "TRTLLM05-TTFT-BS1-A100-GPT-J-6B", "--json")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert [p["point"] for p in doc["points"]] == ["TP1 ISL 128", "TP1 ISL 2048"]
