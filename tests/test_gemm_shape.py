@@ -57,7 +57,7 @@ def test_split_k_fills_the_machine_for_one_tile_problems() -> None:
 
 def test_reference_shape_keeps_the_measured_ceiling_and_others_are_slower() -> None:
     dev = load_device("A100-80GB")
-    cm = ComputeModel.from_device(dev, "bf16", gemm_shapes=True)
+    cm = ComputeModel.from_device(dev, "bf16", gemm_shapes=True, kernel_tables=False)
     f = 2 * 8192**3
     assert cm.time_s(f, 0, "matmul", (1, 8192, 8192, 8192)) == pytest.approx(cm.time_s(f, 0, "matmul"), rel=1e-12)
     g = (1, 8192, 768, 6144)
@@ -71,7 +71,7 @@ def test_reference_shape_keeps_the_measured_ceiling_and_others_are_slower() -> N
     assert ratio == pytest.approx(ref / shaped, rel=1e-12)
     assert ratio > 1.1
     # off: the shape is ignored
-    off = ComputeModel.from_device(dev, "bf16", gemm_shapes=False)
+    off = ComputeModel.from_device(dev, "bf16", gemm_shapes=False, kernel_tables=False)
     assert off.time_s(f2, 0, "matmul", g) == off.time_s(f2, 0, "matmul")
 
 
@@ -133,7 +133,7 @@ def test_trace_carries_shapes_and_simulates_identically(tmp_path: Path, fuse: bo
     back = programs_from_trace(d)
     system = load_system("dgx-a100-selene", low.mesh.world)
     machine = machine_from_system(system)
-    machine = replace(machine, compute=replace(machine.compute, gemm_shapes=True))
+    machine = replace(machine, compute=replace(machine.compute, gemm_shapes=True, kernels=None))
     direct = simulate(low.programs, low.mesh, machine, tokens_per_step=low.tokens_per_step)
     traced = simulate(back.programs, back.mesh, machine, tokens_per_step=low.tokens_per_step)
     assert traced.step_time_s == pytest.approx(direct.step_time_s, rel=1e-12)

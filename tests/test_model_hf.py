@@ -25,6 +25,7 @@ FIXTURE_PRESET = {
     "qwen3-235b-a22b.json": "qwen3-235b-a22b",
     "deepseek-v3.json": "deepseek-v3",
     "gpt-oss-120b.json": "gpt-oss-120b",
+    "bloom-176b.json": "bloom-176b",
 }
 IGNORED = {"name", "family", "source"}
 

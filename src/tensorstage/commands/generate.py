@@ -18,30 +18,10 @@ from typing import Any
 
 import typer
 
+from tensorstage import api
+from tensorstage.interrupts import cancel_on_interrupt
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
-
-
-def generation_inputs(model: str, lowered: Any) -> dict[str, Any]:
-    """What a trace was generated from (recorded verbatim in the manifest)."""
-    plan = lowered.plan
-    return {"source": "model", "model": model, "model_name": lowered.spec.name, "dtype": plan.dtype,
-            "tokens_per_step": lowered.tokens_per_step, "plan": plan.summary()}
-
-
-def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "trace", workers: int = 1,
-                    classes_only: bool = False, json_traces: bool = False, progress: bool = False
-                    ) -> dict[str, Any]:
-    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest."""
-    from tensorstage.lower import lower
-    from tensorstage.model import resolve_model
-    from tensorstage.trace import write_chakra
-
-    spec = resolve_model(model)
-    lowered = lower(spec, plan)
-    return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,
-                        classes_only=classes_only, json=json_traces, progress=progress,
-                        inputs=generation_inputs(model, lowered))
 
 
 def _summary_rows(manifest: dict[str, Any]) -> list[list[Any]]:
@@ -63,6 +43,7 @@ def register(app: typer.Typer) -> None:
     def generate(
         model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
         plan: ParallelPlan | None = None,
+        plan_choice: api.PlanChoice | None = None,
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
         prefix: str = typer.Option("trace", "--prefix", help="File-name prefix: <prefix>.<rank>.et."),
         workers: int = typer.Option(
@@ -76,6 +57,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         progress: bool | None = typer.Option(
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
+        system: str | None = typer.Option(
+            None, "--system", help="Also simulate the step on this system (preset or YAML): prints the peak "
+                                   "memory and records the system for `simulate --trace`."),
+        force: bool = typer.Option(
+            False, "--force", help="Write even when the estimated output exceeds the free disk space."),
         world: int | None = typer.Option(
             None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
     ) -> None:
@@ -86,11 +72,28 @@ def register(app: typer.Typer) -> None:
         workers = workers or os.cpu_count() or 1
         if progress is None:
             progress = sys.stderr.isatty()
-        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
+        def estimate(files: int, size: int, free: int) -> None:  # stderr: stdout stays the result
+            print(f"estimate: {files:,} files, about {size / 1e6:,.1f} MB ({free / 1e9:,.1f} GB free)",
+                  file=sys.stderr)
+
+        with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
+            done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
+                                json_traces=json_traces, progress=progress, force=force, on_estimate=estimate,
+                                system=system)
+        manifest = done.manifest
         if json_out:
-            print_json(manifest)
+            extra: dict[str, Any] = {"plan_notes": list(plan_choice.notes) if plan_choice else []}
+            if done.sim is not None:
+                extra.update(system=system, peak_memory_bytes=done.peak_memory_bytes,
+                             hbm_capacity_bytes=done.sim.result.hbm_capacity_bytes)
+            print_json({**manifest, **extra})
             return
         files = manifest["files"]
+        typer.echo(api.describe_plan(plan))
+        if done.sim is not None:
+            res = done.sim.result
+            typer.echo(f"peak memory {res.peak_memory_bytes / 2**30:.2f} / {res.hbm_capacity_bytes / 2**30:.2f} GiB "
+                       f"on {system} (simulated step)" + (" (OOM)" if res.oom else ""))
         title = (f"{model}: {manifest['world']:,} ranks, {len(manifest['classes'])} classes, "
                  f"{files['count']:,} files ({files['bytes'] / 1e6:,.1f} MB) in {out}")
         print_table(title, ["class", "key", "nodes", "TFLOP", "model TFLOP", "coll GB", "send GB", "recv GB",

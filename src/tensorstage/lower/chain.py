@@ -14,7 +14,7 @@ layer times (SP backward 11.8 ms vs 11.9 ms without) show the async overlap gain
 
 ``pipelined=True`` (with ``overlap``) adds Megatron-Core's ``--tp-comm-overlap`` (Transformer
 Engine userbuffers): an SP all-gather over ``tp`` that feeds a GEMM runs *during* that GEMM (the
-GEMM is split into TP chunks, each computed as its slice arrives), and a reduce-scatter over
+GEMM is split into TP chunks, each computed as its slice arrives; linear layers only, not attention), and a reduce-scatter over
 ``tp`` of a GEMM's output runs during the GEMM that produces it (chunk by chunk). Here the pair
 starts together: the GEMM does not wait for its all-gather and the reduce-scatter does not wait
 for its GEMM; whatever reads the GEMM's (or the reduce-scatter's) output waits for both. The
@@ -54,6 +54,7 @@ class NodeList:
     pending: list[int] = field(default_factory=list)  # comm nodes the next compute node awaits
     deferred: set[int] = field(default_factory=set)  # TP all-gathers pipelined with their GEMMs
     epilogue: dict[int, int] = field(default_factory=dict)  # bias-add node -> the GEMM it finishes
+    linear: set[int] = field(default_factory=set)  # GEMM nodes of linear layers (they read a weight)
 
     def add(self, node: StepNode, deps: Iterable[int | None]) -> int:
         """Append ``node`` with explicit ``deps`` (``None`` entries dropped); returns its index."""
@@ -103,19 +104,22 @@ class NodeList:
             return None
         deferred: set[int] = set()
         epilogue_of: int | None = None
+        linear = node.gemm is not None and any(t.role == "weight" for t in op.inputs)
         if self.overlap and self.pipelined:
-            if node.gemm is not None:
+            if linear:
                 # all-gather + GEMM pipelined: the GEMM starts with its all-gather; readers of the
                 # GEMM's output wait for both
                 deferred = {j for j in comms if _tp_gather(self.nodes[j])}
                 self.deferred |= deferred
-            elif _bias_epilogue(op) and self.last_comp is not None and self.nodes[self.last_comp].gemm is not None:
+            elif _bias_epilogue(op) and self.last_comp in self.linear:
                 # a bias add runs in the GEMM's epilogue (Transformer Engine): it is part of the GEMM
                 deferred = set(comms) & self.deferred
                 epilogue_of = self.last_comp
             comms = set(comms) - deferred
         i = self.add(node, (self.last_comp, *comms) if self.overlap else (self.last_comp,))
         self.stream(i, op.outputs)
+        if linear:
+            self.linear.add(i)
         if epilogue_of is not None:
             self.epilogue[i] = epilogue_of
         if deferred:
@@ -128,10 +132,10 @@ class NodeList:
         return () if d is None else d
 
     def _gemm_of(self, i: int | None) -> int | None:
-        """The GEMM node ``i`` is (or whose bias epilogue ``i`` is), else None."""
+        """The linear-layer GEMM node ``i`` is (or whose bias epilogue ``i`` is), else None."""
         if i is None:
             return None
-        if self.nodes[i].gemm is not None:
+        if i in self.linear:
             return i
         return self.epilogue.get(i)
 

@@ -42,6 +42,8 @@ from pydantic import (
 )
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
+from tensorstage.limits import MAX_WORLD, int_problem
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.apply import ParamSharding, param_sharding
 from tensorstage.parallel.mesh import Mesh
@@ -53,6 +55,8 @@ Phase = Literal["train", "prefill", "decode"]
 CPMode = Literal["ring", "allgather"]
 DDPStyle = Literal["megatron", "torch"]
 FSDPReshard = Literal["default", "true", "false"]
+AttentionImpl = Literal["flash", "materialized"]
+AttentionFlops = Literal["causal_half", "full"]
 
 #: Numeric plan fields; a YAML ``true``/``false`` in one of them is an error, not 1/0.
 NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "zero", "seq", "global_batch", "micro_batch",
@@ -135,6 +139,17 @@ class ParallelPlan(BaseModel):
     capacity_factor: float | None = Field(None, gt=0, description="MoE capacity factor; None = dropless")
     routing_skew: float = Field(1.0, ge=1.0, description="tokens at the busiest expert rank / the mean")
     pp_layer_split: tuple[int, ...] | None = None
+    # --- graph conventions (None = not given: the caller's GraphOptions, else its default) -------
+    attention_impl: AttentionImpl | None = Field(
+        None, description="flash (fused kernel) | materialized (eager softmax, saves probabilities)"
+    )
+    attention_flops: AttentionFlops | None = Field(
+        None, description="causal_half (Megatron-Core) | full (no halving for the causal mask)"
+    )
+    dropout: bool | None = Field(None, description="model the dropout layers (masks saved for backward)")
+    megatron_fusions: bool | None = Field(
+        None, description="Megatron-LM fused element-wise kernels (bias-dropout-add, bias-GeLU, ...)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -158,9 +173,11 @@ class ParallelPlan(BaseModel):
     @field_validator(*NUMERIC_FIELDS, mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: object) -> object:
-        """Reject ``tp: true`` and the like: pydantic would read it as 1, silently (YAML typo)."""
-        if isinstance(value, bool):
-            raise ValueError("expected a number, not true/false")
+        """Reject ``tp: true`` and the like: pydantic would read it as 1, silently (YAML typo); and
+        integers beyond int64 (:mod:`tensorstage.limits`)."""
+        problem = int_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("sp")
@@ -324,6 +341,12 @@ class ParallelPlan(BaseModel):
                 "rank_order",
                 "cp and dp must be adjacent (expert parallelism and hybrid sharding are carved out of dp*cp)",
             )
+        if self.world > MAX_WORLD:
+            raise SpecError(
+                "world",
+                f"tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world:,} ranks; at most "
+                f"{MAX_WORLD:,} are supported (tensorstage.limits)",
+            )
         if world is not None and world != self.world:
             raise SpecError(
                 "world",
@@ -358,6 +381,8 @@ class ParallelPlan(BaseModel):
                 "context", f"context={self.context} applies only to phase decode, got phase {self.phase}; "
                 "train and prefill attend over seq"
             )
+        if self.dropout and self.phase != "train":  # would be ignored: inference runs without dropout
+            raise SpecError("dropout", f"applies only to phase train, got phase {self.phase}")
         if self.phase == "decode":
             if self.kv_len % self.cp:
                 raise SpecError(
@@ -498,6 +523,8 @@ _ALLOWED: dict[str, tuple[object, ...]] = {
     "cp_mode": ("ring", "allgather"),
     "ddp_style": ("megatron", "torch"),
     "fsdp_reshard_after_forward": ("default", "true", "false"),
+    "attention_impl": ("flash", "materialized"),
+    "attention_flops": ("causal_half", "full"),
 }
 
 
@@ -506,10 +533,7 @@ def read_plan_yaml(path: str | Path) -> dict[str, object]:
     is one :class:`SpecError` whose field is ``file:line``; an unknown key names the key, its line
     and the allowed keys. Keys may be spelled as the flags (``global-batch`` = ``global_batch``)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), f"cannot read plan file: {exc.strerror}") from None
+    text = read_text_file(path, "plan file")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
