@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.simulate",
     "tensorstage.commands.run",
     "tensorstage.commands.validate",
+    "tensorstage.commands.serve",
     "tensorstage.commands.replay",
     "tensorstage.commands.explore",
 )

@@ -80,6 +80,13 @@ def register(app: typer.Typer) -> None:
                                    "public_cases.yaml beside the repository)."),
         only: str = typer.Option(None, "--only", help="Regular expression: run only case ids matching it."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        serving: bool = typer.Option(False, "--serving", help="Validate the serving simulator on "
+                                     "public_serving_cases.yaml instead (MAPE per kind)."),
     ) -> None:
         """Simulate every published case and compare with the measured numbers (MAPE per group)."""
+        if serving:
+            from tensorstage.commands.validate_serving import validate_serving
+
+            validate_serving(cases, only, json_out)
+            return
         _validate(cases, only, json_out)

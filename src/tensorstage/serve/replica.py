@@ -1,0 +1,336 @@
+"""One model replica: a waiting queue, running slots, a paged KV cache and the engine's step policy.
+
+**Continuous batching** (vLLM / SGLang / TensorRT-LLM in-flight batching), per step:
+
+1. Running requests in decode take one token each from the token budget
+   (``max_num_batched_tokens``; 0 = unlimited) in admission order. A decode that needs a new KV
+   block when none is free preempts the most recently admitted running request (vLLM's
+   preemption by recompute: its blocks are freed, it goes back to the front of the queue and later
+   re-prefills its prompt plus the tokens it had generated).
+2. Running requests still in prefill take a chunk of their remaining prompt (chunked prefill), in
+   admission order, while budget and KV blocks last. Without chunked prefill a prompt runs whole
+   (one longer than the budget only in a step with no other prefill).
+3. Waiting requests are admitted in FCFS order while a slot (``max_num_seqs``), budget and KV
+   blocks for their first chunk remain. With a prefix cache, a request whose prefix this replica has
+   computed before starts with those tokens already in its KV (whole blocks only).
+4. The step's cost comes from the predictor; at its end every decode produced one token and every
+   prefill that reached the end of its prompt produced the first (or next) token. A request that
+   has all its output tokens frees its slot and blocks.
+
+**Static batching** (TensorRT-LLM gptSession): when nothing runs, up to ``max_num_seqs`` waiting
+requests are admitted with KV for their whole prompt + output reserved; the first step prefills
+every prompt, then decode steps run until the batch's longest request finishes.
+
+**Disaggregation** (``role``): a ``prefill`` replica hands a request off when its first token is
+out (slot and KV blocks freed; the loop delivers it to the decode pool after the KV transfer); a
+``decode`` replica admits handed-off requests with their prompt already in its KV cache, ahead of
+any scheduling, while slots and blocks last (decode admission).
+
+Per-slot state is numpy arrays over ``max_num_seqs`` slots, so a step costs a few vector
+operations whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from tensorstage.serve.decode_runs import DecodeRuns, StepPlan
+from tensorstage.serve.engines import EngineProfile
+from tensorstage.serve.entities import RequestTable
+from tensorstage.serve.predictor import IterationPredictor
+
+
+class Replica(DecodeRuns):
+    """One replica's scheduler state (module docstring); runs of decode steps: :class:`DecodeRuns`."""
+
+    def __init__(self, index: int, profile: EngineProfile, predictor: IterationPredictor,
+                 kv_capacity_tokens: int, requests: RequestTable, role: str = "both") -> None:
+        self.index = index
+        self.role = role  # both | prefill (hands requests off after the first token) | decode
+        self.handoffs: list[int] = []  # prefill role: requests whose KV leaves after the last step
+        self._prefilled: set[int] = set()  # decode role: queued requests whose prompt KV arrived
+        self.profile = profile
+        self.predictor = predictor
+        self.req = requests
+        self.block = profile.block_tokens
+        self.total_blocks = kv_capacity_tokens // self.block
+        self.free_blocks = self.total_blocks
+        n = profile.max_num_seqs
+        self.slot_req = np.full(n, -1, dtype=np.int64)
+        self.computed = np.zeros(n, dtype=np.int64)  # tokens whose KV is in the cache
+        self.target = np.zeros(n, dtype=np.int64)  # tokens to prefill (prompt, + generated after preemption)
+        self.gen = np.zeros(n, dtype=np.int64)  # output tokens produced
+        self.out = np.zeros(n, dtype=np.int64)  # output tokens wanted
+        self.blocks = np.zeros(n, dtype=np.int64)
+        self._held = np.zeros(n, dtype=np.int64)  # blocks held before the current run of decode steps
+        self.order = np.zeros(n, dtype=np.int64)  # admission counter (FCFS priority)
+        self._counter = 0
+        self.waiting: deque[int] = deque()
+        self.prefix_seen: set[int] = set()
+        self._gen_store: dict[int, int] = {}  # output tokens of preempted requests, kept for their resume
+        self.busy = False
+        self.decode_runs = True  # plan runs of decode-only steps as one event (same results, faster)
+        self._run_cap = 16  # longest run planned next: adapts to how soon arrivals cut runs (speed only)
+        self.outstanding_tokens = 0  # prompt + output tokens of requests routed here and not finished
+        self.preemptions = 0
+        self.prefix_hits = 0
+        self.prefix_lookups = 0
+
+    # --- queue ------------------------------------------------------------------------------
+    def enqueue(self, r: int) -> None:
+        """A request routed to this replica joins the waiting queue."""
+        self.waiting.append(r)
+        self.outstanding_tokens += int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+
+    def enqueue_prefilled(self, r: int) -> None:
+        """Disaggregated decode: a request whose prompt KV (and first token) came from a prefill pool."""
+        self._prefilled.add(r)
+        self.enqueue(r)
+
+    def _admit_prefilled(self) -> None:
+        """Admit queued handed-off requests (FCFS) while slots and KV blocks for prompt + 1 last."""
+        free_slots = np.flatnonzero(self.slot_req < 0)
+        fi = 0
+        while self.waiting and self.waiting[0] in self._prefilled and fi < len(free_slots):
+            r = self.waiting[0]
+            prompt = int(self.req.prompt_tokens[r])
+            need = int(self._blocks_for(prompt + 1))
+            if need > self.free_blocks:
+                break
+            self.waiting.popleft()
+            self._prefilled.discard(r)
+            s = int(free_slots[fi])
+            fi += 1
+            self.slot_req[s] = r
+            self.computed[s] = prompt
+            self.target[s] = prompt
+            self.gen[s] = 1
+            self.out[s] = int(self.req.output_tokens[r])
+            self.order[s] = self._counter
+            self._counter += 1
+            self.blocks[s] = need
+            self.free_blocks -= need
+            self.req.replica[r] = self.index
+
+    def has_work(self) -> bool:
+        """Anything running or waiting."""
+        return bool(self.waiting) or bool((self.slot_req >= 0).any())
+
+    def running(self) -> int:
+        """Requests holding a slot."""
+        return int((self.slot_req >= 0).sum())
+
+    def kv_blocks_used(self) -> int:
+        """KV blocks held by running requests."""
+        return self.total_blocks - self.free_blocks
+
+    # --- scheduling -------------------------------------------------------------------------
+    def _preempt(self, s: int) -> None:
+        r = int(self.slot_req[s])
+        self.free_blocks += int(self.blocks[s])
+        self.blocks[s] = 0
+        self.slot_req[s] = -1
+        self._gen_store[r] = int(self.gen[s])
+        self.req.preemptions[r] += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)
+
+    def _admit(self, r: int, slot: int, static: bool) -> int:
+        """Put request ``r`` in ``slot``; returns tokens already cached (prefix hit)."""
+        prompt = int(self.req.prompt_tokens[r])
+        gen = self._gen_store.pop(r, 0)
+        cached = 0
+        pid = int(self.req.prefix_id[r])
+        if self.profile.prefix_caching and pid >= 0 and gen == 0:
+            self.prefix_lookups += 1
+            if pid in self.prefix_seen:
+                self.prefix_hits += 1
+                cached = (int(self.req.prefix_tokens[r]) // self.block) * self.block
+                cached = min(cached, prompt - 1)
+            self.prefix_seen.add(pid)
+        self.slot_req[slot] = r
+        self.computed[slot] = cached
+        self.target[slot] = prompt + gen
+        self.gen[slot] = gen
+        self.out[slot] = int(self.req.output_tokens[r])
+        self.order[slot] = self._counter
+        self._counter += 1
+        need = int(self._blocks_for(prompt + self.out[slot] if static else cached))
+        self.blocks[slot] = need
+        self.free_blocks -= need
+        self.req.replica[r] = self.index
+        self.req.cached_tokens[r] = max(self.req.cached_tokens[r], cached)
+        return cached
+
+    def schedule(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Choose the next step's (slots, new tokens, is-decode); empty arrays when idle."""
+        if self.profile.policy == "static":
+            return self._schedule_static()
+        return self._schedule_continuous()
+
+    def _schedule_static(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        active = self.slot_req >= 0
+        if not active.any():
+            slot = 0
+            while self.waiting and slot < len(self.slot_req):
+                r = self.waiting[0]
+                need = int(self._blocks_for(int(self.req.prompt_tokens[r] + self.req.output_tokens[r])))
+                if need > self.free_blocks:
+                    break
+                self.waiting.popleft()
+                self._admit(r, slot, static=True)
+                slot += 1
+            active = self.slot_req >= 0
+        live = active & (self.gen < self.out)
+        slots = np.flatnonzero(live)
+        is_dec = self.computed[slots] >= self.target[slots]
+        new = np.where(is_dec, 1, self.target[slots] - self.computed[slots])
+        return slots, new, is_dec
+
+    def _schedule_continuous(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        prof = self.profile
+        if self._prefilled:
+            self._admit_prefilled()
+        budget = prof.max_num_batched_tokens or (1 << 62)
+        active = self.slot_req >= 0
+        dec = active & (self.computed >= self.target)
+        # decodes: one token each, oldest first; a missing KV block preempts the newest request
+        while self.free_blocks < int(dec.sum()):  # each decode needs at most one new block
+            need = self._blocks_for(self.computed + 1) - self.blocks
+            short = int(np.maximum(need[dec], 0).sum()) - self.free_blocks
+            if short <= 0:
+                break
+            victim = int(np.argmax(np.where(active, self.order, -1)))
+            self._preempt(victim)
+            active[victim] = False
+            dec[victim] = False
+        dec_slots = np.flatnonzero(dec)
+        if len(dec_slots) > budget:
+            dec_slots = dec_slots[np.argsort(self.order[dec_slots], kind="stable")[:budget]]
+        if len(dec_slots):
+            grow = np.maximum(self._blocks_for(self.computed[dec_slots] + 1) - self.blocks[dec_slots], 0)
+            self.blocks[dec_slots] += grow
+            self.free_blocks -= int(grow.sum())
+        budget -= len(dec_slots)
+        slots = [dec_slots]
+        news = [np.ones(len(dec_slots), dtype=np.int64)]
+        # running prefills (partially computed), oldest first
+        pre = np.flatnonzero(active & (self.computed < self.target))
+        pre = pre[np.argsort(self.order[pre], kind="stable")]
+        stop = False
+        for s in pre:
+            if budget <= 0:
+                break
+            chunk = self._chunk(int(s), budget)
+            if chunk == 0:
+                stop = True
+                break
+            slots.append(np.array([s]))
+            news.append(np.array([chunk]))
+            budget -= chunk
+        # admit waiting requests FCFS
+        free_slots = np.flatnonzero(self.slot_req < 0)
+        fi = 0
+        while not stop and self.waiting and fi < len(free_slots) and budget > 0:
+            r = self.waiting[0]
+            first = int(self.req.prompt_tokens[r]) + self._gen_store.get(r, 0)
+            # an unchunked prompt longer than the budget runs whole in a step with no other prefill
+            prefilling = len(slots) > 1
+            if not prof.chunked_prefill and first > budget and prefilling:
+                break
+            if int(self._blocks_for(min(first, budget) if prof.chunked_prefill else first)) > self.free_blocks:
+                break
+            self.waiting.popleft()
+            s = int(free_slots[fi])
+            fi += 1
+            self._admit(r, s, static=False)
+            chunk = self._chunk(s, budget if prof.chunked_prefill or prefilling else 1 << 62)
+            if chunk == 0:  # cannot happen after the block check; keep the request queued
+                self._preempt_back(s, r)
+                break
+            slots.append(np.array([s]))
+            news.append(np.array([chunk]))
+            budget -= chunk
+        sl = np.concatenate(slots).astype(np.int64)
+        nw = np.concatenate(news).astype(np.int64)
+        return sl, nw, self.computed[sl] >= self.target[sl]
+
+    def _preempt_back(self, s: int, r: int) -> None:
+        self.free_blocks += int(self.blocks[s])
+        self.blocks[s] = 0
+        self.slot_req[s] = -1
+        self.waiting.appendleft(r)
+
+    def _chunk(self, s: int, budget: int) -> int:
+        """Tokens of slot ``s``'s remaining prefill that fit the budget and free KV blocks (0: none)."""
+        remaining = int(self.target[s] - self.computed[s])
+        chunk = min(remaining, budget) if self.profile.chunked_prefill else remaining
+        if not self.profile.chunked_prefill and remaining > budget:
+            return 0
+        room = (self.blocks[s] + self.free_blocks) * self.block - self.computed[s]
+        chunk = int(min(chunk, room)) if self.profile.chunked_prefill else (chunk if chunk <= room else 0)
+        if chunk <= 0:
+            return 0
+        grow = int(self._blocks_for(int(self.computed[s]) + chunk)) - int(self.blocks[s])
+        if grow > 0:
+            self.blocks[s] += grow
+            self.free_blocks -= grow
+        return chunk
+
+    # --- costing and completion -------------------------------------------------------------------
+    def plan(self) -> StepPlan | None:
+        """The next step with its duration, or None when there is nothing to run."""
+        slots, new, is_dec = self.schedule()
+        if len(slots) == 0:
+            return None
+        pre = ~is_dec
+        prefix = self.computed[slots[pre]]
+        n_pre = new[pre]
+        finishing = int(((prefix + n_pre) >= self.target[slots[pre]]).sum())
+        dec_ctx = self.computed[slots[is_dec]] + 1
+        n_dec = int(is_dec.sum())
+        prof = self.profile
+        graph = prof.cuda_graph and n_dec == len(slots) and n_dec <= prof.cuda_graph_max_batch
+        cost = self.predictor.iteration(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
+                                        prof.cuda_graph_kernel_gap_s if graph else None)
+        return StepPlan(slots, new, is_dec, cost.total_s, int(n_pre.sum()), n_dec, n_dec + finishing)
+
+    def complete(self, plan: StepPlan, end_s: float) -> list[int]:
+        """Apply a finished step at ``end_s``; returns the requests that finished."""
+        s = plan.slots
+        self.computed[s] += plan.new_tokens
+        emits = self.computed[s] >= self.target[s]
+        es = s[emits]
+        first = es[self.gen[es] == 0]
+        if len(first):
+            self.req.first_token_s[self.slot_req[first]] = end_s
+        self.gen[es] += plan.steps
+        if self.role == "prefill":  # first token out: the request moves to the decode pool
+            moving = es[(self.gen[es] == 1) & (self.out[es] > 1)]
+            if len(moving):
+                rs = [int(r) for r in self.slot_req[moving]]
+                self.handoffs.extend(rs)
+                for r in rs:
+                    self.outstanding_tokens -= int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+                self._release(moving)
+                es = es[self.slot_req[es] >= 0]
+        done = es[self.gen[es] >= self.out[es]]
+        finished = [int(r) for r in self.slot_req[done]]
+        if len(done):
+            self.req.finish_s[self.slot_req[done]] = end_s
+            for r in finished:
+                self.outstanding_tokens -= int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+            if self.profile.policy == "continuous":
+                self._release(done)
+        if self.profile.policy == "static":
+            active = self.slot_req >= 0
+            if active.any() and not (self.gen[active] < self.out[active]).any():
+                self._release(np.flatnonzero(active))
+        return finished
+
+    def _release(self, slots: np.ndarray) -> None:
+        self.free_blocks += int(self.blocks[slots].sum())
+        self.blocks[slots] = 0
+        self.slot_req[slots] = -1

@@ -1,0 +1,252 @@
+"""Serving validation: every published point of ``public_serving_cases.yaml`` through ``serve.simulate``.
+
+Each case names hardware, engine, model, precision, parallelism and workload; each measured point
+becomes one simulation with the engine profile that matches how it was measured (nothing fitted):
+
+* ``static_batch_throughput`` (TensorRT-LLM gptSessionBenchmark): the ``static`` profile with
+  ``max_num_seqs`` = the row's batch, one batch of identical requests; output tokens/s per GPU =
+  batch x OSL / batch wall time / TP (the source's own definition).
+* ``ttft_vs_prompt_length_batch1``: one request with one output token on an idle ``static``
+  engine: TTFT = one batch-1 prefill.
+* ``static_batch_throughput_and_ttft``: the batch-64 row's throughput and first-token latency,
+  the batch-1 row's first-token latency.
+* ``offline_throughput_ifb`` (trtllm-bench throughput): the ``trtllm`` profile, all requests at
+  t = 0, total output tokens/s of the TP group; attention-DP with EP over the TP GPUs where the
+  case's layout note says the run enabled attention DP, plain TP otherwise.
+* MLPerf Offline / Server: skipped; the case file gives the output length but not the input-length
+  distribution of the dataset, which a simulation needs.
+
+Precision: ``FP8`` cases run fp8 weights and fp8 KV cache, the others 16-bit. Systems: the DGX
+preset of the case's GPU. Models: the preset of the case's model key; GPT-J-6B and Falcon-180B are
+built from their Hugging Face configs (:data:`EXTRA_MODELS`, dims cited per field). Cases without
+usable dimensions or with an unstated parallel layout are skipped with the reason.
+MAPE is reported per kind; every number is produced by the code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from tensorstage.errors import SpecError
+from tensorstage.hardware.system import load_system
+from tensorstage.model.presets import find_preset
+from tensorstage.model.spec import ModelSpec
+from tensorstage.serve import RequestTable, ServingPlan, load_profile, simulate
+from tensorstage.serve.serving import build_predictor
+
+SERVING_CASES_RELATIVE = Path("shared") / "validation" / "public_serving_cases.yaml"
+
+#: metric groups MAPE is reported for
+KIND_STATIC = "static_batch_throughput"
+KIND_TTFT = "ttft_batch1"
+KIND_IFB = "offline_throughput_ifb"
+KIND_STATIC_TTFT = "static_batch_ttft"
+
+#: case kinds mapped to simulations (the MLPerf kinds lack the dataset's input lengths)
+SIMULATED_KINDS = ("static_batch_throughput", "ttft_vs_prompt_length_batch1", "static_batch_throughput_and_ttft",
+                   "offline_throughput_ifb")
+#: Models the presets lack, from their Hugging Face ``config.json`` (source per model).
+EXTRA_MODELS: dict[str, dict[str, Any]] = {
+    "gpt-j-6b": dict(
+        name="gpt-j-6b", family="gpt-j", num_layers=28, hidden=4096, num_heads=16, ffn=16384, vocab=50400,
+        activation="gelu", norm="layernorm", positions="rope", mlp_bias=True, out_bias=False, max_seq=2048,
+        source="huggingface.co/EleutherAI/gpt-j-6b config.json: n_layer 28, n_embd 4096, n_head 16, "
+               "n_inner null (= 4 x n_embd), vocab_size 50400, rotary; the case file's build command agrees"),
+    "falcon-180b": dict(
+        name="falcon-180b", family="falcon", num_layers=80, hidden=14848, num_heads=232, num_kv_heads=8,
+        head_dim=64, ffn=59392, vocab=65024, activation="gelu", norm="layernorm", positions="rope",
+        max_seq=2048,
+        source="huggingface.co/tiiuae/falcon-180B config.json: hidden_size 14848, num_attention_heads 232, "
+               "num_kv_heads 8, num_hidden_layers 80, vocab_size 65024, MLP 4 x hidden"),
+}
+#: case model key -> preset name
+MODEL_KEYS: dict[str, str] = {"llama3-70b": "llama3-70b"}
+#: GPU name fragment -> system preset
+SYSTEMS: tuple[tuple[str, str], ...] = (("H200", "dgx-h200"), ("H100", "dgx-h100-superpod"),
+                                        ("A100", "dgx-a100-selene"))
+
+
+@dataclass
+class ServingPoint:
+    """One measured value and its prediction."""
+
+    case: str
+    kind: str
+    label: str
+    measured: float
+    predicted: float | None
+    note: str = ""
+
+    @property
+    def error_pct(self) -> float | None:
+        """Signed error of the prediction, percent of the measurement."""
+        if self.predicted is None:
+            return None
+        return 100.0 * (self.predicted - self.measured) / self.measured
+
+
+def default_serving_cases_path(start: Path | None = None) -> Path:
+    """``../shared/validation/public_serving_cases.yaml`` beside the repository (or the working dir)."""
+    here = Path(__file__).resolve()
+    cwd = (start or Path.cwd()).resolve()
+    for root in (*here.parents, *cwd.parents, cwd):
+        path = root / SERVING_CASES_RELATIVE
+        if path.is_file():
+            return path
+    raise SpecError("--cases", f"no {SERVING_CASES_RELATIVE} found beside the repository; pass --cases FILE")
+
+
+def _model(case: dict) -> ModelSpec | None:
+    key = str(case.get("model", {}).get("key", ""))
+    if key in EXTRA_MODELS:
+        return ModelSpec(**EXTRA_MODELS[key])
+    return find_preset(MODEL_KEYS.get(key, key))
+
+
+def _system(case: dict) -> str | None:
+    gpu = str(case.get("hardware", {}).get("gpu", ""))
+    return next((name for frag, name in SYSTEMS if frag in gpu), None)
+
+
+def _dtypes(case: dict) -> tuple[str, str | None]:
+    return ("fp8", "fp8") if "FP8" in str(case.get("precision", "")).upper() else ("fp16", "fp16")
+
+
+def _tp(case: dict, point: dict) -> int | None:
+    if isinstance(point.get("tp"), int):
+        return int(point["tp"])
+    par = case.get("parallelism", {}) or {}
+    if isinstance(par.get("tp"), int):
+        return int(par["tp"])
+    m = re.fullmatch(r"TP(\d+)", str(par.get("layout", "")).split(" ")[0])
+    return int(m.group(1)) if m else None
+
+
+def _fixed(n: int, isl: int, osl: int) -> RequestTable:
+    return RequestTable.of(np.zeros(n), np.full(n, isl), np.full(n, osl))
+
+
+class _Runner:
+    """Simulates points, reusing one predictor per (model, system, tp, dtypes)."""
+
+    def __init__(self) -> None:
+        self._pred: dict[tuple, Any] = {}
+
+    def run(self, spec: ModelSpec, system: str, tp: int, dtypes: tuple[str, str | None], engine: str,
+            req: RequestTable, attention_dp: bool = False, **overrides: Any):
+        prof = load_profile(engine, **overrides)
+        plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp)
+        key = (spec.name, system, tp, dtypes, attention_dp)
+        sysm = load_system(system)
+        if key not in self._pred:
+            self._pred[key] = build_predictor(spec, sysm, plan)
+        return simulate(spec, sysm, plan, req, predictor=self._pred[key])
+
+
+def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
+    cid, kind = case["id"], case["kind"]
+    if kind not in SIMULATED_KINDS:
+        raise LookupError(f"kind {kind} not simulated: the case file gives no input-length distribution")
+    spec, system, dtypes = _model(case), _system(case), _dtypes(case)
+    if spec is None or system is None:
+        raise LookupError("model dimensions or system not available")
+    out: list[ServingPoint] = []
+    # the source's own layout note says when attention data parallelism (with EP) was on
+    adp = "attention dp" in str((case.get("parallelism") or {}).get("layout", "")).lower()
+    for p in case.get("measured_points", []):
+        tp = _tp(case, p)
+        if tp is None:
+            raise LookupError("parallel layout not stated")
+        isl, osl = int(p.get("isl", 0)), int(p.get("osl", 1) or 1)
+        try:
+            if kind == "static_batch_throughput":
+                bs = int(p["batch_size"])
+                measured = p.get("out_tok_s_per_gpu", p.get("out_tok_s_as_printed"))
+                note = "" if "out_tok_s_per_gpu" in p else "unit ambiguous in the source; read as per GPU"
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs)
+                pred = bs * osl / res.metrics.makespan_s / tp
+                out.append(ServingPoint(cid, KIND_STATIC, f"BS{bs} TP{tp} {isl}/{osl}", float(measured), pred, note))
+            elif kind == "ttft_vs_prompt_length_batch1":
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(1, isl, 1), max_num_seqs=1)
+                out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["ttft_ms"]),
+                                        res.metrics.ttft_s["p50"] * 1e3))
+            elif kind == "static_batch_throughput_and_ttft":
+                bs = int(p["batch_size"])
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs)
+                if bs == 1:
+                    out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["first_token_latency_ms"]),
+                                            res.metrics.ttft_s["p50"] * 1e3))
+                    continue
+                out.append(ServingPoint(cid, KIND_STATIC, f"BS{bs} TP{tp} {isl}/{osl} (total)",
+                                        float(p["out_tok_s"]), bs * osl / res.metrics.makespan_s))
+                out.append(ServingPoint(cid, KIND_STATIC_TTFT, f"BS{bs} TP{tp} ISL {isl}",
+                                        float(p["first_token_latency_ms"]), res.metrics.ttft_s["p50"] * 1e3))
+            elif kind == "offline_throughput_ifb":
+                n = int(p["num_requests"])
+                res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl), attention_dp=adp)
+                out.append(ServingPoint(cid, KIND_IFB, f"TP{tp} {isl}/{osl} x{n}", float(p["total_out_tok_s"]),
+                                        res.metrics.output_tokens_per_s))
+        except SpecError as exc:  # e.g. the batch does not fit: a prediction failure, reported
+            out.append(ServingPoint(cid, kind, f"TP{tp} {isl}/{osl}", float(next(
+                (v for k, v in p.items() if k.startswith(("out_tok", "ttft", "total_out"))), 0.0)), None, str(exc)))
+    return out
+
+
+def run_serving_validation(path: Path, only: str | None = None,
+                           progress: Callable[[str], None] | None = None) -> tuple[list[ServingPoint], list[tuple[str, str]]]:
+    """Predict every point of the cases file; returns (points, skipped cases with reasons)."""
+    doc = yaml.safe_load(Path(path).read_text())
+    cases = doc.get("cases", []) if isinstance(doc, dict) else []
+    if only:
+        try:
+            pattern = re.compile(only)
+        except re.error as exc:
+            raise SpecError("--only", f"not a regular expression: {exc}") from None
+        cases = [c for c in cases if pattern.search(str(c.get("id", "")))]
+        if not cases:
+            raise SpecError("--only", f"no serving case id matches {only!r}")
+    runner = _Runner()
+    points: list[ServingPoint] = []
+    skipped: list[tuple[str, str]] = []
+    for case in cases:
+        if progress is not None:
+            progress(str(case.get("id")))
+        if case.get("underspecified") and "layout" in str(case.get("underspecified")):
+            skipped.append((case["id"], f"underspecified: {case['underspecified']}"))
+            continue
+        try:
+            points += _points(case, runner)
+        except LookupError as exc:
+            skipped.append((case["id"], str(exc).strip("'\"")))
+    return points, skipped
+
+
+def serving_report(points: list[ServingPoint], skipped: list[tuple[str, str]]) -> dict[str, Any]:
+    """JSON-ready results: every point, MAPE per kind, skipped cases."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in dict.fromkeys(p.kind for p in points):
+        errs = [abs(p.error_pct) for p in points if p.kind == kind and p.error_pct is not None]
+        kinds[kind] = {
+            "n": len(errs),
+            "failed": sum(1 for p in points if p.kind == kind and p.predicted is None),
+            "mape_pct": round(float(np.mean(errs)), 2) if errs else None,
+            "max_abs_error_pct": round(float(np.max(errs)), 2) if errs else None,
+        }
+    return {
+        "points": [{"case": p.case, "kind": p.kind, "point": p.label, "measured": p.measured,
+                    "predicted": None if p.predicted is None else round(p.predicted, 4),
+                    "error_pct": None if p.error_pct is None else round(p.error_pct, 2), "note": p.note}
+                   for p in points],
+        "kinds": kinds,
+        "skipped": [{"case": c, "reason": r} for c, r in skipped],
+    }
+
+
+__all__ = ["EXTRA_MODELS", "ServingPoint", "default_serving_cases_path", "run_serving_validation", "serving_report"]

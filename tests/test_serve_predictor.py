@@ -1,0 +1,58 @@
+"""Iteration-cost predictor: identities that follow from the parallel layouts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorstage.graph import GraphOptions, build_graph
+from tensorstage.hardware.system import load_system
+from tensorstage.lower.blocks import lower_blocks
+from tensorstage.model.resolve import resolve_model
+from tensorstage.parallel.plan import ParallelPlan
+from tensorstage.schedule.program import CollKind
+from tensorstage.serve import ServingPlan
+from tensorstage.serve.serving import build_predictor
+
+SYSTEM = load_system("dgx-h100-superpod")
+
+
+def test_attention_dp_of_a_dense_model_is_replicas_in_lockstep():
+    """Dense model, attention-DP over 2 GPUs, 2N requests = one GPU with N of them (no communication)."""
+    spec = resolve_model("llama3.1-8b")
+    one = build_predictor(spec, SYSTEM, ServingPlan(tp=1))
+    two = build_predictor(spec, SYSTEM, ServingPlan(tp=2, attention_dp=True))
+    ctx = np.array([100, 700, 2500, 33])
+    a = one.iteration([], [], ctx, 4).total_s
+    b = two.iteration([], [], np.concatenate([ctx, ctx]), 8).total_s
+    assert b == pytest.approx(a, rel=1e-12)
+    pa = one.iteration([300, 40], [0, 200], [], 1).total_s
+    pb = two.iteration([300, 40, 300, 40], [0, 200, 0, 200], [], 2).total_s
+    assert pb == pytest.approx(pa, rel=1e-12)
+    assert two.kv_bytes_per_token() == one.kv_bytes_per_token() / 2
+    assert two.weight_bytes_per_device() == one.weight_bytes_per_device()
+
+
+def test_tp_communication_is_the_lowering_all_reduces():
+    """TP 4: per step of T tokens, the predictor's collectives are the block lowering's all-reduces
+    (two per layer + the vocab-parallel embedding) of T x hidden x 2 bytes each."""
+    spec = resolve_model("llama2-70b")
+    pred = build_predictor(spec, SYSTEM, ServingPlan(tp=4))
+    kinds = [k for k, *_ in pred._comm]
+    assert kinds.count(CollKind.ALL_REDUCE) == len(kinds) == 3
+    T = 777
+    total = sum(b0 + b1 * T for _, b0, b1, _ in pred._comm)
+    assert total == pytest.approx((2 * spec.num_layers + 1) * T * spec.hidden * 2)
+
+
+def test_attention_dp_moe_splits_experts_and_adds_all_to_alls():
+    spec = resolve_model("qwen3-30b-a3b")
+    tp1 = build_predictor(spec, SYSTEM, ServingPlan(tp=1))
+    dp4 = build_predictor(spec, SYSTEM, ServingPlan(tp=4, attention_dp=True))
+    assert {k for k, *_ in dp4._comm} == {CollKind.ALL_TO_ALL}
+    g = build_graph(spec, "prefill", GraphOptions())
+    expert = sum(g.evaluate(t.numel) for t in g.layers["moe"].weights if t.dims and t.dims[0] == "e")
+    expert_bytes = expert * spec.num_layers * 2
+    assert dp4.weight_bytes_per_device() == pytest.approx(tp1.weight_bytes_per_device() - expert_bytes * 3 / 4)
+    plan = ParallelPlan(tp=1, dp=4, ep=4, phase="prefill", seq=512, micro_batch=1, global_batch=4)
+    assert lower_blocks(g, plan)  # the plan the predictor reads its all-to-alls from is valid

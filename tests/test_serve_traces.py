@@ -1,0 +1,69 @@
+"""Trace loaders (Azure CSV, Mooncake JSONL, BurstGPT CSV): content and one-line errors naming row and field."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorstage.errors import SpecError
+from tensorstage.serve.traces import load_trace
+from tests.support import run_main
+
+AZURE = "TIMESTAMP,ContextTokens,GeneratedTokens\n" \
+        "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n2023-11-16 18:15:51.0000000,20,0\n"
+BURST = "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n" \
+        "5,ChatGPT,472,18,490,Conversation log\n45,ChatGPT,1087,0,1087,Conversation log\n118,GPT-4,417,276,693,API log\n"
+MOON = '{"timestamp": 0, "input_length": 1200, "output_length": 10, "hash_ids": [1, 2, 3]}\n' \
+       '{"timestamp": 250, "input_length": 1100, "output_length": 5, "hash_ids": [1, 2, 7]}\n'
+
+
+def _write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_azure_times_relative_and_zero_output_rows_skipped(tmp_path):
+    t = load_trace(_write(tmp_path, "azure.csv", AZURE))
+    np.testing.assert_allclose(t.arrival_s, [0.0, 4.314579], atol=1e-6)  # 50.9951690 - 46.6805900
+    assert t.prompt_tokens.tolist() == [374, 396] and t.output_tokens.tolist() == [44, 109]
+
+
+def test_burstgpt_skips_failed_requests(tmp_path):
+    t = load_trace(_write(tmp_path, "burst.csv", BURST))
+    assert t.arrival_s.tolist() == [0.0, 113.0] and t.prompt_tokens.tolist() == [472, 417]
+
+
+def test_mooncake_ms_and_shared_prefix_blocks(tmp_path):
+    t = load_trace(_write(tmp_path, "m.jsonl", MOON))
+    assert t.arrival_s.tolist() == [0.0, 0.25]
+    assert t.prefix_id.tolist() == [-1, 2] and t.prefix_tokens.tolist() == [0, 1024]  # blocks 1, 2 shared
+
+
+@pytest.mark.parametrize(("name", "text", "field"), [
+    ("a.csv", "TIMESTAMP,ContextTokens\n1,2\n", "trace"),  # missing column
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n1,-3,4\n", "a.csv row 2.ContextTokens"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n1,abc,4\n", "a.csv row 2.ContextTokens"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n5,3,4\n2,3,4\n", "a.csv row 3.TIMESTAMP"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\nnoon,3,4\n", "a.csv row 2.TIMESTAMP"),
+    ("a.csv", "", "trace"),
+    ("a.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n", "trace"),
+    ("m.jsonl", '{"timestamp": 0, "input_length": 5}\n', "m.jsonl row 1.output_length"),
+    ("m.jsonl", '{"timestamp": 0, "input_length": 5, "output_length": 2.5}\n', "m.jsonl row 1.output_length"),
+    ("m.jsonl", 'nope\n', "m.jsonl row 1"),
+])
+def test_bad_traces_name_row_and_field(tmp_path, name, text, field):
+    with pytest.raises(SpecError) as exc:
+        load_trace(_write(tmp_path, name, text))
+    assert exc.value.field == field
+    assert "\n" not in str(exc.value)
+
+
+def test_serve_cli_trace_errors_exit_2(tmp_path, monkeypatch, capsys):
+    p = _write(tmp_path, "bad.csv", "TIMESTAMP,ContextTokens,GeneratedTokens\n1,10,x\n")
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--trace", str(p))
+    assert r.returncode == 2 and r.stderr.strip() == \
+        "error: bad.csv row 2.GeneratedTokens: not a number: 'x'"
+    ok = _write(tmp_path, "ok.csv", AZURE)
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--trace", str(ok), "--json")
+    assert r.returncode == 0 and '"requests": 2' in r.stdout
