@@ -8,66 +8,50 @@ step times, all training cases, per-layer times, memory).
 
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
 
 import typer
 
-from tensorstage.errors import SpecError
+from tensorstage import api
 from tensorstage.fileio import read_text_file
 from tensorstage.report.console import print_json, print_table
-from tensorstage.validation.cases import GROUP_TRAINING, default_cases_path, load_targets
-from tensorstage.validation.run import report, run_targets
+from tensorstage.validation.cases import GROUP_TRAINING
 
 
 def _validate(cases: Path | None, only: str | None, json_out: bool) -> None:
-    path = cases if cases is not None else default_cases_path()
     if cases is not None and cases.is_file():
         read_text_file(cases, "cases file")  # a binary or huge file: one line, not a traceback
-    targets, skipped = load_targets(path)
-    if only:
-        try:
-            pattern = re.compile(only)
-        except re.error as exc:
-            raise SpecError("--only", f"not a regular expression: {exc}") from None
-        targets = [t for t in targets if pattern.search(t.id)]
-        if not targets:
-            raise SpecError("--only", f"no case id matches {only!r}")
-
-    done = [0]
     started = time.monotonic()
 
-    def progress(t: object) -> None:  # on stderr, so --json and piped tables stay clean
-        done[0] += 1
+    def progress(i: int, n: int, t: object) -> None:  # on stderr, so --json and piped tables stay clean
         if sys.stderr.isatty():
-            print(f"\r[{done[0]}/{len(targets)}] {time.monotonic() - started:.0f} s  {getattr(t, 'id', '')}"[:100]
+            print(f"\r[{i}/{n}] {time.monotonic() - started:.0f} s  {getattr(t, 'id', '')}"[:100]
                   .ljust(100), end="", file=sys.stderr, flush=True)
 
-    results = run_targets(targets, progress)
+    run = api.validate(cases, only, progress)
     if sys.stderr.isatty():
         print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
-    doc = report(results, skipped)
-    failed = any(r.predicted is None for r in results)
+    doc = run.doc
     if json_out:
         print_json(doc)
-        if failed:  # a case the tool could not predict is a bug, not an accuracy number
+        if run.failed:  # a case the tool could not predict is a bug, not an accuracy number
             raise typer.Exit(1)
         return
     rows = [
         [r.id, r.metric, r.predicted, r.measured, r.error_pct, r.error or ""]
-        for r in results
+        for r in run.results
     ]
-    print_table(f"Validation against {path.name}", ["case", "metric", "predicted", "measured", "error %", "note"],
-                rows)
+    print_table(f"Validation against {run.cases_path.name}",
+                ["case", "metric", "predicted", "measured", "error %", "note"], rows)
     grows = [[g, s["n"], s["failed"], s["mape_pct"], s["max_abs_error_pct"]] for g, s in doc["groups"].items()]
     print_table("MAPE by group", ["group", "cases", "failed", "MAPE %", "max |error| %"], grows)
-    for case_id, why in skipped:
+    for case_id, why in run.skipped:
         print(f"skipped {case_id}: {why}")
     mape = doc["mape_pct"]
     print(f"overall MAPE ({GROUP_TRAINING} cases): " + ("n/a" if mape is None else f"{mape:.2f} %"))
-    if failed:
+    if run.failed:
         raise typer.Exit(1)
 
 
