@@ -7,6 +7,12 @@ the plan (:func:`tensorstage.lower.lower`: one Program per pipeline stage), then
 record the model, the plan summary, dtype and tokens per step, so ``simulate --trace DIR`` can
 rerun it without flags. A bad model or plan is one line on stderr and exit code 2, before anything
 is written (the writer is atomic, so a failure never leaves a partial directory).
+
+``--system SYS`` also writes every COMP node's ``duration_micros`` from our compute model on that
+system's device (:mod:`tensorstage.sim.durations`), so ASTRA-sim's replay mode runs our compute
+times; without it the manifest says durations are absent. ``--astra-config`` (needs ``--system``)
+writes ASTRA-sim's network, system and memory files and the command lines into the same folder
+(:mod:`tensorstage.commands.astra`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import typer
 
+from tensorstage.errors import SpecError
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
 
@@ -30,18 +37,37 @@ def generation_inputs(model: str, lowered: Any) -> dict[str, Any]:
 
 
 def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "trace", workers: int = 1,
-                    classes_only: bool = False, json_traces: bool = False, progress: bool = False
-                    ) -> dict[str, Any]:
-    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest."""
+                    classes_only: bool = False, json_traces: bool = False, progress: bool = False,
+                    system: str | None = None) -> dict[str, Any]:
+    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest.
+
+    ``system`` (preset or YAML): write COMP ``duration_micros`` from our compute model on its device.
+    """
     from tensorstage.lower import lower
     from tensorstage.model import resolve_model
     from tensorstage.trace import write_chakra
 
+    durations = info = None
+    if system is not None:
+        from tensorstage.hardware import load_system
+        from tensorstage.sim.compute import ComputeModel
+
+        sys_spec = load_system(system, plan.world)  # bad system or size: one line, before lowering
+        compute = ComputeModel.from_device(sys_spec.device, plan.dtype)
     spec = resolve_model(model)
     lowered = lower(spec, plan)
+    inputs = generation_inputs(model, lowered)
+    if system is not None:
+        from tensorstage.sim.durations import duration_micros_fn
+
+        durations = duration_micros_fn(lowered.programs, compute)
+        inputs["system"] = system
+        info = {"source": "tensorstage compute model (sim.compute.ComputeModel.time_s)", "system": sys_spec.name,
+                "device": sys_spec.device.name, "dtype": plan.dtype,
+                "rounding": "running total per rank class rounded to whole microseconds (sim/durations.py)"}
     return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,
                         classes_only=classes_only, json=json_traces, progress=progress,
-                        inputs=generation_inputs(model, lowered))
+                        inputs=inputs, duration_micros=durations, durations_info=info)
 
 
 def _summary_rows(manifest: dict[str, Any]) -> list[list[Any]]:
@@ -78,6 +104,12 @@ def register(app: typer.Typer) -> None:
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
         world: int | None = typer.Option(
             None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
+        system: str | None = typer.Option(
+            None, "--system", help="System preset or YAML: write each COMP node's duration_micros from our "
+                                   "compute model (ASTRA-sim replay mode)."),
+        astra: bool = typer.Option(
+            False, "--astra-config", help="Also write ASTRA-sim's network.yml, system.json, remote-memory "
+                                          "JSON and command lines into OUT (needs --system)."),
     ) -> None:
         """Write Chakra ET traces (one file per rank) of one step of MODEL under the parallel plan."""
         assert plan is not None  # filled by with_plan_options
@@ -86,7 +118,14 @@ def register(app: typer.Typer) -> None:
         workers = workers or os.cpu_count() or 1
         if progress is None:
             progress = sys.stderr.isatty()
-        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress)
+        if astra and system is None:
+            raise SpecError("astra-config", "needs --system (the machine ASTRA-sim should model)")
+        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress,
+                                   system)
+        if astra:
+            from tensorstage.commands.astra import write_for_trace
+
+            write_for_trace(str(system), out, manifest, plan.dtype)
         if json_out:
             print_json(manifest)
             return
