@@ -92,6 +92,7 @@ def test_system_json_roofline_and_chunking(tmp_path: Path) -> None:
     assert {k: v for k, v in roof.items() if k != "roofline-enabled"} == {
         k: v for k, v in replay.items() if k != "roofline-enabled"}
     assert replay["preferred-dataset-splits"] == replay["active-chunks-per-dimension"] == 1
+    assert replay["endpoint-delay"] >= 1  # 0 aborts ASTRA-sim's event queue (same-time event assertion)
     assert replay["all-gather-implementation"] == ["ring", "ring"]
     assert json.loads(files["remote_memory"].read_text()) == {"memory-type": "NO_MEMORY_EXPANSION"}
     cmds = files["commands"].read_text().splitlines()

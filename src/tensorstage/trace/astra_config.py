@@ -51,6 +51,10 @@ from tensorstage.sim.machine import fabric_from_system
 ASTRA_GB_BYTES = 2**30
 #: the binary of ASTRA-sim's congestion-unaware analytical backend
 ASTRA_BINARY = "AstraSim_Analytical_Congestion_Unaware"
+#: ASTRA-sim's own default ``endpoint-delay`` (ns per message at the end points). Not 0: with 0 its
+#: analytical event queue schedules an event at the current time and aborts (``EventQueue::proceed``
+#: assertion, seen on ZeRO-3 traces); 10 ns is far below any per-message latency we model.
+ASTRA_ENDPOINT_DELAY_NS = 10
 NETWORK_FILE = "network.yml"
 SYSTEM_FILE = "system.json"
 SYSTEM_ROOFLINE_FILE = "system_roofline.json"
@@ -95,7 +99,7 @@ def astra_config(spec: SystemSpec, dtype: str = "bf16") -> AstraConfig:
     coll = [_COLLECTIVE_IMPL[d.topology] for d, _ in dims]
     system: dict[str, Any] = {
         "scheduling-policy": "FIFO",
-        "endpoint-delay": 0,
+        "endpoint-delay": ASTRA_ENDPOINT_DELAY_NS,
         "active-chunks-per-dimension": 1,
         "preferred-dataset-splits": 1,
         "all-reduce-implementation": coll,
