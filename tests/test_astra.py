@@ -195,6 +195,10 @@ def test_astra_config_cli_and_bad_input(tmp_path: Path, monkeypatch: pytest.Monk
     r = run_main(monkeypatch, capsys, "generate", "gpt3-125m", "--tp", "2", "--astra-config", "--out",
                  str(tmp_path / "c"))
     assert r.returncode == 2 and "astra-config" in r.stderr and not (tmp_path / "c").exists()
+    for extra, field in [(("--system", "dgx-h999"), "system"),
+                         (("--system", "dgx-h100-superpod", "--astra-config", "--classes-only"), "astra-config")]:
+        r = run_main(monkeypatch, capsys, "generate", "gpt3-125m", "--tp", "2", *extra, "--out", str(tmp_path / "d"))
+        assert r.returncode == 2 and field in r.stderr and not (tmp_path / "d").exists(), r.stderr
 
 
 def test_validator_flags_compute_node_astra_cannot_time() -> None:

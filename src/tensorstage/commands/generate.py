@@ -120,6 +120,8 @@ def register(app: typer.Typer) -> None:
             progress = sys.stderr.isatty()
         if astra and system is None:
             raise SpecError("astra-config", "needs --system (the machine ASTRA-sim should model)")
+        if astra and classes_only:
+            raise SpecError("astra-config", "ASTRA-sim needs one file per rank; drop --classes-only")
         manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress,
                                    system)
         if astra:
