@@ -24,7 +24,9 @@ How each number is chosen (ASTRA-sim analytical backend, congestion-unaware, and
   is not counted ``n - 1`` times by a backend without congestion) and ``direct`` on a
   ``FullyConnected`` dimension. ``preferred-dataset-splits`` = ``active-chunks-per-dimension`` =
   1: a collective is one chunk, as in our alpha-beta formulas (more splits add per-chunk
-  latency). ``peak-perf`` (TFLOP/s) = dtype peak x matmul efficiency and ``local-mem-bw``
+  latency). ASTRA-sim applies the per-dimension lists only to collectives over all ranks; on a
+  network of several dimensions any smaller group runs one ring over its members
+  (``CommunicatorGroup::get_collective_plan``). ``peak-perf`` (TFLOP/s) = dtype peak x matmul efficiency and ``local-mem-bw``
   (decimal GB/s) = HBM x HBM efficiency: the achievable rates of our compute model.
 * Two system files: ``system.json`` (replay mode: each COMP node takes its ``duration_micros``,
   which ``generate --system`` fills from our compute model) and ``system_roofline.json``
