@@ -10,4 +10,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test]"
 .venv/bin/ruff check .
-.venv/bin/python -m pytest -n 2 "$@"
+# loadgroup: tests marked @pytest.mark.xdist_group("NAME") all run on one worker, so an expensive
+# module-scoped fixture they share is computed once per session, not once per worker.
+.venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

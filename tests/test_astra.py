@@ -21,8 +21,7 @@ from tensorstage.lower import lower
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim.collectives import p2p_time_s, ring_all_reduce_s
-from tensorstage.sim.compute import ComputeModel
-from tensorstage.sim.durations import compute_durations_us
+from tensorstage.sim.durations import compute_durations_us, node_time_s
 from tensorstage.sim.machine import fabric_from_system
 from tensorstage.trace import node_attrs, read_chakra, validate_trace_dir, write_chakra
 from tensorstage.trace.astra_config import astra_config, write_astra_config
@@ -137,14 +136,16 @@ def test_every_compute_node_runs_in_roofline_mode(tmp_path: Path, plan: Parallel
 
 def test_durations_from_our_compute_model(tmp_path: Path) -> None:
     low = lower(megatron_gpt(), TRAIN)
-    compute = ComputeModel.from_device(load_system("dgx-h100-superpod", 8).device, "bf16")
     from tensorstage.sim.durations import duration_micros_fn
+    from tensorstage.sim.machine import machine_from_system
+
+    compute = machine_from_system(load_system("dgx-h100-superpod", 8), "bf16").compute
 
     manifest = write_chakra(low.programs, low.mesh, tmp_path / "t", progress=False,
                             duration_micros=duration_micros_fn(low.programs, compute), durations_info={"system": "x"})
     assert manifest["compute_durations"] == {"present": True, "system": "x"}
     for prog in low.programs:
-        exact_us = [compute.time_s(n.flops, n.tensor_bytes, n.op, n.gemm) * 1e6 for n in prog.nodes
+        exact_us = [node_time_s(compute, n) * 1e6 for n in prog.nodes
                     if n.kind == NodeKind.COMP]
         got = list(compute_durations_us(prog, compute).values())
         assert all(abs(g - e) < 1.0 for g, e in zip(got, exact_us, strict=True))
@@ -152,10 +153,23 @@ def test_durations_from_our_compute_model(tmp_path: Path) -> None:
         for i, e in enumerate(exact_us):  # every prefix total within half a microsecond
             running += e
             assert abs(sum(got[: i + 1]) - running) <= 0.5 + 1e-9
+    # the engine (no overlap slowdown) charges each class's compute exactly the durations' total
+    from dataclasses import replace
+
+    from tensorstage.sim.engine import execute
+    from tensorstage.sim.machine import machine_from_system
+
+    machine = replace(machine_from_system(load_system("dgx-h100-superpod", 8), "bf16"), overlap_slowdown=0.0)
+    assert machine.compute == compute
+    ex = execute(low.programs, low.mesh, machine)
+    for c, prog in enumerate(low.programs):
+        busy = sum(ex.end[ex.offsets[c] + n.id] - ex.start[ex.offsets[c] + n.id] for n in prog.nodes
+                   if n.kind == NodeKind.COMP)
+        assert sum(compute_durations_us(prog, compute).values()) == pytest.approx(busy * 1e6, abs=0.5 + 1e-6)
     # replay mode: every COMP node has a duration or num_ops >= 1; the file carries the durations
     rank0 = _comp_nodes(tmp_path / "t", 1)
     assert sum(n.duration_micros for n in rank0) == pytest.approx(
-        sum(compute.time_s(n.flops, n.tensor_bytes, n.op, n.gemm) for n in low.programs[0].nodes
+        sum(node_time_s(compute, n) for n in low.programs[0].nodes
             if n.kind == NodeKind.COMP) * 1e6, abs=0.5)
 
 

@@ -21,8 +21,6 @@ from tensorstage.sim.collectives import (
     all_reduce_s,
     all_to_all_s,
     collective_time_s,
-    ring_all_reduce_s,
-    ring_gather_s,
 )
 from tensorstage.sim.machine import fabric_from_system
 
@@ -74,9 +72,11 @@ def test_ring_base_latency_once_per_collective() -> None:
     fab = Fabric((Tier("nvl", 8, B0, A0),), ring_base_latency_s=BASE)
     t, algo = all_reduce_s(S, (8,), fab)
     assert algo == "ring"
-    assert t == pytest.approx(BASE + ring_all_reduce_s(8, S, B0, A0), rel=1e-12)
+    # ring all-reduce on 8: 2(n-1)/n * S/B + 2(n-1) alpha, plus the base latency once
+    assert t == pytest.approx(BASE + 2 * 7 / 8 * S / B0 + 2 * 7 * A0, rel=1e-12)
     t_rs, _ = collective_time_s(CollKind.REDUCE_SCATTER, S, (8,), fab)
-    assert t_rs == pytest.approx(BASE + ring_gather_s(8, S, B0, A0), rel=1e-12)
+    # ring reduce-scatter: (n-1)/n * S/B + (n-1) alpha, plus the base latency once
+    assert t_rs == pytest.approx(BASE + 7 / 8 * S / B0 + 7 * A0, rel=1e-12)
     t_ag, _ = collective_time_s(CollKind.ALL_GATHER, S / 8, (8,), fab)
     assert t_ag == pytest.approx(t_rs, rel=1e-12)
     # all-to-all is grouped send/recv in NCCL, outside the collective tuning model
@@ -88,5 +88,6 @@ def test_preset_fabric_carries_nccl_base_latency() -> None:
 
 
 def test_negative_base_latency_rejected() -> None:
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as exc:
         Fabric((Tier("nvl", 8, B0, A0),), ring_base_latency_s=-1.0)
+    assert exc.value.field == "fabric.ring_base_latency_s" and ">= 0" in str(exc.value)

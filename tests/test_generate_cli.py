@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage.model import resolve_model
 from tensorstage.trace import validate_trace_dir
+from tests.support import run_main
 
 DATA = Path(__file__).parent / "data"
 TINY_MOE = str(DATA / "models" / "tiny-moe.yaml")
@@ -114,7 +114,6 @@ def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: p
 def test_dp_all_reduce_moves_every_parameter_in_fp32(monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                      dense_yaml: str) -> None:
-    pytest.importorskip("torch")
     from torchref_models import reference_param_count
 
     spec = resolve_model(dense_yaml)

@@ -15,23 +15,17 @@
 from __future__ import annotations
 
 from fractions import Fraction
-from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from support import megatron_gpt
 
 from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
-
-CASES = Path(__file__).resolve().parents[2] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import megatron_gpt, public_cases
 
 
 def _cases() -> dict:
-    if not CASES.exists():
-        pytest.skip(f"{CASES} not available")
-    return yaml.safe_load(CASES.read_text())
+    return public_cases()
 
 
 def _narayanan_models() -> list[dict]:

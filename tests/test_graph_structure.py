@@ -134,8 +134,10 @@ def test_bad_options_raise_spec_error(field: str, kw: dict) -> None:
 
 
 def test_unknown_binding_raises_spec_error() -> None:
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as exc:
         build_graph(LLAMA, "train").costs({"batch": 1})
+    assert exc.value.field == "bindings" and "'batch'" in str(exc.value)
+    assert {"b", "s"} <= set(exc.value.allowed)  # the dimensions one may bind are listed
 
 
 def test_routing_skew_sizes_hot_expert_not_totals() -> None:

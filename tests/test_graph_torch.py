@@ -308,8 +308,9 @@ def ours(spec: ModelSpec, **kw) -> tuple[int, int, int]:
     return int(t["fwd_flops"]), int(t["bwd_input_flops"] + t["bwd_weight_flops"]), int(t["activation_bytes"])
 
 
-def _close(a: float, b: float, rel: float) -> bool:
-    return abs(a - b) <= rel * abs(b)
+# ``F.nll_loss`` saves its ``total_weight`` (one fp32 scalar) for backward; the graph's loss does
+# not model it (pinned by test_the_only_unmodelled_saved_tensor_is_the_nll_total_weight).
+NLL_TOTAL_WEIGHT_BYTES = 4
 
 
 LLAMA = ModelSpec(
@@ -375,14 +376,35 @@ MLA_SPEC = ModelSpec(
     ids=["dense-gqa-swiglu-rope", "dense-gqa-flash-sdpa", "gpt-gelu-mha-dropout", "moe-top2-shared", "mla"],
 )
 def test_flops_and_saved_bytes_match_pytorch(spec: ModelSpec, p_drop: float, kw: dict) -> None:
+    """Exact: FLOPs equal, saved bytes equal up to the one scalar the graph does not model.
+
+    Asserted exactly because they agree exactly: a relative tolerance would hide small ops (the MoE
+    router is 0.3 % of this model's FLOPs; zeroing it passed the 0.5 % bound this replaced).
+    """
     torch.manual_seed(0)
     model = LM(spec, p_drop, flash=kw.get("attention_impl") == "flash")
     t_fwd, t_bwd, t_saved = measure(model, spec.vocab)
     o_fwd, o_bwd, o_saved = ours(spec, **kw)
     assert t_fwd > 0 and t_bwd > 0 and t_saved > 0
-    assert _close(o_fwd, t_fwd, 0.005), (o_fwd, t_fwd)
-    assert _close(o_bwd, t_bwd, 0.005), (o_bwd, t_bwd)
-    assert _close(o_saved, t_saved, 0.01), (o_saved, t_saved)
+    assert o_fwd == t_fwd
+    assert o_bwd == t_bwd
+    assert o_saved == t_saved - NLL_TOTAL_WEIGHT_BYTES
+
+
+def test_the_only_unmodelled_saved_tensor_is_the_nll_total_weight() -> None:
+    """The few-byte gap above, pinned: PyTorch's ``nll_loss`` saves ``total_weight``, a 0-dim fp32
+    tensor (the count of non-ignored targets) that a fused cross-entropy kernel does not keep."""
+    torch.manual_seed(0)
+    logits = torch.randn(B * S, LLAMA.vocab, requires_grad=True)
+    labels = torch.randint(0, LLAMA.vocab, (B * S,))
+    log_probs = F.log_softmax(logits, -1)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F.nll_loss(log_probs, labels)
+    scalars = [t for t in saved if t.dim() == 0]
+    assert [(t.dtype, t.numel() * t.element_size()) for t in scalars] == [(torch.float32, 4)]
+    assert float(scalars[0]) == B * S  # total_weight: every target counts once
+    assert NLL_TOTAL_WEIGHT_BYTES == 4
 
 
 @pytest.mark.parametrize("spec", [LLAMA, GPT, MOE, MLA_SPEC], ids=["llama", "gpt", "moe", "mla"])

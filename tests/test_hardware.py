@@ -11,10 +11,7 @@ import yaml
 from tensorstage.errors import SpecError
 from tensorstage.hardware.device import DTYPES, DeviceSpec, numeric_fields
 from tensorstage.hardware.presets import all_devices, device_names, load_device
-
-PUBLIC_CASES = Path("/work/shared/validation/public_cases.yaml")
-if not PUBLIC_CASES.exists():  # a checkout with the shared folder inside it
-    PUBLIC_CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import public_cases, states
 
 GiB = 2**30
 
@@ -38,11 +35,34 @@ def test_all_presets_load_and_cover_the_brief() -> None:
         assert d.hbm_bytes >= 32 * GiB
 
 
+#: each numeric field in the unit its sources quote (value multiplier) and the other units they use
+_FIELD_UNITS: dict[str, tuple[float, dict[str, float]]] = {
+    **{f: (1e-12, {"PFLOPS": 1e3}) for f in ("fp32_flops", "tf32_flops", "bf16_flops", "fp16_flops", "fp8_flops")},
+    **{f: (1.0, {"TB/s": 1e3, "Gb/s": 1 / 8, "Gbps": 1 / 8}) for f in ("hbm_GBps", "scaleup_GBps", "scaleout_GBps")},
+    "hbm_bytes": (1 / GiB, {}),  # datasheet "80GB" is read as GiB (the preset convention, stated in B200's source)
+    "sm_count": (1.0, {}),
+    "scaleup_domain": (1.0, {}),
+}
+
+
 @pytest.mark.parametrize("device", all_devices(), ids=lambda d: d.name)
-def test_every_numeric_field_has_a_source(device: DeviceSpec) -> None:
+def test_every_numeric_field_has_a_source_stating_it(device: DeviceSpec) -> None:
+    """Every number has a source, and a cited (datasheet, paper, docs) source states that very number
+    (as written, in another unit, or divided as the text says): a changed preset number without a
+    changed citation fails. MEASURED / ASSUMPTION fields are checked by the tests below."""
+    checked = 0
     for field in numeric_fields():
-        if getattr(device, field) is not None:
-            assert device.sources.get(field, "").strip(), f"{device.name}.{field} has no source"
+        value = getattr(device, field)
+        if value is None:
+            continue
+        text = device.sources.get(field, "")
+        assert text.strip(), f"{device.name}.{field} has no source"
+        if text.startswith(("MEASURED", "ASSUMPTION")):
+            continue
+        scale, units = _FIELD_UNITS[field]
+        assert states(text, value * scale, units), (device.name, field, value, text)
+        checked += 1
+    assert checked >= 5
     # efficiencies are never datasheet numbers: each says MEASURED or ASSUMPTION
     for field in ("matmul_efficiency", "hbm_efficiency", "kernel_launch_s"):
         assert device.sources[field].startswith(("MEASURED", "ASSUMPTION")), field
@@ -50,7 +70,7 @@ def test_every_numeric_field_has_a_source(device: DeviceSpec) -> None:
 
 
 def _reference() -> list[dict]:
-    return yaml.safe_load(PUBLIC_CASES.read_text())["hardware_reference"]
+    return public_cases()["hardware_reference"]
 
 
 def _per_direction_GBps(text: str) -> float:
@@ -114,7 +134,8 @@ def test_datasheet_arithmetic_independently() -> None:
 
 
 def test_roofline_ridge_points_match_published_values() -> None:
-    """Ridge point (dense bf16 FLOP per HBM byte): ~295 on H100 and ~206 on H200 (device notes, H200.md)."""
+    """Ridge point (dense bf16 FLOP per HBM byte) from the datasheets: H100 SXM 989 TFLOP/s over 3.35 TB/s
+    = 295, H200 989 TFLOP/s over 4.8 TB/s = 206."""
     h100, h200 = load_device("H100"), load_device("H200")
     assert h100.bf16_flops / h100.hbm_Bps == pytest.approx(295, abs=1)
     assert h200.bf16_flops / h200.hbm_Bps == pytest.approx(206, abs=1)
@@ -132,14 +153,27 @@ def test_nvidia_tensor_core_ratios() -> None:
     assert load_device("A100-80GB").fp8_flops is None  # no fp8 path on Ampere
 
 
-def test_measured_efficiencies_follow_from_the_recorded_measurements() -> None:
-    """KINDS.md: H100 8192^3 bf16 GEMM up to 798 TFLOP/s, copy ~3.0 TB/s; H200 788 TFLOP/s, ~4.3 TB/s."""
-    h100, h200 = load_device("H100-SXM"), load_device("H200")
-    assert h100.matmul_efficiency == pytest.approx(798e12 / h100.bf16_flops, abs=0.02)
-    assert h100.hbm_efficiency == pytest.approx(3.0e12 / h100.hbm_Bps, abs=0.02)
-    assert h200.matmul_efficiency == pytest.approx(788e12 / h200.bf16_flops, abs=0.02)
-    assert h200.hbm_efficiency == pytest.approx(4.3e12 / h200.hbm_Bps, abs=0.02)
-    assert h100.achievable_flops("bf16") == pytest.approx(989e12 * 0.80)
+def _measured(device: DeviceSpec, field: str, unit: str) -> float:
+    """The best measured rate a MEASURED source records, e.g. ``769-798 TFLOP/s`` -> 798 (in ``unit``)."""
+    text = device.sources[field]
+    assert text.startswith("MEASURED"), (device.name, field)
+    match = re.search(r"~?(\d+(?:\.\d+)?)(?:-(\d+(?:\.\d+)?))? " + re.escape(unit), text)
+    assert match, (device.name, field, text)
+    return float(match.group(2) or match.group(1))
+
+
+@pytest.mark.parametrize("device", [d for d in all_devices() if d.sources["matmul_efficiency"].startswith("MEASURED")],
+                         ids=lambda d: d.name)
+def test_measured_efficiencies_follow_from_the_recorded_measurements(device: DeviceSpec) -> None:
+    """Each MEASURED efficiency is the measurement its source records over the datasheet peak (to the
+    two-decimal rounding the presets use): best 8192^3 bf16 GEMM rate / bf16 peak, device-to-device
+    copy rate / HBM bandwidth. The measurement is read from the preset's own source text, so a changed
+    number without a changed record fails."""
+    gemm_Fps = _measured(device, "matmul_efficiency", "TFLOP/s") * 1e12
+    copy_Bps = _measured(device, "hbm_efficiency", "TB/s") * 1e12
+    assert device.matmul_efficiency == pytest.approx(gemm_Fps / device.bf16_flops, abs=0.01)
+    assert device.hbm_efficiency == pytest.approx(copy_Bps / device.hbm_Bps, abs=0.01)
+    assert device.achievable_flops("bf16") == pytest.approx(device.bf16_flops * device.matmul_efficiency)
 
 
 def test_peak_flops_lookup_and_errors() -> None:

@@ -7,14 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names, write_system_yaml
-
-PUBLIC_CASES = Path("/work/shared/validation/public_cases.yaml")
-if not PUBLIC_CASES.exists():
-    PUBLIC_CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
+from tests.support import public_cases, states
 
 
 def test_presets_cover_the_brief() -> None:
@@ -28,14 +24,24 @@ def test_presets_cover_the_brief() -> None:
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
-def test_every_number_has_a_source(system: SystemSpec) -> None:
-    assert system.sources["gpus_per_node"]
+def test_every_number_has_a_source_stating_it(system: SystemSpec) -> None:
+    """Each number's source states that number (as written or in the unit the source uses): a
+    changed preset number without a changed citation fails."""
+    def check(key: str, value: float, units: dict[str, float] | None = None) -> None:
+        text = system.sources[key]
+        assert states(text, value, units or {}), (system.name, key, value, text)
+
+    check("gpus_per_node", system.gpus_per_node)
     for d in system.network:
-        assert system.sources[f"network.{d.name}.bandwidth_GBps"].strip()
-        assert system.sources[f"network.{d.name}.latency_ns"].strip()
+        check(f"network.{d.name}.bandwidth_GBps", d.bandwidth_GBps, {"TB/s": 1e3, "Gb/s": 1 / 8})
+        check(f"network.{d.name}.latency_ns", d.latency_ns, {"us": 1e3})
+        if d.scope == "scale-out":  # scale-up npus: against gpus_per_node in the next test
+            check(f"network.{d.name}.npus", d.npus)
     if system.scaleout is not None:
-        for f in ("nic_Gbps", "nics_per_node", "oversubscription"):
-            assert system.sources[f"scaleout.{f}"].strip()
+        check("scaleout.nic_Gbps", system.scaleout.nic_Gbps)
+        check("scaleout.nics_per_node", system.scaleout.nics_per_node)
+        assert system.scaleout.oversubscription == 1.0  # every preset fabric is non-blocking ...
+        assert "non-blocking" in system.sources["scaleout.oversubscription"]  # ... and its source says so
 
 
 @pytest.mark.parametrize("system", all_systems(), ids=lambda s: s.name)
@@ -43,9 +49,16 @@ def test_network_agrees_with_the_device_and_the_fabric(system: SystemSpec) -> No
     """The ASTRA-sim dims re-express the device's per-GPU link numbers; both come from datasheets."""
     up = [d for d in system.network if d.scope == "scale-up"]
     out = [d for d in system.network if d.scope == "scale-out"]
-    assert math.prod(d.npus for d in up) == system.gpus_per_node == system.device.scaleup_domain
+    assert math.prod(d.npus for d in up) == system.gpus_per_node
+    # a torus (TPU ICI) node is its largest slice, which may be part of the device's pod (v5p: 6144 of 8960)
+    torus = all(d.topology == "Ring" for d in up)
+    assert system.gpus_per_node == system.device.scaleup_domain or (
+        torus and system.gpus_per_node < system.device.scaleup_domain)
     # what one GPU injects into the scale-up fabric per direction == the device's scale-up bandwidth
     assert sum(d.injection_GBps() for d in up) == pytest.approx(system.device.scaleup_GBps)
+    if system.scaleout is None:  # one ICI pod without a scale-out network
+        assert torus and not out
+        return
     # rail-optimized: one NIC per GPU, so the per-GPU scale-out link is node NIC bandwidth / GPUs per node
     assert system.scaleout is not None and len(out) == 1
     per_gpu = system.scaleout.nic_Gbps * system.scaleout.nics_per_node / 8 / system.gpus_per_node
@@ -56,7 +69,7 @@ def test_network_agrees_with_the_device_and_the_fabric(system: SystemSpec) -> No
 
 def test_selene_and_superpod_match_the_published_configs() -> None:
     """public_cases.yaml Selene runs: '8x 200 Gb/s HDR InfiniBand per node', NVSwitch 8 GPUs; H100: 450 GB/s/dir."""
-    cases = yaml.safe_load(PUBLIC_CASES.read_text())["cases"]
+    cases = public_cases()["cases"]
     selene = [c["hardware"] for c in cases if "Selene" in str(c.get("hardware", {}).get("system", ""))]
     inter = {h["inter_node"] for h in selene if "inter_node" in h}
     assert inter, "public_cases.yaml should carry Selene cases"
@@ -91,7 +104,7 @@ def test_resize() -> None:
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
     for system in all_systems():
-        resized = system.with_num_gpus(system.gpus_per_node * 3)
+        resized = system.with_num_gpus(system.gpus_per_node * (3 if system.scaleout is not None else 1))
         path = write_system_yaml(resized, tmp_path / f"{system.name}.yaml")
         assert load_system(path) == resized
         assert load_system(str(path), num_gpus=system.gpus_per_node) == system.with_num_gpus(

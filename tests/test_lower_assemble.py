@@ -111,7 +111,6 @@ def mlp_weights(h: int, ffn: int) -> list[LocalWeight]:
 # ------------------------------------------------------------------------------- against PyTorch
 @pytest.fixture(scope="module")
 def torch_runs() -> dict:
-    pytest.importorskip("torch")
     from torchref import run_many
 
     jobs2 = {
@@ -198,7 +197,7 @@ def test_fsdp_units_equal_torch_fsdp2(torch_runs: dict, job: str, plan_kw: dict,
     for rank in range(4):
         ours = rank_records(programs, mesh, rank)
         want = torch_records(torch_runs[job], rank, {"step0.fwd", "step0.bwd", "step0.optim"})
-        assert sorted(ours) == sorted(want)  # torch gathers the root first; totals per rank are equal
+        assert ours == want  # per rank, in issue order
     gathers = [r for r in ours if r[0] == "all_gather"]
     assert len(gathers) == n_gathers
     # dim-0 padding: ffn 18 -> 20 rows, vocab 10 -> 12 rows over 4 shards (2 with hybrid sharding)
@@ -224,7 +223,7 @@ def test_pipelined_fsdp_gathers_equal_torch(torch_runs: dict) -> None:
         ours = [r for r in rank_records(programs, mesh, rank) if r[0] in ("all_gather", "reduce_scatter")]
         want = [r for r in torch_records(torch_runs["pp_fsdp"], rank, {"step0"})
                 if r[0] in ("all_gather", "reduce_scatter")]
-        assert sorted(ours) == sorted(want)
+        assert ours == want  # per rank, in the 1F1B order
         n_ag = 2 * 4  # 2 units
         assert sorted(ours) == sorted([("all_gather", (rank - rank % 2, rank - rank % 2 + 1), unit_shard)] * n_ag
                                       + [("reduce_scatter", (rank - rank % 2, rank - rank % 2 + 1),
@@ -444,12 +443,12 @@ def test_fsdp_prefetch_depth_gates_gathers() -> None:
         assert nodes[g.data_deps[0]].kind == NodeKind.COMP
 
 
-def test_llama_405b_issue5_plan_lowers_fast_with_closed_form_bytes() -> None:
+def test_llama_405b_issue5_plan_lowers_one_program_per_stage_with_closed_form_bytes() -> None:
     """Issue 5's plan through the real lowering: TP 8 (SP), PP 16 (7, 8 x 14, 7 layers), DP 1024, 1F1B,
     4 micro-batches of 1 x 8192 tokens. DP all-reduce bytes per stage = 4 B (fp32 main grads) x the
-    stage's TP-local parameters, from the Llama-3.1-405B shapes written here."""
-    import time
-
+    stage's TP-local parameters, from the Llama-3.1-405B shapes written here. The lowering stays
+    fast because it builds one program per rank class (16), not per rank (131,072); the wall time
+    is measured by bench/bench_lower.py, not asserted here."""
     from tensorstage.lower import lower
     from tensorstage.model import resolve_model
 
@@ -457,10 +456,8 @@ def test_llama_405b_issue5_plan_lowers_fast_with_closed_form_bytes() -> None:
     split = [7] + [8] * 14 + [7]
     plan = ParallelPlan.parse(dict(tp=8, pp=16, dp=1024, sp=True, seq=8192, micro_batch=1, global_batch=4096,
                                    pp_layer_split=split))
-    t0 = time.perf_counter()
     low = lower(spec, plan)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 4.0  # target < 2 s; measured ~0.3 s on the 2-core dev box (bound leaves room for load)
+    assert low.mesh.world == 8 * 16 * 1024 and len(low.programs) == 16
     h, f, kv, tp = 16384, 53248, 8 * 128, 8
     layer = (2 * h * h + 2 * h * kv + 3 * h * f) // tp + 2 * h  # q, o, k, v, gate/up/down; 2 RMSNorms
     vocab = -(-128256 // (128 * tp)) * 128 * tp // tp * h  # Megatron-padded vocabulary, vocab-parallel

@@ -224,7 +224,6 @@ def test_shared_embedding_gets_its_own_bucket_with_distributed_optimizer(zero: i
 def test_torch_ddp_all_reduces_grads_in_param_dtype() -> None:
     # torch DDP's buckets hold param.grad in the parameter dtype (bf16 here); Megatron reduces its
     # fp32 main_grad buffers: same buckets, twice the bytes
-    pytest.importorskip("torch")
     from test_lower_assemble import rank_records, torch_records
     from torchref import run_ddp
 

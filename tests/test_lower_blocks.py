@@ -15,12 +15,10 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from fractions import Fraction
 
 import pytest
-from support import megatron_gpt
 
 from tensorstage.graph import GraphOptions, build_graph
 from tensorstage.lower import graph_options
@@ -30,6 +28,7 @@ from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
 from tensorstage.parallel import ParallelPlan
 from tensorstage.parallel.placement import ring_wire_bytes
 from tensorstage.schedule.program import CollKind, NodeKind
+from tests.support import megatron_gpt
 
 MEGATRON = GraphOptions(attention_impl="materialized", dropout=True, norm_stats=False, attention_flops="full")
 
@@ -228,23 +227,25 @@ def _torch_block_spec(h: int, heads: int, ffn: int) -> ModelSpec:
     )
 
 
-def _by_type(records, phases) -> Counter:
-    return Counter((r["op"], r["size_bytes"]) for r in records if r["phase"] in phases)
+def _by_type(records, phases) -> list[tuple[str, int]]:
+    """torch's collectives of ``phases`` on one rank, in issue order: (op, bytes)."""
+    return [(r["op"], r["size_bytes"]) for r in records if r["phase"] in phases]
 
 
-def _ours(nodes) -> Counter:
+def _ours(nodes) -> list[tuple[str, int]]:
+    """Our collectives of a chain, in chain order: (op, bytes)."""
     names = {
         CollKind.ALL_REDUCE: "all_reduce",
         CollKind.ALL_GATHER: "all_gather",
         CollKind.REDUCE_SCATTER: "reduce_scatter",
         CollKind.ALL_TO_ALL: "all_to_all",
     }
-    return Counter((names[n.comm], n.comm_bytes) for n in _colls(nodes))
+    return [(names[n.comm], n.comm_bytes) for n in _colls(nodes)]
 
 
 @pytest.fixture(scope="module")
 def torch_runs():
-    torchref = pytest.importorskip("torchref")
+    import torchref  # tests/torchref: the real torch.distributed runs (torch is in the test extra)
     cfg = {"hidden": 32, "heads": 4, "ffn": 64, "batch": 2, "seq": 8}
     return torchref.run_many(
         {
@@ -274,7 +275,7 @@ def test_tp_collectives_match_dtensor(torch_runs, sp: bool) -> None:
         optim = sum(r["size_bytes"] for r in recs if r["phase"] == "optim" and r["op"] == "all_reduce")
         assert layer.extra["tp_partial_grad_bytes"] == optim
     # Megatron differs from DTensor only by re-gathering the two column-parallel inputs in backward
-    extra = _ours(mg["dense"].backward) - _ours(layer.backward)
+    extra = Counter(_ours(mg["dense"].backward)) - Counter(_ours(layer.backward))
     assert extra == (Counter({("all_gather", 2 * 8 // 2 * 32 * 4): 2}) if sp else Counter())
     assert _ours(mg["dense"].forward) == _ours(layer.forward)
 
@@ -286,8 +287,8 @@ def test_vocab_parallel_lm_matches_dtensor(torch_runs, sp: bool) -> None:
     run = torch_runs["lm_sp" if sp else "lm"]
     spec = _torch_block_spec(32, 4, 64).model_copy(update={"vocab": 64})
     _, _, bl = _lower(spec, sp_regather=False, tp=2, sp=sp, seq=8, micro_batch=2, dtype="fp32")
-    fwd = sum((_ours(bl[k].forward) for k in ("embedding", "dense", "head")), Counter())
-    bwd = sum((_ours(bl[k].backward) for k in ("head", "dense", "embedding")), Counter())
+    fwd = [c for k in ("embedding", "dense", "head") for c in _ours(bl[k].forward)]
+    bwd = [c for k in ("head", "dense", "embedding") for c in _ours(bl[k].backward)]
     for rank in (0, 1):
         recs = run["ranks"][rank]
         assert fwd == _by_type(recs, {"fwd", "loss"})
@@ -310,19 +311,25 @@ def test_ep_alltoall_matches_torch(torch_runs) -> None:
     fwd = [n for n in _colls(layer.forward) if n.axes == ("ep",)]
     bwd = [n for n in _colls(layer.backward) if n.axes == ("ep",)]
     # counts (e int64), dispatch, combine forward; combine-grad and dispatch-grad backward
-    assert [n.comm_bytes for n in fwd] == [4 * 8, 16 * 2 * 16 * 4, 16 * 2 * 16 * 4]
-    assert len(bwd) == 2
-    # torch's splits are uneven per rank: the per-rank buffers sum to ep x ours
-    for phases, ours in (
-        ({"fwd.counts"}, fwd[:1]),
-        ({"fwd.dispatch", "fwd.combine"}, fwd[1:]),
-        ({"bwd"}, bwd),
-    ):
-        got = sorted(
-            sum(r["size_bytes"] for r in run["ranks"][k] if r["phase"] in phases and r["op"] == "all_to_all")
-            for k in (0, 1)
-        )
-        assert sum(got) == 2 * sum(n.comm_bytes for n in ours)
+    routed = 16 * 2 * 16 * 4  # tokens x top-k rows of h fp32: what each rank sends to dispatch
+    assert [n.comm_bytes for n in fwd] == [4 * 8, routed, routed]
+    assert [n.comm_bytes for n in bwd] == [routed, routed]
+    ours = [n.comm_bytes for n in fwd + bwd]
+    # torch records each all-to-all's input buffer, per rank and in issue order. The counts, the
+    # dispatch and the combine-grad send what this rank routed (routing-independent): equal per rank.
+    # The combine and the dispatch-grad send back what this rank's experts received, which depends
+    # on the router: per rank that is the run's own recv split; ours is its mean over the ranks
+    # (balanced routing), exactly.
+    received = {k: sum(run["info"][k]["recv_splits"]) * 16 * 4 for k in (0, 1)}
+    assert received[0] != received[1]  # the router really is uneven here, so the check below has teeth
+    phases = ["fwd.counts", "fwd.dispatch", "fwd.combine", "bwd", "bwd"]
+    for k in (0, 1):
+        recs = [r for r in run["ranks"][k] if r["op"] == "all_to_all"]
+        assert [r["phase"] for r in recs] == phases
+        got = [r["size_bytes"] for r in recs]
+        assert [got[i] for i in (0, 1, 3)] == [ours[i] for i in (0, 1, 3)]
+        assert [got[i] for i in (2, 4)] == [received[k]] * 2
+    assert ours[2] == ours[4] == (received[0] + received[1]) / 2
 
 
 # --- activation memory: Korthikanti et al. 2022 (F-ACT-MEM) ---------------------------------------------
@@ -564,12 +571,14 @@ def test_prefill_with_sp_gathers_before_the_last_token_logits() -> None:
 
 
 # --- performance ------------------------------------------------------------------------------------------
-def test_lowering_405b_is_fast() -> None:
+def test_lowering_405b_costs_the_same_as_two_layers() -> None:
+    """Why lowering a 126-layer model is fast: each distinct block is lowered once, so the result (and
+    the work) is exactly that of a 2-layer model with the same shapes. The wall time is measured by
+    bench/bench_lower.py, not asserted here."""
     spec = resolve_model("llama3.1-405b")
     plan = ParallelPlan(tp=8, sp=True, cp=2, pp=16, dp=4, seq=8192, recompute="selective")
     opts = graph_options(plan)
-    start = time.perf_counter()
-    g = build_graph(spec, opts.phase, opts)
-    bl = lower_blocks(g, plan)
-    assert time.perf_counter() - start < 1.0
+    bl = lower_blocks(build_graph(spec, opts.phase, opts), plan)
     assert set(bl) == {"embedding", "dense", "head"}
+    shallow = spec.model_copy(update={"num_layers": 2})
+    assert lower_blocks(build_graph(shallow, opts.phase, opts), plan) == bl

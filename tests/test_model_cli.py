@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import run_main
 
 from tensorstage.model import list_presets
+from tests.support import run_main
 
 DATA = Path(__file__).parent / "data"
 
@@ -36,10 +36,34 @@ def test_models_json_lists_every_preset(
     assert 671.0e9 <= ds["total_params"] <= 671.1e9
 
 
+def _mixtral_params(L: int, h: int, heads: int, kv: int, ffn: int, vocab: int, experts: int, top_k: int
+                    ) -> tuple[int, int]:
+    """(total, active) parameters of a Mixtral config, counted by hand from the HF model's modules:
+    q/o h x h, k/v h x (kv * h/heads), no biases; per expert SwiGLU 3 x h x ffn; router h x E;
+    two RMSNorm weights per layer and a final one; untied embedding and LM head."""
+    attn = 2 * h * h + 2 * h * (kv * h // heads)
+    expert = 3 * h * ffn
+    per_layer = attn + h * experts + 2 * h
+    outside = 2 * vocab * h + h
+    return L * (per_layer + experts * expert) + outside, L * (per_layer + top_k * expert) + outside
+
+
+def _row(table: str, name: str) -> list[str]:
+    line = next(x for x in table.splitlines() if x.split("│")[1:2] and x.split("│")[1].strip() == name)
+    return [c.strip() for c in line.split("│")[1:-1]]
+
+
 def test_models_table() -> None:
     out = _run("models")
     assert out.returncode == 0, out.stderr
-    assert "mixtral-8x22b" in out.stdout and "46.70B" in out.stdout and "12.88B" in out.stdout
+    # Mistral's announcements: Mixtral 8x7B "46.7B total, 12.9B active"; 8x22B "141B, 39B active"
+    for name, cfg, published in (("mixtral-8x7b", (32, 4096, 32, 8, 14336, 32000, 8, 2), (46.7e9, 12.9e9)),
+                                 ("mixtral-8x22b", (56, 6144, 48, 8, 16384, 32768, 8, 2), (141e9, 39e9))):
+        total, active = _mixtral_params(*cfg)
+        assert total == pytest.approx(published[0], rel=0.005) and active == pytest.approx(published[1], rel=0.01)
+        row = _row(out.stdout, name)
+        assert row[-2:] == [f"{total / 1e9:.2f}B", f"{active / 1e9:.2f}B"], row
+        assert row[2:4] == [str(cfg[0]), f"{cfg[1]:,}"] and row[7] == f"{cfg[6]}/{cfg[7]}"
 
 
 def test_show_json_fields_and_breakdown(
@@ -49,7 +73,16 @@ def test_show_json_fields_and_breakdown(
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     assert data["model"]["hidden"] == 2880 and data["model"]["moe"]["num_experts"] == 128
-    assert data["params"]["total"] == 116_829_156_672
+    # By hand from the HF config (openai/gpt-oss-120b): 36 layers, h 2880, 64 heads x 64 + 8 KV heads,
+    # biases on q/k/v/o, one attention sink per head; 128 experts of width 2880 with biased fused
+    # gate_up (2 x 2880) and down projections, a biased router; untied vocab 201088 embedding and head.
+    h, dh, heads, kv, E, f, V, L = 2880, 64, 64, 8, 128, 2880, 201_088, 36
+    attn = (h * heads * dh + heads * dh) + 2 * (h * kv * dh + kv * dh) + (heads * dh * h + h) + heads
+    experts = E * ((h * 2 * f + 2 * f) + (f * h + h))
+    layer = attn + (h * E + E) + experts + 2 * h
+    total = L * layer + 2 * V * h + h
+    assert round(total / 1e9, 2) == 116.83  # OpenAI gpt-oss model card: 116.83B total parameters
+    assert data["params"]["total"] == total
     assert (
         data["params"]["moe_layer"]["total"] * 36 + data["params"]["embedding"] * 2 + 2880 == 116_829_156_672
     )
@@ -58,7 +91,12 @@ def test_show_json_fields_and_breakdown(
 def test_show_table_for_hf_file(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     out = run_main(monkeypatch, capsys, "show", str(DATA / "hf" / "gpt2.json"))
     assert out.returncode == 0, out.stderr
-    assert "124,439,808" in out.stdout
+    # GPT-2 small by hand: wte 50257 x 768, wpe 1024 x 768, 12 blocks of (2 LayerNorms, c_attn 768 x 2304
+    # + bias, c_proj 768 x 768 + bias, c_fc 768 x 3072 + bias, c_proj 3072 x 768 + bias), ln_f; tied head
+    h, L = 768, 12
+    block = 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * 4 * h + 4 * h) + (4 * h * h + h)
+    total = 50257 * h + 1024 * h + L * block + 2 * h
+    assert f"{total:,}" in out.stdout
 
 
 def test_unknown_preset_exit_2_one_line() -> None:

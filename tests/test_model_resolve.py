@@ -32,13 +32,17 @@ def test_unknown_preset_lists_closest() -> None:
     with pytest.raises(SpecError) as exc:
         resolve_model("llama3-7b")
     text = str(exc.value)
-    assert "llama3-7b" in text and "llama3-8b" in text and "\n" not in text
+    assert exc.value.field == "model"
+    assert "unknown model 'llama3-7b'" in text and "closest presets: " in text and "\n" not in text
+    closest = text.split("closest presets: ")[1].split(" (")[0].split(", ")
+    assert "llama3-8b" in closest and set(closest) <= set(list_presets())
 
 
 def test_unknown_without_close_match_lists_all() -> None:
     with pytest.raises(SpecError) as exc:
         resolve_model("zzzzzz")
-    assert "gpt3-175b" in str(exc.value)
+    assert exc.value.field == "model"
+    assert all(name in str(exc.value) for name in list_presets())  # no close match: every preset listed
 
 
 def test_hf_json_path_and_directory(tmp_path: Path) -> None:
@@ -51,8 +55,9 @@ def test_hf_json_path_and_directory(tmp_path: Path) -> None:
 
 
 def test_missing_file() -> None:
-    with pytest.raises(SpecError, match="file not found"):
+    with pytest.raises(SpecError) as exc:
         resolve_model("nope/does-not-exist.yaml")
+    assert exc.value.field == "model" and "file not found: nope/does-not-exist.yaml" in str(exc.value)
 
 
 def test_yaml_model_example() -> None:
@@ -100,10 +105,13 @@ def test_yaml_invalid_field_named(tmp_path: Path) -> None:
 def test_yaml_not_a_mapping(tmp_path: Path) -> None:
     path = tmp_path / "m.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(SpecError, match="mapping"):
+    with pytest.raises(SpecError) as exc:
         resolve_model(str(path))
+    assert exc.value.field == str(path) and "expected a mapping" in str(exc.value)
 
 
 def test_get_preset_unknown_is_spec_error() -> None:
-    with pytest.raises(SpecError, match="closest"):
+    with pytest.raises(SpecError) as exc:
         get_preset("mixtral-8x7")
+    assert exc.value.field == "model"
+    assert "closest presets: mixtral-8x7b, mixtral-8x22b" in str(exc.value) and "\n" not in str(exc.value)

@@ -12,20 +12,18 @@ contiguous one up to a local permutation."""
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import Partial as TPartial
+from torch.distributed.tensor import Replicate as TReplicate
+from torch.distributed.tensor import Shard as TShard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.utils._python_dispatch import TorchDispatchMode
 
-torch = pytest.importorskip("torch")
-dist = pytest.importorskip("torch.distributed")
-
-from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
-from torch.distributed.tensor import DTensor  # noqa: E402
-from torch.distributed.tensor import Partial as TPartial  # noqa: E402
-from torch.distributed.tensor import Replicate as TReplicate  # noqa: E402
-from torch.distributed.tensor import Shard as TShard  # noqa: E402
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from tensorstage.parallel.placement import Partial, Replicate, Shard, TensorLayout, redistribute  # noqa: E402
-from tensorstage.schedule.program import CollKind  # noqa: E402
+from tensorstage.parallel.placement import Partial, Replicate, Shard, TensorLayout, redistribute
+from tensorstage.schedule.program import CollKind
 
 KINDS = {
     "all_gather_into_tensor": CollKind.ALL_GATHER,
@@ -59,8 +57,7 @@ class _Record(TorchDispatchMode):
 
 @pytest.fixture(scope="module")
 def mesh():  # type: ignore[no-untyped-def]
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
+    assert not dist.is_initialized(), "a test left a process group initialised in this process"
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=DP * TP)

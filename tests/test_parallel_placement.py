@@ -3,10 +3,7 @@ per-layer volume derived from placements (F-TP-COMM), ZeRO/FSDP/HSDP, EP, paddin
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.parallel import apply
@@ -22,11 +19,9 @@ from tensorstage.parallel.placement import (
 )
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import CollKind
+from tests.support import public_cases
 
 AR, AG, RS, A2A = CollKind.ALL_REDUCE, CollKind.ALL_GATHER, CollKind.REDUCE_SCATTER, CollKind.ALL_TO_ALL
-CASES = Path("/work/shared/validation/public_cases.yaml")
-if not CASES.exists():  # a checkout with the shared folder inside it
-    CASES = Path(__file__).resolve().parents[1] / "shared" / "validation" / "public_cases.yaml"
 
 
 def layout(shape, placements, sizes, dims=None, elem=2):
@@ -59,16 +54,18 @@ def test_redistribution_rules(src, dst, kind, comm) -> None:
 
 
 def test_partial_to_other_partial_rejected() -> None:
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as exc:
         redistribute(layout((4,), {"tp": Partial("sum")}, {"tp": 2}), {"tp": Partial("max")})
+    assert exc.value.field == "placement" and "P(sum) -> P(max)" in str(exc.value)
 
 
 def test_named_dims_and_local_bytes() -> None:
     t = layout((B, S, H), {"tp": Shard("h"), "dp": Shard("b")}, {"tp": 4, "dp": 2}, dims=("b", "s", "h"))
     assert t.local_shape == (1, S, H // 4)
     assert t.local_bytes == B * S * H * 2 // 8
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as exc:
         layout((B, S, H), {"tp": Shard("x")}, {"tp": 4}, dims=("b", "s", "h"))
+    assert exc.value.field == "dim" and exc.value.allowed == ("b", "s", "h")
 
 
 def test_uneven_shards_pad_like_fsdp2() -> None:
@@ -109,9 +106,7 @@ def simulate_ring_bytes_sent(kind: CollKind, full_bytes: int, n: int) -> int:
 
 
 def test_f_collectives_statement_present() -> None:
-    if not CASES.exists():
-        pytest.skip("public_cases.yaml not available")
-    cases = {c["id"]: c for c in yaml.safe_load(CASES.read_text())["formulas"]}
+    cases = {c["id"]: c for c in public_cases()["formulas"]}
     stmt = cases["F-COLLECTIVES"]["statement"]
     assert "2(n-1)/n*S" in stmt and "(n-1)/n*S" in stmt
 
@@ -220,10 +215,12 @@ def test_weight_grad_placement_is_partial_over_dp() -> None:
 
 
 def test_contract_rejects_inconsistent_shards() -> None:
-    with pytest.raises(SpecError):  # summed dim sharded on one side only
+    with pytest.raises(SpecError) as exc:
         contract(("b", "h"), {"tp": Shard("h")}, ("h", "f"), {}, ("b", "f"))
-    with pytest.raises(SpecError):  # partial x partial
+    assert exc.value.field == "placement" and "summed dim 'h' sharded on one side only" in str(exc.value)
+    with pytest.raises(SpecError) as exc:
         contract(("b", "h"), {"tp": Partial()}, ("h", "f"), {"tp": Partial()}, ("b", "f"))
+    assert exc.value.field == "placement" and "P(sum) x P(sum) on tp: reduce before contracting" in str(exc.value)
 
 
 # --- vocab parallel ------------------------------------------------------------------------------------

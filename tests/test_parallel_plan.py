@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tensorstage.errors import SpecError
 from tensorstage.model.spec import MLASpec, ModelSpec, MoESpec
@@ -71,7 +72,7 @@ def test_dp_bucket_defaults_megatron_and_torch() -> None:
     assert ParallelPlan.parse(dict(dp=32, cp=2, seq=64)).dp_buckets_bytes(4) == (None, 64_000_000 * 4)
     assert ParallelPlan.parse(dict(dp=8, overlap_grad_reduce=False)).dp_buckets_bytes(2) == (None, None)
     # torch DDP: bucket_cap_mb=25 MiB, first bucket 1 MiB (checked against the installed torch).
-    torch = pytest.importorskip("torch")
+    import torch
     from torch.nn.parallel import distributed as ddp
 
     first, rest = ParallelPlan.parse(dict(ddp_style="torch")).dp_buckets_bytes(2)
@@ -83,12 +84,27 @@ def test_dp_bucket_defaults_megatron_and_torch() -> None:
     )
 
 
-def test_good_plans_pass() -> None:
-    ParallelPlan.parse(dict(tp=2, pp=2, dp=2)).validate_for(DENSE, world=8)
-    ParallelPlan.parse(dict(tp=2, dp=4, ep=4)).validate_for(MOE)
-    ParallelPlan.parse(dict(tp=8)).validate_for(MLA)  # MLA: only heads must divide
-    ParallelPlan.parse(dict(cp=2, seq=64, cp_mode="allgather", dp=1)).validate_for(DENSE)
-    ParallelPlan.parse(dict(cp=4, phase="decode", seq=1, context=4096)).validate_for(DENSE)
+# (good plan, model, world, the smallest change that breaks the rule it sits on, field that rule names)
+EDGES = [
+    (dict(tp=2, pp=2, dp=2), DENSE, 8, dict(), 16, "world"),  # 2*2*2 ranks, no more
+    (dict(tp=2, dp=4, ep=4), MOE, None, dict(ep=8), None, "ep"),  # ep divides dp*cp
+    (dict(tp=8), MLA, None, dict(tp=16), None, "tp"),  # MLA: only the 8 heads must divide
+    (dict(tp=2), DENSE, None, dict(tp=8), None, "tp"),  # GQA: the 2 KV heads must divide too
+    (dict(cp=2, seq=64, cp_mode="allgather", dp=1), DENSE, None, dict(seq=63), None, "seq"),
+    (dict(cp=4, phase="decode", seq=1, context=4096), DENSE, None, dict(context=4094), None, "context"),
+]
+
+
+@pytest.mark.parametrize(("good", "model", "world", "change", "bad_world", "field"), EDGES)
+def test_good_plans_pass_and_the_next_step_fails(good: dict, model: ModelSpec, world: int | None, change: dict,
+                                                 bad_world: int | None, field: str) -> None:
+    """Each good plan sits on a rule's edge: it validates, and the smallest step over fails naming the rule."""
+    plan = ParallelPlan.parse(good)
+    assert plan.validate_for(model, world=world) is None
+    assert plan.world == good.get("tp", 1) * good.get("cp", 1) * good.get("dp", 1) * good.get("pp", 1)
+    with pytest.raises(SpecError) as info:
+        ParallelPlan.parse(good | change).validate_for(model, world=bad_world)
+    assert info.value.field == field and "\n" not in str(info.value)
 
 
 # (plan, model, world, field named in the error, a phrase that names the rule)
@@ -177,8 +193,14 @@ def test_bad_values_name_field_and_allowed(data: dict, field: str, allowed: str 
 
 def test_plan_is_frozen_and_forbids_extra() -> None:
     p = ParallelPlan()
-    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen-instance error
+    with pytest.raises(ValidationError, match="frozen_instance"):
         p.tp = 2  # type: ignore[misc]
+    assert p.tp == 1
+    with pytest.raises(ValidationError, match="extra_forbidden"):
+        ParallelPlan(bogus=1)  # type: ignore[call-arg]
+    with pytest.raises(SpecError) as info:  # the file / CLI path: one line naming the key and the allowed ones
+        ParallelPlan.parse({"bogus": 1})
+    assert info.value.field == "plan.bogus" and "tp, pp, dp" in str(info.value)
 
 
 def test_load_plan_yaml_and_overrides(tmp_path: Path) -> None:
@@ -228,8 +250,9 @@ def test_yaml_value_error_names_file(tmp_path: Path) -> None:
 
 
 def test_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="cannot read plan file"):
+    with pytest.raises(SpecError) as exc:
         load_plan(tmp_path / "none.yaml")
+    assert exc.value.field == str(tmp_path / "none.yaml") and "cannot read plan file" in str(exc.value)
 
 
 def test_megatron_style_order_string_and_dp_axes() -> None:

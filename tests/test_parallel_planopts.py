@@ -134,7 +134,7 @@ def test_plan_from_options_helper() -> None:
 
 
 def test_decorator_requires_plan_parameter() -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="bad needs a 'plan' parameter"):
 
         @with_plan_options
         def bad(model: str) -> None: ...

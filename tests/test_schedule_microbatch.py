@@ -16,8 +16,9 @@ def test_num_microbatches() -> None:
         with pytest.raises(SpecError) as err:
             num_microbatches(*args)
         assert err.value.field == "global_batch"
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as err:
         num_microbatches(64, 0, 1)
+    assert err.value.field == "dp" and ">= 1" in str(err.value)
 
 
 def test_assign_layers_even_and_interleaved_placement() -> None:

@@ -1,7 +1,7 @@
 """Pipeline schedules: closed-form bubbles, memory, dependency soundness, and p2p pairing.
 
 Expected numbers come from formulas written here, not from the code under test:
-F-PP-BUBBLE and F-ZERO-BUBBLE of /work/shared/validation/public_cases.yaml (Narayanan et al.
+F-PP-BUBBLE and F-ZERO-BUBBLE of ../shared/validation/public_cases.yaml (Narayanan et al.
 SC'21 sec. 2.2; Qi et al. ICLR'24).
 """
 
@@ -130,11 +130,13 @@ def test_legacy_interleaved_all_warmup_when_m_equals_p() -> None:
 def test_bad_order_is_reported_as_deadlock() -> None:
     orders = pipeline_order("1f1b", 2, 2)
     orders[1] = [orders[1][1], orders[1][0], *orders[1][2:]]  # backward before its forward
-    with pytest.raises(DeadlockError):
+    # rank 1 opens with B0, which needs its own later F0; rank 0 runs F0 F1 and then waits on B0's grad
+    with pytest.raises(DeadlockError, match=r"blocked actions per rank: \{0: '0B0', 1: '1B0'\}$"):
         simulate_order(orders, 1.0, 1.0)
     swapped = pipeline_order("1f1b", 3, 4)
     swapped[0].reverse()
-    with pytest.raises(DeadlockError):
+    # rank 0 opens with B3 (needs F3, later); ranks 1 and 2 wait on rank 0's F0 that never comes
+    with pytest.raises(DeadlockError, match=r"blocked actions per rank: \{0: '0B3', 1: '1F0', 2: '2F0'\}$"):
         simulate_order(swapped, 1.0, 1.0)
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.distributed.pipelining.schedules as S
 
-torch = pytest.importorskip("torch")
-S = pytest.importorskip("torch.distributed.pipelining.schedules")
-
-from tensorstage.schedule.pipeline import Action, pipeline_order  # noqa: E402
+from tensorstage.schedule.pipeline import Action, pipeline_order
 
 
 def _stages(pp: int, vpp: int, rank: int = 0) -> list[SimpleNamespace]:

@@ -10,7 +10,7 @@ from tensorstage.errors import SpecError
 from tensorstage.parallel.mesh import Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.sim import Machine, execute, simulate, summarize
-from tensorstage.sim.collectives import Fabric, Tier, all_reduce_s, reduce_scatter_s
+from tensorstage.sim.collectives import Fabric, Tier
 from tensorstage.sim.compute import ComputeModel
 from tensorstage.sim.result import memory_series
 from tensorstage.sim.timeline import chrome_trace, write_chrome_trace
@@ -85,8 +85,10 @@ def test_collectives_on_one_communicator_serialize_on_two_overlap() -> None:
     mesh = Mesh.create([("tp", 8), ("dp", 8)])
     fab = machine().fabric
     s = 2**28
-    t_tp = all_reduce_s(s, (8, 8), fab)[0]
-    t_dp = reduce_scatter_s(s, (1, 8), fab)[0]
+    # tp 8 inside one node: single-tier ring all-reduce; dp 8 one per node: ring reduce-scatter on IB
+    t_tp = 2 * 7 / 8 * s / B0 + 2 * 7 * A0
+    t_dp = 7 / 8 * s / B1 + 7 * A1
+    assert fab.ring_base_latency_s == 0.0 and fab.tiers[0].nvls_bw_Bps == 0.0
     same = Program({})
     same.add("a", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
     same.add("b", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=s, axes=("tp",))
@@ -216,8 +218,7 @@ def test_cross_class_collective_waits_for_all_classes() -> None:
         progs.append(p)
     mach = machine()
     res = simulate(progs, mesh, mach)
-    tc = all_reduce_s(s, (2, 2), mach.fabric)[0]
-    assert tc == pytest.approx(2 * 1 / 2 * s / B0 + 2 * A0)
+    tc = 2 * 1 / 2 * s / B0 + 2 * A0  # ring all-reduce over the 2 stages on one node
     assert res.step_time_s == pytest.approx(roofline(work[1], 0) + tc)
     assert res.classes[0].finish_s == res.classes[1].finish_s
     assert res.classes[0].sync_wait_s == pytest.approx(roofline(work[1], 0) - roofline(work[0], 0))
@@ -257,21 +258,26 @@ def test_inconsistent_programs_raise_spec_error() -> None:
     mesh = Mesh.create([("tp", 1), ("pp", 2)])
     a, b = Program({"pp": 0}), Program({"pp": 1})
     a.add("s", NodeKind.SEND, comm_bytes=10, peer_axis="pp", peer_offset=1, tag=1)
-    with pytest.raises(SpecError, match="send/recv mismatch"):
+    with pytest.raises(SpecError, match="send/recv mismatch") as exc:
         simulate([a, b], mesh, machine())
+    assert exc.value.field == "programs" and "tag 1: 1 send(s), 0 recv(s)" in str(exc.value)
     c = Program({"pp": 0})
     c.add("x", NodeKind.COMP, data_deps=(1,))
     c.add("y", NodeKind.COMP)
-    with pytest.raises(SpecError, match="not an earlier id"):
+    with pytest.raises(SpecError, match="not an earlier id") as exc:
         simulate([c], Mesh.create([("pp", 1)]), machine())
+    assert exc.value.field == "programs" and "node 0 (x) depends on 1" in str(exc.value)
     d0, d1 = Program({"pp": 0}), Program({"pp": 1})
     d0.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
     d0.add("ar2", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",))
     d1.add("r", NodeKind.RECV, comm_bytes=8, peer_axis="pp", peer_offset=-1, tag=0)
     d1.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=8, axes=("pp",), data_deps=(0,))
     d0.add("s", NodeKind.SEND, comm_bytes=8, peer_axis="pp", peer_offset=1, tag=0, data_deps=(1,))
-    with pytest.raises(SpecError, match="deadlock"):
+    with pytest.raises(SpecError, match="deadlock") as exc:
         simulate([d0, d1], mesh, machine())
+    # stage 0's all-reduce needs stage 1's, which waits on a recv stage 0 sends only after its second one
+    assert exc.value.field == "programs" and "5 node(s) never ran; first: class {'pp': 0} node 0 (ar, COLL)" in str(
+        exc.value)
 
 
 def test_timeline_export(tmp_path) -> None:
@@ -373,7 +379,7 @@ def test_embedding_all_reduce_between_first_and_last_stage_only() -> None:
         progs.append(p)
     mach = machine()
     res = simulate(progs, mesh, mach)
-    tc = all_reduce_s(2**24, (4, 4), mach.fabric)[0]  # costed as the full pp group
+    tc = 2 * 3 / 4 * 2**24 / B0 + 2 * 3 * A0  # ring all-reduce costed as the full pp group (4, one node)
     end_ar = max(roofline(work[0], 0), roofline(work[3], 0)) + tc
     assert [c.finish_s for c in res.classes] == pytest.approx(
         [end_ar, roofline(work[1], 0), roofline(work[2], 0), end_ar])
@@ -398,3 +404,29 @@ def test_lower_id_node_cuts_into_a_chain_as_unmerged() -> None:
     assert plain.end[1] == pytest.approx(3 * d)  # c2 [0,d], c3 [d,2d], a [2d,3d]
     assert merged.start == plain.start and merged.end == plain.end
     assert merged.step_time_s == pytest.approx(5 * d)
+
+
+def test_sync_wait_counts_overlapping_waits_once() -> None:
+    """Waits [0,4), [1,3), [2,6), [8,9) and an empty one: union = [0,6) + [8,9) = 7, not 4+2+4+1 = 11."""
+    import numpy as np
+
+    from tensorstage.sim.result import union_length
+
+    starts = np.array([0.0, 1.0, 2.0, 8.0, 5.0])
+    ends = np.array([4.0, 3.0, 6.0, 9.0, 5.0])
+    assert union_length(starts, ends) == 7.0
+    assert union_length(np.array([]), np.array([])) == 0.0
+
+
+def test_sync_wait_never_exceeds_the_step() -> None:
+    """Many collectives waiting at once (a pipeline with data parallelism) still wait at most a step."""
+    from tensorstage.hardware.system import load_system
+    from tensorstage.lower import lower
+    from tensorstage.parallel.plan import ParallelPlan
+    from tests.support import megatron_gpt
+
+    plan = ParallelPlan.parse(dict(tp=2, pp=4, dp=4, seq=512, micro_batch=1, global_batch=32), where="plan")
+    low = lower(megatron_gpt(L=8, h=512, a=8, V=2048, s=512), plan, fuse=True)
+    res = simulate(low.programs, low.mesh, load_system("dgx-h100-superpod", 32))
+    for c in res.classes:
+        assert 0.0 <= c.sync_wait_s <= res.step_time_s

@@ -20,7 +20,6 @@ from tensorstage.hardware import load_system
 from tensorstage.parallel.mesh import Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.sim import execute, machine_from_system, simulate, summarize
-from tensorstage.sim.collectives import all_reduce_s, mesh_members_per_domain
 from tensorstage.trace import schema, write_chakra
 from tensorstage.trace.to_programs import infer_mesh, programs_from_trace
 
@@ -157,9 +156,11 @@ def test_foreign_trace_closed_form(tmp_path: Path) -> None:
     out = runner.invoke(app, ["simulate", "--trace", str(d), "--system", SYSTEM, "--json"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
-    sysm = machine_from_system(load_system(SYSTEM, 2))
-    mesh = Mesh.create([("a0", 2)])
-    t_ar, _ = all_reduce_s(nbytes, mesh_members_per_domain(mesh, ("a0",), sysm.fabric), sysm.fabric)
+    fab = machine_from_system(load_system(SYSTEM, 2)).fabric
+    nvl = fab.tiers[0]  # both ranks in one NVSwitch domain: ring (plus NCCL's base latency) or NVLS
+    ring = fab.ring_base_latency_s + 2 * (2 - 1) / 2 * nbytes / nvl.bw_Bps + 2 * (2 - 1) * nvl.latency_s
+    nvls = nbytes / nvl.nvls_bw_Bps + 2 * nvl.latency_s
+    t_ar = min(ring, nvls)
     # fixed duration (no roofline, no launch overhead), then the all-reduce; the CPU op costs nothing
     assert data["step_time_s"] == pytest.approx(us * 1e-6 + t_ar, rel=1e-12)
     assert [c["ranks"] for c in data["breakdown"]["classes"]] == [2]  # both ranks identical: one class

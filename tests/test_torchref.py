@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("torch")
-
 sys.path.insert(0, str(Path(__file__).parent))  # import the sibling package whatever pytest's import mode
 from torchref import run_many  # noqa: E402
 

@@ -179,10 +179,17 @@ class Block(nn.Module):
         super().__init__()
         self.input_norm = make_norm(spec, spec.hidden)
         self.attn = MLAttention(spec) if spec.mla is not None else Attention(spec)
-        self.post_attention_norm = make_norm(spec, spec.hidden)
+        # a parallel block with one shared norm (GPT-J, PaLM) has no second norm
+        shared = spec.parallel_block and spec.parallel_norms == 1
+        self.post_attention_norm = None if shared else make_norm(spec, spec.hidden)
         self.mlp = MoE(spec) if moe_layer else MLP(spec, spec.ffn, spec.mlp_bias)
+        self.parallel = spec.parallel_block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel:  # x + attn(norm(x)) + mlp(norm'(x))
+            a_in = self.input_norm(x)
+            m_in = a_in if self.post_attention_norm is None else self.post_attention_norm(x)
+            return x + self.attn(a_in) + self.mlp(m_in)
         x = x + self.attn(self.input_norm(x))
         return x + self.mlp(self.post_attention_norm(x))
 
@@ -202,6 +209,7 @@ class Decoder(nn.Module):
         self.embed_positions = (
             nn.Embedding(spec.max_seq, spec.hidden) if spec.positions == "learned" else None
         )
+        self.embed_norm = make_norm(spec, spec.hidden) if spec.embed_norm else None  # BLOOM
         kinds = layer_kinds(spec) if build_layers else []
         self.layers = nn.ModuleList(Block(spec, k) for k in kinds)
         self.norm = make_norm(spec, spec.hidden)
@@ -213,6 +221,8 @@ class Decoder(nn.Module):
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(tokens.shape[1]))
+        if self.embed_norm is not None:
+            x = self.embed_norm(x)
         for layer in self.layers:
             x = layer(x)
         return self.lm_head(self.norm(x))

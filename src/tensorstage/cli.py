@@ -33,6 +33,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.simulate",
     "tensorstage.commands.run",
     "tensorstage.commands.validate",
+    "tensorstage.commands.replay",
 )
 
 

@@ -141,7 +141,9 @@ def fsdp2(cfg: dict[str, Any], rec: CommRecorder, rank: int, ws: int) -> dict[st
                 mp_policy=mp_policy)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for step in range(int(cfg.get("steps", 1))):
-        x = torch.randn(batch, h, dtype=_dtype(cfg))
+        # the input requires grad as an embedding's output would: otherwise the first block's
+        # post-backward (its reduce-scatter) waits for FSDP's final callback, after the root's
+        x = torch.randn(batch, h, dtype=_dtype(cfg), requires_grad=True)
         rec.phase = f"step{step}.fwd"
         loss = model(x).float().pow(2).sum()
         rec.phase = f"step{step}.bwd"

@@ -181,13 +181,17 @@ def register(app: typer.Typer) -> None:
         phase: str = typer.Option("train", "--phase", help=f"One of {', '.join(PHASES)}."),
         context: int = typer.Option(4096, "--context", help="KV context length c for decode."),
         recompute: str = typer.Option("none", "--recompute", help=f"One of {', '.join(RECOMPUTE)}."),
-        attention: str = typer.Option("flash", "--attention", help=f"One of {', '.join(ATTENTION_IMPLS)}."),
+        attention: str = typer.Option("flash", "--attention-impl", "--attention", help=f"One of {', '.join(ATTENTION_IMPLS)}."),
         attention_flops: str = typer.Option(
             "causal_half", "--attention-flops", help=f"One of {', '.join(ATTENTION_FLOPS)}."
         ),
         dtype: str = typer.Option("bf16", "--dtype", help=f"Precision policy: {', '.join(PRECISIONS)}."),
         optimizer: str = typer.Option("adamw", "--optimizer", help=f"One of {', '.join(OPTIMIZERS)}."),
         dropout: bool = typer.Option(False, "--dropout/--no-dropout", help="Model dropout layers."),
+        megatron_fusions: bool = typer.Option(
+            False, "--megatron-fusions/--no-megatron-fusions",
+            help="Megatron-LM fused element-wise kernels (applied when a plan is lowered).",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Parameters, FLOPs per token, activation and KV-cache bytes, and the formulas behind them."""
@@ -202,6 +206,7 @@ def register(app: typer.Typer) -> None:
             precision=dtype,
             optimizer=optimizer,
             dropout=dropout,
+            megatron_fusions=megatron_fusions,
         )
         opts.validate()
         data = explain_data(model, phase, seq, batch, context, opts)

@@ -50,10 +50,10 @@ def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "tr
     durations = info = None
     if system is not None:
         from tensorstage.hardware import load_system
-        from tensorstage.sim.compute import ComputeModel
+        from tensorstage.sim.machine import machine_from_system
 
         sys_spec = load_system(system, plan.world)  # bad system or size: one line, before lowering
-        compute = ComputeModel.from_device(sys_spec.device, plan.dtype)
+        compute = machine_from_system(sys_spec, plan.dtype).compute  # the simulator's own compute model
     spec = resolve_model(model)
     lowered = lower(spec, plan)
     inputs = generation_inputs(model, lowered)
@@ -62,7 +62,7 @@ def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "tr
 
         durations = duration_micros_fn(lowered.programs, compute)
         inputs["system"] = system
-        info = {"source": "tensorstage compute model (sim.compute.ComputeModel.time_s)", "system": sys_spec.name,
+        info = {"source": "tensorstage compute model (sim.machine.machine_from_system(...).compute.time_s)", "system": sys_spec.name,
                 "device": sys_spec.device.name, "dtype": plan.dtype,
                 "rounding": "running total per rank class rounded to whole microseconds (sim/durations.py)"}
     return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,

@@ -63,8 +63,19 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
      "ZeRO-3/FSDP2 reshard after forward: default (torch: layers yes, root no)|true|false."),
     ("overlap_param_gather", bool, ("--overlap-param-gather/--no-overlap-param-gather",),
      "ZeRO-1/2: overlap the updated-parameter all-gather with the next forward (Megatron)."),
+    ("overlap_grad_reduce", bool, ("--overlap-grad-reduce/--no-overlap-grad-reduce",),
+     "Reduce gradients in buckets during backward (Megatron --overlap-grad-reduce; default on)."),
+    ("tp_comm_overlap", bool, ("--tp-comm-overlap/--no-tp-comm-overlap",),
+     "Pipeline SP all-gather / reduce-scatter with their GEMMs (Megatron --tp-comm-overlap; needs sp)."),
     ("capacity_factor", float, ("--capacity-factor",), "MoE capacity factor (default: dropless)."),
     ("routing_skew", float, ("--routing-skew",), "MoE load at the busiest expert rank / mean (>= 1)."),
+    ("attention_impl", str, ("--attention-impl",),
+     "Attention kernel: flash (fused, default)|materialized (eager softmax, saves probabilities)."),
+    ("attention_flops", str, ("--attention-flops",),
+     "Attention FLOP convention: causal_half (default, Megatron-Core)|full (no causal halving)."),
+    ("dropout", bool, ("--dropout/--no-dropout",), "Model dropout layers (default off)."),
+    ("megatron_fusions", bool, ("--megatron-fusions/--no-megatron-fusions",),
+     "Megatron-LM fused element-wise kernels: bias-dropout-add, bias-GeLU (default off)."),
 )
 PLAN_FLAG_NAMES = tuple(name for name, *_ in PLAN_FLAGS)
 CONFIG_PARAM = "plan_config"

@@ -9,6 +9,7 @@ output tensor. Structure follows the Hugging Face / Megatron implementations of 
 * keys/values live on ``sk`` (the key length): a zero-cost ``kv_view`` renames ``s -> sk`` in
   training/prefill (where a context-parallel pass gathers K/V); in decode the cache of ``c`` tokens
   is read instead and the new token's K/V are written (``kv_write``);
+* ALiBi positions (BLOOM, MPT) add a per-head bias to the materialized scores and have no weights;
 * sliding-window layers (``spec.sliding_window_layers``) attend over at most ``w`` keys: their core
   FLOPs scale accordingly and their decode step reads ``skw = min(c, w)`` cached tokens. Their
   KV-cache slot per token is reported like any layer's (a serving model caps it at ``w`` tokens).
@@ -94,9 +95,12 @@ def _core(
     causal = cfg.causal and cfg.phase != "decode"  # one query token sees the whole cache
     scale = _core_scale(bld, cfg, causal)
     kd = k.dims[1]  # sk, or skw for a sliding-window layer in decode
+    alibi = spec.positions == "alibi"
     if cfg.attention_impl == "flash":
-        # the kernel broadcasts KV heads itself: K/V stay at nkv heads
-        return bld.flash_attention(f"{name}.core", q, k, v, causal, heads_q, sinks, scale=scale)
+        # the kernel broadcasts KV heads itself: K/V stay at nkv heads. ALiBi: FlashAttention-2's
+        # ``alibi_slopes`` adds the bias inside the kernel at no extra matmul work (marked only).
+        extra = {"alibi": True} if alibi else {}
+        return bld.flash_attention(f"{name}.core", q, k, v, causal, heads_q, sinks, scale=scale, **extra)
     if heads_kv != heads_q and spec.num_heads != spec.kv_heads:
         # eager GQA repeats K/V per query group (HF repeat_kv, Megatron non-flash): saved at nh heads
         k = bld.layout(
@@ -117,6 +121,11 @@ def _core(
         attn_core=True,
         causal=causal,
     )
+    if alibi:
+        # ALiBi (Press et al. 2022): a per-head linear bias slope_h * key position, broadcast over
+        # the batch and the queries (softmax is shift-invariant per row; HF BLOOM's build_alibi_tensor)
+        bias = bld.tensor(f"{name}.alibi_bias", (*heads_q, kd), role="input")
+        scores = bld.add(f"{name}.alibi", scores, bias, attn_core=True)
     probs = bld.softmax(
         f"{name}.softmax", scores, extra=(sinks,) if sinks is not None else (), attn_core=True
     )
@@ -255,8 +264,11 @@ def transformer_layer(
     routing_skew: float,
     dropless: bool = True,
 ) -> Tensor:
-    """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.)))."""
+    """Pre-norm layer: x + Drop(Attn(Norm(x))), then + Drop(MLP-or-MoE(Norm(.))); or the parallel
+    block of GPT-J / PaLM / GPT-NeoX (:func:`parallel_layer`)."""
     train = cfg.phase == "train"
+    if spec.parallel_block:
+        return parallel_layer(bld, x, spec, cfg, moe_layer, capacity_factor, routing_skew, dropless)
     a = _norm(bld, "input_norm", x, spec, cfg)
     a = (mla_attention if spec.mla is not None else attention)(bld, a, spec, cfg)
     if cfg.dropout and train:
@@ -269,6 +281,37 @@ def transformer_layer(
     return bld.add("mlp.residual", x, m)
 
 
+def parallel_layer(
+    bld: Builder,
+    x: Tensor,
+    spec: ModelSpec,
+    cfg: LayerConfig,
+    moe_layer: bool,
+    capacity_factor: float,
+    routing_skew: float,
+    dropless: bool = True,
+) -> Tensor:
+    """Parallel block: x + Drop(Attn(Norm(x))) + Drop(MLP(Norm'(x))), Norm' = Norm when
+    ``parallel_norms`` is 1 (GPT-J's ``ln_1``, PaLM), its own norm when 2 (GPT-NeoX).
+
+    The branch outputs are summed before the residual add, so under tensor parallelism the two
+    row-parallel partial sums are reduced by one all-reduce (PaLM sec. 2; GPT-NeoX's
+    ``gpt_j_residual``: dropout per branch on the partial sums, one ``reduce`` after the sum).
+    Dropout is marked ``on_partial_sum``: with the TP group's shared RNG state its mask is the
+    same on every rank, so it applies to partial sums and the propagation keeps them unreduced.
+    """
+    train = cfg.phase == "train"
+    a_in = _norm(bld, "input_norm", x, spec, cfg)
+    m_in = a_in if spec.parallel_norms == 1 else _norm(bld, "post_attention_norm", x, spec, cfg)
+    a = (mla_attention if spec.mla is not None else attention)(bld, a_in, spec, cfg)
+    m = moe(bld, m_in, spec, capacity_factor, routing_skew, dropless) if moe_layer else mlp(bld, m_in, spec, "f")
+    if cfg.dropout and train:
+        a = bld.dropout("attn.out_dropout", a, on_partial_sum=True)
+        m = bld.dropout("mlp.out_dropout", m, on_partial_sum=True)
+    y = bld.add("parallel.branch_sum", a, m)
+    return bld.add("mlp.residual", x, y)
+
+
 def embedding(bld: Builder, spec: ModelSpec, cfg: LayerConfig) -> tuple[Tensor, Tensor]:
     """Token (and learned position) embedding; returns (token table, output)."""
     ids = bld.tensor("input_ids", "b s", "int64", "input")
@@ -279,6 +322,8 @@ def embedding(bld: Builder, spec: ModelSpec, cfg: LayerConfig) -> tuple[Tensor, 
         pos_table = bld.weight("embed_positions.weight", "p h")
         pos = bld.gather("embed_positions", pos_table, pos_ids)
         y = bld.add("embed_add", y, pos)
+    if spec.embed_norm:  # BLOOM's word_embeddings_layernorm
+        y = _norm(bld, "embed_norm", y, spec, cfg)
     if cfg.dropout and cfg.phase == "train":
         y = bld.dropout("embed_dropout", y)
     return table, y

@@ -38,6 +38,7 @@ from tensorstage.hardware.presets import (
     read_yaml,
     unknown_name_error,
 )
+from tensorstage.hardware.torus import torus_slice
 
 TopologyKind = Literal["Ring", "FullyConnected", "Switch"]
 Scope = Literal["scale-up", "scale-out"]
@@ -175,7 +176,8 @@ class SystemSpec(_Frozen):
     def with_num_gpus(self, num_gpus: int) -> SystemSpec:
         """The same system resized to ``num_gpus`` ranks by changing the outermost dimension.
 
-        Up to one node, the single scale-up dimension shrinks (and scale-out dimensions become 1);
+        Up to one node, the single scale-up dimension shrinks (and scale-out dimensions become 1),
+        or a torus scale-up network (all ``Ring``, e.g. TPU ICI) takes its most balanced slice;
         beyond, ``num_gpus`` must fill whole nodes and the outermost scale-out dimension takes the
         node count divided by the other scale-out dimensions.
         """
@@ -188,9 +190,13 @@ class SystemSpec(_Frozen):
             dims[ups[0]]["npus"] = self.gpus_per_node
         if num_gpus <= self.gpus_per_node:
             if num_gpus != self.gpus_per_node and len(ups) != 1:
-                raise SpecError(
-                    "num_gpus", f"{self.name} has a multi-dimensional scale-up network; use whole nodes"
-                )
+                shape = self._torus_slice(ups, num_gpus)
+                if shape is None:
+                    raise SpecError(
+                        "num_gpus", f"{self.name} has a multi-dimensional scale-up network; use whole nodes"
+                    )
+                for i, n in zip(ups, shape, strict=True):
+                    dims[i]["npus"] = n
             dims[ups[0]]["npus"] = num_gpus if len(ups) == 1 else dims[ups[0]]["npus"]
             for i in outs:
                 dims[i]["npus"] = 1
@@ -207,7 +213,19 @@ class SystemSpec(_Frozen):
             dims[outs[-1]]["npus"] = nodes // inner
         data = self.model_dump()
         data["network"] = dims
-        return SystemSpec.parse(data, where="system")
+        resized = SystemSpec.parse(data, where="system")
+        if resized.num_gpus != num_gpus:  # a torus slice resized again: its full rings are unknown
+            raise SpecError("num_gpus", f"{num_gpus} does not fit this {self.num_gpus}-chip slice of "
+                            f"{self.name}; resize the preset itself")
+        return resized
+
+    def _torus_slice(self, ups: list[int], num_gpus: int) -> tuple[int, ...] | None:
+        """Ring sizes of a ``num_gpus``-chip slice when the scale-up network is a torus (all
+        ``Ring`` dimensions, e.g. TPU ICI): :func:`tensorstage.hardware.torus.torus_slice`, each
+        ring at most its size in this spec. ``None`` for other networks or impossible sizes."""
+        if any(self.network[i].topology != "Ring" for i in ups):
+            return None
+        return torus_slice(tuple(self.network[i].npus for i in ups), num_gpus)
 
     def to_dict(self) -> dict:
         """Plain data with the device inline, so a written file stands alone (round-trips)."""

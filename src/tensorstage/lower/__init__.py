@@ -35,8 +35,11 @@ class Lowered:
 
 def graph_options(plan: ParallelPlan, base: GraphOptions | None = None) -> GraphOptions:
     """Graph-build options for ``plan``: the plan's phase, recompute policy, dtype and MoE routing
-    override ``base`` (which keeps conventions the plan does not name: attention impl, dropout...)."""
+    override ``base`` (which keeps conventions the plan does not name); the plan's graph conventions
+    (attention impl and FLOP convention, dropout, Megatron fusions) override it only where given."""
     base = base or GraphOptions()
+    conventions = ("attention_impl", "attention_flops", "dropout", "megatron_fusions")
+    base = replace(base, **{k: getattr(plan, k) for k in conventions if getattr(plan, k) is not None})
     return replace(
         base,
         phase=plan.phase,
@@ -68,7 +71,7 @@ def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = No
     plan.validate_for(spec)
     opts = graph_options(plan, options)
     graph = _graph(spec, opts)
-    blocks = lower_blocks(graph, plan)
+    blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
     if fuse:
         from tensorstage.lower.fuse import fuse_blocks
 

@@ -317,6 +317,8 @@ class BlockLowerer:
         the output, m in the first input and the output, n in the second and the output, k in both
         inputs only (the contraction). ``None`` for other ops. Sizes are the same per-rank binding
         variant the op's cost uses; the CP attention core keeps its local queries (``s / cp``)."""
+        if op.kind == "attention":
+            return self._attention_gemm(op)
         if op.kind != "einsum" or not op.einsum or "->" not in op.einsum:
             return None
         lhs, out = op.einsum.split("->")
@@ -338,6 +340,27 @@ class BlockLowerer:
 
         return (size(da & db & dc), size((da & dc) - db), size((db & dc) - da), size((da & db) - dc))
 
+    def _attention_gemm(self, op: Op) -> tuple[int, int, int, int] | None:
+        """A fused attention core's QK^T shape ``(batch*query heads, q_len, kv_len, head_dim)`` on this
+        rank (the measured attention tables key on it, :mod:`tensorstage.sim.kernels`): the forward reads
+        ``(q, k, v, ...)``, its gradient ``(dO, q, k, v, ...)``; local queries ``s / cp`` as in
+        :meth:`_gemm`, heads over TP."""
+        ins = op.inputs[1:] if op.grad_of is not None else op.inputs
+        if len(ins) < 2 or len(ins[0].dims) < 3 or len(ins[1].dims) < 2:
+            return None
+        q, k = ins[0], ins[1]
+        c = self.ctx
+        sizes = self._variant_sizes(1, 1)
+        cp = c.cp if c.phase != "decode" else 1
+
+        def size(dims: tuple[str, ...]) -> int:
+            v = 1.0
+            for d in dims:
+                v *= sizes[d] / (cp if d == "s" else 1)
+            return max(1, to_int(v))
+
+        return (size((q.dims[0], *q.dims[2:-1])), size((q.dims[1],)), size((k.dims[1],)), size((q.dims[-1],)))
+
     def comp(self, op: Op, placed: Placed, category: str, parts: int = 1) -> StepNode:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
@@ -350,8 +373,14 @@ class BlockLowerer:
             label,
             flops=to_int((mf + vf) * lf / parts),
             tensor_bytes=to_int(nb * lf / parts),
-            gemm=self._gemm(op, placed.seq_sharded) if parts == 1 else None,
+            gemm=self._gemm(op, placed.seq_sharded) if parts == 1 else self._chunk_gemm(op, parts),
         )
+
+    def _chunk_gemm(self, op: Op, parts: int) -> tuple[int, int, int, int] | None:
+        """One of ``parts`` CP ring chunks of an attention core: the local queries against ``1/parts``
+        of the keys (other ops split into parts carry no shape)."""
+        g = self._attention_gemm(op) if op.kind == "attention" else None
+        return None if g is None else (g[0], g[1], max(1, g[2] // parts), g[3])
 
     def coll(self, name: str, coll: Collective, category: str) -> StepNode:
         return StepNode(
@@ -371,7 +400,7 @@ class BlockLowerer:
 
     def _pass(self, ops: list[Op], backward: bool) -> NodeList:
         c = self.ctx
-        nl = NodeList(overlap=c.overlap)
+        nl = NodeList(overlap=c.overlap, pipelined=c.overlap and c.sp and c.plan.tp_comm_overlap)
         # core ops that read the keys/values (not e.g. an attention-sink weight gradient)
         core_ops = [
             op

@@ -12,6 +12,16 @@ wait for the one before it (communication blocks the stream): the simulator mode
 kernels without their contention for SMs and memory bandwidth, and Korthikanti et al.'s measured
 layer times (SP backward 11.8 ms vs 11.9 ms without) show the async overlap gains little in practice.
 
+``pipelined=True`` (with ``overlap``) adds Megatron-Core's ``--tp-comm-overlap`` (Transformer
+Engine userbuffers): an SP all-gather over ``tp`` that feeds a GEMM runs *during* that GEMM (the
+GEMM is split into TP chunks, each computed as its slice arrives; linear layers only, not attention), and a reduce-scatter over
+``tp`` of a GEMM's output runs during the GEMM that produces it (chunk by chunk). Here the pair
+starts together: the GEMM does not wait for its all-gather and the reduce-scatter does not wait
+for its GEMM; whatever reads the GEMM's (or the reduce-scatter's) output waits for both. The
+exposed time is ``max(0, comm - gemm)``, plus the simulator's overlap slowdown of the GEMM while
+the transfer is in flight; the one chunk a real pipeline cannot hide (``min(comm, gemm) / tp``)
+is not charged (an optimistic approximation, documented in docs/calibration.md).
+
 Indices are positions in :attr:`NodeList.nodes` (every dependency points backwards). Zero-cost
 ops (views) emit no node: their outputs inherit the producer and pending communication of their
 inputs.
@@ -24,7 +34,7 @@ from dataclasses import dataclass, field, replace
 
 from tensorstage.graph.ir import Op, Tensor
 from tensorstage.lower.steps import StepNode
-from tensorstage.schedule.program import NodeKind
+from tensorstage.schedule.program import CollKind, NodeKind
 
 
 @dataclass
@@ -34,11 +44,17 @@ class NodeList:
     #: False: communication joins the stream (every node waits for the previous one), as measured
     #: Megatron timings behave; True: data-flow dependencies (perfect compute/communication overlap)
     overlap: bool = True
+    #: Megatron-Core ``--tp-comm-overlap``: TP all-gather / reduce-scatter run during the GEMM they
+    #: feed / drain (needs ``overlap``; see module docstring)
+    pipelined: bool = False
     nodes: list[StepNode] = field(default_factory=list)
     last_comp: int | None = None  # the stream's tail (any node kind when not overlapping)
     producer: dict[int, int] = field(default_factory=dict)  # tensor id -> compute node index
     ready: dict[int, frozenset[int]] = field(default_factory=dict)  # tensor id -> comm nodes to await
     pending: list[int] = field(default_factory=list)  # comm nodes the next compute node awaits
+    deferred: set[int] = field(default_factory=set)  # TP all-gathers pipelined with their GEMMs
+    epilogue: dict[int, int] = field(default_factory=dict)  # bias-add node -> the GEMM it finishes
+    linear: set[int] = field(default_factory=set)  # GEMM nodes of linear layers (they read a weight)
 
     def add(self, node: StepNode, deps: Iterable[int | None]) -> int:
         """Append ``node`` with explicit ``deps`` (``None`` entries dropped); returns its index."""
@@ -62,7 +78,12 @@ class NodeList:
             return i
         if self.overlap:
             src = self.producer.get(id(tensor), self.last_comp)
-            i = self.add(node, (src, *self.ready.get(id(tensor), ())))
+            gemm = self._gemm_of(src) if self.pipelined and _tp_scatter(node) else None
+            if gemm is not None:
+                # GEMM + reduce-scatter pipelined: start with the GEMM (wait for what it waits for)
+                i = self.add(node, (*self._deps_of(gemm), *self.ready.get(id(tensor), ())))
+            else:
+                i = self.add(node, (src, *self.ready.get(id(tensor), ())))
         else:
             i = self.add(node, (self.last_comp,))
         self.ready[id(tensor)] = frozenset({i})
@@ -81,9 +102,42 @@ class NodeList:
                 if src:
                     self.producer[id(o)] = max(src)
             return None
+        deferred: set[int] = set()
+        epilogue_of: int | None = None
+        linear = node.gemm is not None and any(t.role == "weight" for t in op.inputs)
+        if self.overlap and self.pipelined:
+            if linear:
+                # all-gather + GEMM pipelined: the GEMM starts with its all-gather; readers of the
+                # GEMM's output wait for both
+                deferred = {j for j in comms if _tp_gather(self.nodes[j])}
+                self.deferred |= deferred
+            elif _bias_epilogue(op) and self.last_comp in self.linear:
+                # a bias add runs in the GEMM's epilogue (Transformer Engine): it is part of the GEMM
+                deferred = set(comms) & self.deferred
+                epilogue_of = self.last_comp
+            comms = set(comms) - deferred
         i = self.add(node, (self.last_comp, *comms) if self.overlap else (self.last_comp,))
         self.stream(i, op.outputs)
+        if linear:
+            self.linear.add(i)
+        if epilogue_of is not None:
+            self.epilogue[i] = epilogue_of
+        if deferred:
+            for o in op.outputs:
+                self.ready[id(o)] = frozenset(deferred)
         return i
+
+    def _deps_of(self, i: int) -> tuple[int, ...]:
+        d = self.nodes[i].deps
+        return () if d is None else d
+
+    def _gemm_of(self, i: int | None) -> int | None:
+        """The linear-layer GEMM node ``i`` is (or whose bias epilogue ``i`` is), else None."""
+        if i is None:
+            return None
+        if i in self.linear:
+            return i
+        return self.epilogue.get(i)
 
     def stream(self, i: int, outputs: Iterable[Tensor] = ()) -> None:
         """Make compute node ``i`` the stream's tail and the producer of ``outputs``."""
@@ -98,3 +152,18 @@ class NodeList:
         deps: set[int | None] = {self.last_comp, *self.pending, *self.waits(op.inputs)}
         self.pending = []
         return deps
+
+
+def _bias_epilogue(op: Op) -> bool:
+    """A bias add (an ``add`` reading a weight): GEMM libraries fuse it into the GEMM's epilogue."""
+    return op.kind == "add" and any(t.role == "weight" for t in op.inputs)
+
+
+def _tp_gather(node: StepNode) -> bool:
+    """An all-gather over the TP group alone (SP's gather before a column-parallel GEMM)."""
+    return node.kind == NodeKind.COLL and node.comm == CollKind.ALL_GATHER and node.axes == ("tp",)
+
+
+def _tp_scatter(node: StepNode) -> bool:
+    """A reduce-scatter over the TP group alone (SP's scatter after a row-parallel GEMM)."""
+    return node.kind == NodeKind.COLL and node.comm == CollKind.REDUCE_SCATTER and node.axes == ("tp",)

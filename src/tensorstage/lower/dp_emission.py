@@ -34,8 +34,10 @@ layout and schedule expansion they hook into are :mod:`.assemble`'s.
   (``ddp_style="megatron"`` only); then each block instance's optimizer nodes, FLOPs and bytes
   divided by the ZeRO shard factor, head first; ZeRO-1/2 then all-gather each bucket's updated
   parameters: without ``overlap_param_gather`` (Megatron-core's default) synchronously, one after
-  the other, after the whole optimizer step; with it, during the (next) step's forward, emitted
-  in the step's first forward: the first forward of the module that starts a bucket (forward
+  the other, after the whole optimizer step; with it, during the (next) step's forward: with PP,
+  Megatron-LM's default ``--align-param-gather`` dispatches every bucket's gather at the start of
+  the schedule on all stages (chained in forward order) and the forward pre-hooks only wait; without
+  PP the gathers are dispatched lazily from the step's first forward: the first forward of the module that starts a bucket (forward
   order) waits for that bucket's gather, dispatching it there if nothing did, and its completion
   dispatches the next bucket's (Megatron's ``finish_param_sync`` / ``next_param_gather_bucket_group``,
   per buffer: dense and expert chains, per model chunk). Like every framework's
@@ -249,6 +251,14 @@ class DataParallelEmitter:
                     self.pg_next.update(zip(fwd_order, fwd_order[1:], strict=False))
                     for k in fwd_order:
                         self.pg_starts.setdefault(min(self.all_buckets[k].slots), []).append(k)
+                    if plan.pp > 1:
+                        # Megatron-LM's default --align-param-gather: with PP the schedule dispatches
+                        # every bucket's all-gather at its start on all stages at once (param_sync_func);
+                        # the forward pre-hook only waits. (Lazy per-stage dispatch would put each stage's
+                        # gathers on the first micro-batch's path through the whole pipeline.)
+                        prev: tuple[int, ...] = ()
+                        for k in fwd_order:
+                            prev = (self._param_gather(k, prev),)
 
 
     def _param_gather(self, k: int, deps: tuple[int, ...]) -> int:
@@ -270,7 +280,7 @@ class DataParallelEmitter:
         for k in self.pg_starts.get(slot, ()):
             g = self._param_gather(k, here)
             waits.append(g)
-            if k in self.pg_next:
+            if k in self.pg_next and self.ctx.plan.pp == 1:  # PP > 1: all dispatched at the start
                 self._param_gather(self.pg_next[k], (g,))
         return tuple(waits)
 

@@ -18,7 +18,8 @@ Rules (one placement per tensor on the TP axis):
   region: inputs lacking the head dim must be Replicate; else a sequence-sharded input puts it in the
   sequence-parallel region (each tensor sharded on its own sequence dim: ``s``, ``sk`` or the routed
   token dim ``t``); else a Partial input is reduced to home (all-reduce, or reduce-scatter with SP),
-  except an ``add`` of Partials only, which stays Partial (gradient accumulation);
+  except an ``add`` of Partials only, which stays Partial (gradient accumulation), and an op marked
+  ``on_partial_sum`` (the parallel block's branch dropout, whose mask the TP group shares);
 * outputs lacking the sharded dim of a reduction (norm weight grads, bias grads) come out Partial.
 
 ``avail`` records placements a tensor already has (a tensor gathered once for Q is reused by K
@@ -234,7 +235,11 @@ class Propagator:
             d = seq_dim(t)
             return Shard(d) if d is not None else REPLICATE
 
-        if head is not None:
+        if op.grad_of is not None and op.grad_of.attrs.get("on_partial_sum"):
+            # backward of the parallel block's branch dropout runs where its forward ran, on the full
+            # sequence: one gather of the gradient serves both branches (GPT-NeoX gpt_j_residual)
+            target, mode = (lambda t: REPLICATE), "rep"  # noqa: E731
+        elif head is not None:
             target: Callable[[Tensor], Placement] = lambda t: Shard(head) if head in t.dims else REPLICATE  # noqa: E731
             mode = "head"
         elif any(is_seq(p) for _, p in acts):
@@ -242,6 +247,10 @@ class Propagator:
         elif any(isinstance(p, Partial) for _, p in acts):
             if op.kind == "add" and all(isinstance(p, Partial) for _, p in acts):
                 return self._finish(op, [], ps, [Partial() for _ in op.outputs])
+            if op.attrs.get("on_partial_sum") and all(isinstance(p, Partial) for _, p in acts):
+                # dropout with a mask shared by the TP group is linear: it stays Partial (parallel block)
+                outs_p = [REPLICATE if o.role == "mask" else Partial() for o in op.outputs]
+                return self._finish(op, [], ps, outs_p)
             target, mode = (want_seq, "seq") if self.sp else ((lambda t: REPLICATE), "rep")
         else:
             target, mode = (lambda t: REPLICATE), "rep"

@@ -245,6 +245,63 @@ def _gpt_neox(c: _Config, name: str) -> dict[str, Any]:
         "qkv_bias": attention_bias,
         "out_bias": attention_bias,
         "mlp_bias": True,
+        # GPTNeoXLayer: x + attn(input_layernorm(x)) + mlp(post_attention_layernorm(x)) when
+        # use_parallel_residual (GPTNeoXConfig default True), two untied norms
+        "parallel_block": bool(c.opt("use_parallel_residual", True)),
+        **({"parallel_norms": 2} if c.opt("use_parallel_residual", True) else {}),
+    }
+
+
+def _gptj(c: _Config, name: str) -> dict[str, Any]:
+    """GPTJBlock: x + attn(ln_1(x)) + mlp(ln_1(x)), one shared LayerNorm; q/k/v/out_proj without
+    bias, fc_in/fc_out with bias, rotary on the first ``rotary_dim`` dims of each head (costed on
+    the whole head), untied head. The ``lm_head`` bias (``vocab`` values) is not modelled."""
+    hidden = c.req("n_embd")
+    return {
+        "name": name,
+        "family": "gptj",
+        "num_layers": c.req("n_layer"),
+        "hidden": hidden,
+        "num_heads": c.req("n_head"),
+        "ffn": c.opt("n_inner", 4 * hidden),
+        "vocab": c.req("vocab_size"),
+        "max_seq": c.opt("n_positions", 2048),
+        "activation": _plain_activation(c, "activation_function"),
+        "norm": "layernorm",
+        "positions": "rope",
+        "tied_embeddings": bool(c.opt("tie_word_embeddings", False)),
+        "mlp_bias": True,
+        "parallel_block": True,
+    }
+
+
+def _bloom(c: _Config, name: str) -> dict[str, Any]:
+    """BloomForCausalLM: ALiBi, LayerNorm after the embedding, biases everywhere, GELU 4h MLP,
+    head tied to the embedding (BloomForCausalLM ties lm_head to word_embeddings)."""
+    # BloomConfig also reads the older spellings n_embed / num_attention_heads / num_hidden_layers
+    hidden = c.opt("hidden_size", c.opt("n_embed"))
+    heads = c.opt("n_head", c.opt("num_attention_heads"))
+    layers = c.opt("n_layer", c.opt("num_hidden_layers"))
+    for key, value in (("hidden_size", hidden), ("n_head", heads), ("n_layer", layers)):
+        if value is None:
+            c.req(key)
+    return {
+        "name": name,
+        "family": "bloom",
+        "num_layers": layers,
+        "hidden": hidden,
+        "num_heads": heads,
+        "ffn": 4 * hidden,
+        "vocab": c.req("vocab_size"),
+        "max_seq": c.opt("seq_length", 2048),
+        "activation": "gelu",
+        "norm": "layernorm",
+        "positions": "alibi",
+        "embed_norm": True,
+        "tied_embeddings": bool(c.opt("tie_word_embeddings", True)),
+        "qkv_bias": True,
+        "out_bias": True,
+        "mlp_bias": True,
     }
 
 
@@ -262,6 +319,8 @@ ARCHITECTURES: dict[str, tuple[str, _Importer]] = {
     "GptOssForCausalLM": ("gpt_oss", _gpt_oss),
     "GPT2LMHeadModel": ("gpt2", _gpt2),
     "GPTNeoXForCausalLM": ("gpt_neox", _gpt_neox),
+    "GPTJForCausalLM": ("gptj", _gptj),
+    "BloomForCausalLM": ("bloom", _bloom),
 }
 _BY_MODEL_TYPE: dict[str, _Importer] = {mt: fn for mt, fn in ARCHITECTURES.values()}
 

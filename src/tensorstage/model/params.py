@@ -23,9 +23,10 @@ Conventions (the same as the Hugging Face implementations of the supported famil
   ``expert_bias`` adds biases to routed and shared experts; layers in ``moe.dense_layers`` carry
   a dense MLP of width ``ffn`` instead;
 * norms: two per layer (before attention, before the MLP) plus the final norm; layernorm has
-  weight and bias, rmsnorm only a weight;
+  weight and bias, rmsnorm only a weight; a parallel block has ``parallel_norms`` per layer;
 * embeddings: token table ``vocab x hidden``, learned positions ``max_seq x hidden``, and an
-  LM head ``vocab x hidden`` unless ``tied_embeddings``.
+  LM head ``vocab x hidden`` unless ``tied_embeddings``; ``embed_norm`` adds one norm after the
+  token embedding (BLOOM), counted with the norms; ALiBi positions have no parameters.
 
 "Active" parameters are those a single token touches: everything except the routed experts not
 selected, i.e. non-expert weights + ``top_k`` routed experts + all shared experts per MoE layer.
@@ -149,7 +150,8 @@ def mlp_params(spec: ModelSpec, width: int, bias: bool) -> int:
 
 def _layer(spec: ModelSpec, moe_layer: bool) -> LayerParams:
     attention = attention_params(spec)
-    norms = 2 * _norm_params(spec, spec.hidden)
+    # a parallel block with one shared norm (GPT-J, PaLM) has one norm per layer, not two
+    norms = (spec.parallel_norms if spec.parallel_block else 2) * _norm_params(spec, spec.hidden)
     if not moe_layer or spec.moe is None:
         return LayerParams(attention, norms, mlp_params(spec, spec.ffn, spec.mlp_bias), 0, 0, 0, 0)
     moe = spec.moe
@@ -171,12 +173,13 @@ def param_counts(spec: ModelSpec) -> ParamCounts:
         embedding += spec.max_seq * spec.hidden
     lm_head = 0 if spec.tied_embeddings else spec.vocab * spec.hidden
     final_norm = _norm_params(spec, spec.hidden)
+    embed_norm = _norm_params(spec, spec.hidden) if spec.embed_norm else 0  # BLOOM: counted in norms
 
     def summed(attr: str) -> int:
         return sum(n * getattr(layer, attr) for n, layer in ((n_dense, dense), (n_moe, moe)) if layer)
 
     layers_total = summed("total")
-    total = embedding + lm_head + final_norm + layers_total
+    total = embedding + lm_head + final_norm + embed_norm + layers_total
     inactive = 0
     if moe is not None and spec.moe is not None:
         inactive = n_moe * (spec.moe.num_experts - spec.moe.top_k) * moe.routed_expert_each
@@ -195,5 +198,5 @@ def param_counts(spec: ModelSpec) -> ParamCounts:
         router=summed("router"),
         routed_experts=summed("routed_experts"),
         shared_experts=summed("shared_experts"),
-        norms=summed("norms") + final_norm,
+        norms=summed("norms") + final_norm + embed_norm,
     )

@@ -16,7 +16,7 @@ from tensorstage.errors import SpecError
 
 Activation = Literal["gelu", "relu", "swiglu", "geglu"]
 Norm = Literal["layernorm", "rmsnorm"]
-Positions = Literal["learned", "rope", "none"]
+Positions = Literal["learned", "rope", "alibi", "none"]
 
 GATED_ACTIVATIONS = ("swiglu", "geglu")
 
@@ -100,6 +100,13 @@ class ModelSpec(_Frozen):
     sliding_window_layers: tuple[int, ...] = ()
     moe: MoESpec | None = None
     mla: MLASpec | None = None
+    # Parallel attention + MLP block (GPT-J, PaLM, GPT-NeoX): x + Attn(Norm(x)) + MLP(Norm'(x)).
+    # parallel_norms 1: one norm feeds both branches (GPT-J, PaLM); 2: each branch has its own
+    # (GPT-NeoX-20B / Pythia, whose two norms are untied).
+    parallel_block: bool = False
+    parallel_norms: Literal[1, 2] = 1
+    # a norm right after the token embedding (BLOOM's word_embeddings_layernorm)
+    embed_norm: bool = False
     source: str = ""
 
     @model_validator(mode="after")
@@ -111,6 +118,8 @@ class ModelSpec(_Frozen):
             raise ValueError("hidden must be divisible by num_heads when head_dim is not given")
         if self.kv_heads < 1 or self.num_heads % self.kv_heads:
             raise ValueError("num_kv_heads must divide num_heads")
+        if self.parallel_norms != 1 and not self.parallel_block:
+            raise ValueError("parallel_norms applies only with parallel_block: true")
         if self.moe is not None:
             bad = [i for i in self.moe.dense_layers if not 0 <= i < self.num_layers]
             if bad:

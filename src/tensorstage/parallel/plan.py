@@ -53,6 +53,8 @@ Phase = Literal["train", "prefill", "decode"]
 CPMode = Literal["ring", "allgather"]
 DDPStyle = Literal["megatron", "torch"]
 FSDPReshard = Literal["default", "true", "false"]
+AttentionImpl = Literal["flash", "materialized"]
+AttentionFlops = Literal["causal_half", "full"]
 
 #: Numeric plan fields; a YAML ``true``/``false`` in one of them is an error, not 1/0.
 NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "zero", "seq", "global_batch", "micro_batch",
@@ -124,12 +126,28 @@ class ParallelPlan(BaseModel):
         description="ZeRO-1/2: all-gather updated params during the next forward (Megatron "
         "overlap_param_gather; default off as in Megatron-core: all-gather right after the step)",
     )
+    tp_comm_overlap: bool = Field(
+        False,
+        description="Megatron-Core --tp-comm-overlap (Transformer Engine userbuffers): SP all-gather / "
+        "reduce-scatter over tp pipelined with the GEMM they feed / drain; needs tp > 1 and sp",
+    )
     cp_mode: CPMode = "ring"
     phase: Phase = "train"
     context: int = Field(0, ge=0, description="KV length for decode; 0 = seq")
     capacity_factor: float | None = Field(None, gt=0, description="MoE capacity factor; None = dropless")
     routing_skew: float = Field(1.0, ge=1.0, description="tokens at the busiest expert rank / the mean")
     pp_layer_split: tuple[int, ...] | None = None
+    # --- graph conventions (None = not given: the caller's GraphOptions, else its default) -------
+    attention_impl: AttentionImpl | None = Field(
+        None, description="flash (fused kernel) | materialized (eager softmax, saves probabilities)"
+    )
+    attention_flops: AttentionFlops | None = Field(
+        None, description="causal_half (Megatron-Core) | full (no halving for the causal mask)"
+    )
+    dropout: bool | None = Field(None, description="model the dropout layers (masks saved for backward)")
+    megatron_fusions: bool | None = Field(
+        None, description="Megatron-LM fused element-wise kernels (bias-dropout-add, bias-GeLU, ...)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -353,6 +371,8 @@ class ParallelPlan(BaseModel):
                 "context", f"context={self.context} applies only to phase decode, got phase {self.phase}; "
                 "train and prefill attend over seq"
             )
+        if self.dropout and self.phase != "train":  # would be ignored: inference runs without dropout
+            raise SpecError("dropout", f"applies only to phase train, got phase {self.phase}")
         if self.phase == "decode":
             if self.kv_len % self.cp:
                 raise SpecError(
@@ -377,6 +397,12 @@ class ParallelPlan(BaseModel):
                 "overlap_param_gather",
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
+            )
+        if self.tp_comm_overlap and (self.tp < 2 or not self.sp):
+            raise SpecError(
+                "tp_comm_overlap",
+                f"overlapping TP communication with GEMMs needs tp > 1 and sp (Megatron requires "
+                f"--sequence-parallel), got tp={self.tp} sp={self.sp}",
             )
         if self.zero_shard_size is not None and self.zero == 0:  # nothing is sharded: would be ignored
             raise SpecError("zero_shard_size", "hybrid sharding needs zero 1, 2 or 3, got zero=0")
@@ -487,6 +513,8 @@ _ALLOWED: dict[str, tuple[object, ...]] = {
     "cp_mode": ("ring", "allgather"),
     "ddp_style": ("megatron", "torch"),
     "fsdp_reshard_after_forward": ("default", "true", "false"),
+    "attention_impl": ("flash", "materialized"),
+    "attention_flops": ("causal_half", "full"),
 }
 
 

@@ -66,7 +66,9 @@ class Node:
     mem_alloc_bytes: int = 0
     mem_free_bytes: int = 0
     # COMP: the GEMM this node runs, (batch, m, n, k) per rank, for the compute model's shape
-    # efficiency (sim/compute.py); None for non-GEMM nodes and fused nodes (whose ``op`` lists parts)
+    # efficiency (sim/compute.py); a fused attention core carries its QK^T shape
+    # (batch*heads, q_len, kv_len, head_dim) for the measured attention tables (sim/kernels.py);
+    # None for other nodes and fused nodes (whose ``op`` lists parts)
     gemm: tuple[int, int, int, int] | None = None
 
 

@@ -47,13 +47,31 @@ what the unfused chain costs. Fusing only cuts the node count (lowering and simu
 
 All three parameters come from :class:`tensorstage.hardware.device.DeviceSpec` with their sources;
 nothing here is fitted. A COMP node with ``flops == 0 and tensor_bytes == 0`` costs only the launch.
+
+**Measured kernel tables** (:mod:`tensorstage.sim.kernels`; ``ComputeModel.from_device(...,
+kernel_tables=True)``, default :data:`KERNEL_TABLES_DEFAULT`). Where the device has committed tables,
+a matmul node with a GEMM shape takes the measured GEMM time of its dtype (fp8: the measured FP8
+GEMM with its input cast, as Transformer Engine runs it), and a fused attention node whose ``gemm`` carries its
+QK^T shape ``(batch*heads, q_len, kv_len, head_dim)`` takes the measured attention time:
+forward, backward (``category == "bwd_input"``) or decode (``q_len == 1``), always in BF16 (TE runs
+attention in BF16 under FP8 recipes). The fraction of query-key pairs computed comes from the node's
+FLOPs (``flops / (b*h*sq*skv*(4*d + 5))`` forward, ``/ (10*d + 10)`` backward: the graph's attention
+FLOPs plus its softmax vector FLOPs), so a causal kernel counted with the ``full`` FLOP convention is
+charged as a full one. A matmul whose node FLOPs exceed its shape's ``2*b*m*n*k`` (MoE load factor)
+is charged in proportion, and a GEMM is never faster than streaming its node's bytes at the achievable
+HBM rate (a batched GEMM, e.g. MoE experts, reads every group's own weights; the table times one
+weight shared by all rows). Every other node, and every node of a device or dtype without a table,
+keeps the roofline above; each node still pays ``kernel_launch_s`` (the tables time the kernel
+itself, back to back, not the gap between framework-launched kernels).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from math import ceil
+
+from tensorstage.sim.kernels import KernelTables, load_tables
 
 #: ``Node.op`` values of element-wise / reduction kernels that run on vector units (graph op kinds).
 VECTOR_OPS: frozenset[str] = frozenset(
@@ -81,6 +99,10 @@ SPLIT_K_MIN = 256
 REFERENCE_GEMM: Gemm = (1, 8192, 8192, 8192)
 #: whether :meth:`ComputeModel.from_device` turns the shape model on (docs/calibration.md, ablation)
 GEMM_SHAPE_MODEL_DEFAULT = True
+#: whether :meth:`ComputeModel.from_device` uses the measured kernel tables (docs/calibration.md)
+KERNEL_TABLES_DEFAULT = True
+#: dtypes whose GEMMs the tables time (others keep the roofline)
+_TABLE_DTYPES = ("bf16", "fp16", "fp8")
 
 
 def tile_reuse(tm: int, tn: int) -> float:
@@ -149,6 +171,26 @@ def fused_parts(op: str) -> list[tuple[str, int, int, str, Gemm | None]] | None:
     return out
 
 
+def anchored(tables: KernelTables, device: object) -> KernelTables:
+    """``tables`` with compute-bound kernel times put on the device's *sustained* GEMM level.
+
+    The tables are short-run microbenchmarks (kernels timed back to back for milliseconds); in a
+    training run the GPU sits at its power limit and clocks lower. The device preset's
+    ``matmul_efficiency`` is the sustained large-GEMM fraction of peak (its source says how it was
+    obtained: for A100, the best measured GEMM rate x NVIDIA's sustained HPL clock / boost clock).
+    The tables keep what they measure well: how the rate changes with shape, dtype and attention
+    length relative to the reference GEMM (8192^3 bf16); the level is the preset's:
+    ``factor = table_efficiency(8192^3) / matmul_efficiency`` multiplies GEMM and attention times
+    (decode attention is HBM-bound and keeps its measured time). No new fitted parameter enters.
+    """
+    peak = device.peak_flops("bf16")  # type: ignore[attr-defined]
+    eff = tables.reference_gemm_efficiency(peak)
+    sustained = float(getattr(device, "matmul_efficiency", 0.0) or 0.0)
+    if eff is None or sustained <= 0:
+        return tables
+    return tables.sustained(eff / sustained)
+
+
 @dataclass(frozen=True)
 class ComputeModel:
     """The roofline parameters of one device for one compute dtype, all in SI units."""
@@ -161,13 +203,24 @@ class ComputeModel:
     peak_flops: float  # dense dtype peak (the MFU/HFU denominator)
     sm_count: int = 0  # SMs the GEMM shape model schedules tiles on (0: shape model off)
     gemm_shapes: bool = False  # apply gemm_shape_factor to nodes that carry a GEMM shape
+    kernels: KernelTables | None = field(default=None, compare=False)  # measured kernel tables
+    dtype: str = "bf16"  # the compute dtype (which GEMM table the kernels answer from)
 
     @staticmethod
-    def from_device(device: object, dtype: str, gemm_shapes: bool | None = None) -> ComputeModel:
+    def from_device(device: object, dtype: str, gemm_shapes: bool | None = None,
+                    kernel_tables: bool | KernelTables | None = None) -> ComputeModel:
         """Build from a ``DeviceSpec``; unknown/unsupported dtypes raise its ``SpecError``.
 
         ``gemm_shapes``: GEMM shape efficiency on (needs the device's ``sm_count``); ``None`` takes
-        :data:`GEMM_SHAPE_MODEL_DEFAULT`."""
+        :data:`GEMM_SHAPE_MODEL_DEFAULT`. ``kernel_tables``: ``True`` uses the committed measured
+        tables of the device (by preset name; none committed: the roofline stays), a
+        :class:`KernelTables` uses those, ``False`` none, ``None`` takes :data:`KERNEL_TABLES_DEFAULT`."""
+        if kernel_tables is None:
+            kernel_tables = KERNEL_TABLES_DEFAULT
+        tables = kernel_tables if isinstance(kernel_tables, KernelTables) else (
+            load_tables(str(getattr(device, "name", ""))) if kernel_tables else None)
+        if tables is not None and not isinstance(kernel_tables, KernelTables):
+            tables = anchored(tables, device)
         peak = device.peak_flops(dtype)  # type: ignore[attr-defined]
         vector = getattr(device, "fp32_flops", None) or peak
         attn_eff = getattr(device, "attention_efficiency", None) or device.matmul_efficiency  # type: ignore[attr-defined]
@@ -180,16 +233,50 @@ class ComputeModel:
             peak_flops=peak,
             sm_count=int(getattr(device, "sm_count", None) or 0),
             gemm_shapes=GEMM_SHAPE_MODEL_DEFAULT if gemm_shapes is None else bool(gemm_shapes),
+            kernels=tables,
+            dtype=dtype,
         )
 
-    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None) -> float:
-        """Roofline time of one node (see module docstring); a fused node sums its parts."""
+    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None,
+               category: str = "") -> float:
+        """Time of one node (see module docstring); a fused node sums its parts."""
         if op.startswith(FUSED_PREFIX):
             total = 0.0
-            for name, f, b, _, g in fused_parts(op):  # type: ignore[union-attr]
-                total += self.time_s(f, b, name, g)
+            for name, f, b, cat, g in fused_parts(op):  # type: ignore[union-attr]
+                total += self.time_s(f, b, name, g, cat)
             return total
+        if self.kernels is not None and gemm is not None:
+            t = self.kernel_time_s(flops, tensor_bytes, op, gemm, category)
+            if t is not None:
+                return t + self.launch_s
         return max(flops / self.rate_flops(op, gemm), tensor_bytes / self.hbm_Bps) + self.launch_s
+
+    def kernel_time_s(self, flops: float, tensor_bytes: float, op: str, gemm: Gemm,
+                      category: str = "") -> float | None:
+        """Measured-table time of a GEMM or fused-attention node (no launch), ``None`` without a table."""
+        kt = self.kernels
+        if kt is None or op in VECTOR_OPS:
+            return None
+        b, m, n, k = gemm
+        if min(b, m, n, k) < 1:
+            return None
+        if op in ATTENTION_OPS:
+            bwd = category == "bwd_input"
+            per_pair = (10.0 * k + 10.0) if bwd else (4.0 * k + 5.0)
+            work = min(1.0, flops / (b * m * n * per_pair)) if flops > 0 else 0.5
+            if m == 1 and not bwd:  # decode: one query per sequence reads the whole K/V cache
+                kv_heads_b = max(1, min(b, round(tensor_bytes / (4.0 * n * k))))
+                return kt.decode_attention_s(1, b, kv_heads_b, n, k)
+            attn = kt.attention_bwd_s if bwd else kt.attention_fwd_s
+            return attn(b, 1, m, n, k, work=work)
+        if self.dtype not in _TABLE_DTYPES:
+            return None
+        t = kt.gemm_s(b, m, n, k, self.dtype)
+        if t is None:
+            return None
+        shape_flops = 2.0 * b * m * n * k
+        # a batched (grouped) GEMM reads every group's own operands: never faster than its bytes
+        return max(t * max(1.0, flops / shape_flops), tensor_bytes / self.hbm_Bps)
 
     def rate_flops(self, op: str, gemm: Gemm | None = None) -> float:
         """Achievable FLOP/s charged to a node of kind ``op`` (with GEMM shape ``gemm``, if known)."""
@@ -202,6 +289,8 @@ class ComputeModel:
         return self.tensor_flops
 
     def shape_scale(self, gemm: Gemm) -> float:
-        """``gemm_shape_factor(gemm) / gemm_shape_factor(REFERENCE_GEMM)`` on this device's SMs."""
+        """``gemm_shape_factor(gemm) / gemm_shape_factor(REFERENCE_GEMM)`` on this device's SMs, at
+        most 1: the measured ``matmul_efficiency`` is a ceiling (the reference GEMM runs near the best
+        rate any shape reaches; a shape the factor scores above it is not credited beyond it)."""
         ref = gemm_shape_factor(*REFERENCE_GEMM, self.sm_count)
-        return gemm_shape_factor(*gemm, self.sm_count) / ref
+        return min(1.0, gemm_shape_factor(*gemm, self.sm_count) / ref)

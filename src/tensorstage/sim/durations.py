@@ -19,6 +19,11 @@ from tensorstage.schedule.program import Node, NodeKind, Program
 from tensorstage.sim.compute import ComputeModel
 
 
+def node_time_s(compute: ComputeModel, node: Node) -> float:
+    """A COMP node's time exactly as the engine charges it (``sim/engine.py`` ``_comp_durations``)."""
+    return compute.time_s(node.flops, node.tensor_bytes, node.op, node.gemm, node.category)
+
+
 def compute_durations_us(program: Program, compute: ComputeModel) -> dict[int, int]:
     """``{node id: duration_micros}`` of every COMP node of ``program`` (running-total rounding)."""
     out: dict[int, int] = {}
@@ -27,7 +32,7 @@ def compute_durations_us(program: Program, compute: ComputeModel) -> dict[int, i
     for node in program.nodes:
         if node.kind != NodeKind.COMP:
             continue
-        total_us += compute.time_s(node.flops, node.tensor_bytes, node.op, node.gemm) * 1e6
+        total_us += node_time_s(compute, node) * 1e6
         target = math.floor(total_us + 0.5)
         out[node.id] = target - written
         written = target

@@ -408,7 +408,7 @@ def _flatten(programs: list[Program], offsets: list[int], total: int
 def _comp_durations(programs: list[Program], offsets: list[int], kind: np.ndarray, comp_model: object
                     ) -> np.ndarray:
     """Duration of every COMP node (0 elsewhere): ``comp_model.time_s`` once per distinct
-    ``(flops, tensor_bytes, op, gemm)``."""
+    ``(flops, tensor_bytes, op, gemm, category)``."""
     dur = np.zeros(len(kind), dtype=np.float64)
     cache: dict[tuple, float] = {}
     time_s = comp_model.time_s  # type: ignore[attr-defined]
@@ -418,7 +418,7 @@ def _comp_durations(programs: list[Program], offsets: list[int], kind: np.ndarra
         if not len(sel):
             continue
         comp = [nodes[j] for j in sel.tolist()] if len(sel) < len(nodes) else nodes
-        keys = [(x.flops, x.tensor_bytes, x.op, x.gemm) for x in comp]
+        keys = [(x.flops, x.tensor_bytes, x.op, x.gemm, x.category) for x in comp]
         for k in dict.fromkeys(keys):
             if k not in cache:
                 cache[k] = time_s(*k)

@@ -15,7 +15,9 @@ Time decomposition of each class over the step (``step_time_s`` = the slowest cl
   peer, pipeline fill/drain, the end of other classes).
 
 Communication intervals are from the transfer's start (all participants posted) to its end;
-the wait for peers before that is ``sync_wait_s`` (part of the bubble or hidden under compute).
+the wait for peers before that is ``sync_wait_s`` (part of the bubble or hidden under compute): the
+length of the union of those waits, so waits of several communications in flight at once count once
+and ``sync_wait_s`` never exceeds the step.
 
 Memory per class: ``static`` categories from ``Program.static_bytes`` (weights, gradients,
 optimizer states: resident all step) plus a dynamic timeline: a node's ``mem_alloc_bytes`` becomes
@@ -139,7 +141,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
             labels.append(lab)
         cs_, ce_ = st[cidx], en[cidx]
         comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(labels), dtype=bool))
-        wait = float((cs_ - post_all[off + cidx]).sum())
+        wait = union_length(post_all[off + cidx], cs_)
         mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
         for node in [n for n in nodes if n.mem_alloc_bytes or n.mem_free_bytes]:
             g = off + node.id
@@ -214,7 +216,7 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
     by_op = _sum_by(enc, dur, plain)
     for label, t in _sum_by(enc, dur, comp & fused).items():
         parts = fused_parts(label) or []
-        times = [model.time_s(f, b, name, g) for name, f, b, _, g in parts]
+        times = [model.time_s(f, b, name, g, cat) for name, f, b, cat, g in parts]
         tot = sum(times)
         for (name, _, _, cat, _), ti in zip(parts, times, strict=True):
             share = t * (ti / tot if tot > 0 else 1.0 / len(parts))
@@ -254,6 +256,22 @@ def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, label
     total = float(((ends - starts) - (covered(ends) - covered(starts))).sum())
     total = max(0.0, total)
     return total, split_exposed(total, raw), raw
+
+
+def union_length(starts: np.ndarray, ends: np.ndarray) -> float:
+    """Length of the union of the intervals ``[starts[i], ends[i])`` (empty ones ignored): waits of
+    several communications that overlap in time count once."""
+    keep = ends > starts
+    s, e = starts[keep], ends[keep]
+    if not len(s):
+        return 0.0
+    o = np.argsort(s, kind="stable")
+    s, e = s[o], e[o]
+    run_end = np.maximum.accumulate(e)
+    new = np.ones(len(s), dtype=bool)
+    new[1:] = s[1:] > run_end[:-1]
+    last = np.flatnonzero(np.r_[new[1:], True])
+    return float((run_end[last] - s[new]).sum())
 
 
 def split_exposed(total: float, raw: dict[str, float]) -> dict[str, float]:

@@ -74,10 +74,11 @@ class TraceInput:
 class FixedDurationCompute(ComputeModel):
     """A :class:`ComputeModel` that honours fixed durations encoded in ``Node.op`` (foreign traces)."""
 
-    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None) -> float:
+    def time_s(self, flops: float, tensor_bytes: float, op: str = "", gemm: Gemm | None = None,
+               category: str = "") -> float:
         if op.startswith(FIXED_OP_PREFIX):
             return int(op[len(FIXED_OP_PREFIX):]) * 1e-6
-        return super().time_s(flops, tensor_bytes, op, gemm)
+        return super().time_s(flops, tensor_bytes, op, gemm, category)
 
 
 def machine_for_trace(machine: Any, trace: TraceInput) -> Any:

@@ -21,6 +21,13 @@ Mapping rules (the same for every case of a source family, never per-case tuning
 * Unstated settings: where a source leaves a plan setting unstated (Narayanan Table 1 gives no
   micro-batch or schedule), :data:`COMPLETIONS` fills it with the setting of that source's
   published launch script, with the reason. These are configuration, not efficiency constants.
+* Megatron-Core runs (source names Megatron-Core; 2023+): Transformer Engine's fused flash
+  attention (causal: executed attention FLOPs halved), bf16, dropout 0.1 fused into its kernels,
+  RoPE; the overlap flags the case lists (``--overlap-grad-reduce``, ``--overlap-param-gather``
+  which needs the distributed optimizer = ZeRO-1, ``--tp-comm-overlap`` which needs SP) are set
+  from its ``parallel.overlap`` text; SP whenever TP > 1 (Megatron-Core's recommended setting, and
+  required by ``--tp-comm-overlap``). Tied or untied embeddings: whichever parameter count is
+  closer to the case's stated ``params``.
 * System: an ``A100`` case runs on the ``dgx-a100-selene`` preset, an ``H100`` one on
   ``dgx-h100-superpod``, resized to the case's GPU count.
 """
@@ -47,7 +54,22 @@ GROUP_T5 = "korthikanti_t5"
 GROUP_TRAINING = "training"
 GROUP_LAYER = "layer"
 GROUP_MEMORY = "memory"
-GROUPS = (GROUP_T5, GROUP_TRAINING, GROUP_LAYER, GROUP_MEMORY)
+GROUP_MCORE = "megatron_core_h100"
+GROUP_TUNING = "tuning"
+GROUP_HELD_OUT = "held_out"
+GROUPS = (GROUP_T5, GROUP_TRAINING, GROUP_MCORE, GROUP_TUNING, GROUP_HELD_OUT, GROUP_LAYER, GROUP_MEMORY)
+
+#: Cases the simulator's mechanisms and efficiencies were chosen on (docs/calibration.md, "Tuning and
+#: held-out cases"): Korthikanti et al. 2022 Table 4 (per-layer times: the A100 matmul efficiency,
+#: the GEMM shape model and Megatron's fused kernels were checked against them) and Table 5 (step
+#: times: the optimizer passes and the NCCL base latency were kept because they moved these). Every
+#: other step-time case is *held out*: nothing was set or kept by looking at it.
+TUNING_CASE_PREFIXES = ("LAYER-KORTHIKANTI22-T4-", "TRAIN-KORTHIKANTI22-T5-")
+
+
+def split_group(case_id: str) -> str:
+    """``tuning`` or ``held_out`` for a step-time / layer-time case (see :data:`TUNING_CASE_PREFIXES`)."""
+    return GROUP_TUNING if case_id.startswith(TUNING_CASE_PREFIXES) else GROUP_HELD_OUT
 
 #: Graph conventions of Megatron-LM as used in Narayanan et al. 2021 and Korthikanti et al. 2022.
 #: Megatron's fused bias-dropout-add, bias-GeLU and apex LayerNorm kernels (lower/megatron_fusion.py):
@@ -55,6 +77,10 @@ GROUPS = (GROUP_T5, GROUP_TRAINING, GROUP_LAYER, GROUP_MEMORY)
 MEGATRON_FUSIONS = True
 MEGATRON_2021_OPTIONS = dict(attention_impl="materialized", attention_flops="full", dropout=True,
                              norm_stats=False, megatron_fusions=MEGATRON_FUSIONS)
+
+#: Graph conventions of Megatron-Core with Transformer Engine (see the module docstring).
+MCORE_OPTIONS = dict(attention_impl="flash", attention_flops="causal_half", dropout=True, norm_stats=True,
+                     megatron_fusions=MEGATRON_FUSIONS)
 
 #: Settings a source leaves unstated, filled from that source's own launch script (per source).
 COMPLETIONS: dict[str, dict[str, Any]] = {
@@ -73,6 +99,15 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     # "2240 GPUs = 8 data-parallel replicas of the 280-GPU Table 3 config": Table 3's micro-batch 1,
     # 3 interleaved chunks, batch 280 per replica.
     "TRAIN-KORTHIKANTI22-530B-2240GPU": {"micro_batch": 1, "vpp": 3, "global_batch": 2240},
+    # Megatron-Core README weak/strong scaling: no micro-batch or schedule given; Megatron's own
+    # defaults (--micro-batch-size as in its GPT examples: 1; no --num-layers-per-virtual-pipeline-stage
+    # -> non-interleaved 1F1B).
+    "TRAIN-MCORE-H100-": {"micro_batch": 1, "schedule": "1f1b"},
+    # Strong scaling names no layout or flags; the case notes (and the README text) say it is the
+    # 177B model of the weak-scaling table of the same README revision, which ran TP8 PP6 with
+    # these overlap flags.
+    "TRAIN-MCORE-H100-STRONG-177B": {"tp": 8, "pp": 6,
+                                     "overlap": "--overlap-grad-reduce --overlap-param-gather --tp-comm-overlap"},
     # ZeRO Fig. 1 names a 7.5B model only by size: Megatron's 7.5B GPT (Narayanan Table 1).
     "MEM-ZERO-7.5B": {"preset": "megatron-7.5b"},
 }
@@ -181,10 +216,16 @@ def _completion(case_id: str) -> dict[str, Any]:
     return out
 
 
-def gpt_spec(name: str, model: dict[str, Any], preset: str | None = None) -> ModelSpec:
-    """A Megatron GPT :class:`ModelSpec` from a case's ``model`` block (or a named preset)."""
+def gpt_spec(name: str, model: dict[str, Any], preset: str | None = None, mcore: bool = False) -> ModelSpec:
+    """A Megatron GPT :class:`ModelSpec` from a case's ``model`` block (or a named preset).
+
+    ``mcore``: a Megatron-Core run (RoPE, tied or untied embeddings by the stated ``params``)."""
     if preset:
         return resolve_model(preset)
+    if mcore:
+        spec = gpt_spec(name, model)
+        spec = spec.model_copy(update=dict(positions="rope"))
+        return _closer_embedding_tying(spec, model.get("params"))
     layers, hidden, heads = (_int(model.get(k)) for k in ("layers", "hidden", "heads"))
     if not (layers and hidden and heads):
         raise SpecError(f"{name}.model", "needs layers, hidden and heads")
@@ -195,6 +236,35 @@ def gpt_spec(name: str, model: dict[str, Any], preset: str | None = None) -> Mod
         activation="gelu", norm="layernorm", positions="learned", tied_embeddings=True,
         qkv_bias=True, out_bias=True, mlp_bias=True, source=f"public_cases.yaml {name}",
     )
+
+
+def _params_billion(text: Any) -> float | None:
+    m = re.match(r"\s*([\d.]+)\s*B", str(text or ""))
+    return float(m.group(1)) if m else None
+
+
+def _closer_embedding_tying(spec: ModelSpec, params: Any) -> ModelSpec:
+    """``spec`` with tied or untied embeddings, whichever total is closer to the stated size."""
+    stated = _params_billion(params)
+    if stated is None:
+        return spec
+    from tensorstage.model.params import param_counts
+
+    options = [spec.model_copy(update=dict(tied_embeddings=t)) for t in (True, False)]
+    return min(options, key=lambda s: abs(param_counts(s).total / 1e9 - stated))
+
+
+def _overlap_flags(text: Any, tp: int) -> dict[str, Any]:
+    """Plan settings named by a case's ``parallel.overlap`` text (Megatron flags)."""
+    text = str(text or "")
+    out: dict[str, Any] = {}
+    if "--overlap-grad-reduce" in text:
+        out["overlap_grad_reduce"] = True
+    if "--overlap-param-gather" in text:
+        out.update(zero=1, overlap_param_gather=True)
+    if "--tp-comm-overlap" in text and tp > 1:
+        out.update(tp_comm_overlap=True, sp=True)
+    return out
 
 
 def _dtype(precision: Any) -> str:
@@ -213,6 +283,12 @@ def _recompute(value: Any) -> tuple[str, bool]:
     return "none", sp
 
 
+def is_megatron_core(case: dict[str, Any]) -> bool:
+    """A run of Megatron-Core (its source or its id says so): Transformer Engine conventions apply."""
+    ref = str((case.get("source") or {}).get("ref", "")).lower()
+    return "megatron-core" in ref or "-MCORE-" in str(case.get("id", ""))
+
+
 def system_for(gpu: Any) -> str:
     """System preset for a case's ``gpu`` text."""
     text = str(gpu or "").upper()
@@ -229,7 +305,7 @@ def graph_options(dtype: str) -> GraphOptions:
 
 def make_plan(par: dict[str, Any], num_gpus: int, seq: int, extra: dict[str, Any]) -> ParallelPlan:
     """A :class:`ParallelPlan` from a case's ``parallel`` block plus completions/overrides."""
-    tp, pp = _int(par.get("tp")) or 1, _int(par.get("pp")) or 1
+    tp, pp = _int(extra.get("tp", par.get("tp"))) or 1, _int(extra.get("pp", par.get("pp"))) or 1
     dp = _int(par.get("dp")) or max(1, num_gpus // (tp * pp))
     mb = _int(par.get("micro_batch")) if isinstance(par.get("micro_batch"), int) else None
     recompute, sp = _recompute(par.get("activation_recompute") or par.get("mode"))
@@ -242,7 +318,8 @@ def make_plan(par: dict[str, Any], num_gpus: int, seq: int, extra: dict[str, Any
         data["global_batch"] = gb
     data["micro_batch"] = mb or 1
     data["vpp"] = vpp
-    for key in ("micro_batch", "global_batch", "vpp", "recompute", "sp", "schedule", "overlap_grad_reduce"):
+    for key in ("micro_batch", "global_batch", "vpp", "recompute", "sp", "schedule", "overlap_grad_reduce",
+                "zero", "overlap_param_gather", "tp_comm_overlap"):
         if key in extra:
             data[key] = extra[key]
     if data["vpp"] > 1:
@@ -259,15 +336,34 @@ def _training_targets(case: dict[str, Any]) -> list[Target]:
     model, par, hw = case.get("model") or {}, case.get("parallel") or {}, case.get("hardware") or {}
     measured = case.get("measured") or {}
     num_gpus = _int(hw.get("num_gpus")) or 1
-    spec = gpt_spec(cid, model, extra.get("preset"))
     system = system_for(hw.get("gpu"))
-    dtype = _dtype(par.get("precision"))
-    opts = graph_options(dtype)
+    mcore = is_megatron_core(case)
+    spec = gpt_spec(cid, model, extra.get("preset"), mcore=mcore)
+    dtype = "bf16" if mcore and "bf16" in str(par.get("precision", "")).lower() else _dtype(par.get("precision"))
+    opts = GraphOptions(precision=dtype, **MCORE_OPTIONS) if mcore else graph_options(dtype)
     groups = (GROUP_TRAINING, GROUP_T5) if "-T5-" in cid else (GROUP_TRAINING,)
+    if mcore:
+        groups = (GROUP_TRAINING, GROUP_MCORE)
+        tp = _int(extra.get("tp", par.get("tp"))) or 1
+        flags = _overlap_flags(extra.get("overlap", par.get("overlap")), tp)
+        extra = {**extra, **({"sp": True} if tp > 1 else {}), **flags}
+    groups = (*groups, split_group(cid))
 
     def setup(**over: Any) -> Setup:
         plan = make_plan(par, num_gpus, spec.max_seq, {**extra, **over})
         return Setup(spec, plan, opts, system, num_gpus)
+
+    if mcore:
+        if "tflops_per_gpu" in measured:
+            return [Target(cid, cid, kind, "tflops_per_gpu", "TFLOP/s", float(measured["tflops_per_gpu"]),
+                           "tflops_megatron", setup(), groups,
+                           note="source convention: Megatron-Core r0.8 num_floating_point_operations "
+                                "(no recompute, attention not halved) per step / (t * n)")]
+        if "mfu_pct" in measured:
+            return [Target(cid, cid, kind, "mfu_pct", "%", float(measured["mfu_pct"]), "mfu_pct_megatron",
+                           setup(), groups,
+                           note="source convention: Megatron-Core r0.8 FLOPs / (t * n * dense bf16 peak)")]
+        return []
 
     if "iteration_time_s" in measured or "iteration_time_s_approx" in measured:
         value = measured.get("iteration_time_s", measured.get("iteration_time_s_approx"))
@@ -301,7 +397,8 @@ def _layer_targets(case: dict[str, Any]) -> list[Target]:
     for key, value in (case.get("measured") or {}).items():
         if key.endswith("_ms"):
             out.append(Target(f"{cid}:{key[:-3]}", cid, case["kind"], key, "ms", float(value), f"layer_{key}",
-                              setup, (GROUP_LAYER,), note="one transformer layer, TP comm included"))
+                              setup, (GROUP_LAYER, split_group(cid)),
+                              note="one transformer layer, TP comm included"))
     return out
 
 

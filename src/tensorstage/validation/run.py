@@ -10,6 +10,10 @@ the built-in simulator on the preset system. What is compared depends on the tar
   recompute), so the error is that of the step time seen through the source's formula.
 * ``mfu_pct_narayanan``: ``72 B s L h^2 (1 + s/6h + V/12Lh) / (t n peak)`` (no recompute), the
   model-FLOPs convention of Korthikanti et al. 2022.
+* ``tflops_megatron`` / ``mfu_pct_megatron``: Megatron-Core's ``num_floating_point_operations``
+  as of the run's release (r0.8: ``12 B s L h^2 ((1 + g/n + s/h) q + f/h + V/2Lh)``: GEMMs x3 for
+  forward + both backward GEMMs, attention *not* halved for the causal mask, no recompute) applied
+  to the predicted step time, per GPU (and over the dense bf16 peak for MFU).
 * ``layer_<forward|backward|combined>_ms``: the simulated time window of one transformer layer
   (layer 0 of a two-layer model): forward = its nodes up to its first recompute/backward node,
   backward = from there on (TP collectives included, optimizer excluded).
@@ -35,10 +39,8 @@ from tensorstage.graph.graph import build_graph, state_bytes_per_param
 from tensorstage.hardware.system import load_system
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.validation.cases import (
-    GROUP_LAYER,
-    GROUP_MEMORY,
-    GROUP_T5,
     GROUP_TRAINING,
+    GROUPS,
     Setup,
     Target,
 )
@@ -81,13 +83,28 @@ def narayanan_flops_no_recompute(batch: int, seq: int, layers: int, hidden: int,
     return 72.0 * batch * seq * layers * hidden**2 * (1 + seq / (6 * hidden) + vocab / (12 * layers * hidden))
 
 
+def megatron_core_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int, heads: int, kv_heads: int,
+                        ffn: int, gated: bool, head_dim: int) -> float:
+    """Megatron-Core r0.8 ``num_floating_point_operations`` for a dense GPT (one step, no recompute)."""
+    q_ratio = heads * head_dim / hidden
+    attn = (1 + kv_heads / heads + seq / hidden) * q_ratio
+    mlp = ffn / hidden * (1.5 if gated else 1.0)
+    return 12.0 * batch * seq * layers * hidden**2 * (attn + mlp + vocab / (2 * layers * hidden))
+
+
 # --- predictions ---------------------------------------------------------------------------------
 
 
 class Predictor:
-    """Runs lowering + simulation once per distinct :class:`Setup` and extracts target values."""
+    """Runs lowering + simulation once per distinct :class:`Setup` and extracts target values.
 
-    def __init__(self) -> None:
+    ``system_transform`` (optional) maps each case's preset system to the one simulated: a what-if
+    (e.g. half the scale-out bandwidth) through the same path; the tests use it to prove that the
+    accuracy assertions see a physical change real hardware would show.
+    """
+
+    def __init__(self, system_transform: Callable[[Any], Any] | None = None) -> None:
+        self._transform = system_transform
         self._sim: dict[tuple, Any] = {}
         self._lowered: dict[tuple, Any] = {}
         self._blocks: dict[tuple, Any] = {}
@@ -101,8 +118,13 @@ class Predictor:
             self._lowered[key] = lower(setup.spec, setup.plan, setup.options)
         return self._lowered[key]
 
+    def preset_peak_flops(self, setup: Setup) -> float:
+        """The dense datasheet peak of the case's preset device (the sources' MFU denominator)."""
+        return load_system(setup.system, setup.num_gpus).device.peak_flops(setup.plan.dtype)
+
     def system(self, setup: Setup) -> Any:
-        return load_system(setup.system, setup.num_gpus)
+        system = load_system(setup.system, setup.num_gpus)
+        return system if self._transform is None else self._transform(system)
 
     def simulated(self, setup: Setup) -> Any:
         """The simulated step: extrapolated from three short steps when that is exact (the same
@@ -159,8 +181,21 @@ class Predictor:
 
     def _x_mfu_pct_narayanan(self, t: Target) -> float:
         step = self._x_step_time_s(t)
-        peak = self.system(t.setup).device.peak_flops(t.setup.plan.dtype)
+        peak = self.preset_peak_flops(t.setup)
         return 100.0 * narayanan_flops_no_recompute(*self._flops_args(t)) / (step * t.setup.num_gpus * peak)
+
+    def _megatron_flops(self, t: Target) -> float:
+        s, p = t.setup.spec, t.setup.plan
+        return megatron_core_flops(p.global_batch, p.seq, s.num_layers, s.hidden, s.vocab, s.num_heads,
+                                   s.num_kv_heads or s.num_heads, s.ffn, s.activation in ("swiglu", "geglu"),
+                                   s.head_dim or s.hidden // s.num_heads)
+
+    def _x_tflops_megatron(self, t: Target) -> float:
+        return self._megatron_flops(t) / (self._x_step_time_s(t) * t.setup.num_gpus) / 1e12
+
+    def _x_mfu_pct_megatron(self, t: Target) -> float:
+        peak = self.preset_peak_flops(t.setup)
+        return 100.0 * self._megatron_flops(t) / (self._x_step_time_s(t) * t.setup.num_gpus * peak)
 
     def layer_window_s(self, setup: Setup) -> tuple[float, float]:
         """(forward, backward) seconds of layer 0 in the simulated timeline."""
@@ -241,9 +276,12 @@ def in_flight(actions: Iterable[Any]) -> int:
 # --- running and summarising --------------------------------------------------------------------
 
 
-def run_targets(targets: list[Target], progress: Callable[[Target], None] | None = None) -> list[CaseResult]:
-    """Predict every target; a target whose prediction fails records the error instead."""
-    pred = Predictor()
+def run_targets(targets: list[Target], progress: Callable[[Target], None] | None = None,
+                system_transform: Callable[[Any], Any] | None = None) -> list[CaseResult]:
+    """Predict every target; a target whose prediction fails records the error instead.
+
+    ``system_transform``: see :class:`Predictor`."""
+    pred = Predictor(system_transform)
     out = []
     for t in targets:
         if progress is not None:
@@ -264,7 +302,7 @@ def run_targets(targets: list[Target], progress: Callable[[Target], None] | None
 def group_summary(results: list[CaseResult]) -> dict[str, dict[str, Any]]:
     """MAPE, max |error| and counts per group (failed predictions counted apart, not in the MAPE)."""
     out: dict[str, dict[str, Any]] = {}
-    for g in (GROUP_T5, GROUP_TRAINING, GROUP_LAYER, GROUP_MEMORY):
+    for g in GROUPS:
         rs = [r for r in results if g in r.groups]
         if not rs:
             continue
