@@ -54,17 +54,19 @@ _MEASURE = ("import resource, subprocess, sys, time\n"
             " u.ru_maxrss * 1024))\n")
 
 
-def measured(cmd: list[str], timeout_s: float) -> tuple[str, dict[str, float]]:
+def measured(cmd: list[str], timeout_s: float, cwd: Path | None = None) -> tuple[str, dict[str, float]]:
     """Run ``cmd`` in a fresh process; its output, exit code, wall and CPU seconds and peak RSS bytes."""
-    p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, timeout=timeout_s)
+    p = subprocess.run([sys.executable, "-c", _MEASURE, *cmd], capture_output=True, text=True, timeout=timeout_s,
+                       cwd=cwd)
     rc, wall, cpu, rss = p.stderr.rsplit("@@ ", 1)[1].split()
     return p.stdout, {"rc": int(rc), "wall_s": float(wall), "cpu_s": float(cpu), "rss_bytes": int(rss)}
 
 
-def run_astra(line: str, binary: str, world: int, timeout_s: float) -> dict[str, object]:
+def run_astra(line: str, binary: str, world: int, timeout_s: float, cwd: Path) -> dict[str, object]:
+    """One ASTRA-sim run; its ``log/`` folder goes into ``cwd`` (the plan's folder)."""
     cmd = line.split()
     cmd[0] = binary
-    out, m = measured(cmd, timeout_s)
+    out, m = measured(cmd, timeout_s, cwd)
     done = {int(r): int(c) for r, c in re.findall(r"sys\[(\d+)\] finished, (\d+) cycles", out)}
     return {**m, "finished": len(done), "world": world, "step_s": max(done.values()) * 1e-9 if done else None}
 
@@ -81,8 +83,8 @@ def run_plan(name: str, work: Path, binary: str, timeout_s: float) -> dict[str, 
     ours["step_s"] = json.loads(out[out.index("{"):])["step_time_s"] if ours["rc"] == 0 else None
     lines = [x for x in (d / "astra_commands.sh").read_text().splitlines() if x and not x.startswith("#")]
     return {"model": model, "flags": " ".join(COMMON + flags), "world": world, "cross_node_dp": cross,
-            "ours": ours, "replay": run_astra(lines[0], binary, world, timeout_s),
-            "roofline": run_astra(lines[1], binary, world, timeout_s)}
+            "ours": ours, "replay": run_astra(lines[0], binary, world, timeout_s, d),
+            "roofline": run_astra(lines[1], binary, world, timeout_s, d)}
 
 
 def table(results: dict[str, dict]) -> str:
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--work", required=True, type=Path, help="folder for traces, configs and results.json")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per process")
     args = ap.parse_args()
+    args.work = args.work.resolve()  # the command lines name absolute paths: ASTRA runs in each plan's folder
     args.work.mkdir(parents=True, exist_ok=True)
     path = args.work / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
