@@ -76,7 +76,7 @@ CASES: dict[str, tuple[str, str, dict[str, object]]] = {
 
 def run_case(name: str, full: bool) -> dict[str, object]:
     """One ``simulate MODEL`` call in process: lower (+ extrapolate) + simulate + summarize."""
-    from tensorstage.commands.simulate import simulate_model
+    from tensorstage.api import simulate as simulate_model
     from tensorstage.parallel.plan import ParallelPlan
 
     model, system, plan_data = CASES[name]

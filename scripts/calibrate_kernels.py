@@ -2,7 +2,8 @@
 
 Source: the measured tables that the Apache-2.0 PyPI package ``aiconfigurator-core`` (NVIDIA) ships
 under ``aiconfigurator_core/systems/data/<device>/<kernel>/<backend>/<version>/*.parquet``
-(TensorRT-LLM ``torch_flow`` GEMMs, context (prefill) and generation (decode) attention).
+(TensorRT-LLM ``torch_flow`` GEMMs and generation (decode) attention; context (prefill) attention
+from the FlashAttention kernels training uses, see :data:`ATTN_FWD_SOURCE`).
 Install the optional extra ``calibrate`` (``pip install -e .[calibrate]``: the package, pandas,
 pyarrow), then::
 
@@ -44,6 +45,11 @@ from tensorstage.sim.kernels import KernelTables, tile_quantization  # noqa: E40
 #: device preset name -> aiconfigurator-core system folder
 DEVICES = {"A100-80GB": "a100_sxm", "H100-SXM": "h100_sxm", "H200": "h200_sxm", "B200": "b200_sxm"}
 BACKEND = "trtllm"
+#: attention forward: the FlashAttention kernels training runs (Dao's FlashAttention-2 on A100 and
+#: FlashAttention-3 on Hopper, as forked into vLLM); B200: TensorRT-LLM's FMHA (FlashAttention-3
+#: does not run on Blackwell; vLLM's Blackwell prefill is the same TensorRT-LLM kernel via FlashInfer)
+ATTN_FWD_SOURCE = {"A100-80GB": ("vllm", "vllm_flash_attn"), "H100-SXM": ("vllm", "vllm_flash_attn_fa3"),
+                   "H200": ("vllm", "vllm_flash_attn_fa3"), "B200": ("trtllm", "torch_flow")}
 #: aiconfigurator gemm_dtype -> our dtype (fp8 = per-tensor scaled FP8, as Transformer Engine's delayed scaling)
 GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
 HELDOUT_EVERY = 5  # 1 in 5 points held out
@@ -55,7 +61,8 @@ GEMM_AXES = {
     "n": [2 ** i for i in range(5, 17)],
     "k": [2 ** i for i in range(5, 17)],
 }
-ATTN_AXES = {"bh": [2 ** i for i in range(0, 16)], "s": [2 ** i for i in range(4, 15)]}
+ATTN_AXES = {"bh": [4 ** i for i in range(0, 9)], "s": [2 ** i for i in range(4, 15)],
+             "group": [4 ** i for i in range(0, 5)]}
 DEC_AXES = {"bkv": [4 ** i for i in range(0, 10)], "kv": [4 ** i for i in range(0, 10)],
             "group": [2 ** i for i in range(0, 8)]}
 
@@ -184,7 +191,7 @@ def _predict_gemm(table: dict, m, n, k) -> np.ndarray:
 
 
 def attn_fit(df, ref_flops: float) -> tuple[dict, dict]:
-    """Causal context attention, per head dim: eff(b*h, s)."""
+    """Causal context attention, per head dim: eff(b*h, s, h/kv_heads)."""
     tables, reports, samples = {}, {}, {}
     for hd, g in sorted(df.groupby("head_dim")):
         g = g.groupby(["batch_size", "isl", "num_heads", "num_key_value_heads"], as_index=False)["latency"].median()
@@ -194,12 +201,13 @@ def attn_fit(df, ref_flops: float) -> tuple[dict, dict]:
         eff = 4 * b * h * s * s * hd * 0.5 / (t * ref_flops)
         keys = [f"attn|{int(hd)}|{int(a)}|{int(c)}|{int(d)}|{int(e)}" for a, c, d, e in zip(b, s, h, kvh, strict=True)]
         hold = np.array([heldout(x) for x in keys])
-        x = np.log2(np.stack([b * h, s], axis=1))
-        axes = [ATTN_AXES["bh"], ATTN_AXES["s"]]
+        x = np.log2(np.stack([b * h, s, h / kvh], axis=1))
+        axes = [ATTN_AXES["bh"], ATTN_AXES["s"], ATTN_AXES["group"]]
         nodes = fit_surface(x[~hold], np.log(eff[~hold]), axes)
         tables[str(int(hd))] = surface_json(nodes, axes, float(eff.max()))
         kt = KernelTables({"device": "fit", "attention_fwd": {"ref_flops": ref_flops, "head_dim": {str(int(hd)): tables[str(int(hd))]}}})
-        pred = np.array([kt.attention_fwd_s(int(a), int(c), int(d), int(d), int(hd)) for a, c, d in zip(b, h, s, strict=True)])
+        pred = np.array([kt.attention_fwd_s(int(a), int(c), int(d), int(d), int(hd), kv_heads=int(e))
+                         for a, c, d, e in zip(b, h, s, kvh, strict=True)])
         reports[str(int(hd))] = {"points": int(len(t)), "heldout_points": int(hold.sum()),
                                  "heldout_mape_pct": round(mape(pred[hold], t[hold]), 2),
                                  "fit_mape_pct": round(mape(pred[~hold], t[~hold]), 2)}
@@ -243,6 +251,34 @@ def _pick(rows: list[dict]) -> list[dict]:
     return sorted(keyed[:SAMPLE_PER_TABLE], key=lambda r: json.dumps(r, sort_keys=True))
 
 
+# --- cross-check against other software stacks ------------------------------------------------------
+
+def crosscheck(data: str, base: str, out: dict) -> dict:
+    """MAPE of the fitted GEMM tables against the same package's measurements with other serving stacks
+    (vLLM, SGLang: different GEMM libraries on the same GPU model), none of which entered the fit."""
+    kt = KernelTables({"device": "fit", "gemm": out["gemm"]})
+    res: dict = {}
+    for backend in ("vllm", "sglang"):
+        vdir = latest(os.path.join(base, "gemm", backend), "gemm_perf.parquet")
+        if not vdir:
+            continue
+        path = os.path.join(vdir, "gemm_perf.parquet")
+        df = read(path)
+        for src_dt, dt in GEMM_DTYPES.items():
+            g = df[df.gemm_dtype == src_dt].groupby(["m", "n", "k"], as_index=False)["latency"].median()
+            if g.empty or dt not in out["gemm"]:
+                continue
+            m, n, k = (g[c].to_numpy() for c in ("m", "n", "k"))
+            t = g["latency"].to_numpy() * 1e-3
+            pred = np.array([kt.gemm_s(1, int(a), int(b), int(c), dt) for a, b, c in zip(m, n, k, strict=True)])
+            big = (m >= 1024) & (n >= 1024) & (k >= 1024)
+            res[f"gemm/{dt}/{backend}-{os.path.basename(vdir)}"] = {
+                "points": int(len(t)), "mape_pct": round(mape(pred, t), 2),
+                "mape_pct_all_dims_ge_1024": round(mape(pred[big], t[big]), 2),
+                "file": source(data, path, os.path.basename(vdir), src_dt)["file"]}
+    return res
+
+
 # --- driver ----------------------------------------------------------------------------------------
 
 def find_data(arg: str | None) -> tuple[str, str, str]:
@@ -269,9 +305,19 @@ def read(path: str):
     return pd.read_parquet(path)
 
 
-def source(data: str, path: str, backend_version: str, dtype: str) -> dict:
+def plain_bf16(df):
+    """BF16 attention with a BF16 KV cache, no sliding window, no beam search (columns a table lacks: all)."""
+    keep = (df.attn_dtype == "bfloat16") & (df.kv_cache_dtype == "bfloat16")
+    if "window_size" in df:
+        keep &= df.window_size == 0
+    if "beam_width" in df:
+        keep &= df.beam_width == 1
+    return df[keep]
+
+
+def source(data: str, path: str, backend_version: str, dtype: str, backend: str = BACKEND) -> dict:
     return {"file": "aiconfigurator_core/systems/data/" + os.path.relpath(path, data).replace(os.sep, "/"),
-            "backend": BACKEND, "backend_version": backend_version, "dtype": dtype, "sha256": sha256_file(path)}
+            "backend": backend, "backend_version": backend_version, "dtype": dtype, "sha256": sha256_file(path)}
 
 
 def calibrate(data: str, package: str, version: str, out_dir: Path, heldout_path: Path) -> dict:
@@ -304,23 +350,26 @@ def calibrate(data: str, package: str, version: str, out_dir: Path, heldout_path
                 held[f"gemm/{dt}"] = r["sample"]
                 out["provenance"]["sources"].append(
                     {**source(data, path, os.path.basename(gdir), src_dt), "kernel": "gemm"})
-        adir = latest(os.path.join(base, "attention", BACKEND), "context_attention_perf.parquet")
-        if adir:
-            path = os.path.join(adir, "context_attention_perf.parquet")
+        fa_backend, fa_kernel = ATTN_FWD_SOURCE[preset]
+        fdir = latest(os.path.join(base, "attention", fa_backend), "context_attention_perf.parquet")
+        if fdir:
+            path = os.path.join(fdir, "context_attention_perf.parquet")
             df = read(path)
-            df = df[(df.attn_dtype == "bfloat16") & (df.kv_cache_dtype == "bfloat16") & (df.window_size == 0)
-                    & (df.beam_width == 1)]
+            df = plain_bf16(df)
+            df = df[df.kernel_source == fa_kernel]
             table, r = attn_fit(df, dev.peak_flops("bf16"))
-            out["attention_fwd"] = table
+            out["attention_fwd"] = {**table, "kernel_source": fa_kernel}
             for hd, v in r["report"].items():
                 rep[f"attention_fwd/bf16/hd{hd}"] = v
                 held[f"attention_fwd/bf16/hd{hd}"] = r["sample"][hd]
             out["provenance"]["sources"].append(
-                {**source(data, path, os.path.basename(adir), "bfloat16"), "kernel": "attention_fwd"})
+                {**source(data, path, os.path.basename(fdir), "bfloat16", fa_backend), "kernel": "attention_fwd",
+                 "kernel_source": fa_kernel})
+        adir = latest(os.path.join(base, "attention", BACKEND), "generation_attention_perf.parquet")
+        if adir:
             path = os.path.join(adir, "generation_attention_perf.parquet")
             df = read(path)
-            df = df[(df.attn_dtype == "bfloat16") & (df.kv_cache_dtype == "bfloat16") & (df.window_size == 0)
-                    & (df.beam_width == 1)]
+            df = plain_bf16(df)
             table, r = decode_fit(df, dev.hbm_GBps * 1e9)
             out["decode_attention"] = table
             for hd, v in r["report"].items():
@@ -329,6 +378,9 @@ def calibrate(data: str, package: str, version: str, out_dir: Path, heldout_path
             out["provenance"]["sources"].append(
                 {**source(data, path, os.path.basename(adir), "bfloat16"), "kernel": "decode_attention"})
         out["heldout_mape_pct"] = {k: v["heldout_mape_pct"] for k, v in rep.items()}
+        if "gemm" in out:
+            out["crosscheck"] = crosscheck(data, base, out)
+            rep.update({f"crosscheck/{k}": v for k, v in out["crosscheck"].items()})
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / f"{preset}.json").write_text(json.dumps(out, sort_keys=True, separators=(",", ":")) + "\n")
         summary[preset] = rep
@@ -361,10 +413,18 @@ def main() -> None:
     print(f"{'device':<10} {'kernel':<28} {'points':>7} {'held':>6} {'fit %':>7} {'held-out %':>10}")
     for dev, rep in summary.items():
         for kern, r in rep.items():
+            if kern.startswith("crosscheck/"):
+                continue
             extra = (f"  (quantization {r['quantization']}; m,n,k >= 1024: "
                      f"{r['heldout_mape_pct_all_dims_ge_1024']:.2f} %)") if "quantization" in r else ""
             print(f"{dev:<10} {kern:<28} {r['points']:>7} {r['heldout_points']:>6} {r['fit_mape_pct']:>7.2f} "
                   f"{r['heldout_mape_pct']:>10.2f}{extra}")
+    print("\ncross-check: the fitted GEMM tables against other stacks' measurements (not fitted)")
+    for dev, rep in summary.items():
+        for kern, r in rep.items():
+            if kern.startswith("crosscheck/"):
+                print(f"{dev:<10} {kern[11:]:<34} {r['points']:>7} MAPE {r['mape_pct']:>6.2f} %  "
+                      f"(m,n,k >= 1024: {r['mape_pct_all_dims_ge_1024']:.2f} %)")
 
 
 if __name__ == "__main__":

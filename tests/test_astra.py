@@ -176,7 +176,7 @@ def test_durations_from_our_compute_model(tmp_path: Path) -> None:
 def test_generate_with_system_and_astra_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "g"
-    r = run_main(monkeypatch, capsys, "generate", "gpt3-125m", "--tp", "2", "--dp", "2", "--seq", "128",
+    r = run_main(monkeypatch, capsys, "generate", "gpt3-125m", "--tp", "2", "--dp", "2", "--pp", "1", "--seq", "128",
                  "--global-batch", "4", "--micro-batch", "1", "--system", "dgx-h100-superpod", "--astra-config",
                  "--workers", "1", "--out", str(out))
     assert r.returncode == 0, r.stderr

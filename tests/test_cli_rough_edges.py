@@ -29,7 +29,7 @@ def test_run_json_prints_result_json(tmp_path: Path) -> None:
     res = runner.invoke(app, ["run", "gpt3-125m", "--tp", "1", "--pp", "2", "--dp", "1", "--seq", "256",
                               "--global-batch", "4", "--out", str(out), "--json"])
     assert res.exit_code == 0, res.output
-    printed = json.loads(res.output)
+    printed = json.loads(res.stdout)
     assert printed == json.loads((out / "result.json").read_text())
     assert printed["tokens_per_step"] == 4 * 256  # global batch x sequence
     assert printed["tokens_per_s"] == pytest.approx(4 * 256 / printed["step_time_s"])
@@ -121,7 +121,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def small_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Per-rank traces of gpt3-125m, DP 2 x PP 2 (4 files, 2 rank classes)."""
     d = tmp_path_factory.mktemp("trace") / "t"
-    res = runner.invoke(app, ["generate", "gpt3-125m", "--pp", "2", "--dp", "2", "--seq", "256",
+    res = runner.invoke(app, ["generate", "gpt3-125m", "--tp", "1", "--pp", "2", "--dp", "2", "--seq", "256",
                               "--global-batch", "4", "--out", str(d)])
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in d.glob("*.et")) == [f"trace.{r}.et" for r in range(4)]
@@ -175,14 +175,16 @@ network:
 def test_user_system_without_sources_names_every_field_that_needs_one(tmp_path: Path) -> None:
     f = tmp_path / "sys.yaml"
     f.write_text(SYSTEM_YAML)
-    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--json")
+    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--pp", "1", "--dp", "1", "--seq", "2048",
+               "--global-batch", "1", "--json")
     assert res.returncode == 2 and res.stdout == ""
     for field in ("gpus_per_node", "network.nvlink.bandwidth_GBps", "network.nvlink.latency_ns"):
         assert field in res.stderr
     sources = "".join(f"  {k}: 'ASSUMPTION: test'\n" for k in
                       ("gpus_per_node", "network.nvlink.bandwidth_GBps", "network.nvlink.latency_ns"))
     f.write_text(SYSTEM_YAML + "sources:\n" + sources)
-    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--json")
+    res = _cli("simulate", "gpt3-125m", "--system", str(f), "--tp", "4", "--pp", "1", "--dp", "1", "--seq", "2048",
+               "--global-batch", "1", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["world"] == 4  # tp 4 x dp 1 x pp 1
 
@@ -238,9 +240,10 @@ def test_validate_json_names_its_timing_with_a_unit() -> None:
 
 
 def test_simulate_json_peak_is_a_rate_and_mfu_follows_from_it() -> None:
-    res = runner.invoke(app, ["simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--seq", "512", "--json"])
+    res = runner.invoke(app, ["simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--seq", "512", "--json",
+                              "--tp", "1", "--pp", "1", "--dp", "1", "--global-batch", "1"])
     assert res.exit_code == 0, res.output
-    d = json.loads(res.output)
+    d = json.loads(res.stdout)
     assert d["peak_flops_per_s_per_device"] == 312e12  # A100 dense BF16 datasheet
     # MFU = model FLOPs / (step time x GPUs x peak FLOP/s); model FLOPs summed from the classes
     model_flops = sum(c["ranks"] * c["model_flops"] for c in d["breakdown"]["classes"])
@@ -254,8 +257,9 @@ def test_simulate_json_peak_is_a_rate_and_mfu_follows_from_it() -> None:
 
 @pytest.mark.parametrize("command", [
     ["run", "gpt3-125m", "--seq", "256", "--global-batch", "1", "--tp", "1", "--pp", "1", "--dp", "1", "--out"],
-    ["generate", "gpt3-125m", "--seq", "256", "--out"],
-    ["simulate", "gpt3-125m", "--seq", "256", "--system", "dgx-a100-selene", "--report"],
+    ["generate", "gpt3-125m", "--seq", "256", "--tp", "1", "--pp", "1", "--dp", "1", "--out"],
+    ["simulate", "gpt3-125m", "--seq", "256", "--tp", "1", "--pp", "1", "--dp", "1", "--system", "dgx-a100-selene",
+     "--report"],
 ])
 def test_an_unrelated_directory_is_never_replaced(tmp_path: Path, command: list[str]) -> None:
     mine = tmp_path / "project"
@@ -292,7 +296,9 @@ def test_unwritable_outputs_are_one_line_not_a_traceback(tmp_path: Path) -> None
     assert res.returncode == 2 and res.stdout == "" and res.stderr.startswith("error: timeline:")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--timeline", str(blocker / "t.json"))
+    res = _cli("simulate", "gpt3-125m", "--system", "dgx-a100-selene", "--seq", "512", "--tp", "1", "--pp", "1",
+               "--dp", "1", "--timeline", str(blocker / "t.json"))
+    assert "timeline: cannot write" in res.stderr
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
 
 

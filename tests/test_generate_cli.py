@@ -24,6 +24,8 @@ from tests.support import run_main
 
 DATA = Path(__file__).parent / "data"
 TINY_MOE = str(DATA / "models" / "tiny-moe.yaml")
+#: ``-c`` an empty plan: flags then apply over ParallelPlan's field defaults (1 GPU), not the default plan.
+FIELD_DEFAULTS = ["-c", str(DATA / "plan_field_defaults.yaml")]
 TINY_DENSE = """\
 name: tiny-dense
 num_layers: 4
@@ -65,7 +67,7 @@ PLANS = [
 def test_generated_traces_validate(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                    tmp_path: Path, plan: list[str]) -> None:
     out = tmp_path / "t"
-    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *plan, "--out", str(out), "--json")
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *FIELD_DEFAULTS, *plan, "--out", str(out), "--json")
     assert res.returncode == 0, res.stderr
     manifest = json.loads(res.stdout)
     world = manifest["world"]
@@ -83,7 +85,7 @@ def test_generated_traces_validate(monkeypatch: pytest.MonkeyPatch, capsys: pyte
 
 def test_deterministic_and_worker_count_independent(monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    args = ["generate", TINY_MOE, "--tp", "2", "--pp", "2", "--dp", "2", "--ep", "2", "--sp", "--seq", "128"]
+    args = ["generate", TINY_MOE, *FIELD_DEFAULTS, "--tp", "2", "--pp", "2", "--dp", "2", "--ep", "2", "--sp", "--seq", "128"]
     digests = []
     for i, workers in enumerate(["1", "1", "2"]):
         out = tmp_path / f"run{i}"
@@ -97,7 +99,7 @@ def test_deterministic_and_worker_count_independent(monkeypatch: pytest.MonkeyPa
 def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                       tmp_path: Path) -> None:
     out = tmp_path / "c"
-    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--dp", "2", "--seq", "128",
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *FIELD_DEFAULTS, "--pp", "2", "--dp", "2", "--seq", "128",
                 "--out", str(out), "--classes-only", "--prefix", "x")
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in out.glob("x.class*")) == ["x.class0.et", "x.class0.json", "x.class1.et",
@@ -105,7 +107,7 @@ def test_classes_only_and_json_traces(monkeypatch: pytest.MonkeyPatch, capsys: p
     rank_classes = json.loads((out / "x.rank_classes.json").read_text())
     assert rank_classes["rank_to_class"] == [0, 0, 1, 1]  # pp outermost: ranks 0,1 stage 0
     out2 = tmp_path / "j"
-    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, "--pp", "2", "--seq", "128", "--out", str(out2),
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *FIELD_DEFAULTS, "--pp", "2", "--seq", "128", "--out", str(out2),
                 "--json-traces")
     assert res.returncode == 0, res.stderr
     assert len(list(out2.glob("trace.class*.json"))) == 2 and len(list(out2.glob("trace.*.et"))) == 2
@@ -119,7 +121,7 @@ def test_dp_all_reduce_moves_every_parameter_in_fp32(monkeypatch: pytest.MonkeyP
     spec = resolve_model(dense_yaml)
     padded_vocab = -(-spec.vocab // 128) * 128  # Megatron: make_vocab_size_divisible_by=128 (x tp=1)
     params = reference_param_count(spec) + 2 * (padded_vocab - spec.vocab) * spec.hidden  # embedding + head
-    res = run_main(monkeypatch, capsys, "generate", dense_yaml, "--dp", "4", "--seq", "64", "--out",
+    res = run_main(monkeypatch, capsys, "generate", dense_yaml, *FIELD_DEFAULTS, "--dp", "4", "--seq", "64", "--out",
                 str(tmp_path / "d"), "--json")
     assert res.returncode == 0, res.stderr
     (cls,) = json.loads(res.stdout)["classes"].values()
@@ -145,7 +147,7 @@ BAD = [
 def test_bad_plans_one_line_exit_2_no_output(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              tmp_path: Path, flags: list[str], rule: str) -> None:
     out = tmp_path / "never"
-    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *flags, "--out", str(out))
+    res = run_main(monkeypatch, capsys, "generate", TINY_MOE, *FIELD_DEFAULTS, *flags, "--out", str(out))
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and rule in lines[0], res.stderr
@@ -154,7 +156,7 @@ def test_bad_plans_one_line_exit_2_no_output(monkeypatch: pytest.MonkeyPatch, ca
 
 def test_console_script_exit_code(tmp_path: Path) -> None:
     env = {**os.environ, "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "generate", TINY_MOE, "--tp", "3", "--out",
+    proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "generate", TINY_MOE, *FIELD_DEFAULTS, "--tp", "3", "--out",
                            str(tmp_path / "x")], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.count("\n") == 1 and not (tmp_path / "x").exists()
@@ -165,7 +167,7 @@ def test_tied_embeddings_across_stages_validate(monkeypatch: pytest.MonkeyPatch,
     path = tmp_path / "tied.yaml"
     path.write_text(TINY_DENSE.replace("name: tiny-dense", "name: tiny-tied") + "tied_embeddings: true\n")
     out = tmp_path / "t"
-    res = run_main(monkeypatch, capsys, "generate", str(path), "--pp", "4", "--dp", "2", "--seq", "64", "--out",
+    res = run_main(monkeypatch, capsys, "generate", str(path), *FIELD_DEFAULTS, "--pp", "4", "--dp", "2", "--seq", "64", "--out",
                 str(out), "--json")
     assert res.returncode == 0, res.stderr
     report = validate_trace_dir(out)  # every communicator's members issue the same collectives
@@ -181,7 +183,7 @@ def test_byte_identical_across_processes_and_hash_seeds(tmp_path: Path) -> None:
     for seed in ("1", "2"):
         out = tmp_path / f"s{seed}"
         env = {**os.environ, "PYTHONHASHSEED": seed, "COLUMNS": "200"}
-        proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "generate", TINY_MOE, "--tp", "2", "--pp", "2",
+        proc = subprocess.run([sys.executable, "-m", "tensorstage.cli", "generate", TINY_MOE, *FIELD_DEFAULTS, "--tp", "2", "--pp", "2",
                                "--dp", "2", "--ep", "2", "--sp", "--seq", "128", "--zero", "3", "--schedule", "zb-h1",
                                "--out", str(out), "--json-traces"], capture_output=True, text=True, env=env, timeout=120)
         assert proc.returncode == 0, proc.stderr

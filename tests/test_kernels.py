@@ -23,6 +23,8 @@ from tensorstage.schedule.program import NodeKind
 from tensorstage.sim import machine_from_system, simulate
 from tensorstage.sim.compute import KERNEL_TABLES_DEFAULT, ComputeModel
 from tensorstage.sim.kernels import KernelTables, available_devices, load_tables
+from tensorstage.trace import write_chakra
+from tensorstage.trace.to_programs import programs_from_trace
 from tests.support import megatron_gpt
 
 HELDOUT = Path(__file__).parent / "data" / "kernel_heldout.json"
@@ -33,7 +35,8 @@ def _predict(kt: KernelTables, kernel: str, p: dict) -> float | None:
     if kernel.startswith("gemm/"):
         return kt.gemm_s(1, p["m"], p["n"], p["k"], kernel.split("/")[1])
     if kernel.startswith("attention_fwd/"):
-        return kt.attention_fwd_s(p["batch"], p["heads"], p["seq"], p["seq"], p["head_dim"], causal=True)
+        return kt.attention_fwd_s(p["batch"], p["heads"], p["seq"], p["seq"], p["head_dim"], causal=True,
+                                  kv_heads=p["kv_heads"])
     return kt.decode_attention_s(p["batch"], p["heads"], p["kv_heads"], p["kv_len"], p["head_dim"])
 
 
@@ -132,7 +135,7 @@ def test_tables_carry_provenance() -> None:
         assert {"gemm", "attention_fwd", "decode_attention"} <= kinds
         for s in prov["sources"]:
             assert re.fullmatch(r"[0-9a-f]{64}", s["sha256"]) and s["file"].endswith(".parquet")
-            assert s["backend"] == "trtllm" and s["backend_version"] and s["dtype"]
+            assert s["backend"] in ("trtllm", "vllm") and s["backend_version"] and s["dtype"]
         assert len((root / f"{dev}.json").read_bytes()) < 100_000
 
 
@@ -164,6 +167,25 @@ def test_simulation_uses_the_tables_when_on() -> None:
     assert r_on.step_time_s != r_off.step_time_s
     again = simulate(low.programs, low.mesh, on, tokens_per_step=low.tokens_per_step)
     assert again.step_time_s == r_on.step_time_s
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_fused_and_traced_programs_simulate_identically_with_tables(tmp_path: Path, fuse: bool) -> None:
+    """Fused parts keep their category and shape, and Chakra traces carry the attention shapes, so
+    the measured-kernel step time is the same from the model, fused or not, and from its trace."""
+    spec = resolve_model("gpt3-125m")
+    plan = ParallelPlan(tp=2, pp=2, dp=2, seq=2048, micro_batch=1, global_batch=8)
+    low = lower(spec, plan, fuse=fuse)
+    m = machine_from_system(load_system("dgx-h100-superpod", low.mesh.world), kernel_tables=True)
+    d = tmp_path / "tr"
+    write_chakra(low.programs, low.mesh, d, json=True, classes_only=True, progress=False)
+    back = programs_from_trace(d)
+    direct = simulate(low.programs, low.mesh, m, tokens_per_step=low.tokens_per_step).step_time_s
+    traced = simulate(back.programs, back.mesh, m, tokens_per_step=low.tokens_per_step).step_time_s
+    assert traced == pytest.approx(direct, rel=1e-12)
+    plain = lower(spec, plan, fuse=False)
+    unfused = simulate(plain.programs, plain.mesh, m, tokens_per_step=plain.tokens_per_step).step_time_s
+    assert direct == pytest.approx(unfused, rel=1e-12)
 
 
 def test_decode_attention_node_takes_the_decode_table() -> None:
@@ -212,3 +234,24 @@ def test_tables_are_anchored_on_the_sustained_matmul_efficiency(device: str) -> 
     assert model_ratio == pytest.approx(measured_ratio, rel=1e-12)
     sustained = cm.kernels
     assert sustained.decode_attention_s(8, 32, 8, 4096, 128) == kt.decode_attention_s(8, 32, 8, 4096, 128)
+
+
+def test_gqa_attention_node_recovers_its_kv_heads_from_bytes() -> None:
+    """Llama-3-8B (32 query, 8 K/V heads), TP 2, 2 x 4096 tokens: the forward and backward cores are
+    charged as 16 query heads on 4 K/V heads per sequence (FlashAttention-3 runs GQA faster than MHA)."""
+    spec = resolve_model("llama3-8b")
+    low = lower(spec, ParallelPlan(tp=2, seq=4096, micro_batch=2, global_batch=2))
+    dev = load_device("H100-SXM")
+    cm = ComputeModel.from_device(dev, "bf16", kernel_tables=True)
+    kt = cm.kernels  # the device's tables on its sustained level (anchoring is tested above)
+    fwd = kt.attention_fwd_s(2, 16, 4096, 4096, 128, kv_heads=4)
+    expected = {"fwd": fwd, "bwd_input": kt.attention_bwd_s(2, 16, 4096, 4096, 128, kv_heads=4)}
+    seen = set()
+    for n in low.programs[0].nodes:
+        if n.kind == NodeKind.COMP and n.op == "attention" and n.category in expected:
+            assert n.gemm == (2 * 16, 4096, 4096, 128)
+            got = cm.time_s(n.flops, n.tensor_bytes, n.op, n.gemm, n.category) - dev.kernel_launch_s
+            assert got == pytest.approx(expected[n.category], rel=1e-9)
+            seen.add(n.category)
+    assert seen == set(expected)
+    assert fwd < kt.attention_fwd_s(2, 16, 4096, 4096, 128)  # the same FLOPs as MHA, faster

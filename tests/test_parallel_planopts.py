@@ -35,7 +35,7 @@ runner = CliRunner()
 def run(*args: str) -> dict:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, (result.output, result.exception)
-    return json.loads(result.output)
+    return json.loads(result.stdout)
 
 
 def test_flags_build_plan() -> None:

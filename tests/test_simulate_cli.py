@@ -26,13 +26,15 @@ from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.sim import simulate
 
 runner = CliRunner()
-SMALL = ["gpt3-125m", "--system", "dgx-a100-selene"]
+#: One GPU, no recompute, seq 2048 (the model's maximum): the smallest plan (flags override the default plan).
+SMALL = ["gpt3-125m", "--system", "dgx-a100-selene", "--tp", "1", "--pp", "1", "--seq", "2048", "--zero", "0",
+         "--recompute", "none"]
 
 
 def _json(args: list[str]) -> dict:
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
-    return json.loads(out.output)
+    return json.loads(out.stdout)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,7 @@ def test_bad_input_exits_2_with_one_line(args: list[str]) -> None:
 def test_steady_state_extrapolation_matches_full_simulation() -> None:
     from dataclasses import replace
 
-    from tensorstage.commands.simulate import simulate_model
+    from tensorstage.api import simulate as simulate_model
     from tensorstage.sim.steady import extrapolate, steady_counts
 
     plan = ParallelPlan.parse({"tp": 2, "pp": 2, "dp": 2, "global_batch": 80, "seq": 512, "recompute": "selective"})

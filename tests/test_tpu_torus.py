@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tensorstage.commands.simulate import simulate_model
+from tensorstage.api import simulate as simulate_model
 from tensorstage.hardware import load_system
 from tensorstage.hardware.torus import torus_slice
 from tensorstage.parallel.plan import ParallelPlan

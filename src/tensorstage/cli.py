@@ -8,12 +8,20 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import shutil
 import sys
+import warnings
+from typing import Any
 
 import typer
 
+try:  # typer >= 0.24 vendors click; older typer uses click itself
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exc  # type: ignore[no-redef]
+
 from tensorstage import __version__
-from tensorstage.errors import SpecError
+from tensorstage.errors import InputWarning, SpecError
 
 app = typer.Typer(
     name="tensorstage",
@@ -34,6 +42,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.run",
     "tensorstage.commands.validate",
     "tensorstage.commands.replay",
+    "tensorstage.commands.explore",
 )
 
 
@@ -54,16 +63,62 @@ for _name in COMMAND_MODULES:
     importlib.import_module(_name).register(app)
 
 
+#: Below this terminal width ``--help`` is printed in click's plain layout, which wraps every
+#: option name and choice instead of truncating the longest ones (``--fsdp-reshard-aft…``).
+NARROW_HELP_COLUMNS = 110
+
+
+def _usage_line(exc: Any) -> str:
+    """A click usage error as one line (click prints a multi-line box): the command path, the
+    option (``--tp``) and the message, e.g. ``error: tensorstage simulate: --tp: '1.5' ...``."""
+    msg = " ".join(exc.format_message().split())
+    param = getattr(exc, "param", None)
+    opts = getattr(param, "opts", None)
+    if opts and opts[0] not in msg:
+        msg = f"{opts[0]}: {msg}"
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "tensorstage"
+    return f"error: {where}: {msg}"
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Our input warnings as one ``warning:`` line; others as Python shows them."""
+    if issubclass(category, InputWarning):
+        print(f"warning: {message}", file=sys.stderr)
+    else:
+        _python_showwarning(message, category, *_, **__)
+
+
+_python_showwarning = warnings.showwarning
+
+
+_RICH_MODE = app.rich_markup_mode
+
+
 def main() -> None:
     """Console entry point: run the app, turning bad input into one line and exit code 2."""
+    warnings.showwarning = _show_warning
+    narrow = shutil.get_terminal_size((NARROW_HELP_COLUMNS, 24)).columns < NARROW_HELP_COLUMNS
+    app.rich_markup_mode = None if narrow else _RICH_MODE  # plain click help wraps; rich's table cuts (…)
     try:
-        app()
+        code = app(prog_name="tensorstage", standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click_exc.NoArgsIsHelpError as exc:  # bare `tensorstage`: the help, as before
+        print(exc.ctx.get_help() if exc.ctx is not None else str(exc), file=sys.stderr)
+        sys.exit(2)
+    except click_exc.UsageError as exc:  # --tp 1.5, a misspelt command, a missing argument
+        print(_usage_line(exc), file=sys.stderr)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: the command has cleaned up; no traceback
+        print("cancelled", file=sys.stderr)
+        sys.exit(130)
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # an output path that is a folder, not writable, ...: the user's to fix
-        where = exc.filename if exc.filename is not None else "file"
-        print(f"error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -27,3 +27,8 @@ def require(condition: bool, field: str, message: str, allowed: Iterable[object]
     """Raise :class:`SpecError` unless ``condition`` holds."""
     if not condition:
         raise SpecError(field, message, allowed)
+
+
+class InputWarning(UserWarning):
+    """Input that is legal but probably not what the user meant (a sequence longer than the model
+    was trained for, ...). The CLI prints it as one ``warning: ...`` line on stderr and goes on."""

@@ -13,6 +13,7 @@ from typing import Any
 import sympy as sp
 import typer
 
+from tensorstage.api import DEFAULT_PLAN
 from tensorstage.errors import SpecError
 from tensorstage.graph import SYMBOLS, Graph, GraphOptions, build_graph
 from tensorstage.graph.options import (
@@ -175,17 +176,21 @@ def register(app: typer.Typer) -> None:
     @app.command("explain")
     def explain(
         model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
-        seq: int = typer.Option(4096, "--seq", help="Sequence length s (prefill / train)."),
-        batch: int = typer.Option(1, "--batch", "--micro-batch",
-                                  help="Micro-batch b (sequences); --micro-batch as in the plan flags."),
+        seq: int = typer.Option(DEFAULT_PLAN.seq, "--seq", help="Sequence length s (prefill / train); "
+                                "default: the default plan's."),
+        batch: int = typer.Option(DEFAULT_PLAN.micro_batch, "--batch", "--micro-batch",
+                                  help="Micro-batch b (sequences); --micro-batch as in the plan flags; "
+                                       "default: the default plan's."),
         phase: str = typer.Option("train", "--phase", help=f"One of {', '.join(PHASES)}."),
         context: int = typer.Option(4096, "--context", help="KV context length c for decode."),
-        recompute: str = typer.Option("none", "--recompute", help=f"One of {', '.join(RECOMPUTE)}."),
-        attention: str = typer.Option("flash", "--attention-impl", "--attention", help=f"One of {', '.join(ATTENTION_IMPLS)}."),
+        recompute: str = typer.Option(DEFAULT_PLAN.recompute, "--recompute",
+                                      help=f"One of {', '.join(RECOMPUTE)}; default: the default plan's."),
+        attention: str = typer.Option("flash", "--attention-impl", "--attention",
+                                      help=f"One of {', '.join(ATTENTION_IMPLS)}."),
         attention_flops: str = typer.Option(
             "causal_half", "--attention-flops", help=f"One of {', '.join(ATTENTION_FLOPS)}."
         ),
-        dtype: str = typer.Option("bf16", "--dtype", help=f"Precision policy: {', '.join(PRECISIONS)}."),
+        dtype: str = typer.Option(DEFAULT_PLAN.dtype, "--dtype", help=f"Precision policy: {', '.join(PRECISIONS)}."),
         optimizer: str = typer.Option("adamw", "--optimizer", help=f"One of {', '.join(OPTIMIZERS)}."),
         dropout: bool = typer.Option(False, "--dropout/--no-dropout", help="Model dropout layers."),
         megatron_fusions: bool = typer.Option(

@@ -9,9 +9,9 @@ rerun it without flags. A bad model or plan is one line on stderr and exit code 
 is written (the writer is atomic, so a failure never leaves a partial directory).
 
 ``--system SYS`` also writes every COMP node's ``duration_micros`` from our compute model on that
-system's device (:mod:`tensorstage.sim.durations`), so ASTRA-sim's replay mode runs our compute
-times; without it the manifest says durations are absent. ``--astra-config`` (needs ``--system``)
-writes ASTRA-sim's network, system and memory files and the command lines into the same folder
+system (:mod:`tensorstage.sim.durations`), so ASTRA-sim's replay mode runs our compute times;
+without it the manifest says durations are absent. ``--astra-config`` (needs ``--system``) writes
+ASTRA-sim's network, system and memory files and the command lines into the same folder
 (:mod:`tensorstage.commands.astra`).
 """
 
@@ -24,50 +24,11 @@ from typing import Any
 
 import typer
 
+from tensorstage import api
 from tensorstage.errors import SpecError
+from tensorstage.interrupts import cancel_on_interrupt
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
-
-
-def generation_inputs(model: str, lowered: Any) -> dict[str, Any]:
-    """What a trace was generated from (recorded verbatim in the manifest)."""
-    plan = lowered.plan
-    return {"source": "model", "model": model, "model_name": lowered.spec.name, "dtype": plan.dtype,
-            "tokens_per_step": lowered.tokens_per_step, "plan": plan.summary()}
-
-
-def generate_traces(model: str, plan: ParallelPlan, out: Path, prefix: str = "trace", workers: int = 1,
-                    classes_only: bool = False, json_traces: bool = False, progress: bool = False,
-                    system: str | None = None) -> dict[str, Any]:
-    """Lower ``model`` under ``plan`` and write its traces into ``out``; returns the manifest.
-
-    ``system`` (preset or YAML): write COMP ``duration_micros`` from our compute model on its device.
-    """
-    from tensorstage.lower import lower
-    from tensorstage.model import resolve_model
-    from tensorstage.trace import write_chakra
-
-    durations = info = None
-    if system is not None:
-        from tensorstage.hardware import load_system
-        from tensorstage.sim.machine import machine_from_system
-
-        sys_spec = load_system(system, plan.world)  # bad system or size: one line, before lowering
-        compute = machine_from_system(sys_spec, plan.dtype).compute  # the simulator's own compute model
-    spec = resolve_model(model)
-    lowered = lower(spec, plan)
-    inputs = generation_inputs(model, lowered)
-    if system is not None:
-        from tensorstage.sim.durations import duration_micros_fn
-
-        durations = duration_micros_fn(lowered.programs, compute)
-        inputs["system"] = system
-        info = {"source": "tensorstage compute model (sim.machine.machine_from_system(...).compute.time_s)", "system": sys_spec.name,
-                "device": sys_spec.device.name, "dtype": plan.dtype,
-                "rounding": "running total per rank class rounded to whole microseconds (sim/durations.py)"}
-    return write_chakra(lowered.programs, lowered.mesh, out, prefix=prefix, workers=workers,
-                        classes_only=classes_only, json=json_traces, progress=progress,
-                        inputs=inputs, duration_micros=durations, durations_info=info)
 
 
 def _summary_rows(manifest: dict[str, Any]) -> list[list[Any]]:
@@ -89,6 +50,7 @@ def register(app: typer.Typer) -> None:
     def generate(
         model: str = typer.Argument(..., help="Preset name, HF config.json or model YAML."),
         plan: ParallelPlan | None = None,
+        plan_choice: api.PlanChoice | None = None,
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (replaced atomically)."),
         prefix: str = typer.Option("trace", "--prefix", help="File-name prefix: <prefix>.<rank>.et."),
         workers: int = typer.Option(
@@ -102,14 +64,17 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
         progress: bool | None = typer.Option(
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
-        world: int | None = typer.Option(
-            None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
         system: str | None = typer.Option(
-            None, "--system", help="System preset or YAML: write each COMP node's duration_micros from our "
-                                   "compute model (ASTRA-sim replay mode)."),
+            None, "--system", help="Also simulate the step on this system (preset or YAML): prints the peak "
+                                   "memory, records the system for `simulate --trace` and writes each COMP "
+                                   "node's duration_micros from our compute model (ASTRA-sim replay mode)."),
         astra: bool = typer.Option(
             False, "--astra-config", help="Also write ASTRA-sim's network.yml, system.json, remote-memory "
                                           "JSON and command lines into OUT (needs --system)."),
+        force: bool = typer.Option(
+            False, "--force", help="Write even when the estimated output exceeds the free disk space."),
+        world: int | None = typer.Option(
+            None, "--world", help="Expected world size (e.g. the cluster's GPUs); must equal tp*cp*dp*pp."),
     ) -> None:
         """Write Chakra ET traces (one file per rank) of one step of MODEL under the parallel plan."""
         assert plan is not None  # filled by with_plan_options
@@ -122,16 +87,33 @@ def register(app: typer.Typer) -> None:
             raise SpecError("astra-config", "needs --system (the machine ASTRA-sim should model)")
         if astra and classes_only:
             raise SpecError("astra-config", "ASTRA-sim needs one file per rank; drop --classes-only")
-        manifest = generate_traces(model, plan, out, prefix, workers, classes_only, json_traces, progress,
-                                   system)
+
+        def estimate(files: int, size: int, free: int) -> None:  # stderr: stdout stays the result
+            print(f"estimate: {files:,} files, about {size / 1e6:,.1f} MB ({free / 1e9:,.1f} GB free)",
+                  file=sys.stderr)
+
+        with cancel_on_interrupt():  # Ctrl-C: one line, the partial output removed, no traceback
+            done = api.generate(model, plan, out, prefix=prefix, workers=workers, classes_only=classes_only,
+                                json_traces=json_traces, progress=progress, force=force, on_estimate=estimate,
+                                system=system)
+        manifest = done.manifest
         if astra:
             from tensorstage.commands.astra import write_for_trace
 
             write_for_trace(str(system), out, manifest, plan.dtype)
         if json_out:
-            print_json(manifest)
+            extra: dict[str, Any] = {"plan_notes": list(plan_choice.notes) if plan_choice else []}
+            if done.sim is not None:
+                extra.update(system=system, peak_memory_bytes=done.peak_memory_bytes,
+                             hbm_capacity_bytes=done.sim.result.hbm_capacity_bytes)
+            print_json({**manifest, **extra})
             return
         files = manifest["files"]
+        typer.echo(api.describe_plan(plan))
+        if done.sim is not None:
+            res = done.sim.result
+            typer.echo(f"peak memory {res.peak_memory_bytes / 2**30:.2f} / {res.hbm_capacity_bytes / 2**30:.2f} GiB "
+                       f"on {system} (simulated step)" + (" (OOM)" if res.oom else ""))
         title = (f"{model}: {manifest['world']:,} ranks, {len(manifest['classes'])} classes, "
                  f"{files['count']:,} files ({files['bytes'] / 1e6:,.1f} MB) in {out}")
         print_table(title, ["class", "key", "nodes", "TFLOP", "model TFLOP", "coll GB", "send GB", "recv GB",

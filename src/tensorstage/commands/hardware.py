@@ -11,9 +11,10 @@ from typing import Any
 
 import typer
 
+from tensorstage.errors import SpecError
 from tensorstage.hardware.device import DeviceSpec, numeric_fields
 from tensorstage.hardware.presets import all_devices, load_device
-from tensorstage.hardware.system import SystemSpec, all_systems, load_system
+from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names
 from tensorstage.report.console import print_json, print_table
 
 _GiB = 2**30
@@ -91,7 +92,15 @@ def _device_detail(d: DeviceSpec, json_out: bool) -> None:
     print_table(f"{d.name}: {d.description}", ["field", "value", "source"], rows)
 
 
-def _systems(name: str | None, num_gpus: int | None, json_out: bool) -> None:
+def _systems(name: str | None, num_gpus: int | None, json_out: bool, yaml_out: bool = False) -> None:
+    if yaml_out:  # a starting template: the file loads back as the same system (docs/formats.md)
+        import yaml
+
+        if name is None:
+            raise SpecError("system", "--yaml needs a system NAME", system_names())
+        spec = load_system(name, num_gpus=num_gpus)
+        print(yaml.safe_dump(spec.to_dict(), sort_keys=False, allow_unicode=True, width=110), end="")
+        return
     if name is not None:
         _system_detail(load_system(name, num_gpus=num_gpus), json_out)
         return
@@ -148,6 +157,7 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(None, help="System preset name or system YAML path; omit to list all."),
         num_gpus: int = typer.Option(None, "--num-gpus", help="Resize the system to this many GPUs."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+        yaml_out: bool = typer.Option(False, "--yaml", help="Print the system as a system YAML (a template to edit)."),
     ) -> None:
         """List system presets (nodes, network dimensions, fabric), or show one with each number's source."""
-        _systems(name, num_gpus, json_out)
+        _systems(name, num_gpus, json_out, yaml_out)

@@ -80,8 +80,14 @@ def _models(json_out: bool) -> None:
     print_table("Model presets", columns, rows)
 
 
-def _show(model: str, json_out: bool) -> None:
+def _show(model: str, json_out: bool, yaml_out: bool = False) -> None:
     spec = resolve_model(model)
+    if yaml_out:  # a starting template: the file loads back as the same model (docs/formats.md)
+        import yaml
+
+        data = spec.model_dump(mode="json", exclude_defaults=True)
+        print(yaml.safe_dump({"name": spec.name, **data}, sort_keys=False, allow_unicode=True, width=110), end="")
+        return
     counts = param_counts(spec)
     if json_out:
         print_json({"model": spec.model_dump(mode="json"), "params": counts.as_dict()})
@@ -137,6 +143,7 @@ def register(app: typer.Typer) -> None:
     def show_cmd(
         model: str = typer.Argument(..., help="Preset name, HF config.json path, or model YAML path."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        yaml_out: bool = typer.Option(False, "--yaml", help="Print the model as a model YAML (a template to edit)."),
     ) -> None:
         """Show every field of a model and its parameter breakdown."""
-        _show(model, json_out)
+        _show(model, json_out, yaml_out)

@@ -11,9 +11,14 @@ plan flags to a command's signature and hands the command a checked :class:`Para
         ...
 
 The command must have a parameter named ``plan``; the decorator removes it from the CLI, adds
-``-c/--config`` and one option per plan flag, and passes ``plan=`` built by :func:`plan_from_options`.
-Precedence: explicit flag > value in the ``-c`` YAML > :class:`ParallelPlan` default. Every flag's
-default is ``None`` ("not given"), which is how an explicit flag is told apart from a default.
+``-c/--config`` and one option per plan flag, and passes ``plan=`` built by
+:func:`tensorstage.api.choose_plan`: explicit flag > value in the ``-c`` YAML > default plan, where
+the default plan is :data:`tensorstage.api.DEFAULT_PLAN` (the same for every command) and a ``-c``
+file replaces it. Every flag's default is ``None`` ("not given"), which is how an explicit flag is
+told apart from a default. Notes about derived changes (a kept default that changes the GPU
+count, ...) go to stderr as ``note: ...`` lines when the command succeeds (an error stays one
+line); a command with a ``plan_choice`` parameter also gets the :class:`tensorstage.api.PlanChoice`
+(notes for its JSON, which keys were given).
 
 The flags and the YAML keys are the same names (``--global-batch`` <-> ``global_batch``).
 """
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,23 +50,23 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("ep", int, ("--ep",), "Expert-parallel degree (divides dp*cp)."),
     ("vpp", int, ("--vpp",), "Virtual pipeline stages per PP rank (interleaved)."),
     ("sp", bool, ("--sp/--no-sp",), "Sequence parallelism over the TP group."),
-    ("zero", int, ("--zero",), "ZeRO stage 0|1|2|3 (3 = FSDP)."),
-    ("schedule", str, ("--schedule",), "Pipeline schedule: gpipe|1f1b|interleaved|zb-h1."),
-    ("recompute", str, ("--recompute",), "Activation recompute: none|selective|full."),
+    ("zero", int, ("--zero",), "ZeRO stage: 0, 1, 2, 3 (3 = FSDP)."),
+    ("schedule", str, ("--schedule",), "Pipeline schedule: gpipe, 1f1b, interleaved, zb-h1."),
+    ("recompute", str, ("--recompute",), "Activation recompute: none, selective, full."),
     ("seq", int, ("--seq",), "Sequence length (tokens)."),
     ("global_batch", int, ("--global-batch",), "Sequences per step (all DP ranks)."),
     ("micro_batch", int, ("--micro-batch",), "Sequences per micro-batch per DP rank."),
-    ("dtype", str, ("--dtype",), "Compute dtype: bf16|fp16|fp8|fp32."),
+    ("dtype", str, ("--dtype",), "Compute dtype: bf16, fp16, fp8, fp32."),
     ("rank_order", str, ("--rank-order",), "Axes innermost first, e.g. tp,cp,dp,pp (or tp-cp-ep-dp-pp)."),
-    ("phase", str, ("--phase",), "train|prefill|decode."),
+    ("phase", str, ("--phase",), "Phase: train, prefill, decode."),
     ("context", int, ("--context",), "KV length for decode (default: seq)."),
-    ("cp_mode", str, ("--cp-mode",), "Context parallelism: ring|allgather."),
+    ("cp_mode", str, ("--cp-mode",), "Context parallelism: ring, allgather."),
     ("pp_layer_split", str, ("--pp-layer-split",), "Layers per pipeline stage, e.g. 7,8,8,...,7 (uneven)."),
     ("zero_shard_size", int, ("--zero-shard-size",), "Hybrid sharding: shard within groups of this many."),
     ("dp_bucket_bytes", int, ("--dp-bucket-bytes",), "Gradient bucket size in bytes (default: per ddp-style)."),
-    ("ddp_style", str, ("--ddp-style",), "Data-parallel conventions: megatron|torch."),
+    ("ddp_style", str, ("--ddp-style",), "Data-parallel conventions: megatron, torch."),
     ("fsdp_reshard_after_forward", str, ("--fsdp-reshard-after-forward",),
-     "ZeRO-3/FSDP2 reshard after forward: default (torch: layers yes, root no)|true|false."),
+     "ZeRO-3/FSDP2 reshard after forward: default (torch: layers yes, root no), true, false."),
     ("overlap_param_gather", bool, ("--overlap-param-gather/--no-overlap-param-gather",),
      "ZeRO-1/2: overlap the updated-parameter all-gather with the next forward (Megatron)."),
     ("overlap_grad_reduce", bool, ("--overlap-grad-reduce/--no-overlap-grad-reduce",),
@@ -82,9 +88,9 @@ CONFIG_PARAM = "plan_config"
 
 
 def plan_from_options(config: Path | None = None, **flags: Any) -> ParallelPlan:
-    """A checked plan from ``-c`` YAML (optional) and flag values; ``None`` flags are "not given".
-
-    ``rank_order`` may be a comma-separated string as typed on the command line.
+    """A checked plan from ``-c`` YAML (optional) and flag values over :class:`ParallelPlan`'s own
+    field defaults (not the commands' default plan: see :func:`tensorstage.api.choose_plan`);
+    ``None`` flags are "not given". ``rank_order`` may be a comma-separated string as typed.
     """
     given = {k: v for k, v in flags.items() if v is not None}
     if isinstance(given.get("rank_order"), str):
@@ -119,7 +125,16 @@ def plan_parameters() -> list[inspect.Parameter]:
             annotation=Path | None,
         )
     ]
+    from tensorstage.api import DEFAULT_PLAN
+
     for name, typ, decls, help_ in PLAN_FLAGS:
+        default = getattr(DEFAULT_PLAN, name)
+        if isinstance(default, bool):
+            default = str(default).lower()
+        elif isinstance(default, tuple):
+            default = ",".join(map(str, default))
+        if default is not None:
+            help_ = f"{help_} Default plan: {default}."
         params.append(
             inspect.Parameter(
                 name,
@@ -146,11 +161,21 @@ def with_plan_options(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tensorstage.api import choose_plan
+
         config = kwargs.pop(CONFIG_PARAM, None)
         flags = {k: kwargs.pop(k) for k in PLAN_FLAG_NAMES if k in kwargs}
-        plan = plan_from_options(config, **flags)
-        return func(*args, plan=plan, **kwargs)
+        choice = choose_plan(config, **flags)
+        if wants_choice:
+            kwargs["plan_choice"] = choice
+        result = func(*args, plan=choice.plan, **kwargs)
+        for note in choice.notes:  # after the work: a bad-input error stays one line
+            print(f"note: {note}", file=sys.stderr)
+        return result
 
+    wants_choice = "plan_choice" in sig.parameters
+    positional = [p for p in positional if p.name != "plan_choice"]
+    keyword = [p for p in keyword if p.name != "plan_choice"]
     new_params = positional + keyword + plan_parameters()
     wrapper.__signature__ = sig.replace(parameters=new_params)  # type: ignore[attr-defined]
     wrapper.__annotations__ = {p.name: p.annotation for p in new_params}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import typer
 
+from tensorstage.api import PlanChoice
 from tensorstage.errors import SpecError
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
@@ -112,14 +113,14 @@ def _step_markdown(doc: dict) -> str:
 
 
 def _replay_step(model: str | None, trace: Path | None, plan: object, links_for: object, kw: dict,
-                 json_out: bool, timeline: Path | None, report: Path | None) -> None:
+                 json_out: bool, timeline: Path | None, report: Path | None, flags_given: bool = False) -> None:
     from tensorstage.replay.step import replay_model, replay_trace, step_dict
     from tensorstage.replay.timeline import replay_trace_events
 
     if trace is not None:
         if model is not None:
             raise SpecError("model", "give a MODEL or --trace, not both")
-        if plan != ParallelPlan.parse({}):
+        if flags_given:
             raise SpecError("plan", "plan flags and -c do not apply to --trace: the traces fix the plan")
         res = replay_trace(trace, links_for, **kw)
     else:
@@ -150,6 +151,7 @@ def register(app: typer.Typer) -> None:
     def replay(
         model: str | None = typer.Argument(None, help="Model to lower and replay (or --trace DIR, or --bench)."),
         plan: ParallelPlan = None,  # type: ignore[assignment]  # filled in by with_plan_options
+        plan_choice: PlanChoice | None = None,  # which plan flags were given (filled in likewise)
         trace: Path | None = typer.Option(None, "--trace", help="Replay the Chakra ET files in this directory."),
         bench: bool = typer.Option(False, "--bench", help="Run the collective/send-recv microbenchmark sweep."),
         ranks: int | None = typer.Option(None, "--ranks", help="Processes to start (bench: 8; replay: the "
@@ -190,6 +192,7 @@ def register(app: typer.Typer) -> None:
             require_replaceable_dir(report, "report")
         if timeline is not None and timeline.is_dir():
             raise SpecError("timeline", f"{timeline} is a directory; give a file path (e.g. replay.json)")
+        flags_given = plan_choice is not None and (bool(plan_choice.given) or plan_choice.base != "default")
         if not bench:
             def links_for(world: int) -> object:
                 if ranks is not None and ranks != world:
@@ -199,9 +202,9 @@ def register(app: typer.Typer) -> None:
             kw = {"system": system, "scale": scale, "compute": compute, "network": network, "timeout_s": timeout_s,
                   "max_bytes": int(max_gib * 2**30), "fixed": parse_slice(slice_),
                   "inputs": {"scale": scale, "compute": compute, "slice": slice_ or "all"}}
-            _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report)
+            _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report, flags_given)
             return
-        if model is not None or trace is not None or slice_ or plan != ParallelPlan.parse({}):
+        if model is not None or trace is not None or slice_ or flags_given:
             raise SpecError("bench", "--bench takes no MODEL, --trace, --slice or plan flags")
         links = make_links(ranks or 8, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
         res = run_microbench(links, network=network, ops=parse_ops(ops), sizes_bytes=parse_sizes(sizes),

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import typer
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
 from tensorstage.report.console import print_json, print_table
 from tensorstage.validation.cases import GROUP_TRAINING, default_cases_path, load_targets
 from tensorstage.validation.run import report, run_targets
@@ -22,6 +24,8 @@ from tensorstage.validation.run import report, run_targets
 
 def _validate(cases: Path | None, only: str | None, json_out: bool) -> None:
     path = cases if cases is not None else default_cases_path()
+    if cases is not None and cases.is_file():
+        read_text_file(cases, "cases file")  # a binary or huge file: one line, not a traceback
     targets, skipped = load_targets(path)
     if only:
         try:
@@ -32,11 +36,18 @@ def _validate(cases: Path | None, only: str | None, json_out: bool) -> None:
         if not targets:
             raise SpecError("--only", f"no case id matches {only!r}")
 
-    def progress(t: object) -> None:
-        if not json_out and sys.stderr.isatty():
-            print(f"  {getattr(t, 'id', '')} ...", file=sys.stderr)
+    done = [0]
+    started = time.monotonic()
+
+    def progress(t: object) -> None:  # on stderr, so --json and piped tables stay clean
+        done[0] += 1
+        if sys.stderr.isatty():
+            print(f"\r[{done[0]}/{len(targets)}] {time.monotonic() - started:.0f} s  {getattr(t, 'id', '')}"[:100]
+                  .ljust(100), end="", file=sys.stderr, flush=True)
 
     results = run_targets(targets, progress)
+    if sys.stderr.isatty():
+        print("\r" + " " * 100 + "\r", end="", file=sys.stderr, flush=True)
     doc = report(results, skipped)
     failed = any(r.predicted is None for r in results)
     if json_out:

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
 from tensorstage.hardware.device import DeviceSpec
 
 PRESETS_FILE = "presets.yaml"
@@ -23,10 +24,10 @@ PRESETS_FILE = "presets.yaml"
 
 def read_yaml(path: Path, field: str) -> Any:
     """Parse a YAML file; unreadable or malformed files become a one-line :class:`SpecError` on ``field``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SpecError(field, f"cannot read {path}: {exc.strerror or exc}") from None
+    if path.exists():  # through the one reader: binary and huge files, the same message everywhere
+        text = read_text_file(path, f"{field} file")
+    else:
+        raise SpecError(field, f"cannot read {path}: No such file or directory")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

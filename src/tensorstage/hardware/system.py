@@ -39,6 +39,7 @@ from tensorstage.hardware.presets import (
     unknown_name_error,
 )
 from tensorstage.hardware.torus import torus_slice
+from tensorstage.limits import MAX_WORLD
 
 TopologyKind = Literal["Ring", "FullyConnected", "Switch"]
 Scope = Literal["scale-up", "scale-out"]
@@ -183,6 +184,8 @@ class SystemSpec(_Frozen):
         """
         if num_gpus < 1:
             raise SpecError("num_gpus", "must be >= 1")
+        if num_gpus > MAX_WORLD:
+            raise SpecError("num_gpus", f"{num_gpus:,} GPUs; at most {MAX_WORLD:,} are supported (tensorstage.limits)")
         dims = [d.model_dump() for d in self.network]
         ups = [i for i, d in enumerate(dims) if d["scope"] == "scale-up"]
         outs = [i for i, d in enumerate(dims) if d["scope"] == "scale-out"]

@@ -8,11 +8,12 @@ the same weights tensor by tensor, and the tests check that the two agree.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
 from tensorstage.errors import SpecError
+from tensorstage.limits import MAX_LAYERS, int_problem
 
 Activation = Literal["gelu", "relu", "swiglu", "geglu"]
 Norm = Literal["layernorm", "rmsnorm"]
@@ -23,6 +24,19 @@ GATED_ACTIVATIONS = ("swiglu", "geglu")
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: object, info: ValidationInfo) -> object:
+        """``num_layers: true`` is an error, not 1 (pydantic's lax mode reads a bool as an int), and
+        no integer beyond int64 (:mod:`tensorstage.limits`)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else None
+        if isinstance(value, bool) and (annotation is bool or bool in get_args(annotation)):
+            return value
+        problem = int_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class MoESpec(_Frozen):
@@ -114,6 +128,9 @@ class ModelSpec(_Frozen):
         for field in ("num_layers", "hidden", "num_heads", "ffn", "vocab", "max_seq"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be >= 1")
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(f"num_layers={self.num_layers:,} is above the supported {MAX_LAYERS:,} "
+                             "(tensorstage.limits)")
         if self.head_dim is None and self.mla is None and self.hidden % self.num_heads:
             raise ValueError("hidden must be divisible by num_heads when head_dim is not given")
         if self.kv_heads < 1 or self.num_heads % self.kv_heads:

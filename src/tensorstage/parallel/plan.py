@@ -42,6 +42,8 @@ from pydantic import (
 )
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_text_file
+from tensorstage.limits import MAX_WORLD, int_problem
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.apply import ParamSharding, param_sharding
 from tensorstage.parallel.mesh import Mesh
@@ -171,9 +173,11 @@ class ParallelPlan(BaseModel):
     @field_validator(*NUMERIC_FIELDS, mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: object) -> object:
-        """Reject ``tp: true`` and the like: pydantic would read it as 1, silently (YAML typo)."""
-        if isinstance(value, bool):
-            raise ValueError("expected a number, not true/false")
+        """Reject ``tp: true`` and the like: pydantic would read it as 1, silently (YAML typo); and
+        integers beyond int64 (:mod:`tensorstage.limits`)."""
+        problem = int_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value
 
     @field_validator("sp")
@@ -336,6 +340,12 @@ class ParallelPlan(BaseModel):
             raise SpecError(
                 "rank_order",
                 "cp and dp must be adjacent (expert parallelism and hybrid sharding are carved out of dp*cp)",
+            )
+        if self.world > MAX_WORLD:
+            raise SpecError(
+                "world",
+                f"tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world:,} ranks; at most "
+                f"{MAX_WORLD:,} are supported (tensorstage.limits)",
             )
         if world is not None and world != self.world:
             raise SpecError(
@@ -523,10 +533,7 @@ def read_plan_yaml(path: str | Path) -> dict[str, object]:
     is one :class:`SpecError` whose field is ``file:line``; an unknown key names the key, its line
     and the allowed keys. Keys may be spelled as the flags (``global-batch`` = ``global_batch``)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), f"cannot read plan file: {exc.strerror}") from None
+    text = read_text_file(path, "plan file")
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 from rich.console import Console
@@ -43,6 +45,10 @@ def _fmt(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
+        # one rule everywhere: 4 significant digits, but never scientific notation for values a
+        # reader compares by eye (123,528 tokens/s, not 1.235e+05)
+        if math.isfinite(value) and 1e4 <= abs(value) < 1e15:
+            return f"{value:,.0f}"
         return f"{value:,.4g}"
     if isinstance(value, int):
         return f"{value:,}"
@@ -55,3 +61,11 @@ def human_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def status(message: str) -> AbstractContextManager[object]:
+    """A spinner with ``message`` on stderr while a long step runs (lowering and simulating a big
+    plan takes seconds), only on a terminal: piped and JSON output stay byte-identical."""
+    if not sys.stderr.isatty():
+        return nullcontext()
+    return Console(stderr=True).status(message)

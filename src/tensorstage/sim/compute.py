@@ -54,7 +54,9 @@ a matmul node with a GEMM shape takes the measured GEMM time of its dtype (fp8: 
 GEMM with its input cast, as Transformer Engine runs it), and a fused attention node whose ``gemm`` carries its
 QK^T shape ``(batch*heads, q_len, kv_len, head_dim)`` takes the measured attention time:
 forward, backward (``category == "bwd_input"``) or decode (``q_len == 1``), always in BF16 (TE runs
-attention in BF16 under FP8 recipes). The fraction of query-key pairs computed comes from the node's
+attention in BF16 under FP8 recipes). The K/V head count (GQA group) comes from the node's bytes
+(forward: q and out are query-sized, k and v K/V-sized; backward twice each; bf16), the same way
+decode recovers it. The fraction of query-key pairs computed comes from the node's
 FLOPs (``flops / (b*h*sq*skv*(4*d + 5))`` forward, ``/ (10*d + 10)`` backward: the graph's attention
 FLOPs plus its softmax vector FLOPs), so a causal kernel counted with the ``full`` FLOP convention is
 charged as a full one. A matmul whose node FLOPs exceed its shape's ``2*b*m*n*k`` (MoE load factor)
@@ -267,8 +269,14 @@ class ComputeModel:
             if m == 1 and not bwd:  # decode: one query per sequence reads the whole K/V cache
                 kv_heads_b = max(1, min(b, round(tensor_bytes / (4.0 * n * k))))
                 return kt.decode_attention_s(1, b, kv_heads_b, n, k)
+            # K/V heads from the node's bytes (bf16): forward reads q, k, v and writes out (+ fp32 lse);
+            # backward reads dO, q, k, v, out and writes dq, dk, dv: 2 or 4 query-sized and K/V-sized
+            # tensors each
+            per = 4.0 if bwd else 2.0
+            kv_b = (tensor_bytes - 2.0 * per * b * m * k - 4.0 * b * m) / (2.0 * per * n * k)
+            kv_heads = max(1, min(b, round(kv_b))) if kv_b >= 1 else b
             attn = kt.attention_bwd_s if bwd else kt.attention_fwd_s
-            return attn(b, 1, m, n, k, work=work)
+            return attn(1, b, m, n, k, work=work, kv_heads=kv_heads)
         if self.dtype not in _TABLE_DTYPES:
             return None
         t = kt.gemm_s(b, m, n, k, self.dtype)

@@ -2,8 +2,8 @@
 
 The tables (``tensorstage/hardware/kernels/<device>.json``, one per device preset name) are written
 by ``scripts/calibrate_kernels.py`` from the measured kernel latencies that the Apache-2.0 package
-``aiconfigurator-core`` ships (NVIDIA; TensorRT-LLM ``torch_flow`` GEMMs and fused attention, timed
-on the device). Each table stores an *achieved efficiency* surface, not times: the fraction of a
+``aiconfigurator-core`` ships (NVIDIA; TensorRT-LLM ``torch_flow`` GEMMs and decode attention,
+vLLM's FlashAttention forks for prefill attention, all timed on the device). Each table stores an *achieved efficiency* surface, not times: the fraction of a
 reference peak (recorded in the table, so a later change of the preset does not move the kernel
 times) that the kernel reached, on a log2-spaced grid, fitted by least squares to the measured
 points with held-out points left out (``docs/calibration.md``, "Measured kernel model"). A query
@@ -15,15 +15,19 @@ throughput-bound (large) regimes scale.
 * **GEMM** ``gemm_s(batch, m, n, k, dtype)``: ``2*b*m*n*k / (ref_flops * eff(b*m, n, k) * q)``; ``q``
   is the tile quantization of the table (``tile128``: ``m / (128*ceil(m/128))`` times the same for
   ``n``, what a 128x128 output tile wastes on a ragged edge; the script keeps it only where it
-  lowers the held-out error). A batched GEMM (MoE experts, materialized attention scores) is
-  charged as one grouped GEMM of ``b*m`` rows with the per-group tile quantization of ``m``.
-* **Attention forward** ``attention_fwd_s``: measured causal FlashAttention-style prefill kernels
-  (TensorRT-LLM context FMHA) give ``eff(b*heads, seq)`` per head dimension, with
-  ``flops = 4*b*h*sq*skv*d*work`` (``work`` = fraction of query-key pairs computed, 1/2 causal).
+  lowers the held-out error; on the current data it does not, so ``q = 1``). A batched GEMM (MoE
+  experts, materialized attention scores) is charged as one grouped GEMM of ``b*m`` rows with the
+  per-group tile quantization of ``m``; the compute model floors it by its bytes (every group
+  reads its own weights).
+* **Attention forward** ``attention_fwd_s``: measured causal prefill kernels (FlashAttention-2 on
+  A100, FlashAttention-3 on Hopper, TensorRT-LLM's FMHA on Blackwell) give
+  ``eff(b*heads, seq, heads/kv_heads)`` per head dimension (FlashAttention-3 packs a query group per
+  K/V head, so GQA runs faster than MHA at the same FLOPs), with ``flops = 4*b*h*sq*skv*d*work``
+  (``work`` = fraction of query-key pairs computed, 1/2 causal).
 * **Attention backward** ``attention_bwd_s``: not measured in the tables. FlashAttention-2 (Dao,
-  arXiv:2307.08691, sections 3.1.2 and 4.1) does 5 matmuls in the backward against 2 in the forward
-  (2.5x the FLOPs) and reaches up to 63 % of A100 peak in the backward against up to 73 % in the
-  forward; so ``t_bwd = 2.5 * (0.73 / 0.63) * t_fwd`` (:data:`ATTN_BWD_FLOP_RATIO`,
+  arXiv:2307.08691, introduction and sections 3.1.2, 4.1) does 5 matmuls in the backward against 2
+  in the forward (2.5x the FLOPs) and reaches up to 63 % of A100 peak in the backward against up to
+  73 % in the forward; so ``t_bwd = 2.5 * (0.73 / 0.63) * t_fwd`` (:data:`ATTN_BWD_FLOP_RATIO`,
   :data:`ATTN_BWD_EFF_RATIO`).
 * **Decode attention** ``decode_attention_s``: one query token per sequence against ``kv_len``
   cached keys; memory-bound, so the table stores the fraction of peak HBM bandwidth reached on the
@@ -159,21 +163,24 @@ class KernelTables:
         return 2.0 * batch * m * n * k / (ref * eff) * self._scale * self._compute_scale
 
     def attention_fwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
-                        causal: bool = True, work: float | None = None) -> float | None:
+                        causal: bool = True, work: float | None = None, kv_heads: int | None = None
+                        ) -> float | None:
         """Fused attention forward (BF16). ``work``: fraction of the ``q_len x kv_len`` pairs computed
-        (default 1/2 causal, 1 otherwise)."""
+        (default 1/2 causal, 1 otherwise); ``kv_heads``: K/V heads (default ``heads``, no GQA)."""
         if not self._attn or min(batch, heads, q_len, kv_len, head_dim) < 1:
             return None
         hd = _nearest(sorted(self._attn), head_dim)
         frac = (0.5 if causal else 1.0) if work is None else work
         flops = 4.0 * batch * heads * q_len * kv_len * head_dim * frac
-        eff = self._attn[hd](log2(batch * heads), log2(q_len))
+        group = max(1.0, heads / kv_heads) if kv_heads else 1.0
+        eff = self._attn[hd](log2(batch * heads), log2(q_len), log2(group))
         return flops / (self._attn_ref * eff) * self._scale * self._compute_scale
 
     def attention_bwd_s(self, batch: int, heads: int, q_len: int, kv_len: int, head_dim: int,
-                        causal: bool = True, work: float | None = None) -> float | None:
+                        causal: bool = True, work: float | None = None, kv_heads: int | None = None
+                        ) -> float | None:
         """Fused attention backward: forward time x 2.5 FLOPs x (0.73 / 0.63) efficiency (module docstring)."""
-        fwd = self.attention_fwd_s(batch, heads, q_len, kv_len, head_dim, causal, work)
+        fwd = self.attention_fwd_s(batch, heads, q_len, kv_len, head_dim, causal, work, kv_heads)
         return None if fwd is None else fwd * ATTN_BWD_FLOP_RATIO / ATTN_BWD_EFF_RATIO
 
     def decode_attention_s(self, batch: int, heads: int, kv_heads: int, kv_len: int, head_dim: int,

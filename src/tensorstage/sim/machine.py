@@ -81,12 +81,15 @@ def fabric_from_system(system: object) -> Fabric:
     return Fabric(tuple(tiers), NCCL_RING_BASE_LATENCY_S if base is None else float(base))
 
 
-def machine_from_system(system: object, dtype: str = "bf16") -> Machine:
-    """A :class:`Machine` for ``system`` computing in ``dtype`` (``SpecError`` if the device lacks it)."""
+def machine_from_system(system: object, dtype: str = "bf16", kernel_tables: bool | None = None) -> Machine:
+    """A :class:`Machine` for ``system`` computing in ``dtype`` (``SpecError`` if the device lacks it).
+
+    ``kernel_tables``: use the device's measured kernel tables (:mod:`tensorstage.sim.kernels`);
+    ``None`` takes :data:`tensorstage.sim.compute.KERNEL_TABLES_DEFAULT`."""
     device = system.device  # type: ignore[attr-defined]
     slow = getattr(system, "overlap_slowdown", None)
     return Machine(
-        compute=ComputeModel.from_device(device, dtype),
+        compute=ComputeModel.from_device(device, dtype, kernel_tables=kernel_tables),
         fabric=fabric_from_system(system),
         hbm_capacity_bytes=int(device.hbm_bytes),
         overlap_slowdown=OVERLAP_SLOWDOWN if slow is None else float(slow),

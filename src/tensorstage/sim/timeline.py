@@ -16,9 +16,14 @@ from tensorstage.fileio import write_text_atomic
 from tensorstage.sim.engine import K_COMP, Execution
 from tensorstage.sim.result import memory_series
 
+#: First key of every timeline we write (Chrome's ``otherData``), so a later ``--timeline`` run
+#: can tell its own earlier file (which it may replace) from a user's file (which it must not).
+TIMELINE_TAG = {"tool": "tensorstage"}
+TIMELINE_PREFIX = b'{"otherData":{"tool":"tensorstage"'
+
 
 def chrome_trace(ex: Execution, max_events: int | None = None) -> dict[str, Any]:
-    """The trace as a dict (``{"traceEvents": [...], "displayTimeUnit": "ms"}``).
+    """The trace as a dict (``{"otherData": TIMELINE_TAG, "traceEvents": [...], "displayTimeUnit": "ms"}``).
 
     ``max_events`` caps the number of node events (earliest-starting kept), for huge programs.
     """
@@ -52,7 +57,7 @@ def chrome_trace(ex: Execution, max_events: int | None = None) -> dict[str, Any]
     for c in range(len(ex.programs)):
         for t, b in memory_series(ex, c):
             events.append({"ph": "C", "name": "memory_GiB", "pid": c, "ts": t * 1e6, "args": {"GiB": b / 2**30}})
-    return {"traceEvents": events, "displayTimeUnit": "ms"}
+    return {"otherData": dict(TIMELINE_TAG), "traceEvents": events, "displayTimeUnit": "ms"}
 
 
 def write_chrome_trace(ex: Execution, path: str | Path, max_events: int | None = None) -> Path:

@@ -22,15 +22,18 @@ from __future__ import annotations
 import json as jsonlib
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from tensorstage import __version__
+from tensorstage.errors import SpecError
 from tensorstage.fileio import atomic_dir
+from tensorstage.interrupts import check_interrupted, defer_interrupts, ignore_interrupts
 from tensorstage.parallel.mesh import Communicators, Mesh
 from tensorstage.schedule.program import CollKind, NodeKind, Program
 from tensorstage.trace.classes import RankClasses
@@ -63,6 +66,8 @@ def write_chakra(
     progress: bool = True,
     inputs: Mapping[str, object] | None = None,
     duration_micros: DurationFn | None = None,
+    force: bool = False,
+    on_estimate: Callable[[int, int, int], None] | None = None,
     durations_info: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """Write Chakra ET traces for every rank of ``mesh`` into ``out_dir`` atomically.
@@ -73,6 +78,10 @@ def write_chakra(
     the simulator's compute model); left out, the field is 0. The manifest's ``compute_durations``
     says which: ``durations_info`` (where the durations came from) plus ``present``. Returns the manifest.
     An existing ``out_dir`` is replaced only once the new output is complete.
+
+    Before writing, the output size is estimated (:func:`estimate_bytes`) and handed to
+    ``on_estimate(files, bytes, free_bytes)``; an output that will not fit the free space of the
+    target file system is refused (:class:`SpecError` naming ``out``) unless ``force``.
     """
     if "/" in prefix or not prefix:
         raise ValueError(f"prefix must be a non-empty file-name prefix, got {prefix!r}")
@@ -80,6 +89,16 @@ def write_chakra(
     kinds = sorted({axes for p in classes.programs for axes in p.communicator_kinds()})
     comms = Communicators.number(mesh, kinds)
     templates = [ClassTemplate.build(p, i, mesh, duration_micros) for i, p in enumerate(classes.programs)]
+    n_files, n_bytes = estimate_bytes(templates, classes, comms, len(kinds), classes_only)
+    class_docs = [program_json(p, i, mesh, duration_micros) for i, p in enumerate(classes.programs)] \
+        if json or classes_only else []
+    n_bytes += sum(len(jsonlib.dumps(d, indent=1, sort_keys=True)) + 1 for d in class_docs)
+    free = free_bytes(Path(out_dir))
+    if on_estimate is not None:
+        on_estimate(n_files, n_bytes, free)
+    if n_bytes > free and not force:
+        raise SpecError("out", f"the traces need about {n_bytes / 1e9:,.1f} GB ({n_files:,} files) but the file "
+                        f"system of {out_dir} has {free / 1e9:,.1f} GB free; give --force to try anyway")
 
     with atomic_dir(out_dir) as tmp:
         _write_comm_groups(tmp / comm_groups_file(prefix), comms)
@@ -87,13 +106,35 @@ def write_chakra(
             n_files, n_bytes = _write_classes(tmp, prefix, classes, templates, comms)
         else:
             n_files, n_bytes = _write_all_ranks(tmp, prefix, classes, templates, comms, workers, progress)
-        if json or classes_only:  # classes-only output needs the symbolic programs to re-expand
-            for i, p in enumerate(classes.programs):
-                _write_json(tmp / f"{prefix}.class{i}.json", program_json(p, i, mesh, duration_micros))
+        for i, doc in enumerate(class_docs):  # classes-only output needs the symbolic programs to re-expand
+            _write_json(tmp / f"{prefix}.class{i}.json", doc)
         manifest = _manifest(classes, comms, prefix, classes_only, inputs or {}, n_files, n_bytes)
         manifest["compute_durations"] = _durations_entry(duration_micros is not None, durations_info)
         _write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def estimate_bytes(templates: Sequence[ClassTemplate], classes: RankClasses, comms: Communicators,
+                   n_kinds: int, classes_only: bool) -> tuple[int, int]:
+    """(files, bytes) the output will take: each class stamped once for its representative rank
+    (ranks of a class differ only in a few varint ids) times its ranks, plus the communicator
+    groups file (about 9 bytes per rank per communicator kind)."""
+    mesh = classes.mesh
+    per_class = [len(t.stamp(classes.representative(i), mesh, comms)) for i, t in enumerate(templates)]
+    ranks = 1 if classes_only else classes.ranks_per_class()
+    files = len(templates) if classes_only else mesh.world
+    return files, sum(per_class) * ranks + 9 * mesh.world * max(1, n_kinds)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that will hold ``path`` (its nearest existing ancestor)."""
+    probe = path.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return shutil.disk_usage(probe if probe.is_dir() else probe.parent).free
+    except OSError:
+        return 2**63 - 1  # unknown: let the write itself report the problem
 
 
 # --- per-rank writing ---------------------------------------------------------------------------
@@ -103,6 +144,8 @@ _STATE: dict[str, object] = {}
 
 def _init_worker(templates: list[ClassTemplate], classes: RankClasses, comms: Communicators,
                  directory: str, prefix: str) -> None:
+    if mp.parent_process() is not None:  # a pool worker, not the in-process path
+        ignore_interrupts()
     _STATE.update(templates=templates, classes=classes, comms=comms, directory=directory, prefix=prefix)
 
 
@@ -141,7 +184,8 @@ def _write_all_ranks(directory: Path, prefix: str, classes: RankClasses, templat
                      comms: Communicators, workers: int, show: bool) -> tuple[int, int]:
     world = classes.mesh.world
     workers = max(1, min(int(workers), world))
-    chunk = max(1, min(2048, world // (workers * 16) or 1))
+    # small chunks: a Ctrl-C waits only for the chunks being written (64 files each) before cleanup
+    chunk = max(1, min(64, world // (workers * 16) or 1))
     args = (templates, classes, comms, str(directory), prefix)
     n_files = n_bytes = 0
     with _Progress(world, show) as bar:
@@ -156,16 +200,19 @@ def _write_all_ranks(directory: Path, prefix: str, classes: RankClasses, templat
                 _STATE.clear()
         else:
             ctx = mp.get_context("fork" if sys.platform == "linux" else "spawn")
-            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=args) as pool:
-                futures = [pool.submit(_write_range, s, e) for s, e in _ranges(world, chunk)]
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=args) as pool, \
+                    defer_interrupts():
+                pending = {pool.submit(_write_range, s, e) for s, e in _ranges(world, chunk)}
                 try:
-                    for fut in as_completed(futures):
-                        f, b = fut.result()
-                        n_files, n_bytes = n_files + f, n_bytes + b
-                        bar.advance(f, b)
-                except BaseException:
-                    for fut in futures:
-                        fut.cancel()
+                    while pending:
+                        done, pending = wait(pending, timeout=0.1, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            f, b = fut.result()
+                            n_files, n_bytes = n_files + f, n_bytes + b
+                            bar.advance(f, b)
+                        check_interrupted()
+                except BaseException:  # Ctrl-C, a failed write: stop the queued work at once
+                    pool.shutdown(wait=True, cancel_futures=True)
                     raise
     return n_files, n_bytes
 

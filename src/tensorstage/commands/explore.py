@@ -1,0 +1,119 @@
+"""``tensorstage explore`` and ``tensorstage best-plan``: design-space search (:mod:`tensorstage.explore`).
+
+* ``explore SPACE.yaml --agent ga --budget N --out DIR [--workers W | --ray [--ray-address A]]``:
+  search a space file; ``DIR`` gets the trial store (``study.sqlite``, resumed by re-running the
+  same command), ``trials.csv``, ``pareto.csv``, ``sensitivity.csv``, ``summary.json``,
+  ``convergence.png`` and ``best_plan.yaml`` (runs unchanged with ``simulate -c``).
+* ``best-plan MODEL --system SYS --gpus N --global-batch B --seq S [--objective ...]``: screen every
+  training layout in closed form, simulate the best few, print the ranking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tensorstage.errors import SpecError
+
+
+def _explore(space_file: Path, agent: str, budget: int | None, out: Path, workers: int, ray: bool,
+             ray_address: str | None, seed: int, batch: int, evaluator: str | None) -> None:
+    from tensorstage.explore.executors import make_executor
+    from tensorstage.explore.outputs import write_outputs
+    from tensorstage.explore.search import run_study
+    from tensorstage.explore.space import load_space
+
+    space = load_space(space_file)
+    if evaluator is not None and evaluator not in ("full", "fast", "screened"):
+        raise SpecError("evaluator", f"unknown evaluator {evaluator!r}", ("full", "fast", "screened"))
+    if out.exists() and not out.is_dir():
+        raise SpecError("out", f"{out} is a file; give a folder")
+    executor = make_executor(workers, ray or ray_address is not None, ray_address)
+    try:
+        res = run_study(space, agent, budget, out, seed=seed, batch=batch, executor=executor, evaluator=evaluator)
+    finally:
+        executor.close()
+    files = write_outputs(res, out)
+    best = res.best()
+    typer.echo(f"{res.evaluations} evaluations, {len(res.trials)} trials ({agent}); outputs in {out}")
+    if best is None:
+        typer.echo("no feasible configuration found")
+    else:
+        objs = ", ".join(f"{o.name}={v:.6g}" for o, v in zip(space.objectives, best.objectives or [], strict=True))
+        typer.echo(f"best: trial {best.number}: {objs}; plan {files.get('best_plan')}")
+
+
+def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, objective: str, dtype: str,
+               top: int, out: Path | None, json_out: bool) -> None:
+    import yaml
+
+    from tensorstage.explore.bestplan import best_plan, rank_table
+    from tensorstage.fileio import write_text_atomic
+    from tensorstage.report.console import print_json, print_table
+
+    bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top)
+    rows = rank_table(bp)
+    best = bp.best
+    if out is not None and best is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, yaml.safe_dump(dict(sorted(best.plan.items())), sort_keys=True))
+    if json_out:
+        print_json({"model": model, "system": system, "gpus": gpus, "objective": objective,
+                    "enumerated": bp.enumerated, "legal": bp.legal, "ranking": rows,
+                    "best_plan": None if best is None else dict(sorted(best.plan.items()))})
+        return
+    cols = list(rows[0]) if rows else ["tp"]
+    print_table(f"{model} on {gpus} x {system}: {bp.legal:,} legal layouts of {bp.enumerated:,} screened, "
+                f"top {len(rows)} simulated", cols,
+                [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in rows])
+    if best is None:
+        typer.echo("no simulated layout fits in memory")
+    elif out is not None:
+        typer.echo(f"best plan: {out}")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("explore")
+    def explore(
+        space_file: Path = typer.Argument(..., help="Space YAML (parameters, constraints, objectives)."),
+        agent: str = typer.Option("random", "--agent", help="grid, random, random_walk, aco, ga, nsga2, tpe "
+                                  "or module:Class."),
+        budget: int | None = typer.Option(None, "--budget", help="Evaluations (default: the space's budget)."),
+        out: Path = typer.Option(..., "--out", help="Output folder (re-run to resume)."),
+        workers: int = typer.Option(1, "--workers", help="Local worker processes."),
+        ray: bool = typer.Option(False, "--ray", help="Evaluate on Ray (a local cluster unless --ray-address)."),
+        ray_address: str | None = typer.Option(None, "--ray-address", help="Address of a running Ray cluster."),
+        seed: int = typer.Option(0, "--seed", help="Agent seed."),
+        batch: int = typer.Option(8, "--batch", help="Configurations asked per round."),
+        evaluator: str | None = typer.Option(None, "--evaluator", help="full, fast or screened "
+                                             "(default: the space's)."),
+    ) -> None:
+        """Search a design space: trials, best plan, Pareto front, convergence plot."""
+        if budget is not None and budget < 1:
+            raise SpecError("budget", f"must be >= 1, got {budget}")
+        if batch < 1:
+            raise SpecError("batch", f"must be >= 1, got {batch}")
+        _explore(space_file, agent, budget, out, workers, ray, ray_address, seed, batch, evaluator)
+
+    @app.command("best-plan")
+    def best_plan_cmd(
+        model: str = typer.Argument(..., help="Model preset, HF config.json or YAML."),
+        system: str = typer.Option(..., "--system", help="System preset or YAML."),
+        gpus: int = typer.Option(..., "--gpus", help="GPU count."),
+        global_batch: int = typer.Option(..., "--global-batch", help="Sequences per step."),
+        seq: int = typer.Option(2048, "--seq", help="Sequence length."),
+        objective: str = typer.Option("step_time_s", "--objective", help="step_time_s, mfu, tokens_per_s, "
+                                      "peak_memory_bytes or gpu_s_per_token."),
+        dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype."),
+        top: int = typer.Option(8, "--top", help="Best-screened layouts simulated in full."),
+        out: Path | None = typer.Option(None, "--out", help="Write the best plan YAML here."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Best training layout (TP, PP, DP, micro-batch, interleaving, recompute, ZeRO) for a model."""
+        for name, v in (("gpus", gpus), ("global_batch", global_batch), ("seq", seq)):
+            if v < 1:
+                raise SpecError(name, f"must be >= 1, got {v}")
+        if out is not None and out.is_dir():
+            raise SpecError("out", f"{out} is a directory; give a file path (e.g. best.yaml)")
+        _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out)

@@ -1,0 +1,193 @@
+"""``best-plan``: the best training layout of a model on a system and GPU count, like Calculon's
+optimal execution search, in two stages.
+
+1. Enumerate the layout space (:func:`layout_space`: TP, PP (an uneven
+   :func:`balanced_split` when PP does not divide the layers), DP, micro-batch, interleaving,
+   recompute, ZeRO 0/1/3) as a :class:`Space`, keep what the plan rules accept, and screen every
+   survivor in closed form (:mod:`.fastpath`); drop what the screen puts out of memory.
+2. Simulate the best-screened layouts in full (:func:`.evaluate.training_step`) until ``top`` of
+   them fit in memory (at most :data:`MAX_SIMULATED_FACTOR` x ``top`` simulations) and rank those by
+   the simulated objective.
+
+The screen ranks layouts with Spearman ~0.98 against the simulator (``bench/bench_explore.py``),
+so the true optimum is almost always among the top few; ``top`` trades time for certainty.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tensorstage.errors import SpecError
+from tensorstage.explore.evaluate import OK, training_step
+from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
+from tensorstage.explore.setup import Task, make_task
+from tensorstage.explore.space import Space, parse_space
+
+#: best-plan simulates down the screened ranking until ``top`` layouts fit, at most this many x ``top``.
+MAX_SIMULATED_FACTOR = 3
+#: Objectives best-plan ranks by, with their goal.
+OBJECTIVES = {"step_time_s": "min", "mfu": "max", "tokens_per_s": "max", "peak_memory_bytes": "min",
+              "gpu_s_per_token": "min"}
+
+
+@dataclass
+class Ranked:
+    """One layout with its screened and (if simulated) full metrics."""
+
+    plan: dict[str, Any]
+    fast: dict[str, float]
+    full: dict[str, float] | None = None
+    status: str = ""
+    message: str = ""
+
+
+@dataclass
+class BestPlan:
+    """The outcome of :func:`best_plan`."""
+
+    model: str
+    system: str
+    gpus: int
+    objective: str
+    enumerated: int
+    legal: int
+    screened_s: float
+    simulated: list[Ranked] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def best(self) -> Ranked | None:
+        ok = [r for r in self.simulated if r.status == OK]
+        if not ok:
+            return None
+        sign = 1.0 if OBJECTIVES[self.objective] == "min" else -1.0
+        return min(ok, key=lambda r: sign * r.full[self.objective])  # type: ignore[index]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int, dtype: str = "bf16",
+                 fixed: dict[str, Any] | None = None) -> Space:
+    """The training-layout space best-plan searches (a regular :class:`Space`: the same rules,
+    derived values and constraints a space file would give)."""
+    from tensorstage.hardware import load_system
+    from tensorstage.model import resolve_model
+
+    spec = resolve_model(model)
+    node = load_system(system, gpus).gpus_per_node
+    layers = spec.num_layers
+    tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= node and gpus % t == 0]
+    # stage counts that divide the layers, and powers of two (uneven split: see balanced_split)
+    pps = sorted({p for p in _divisors(layers) if p <= gpus} | {2**k for k in range(1, 8) if 2**k < layers})
+    fx = {"seq": seq, "global_batch": global_batch, "dtype": dtype, **(fixed or {})}
+    params: dict[str, Any] = {"tp": tps, "pp": pps, "vpp": [1, 2, 3, 4], "micro_batch": [1, 2, 4, 8],
+                              "recompute": ["none", "selective", "full"], "zero": [0, 1, 3]}
+    for k in list(params):
+        if k in fx:
+            params.pop(k)
+    derived = {"dp": "gpus // (tp * pp)", "sp": "tp > 1", "schedule": "'interleaved' if vpp > 1 else '1f1b'"}
+    derived = {k: v for k, v in derived.items() if k not in fx}
+    data = {"name": f"layouts-{model}-{gpus}", "model": model, "system": system, "gpus": gpus, "fixed": fx,
+            "parameters": {"plan": params}, "derived": derived,
+            "constraints": ["gpus % (tp * pp) == 0", "global_batch % (dp * micro_batch) == 0",
+                            "model.num_layers % (pp * vpp) == 0 or (vpp == 1 and pp < model.num_layers)",
+                            "vpp == 1 or pp > 1"],
+            "objectives": [{"metric": "step_time_s", "goal": "min"}]}
+    return parse_space(data, where="best-plan")
+
+
+def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]:
+    """Every legal layout of ``space`` and its screened result, plus the grid size enumerated."""
+    idx = space.enumerate_indices()
+    mask, _ = space.feasible_mask(idx)
+    tasks = []
+    layers = int(space.constants["model.num_layers"])
+    for row in idx[mask]:
+        cfg = space.decode(tuple(int(v) for v in row))
+        env = space.env(cfg)  # pp may be a parameter or pinned in fixed
+        if layers % (env["pp"] * env["vpp"]) and "pp_layer_split" not in space.fixed:
+            cfg["pp_layer_split"] = balanced_split(layers, int(env["pp"]))
+        tasks.append(make_task(space.model, space.system, space.gpus, space.fixed, cfg))
+    results = screen_tasks(tasks)
+    legal = [(t, r) for t, r in zip(tasks, results, strict=True) if r["status"] == OK]
+    return [t for t, _ in legal], [r for _, r in legal], len(idx)
+
+
+def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *, objective: str = "step_time_s",
+              dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None) -> BestPlan:
+    """Search training layouts (module docstring); ``fixed`` pins plan keys (e.g. ``{"tp": 8}``)."""
+    if objective not in OBJECTIVES:
+        raise SpecError("objective", f"unknown objective {objective!r}", OBJECTIVES)
+    if top < 1:
+        raise SpecError("top", f"must be >= 1, got {top}")
+    t0 = time.perf_counter()
+    space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed)
+    tasks, fast, enumerated = screen_layouts(space)
+    t1 = time.perf_counter()
+    sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
+    fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]
+    order = sorted(fits, key=lambda i: (sign * fast[i]["metrics"][objective], tasks[i].key))
+    out = BestPlan(model, system, gpus, objective, enumerated, len(tasks), t1 - t0)
+    found = 0
+    for i in order[: MAX_SIMULATED_FACTOR * top]:  # past layouts the simulator finds out of memory
+        res = training_step(tasks[i])
+        out.simulated.append(Ranked(tasks[i].plan, fast[i]["metrics"], res["metrics"] or None, res["status"],
+                                    res["message"]))
+        found += res["status"] == OK
+        if found == top:
+            break
+    ok = [r for r in out.simulated if r.status == OK]
+    ok.sort(key=lambda r: sign * r.full[objective])  # type: ignore[index]
+    out.simulated = ok + [r for r in out.simulated if r.status != OK]
+    out.wall_s = time.perf_counter() - t0
+    return out
+
+
+def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
+    """Layers per stage when ``pp`` does not divide them: ``layers // pp`` each, one more on the
+    middle stages first (the end stages also hold the embedding and the head), as Llama 3 405B's
+    126 layers on 16 stages (7, 8 x 14, 7)."""
+    base, extra = divmod(layers, pp)
+    split = [base] * pp
+    order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))  # middle, first, last
+    for i in order[:extra]:
+        split[i] += 1
+    return tuple(split)
+
+
+def layout_of(plan: dict[str, Any]) -> tuple[int, int, int]:
+    """(TP, PP, DP) of a plan mapping."""
+    return int(plan.get("tp", 1)), int(plan.get("pp", 1)), int(plan.get("dp", 1))
+
+
+def rank_table(bp: BestPlan) -> list[dict[str, Any]]:
+    """Rows for printing: layout, knobs, screened and simulated objective."""
+    rows = []
+    for r in bp.simulated:
+        tp, pp, dp = layout_of(r.plan)
+        rows.append({"tp": tp, "pp": pp, "dp": dp, "vpp": r.plan.get("vpp", 1),
+                     "micro_batch": r.plan.get("micro_batch", 1), "recompute": r.plan.get("recompute"),
+                     "zero": r.plan.get("zero", 0), f"screen_{bp.objective}": r.fast.get(bp.objective),
+                     bp.objective: None if r.full is None else r.full.get(bp.objective),
+                     "mfu": None if r.full is None else r.full.get("mfu"), "status": r.status})
+    return rows
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (average ranks for ties), numpy only."""
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x), dtype=float)
+        for v in np.unique(x):  # average tied ranks
+            sel = x == v
+            r[sel] = r[sel].mean()
+        return r
+    ra, rb = ranks(np.asarray(a, float)), ranks(np.asarray(b, float))
+    return float(np.corrcoef(ra, rb)[0, 1])

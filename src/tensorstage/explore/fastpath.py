@@ -1,0 +1,253 @@
+"""Closed-form pre-screen: step time, MFU and peak memory of thousands of plans in one numpy pass.
+
+Why: the full simulation takes about a second per plan; a search space of training layouts has
+10^4-10^6 points. The screen ranks them from the *same* compiled cost expressions the lowering
+uses (:meth:`Graph.op_costs`, evaluated once per op over an array of candidates), the simulator's
+own roofline (:class:`tensorstage.sim.compute.ComputeModel`) and collective costs
+(:mod:`tensorstage.sim.collectives`, once per distinct message size and group shape), assembled
+with the textbook schedule formulas. It is not a second simulator: it drops what only the event
+simulation sees (overlap slowdown, per-bucket timing, stage imbalance beyond the end stages, the
+GEMM shape model), so it is used to *rank and prune*, and the survivors are simulated in full.
+
+Terms per candidate (all per rank of the busiest pipeline stage, one micro-batch unless said):
+
+* compute: every op of a layer at ``b = micro_batch``, ``s = seq / cp``, TP dims divided by ``tp``
+  (attention cores at ``s = seq`` divided by ``cp``); an op whose cost does not shrink with TP is
+  replicated, divided by ``tp`` only under sequence parallelism; time per op is the roofline
+  ``max(flops / rate(op), bytes / HBM) + launch``;
+* TP communication (Shoeybi et al. 2019; Korthikanti et al. 2022 sec. 4.2, ``F-TP-COMM``): 2
+  all-reduces of ``b s h`` activations forward and 2 backward per layer (+2 under full
+  recompute), each a reduce-scatter + all-gather pair under SP;
+* pipeline (``F-PP-BUBBLE``, Qi et al. 2024): ``m (F+B+W) + (p-1)(F+B+W)`` for GPipe/1F1B,
+  ``(p-1)/v`` for interleaved, ``(p-1)(F+B-W)`` for ZB-H1, plus the boundary sends on the critical path;
+* data parallelism: the stage's gradients all-reduced (or reduce-scattered + all-gathered under
+  ZeRO-1/2) over ``dp * cp``, hidden behind the last micro-batch's backward when overlapped;
+  ZeRO-3 gathers the parameters twice per micro-batch, exposed where that outlasts the
+  micro-batch's compute;
+* optimizer step on the local shard; memory: model state per ZeRO stage + activations of the
+  micro-batches in flight on stage 0 (1F1B: ``min(p, m)``; interleaved: Megatron's warm-up count).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tensorstage.explore.evaluate import metrics_from
+from tensorstage.parallel.plan import DTYPE_BYTES, ParallelPlan
+
+#: Plan fields the screen reads, with the plan's own defaults for the ones a space leaves out.
+SCREEN_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq", "sp", "zero",
+                 "schedule", "recompute", "dtype", "overlap_grad_reduce", "overlap_param_gather")
+
+
+def plan_defaults() -> dict[str, Any]:
+    return {k: ParallelPlan.model_fields[k].default for k in SCREEN_FIELDS}
+
+
+@functools.lru_cache(maxsize=16)
+def _graph(model: str, recompute: str, dtype: str) -> Any:
+    from tensorstage.graph import build_graph
+    from tensorstage.lower import graph_options
+    from tensorstage.model import resolve_model
+
+    plan = ParallelPlan(recompute=recompute, dtype=dtype)
+    opts = graph_options(plan)
+    return build_graph(resolve_model(model), opts.phase, opts)
+
+
+def _coll(kind: str, nbytes: np.ndarray, stride: np.ndarray, size: np.ndarray, fabric: Any) -> np.ndarray:
+    """Collective time for every candidate, computed once per distinct (bytes, stride, size)."""
+    from tensorstage.sim.collectives import all_gather_s, all_reduce_s, members_per_domain, reduce_scatter_s
+
+    fn = {"ar": all_reduce_s, "rs": reduce_scatter_s, "ag": all_gather_s}[kind]
+    keys = np.stack([nbytes, stride, size], axis=1)
+    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+    vals = np.zeros(len(uniq))
+    for i, (b, st, sz) in enumerate(uniq):
+        if sz > 1 and b > 0:
+            members = members_per_domain([(int(st), int(sz))], fabric)
+            vals[i] = fn(float(b) if kind != "ag" else float(b) / sz, members, fabric)[0]
+    return vals[inv.reshape(-1)]
+
+
+def _p2p(nbytes: np.ndarray, stride: np.ndarray, fabric: Any) -> np.ndarray:
+    from tensorstage.sim.collectives import p2p_time_s
+
+    doms = fabric.domain_sizes()
+    tier = np.zeros(len(stride), dtype=np.int64)
+    for i in range(len(doms) - 1):
+        tier = np.where(stride >= doms[i], i + 1, tier)
+    out = np.zeros(len(nbytes))
+    for t in np.unique(tier):
+        sel = tier == t
+        out[sel] = [p2p_time_s(float(b), int(t), fabric) for b in nbytes[sel]]
+    return out
+
+
+class _BlockCost:
+    """Per-candidate per-category times of one block (one instance, one micro-batch)."""
+
+    def __init__(self, graph: Any, name: str, cols: Mapping[str, np.ndarray], cm: Any) -> None:
+        from tensorstage.lower.blocks import TP_SYMBOLS
+        from tensorstage.sim.compute import ATTENTION_OPS
+
+        tp, cp, ep = cols["tp"], cols["cp"], cols["ep"]
+        base = {"b": cols["micro_batch"].astype(float), "s": cols["seq"] / cp, "c": cols["seq"] / cp}
+        base["v"] = np.ceil(graph.bindings["v"] / (128 * tp)) * 128 * tp  # Megatron's padded vocabulary
+        base["e"] = graph.bindings["e"] / ep
+        loc = dict(base)
+        for s in TP_SYMBOLS:
+            loc[s] = graph.bindings[s] / tp
+        loc["v"] = base["v"] / tp
+        ops = graph.blocks()[name].all_ops()
+        L = graph.op_costs(name, loc)
+        G = graph.op_costs(name, base)
+        total_l = L["flops"] + L["vector_flops"] + L["bytes_read"] + L["bytes_written"]
+        total_g = G["flops"] + G["vector_flops"] + G["bytes_read"] + G["bytes_written"]
+        replicated = np.isclose(total_l, total_g) & (tp > 1)[None, :]
+        shrink = np.where(replicated & cols["sp"].astype(bool)[None, :], 1.0 / tp[None, :], 1.0)
+        core = np.array([op.kind in ATTENTION_OPS for op in ops])
+        if core.any() and (cp > 1).any():  # attention cores see the whole sequence, split over cp
+            C = graph.op_costs(name, {**loc, "s": cols["seq"].astype(float)})
+            for q in L:
+                L[q][core] = np.where(cp > 1, C[q][core] / cp, L[q][core])
+        flops = (L["flops"] + L["vector_flops"]) * shrink
+        nbytes = (L["bytes_read"] + L["bytes_written"]) * shrink
+        from tensorstage.lower.blocks import _KIND_LABEL  # the lowering's op -> roofline label map
+
+        rate = np.array([cm.rate_flops(_KIND_LABEL.get(op.kind, op.kind)) for op in ops])[:, None]
+        t = np.maximum(flops / rate, nbytes / cm.hbm_Bps) + cm.launch_s
+        cats = np.array([op.category for op in ops])
+        self.time_s = {c: t[cats == c].sum(axis=0) for c in ("fwd", "recompute", "bwd_input", "bwd_weight",
+                                                           "optimizer")}
+        # model FLOPs of the whole (unsharded) block instance at s = seq / cp, recompute excluded
+        self.model_flops = G["flops"][np.isin(cats, ("fwd", "bwd_input", "bwd_weight"))].sum(axis=0)
+
+
+def screen(model: str, system: Any, cols: Mapping[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
+    """Screen ``n`` candidate plans on one system; ``cols`` maps plan fields to arrays (or scalars
+    broadcast to all), missing fields take the plan defaults. Returns the metrics of
+    :func:`tensorstage.explore.evaluate.metrics_from` as arrays, plus ``peak_memory_bytes`` parts."""
+    from tensorstage.sim.machine import machine_from_system
+
+    n = n if n is not None else max((len(v) for v in cols.values() if np.ndim(v)), default=1)
+    full = {**plan_defaults(), **cols}
+    c: dict[str, np.ndarray] = {}
+    for k in SCREEN_FIELDS:
+        v = np.asarray(full[k])
+        c[k] = np.broadcast_to(v, (n,)) if v.ndim == 0 else v
+    for k in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq", "zero"):
+        c[k] = c[k].astype(np.int64)
+    gb = np.where(c["global_batch"] > 0, c["global_batch"], c["dp"] * c["micro_batch"] * c["pp"])
+    c["global_batch"] = gb
+    out = {m: np.full(n, np.nan) for m in ("step_time_s", "mfu", "peak_memory_bytes")}
+    keys = np.array([f"{r}|{d}" for r, d in zip(c["recompute"], c["dtype"], strict=True)])
+    for key in np.unique(keys):
+        sel = np.flatnonzero(keys == key)
+        recompute, dtype = key.split("|")
+        machine = machine_from_system(system, dtype)
+        part = {k: v[sel] for k, v in c.items()}
+        res = _screen_group(_graph(model, recompute, dtype), machine, part)
+        for m in out:
+            out[m][sel] = res[m]
+    world = c["tp"] * c["pp"] * c["dp"] * c["cp"]
+    hbm = float(system.device.hbm_bytes)
+    metrics = [metrics_from(out["step_time_s"][i], out["mfu"][i], gb[i] * c["seq"][i], world[i],
+                            out["peak_memory_bytes"][i], hbm) for i in range(n)]
+    return {k: np.array([m[k] for m in metrics]) for k in metrics[0]} if metrics else {}
+
+
+def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The terms of the module docstring for candidates sharing one graph (recompute, dtype)."""
+    from tensorstage.graph.graph import state_bytes_per_param
+
+    cm, fabric = machine.compute, machine.fabric
+    tp, pp, dp, cp, vpp, mb = c["tp"], c["pp"], c["dp"], c["cp"], c["vpp"], c["micro_batch"]
+    sp = c["sp"].astype(bool) & (tp > 1)
+    L = graph.spec.num_layers
+    m = c["global_batch"] // (dp * mb)
+    kinds = graph.layer_kinds
+    layer = {k: _BlockCost(graph, k, c, cm) for k in dict.fromkeys(kinds)}
+    emb, head = _BlockCost(graph, "embedding", c, cm), _BlockCost(graph, "head", c, cm)
+
+    def per_layer(cat: str) -> np.ndarray:
+        return sum(layer[k].time_s[cat] * kinds.count(k) for k in layer) / L
+
+    act_b = DTYPE_BYTES[str(c["dtype"][0])]
+    msg = mb * c["seq"] / cp * graph.spec.hidden * act_b  # one layer's activations
+    ones = np.ones_like(tp)
+    tp_coll = np.where(sp, _coll("rs", msg, ones, tp, fabric) + _coll("ag", msg, ones, tp, fabric),
+                       _coll("ar", msg, ones, tp, fabric))
+    n_fwd_coll = 2 + np.where(c["recompute"] == "full", 2, 0)
+    lps = np.where(L % (pp * vpp) == 0, L / pp, np.ceil(L / pp))  # layers on the busiest stage (uneven: ceil)
+    F = lps * (per_layer("fwd") + 2 * tp_coll)
+    B = lps * (per_layer("bwd_input") + per_layer("recompute") + n_fwd_coll * tp_coll)
+    W = lps * per_layer("bwd_weight")
+    ends = np.where(pp > 1, np.maximum(emb.time_s["fwd"] + emb.time_s["bwd_input"] + emb.time_s["bwd_weight"],
+                                       head.time_s["fwd"] + head.time_s["bwd_input"] + head.time_s["bwd_weight"]),
+                    emb.time_s["fwd"] + emb.time_s["bwd_input"] + emb.time_s["bwd_weight"]
+                    + head.time_s["fwd"] + head.time_s["bwd_input"] + head.time_s["bwd_weight"])
+    per_mb = F + B + W + ends
+    sched = c["schedule"]
+    bubble = np.where(sched == "interleaved", (pp - 1) / vpp * per_mb,
+                      np.where(sched == "zb-h1", (pp - 1) * np.maximum(F + B - W, 0.0), (pp - 1) * per_mb))
+    p2p_bytes = np.where(sp, msg / tp, msg)
+    p2p = _p2p(p2p_bytes, tp * cp * dp, fabric) * 2 * np.where(sched == "interleaved", pp * vpp - 1, pp - 1)
+    pipe = m * per_mb + bubble + p2p
+    # data parallelism over dp*cp (stride tp)
+    sb = state_bytes_per_param(graph.options)
+    params_layer = sum(float(graph.evaluate(graph.layers[k].param_count)) * kinds.count(k) for k in graph.layers) / L
+    emb_p, head_p = (float(graph.evaluate(b.param_count)) for b in (graph.embedding, graph.head))
+    params_rank = (lps * params_layer + np.where(pp > 1, max(emb_p, head_p), emb_p + head_p)) / tp
+    grad_bytes = params_rank * sb["grad"]
+    dpn = dp * cp
+    zero = c["zero"]
+    red = np.where(zero >= 1, _coll("rs", grad_bytes, tp, dpn, fabric), _coll("ar", grad_bytes, tp, dpn, fabric))
+    gather = np.where(zero >= 1, _coll("ag", params_rank * sb["param"], tp, dpn, fabric), 0.0)
+    overlap = c["overlap_grad_reduce"].astype(bool)
+    last_bwd = B + W
+    dp_exposed = np.where(overlap, np.maximum(red - last_bwd, 0.1 * red), red)
+    gather_exposed = np.where(c["overlap_param_gather"].astype(bool), 0.0, gather)
+    shard = np.where(zero >= 1, dpn, 1)
+    opt = (lps * per_layer("optimizer") + head.time_s["optimizer"]) / shard
+    # ZeRO-3 / FSDP: the stage's parameters are gathered for every micro-batch's forward and
+    # backward (only what outlasts that micro-batch's compute shows, plus the first gather); the
+    # gradients are reduce-scattered after the last backward, like the ZeRO-1/2 buckets
+    ag_mb = _coll("ag", params_rank * sb["param"], tp, dpn, fabric)
+    fsdp = m * np.maximum(2 * ag_mb - per_mb, 0.0) + ag_mb + dp_exposed
+    step = pipe + np.where(zero >= 3, fsdp, dp_exposed + gather_exposed) + opt
+    # memory
+    state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / dpn, sb["grad"])
+                           + (sb["master"] + sb["optimizer_states"]) / shard)
+    state = np.where(zero >= 3, params_rank * sum(sb.values()) / dpn, state)
+    act = _activation_bytes(graph, c, sp)
+    inflight_layers = np.where(
+        sched == "interleaved", np.minimum(m * vpp, 2 * (pp - 1) + (vpp - 1) * pp + 1) * lps / vpp,
+        np.where(sched == "gpipe", m * lps, np.minimum(pp, m) * lps))
+    peak = state + act * inflight_layers
+    model_flops = sum(layer[k].model_flops * kinds.count(k) for k in layer) + emb.model_flops + head.model_flops
+    world = tp * pp * dp * cp
+    mfu = model_flops * m * dp * cp / (step * world * cm.peak_flops)
+    return {"step_time_s": step, "mfu": mfu, "peak_memory_bytes": peak}
+
+
+def _activation_bytes(graph: Any, c: Mapping[str, np.ndarray], sp: np.ndarray) -> np.ndarray:
+    """Saved activation bytes of one layer per micro-batch on one rank: the part of the graph's
+    ``activation_bytes`` that shrinks with TP is divided by ``tp``, the rest only under SP."""
+    from tensorstage.lower.blocks import TP_SYMBOLS
+
+    tp = c["tp"].astype(float)
+    b = {"b": c["micro_batch"].astype(float), "s": c["seq"] / c["cp"]}
+    counts = {k: graph.layer_kinds.count(k) for k in graph.layers}
+
+    def mean_layer(bindings: dict[str, Any]) -> np.ndarray:
+        per = graph.costs(bindings).per_block
+        return sum(per[k]["activation_bytes"] * n for k, n in counts.items()) / len(graph.layer_kinds)
+
+    glob = mean_layer(b)
+    loc = mean_layer({**b, **{s: graph.bindings[s] / tp for s in TP_SYMBOLS}})
+    return np.where(sp, glob / tp, loc)

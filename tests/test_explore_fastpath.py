@@ -1,0 +1,84 @@
+"""The closed-form pre-screen against published closed forms and against the full simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tensorstage.explore.bestplan import spearman
+from tensorstage.explore.evaluate import training_step
+from tensorstage.explore.fastpath import screen
+from tensorstage.explore.setup import Task, build_system
+
+MODEL, SYSTEM = "megatron-1.7b", "dgx-a100-selene"
+# megatron-1.7b (Narayanan et al. 2021 Table 1): L=24, h=2304, V=51200, s=2048, tied embeddings
+L, H, V, S = 24, 2304, 51200, 2048
+
+
+def _screen(gpus: int, **cols):
+    n = max(len(v) for v in cols.values() if np.ndim(v))
+    base = {"seq": S, "dtype": "fp16", "recompute": "none"}
+    return screen(MODEL, build_system(SYSTEM, gpus), {**base, **cols}, n)
+
+
+def test_model_flops_match_narayanan_closed_form():
+    """MFU x step time x GPUs x peak = the step's model FLOPs: Narayanan et al. eq. (no recompute)
+    72 B s L h^2 (1 + s/6h + V/12Lh), with the attention-score term halved for the causal mask
+    (s/12h; the graph counts the causal half, the paper the full square)."""
+    m = _screen(8, tp=np.array([1, 2]), dp=np.array([8, 4]), micro_batch=np.array([1, 1]),
+                global_batch=np.array([64, 64]))
+    peak = build_system(SYSTEM, 8).device.peak_flops("fp16")
+    flops = m["mfu"] * m["step_time_s"] * 8 * peak
+    expect = 72 * 64 * S * L * H**2 * (1 + S / (12 * H) + V / (12 * L * H))
+    assert flops == pytest.approx([expect, expect], rel=0.02)
+
+
+def test_zero1_saves_megatron_bytes_per_param():
+    """Megatron's distributed optimizer keeps 6 + 12/DP bytes per parameter instead of 18
+    (public_cases F-MEGATRON-BYTES): ZeRO-1 over DP=8 saves 12 x 7/8 bytes per parameter."""
+    m = _screen(8, dp=np.full(3, 8), zero=np.array([0, 1, 3]), global_batch=np.full(3, 8))
+    params = 12 * L * H**2 * (1 + 13 / (12 * H) + (V + S) / (12 * L * H))  # F-PARAMS-DENSE
+    saved = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][1]
+    assert saved == pytest.approx(12 * (1 - 1 / 8) * params, rel=0.01)
+    # ZeRO-3 (F-ADAM-ZERO, with Megatron's 18 bytes): every byte of state sharded, 18 / DP per parameter
+    saved3 = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][2]
+    assert saved3 == pytest.approx(18 * (1 - 1 / 8) * params, rel=0.01)
+
+
+def test_pipeline_bubble_fraction():
+    """1F1B with p stages and m micro-batches idles (p-1) micro-batch times (F-PP-BUBBLE: bubble
+    fraction (p-1)/m), the interleaved schedule with v chunks (p-1)/v: the step grows by one
+    micro-batch time per micro-batch, and interleaving saves (p-1)(1 - 1/v) of them (the optimizer
+    step and boundary sends, the same in both, cancel)."""
+    pp, v, mbs = 4, 2, np.array([8, 16, 32])
+    one = _screen(4, pp=np.full(3, pp), global_batch=mbs, dp=np.ones(3, int))
+    per_mb = (one["step_time_s"][2] - one["step_time_s"][1]) / 16
+    assert one["step_time_s"][1] - one["step_time_s"][0] == pytest.approx(8 * per_mb, rel=1e-9)
+    assert one["step_time_s"][0] - 8 * per_mb >= (pp - 1) * per_mb
+    inter = _screen(4, pp=np.full(3, pp), global_batch=mbs, dp=np.ones(3, int), vpp=np.full(3, v),
+                    schedule="interleaved")
+    per_mb_i = (inter["step_time_s"][2] - inter["step_time_s"][1]) / 16
+    assert per_mb_i == pytest.approx(per_mb, rel=1e-9)
+    saved = one["step_time_s"][0] - inter["step_time_s"][0]
+    assert saved / per_mb == pytest.approx((pp - 1) * (1 - 1 / v), rel=0.05)
+
+
+def test_ranking_agrees_with_full_simulation():
+    """Spearman rank correlation between the screen and the simulator on layouts that differ in
+    every screened term (TP, PP, micro-batch, recompute, interleaving). The bench
+    (bench/bench_explore.py) measures it on larger random samples."""
+    plans = [dict(tp=1, pp=1, dp=8, micro_batch=1, recompute="none"),
+             dict(tp=2, pp=1, dp=4, micro_batch=2, recompute="selective", sp=True),
+             dict(tp=4, pp=2, dp=1, micro_batch=1, recompute="full", sp=True),
+             dict(tp=1, pp=4, dp=2, micro_batch=2, recompute="none"),
+             dict(tp=2, pp=2, dp=2, micro_batch=1, recompute="full", schedule="interleaved", vpp=2),
+             dict(tp=8, pp=1, dp=1, micro_batch=4, recompute="selective", sp=False)]
+    for p in plans:
+        p.update(global_batch=32, seq=S, dtype="fp16")
+    cols = {k: np.array([p.get(k, dflt) for p in plans]) for k, dflt in
+            (("tp", 1), ("pp", 1), ("dp", 1), ("micro_batch", 1), ("recompute", "none"), ("sp", False),
+             ("schedule", "1f1b"), ("vpp", 1), ("global_batch", 32))}
+    fast = screen(MODEL, build_system(SYSTEM, 8), {**cols, "seq": S, "dtype": "fp16"}, len(plans))
+    full = [training_step(Task(MODEL, SYSTEM, 8, p))["metrics"]["step_time_s"] for p in plans]
+    assert spearman(fast["step_time_s"], np.array(full)) >= 0.9
+    assert np.max(np.abs(fast["step_time_s"] / np.array(full) - 1)) < 0.25
