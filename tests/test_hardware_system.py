@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.hardware.system import SystemSpec, all_systems, load_system, system_names, write_system_yaml
@@ -178,20 +177,3 @@ def test_unknown_system_name_suggests_closest() -> None:
         load_system("dgx-h100")
     assert exc.value.field == "system"
     assert "did you mean dgx-h100-superpod" in str(exc.value)
-
-
-def test_astra_network_yml_units_and_shape(tmp_path: Path) -> None:
-    """ASTRA-sim's analytical backend reads GB/s with 1 GB = 2^30 B; 450 GB/s decimal = 419.095 of those."""
-    from tensorstage.hardware.astra import to_astra_network, write_astra_network
-
-    s = load_system("dgx-h100-superpod", num_gpus=1024)
-    net = to_astra_network(s)
-    assert net["topology"] == ["Switch", "Switch"]
-    assert net["npus_count"] == [8, 128]
-    assert net["bandwidth"][0] == pytest.approx(450e9 / 1073741824, abs=1e-6)
-    assert net["bandwidth"][1] == pytest.approx(50e9 / 1073741824, abs=1e-6)
-    assert net["latency"] == [3400.0, 2000.0]
-    path = write_astra_network(s, tmp_path / "network.yml")
-    assert yaml.safe_load(path.read_text()) == net  # ASTRA-sim's flow-style lists parse as plain YAML
-    one_node = to_astra_network(s.with_num_gpus(8))
-    assert one_node["npus_count"] == [8]  # a 1-NPU dimension carries no traffic and is dropped

@@ -20,12 +20,12 @@ import pytest
 
 from tensorstage.api import simulate as simulate_model
 from tensorstage.hardware import load_system
-from tensorstage.hardware.astra import to_astra_network
 from tensorstage.hardware.torus import torus_slice
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import CollKind
 from tensorstage.sim.collectives import collective_time_s, members_per_domain
 from tensorstage.sim.machine import LINK_EFFICIENCY, NCCL_RING_BASE_LATENCY_S, fabric_from_system
+from tensorstage.trace.astra_config import astra_config
 
 GiB = 1 << 30
 
@@ -44,7 +44,7 @@ def test_slice_rule_edges() -> None:
     assert torus_slice((16, 16, 16), 17) is None  # a prime above every ring: no slice
     v5p = load_system("tpu-v5p", 2 * 6144)  # two full slices over the data-center network
     assert [d.npus for d in v5p.network] == [16, 16, 24, 2]
-    assert to_astra_network(load_system("tpu-v4-pod", 64))["topology"] == ["Ring", "Ring", "Ring"]
+    assert astra_config(load_system("tpu-v4-pod", 64)).network["topology"] == ["Ring", "Ring", "Ring"]
 
 
 def _ring(k: int, full_bytes: float, bw: float, alpha: float, phases: int) -> float:

@@ -371,8 +371,9 @@ def generate(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, out: str
 
     Before writing, ``on_estimate(files, bytes, free_bytes)`` gets the estimated output size; an
     output larger than the free space is refused (:class:`SpecError`) unless ``force``. With a
-    ``system`` the step is also simulated (exactly as :func:`simulate`: the same peak memory) and
-    the system is recorded in the manifest, so ``simulate --trace`` needs no ``--system``."""
+    ``system`` the step is also simulated (exactly as :func:`simulate`: the same peak memory), the
+    system is recorded in the manifest, so ``simulate --trace`` needs no ``--system``, and every COMP
+    node gets its ``duration_micros`` from the simulator's compute model (ASTRA-sim's replay mode)."""
     from tensorstage.fileio import require_replaceable_dir, require_writable_dir
     from tensorstage.trace import write_chakra
 
@@ -383,11 +384,21 @@ def generate(model: str | ModelSpec, plan: ParallelPlan = DEFAULT_PLAN, out: str
     lowered = lower(model, plan)
     sim = simulate(model, system, plan) if system is not None else None
     inputs = generation_inputs(_name(model), lowered)
+    durations = info = None
     if system is not None:
+        from tensorstage.sim import machine_from_system
+        from tensorstage.sim.durations import duration_micros_fn
+
         inputs["system"] = _name(system)
+        spec = load_system(system, plan.world)
+        durations = duration_micros_fn(lowered.programs, machine_from_system(spec, plan.dtype).compute)
+        info = {"source": "tensorstage compute model (sim.machine.machine_from_system(...).compute.time_s)",
+                "system": spec.name, "device": spec.device.name, "dtype": plan.dtype,
+                "rounding": "running total per rank class rounded to whole microseconds (sim/durations.py)"}
     manifest = write_chakra(lowered.programs, lowered.mesh, Path(out), prefix=prefix, workers=workers,
                             classes_only=classes_only, json=json_traces, progress=progress,
-                            inputs=inputs, force=force, on_estimate=on_estimate)
+                            inputs=inputs, force=force, on_estimate=on_estimate, duration_micros=durations,
+                            durations_info=info)
     return Generated(Path(out), manifest, sim)
 
 

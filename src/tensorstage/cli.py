@@ -37,6 +37,7 @@ COMMAND_MODULES = (
     "tensorstage.commands.hardware",
     "tensorstage.commands.explain",
     "tensorstage.commands.generate",
+    "tensorstage.commands.astra",
     "tensorstage.commands.simulate",
     "tensorstage.commands.run",
     "tensorstage.commands.validate",

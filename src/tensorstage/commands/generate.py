@@ -7,6 +7,12 @@ the plan (:func:`tensorstage.lower.lower`: one Program per pipeline stage), then
 record the model, the plan summary, dtype and tokens per step, so ``simulate --trace DIR`` can
 rerun it without flags. A bad model or plan is one line on stderr and exit code 2, before anything
 is written (the writer is atomic, so a failure never leaves a partial directory).
+
+``--system SYS`` also writes every COMP node's ``duration_micros`` from our compute model on that
+system (:mod:`tensorstage.sim.durations`), so ASTRA-sim's replay mode runs our compute times;
+without it the manifest says durations are absent. ``--astra-config`` (needs ``--system``) writes
+ASTRA-sim's network, system and memory files and the command lines into the same folder
+(:mod:`tensorstage.commands.astra`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import typer
 
 from tensorstage import api
+from tensorstage.errors import SpecError
 from tensorstage.interrupts import cancel_on_interrupt
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.report.console import print_json, print_table
@@ -59,7 +66,11 @@ def register(app: typer.Typer) -> None:
             None, "--progress/--no-progress", help="Progress bar (default: when stderr is a terminal)."),
         system: str | None = typer.Option(
             None, "--system", help="Also simulate the step on this system (preset or YAML): prints the peak "
-                                   "memory and records the system for `simulate --trace`."),
+                                   "memory, records the system for `simulate --trace` and writes each COMP "
+                                   "node's duration_micros from our compute model (ASTRA-sim replay mode)."),
+        astra: bool = typer.Option(
+            False, "--astra-config", help="Also write ASTRA-sim's network.yml, system.json, remote-memory "
+                                          "JSON and command lines into OUT (needs --system)."),
         force: bool = typer.Option(
             False, "--force", help="Write even when the estimated output exceeds the free disk space."),
         world: int | None = typer.Option(
@@ -72,6 +83,11 @@ def register(app: typer.Typer) -> None:
         workers = workers or os.cpu_count() or 1
         if progress is None:
             progress = sys.stderr.isatty()
+        if astra and system is None:
+            raise SpecError("astra-config", "needs --system (the machine ASTRA-sim should model)")
+        if astra and classes_only:
+            raise SpecError("astra-config", "ASTRA-sim needs one file per rank; drop --classes-only")
+
         def estimate(files: int, size: int, free: int) -> None:  # stderr: stdout stays the result
             print(f"estimate: {files:,} files, about {size / 1e6:,.1f} MB ({free / 1e9:,.1f} GB free)",
                   file=sys.stderr)
@@ -81,6 +97,10 @@ def register(app: typer.Typer) -> None:
                                 json_traces=json_traces, progress=progress, force=force, on_estimate=estimate,
                                 system=system)
         manifest = done.manifest
+        if astra:
+            from tensorstage.commands.astra import write_for_trace
+
+            write_for_trace(str(system), out, manifest, plan.dtype)
         if json_out:
             extra: dict[str, Any] = {"plan_notes": list(plan_choice.notes) if plan_choice else []}
             if done.sim is not None:

@@ -4,7 +4,6 @@ Every number in a preset carries its source; efficiency parameters say whether t
 or assumed. Nothing here knows about graphs or plans.
 """
 
-from tensorstage.hardware.astra import astra_network_yml, to_astra_network, write_astra_network
 from tensorstage.hardware.device import DTYPES, DeviceSpec
 from tensorstage.hardware.presets import all_devices, device_names, load_device
 from tensorstage.hardware.system import (
@@ -25,12 +24,9 @@ __all__ = [
     "SystemSpec",
     "all_devices",
     "all_systems",
-    "astra_network_yml",
     "device_names",
     "load_device",
     "load_system",
     "system_names",
-    "to_astra_network",
-    "write_astra_network",
     "write_system_yaml",
 ]

@@ -30,6 +30,15 @@ Execution rules (the contract with the lowering):
   the SEND; the RECV ends at the later of its own readiness and the message's arrival. A blocking
   (rendezvous) send would deadlock the usual 1F1B encodings where a stage's next receive is ordered
   after its send. Send/recv occupy neither the compute nor a collective stream.
+* **Link contention** (``Machine.link_contention``, off by default: ``sim/machine.py``). Each
+  communication knows the seconds its bytes occupy a rank's scale-out port (a send: ``S/B`` of the
+  tier it crosses; a collective: its time minus its time with scale-out bandwidth a million times
+  larger). A rank's port is two FIFO queues of that work, out and in: a collective (both, on every
+  member class) or a send (the sender's out, the receiver's in) first waits for the backlog earlier
+  communications left there, then adds its own. So a PP send queued behind a DP bucket on the NIC
+  is delayed by the bucket's remaining bytes, while an in-node TP collective (no scale-out work) is
+  not, unlike ASTRA-sim's one-communication-per-rank rule. Earlier communications are not slowed
+  by later ones (work-conserving, first come first served).
 * **Overlap slowdown.** A COMP node that starts while communication of its class is in flight
   runs ``1 + overlap_slowdown`` times slower until that communication's (known) end; collectives
   that start later during the node do not slow it (documented approximation).
@@ -55,14 +64,20 @@ import gc
 import heapq
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.schedule.program import NodeKind, Program
-from tensorstage.sim.collectives import collective_time_s, mesh_members_per_domain, p2p_tier, p2p_time_s
+from tensorstage.sim.collectives import (
+    Fabric,
+    collective_time_s,
+    mesh_members_per_domain,
+    p2p_tier,
+    p2p_time_s,
+)
 from tensorstage.sim.machine import Machine
 
 K_COMP, K_COLL, K_SEND, K_RECV = 0, 1, 2, 3
@@ -149,6 +164,11 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     fabric = machine.fabric
     members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
     coll_cache: dict[tuple[int, int, tuple[str, ...]], tuple[float, str]] = {}
+    # link contention: seconds each communication keeps a rank's scale-out port busy (0: none)
+    contention = bool(getattr(machine, "link_contention", False)) and len(fabric.tiers) > 1
+    fast_fabric = _fast_scaleout(fabric) if contention else fabric
+    nic = [0.0] * total
+    nic_cache: dict[tuple[int, int, tuple[str, ...]], float] = {}
 
     # per-class collective streams and cross-class collective instances
     stream_of = [-1] * total
@@ -183,6 +203,12 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                 cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric)
             dur[g] = cost[0]
             algorithm[g] = cost[1]
+            if contention:
+                w = nic_cache.get(ck2)
+                if w is None:
+                    fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric)[0]
+                    w = nic_cache[ck2] = max(0.0, cost[0] - fast)
+                nic[g] = w
             sk = (c, axes)
             sid = stream_index.get(sk)
             if sid is None:
@@ -216,8 +242,10 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
 
     # collective instances: one duration for all participants
     inst_dur = []
+    inst_nic = []
     for members in inst_members:
         inst_dur.append(max(dur[g] for g in members))
+        inst_nic.append(max(nic[g] for g in members))
 
     # send/recv pairing
     partner = [-1] * total
@@ -233,8 +261,11 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
             if p2p_meta[gr][2] != nbytes:
                 raise SpecError("programs", f"send/recv size mismatch for tag {mk[2]}: {nbytes} vs {p2p_meta[gr][2]} bytes")
             partner[gs], partner[gr] = gr, gs
-            t = p2p_time_s(nbytes, p2p_tier(mesh, axis, offset, fabric), fabric)
+            tier = p2p_tier(mesh, axis, offset, fabric)
+            t = p2p_time_s(nbytes, tier, fabric)
             dur[gs] = dur[gr] = t
+            if contention and tier > 0:
+                nic[gs] = nbytes / fabric.tiers[tier].bw_Bps
             lk = (mk[0], mk[1], axis, 1 if offset >= 0 else -1)
             lid = links.setdefault(lk, len(links))
             link_of[gs] = link_of[gr] = lid
@@ -284,7 +315,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
 
         out = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s, inst_s,
                    inst_members_s, inst_dur, partner_s, link_s, len(links), machine.overlap_slowdown,
-                   [t > h for h, t in zip(heads, tails, strict=True)])
+                   [t > h for h, t in zip(heads, tails, strict=True)], inst_nic, [nic[h] for h in heads])
         if out is not None:
             break
     start_s, end_s, post_s = out  # type: ignore[misc]
@@ -312,6 +343,13 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                         f"node {node.id} ({node.name}, {node.kind.name})")
     return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
                      max(end) if total else 0.0)
+
+
+def _fast_scaleout(fabric: Fabric) -> Fabric:
+    """``fabric`` with scale-out bandwidth a million times larger: a collective's time drops by the
+    seconds its bytes occupy the scale-out ports (what link contention charges to others)."""
+    tiers = tuple(t if i == 0 else replace(t, bw_Bps=t.bw_Bps * 1e6) for i, t in enumerate(fabric.tiers))
+    return replace(fabric, tiers=tiers)
 
 
 def _flatten(programs: list[Program], offsets: list[int], total: int
@@ -405,7 +443,7 @@ def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis
 
 
 def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_members, inst_dur,
-         partner, link_of, nlinks, slowdown, multi):
+         partner, link_of, nlinks, slowdown, multi, inst_nic, nic):
     """The event loop over flat lists (kept free of attribute lookups: it is the hot path).
 
     Returns ``None`` when a merged chain would have been interleaved with a lower-id COMP node
@@ -431,6 +469,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     events: list[tuple[float, int]] = []
     push, pop = heapq.heappush, heapq.heappop
     factor = 1.0 + slowdown
+    tx_free = [0.0] * nclasses  # link contention: when each class's scale-out port has sent its backlog
+    rx_free = [0.0] * nclasses  # ... and received it
 
     def start_coll(g: int, t: float) -> None:
         sid = stream_of[g]
@@ -441,6 +481,16 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
         members = inst_members[iid]
         if posted_cnt[iid] == len(members):
             e = t + inst_dur[iid]
+            w = inst_nic[iid]
+            if w > 0.0:  # wait for the backlog other traffic left on the members' scale-out ports
+                b = t
+                for m in members:
+                    cm = cls[m]
+                    b = max(b, tx_free[cm], rx_free[cm])
+                e += b - t
+                for m in members:
+                    cm = cls[m]
+                    tx_free[cm] = rx_free[cm] = b + w
             for m in members:
                 start[m] = t
                 push(events, (e, m))
@@ -460,6 +510,12 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
             if s < t:
                 s = t
             e = s + dur[g]
+            w = nic[g]
+            if w > 0.0:  # sender's port out, receiver's port in: wait for their backlog
+                co = cls[other]
+                b = max(s, tx_free[cls[g]], rx_free[co])
+                e += b - s
+                tx_free[cls[g]] = rx_free[co] = b + w
             link_free[lid] = e
             start[g] = s
             push(events, (e, g))

@@ -48,6 +48,9 @@ NCCL_RING_BASE_LATENCY_S: float = 8.4e-6
 #: ASSUMPTION: GEMMs overlapped with NCCL kernels run ~10 % slower (SM and HBM sharing; the order
 #: reported by overlap studies such as Wang et al. ASPLOS23 and Rashidi et al. ISCA22); not fitted.
 OVERLAP_SLOWDOWN: float = 0.10
+#: Link contention between concurrent communications of a rank on its scale-out port (``sim/engine.py``):
+#: off by default until validated (docs/astra-sim.md says what it changes).
+LINK_CONTENTION_DEFAULT: bool = False
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,7 @@ class Machine:
     overlap_slowdown: float = OVERLAP_SLOWDOWN
     dtype: str = "bf16"
     name: str = ""
+    link_contention: bool = False
 
 
 def fabric_from_system(system: object) -> Fabric:
@@ -91,4 +95,5 @@ def machine_from_system(system: object, dtype: str = "bf16", kernel_tables: bool
         overlap_slowdown=OVERLAP_SLOWDOWN if slow is None else float(slow),
         dtype=dtype,
         name=str(getattr(system, "name", "")),
+        link_contention=LINK_CONTENTION_DEFAULT,
     )

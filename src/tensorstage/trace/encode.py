@@ -83,6 +83,20 @@ def variable_attrs(node: Node) -> list[tuple[str, Source]]:
 DurationFn = Callable[[Node], int]
 
 
+def astra_comp_sizes(flops: int, tensor_bytes: int) -> tuple[int, int]:
+    """``(num_ops, tensor_size)`` of a COMP node as written: each at least 1.
+
+    Why: ASTRA-sim's roofline mode times a node as ``num_ops / min(peak, bw * num_ops / tensor_size)``.
+    A memory-only node (an embedding gather: 0 FLOPs, bytes > 0) would give 0/0 = NaN, which ASTRA
+    turns into 2^63 ns, so no rank ever finishes; with ``num_ops = 1`` the same formula gives
+    ``tensor_size / bw``, exactly the node's memory time. A node with FLOPs but no bytes would be
+    skipped (ASTRA drops ``tensor_size = 0`` nodes under roofline); with ``tensor_size = 1`` it costs
+    ``num_ops / peak``. The extra FLOP or byte is below any time resolution; our own reader takes
+    the exact values back from the class JSON when it has it.
+    """
+    return max(1, int(flops)), max(1, int(tensor_bytes))
+
+
 def constant_node(node: Node, duration_micros: DurationFn | None = None) -> object:
     """The protobuf ``Node`` with every rank-independent field and attribute, in file order.
 
@@ -100,8 +114,9 @@ def constant_node(node: Node, duration_micros: DurationFn | None = None) -> obje
         msg.duration_micros = us
     msg.attr.add(name="is_cpu_op", bool_val=False)
     if node.kind == NodeKind.COMP:
-        msg.attr.add(name="num_ops", int64_val=int(node.flops))
-        msg.attr.add(name="tensor_size", int64_val=int(node.tensor_bytes))
+        num_ops, tensor_size = astra_comp_sizes(node.flops, node.tensor_bytes)
+        msg.attr.add(name="num_ops", int64_val=num_ops)
+        msg.attr.add(name="tensor_size", int64_val=tensor_size)
         if node.gemm is not None:  # our own attribute; ASTRA-sim reads attributes by name only
             msg.attr.add(name=GEMM_ATTR).int64_list.values.extend(int(v) for v in node.gemm)
     elif node.kind == NodeKind.COLL:

@@ -104,4 +104,6 @@ def expand_classes(class_dir: str | os.PathLike[str], out_dir: str | os.PathLike
             durations.update({id(prog.nodes[i]): us for i, us in dur.items()})
     fn = (lambda node: durations[id(node)]) if durations else None
     return write_chakra(programs, mesh, out_dir, prefix=prefix, workers=workers, progress=progress,
-                        inputs=manifest["inputs"], duration_micros=fn)
+                        inputs=manifest["inputs"], duration_micros=fn,
+                        durations_info={k: v for k, v in manifest.get("compute_durations", {}).items()
+                                        if k != "present"} if fn else None)

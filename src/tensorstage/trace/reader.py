@@ -136,6 +136,9 @@ def check_nodes(nodes: list[object], where: str, attrs_out: list[dict[str, objec
         for name in _NEEDED.get(ntype, ()):
             if name not in attrs:
                 errors.append(f"{where}: node {nid} lacks attribute {name}")
+        if ntype == schema.COMP_NODE and not n.duration_micros and not (attrs.get("num_ops") or 0) >= 1:
+            errors.append(f"{where}: node {nid} has num_ops < 1 and no duration_micros "
+                          "(ASTRA-sim's roofline would compute 0/0 and never finish)")
         if ntype == schema.COMM_COLL_NODE and attrs.get("comm_type") not in _SIMULATED_COLLECTIVES:
             errors.append(f"{where}: node {nid} comm_type {attrs.get('comm_type')} is not simulated")
     if not topo:

@@ -47,7 +47,7 @@ from tensorstage.parallel.mesh import Mesh
 from tensorstage.schedule.program import CollKind, Node, NodeKind, Program
 from tensorstage.sim.compute import ComputeModel, Gemm
 from tensorstage.trace import schema
-from tensorstage.trace.encode import GEMM_ATTR
+from tensorstage.trace.encode import GEMM_ATTR, astra_comp_sizes
 from tensorstage.trace.program_json import mesh_from_json
 from tensorstage.trace.reader import node_attrs, read_chakra
 from tensorstage.trace.writer import MANIFEST
@@ -260,8 +260,10 @@ def _annotate(fields: dict[str, Any], kind: NodeKind, ref: dict[str, Any], mesh:
     if ref.get("kind") != kind.name:
         return
     if kind == NodeKind.COMP:
-        if (ref["flops"], ref["tensor_bytes"]) != (fields["flops"], fields["tensor_bytes"]):
+        # the file holds astra_comp_sizes(...) of the exact values, which the JSON keeps
+        if astra_comp_sizes(ref["flops"], ref["tensor_bytes"]) != (fields["flops"], fields["tensor_bytes"]):
             return
+        fields["flops"], fields["tensor_bytes"] = int(ref["flops"]), int(ref["tensor_bytes"])
     elif ref["comm_bytes"] != fields["comm_bytes"]:
         return
     if kind in (NodeKind.SEND, NodeKind.RECV):

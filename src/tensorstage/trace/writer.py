@@ -68,13 +68,15 @@ def write_chakra(
     duration_micros: DurationFn | None = None,
     force: bool = False,
     on_estimate: Callable[[int, int, int], None] | None = None,
+    durations_info: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
     """Write Chakra ET traces for every rank of ``mesh`` into ``out_dir`` atomically.
 
     ``programs`` hold one Program per rank class (``class_key`` coordinates); ``inputs`` is
     recorded verbatim in the manifest (what the caller generated from). ``duration_micros`` maps a
     COMP node to Chakra's ``duration_micros`` (int) for ASTRA-sim runs without roofline (e.g. from
-    the simulator's compute model); left out, the field is 0. Returns the manifest.
+    the simulator's compute model); left out, the field is 0. The manifest's ``compute_durations``
+    says which: ``durations_info`` (where the durations came from) plus ``present``. Returns the manifest.
     An existing ``out_dir`` is replaced only once the new output is complete.
 
     Before writing, the output size is estimated (:func:`estimate_bytes`) and handed to
@@ -107,6 +109,7 @@ def write_chakra(
         for i, doc in enumerate(class_docs):  # classes-only output needs the symbolic programs to re-expand
             _write_json(tmp / f"{prefix}.class{i}.json", doc)
         manifest = _manifest(classes, comms, prefix, classes_only, inputs or {}, n_files, n_bytes)
+        manifest["compute_durations"] = _durations_entry(duration_micros is not None, durations_info)
         _write_json(tmp / MANIFEST, manifest)
     return manifest
 
@@ -316,6 +319,16 @@ def _manifest(classes: RankClasses, comms: Communicators, prefix: str, classes_o
         "ranks_per_class": classes.ranks_per_class(),
         "classes": {str(i): class_totals(p, mesh) for i, p in enumerate(classes.programs)},
     }
+
+
+def _durations_entry(present: bool, info: Mapping[str, object] | None) -> dict[str, object]:
+    """The manifest's word on ``duration_micros``: ASTRA-sim's replay mode needs it (absent = 1 ns a node)."""
+    if present:
+        return {"present": True, **dict(info or {})}
+    return {"present": False,
+            "note": "COMP nodes carry no duration_micros: ASTRA-sim with roofline off would charge each "
+                    "1 ns; write them with `generate --system SYSTEM`, or run ASTRA-sim with its roofline "
+                    "(system_roofline.json of `tensorstage astra-config`)"}
 
 
 # --- progress -------------------------------------------------------------------------------------
