@@ -11,7 +11,7 @@ A group is described by *how many of its members share each domain*: ``members[i
 the group inside one tier-``i`` domain (``members[-1]`` = group size). That is arithmetic on the
 mesh (axis strides and sizes vs domain sizes; :func:`members_per_domain`), never a scan of ranks.
 
-Sizes follow ASTRA-sim's ``comm_size`` convention (``/work/shared/reference/chakra_et.md``):
+Sizes follow ASTRA-sim's ``comm_size`` convention (``../shared/reference/chakra_et.md``):
 all-reduce and all-to-all = the per-rank buffer, all-gather = the per-rank *input* (the shard),
 reduce-scatter = the full input. Internally every formula uses ``S`` = the full (gathered) buffer.
 
