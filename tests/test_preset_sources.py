@@ -33,8 +33,10 @@ def test_no_source_cites_a_file_a_user_cannot_see() -> None:
         srcs = _sources(path)
         assert srcs  # the walk found the sources
         for name, field, text in srcs:
-            if text.startswith("MEASURED"):  # a measurement names the script that reruns it
-                assert "bench/bench_kernels.py" in text, (name, field)
+            if text.startswith("MEASURED"):  # a measurement names the script that reruns it, or
+                # the public documents its numbers were read from (a web address or a named table)
+                public = re.search(r"\b[a-z0-9-]+\.(com|org|io)\b|stas00/ml-engineering", text)
+                assert "bench/bench_kernels.py" in text or public, (name, field)
                 assert (ROOT / "bench" / "bench_kernels.py").is_file()
 
 

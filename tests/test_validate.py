@@ -211,7 +211,7 @@ def violations(results: list[CaseResult], groups: tuple[str, ...] | None = None)
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules' tests
 def validation() -> dict:
     targets, _ = load_targets(CASES)
     return report(run_targets(targets), [])
