@@ -48,7 +48,7 @@ from every query and the caller (:class:`tensorstage.sim.compute.ComputeModel`) 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from math import ceil, exp, log, log2
@@ -61,6 +61,8 @@ ATTN_BWD_EFF_RATIO = 0.63 / 0.73
 BF16_LIKE = ("bf16", "fp16")
 #: output tile edge of the ``tile128`` quantization
 TILE = 128
+#: most memoized points per surface
+MEMO_MAX = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class Surface:
 
     axes: tuple[tuple[float, ...], ...]
     values: tuple[float, ...]
+    # memo of evaluated points: callers (the serving predictor, the engine) ask the same shapes
+    # many times; bounded (cleared when full) so a long run cannot grow it without limit
+    _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @staticmethod
     def from_json(d: dict) -> Surface:
@@ -77,6 +82,15 @@ class Surface:
 
     def __call__(self, *x: float) -> float:
         """Efficiency at log2 coordinates ``x`` (multilinear in log efficiency, clamped to the grid)."""
+        got = self._memo.get(x)
+        if got is not None:
+            return got
+        if len(self._memo) >= MEMO_MAX:
+            self._memo.clear()
+        got = self._memo[x] = self._eval(x)
+        return got
+
+    def _eval(self, x: tuple[float, ...]) -> float:
         idx: list[tuple[int, float]] = []
         for xi, ax in zip(x, self.axes, strict=True):
             idx.append(_bracket(ax, xi))
