@@ -1,8 +1,10 @@
-"""`tensorstage validate`: case mapping, source FLOP conventions, accuracy bounds of issue 6.
+"""`tensorstage validate`: case mapping, source FLOP conventions, accuracy by tuning / held-out group.
 
 Independent references: the public cases file's own published/derived numbers (Narayanan eq. 3
-conversions, Korthikanti MFU), Korthikanti's closed form for in-flight activations under the
-interleaved schedule, and the MAMF GEMM measurements (stas00/ml-engineering) for the compute model.
+conversions, Korthikanti MFU, the Megatron-Core rows' aggregate PFLOP/s), Korthikanti's closed form
+for in-flight activations under the interleaved schedule, and the MAMF GEMM measurements
+(stas00/ml-engineering) for the compute model. Sensitivity tests prove the accuracy bounds see a
+physical change (fabric, HBM, matmul rate) that real hardware would show.
 """
 
 from __future__ import annotations
