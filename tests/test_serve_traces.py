@@ -67,3 +67,12 @@ def test_serve_cli_trace_errors_exit_2(tmp_path, monkeypatch, capsys):
     ok = _write(tmp_path, "ok.csv", AZURE)
     r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--trace", str(ok), "--json")
     assert r.returncode == 0 and '"requests": 2' in r.stdout
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.jsonl"])
+def test_binary_trace_file_is_one_line_not_a_traceback(tmp_path, name):
+    p = tmp_path / name
+    p.write_bytes(b"\xff\xfe\x00TIMESTAMP,ContextTokens\n")
+    with pytest.raises(SpecError) as exc:
+        load_trace(p)
+    assert exc.value.field == str(p) and "not a UTF-8 text file" in str(exc.value)

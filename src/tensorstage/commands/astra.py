@@ -10,13 +10,13 @@ files and communicator groups; ``generate --astra-config`` does the same into th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_json_file
 from tensorstage.report.console import print_json
 
 
@@ -54,7 +54,7 @@ def _trace_manifest(trace: Path) -> dict[str, Any]:
     path = trace / "manifest.json"
     if not path.is_file():
         raise SpecError("trace", f"{trace} holds no manifest.json (a folder written by `tensorstage generate`)")
-    return json.loads(path.read_text())
+    return read_json_file(path, "trace manifest")
 
 
 def register(app: typer.Typer) -> None:

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from tensorstage.errors import SpecError
 from tensorstage.explore.expr import Expr, compile_expr, scalar
+from tensorstage.fileio import read_yaml_file
 from tensorstage.parallel.plan import ParallelPlan
 
 STACKS = ("plan", "collective", "network", "hardware", "serving")
@@ -363,14 +363,5 @@ def _check_names(space: Space, where: str) -> None:
 def load_space(path: str | Path) -> Space:
     """Read and check a space YAML file."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), f"cannot read space file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise SpecError(f"{path}{line}", f"malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
+    data = read_yaml_file(path, "space file")
     return parse_space(data, where=path.name, base=path.parent)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import os_reason
 from tensorstage.serve.entities import RequestTable
 
 FORMATS = ("azure", "mooncake", "burstgpt")
@@ -139,20 +140,25 @@ def load_trace(path: str | Path, fmt: str | None = None) -> RequestTable:
         raise SpecError("trace", f"file not found: {p}")
     if p.stat().st_size == 0:
         raise SpecError("trace", f"{p.name}: empty file")
-    if fmt is None:
-        if p.suffix.lower() in (".jsonl", ".json"):
-            fmt = "mooncake"
-        else:
-            with p.open(encoding="utf-8") as fh:
-                head = fh.readline()
-            fmt = "burstgpt" if "Request tokens" in head else "azure"
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise SpecError("--trace-format", f"unknown trace format {fmt!r}", FORMATS)
-    if fmt == "mooncake":
-        return _mooncake(p)
-    if fmt == "burstgpt":
-        return _csv(p, _BURST, skip_zero_output=True)
-    return _csv(p, _AZURE, skip_zero_output=True)
+    try:  # streamed (traces can be large), so decoding problems surface here, as one line
+        if fmt is None:
+            if p.suffix.lower() in (".jsonl", ".json"):
+                fmt = "mooncake"
+            else:
+                with p.open(encoding="utf-8") as fh:
+                    head = fh.readline()
+                fmt = "burstgpt" if "Request tokens" in head else "azure"
+        if fmt == "mooncake":
+            return _mooncake(p)
+        if fmt == "burstgpt":
+            return _csv(p, _BURST, skip_zero_output=True)
+        return _csv(p, _AZURE, skip_zero_output=True)
+    except UnicodeDecodeError:
+        raise SpecError(str(p), "not a UTF-8 text file") from None
+    except OSError as exc:
+        raise SpecError(str(p), f"cannot read trace file: {os_reason(exc)}") from None
 
 
 __all__ = ["FORMATS", "load_trace"]

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from tensorstage.errors import SpecError
+from tensorstage.fileio import read_yaml_file
 from tensorstage.hardware.system import load_system
 from tensorstage.model.presets import find_preset
 from tensorstage.model.spec import ModelSpec
@@ -202,7 +202,7 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
 def run_serving_validation(path: Path, only: str | None = None,
                            progress: Callable[[str], None] | None = None) -> tuple[list[ServingPoint], list[tuple[str, str]]]:
     """Predict every point of the cases file; returns (points, skipped cases with reasons)."""
-    doc = yaml.safe_load(Path(path).read_text())
+    doc = read_yaml_file(path, "serving cases file")
     cases = doc.get("cases", []) if isinstance(doc, dict) else []
     if only:
         try:
