@@ -117,9 +117,9 @@ class _BlockCost:
                 L[q][core] = np.where(cp > 1, C[q][core] / cp, L[q][core])
         flops = (L["flops"] + L["vector_flops"]) * shrink
         nbytes = (L["bytes_read"] + L["bytes_written"]) * shrink
-        from tensorstage.lower.blocks import _KIND_LABEL  # the lowering's op -> roofline label map
+        from tensorstage.lower.blocks import op_label  # the lowering's op -> compute-model label
 
-        rate = np.array([cm.rate_flops(_KIND_LABEL.get(op.kind, op.kind)) for op in ops])[:, None]
+        rate = np.array([cm.rate_flops(op_label(op.kind)) for op in ops])[:, None]
         t = np.maximum(flops / rate, nbytes / cm.hbm_Bps) + cm.launch_s
         cats = np.array([op.category for op in ops])
         self.time_s = {c: t[cats == c].sum(axis=0) for c in ("fwd", "recompute", "bwd_input", "bwd_weight",

@@ -127,6 +127,11 @@ _KIND_LABEL = {
 }
 
 
+def op_label(kind: str) -> str:
+    """The ``op`` label of a COMP node for graph op kind ``kind`` (what the compute model is asked)."""
+    return _KIND_LABEL.get(kind, "elementwise")
+
+
 def lower_blocks(
     graph: Graph, plan: ParallelPlan, sp_regather: bool = True, overlap_tp_comm: bool = False
 ) -> dict[str, BlockLowering]:
@@ -365,7 +370,7 @@ class BlockLowerer:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
             self.model_flops += mf
-        label = _KIND_LABEL.get(op.kind, "elementwise")  # materialized QK^T / PV are plain batched matmuls
+        label = op_label(op.kind)  # materialized QK^T / PV are plain batched matmuls
         return StepNode(
             op.name,
             NodeKind.COMP,
