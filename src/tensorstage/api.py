@@ -21,7 +21,6 @@ Example (see ``docs/api.md`` and ``examples/api_tour.py``)::
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -471,19 +470,12 @@ def validate(cases: str | Path | None = None, only: str | None = None,
 
     ``only`` is a regular expression on case ids; ``progress(i, n, target)`` is called before
     each case (1-based ``i``)."""
-    from tensorstage.validation.cases import default_cases_path, load_targets
+    from tensorstage.validation.cases import default_cases_path, load_targets, select_ids
     from tensorstage.validation.run import report, run_targets
 
     path = Path(cases) if cases is not None else default_cases_path()
     targets, skipped = load_targets(path)
-    if only:
-        try:
-            pattern = re.compile(only)
-        except re.error as exc:
-            raise SpecError("--only", f"not a regular expression: {exc}") from None
-        targets = [t for t in targets if pattern.search(t.id)]
-        if not targets:
-            raise SpecError("--only", f"no case id matches {only!r}")
+    targets = select_ids(targets, only, lambda t: t.id)
     done = [0]
 
     def tick(t: Target) -> None:

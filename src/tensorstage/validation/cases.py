@@ -471,6 +471,21 @@ def _memory_targets(case: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> l
     return out
 
 
+def select_ids(items: list[Any], only: str | None, id_of: Any, what: str = "case") -> list[Any]:
+    """``items`` whose id (``id_of(item)``) matches the ``--only`` regular expression (all if ``only``
+    is empty); a bad expression or no match is a one-line :class:`SpecError` naming ``--only``."""
+    if not only:
+        return items
+    try:
+        pattern = re.compile(only)
+    except re.error as exc:
+        raise SpecError("--only", f"not a regular expression: {exc}") from None
+    picked = [x for x in items if pattern.search(str(id_of(x)))]
+    if not picked:
+        raise SpecError("--only", f"no {what} id matches {only!r}")
+    return picked
+
+
 def load_targets(path: Path) -> tuple[list[Target], list[tuple[str, str]]]:
     """Targets of every case we can predict, and ``(case id, reason)`` for those we skip."""
     cases = read_cases(path)

@@ -40,6 +40,7 @@ from tensorstage.model.presets import find_preset
 from tensorstage.model.spec import ModelSpec
 from tensorstage.serve import RequestTable, ServingPlan, load_profile, simulate
 from tensorstage.serve.serving import build_predictor
+from tensorstage.validation.cases import select_ids
 
 SERVING_CASES_RELATIVE = Path("shared") / "validation" / "public_serving_cases.yaml"
 
@@ -204,14 +205,7 @@ def run_serving_validation(path: Path, only: str | None = None,
     """Predict every point of the cases file; returns (points, skipped cases with reasons)."""
     doc = read_yaml_file(path, "serving cases file")
     cases = doc.get("cases", []) if isinstance(doc, dict) else []
-    if only:
-        try:
-            pattern = re.compile(only)
-        except re.error as exc:
-            raise SpecError("--only", f"not a regular expression: {exc}") from None
-        cases = [c for c in cases if pattern.search(str(c.get("id", "")))]
-        if not cases:
-            raise SpecError("--only", f"no serving case id matches {only!r}")
+    cases = select_ids(cases, only, lambda c: c.get("id", ""), "serving case")
     runner = _Runner()
     points: list[ServingPoint] = []
     skipped: list[tuple[str, str]] = []
