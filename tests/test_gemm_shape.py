@@ -17,6 +17,7 @@ from tensorstage.graph.options import GraphOptions
 from tensorstage.hardware import load_device, load_system
 from tensorstage.lower import lower
 from tensorstage.model import resolve_model
+from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim import machine_from_system, simulate
@@ -191,3 +192,63 @@ def test_megatron_fused_kernels_bytes_closed_form(sp: bool) -> None:
         assert sorted((n.comm, n.comm_bytes) for n in p if n.comm) == sorted((n.comm, n.comm_bytes) for n in f if n.comm)
         for i, n in enumerate(f):  # dependencies stay inside the list and point backwards
             assert n.deps is None or all(0 <= d < i for d in n.deps)
+
+
+def _llama_like() -> ModelSpec:
+    return ModelSpec(name="tiny-llama", family="llama", num_layers=2, hidden=256, num_heads=8, num_kv_heads=2,
+                     ffn=688, vocab=1024, max_seq=128, activation="swiglu", norm="rmsnorm", positions="rope",
+                     tied_embeddings=False)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_fused_swiglu_saves_its_inputs_only(tp: int) -> None:
+    """Megatron-Core's fused SwiGLU (``bias_swiglu_impl``) saves the fc1 output (gate and up halves,
+    ``2f``) and nothing else; fc2 saves the product (``f``). Eager ``silu`` + ``mul`` also keep
+    ``silu(gate)`` for the mul's backward: one ``b*s*f/tp`` bf16 tensor more per layer. The fused
+    forward kernel reads 2f and writes f (3f elements); the fused backward reads dy, gate, up and
+    writes dgate, dup (5f); the unfused pair moves 2f + 3f forward and 3f + 2f + 3f backward."""
+    from tensorstage.graph import build_graph
+    from tensorstage.lower.blocks import lower_blocks
+
+    spec, b, s = _llama_like(), 2, 128
+    plan = ParallelPlan(tp=tp, sp=tp > 1, seq=s, micro_batch=b, global_batch=b)
+    base = dict(attention_impl="flash", precision="bf16", recompute="none")
+    plain, fused = (lower_blocks(build_graph(spec, "train", GraphOptions(**base, megatron_fusions=f)), plan)["dense"]
+                    for f in (False, True))
+    f_local = b * s * spec.ffn // tp  # elements of one b*s*f/tp tensor
+    assert plain.saved_bytes - fused.saved_bytes == 2 * f_local
+    fwd = {n.name: n for n in fused.forward}
+    assert fwd["mlp.act"].tensor_bytes == 2 * 3 * f_local
+    assert "mlp.gated" not in fwd
+    bwd = {n.name: n for n in fused.backward}
+    assert bwd["mlp.act.grad"].tensor_bytes == 2 * 5 * f_local
+    for chain in ("forward", "backward"):
+        p, q = getattr(plain, chain), getattr(fused, chain)
+        assert sum(n.flops for n in p) == sum(n.flops for n in q)
+        assert sorted((n.comm, n.comm_bytes) for n in p if n.comm) == sorted((n.comm, n.comm_bytes) for n in q if n.comm)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megatron_vocab_parallel_cross_entropy_passes(tp: int) -> None:
+    """Megatron's unfused vocab-parallel cross-entropy on bf16 logits ``L`` = 2 bytes x N and their
+    fp32 copy ``F`` = 4 bytes x N (N = tokens x vocab/tp): forward = cast (2N read, 4N written), max
+    (4N), subtract (4N + 4N), exp in place (4N + 4N), sum (4N), divide in place (4N + 4N) = 38N
+    bytes; backward = scale the saved softmax in place (4N + 4N) and cast back (4N + 2N) = 14N bytes
+    (plus the int64 labels and scalar loss); eager ``F.cross_entropy``'s one log-softmax pass is 6N."""
+    from tensorstage.graph import build_graph
+    from tensorstage.lower.blocks import lower_blocks
+
+    spec, b, s = _llama_like(), 2, 128
+    plan = ParallelPlan(tp=tp, sp=tp > 1, seq=s, micro_batch=b, global_batch=b)
+    base = dict(attention_impl="flash", precision="bf16", recompute="none")
+    plain, fused = (lower_blocks(build_graph(spec, "train", GraphOptions(**base, megatron_fusions=f)), plan)["head"]
+                    for f in (False, True))
+    n = b * s * spec.vocab // tp
+    labels = 8 * b * s
+    fwd = next(x for x in fused.forward if x.op == "cross_entropy")
+    bwd = next(x for x in fused.backward if x.op == "cross_entropy")
+    assert fwd.tensor_bytes == 38 * n + labels + 4
+    assert bwd.tensor_bytes == 14 * n + labels + 4
+    eager = next(x for x in plain.forward if x.op == "cross_entropy")
+    assert eager.tensor_bytes == 6 * n + labels + 4
+    assert fwd.flops == eager.flops

@@ -320,7 +320,7 @@ def _vjp_gather(c: _Ctx, op: Op, gy: Tensor) -> None:
 def _vjp_cross_entropy(c: _Ctx, op: Op, gy: Tensor) -> None:
     logits = op.inputs[0]
     g = c.grad_tensor(logits)
-    c.emit(
+    bop = c.emit(
         op,
         f"{op.name}.grad",
         "cross_entropy",
@@ -330,7 +330,22 @@ def _vjp_cross_entropy(c: _Ctx, op: Op, gy: Tensor) -> None:
         vector_flops=2 * logits.numel,
         wrt=logits.name,
     )
+    if op.attrs.get("passes") == "megatron":  # see Builder.cross_entropy
+        logp, targets = op.saved
+        bop.bytes_read = gy.nbytes + 2 * logp.nbytes + targets.nbytes
+        bop.bytes_written = logp.nbytes + g.nbytes
     c.give(op, logits, g)
+
+
+def _vjp_glu(c: _Ctx, op: Op, gy: Tensor) -> None:
+    """One fused backward kernel (reads dy and both saved inputs, writes both input gradients);
+    FLOPs as the unfused mul + activation backward (4 per element)."""
+    gate, up = op.inputs
+    outs = tuple(c.grad_tensor(x) for x in (gate, up))
+    c.emit(op, f"{op.name}.grad", "glu", "bwd_input", (gy, gate, up), outs, vector_flops=4 * gy.numel,
+           fn=op.attrs.get("fn"))
+    for x, g in zip((gate, up), outs, strict=True):
+        c.give(op, x, g)
 
 
 def _vjp_topk(c: _Ctx, op: Op, gy: Tensor) -> None:
@@ -382,6 +397,7 @@ VJP: dict[str, Callable[[_Ctx, Op, Tensor], None]] = {
     "add": _vjp_add,
     "mul": _vjp_mul,
     "unary": _vjp_pointwise,
+    "glu": _vjp_glu,
     "rope": lambda c, op, gy: _vjp_pointwise(c, op, gy, 3),
     "dropout": lambda c, op, gy: _vjp_pointwise(c, op, gy, 2),
     "layout": _vjp_layout,

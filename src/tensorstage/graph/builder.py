@@ -43,6 +43,10 @@ class Builder:
     weights: list[Tensor] = field(default_factory=list)
     kv_cache: list[Tensor] = field(default_factory=list)
     prefix: str = ""
+    # Megatron-LM's own kernels where they differ from eager PyTorch (GraphOptions.megatron_fusions):
+    # the fused SwiGLU/GeGLU (:meth:`glu`) and the multi-pass vocab-parallel cross-entropy
+    # (:meth:`cross_entropy`)
+    megatron_kernels: bool = False
 
     # --- tensors ----------------------------------------------------------------------------
     def numel(self, dims: tuple[str, ...]) -> sp.Expr:
@@ -171,6 +175,16 @@ class Builder:
         y = self.tensor(name, a.dims, requires_grad=self._rg(a, b))
         saved = tuple(t for t, other in ((a, b), (b, a)) if other.requires_grad)
         self._op(name, "mul", (a, b), (y,), vector_flops=a.numel, saved=saved, **attrs)
+        return y
+
+    def glu(self, name: str, fn: str, gate: Tensor, up: Tensor, **attrs: object) -> Tensor:
+        """Fused gated activation ``fn(gate) * up`` (Megatron-Core's ``bias_swiglu_impl`` /
+        Transformer Engine's swiglu): one kernel reads both halves and writes the product; it saves
+        only its inputs and recomputes ``fn(gate)`` in backward, so the activation output that eager
+        ``silu`` + ``mul`` keep (one ``b*s*f`` tensor more) is never stored. FLOPs as unfused."""
+        y = self.tensor(name, gate.dims, requires_grad=self._rg(gate, up))
+        saved = (gate, up) if y.requires_grad else ()
+        self._op(name, "glu", (gate, up), (y,), vector_flops=2 * gate.numel, saved=saved, fn=fn, **attrs)
         return y
 
     def add(self, name: str, a: Tensor, b: Tensor, **attrs: object) -> Tensor:
@@ -307,17 +321,29 @@ class Builder:
         return y
 
     def cross_entropy(self, name: str, logits: Tensor, targets: Tensor, loss_dtype: str) -> Tensor:
-        """Mean token cross-entropy: saves log-softmax (``loss_dtype``) and targets, like PyTorch."""
+        """Mean token cross-entropy: saves log-softmax (``loss_dtype``) and targets, like PyTorch.
+
+        With :attr:`megatron_kernels`, the bytes are those of Megatron-LM's vocab-parallel
+        cross-entropy (``tensor_parallel/cross_entropy.py``, unfused: every Megatron run before
+        ``--cross-entropy-loss-fusion``), which makes one pass per step over the ``loss_dtype``
+        logits ``F`` after casting the ``L`` logits: cast (read L, write F), max (read F), subtract
+        the max (read F, write F), exp in place (read F, write F), sum (read F), divide in place (read
+        F, write F): reads ``L + 5F``, writes ``4F``. Backward (:func:`autodiff._vjp_cross_entropy`):
+        scale the saved softmax in place (read F, write F), cast back (read F, write L)."""
         logp = self.tensor(f"{name}.log_softmax", logits.dims, loss_dtype)
         loss = self.tensor(name, (), "fp32", requires_grad=True)
-        self._op(
+        op = self._op(
             name,
             "cross_entropy",
             (logits, targets),
             (loss, logp),
             vector_flops=6 * logits.numel,
             saved=(logp, targets),
+            **({"passes": "megatron"} if self.megatron_kernels else {}),
         )
+        if self.megatron_kernels:
+            op.bytes_read = logits.nbytes + 5 * logp.nbytes + targets.nbytes
+            op.bytes_written = 4 * logp.nbytes + loss.nbytes
         return loss
 
     # --- mixture of experts -----------------------------------------------------------------

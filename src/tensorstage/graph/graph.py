@@ -359,6 +359,7 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
             mask_dtype=opts.dropout_mask_dtype,
             causal_scale=causal_scale,
             prefix=prefix,
+            megatron_kernels=opts.megatron_fusions,
         )
 
     bld = builder()

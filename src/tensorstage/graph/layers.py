@@ -223,8 +223,11 @@ def mlp(
     if spec.gated:
         gate = bld.linear(f"{name}.gate_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         up = bld.linear(f"{name}.up_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
-        a = bld.unary(f"{name}.act", act, gate)
-        hdn = bld.mul(f"{name}.gated", a, up)
+        if bld.megatron_kernels:
+            hdn = bld.glu(f"{name}.act", act, gate, up)
+        else:
+            a = bld.unary(f"{name}.act", act, gate)
+            hdn = bld.mul(f"{name}.gated", a, up)
     else:
         up = bld.linear(f"{name}.fc1", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         hdn = bld.unary(f"{name}.act", act, up)

@@ -115,6 +115,7 @@ _KIND_LABEL = {
     "add": "elementwise",
     "mul": "elementwise",
     "unary": "elementwise",
+    "glu": "elementwise",
     "rope": "elementwise",
     "dropout": "elementwise",
     "layout": "elementwise",

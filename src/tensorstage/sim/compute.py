@@ -77,7 +77,7 @@ from tensorstage.sim.kernels import KernelTables, load_tables
 
 #: ``Node.op`` values of element-wise / reduction kernels that run on vector units (graph op kinds).
 VECTOR_OPS: frozenset[str] = frozenset(
-    {"add", "mul", "unary", "norm", "softmax", "dropout", "rope", "layout", "gather", "cross_entropy",
+    {"add", "mul", "unary", "glu", "norm", "softmax", "dropout", "rope", "layout", "gather", "cross_entropy",
      "topk", "dispatch", "combine", "elementwise", "optimizer", "adam", "copy"}
 )
 #: ``Node.op`` values of fused attention kernels (charged at dtype peak x attention efficiency).
