@@ -7,7 +7,9 @@ behaviour call this module, tests of the CLI call ``tensorstage.cli.main``.
 
 One default plan (:data:`DEFAULT_PLAN`) serves every command and function: Llama-3.1-8B-sized
 training on one 8-GPU node, TP 2 x PP 2 x DP 2, 1F1B, sequence parallel, ZeRO-1, selective
-recompute, seq 4096, global batch 16. :func:`make_plan` applies overrides to it field by field
+recompute, seq 4096, global batch 16, Megatron-LM's fused kernels (``megatron_fusions``: the
+kernels of the framework most published runs use; ``--no-megatron-fusions`` models eager PyTorch).
+:func:`make_plan` applies overrides to it field by field
 and says, in :attr:`PlanChoice.notes`, when a kept default changes what the overrides imply (the
 GPU count, the micro-batches per step).
 
@@ -51,7 +53,7 @@ DEFAULT_SYSTEM = "dgx-h100-superpod"
 #: The plan keys the default plan sets; every other key is :class:`ParallelPlan`'s own default.
 DEFAULT_PLAN_VALUES: dict[str, Any] = {
     "tp": 2, "pp": 2, "dp": 2, "sp": True, "zero": 1, "schedule": "1f1b", "recompute": "selective",
-    "seq": 4096, "global_batch": 16, "micro_batch": 1,
+    "seq": 4096, "global_batch": 16, "micro_batch": 1, "megatron_fusions": True,
 }
 #: The plan every command and function uses unless told otherwise (8 GPUs).
 DEFAULT_PLAN: ParallelPlan = ParallelPlan.parse(DEFAULT_PLAN_VALUES, where="DEFAULT_PLAN")
