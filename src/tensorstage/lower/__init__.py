@@ -10,7 +10,9 @@ the two halves.
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass, replace
+from typing import Any
 
 from tensorstage.graph.graph import Graph, build_graph
 from tensorstage.graph.options import GraphOptions
@@ -59,6 +61,13 @@ def _graph(spec: ModelSpec, opts: GraphOptions) -> Graph:
     return build_graph(spec, opts.phase, opts)
 
 
+#: Per-micro-batch block lowerings of recent (graph, plan-without-global-batch) pairs: plans that differ
+#: only in the global batch (the steady-state extrapolation's three short steps, batch sweeps) lower
+#: the same blocks; assembly only reads them. Keyed by the graph's identity (checked on a hit).
+_BLOCKS: OrderedDict[tuple[int, str, bool], tuple[Graph, dict[str, Any]]] = OrderedDict()
+_BLOCKS_MAX = 8
+
+
 def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None, fuse: bool = False) -> Lowered:
     """Lower ``spec`` under ``plan`` to per-rank-class Programs (validates the plan first).
 
@@ -71,11 +80,20 @@ def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = No
     plan.validate_for(spec)
     opts = graph_options(plan, options)
     graph = _graph(spec, opts)
-    blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
-    if fuse:
-        from tensorstage.lower.fuse import fuse_blocks
+    key = (id(graph), plan.model_copy(update={"global_batch": 0}).model_dump_json(), fuse)
+    hit = _BLOCKS.get(key)
+    if hit is not None and hit[0] is graph:
+        blocks = hit[1]
+        _BLOCKS.move_to_end(key)
+    else:
+        blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
+        if fuse:
+            from tensorstage.lower.fuse import fuse_blocks
 
-        blocks = fuse_blocks(blocks, split_backward=plan.schedule.startswith("zb"))
+            blocks = fuse_blocks(blocks, split_backward=plan.schedule.startswith("zb"))
+        _BLOCKS[key] = (graph, blocks)
+        while len(_BLOCKS) > _BLOCKS_MAX:
+            _BLOCKS.popitem(last=False)
     mesh = plan.mesh()
     programs = assemble(graph, plan, blocks, mesh)
     new_tokens = 1 if plan.phase == "decode" else plan.seq
