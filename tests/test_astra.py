@@ -85,11 +85,11 @@ def test_system_json_roofline_and_chunking(tmp_path: Path) -> None:
     files = write_astra_config(cfg, tmp_path, "T/trace", "T/groups.json")
     replay = json.loads(files["system"].read_text())
     roof = json.loads(files["system_roofline"].read_text())
-    assert replay["peak-perf"] == pytest.approx(H100_PEAK_TFLOPS) and replay["local-mem-bw"] == pytest.approx(
-        H100_HBM_GBPS)
+    assert replay["peak-perf"] == roof["peak-perf"] == pytest.approx(H100_PEAK_TFLOPS)
+    assert roof["local-mem-bw"] == pytest.approx(H100_HBM_GBPS)
     assert (replay["roofline-enabled"], roof["roofline-enabled"]) == (0, 1)
-    assert {k: v for k, v in roof.items() if k != "roofline-enabled"} == {
-        k: v for k, v in replay.items() if k != "roofline-enabled"}
+    assert {k: v for k, v in roof.items() if k not in ("roofline-enabled", "local-mem-bw")} == {
+        k: v for k, v in replay.items() if k not in ("roofline-enabled", "local-mem-bw")}
     assert replay["preferred-dataset-splits"] == replay["active-chunks-per-dimension"] == 1
     assert replay["endpoint-delay"] >= 1  # 0 aborts ASTRA-sim's event queue (same-time event assertion)
     assert replay["all-gather-implementation"] == ["ring", "ring"]
@@ -97,6 +97,23 @@ def test_system_json_roofline_and_chunking(tmp_path: Path) -> None:
     cmds = files["commands"].read_text().splitlines()
     assert any(c.startswith("AstraSim_Analytical_Congestion_Unaware --workload-configuration=T/trace "
                             "--comm-group-configuration=T/groups.json") and c.endswith("network.yml") for c in cmds)
+
+
+def _astra_reduce_step_ns(local_mem_bw_GBps: float, step_bytes: float) -> int:
+    """ASTRA-sim ``PacketBundle::call``: a reduce step waits two reads and a write of its bytes at
+    ``local-mem-bw`` (GB/s, stored x 1e9), each term truncated to whole ns."""
+    return 3 * int(step_bytes / (local_mem_bw_GBps * 1e9) * 1e9)
+
+
+def test_replay_system_json_hides_astra_reduction_charge() -> None:
+    """Our collectives charge no reduction time (NCCL pipelines it behind the link); replay mode
+    must not either, while the roofline file keeps HBM for its compute roofline."""
+    cfg = astra_config(load_system("dgx-h100-superpod", 8))
+    step_bytes = 256e6 / 8  # one step of a 256 MB ring reduce-scatter over 8 GPUs
+    assert _astra_reduce_step_ns(cfg.system["local-mem-bw"], step_bytes) == 0
+    # with HBM (3.35 TB/s x 0.9) the same step would wait 3 x 32e6 / 3.015e12 s = 31.8 us
+    assert _astra_reduce_step_ns(cfg.system_roofline["local-mem-bw"], step_bytes) == pytest.approx(
+        3 * 32e6 / (3350e9 * 0.9) * 1e9, abs=3)
 
 
 # --- traces --------------------------------------------------------------------------------------

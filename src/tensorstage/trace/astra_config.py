@@ -28,6 +28,15 @@ How each number is chosen (ASTRA-sim analytical backend, congestion-unaware, and
   network of several dimensions any smaller group runs one ring over its members
   (``CommunicatorGroup::get_collective_plan``). ``peak-perf`` (TFLOP/s) = dtype peak x matmul efficiency and ``local-mem-bw``
   (decimal GB/s) = HBM x HBM efficiency: the achievable rates of our compute model.
+* ``local-mem-bw`` has a second use in ASTRA-sim: every reduce step of a ring (reduce-scatter,
+  all-reduce) waits ``3 * step_bytes / local-mem-bw`` (two reads and a write, ``PacketBundle::call``)
+  *after* its message arrives and before the next step is sent. NCCL fuses that reduction into the
+  copy and pipelines it slice by slice behind the link (HBM is ~8x faster than an NVLink port), so
+  nccl-tests measure the same bus bandwidth for reduce-scatter as for all-gather and our model
+  charges none. With one chunk per collective ASTRA cannot pipeline it, so the replay-mode file
+  writes :data:`ASTRA_HIDDEN_REDUCTION_GBPS` there (every reduce step rounds to 0 ns); replay mode
+  never uses ``local-mem-bw`` for anything else (compute takes the trace's durations). The roofline
+  file keeps HBM, which its compute roofline needs, and so still charges the reduction.
 * Two system files: ``system.json`` (replay mode: each COMP node takes its ``duration_micros``,
   which ``generate --system`` fills from our compute model) and ``system_roofline.json``
   (ASTRA's own roofline over ``num_ops`` / ``tensor_size``; one peak for every op and no kernel
@@ -57,6 +66,9 @@ ASTRA_BINARY = "AstraSim_Analytical_Congestion_Unaware"
 #: analytical event queue schedules an event at the current time and aborts (``EventQueue::proceed``
 #: assertion, seen on ZeRO-3 traces); 10 ns is far below any per-message latency we model.
 ASTRA_ENDPOINT_DELAY_NS = 10
+#: ``local-mem-bw`` of the replay-mode ``system.json`` (GB/s): ASTRA's serial per-step reduction
+#: charge ``3 * bytes / local-mem-bw`` rounds to 0 ns for any step under 333 MB (module docstring)
+ASTRA_HIDDEN_REDUCTION_GBPS = 1e9
 NETWORK_FILE = "network.yml"
 SYSTEM_FILE = "system.json"
 SYSTEM_ROOFLINE_FILE = "system_roofline.json"
@@ -114,7 +126,8 @@ def astra_config(spec: SystemSpec, dtype: str = "bf16") -> AstraConfig:
         "roofline-enabled": 0,
         "peak-perf": round(compute.tensor_flops / 1e12, 6),
     }
-    return AstraConfig(spec.name, spec.num_gpus, network, system, {**system, "roofline-enabled": 1})
+    replay = {**system, "local-mem-bw": ASTRA_HIDDEN_REDUCTION_GBPS}
+    return AstraConfig(spec.name, spec.num_gpus, network, replay, {**system, "roofline-enabled": 1})
 
 
 def network_yml_text(cfg: AstraConfig) -> str:
