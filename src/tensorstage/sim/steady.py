@@ -116,7 +116,7 @@ def steady_counts(plan: ParallelPlan) -> tuple[int, int, int] | None:
         return None
     spacing = plan.pp if plan.schedule == "interleaved" else 1
     k = plan.pp * plan.vpp
-    m1 = -(-(k + max(2, k // 8)) // spacing) * spacing  # margin: end stages settle a few micro-batches late
+    m1 = -(-(k + 2) // spacing) * spacing  # margin: end stages settle a micro-batch or two late
     m3 = m1 + 2 * spacing
     if plan.microbatches < STEADY_MIN_FACTOR * (m3 + STEADY_SHIFTS * spacing) or (plan.microbatches - m3) % spacing:
         return None
