@@ -522,9 +522,13 @@ def test_mla_sp_gathers_compressed_latents() -> None:
     assert layer.extra["tp_partial_grad_bytes"] == down
 
 
-def test_moe_without_sp_all_reduces_routed_rows() -> None:
-    """MoE + TP without SP: tokens replicated over TP; the expert-TP output rows and the routed input
-    gradient are all-reduced (b*s*k rows of h) besides the attention's f/g all-reduces."""
+def test_moe_without_sp_all_reduces_combined_tokens() -> None:
+    """MoE + TP without SP (no EP): tokens replicated over TP; the experts' TP-partial outputs stay
+    partial through the gate-weighted combine (linear in them), so the forward all-reduce moves the
+    combined tokens (b*s of h, as vLLM's and TensorRT-LLM's fused MoE reduce after the combine), not the
+    top_k times larger routed rows; likewise the routed input gradient is reduced after its scatter
+    back to tokens. Backward: that token gradient's all-reduce, the attention's input-gradient one and
+    the small gate-gradient one (b*s*k fp32/bf16 values)."""
     h, b, s, k, tp = 128, 2, 64, 2, 2
     spec = ModelSpec(
         name="moe",
@@ -537,10 +541,30 @@ def test_moe_without_sp_all_reduces_routed_rows() -> None:
     )
     _, _, bl = _lower(spec, tp=tp, seq=s, micro_batch=b)
     layer = bl["moe"]
-    rows, sbh = b * s * k * h * 2, b * s * h * 2
-    assert [n.comm_bytes for n in _colls(layer.forward)] == [sbh, rows]
-    assert Counter(n.comm_bytes for n in _colls(layer.backward)) == Counter({rows: 1, sbh: 1})
+    sbh, gates = b * s * h * 2, b * s * k * 2
+    assert [n.comm_bytes for n in _colls(layer.forward)] == [sbh, sbh]
+    assert Counter(n.comm_bytes for n in _colls(layer.backward)) == Counter({sbh: 2, gates: 1})
     assert all(n.comm == CollKind.ALL_REDUCE for n in _colls(layer.forward + layer.backward))
+
+
+def test_moe_with_sp_gathers_tokens_not_routed_rows() -> None:
+    """MoE + TP + SP without EP (Megatron's all-gather token dispatcher): the sequence shard's tokens
+    are gathered before routing (``b*s*h`` in all: each rank's shard is ``b*s*h/tp``), the combined
+    output is reduce-scattered back (``b*s*h``); no collective moves the ``top_k`` times larger routed
+    rows, in forward or backward (the gate/index gathers are ``b*s*k`` values)."""
+    h, b, s, k, tp = 128, 2, 64, 4, 4
+    spec = ModelSpec(name="moe", num_layers=1, hidden=h, num_heads=4, ffn=256, vocab=1024,
+                     moe=MoESpec(num_experts=8, top_k=k, expert_ffn=64))
+    _, _, bl = _lower(spec, tp=tp, sp=True, seq=s, micro_batch=b)
+    layer = bl["moe"]
+    sbh = b * s * h * 2
+    moe_fwd = [(n.comm, n.comm_bytes) for n in _colls(layer.forward) if n.name.startswith(("post_attention_norm",
+                                                                                          "moe."))]
+    assert (CollKind.ALL_GATHER, sbh // tp) in moe_fwd and (CollKind.REDUCE_SCATTER, sbh) in moe_fwd
+    rows = b * s * k * h * 2
+    for n in _colls(layer.forward + layer.backward):
+        full = n.comm_bytes * tp if n.comm == CollKind.ALL_GATHER else n.comm_bytes
+        assert full <= sbh < rows, (n.name, n.comm_bytes)
 
 
 def test_decode_moe_routes_one_token_per_sequence() -> None:

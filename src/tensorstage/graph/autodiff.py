@@ -374,12 +374,14 @@ def _vjp_dispatch(c: _Ctx, op: Op, gy: Tensor) -> None:
 def _vjp_combine(c: _Ctx, op: Op, gy: Tensor) -> None:
     ye, gates, _tok = op.inputs
     g_ye = c.grad_tensor(ye)
+    # the expert-output gradient is gate x dy gathered to the slots: it reads dy, the slot gates and
+    # the indices, not the expert outputs (those serve the gate gradient below)
     c.emit(
         op,
         f"{op.name}.grad_experts",
         "dispatch",
         "bwd_input",
-        (gy, *op.saved),
+        (gy, *(t for t in op.saved if t is not ye)),
         (g_ye,),
         vector_flops=ye.numel,
     )

@@ -235,7 +235,7 @@ class BlockLowerer:
         self.ctx = ctx
         self.name = name
         self.blk = blk
-        self.prop = Propagator(ctx.sp)
+        self.prop = Propagator(ctx.sp, moe_tp_on_tokens=ctx.ep == 1)
         c = ctx
         self.s_divs = sorted({1, c.cp, c.cp * c.tp})
         self.e_divs = sorted({1, c.ep})

@@ -97,6 +97,11 @@ class Propagator:
     """Placement state of one block across its forward, recompute and backward passes."""
 
     sp: bool
+    #: MoE without expert parallelism: TP communication of the MoE layer on whole tokens (``b*s*h``),
+    #: not on the ``top_k`` times larger routed slots: gather the tokens before routing (SP; Megatron's
+    #: all-gather token dispatcher) and reduce after the combine (vLLM's and TensorRT-LLM's fused MoE).
+    #: With expert parallelism the slot-level protocol of Megatron's all-to-all dispatcher stays.
+    moe_tp_on_tokens: bool = False
     place: dict[int, Placement] = field(default_factory=dict)
     avail: dict[int, set[str]] = field(default_factory=dict)
     tensors: dict[int, Tensor] = field(default_factory=dict)
@@ -224,6 +229,36 @@ class Propagator:
         # loss: Replicate after the vocab-parallel max/sum all-reduces; log-softmax like the logits
         return self._finish(op, changes, [pl, REPLICATE], [REPLICATE, pl])
 
+    def _linear_in_partial(self, op: Op, ps: list[Placement]) -> Placed | None:
+        """The MoE combine (gate-weighted scatter-add of expert outputs to tokens), its gate gradient
+        (a dot product with the expert outputs) and the dispatch's backward (scatter-add of the slot
+        gradients to their tokens) are linear in the expert-side tensor: with
+        TP-sharded experts those stay partial sums and the output is the partial one, so the TP
+        reduction moves to the token-level result (``b*s*h``, after the combine, as vLLM's and
+        TensorRT-LLM's fused MoE and Megatron's token dispatcher reduce) instead of the ``top_k``
+        times larger expert outputs. The other inputs (gates, indices, ``dy``) are gathered whole."""
+        if not self.moe_tp_on_tokens:
+            return None
+        scatter = op.kind == "combine"  # forward combine, or the dispatch's backward (slots -> tokens)
+        gate_grad = op.kind == "reduce" and op.grad_of is not None and op.grad_of.kind == "combine"
+        if not (scatter or gate_grad):
+            return None
+        ye = op.inputs[0] if scatter else op.grad_of.inputs[0]  # type: ignore[union-attr]
+        idx = next((i for i, t in enumerate(op.inputs) if t is ye), None)
+        if idx is None or not isinstance(ps[idx], Partial):
+            return None
+        changes: list[Change] = []
+        new_ps: list[Placement] = []
+        for i, (t, p) in enumerate(zip(op.inputs, ps, strict=True)):
+            if i == idx or t.role == "weight":
+                new_ps.append(p)
+                continue
+            if p != REPLICATE:
+                self.need(t, REPLICATE, changes)
+            new_ps.append(REPLICATE)
+        outs: list[Placement] = [Partial() if j == 0 else REPLICATE for j in range(len(op.outputs))]
+        return self._finish(op, changes, new_ps, outs)
+
     def _pointwise(self, op: Op) -> Placed:
         ins = list(op.inputs)
         ps = [self.get(t) for t in ins]
@@ -235,6 +270,15 @@ class Propagator:
             d = seq_dim(t)
             return Shard(d) if d is not None else REPLICATE
 
+        linear = self._linear_in_partial(op, ps)
+        if linear is not None:
+            return linear
+        if op.kind == "dispatch" and self.moe_tp_on_tokens:
+            # tokens -> slots (forward) or dy -> slot gradients (backward): on whole tokens
+            for t, p in zip(ins, ps, strict=True):
+                if t.role != "weight" and p != REPLICATE:
+                    self.need(t, REPLICATE, changes)
+            return self._finish(op, changes, [REPLICATE] * len(ins), [REPLICATE] * len(op.outputs))
         if op.grad_of is not None and op.grad_of.attrs.get("on_partial_sum"):
             # backward of the parallel block's branch dropout runs where its forward ran, on the full
             # sequence: one gather of the gradient serves both branches (GPT-NeoX gpt_j_residual)
