@@ -19,6 +19,7 @@ EXPECTED_PRESETS = {
     "A100-40GB",
     "A100-80GB",
     "H100-SXM",
+    "H800",
     "H200",
     "B200",
     "MI250X-GCD",

@@ -255,3 +255,17 @@ def test_gqa_attention_node_recovers_its_kv_heads_from_bytes() -> None:
             seen.add(n.category)
     assert seen == set(expected)
     assert fwd < kt.attention_fwd_s(2, 16, 4096, 4096, 128)  # the same FLOPs as MHA, faster
+
+
+def test_a_device_can_borrow_the_tables_of_its_die() -> None:
+    """H800 = the H100 SXM die (same SMs, clocks and Tensor Core peaks; narrower NVLink): its preset
+    names the H100-SXM tables, so compute costs equal the H100's node for node."""
+    from tensorstage.hardware import load_device
+    from tensorstage.sim.compute import ComputeModel
+
+    h800, h100 = (ComputeModel.from_device(load_device(n), "bf16") for n in ("H800", "H100-SXM"))
+    assert h800.kernels is not None
+    for gemm in ((1, 4096, 4096, 4096), (8, 512, 1536, 7168)):
+        flops = 2 * gemm[0] * gemm[1] * gemm[2] * gemm[3]
+        assert h800.time_s(flops, 0, "matmul", gemm) == h100.time_s(flops, 0, "matmul", gemm)
+    assert load_device("H800").scaleup_GBps < load_device("H100-SXM").scaleup_GBps

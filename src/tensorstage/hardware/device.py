@@ -80,6 +80,10 @@ class DeviceSpec(_Frozen):
     """Streaming multiprocessors (NVIDIA) / compute units that GEMM thread-block tiles are scheduled
     on, in waves (:func:`tensorstage.sim.compute.gemm_shape_factor`); ``None``: no shape model."""
 
+    kernel_tables: str | None = None
+    """Device preset whose measured kernel tables this device uses (same die, SMs and clocks: e.g.
+    H800 -> H100-SXM); ``None``: its own name's tables, if any (:mod:`tensorstage.sim.kernels`)."""
+
     sources: dict[str, str] = {}  # absent -> the check below lists every field that needs one
     notes: str = ""
 
@@ -153,7 +157,7 @@ class DeviceSpec(_Frozen):
             raise spec_error(exc, where) from None
 
 
-_TEXT_FIELDS = frozenset({"name", "vendor", "aliases", "description", "sources", "notes"})
+_TEXT_FIELDS = frozenset({"name", "vendor", "aliases", "description", "kernel_tables", "sources", "notes"})
 
 
 def numeric_fields() -> tuple[str, ...]:

@@ -220,7 +220,8 @@ class ComputeModel:
         if kernel_tables is None:
             kernel_tables = KERNEL_TABLES_DEFAULT
         tables = kernel_tables if isinstance(kernel_tables, KernelTables) else (
-            load_tables(str(getattr(device, "name", ""))) if kernel_tables else None)
+            load_tables(str(getattr(device, "kernel_tables", None) or getattr(device, "name", "")))
+            if kernel_tables else None)
         if tables is not None and not isinstance(kernel_tables, KernelTables):
             tables = anchored(tables, device)
         peak = device.peak_flops(dtype)  # type: ignore[attr-defined]
