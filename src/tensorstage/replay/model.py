@@ -1,4 +1,4 @@
-"""Predicted times of the benchmarked operations: the simulator's model and gloo's algorithms.
+"""Predicted times of the benchmarked operations: the simulator's model and the executed algorithm.
 
 Two predictions per measured case, both from the *emulated* link parameters (rate and delay of
 each tier, not fitted):
@@ -6,24 +6,28 @@ each tier, not fitted):
 * ``simulator``: :func:`tensorstage.sim.collectives.collective_time_s` / ``p2p_time_s`` on a
   :class:`~tensorstage.sim.collectives.Fabric` built from the links (no per-collective base
   latency: that is an NCCL constant, gloo has none). This is what ``tensorstage simulate`` charges.
-* ``gloo``: what gloo (the ``torch.distributed`` CPU backend) actually runs, as alpha-beta
-  formulas (``S`` = full buffer, ``n`` members, ``B`` and ``alpha`` of the slowest link used):
+* ``algorithm``: the algorithm the replay actually ran, as alpha-beta formulas (``S`` = full
+  buffer, ``n`` members, ``B`` and ``alpha`` of the slowest link used). With ``collectives="p2p"``
+  (default) the workers run the simulator's algorithms on send/recv
+  (:mod:`tensorstage.replay.algorithms`); with ``"native"`` gloo's own collectives:
 
-  - all-reduce: ring (gloo ``allreduce`` default algorithm): ``2(n-1)/n * S/B + 2(n-1) alpha``.
-  - all-gather: ring (gloo ``allgather``: receive from the left, send to the right, n-1 steps):
+  - all-reduce: ring (p2p; gloo ``allreduce`` default algorithm): ``2(n-1)/n * S/B + 2(n-1) alpha``.
+  - all-gather: ring (p2p; gloo ``allgather``: receive from the left, send to the right):
     ``(n-1)/n * S/B + (n-1) alpha``.
-  - reduce-scatter: PyTorch's gloo backend has no reduce-scatter algorithm; it all-reduces the
-    whole input and keeps its chunk (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), so
-    it costs an all-reduce of ``S``, twice the ring reduce-scatter the simulator charges.
-  - all-to-all: direct (gloo ``alltoall`` posts every send and receive at once):
+  - reduce-scatter: p2p: ring, ``(n-1)/n * S/B + (n-1) alpha``. native: PyTorch's gloo backend
+    has no reduce-scatter algorithm; it all-reduces the whole input and keeps its chunk
+    (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), so it costs an all-reduce of ``S``,
+    twice the ring reduce-scatter the simulator charges.
+  - all-to-all: direct (every send and receive in flight at once, p2p and gloo ``alltoall``):
     per tier, the bytes to peers behind that tier's port: ``max_i (m_i - m_{i-1})/n * S / B_i``
     plus one alpha; the same formula as the simulator's ``direct`` algorithm.
   - send/recv: ``alpha + S/B`` of the tier crossed.
 
-  A single ring (gloo opens one, not one per GPU of a node as NCCL's channels do) whose members
-  span two tiers crosses the slower tier's link at full ring volume, so its bandwidth term uses
-  ``min(B)``; the simulator's multi-channel ring divides the slower tier's volume over the node's
-  ports. Both are reported; on one tier they coincide for all-reduce and all-gather.
+  A single ring (gloo opens one, and so do the p2p algorithms; NCCL opens one per GPU of a node
+  as channels) whose members span two tiers crosses the slower tier's link at full ring volume,
+  so its bandwidth term uses ``min(B)``; the simulator's multi-channel ring divides the slower
+  tier's volume over the node's ports. Both are reported; on one tier they coincide for every
+  operation with ``p2p``, and for all but reduce-scatter with ``native``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import dataclass
 
 from tensorstage.errors import SpecError
 from tensorstage.replay.microbench import BenchCase
-from tensorstage.replay.ops import astra_comm_bytes
+from tensorstage.replay.ops import COLLECTIVE_IMPLS, astra_comm_bytes
 from tensorstage.schedule.program import CollKind
 from tensorstage.sim.collectives import Fabric, Tier, collective_time_s, p2p_time_s
 
@@ -114,14 +118,19 @@ def simulator_time_s(case: BenchCase, links: Links) -> float:
     return t
 
 
-def gloo_terms(case: BenchCase, links: Links) -> tuple[float, float]:
-    """``(alpha_steps, seconds_per_byte_term_bytes)`` of gloo's algorithm: time = steps*alpha + bytes/B
+def algorithm_terms(case: BenchCase, links: Links, collectives: str = "p2p") -> tuple[float, float]:
+    """``(alpha_steps, bytes)`` of the algorithm the replay ran (``collectives``: ``p2p`` or
+    ``native``, :data:`~tensorstage.replay.ops.COLLECTIVE_IMPLS`): time = steps*alpha + bytes/B
     with ``B`` and ``alpha`` of tier :meth:`Links.tier_of` (all-to-all: of its busiest tier)."""
     n, s = len(case.ranks), float(case.size_bytes)
+    if collectives not in COLLECTIVE_IMPLS:
+        raise SpecError("collectives", f"unknown implementation {collectives!r}", COLLECTIVE_IMPLS)
     if case.op == "send_recv":
         return 1.0, s
-    if case.op in ("all_reduce", "reduce_scatter"):
+    if case.op == "all_reduce" or (case.op == "reduce_scatter" and collectives == "native"):
         return 2.0 * (n - 1), 2.0 * (n - 1) / n * s
+    if case.op == "reduce_scatter":
+        return float(n - 1), (n - 1) / n * s
     if case.op == "all_gather":
         return float(n - 1), (n - 1) / n * s
     if case.op == "all_to_all":
@@ -134,14 +143,14 @@ def gloo_terms(case: BenchCase, links: Links) -> tuple[float, float]:
     raise SpecError("op", f"unknown operation {case.op!r}")
 
 
-def gloo_time_s(case: BenchCase, links: Links) -> float:
-    """gloo's algorithm for ``case`` on the emulated links (module docstring)."""
+def algorithm_time_s(case: BenchCase, links: Links, collectives: str = "p2p") -> float:
+    """The algorithm the replay ran for ``case``, on the emulated links (module docstring)."""
     tier = links.tiers[links.tier_of(case)] if links.two_tier else links.tiers[0]
     if case.op == "all_to_all" and links.two_tier and links.members(case.ranks)[0] < len(case.ranks):
         n, m, s = len(case.ranks), links.members(case.ranks)[0], float(case.size_bytes)
         a, b = links.tiers
         return max((m - 1) / n * s / a.rate_Bps, (n - m) / n * s / b.rate_Bps) + max(a.latency_s, b.latency_s)
-    steps, nbytes = gloo_terms(case, links)
+    steps, nbytes = algorithm_terms(case, links, collectives)
     if links.two_tier and case.group == "world":
         tier = min(links.tiers, key=lambda t: t.rate_Bps)
         return steps * max(t.latency_s for t in links.tiers) + nbytes / tier.rate_Bps
