@@ -149,6 +149,9 @@ def test_calibrate_network_cli(tmp_path: Path) -> None:
     (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--seq", "1024", "--scale", "1", "--max-gib", "0.01"], "scale"),
     (["replay", "--bench", "--tp", "2"], "bench"),
     (["replay", "--bench", "--collectives", "mpi"], "collectives"),
+    (["replay", "--bench", "--link-latency-us", "-5"], "link_latency_us"),
+    (["replay", "--bench", "--link-latency-us", "2e6"], "link_latency_us"),
+    (["replay", "--bench", "--node-size", "4", "--inter-GBps", "1", "--inter-latency-us", "1e9"], "inter_latency_us"),
 ])
 def test_bad_replay_input_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              args: list[str], field: str) -> None:

@@ -23,6 +23,9 @@ from tensorstage.replay.netns import EmulatedNetwork, netns_unavailable_reason
 from tensorstage.replay.ops import BENCH_OPS, COLLECTIVE_IMPLS
 
 NETWORK_MODES = ("auto", "netns", "loopback")
+#: Largest one-way delay a run may emulate (netem), microseconds: 100 ms already needs a TCP
+#: window of 2 x delay x rate, and a larger delay only makes a bounded run longer, not more telling.
+MAX_LATENCY_US = 100_000.0
 #: Comparison threshold of the issue: model errors are judged from 1 MiB up.
 JUDGED_MIN_BYTES = 2**20
 
@@ -61,6 +64,9 @@ def make_links(ranks: int, link_GBps: float, link_latency_us: float, node_size: 
         raise SpecError("ranks", f"need at least 2 processes, got {ranks}")
     if not link_GBps > 0:
         raise SpecError("link_GBps", f"must be > 0, got {link_GBps}")
+    for name, us in (("link_latency_us", link_latency_us), ("inter_latency_us", inter_latency_us)):
+        if us is not None and not 0 <= us <= MAX_LATENCY_US:
+            raise SpecError(name, f"must be in 0..{MAX_LATENCY_US:g} us (one-way delay), got {us:g}")
     tiers = [LinkTier("intra", link_GBps * 1e9, link_latency_us * 1e-6)]
     node = ranks
     if inter_GBps is not None or node_size is not None:
@@ -134,6 +140,7 @@ def bench_dict(res: BenchResult) -> dict[str, Any]:
         "errors_from_1MiB": error_summary(res.rows, JUDGED_MIN_BYTES),
         "fit": [{"tier": f.tier, "name": f.name, "latency_s": f.latency_s, "bandwidth_Bps": f.bandwidth_Bps,
                  "cases": f.cases, "rel_rms_pct": f.rel_rms_pct, "emulated_rate_Bps": f.emulated_rate_Bps,
+                 "emulated_latency_s": f.emulated_latency_s,
                  "bandwidth_vs_emulated_pct": f.bandwidth_vs_emulated_pct} for f in res.fits],
     }
 

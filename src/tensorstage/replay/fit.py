@@ -4,7 +4,8 @@ Fit: every measured case (median of its repetitions) is decomposed by the algori
 (:func:`tensorstage.replay.model.algorithm_terms`) into ``steps`` latency terms and ``x`` bytes through
 the slowest port, so ``t = alpha * steps + x / B``. Per tier, ``alpha`` and ``1/B`` solve the least
 squares problem in *relative* error (each row divided by its measured time, so a 64 KiB sample
-counts as much as a 64 MiB one); a negative ``alpha`` (noise at small sizes) is clamped to 0 and
+counts as much as a 64 MiB one); the fitted ``alpha`` is the emulated delay plus what the host
+adds per message (process wake-up, Python dispatch), both reported; a negative ``alpha`` (noise at small sizes) is clamped to 0 and
 ``B`` refitted alone. Reported with the fit: samples used, and the relative RMS residual.
 
 By default the fit uses the operations that put one TCP flow on each port (ring all-reduce,
@@ -60,6 +61,7 @@ class TierFit:
     cases: int
     rel_rms_pct: float
     emulated_rate_Bps: float
+    emulated_latency_s: float = 0.0
 
     @property
     def bandwidth_vs_emulated_pct(self) -> float:
@@ -104,7 +106,7 @@ def fit_tiers(rows: list[Row], links: Links, min_bytes: int = 0, ops: tuple[str,
         rel = (pred - t) / t
         lt = links.tiers[min(tier, len(links.tiers) - 1)]
         fits.append(TierFit(tier, lt.name, float(alpha), float(1.0 / inv_b), len(rs),
-                            float(100.0 * np.sqrt(np.mean(rel**2))), lt.rate_Bps))
+                            float(100.0 * np.sqrt(np.mean(rel**2))), lt.rate_Bps, lt.latency_s))
     return fits
 
 
