@@ -8,11 +8,16 @@ the :class:`~tensorstage.replay.ops.Op` list. The output is JSON: for every reco
 key and ``start_ns``/``end_ns`` on ``CLOCK_MONOTONIC`` (one clock for every process of a machine,
 namespaces included, so ranks' times compare directly).
 
+Collectives run as the simulator models them on send/recv (job ``collectives: "p2p"``,
+:mod:`tensorstage.replay.algorithms`) or as gloo's own (``"native"``). The receives of a run of
+consecutive send/recv ops are posted before its sends (:func:`_post_receives`).
+
 Buffers are float32, allocated once at the largest size the job needs and sliced per op, so
 allocation is not timed. Sends are asynchronous (``isend``), completed before the next op that
 reuses the send buffer would matter: every pending send is waited for at the next barrier and at
 the end; the recorded end of a send is when it was posted, its peer's receive carries the time.
-Receives and collectives block, as a rank's program runs one op after another.
+Receives and collectives block, as a rank's program runs one op after another (a receive
+posted ahead is waited for at its own place in the program).
 """
 
 from __future__ import annotations
