@@ -64,15 +64,23 @@ def test_simulator_equals_the_p2p_algorithms_and_native_differs_in_reduce_scatte
     assert simulator_time_s(p2p, LINKS) == pytest.approx(s / B + A)
 
 
-def test_two_tier_single_ring_is_bound_by_the_slow_link() -> None:
+def test_two_tier_rings_native_single_p2p_multi_channel_and_the_simulator() -> None:
     links = Links(8, 4, (LinkTier("intra", 100e6, 0.0), LinkTier("inter", 25e6, 0.0)))
     s = 8 * 2**20
+    v = 7 / 8 * s  # ring all-gather volume each member sends
     world = BenchCase("all_gather", "world", WORLD, s)
-    assert algorithm_time_s(world, links) == pytest.approx(7 / 8 * s / 25e6)  # one ring: full volume on the slow hop
+    # gloo: one ring, the full volume over the slow hop
+    assert algorithm_time_s(world, links, "native") == pytest.approx(v / 25e6)
+    # p2p: 4 channels; a member's intra port carries 3 of them, its inter port 1
+    assert algorithm_time_s(world, links, "p2p") == pytest.approx(max(3 / 4 * v / 100e6, v / 4 / 25e6))
+    # the simulator: the full volume on every intra port, the inter volume spread over 4 ports
+    assert simulator_time_s(world, links) == pytest.approx(max(v / 100e6, v / (4 * 25e6)))
     node = BenchCase("all_gather", "node", (0, 1, 2, 3), s)
     assert algorithm_time_s(node, links) == pytest.approx(3 / 4 * s / 100e6)
     a2a = BenchCase("all_to_all", "world", WORLD, s)
     assert algorithm_time_s(a2a, links) == pytest.approx(max(3 / 8 * s / 100e6, 4 / 8 * s / 25e6))
+    uneven = BenchCase("all_gather", "world", (0, 1, 2, 4), s)  # 3 + 1 members: one ring
+    assert algorithm_time_s(uneven, links, "p2p") == pytest.approx(3 / 4 * s / 25e6)
 
 
 def test_fit_recovers_alpha_and_bandwidth_of_synthetic_closed_form_data() -> None:

@@ -107,12 +107,14 @@ def run_microbench(links: Links, *, network: str = "auto", ops: tuple[str, ...] 
     cases = bench_cases(links.ranks, links.node_size if links.two_tier else links.ranks, ops, sizes_bytes)
     _check_bounds(cases, links, warmup + repeats, max_bytes, timeout_s, collectives)
     groups, per_rank = bench_ops(cases, links.ranks, warmup, repeats)
+    node = links.node_size if links.two_tier else None
     if mode == "netns":
         with EmulatedNetwork(links) as net:
             place = Placement(tuple(net.namespace(r) for r in range(links.ranks)), net.address(0), "eth0")
-            results = run_ranks(groups, per_rank, place, timeout_s, collectives=collectives)
+            results = run_ranks(groups, per_rank, place, timeout_s, collectives=collectives, node_size=node)
     else:
-        results = run_ranks(groups, per_rank, Placement.loopback(links.ranks), timeout_s, collectives=collectives)
+        results = run_ranks(groups, per_rank, Placement.loopback(links.ranks), timeout_s, collectives=collectives,
+                            node_size=node)
     samples = samples_from_results(cases, results)
     rows = compare(samples, links, collectives)
     config = {"ops": list(ops), "sizes_bytes": list(sizes_bytes), "warmup": warmup, "repeats": repeats,

@@ -25,7 +25,13 @@ import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.replay.microbench import BenchCase, Sample
-from tensorstage.replay.model import Links, algorithm_terms, algorithm_time_s, simulator_time_s
+from tensorstage.replay.model import (
+    Links,
+    algorithm_terms,
+    algorithm_tier,
+    algorithm_time_s,
+    simulator_time_s,
+)
 
 #: Operations the alpha-beta fit uses by default (module docstring).
 FIT_OPS = ("all_reduce", "all_gather", "reduce_scatter", "send_recv")
@@ -84,7 +90,7 @@ def fit_tiers(rows: list[Row], links: Links, min_bytes: int = 0, ops: tuple[str,
     per_tier: dict[int, list[Row]] = defaultdict(list)
     for r in rows:
         if r.case.size_bytes >= min_bytes and r.case.op in ops:
-            per_tier[links.tier_of(r.case)].append(r)
+            per_tier[algorithm_tier(r.case, links, collectives)].append(r)
     fits = []
     for tier in sorted(per_tier):
         rs = per_tier[tier]

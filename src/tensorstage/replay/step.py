@@ -96,12 +96,14 @@ def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system:
         raise SpecError("timeout_s", f"the slice should take ~{sim_s:.0f} s on these links, too close to the limit "
                         f"of {timeout_s:g} s (lower --scale or raise --timeout-s)")
     mode, notes = choose_network(network)
+    node = links.node_size if links.two_tier else None
     if mode == "netns":
         with EmulatedNetwork(links) as net:
             place = Placement(tuple(net.namespace(r) for r in range(links.ranks)), net.address(0), "eth0")
-            results = run_ranks(ro.groups, ro.ops, place, timeout_s, collectives=collectives)
+            results = run_ranks(ro.groups, ro.ops, place, timeout_s, collectives=collectives, node_size=node)
     else:
-        results = run_ranks(ro.groups, ro.ops, Placement.loopback(links.ranks), timeout_s, collectives=collectives)
+        results = run_ranks(ro.groups, ro.ops, Placement.loopback(links.ranks), timeout_s, collectives=collectives,
+                            node_size=node)
     if ro.skipped:
         notes.append("left out (their group or peer is outside the slice), summed over ranks: "
                      + ", ".join(f"{v} {k}" for k, v in ro.skipped.items()))

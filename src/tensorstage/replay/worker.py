@@ -80,7 +80,7 @@ def _run(job: dict) -> dict:
         elif kind == "wait":
             time.sleep(max(0.0, float(op["wait_s"])))
         elif kind in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all") and not native:
-            _p2p_collective(dist, kind, members_of(op), rank, elems, n, a, b, scratch)
+            _p2p_collective(dist, kind, members_of(op), rank, elems, n, a, b, scratch, job.get("node_size"))
         elif kind == "all_reduce":
             dist.all_reduce(a[:elems], group=grp)
         elif kind == "all_gather":
@@ -132,16 +132,16 @@ def _post_receives(dist: Any, ops: list[dict], first: int, b: Any, posted: dict[
 
 
 def _p2p_collective(dist: Any, kind: str, members: list[int], rank: int, elems: int, n: int,
-                    a: Any, b: Any, scratch: Any) -> None:
+                    a: Any, b: Any, scratch: Any, node_size: int | None) -> None:
     """``kind`` as the simulator models it, on send/recv (:mod:`tensorstage.replay.algorithms`)."""
     from tensorstage.replay import algorithms as alg
 
     if kind == "all_reduce":
-        alg.all_reduce(dist, members, rank, a[:elems], b[:elems], scratch)
+        alg.all_reduce(dist, members, rank, a[:elems], b[:elems], scratch, node_size)
     elif kind == "all_gather":
-        alg.all_gather(dist, members, rank, a[:elems // n], b[:elems])
+        alg.all_gather(dist, members, rank, a[:elems // n], b[:elems], node_size)
     elif kind == "reduce_scatter":
-        alg.reduce_scatter(dist, members, rank, a[:elems], b[:elems // n], scratch)
+        alg.reduce_scatter(dist, members, rank, a[:elems], b[:elems // n], scratch, node_size)
     else:
         alg.all_to_all(dist, members, rank, a[:elems], b[:elems])
 
