@@ -1,7 +1,7 @@
 """Replay predictions, fit and calibration, without starting processes.
 
 Independent expectations: the textbook ring/direct alpha-beta formulas written out here (Thakur,
-Rabenseifner & Gropp 2005), gloo's reduce-scatter being an all-reduce of the whole input
+Rabenseifner & Gropp 2005), gloo's native reduce-scatter being an all-reduce of the whole input
 (PyTorch ``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), and a fit that must recover the
 alpha and bandwidth used to synthesize its data from those closed forms.
 """
@@ -22,7 +22,7 @@ from tensorstage.replay.bench import bench_from_dict, make_links
 from tensorstage.replay.calibrate import calibrated_system
 from tensorstage.replay.fit import compare, fit_tiers
 from tensorstage.replay.microbench import BenchCase, Sample, bench_cases, bench_ops, samples_from_results
-from tensorstage.replay.model import Links, LinkTier, gloo_time_s, simulator_time_s
+from tensorstage.replay.model import Links, LinkTier, algorithm_time_s, simulator_time_s
 from tensorstage.sim.machine import fabric_from_system
 
 B, A, N = 50e6, 200e-6, 8
@@ -30,44 +30,57 @@ LINKS = Links(N, N, (LinkTier("link", B, A),))
 WORLD = tuple(range(N))
 
 
-def closed_form(op: str, n: int, s: float, b: float = B, a: float = A) -> float:
-    """gloo's algorithms as alpha-beta closed forms (S = full buffer)."""
+def closed_form(op: str, n: int, s: float, b: float = B, a: float = A, impl: str = "native") -> float:
+    """The replay's algorithms as alpha-beta closed forms (S = full buffer): ``native`` = gloo's,
+    ``p2p`` = ring reduce-scatter / all-gather / all-reduce and direct all-to-all."""
+    rs_native = op == "reduce_scatter" and impl == "native"
     return {
         "all_reduce": 2 * (n - 1) / n * s / b + 2 * (n - 1) * a,
-        "reduce_scatter": 2 * (n - 1) / n * s / b + 2 * (n - 1) * a,  # all-reduce of the input
+        "reduce_scatter": (2 if rs_native else 1) * ((n - 1) / n * s / b + (n - 1) * a),  # native: all-reduce
         "all_gather": (n - 1) / n * s / b + (n - 1) * a,
         "all_to_all": (n - 1) / n * s / b + a,
         "send_recv": s / b + a,
     }[op]
 
 
+@pytest.mark.parametrize("impl", ["p2p", "native"])
 @pytest.mark.parametrize("op", ["all_reduce", "all_gather", "reduce_scatter", "all_to_all"])
-def test_gloo_model_is_the_textbook_formula(op: str) -> None:
+def test_algorithm_model_is_the_textbook_formula(op: str, impl: str) -> None:
     s = 4 * 2**20
-    assert gloo_time_s(BenchCase(op, "world", WORLD, s), LINKS) == pytest.approx(closed_form(op, N, s))
+    case = BenchCase(op, "world", WORLD, s)
+    assert algorithm_time_s(case, LINKS, impl) == pytest.approx(closed_form(op, N, s, impl=impl))
 
 
-def test_simulator_ring_matches_gloo_except_reduce_scatter() -> None:
+def test_simulator_equals_the_p2p_algorithms_and_native_differs_in_reduce_scatter() -> None:
     s = 4 * 2**20
-    for op in ("all_reduce", "all_gather"):
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all"):
         c = BenchCase(op, "world", WORLD, s)
-        assert simulator_time_s(c, LINKS) == pytest.approx(closed_form(op, N, s))
+        assert simulator_time_s(c, LINKS) == pytest.approx(closed_form(op, N, s, impl="p2p"))
     rs = BenchCase("reduce_scatter", "world", WORLD, s)
     # the simulator charges a ring reduce-scatter: half of gloo's all-reduce-based one
     assert simulator_time_s(rs, LINKS) == pytest.approx((N - 1) / N * s / B + (N - 1) * A)
+    assert algorithm_time_s(rs, LINKS, "native") == pytest.approx(2 * simulator_time_s(rs, LINKS))
     p2p = BenchCase("send_recv", "p2p-intra", (0, 1), s)
     assert simulator_time_s(p2p, LINKS) == pytest.approx(s / B + A)
 
 
-def test_two_tier_single_ring_is_bound_by_the_slow_link() -> None:
+def test_two_tier_rings_native_single_p2p_multi_channel_and_the_simulator() -> None:
     links = Links(8, 4, (LinkTier("intra", 100e6, 0.0), LinkTier("inter", 25e6, 0.0)))
     s = 8 * 2**20
+    v = 7 / 8 * s  # ring all-gather volume each member sends
     world = BenchCase("all_gather", "world", WORLD, s)
-    assert gloo_time_s(world, links) == pytest.approx(7 / 8 * s / 25e6)  # one ring: full volume on the slow hop
+    # gloo: one ring, the full volume over the slow hop
+    assert algorithm_time_s(world, links, "native") == pytest.approx(v / 25e6)
+    # p2p: 4 channels; a member's intra port carries 3 of them, its inter port 1
+    assert algorithm_time_s(world, links, "p2p") == pytest.approx(max(3 / 4 * v / 100e6, v / 4 / 25e6))
+    # the simulator: the full volume on every intra port, the inter volume spread over 4 ports
+    assert simulator_time_s(world, links) == pytest.approx(max(v / 100e6, v / (4 * 25e6)))
     node = BenchCase("all_gather", "node", (0, 1, 2, 3), s)
-    assert gloo_time_s(node, links) == pytest.approx(3 / 4 * s / 100e6)
+    assert algorithm_time_s(node, links) == pytest.approx(3 / 4 * s / 100e6)
     a2a = BenchCase("all_to_all", "world", WORLD, s)
-    assert gloo_time_s(a2a, links) == pytest.approx(max(3 / 8 * s / 100e6, 4 / 8 * s / 25e6))
+    assert algorithm_time_s(a2a, links) == pytest.approx(max(3 / 8 * s / 100e6, 4 / 8 * s / 25e6))
+    uneven = BenchCase("all_gather", "world", (0, 1, 2, 4), s)  # 3 + 1 members: one ring
+    assert algorithm_time_s(uneven, links, "p2p") == pytest.approx(3 / 4 * s / 25e6)
 
 
 def test_fit_recovers_alpha_and_bandwidth_of_synthetic_closed_form_data() -> None:
@@ -116,6 +129,7 @@ def test_calibrate_network_cli(tmp_path: Path) -> None:
            "samples": [{"op": c.op, "group": c.group, "ranks": list(c.ranks), "size_bytes": c.size_bytes, "rep": 0,
                         "time_s": closed_form(c.op, len(c.ranks), c.size_bytes)} for c in cases]}
     assert bench_from_dict(doc)[0] == Links(N, N, (LinkTier("link", B, 0.0),))
+    assert bench_from_dict(doc)[3] == "native"  # results without config.collectives ran gloo's own
     (tmp_path / "r.json").write_text(json.dumps(doc))
     res = CliRunner().invoke(app, ["calibrate-network", str(tmp_path / "r.json"), "--system", "dgx-a100-selene",
                                    "--out", str(tmp_path / "s.yaml"), "--json"])
@@ -142,6 +156,10 @@ def test_calibrate_network_cli(tmp_path: Path) -> None:
     (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--seq", "1024", "--compute", "simulate"], "compute"),
     (["replay", "gpt3-125m", "--tp", "2", "--pp", "2", "--dp", "2", "--seq", "1024", "--scale", "1", "--max-gib", "0.01"], "scale"),
     (["replay", "--bench", "--tp", "2"], "bench"),
+    (["replay", "--bench", "--collectives", "mpi"], "collectives"),
+    (["replay", "--bench", "--link-latency-us", "-5"], "link_latency_us"),
+    (["replay", "--bench", "--link-latency-us", "2e6"], "link_latency_us"),
+    (["replay", "--bench", "--node-size", "4", "--inter-GBps", "1", "--inter-latency-us", "1e9"], "inter_latency_us"),
 ])
 def test_bad_replay_input_is_one_line_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
                                              args: list[str], field: str) -> None:

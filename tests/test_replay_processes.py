@@ -6,7 +6,9 @@ CI sandbox without ``CAP_NET_ADMIN``) they are skipped with the reason, and the 
 are the coverage of the process path. Independent expectations: a link shaped by ``tc`` to rate
 ``B`` cannot move ``S`` bytes faster than ``S / B`` (a lower bound, robust on a loaded machine);
 nothing the run created remains after it ends, after Ctrl-C, or after a ``kill -9`` once the
-next run's sweep has run.
+next run's sweep has run. Where the kernel has ``netem``, a link delayed by ``d`` cannot deliver
+a message in less than ``d`` (nor a ring all-gather of ``n-1`` dependent steps in less than
+``(n-1) d``); without ``netem`` a delay is refused in one line.
 """
 
 from __future__ import annotations
@@ -21,12 +23,21 @@ from pathlib import Path
 import pytest
 
 from tensorstage.replay.bench import make_links, run_microbench
-from tensorstage.replay.netns import netns_unavailable_reason, our_namespaces, our_veths, sweep_stale
+from tensorstage.replay.netns import (
+    netem_available,
+    netns_unavailable_reason,
+    our_namespaces,
+    our_veths,
+    sweep_stale,
+)
 from tensorstage.replay.ops import BENCH_OPS
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 NETNS = netns_unavailable_reason()
 needs_netns = pytest.mark.skipif(NETNS is not None, reason=f"no emulated links here: {NETNS}")
+NETEM = NETNS is None and netem_available()
+needs_netem = pytest.mark.skipif(not NETEM, reason="no netem qdisc in this kernel (or no emulated links): "
+                                 "a delay cannot be emulated")
 
 
 def _env() -> dict[str, str]:
@@ -90,3 +101,26 @@ def test_leftovers_of_a_killed_run_are_swept() -> None:
     gone = sweep_stale()
     assert len([g for g in gone if g.startswith(f"ts{proc.pid}")]) == 3
     assert our_namespaces(proc.pid) == [] and our_veths(proc.pid) == []
+
+
+@needs_netem
+def test_netem_delay_is_paid_per_message_and_leaves_nothing() -> None:
+    delay_s = 0.02
+    links = make_links(4, 1.0, delay_s * 1e6)
+    res = run_microbench(links, network="netns", ops=("send_recv", "all_gather"), sizes_bytes=(2**16,), warmup=1,
+                         repeats=1, timeout_s=120)
+    by_op = {s.case.op: s.time_s for s in res.samples}
+    assert by_op["send_recv"] >= delay_s
+    assert by_op["all_gather"] >= 3 * delay_s  # 3 ring steps, each waits for the previous one's data
+    assert our_namespaces(os.getpid()) == [] and our_veths(os.getpid()) == []
+
+
+@needs_netns
+@pytest.mark.skipif(NETEM, reason="this kernel has netem: the delay is emulated, not refused")
+def test_a_delay_without_netem_is_refused_in_one_line() -> None:
+    from tensorstage.errors import SpecError
+
+    with pytest.raises(SpecError, match="link_latency_us: this kernel has no netem"):
+        run_microbench(make_links(2, 1.0, 100.0), network="netns", ops=("send_recv",), sizes_bytes=(2**16,),
+                       warmup=0, repeats=1, timeout_s=60)
+    assert our_namespaces(os.getpid()) == [] and our_veths(os.getpid()) == []

@@ -54,10 +54,10 @@ def parse_ops(text: str) -> tuple[str, ...]:
 
 def _print_bench(doc: dict) -> None:
     rows = [[r["op"], r["group"], r["size_bytes"], r["measured_s"] * 1e3, r["simulator_s"] * 1e3,
-             round(r["simulator_error_pct"], 1), r["gloo_s"] * 1e3, round(r["gloo_error_pct"], 1)]
+             round(r["simulator_error_pct"], 1), r["algorithm_s"] * 1e3, round(r["algorithm_error_pct"], 1)]
             for r in doc["comparison"]]
     print_table(f"Replay on {doc['links']['ranks']} processes ({doc['network']})",
-                ["op", "group", "bytes", "measured ms", "simulator ms", "err %", "gloo model ms", "err %"], rows)
+                ["op", "group", "bytes", "measured ms", "simulator ms", "err %", "algorithm ms", "err %"], rows)
     fits = [[f"{f['tier']} {f['name']}", f["latency_s"] * 1e6, f["bandwidth_Bps"] / 1e6,
              round(f["bandwidth_vs_emulated_pct"], 1), f["cases"], round(f["rel_rms_pct"], 1)] for f in doc["fit"]]
     print_table("Alpha-beta fit per tier", ["tier", "latency us", "MB/s", "vs link %", "cases", "rel RMS %"], fits)
@@ -84,11 +84,11 @@ def _print_step(doc: dict) -> None:
         label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
         for kind, v in pc["by_kind"].items():
             rows.append([label, kind, v["nodes"], v["measured_s"] * 1e3, v["simulated_s"] * 1e3,
-                         v["gloo_model_s"] * 1e3])
+                         v["algorithm_model_s"] * 1e3])
         rows.append([label, "total", sum(v["nodes"] for v in pc["by_kind"].values()), pc["comm_measured_s"] * 1e3,
-                     pc["comm_simulated_s"] * 1e3, pc["comm_gloo_model_s"] * 1e3])
+                     pc["comm_simulated_s"] * 1e3, pc["comm_algorithm_model_s"] * 1e3])
     print_table(f"Step communication, measured vs simulated ({doc['links']['ranks']} processes, {doc['network']})",
-                ["class", "kind", "nodes", "measured ms", "simulated ms", "gloo model ms"], rows)
+                ["class", "kind", "nodes", "measured ms", "simulated ms", "algorithm model ms"], rows)
     typer.echo(f"replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms (ops one after another per rank); "
                f"simulated step of the same slice {doc['simulated_step_s'] * 1e3:.1f} ms (streams overlapped)")
     for n in doc["notes"]:
@@ -98,15 +98,15 @@ def _print_step(doc: dict) -> None:
 def _step_markdown(doc: dict) -> str:
     lines = [f"# Step replay: {doc['links']['ranks']} processes on {doc['network']}", "",
              f"Inputs: `{json.dumps(doc['inputs'], sort_keys=True)}`", "",
-             "| class | kind | nodes | measured ms | simulated ms | gloo model ms |",
+             "| class | kind | nodes | measured ms | simulated ms | algorithm model ms |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for pc in doc["per_class"]:
         label = ",".join(f"{k}={v}" for k, v in sorted(pc["class_key"].items())) or "all"
         for kind, v in pc["by_kind"].items():
             lines.append(f"| {label} | {kind} | {v['nodes']} | {v['measured_s'] * 1e3:.2f} | {v['simulated_s'] * 1e3:.2f} | "
-                         f"{v['gloo_model_s'] * 1e3:.2f} |")
+                         f"{v['algorithm_model_s'] * 1e3:.2f} |")
         lines.append(f"| {label} | **total** | | {pc['comm_measured_s'] * 1e3:.2f} | {pc['comm_simulated_s'] * 1e3:.2f} | "
-                     f"{pc['comm_gloo_model_s'] * 1e3:.2f} |")
+                     f"{pc['comm_algorithm_model_s'] * 1e3:.2f} |")
     lines += ["", f"Replay wall time {doc['measured_wall_s'] * 1e3:.1f} ms; simulated step of the same slice "
               f"{doc['simulated_step_s'] * 1e3:.1f} ms.", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
@@ -180,6 +180,9 @@ def register(app: typer.Typer) -> None:
         max_gib: float = typer.Option(16.0, "--max-gib", help="Limit on the bytes one rank may move (GiB)."),
         out: Path | None = typer.Option(None, "--out", help="Write the result JSON (for calibrate-network)."),
         report: Path | None = typer.Option(None, "--report", help="Write result.json, report.md and a plot here."),
+        collectives: str = typer.Option("p2p", "--collectives", help="p2p: the simulator's algorithms (ring "
+                                        "reduce-scatter/all-gather/all-reduce, direct all-to-all) on send/recv; "
+                                        "native: gloo's own collectives."),
         json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     ) -> None:
         """Run a plan's communication (or the --bench sweep) on real processes over emulated links."""
@@ -200,15 +203,16 @@ def register(app: typer.Typer) -> None:
                 return make_links(world, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
 
             kw = {"system": system, "scale": scale, "compute": compute, "network": network, "timeout_s": timeout_s,
-                  "max_bytes": int(max_gib * 2**30), "fixed": parse_slice(slice_),
-                  "inputs": {"scale": scale, "compute": compute, "slice": slice_ or "all"}}
+                  "max_bytes": int(max_gib * 2**30), "fixed": parse_slice(slice_), "collectives": collectives,
+                  "inputs": {"scale": scale, "compute": compute, "slice": slice_ or "all", "collectives": collectives}}
             _replay_step(model, trace, plan, links_for, kw, json_out, timeline, report, flags_given)
             return
         if model is not None or trace is not None or slice_ or flags_given:
             raise SpecError("bench", "--bench takes no MODEL, --trace, --slice or plan flags")
         links = make_links(ranks or 8, link_GBps, link_latency_us, node_size, inter_GBps, inter_latency_us)
         res = run_microbench(links, network=network, ops=parse_ops(ops), sizes_bytes=parse_sizes(sizes),
-                             warmup=warmup, repeats=repeats, timeout_s=timeout_s, max_bytes=int(max_gib * 2**30))
+                             warmup=warmup, repeats=repeats, timeout_s=timeout_s, max_bytes=int(max_gib * 2**30),
+                             collectives=collectives)
         doc = bench_dict(res)
         if out is not None:
             from tensorstage.fileio import write_text_atomic
@@ -242,9 +246,9 @@ def register(app: typer.Typer) -> None:
             data = json.loads(read_text_file(results))
         except ValueError as exc:
             raise SpecError("results", f"{results}: not JSON ({exc})") from None
-        links, samples, network = bench_from_dict(data)
+        links, samples, network, impl = bench_from_dict(data)
         base = load_base_system(system)
-        fits = fit_tiers(compare(samples, links), links, min_kib * 1024, parse_ops(fit_ops))
+        fits = fit_tiers(compare(samples, links, impl), links, min_kib * 1024, parse_ops(fit_ops), impl)
         spec = calibrated_system(base, fits, results.name, network)
         write_system_yaml(spec, out)
         doc = {"system": spec.name, "out": str(out),

@@ -18,11 +18,14 @@ from tensorstage.errors import SpecError
 from tensorstage.replay.fit import Row, TierFit, compare, error_summary, fit_tiers
 from tensorstage.replay.launch import Placement, run_ranks
 from tensorstage.replay.microbench import BenchCase, Sample, bench_cases, bench_ops, samples_from_results
-from tensorstage.replay.model import Links, LinkTier, gloo_terms, gloo_time_s
+from tensorstage.replay.model import Links, LinkTier, algorithm_terms, algorithm_time_s
 from tensorstage.replay.netns import EmulatedNetwork, netns_unavailable_reason
-from tensorstage.replay.ops import BENCH_OPS
+from tensorstage.replay.ops import BENCH_OPS, COLLECTIVE_IMPLS
 
 NETWORK_MODES = ("auto", "netns", "loopback")
+#: Largest one-way delay a run may emulate (netem), microseconds: 100 ms already needs a TCP
+#: window of 2 x delay x rate, and a larger delay only makes a bounded run longer, not more telling.
+MAX_LATENCY_US = 100_000.0
 #: Comparison threshold of the issue: model errors are judged from 1 MiB up.
 JUDGED_MIN_BYTES = 2**20
 
@@ -61,6 +64,9 @@ def make_links(ranks: int, link_GBps: float, link_latency_us: float, node_size: 
         raise SpecError("ranks", f"need at least 2 processes, got {ranks}")
     if not link_GBps > 0:
         raise SpecError("link_GBps", f"must be > 0, got {link_GBps}")
+    for name, us in (("link_latency_us", link_latency_us), ("inter_latency_us", inter_latency_us)):
+        if us is not None and not 0 <= us <= MAX_LATENCY_US:
+            raise SpecError(name, f"must be in 0..{MAX_LATENCY_US:g} us (one-way delay), got {us:g}")
     tiers = [LinkTier("intra", link_GBps * 1e9, link_latency_us * 1e-6)]
     node = ranks
     if inter_GBps is not None or node_size is not None:
@@ -74,12 +80,13 @@ def make_links(ranks: int, link_GBps: float, link_latency_us: float, node_size: 
     return Links(ranks, node, tuple(tiers))
 
 
-def _check_bounds(cases: list[BenchCase], links: Links, reps: int, max_bytes: int, timeout_s: float) -> None:
-    moved = sum(gloo_terms(c, links)[1] for c in cases) * reps
+def _check_bounds(cases: list[BenchCase], links: Links, reps: int, max_bytes: int, timeout_s: float,
+                  collectives: str) -> None:
+    moved = sum(algorithm_terms(c, links, collectives)[1] for c in cases) * reps
     if moved > max_bytes:
         raise SpecError("max_bytes", f"the sweep moves ~{moved / 2**30:.2f} GiB per rank, over the limit of "
                         f"{max_bytes / 2**30:.2f} GiB (fewer sizes or repeats, or raise --max-bytes)")
-    predicted = sum(gloo_time_s(c, links) for c in cases) * reps
+    predicted = sum(algorithm_time_s(c, links, collectives) for c in cases) * reps
     if predicted > 0.8 * timeout_s:
         raise SpecError("timeout_s", f"the sweep should take ~{predicted:.0f} s at the link rates, too close to "
                         f"the limit of {timeout_s:g} s (raise --timeout-s, or fewer sizes/repeats)")
@@ -87,26 +94,32 @@ def _check_bounds(cases: list[BenchCase], links: Links, reps: int, max_bytes: in
 
 def run_microbench(links: Links, *, network: str = "auto", ops: tuple[str, ...] = BENCH_OPS,
                    sizes_bytes: tuple[int, ...] = (2**16, 2**20), warmup: int = 1, repeats: int = 3,
-                   timeout_s: float = 600.0, max_bytes: int = 16 * 2**30) -> BenchResult:
-    """Measure every op in ``ops`` at every size on ``links.ranks`` processes and compare/fit."""
+                   timeout_s: float = 600.0, max_bytes: int = 16 * 2**30, collectives: str = "p2p") -> BenchResult:
+    """Measure every op in ``ops`` at every size on ``links.ranks`` processes and compare/fit;
+    ``collectives``: ``p2p`` (the simulator's algorithms on send/recv) or ``native`` (gloo's)."""
     if repeats < 1 or warmup < 0:
         raise SpecError("repeats", "repeats must be >= 1 and warmup >= 0")
     if not sizes_bytes or min(sizes_bytes) < 4 * links.ranks:
         raise SpecError("sizes", f"sizes must be at least {4 * links.ranks} bytes (one float per rank)")
+    if collectives not in COLLECTIVE_IMPLS:
+        raise SpecError("collectives", f"unknown implementation {collectives!r}", COLLECTIVE_IMPLS)
     mode, notes = choose_network(network)
     cases = bench_cases(links.ranks, links.node_size if links.two_tier else links.ranks, ops, sizes_bytes)
-    _check_bounds(cases, links, warmup + repeats, max_bytes, timeout_s)
+    _check_bounds(cases, links, warmup + repeats, max_bytes, timeout_s, collectives)
     groups, per_rank = bench_ops(cases, links.ranks, warmup, repeats)
+    node = links.node_size if links.two_tier else None
     if mode == "netns":
         with EmulatedNetwork(links) as net:
             place = Placement(tuple(net.namespace(r) for r in range(links.ranks)), net.address(0), "eth0")
-            results = run_ranks(groups, per_rank, place, timeout_s)
+            results = run_ranks(groups, per_rank, place, timeout_s, collectives=collectives, node_size=node)
     else:
-        results = run_ranks(groups, per_rank, Placement.loopback(links.ranks), timeout_s)
+        results = run_ranks(groups, per_rank, Placement.loopback(links.ranks), timeout_s, collectives=collectives,
+                            node_size=node)
     samples = samples_from_results(cases, results)
-    rows = compare(samples, links)
-    config = {"ops": list(ops), "sizes_bytes": list(sizes_bytes), "warmup": warmup, "repeats": repeats}
-    return BenchResult(links, mode, samples, rows, fit_tiers(rows, links), config, notes)
+    rows = compare(samples, links, collectives)
+    config = {"ops": list(ops), "sizes_bytes": list(sizes_bytes), "warmup": warmup, "repeats": repeats,
+              "collectives": collectives}
+    return BenchResult(links, mode, samples, rows, fit_tiers(rows, links, collectives=collectives), config, notes)
 
 
 def bench_dict(res: BenchResult) -> dict[str, Any]:
@@ -122,18 +135,22 @@ def bench_dict(res: BenchResult) -> dict[str, Any]:
         "samples": [{"op": s.case.op, "group": s.case.group, "ranks": list(s.case.ranks),
                      "size_bytes": s.case.size_bytes, "rep": s.rep, "time_s": s.time_s} for s in res.samples],
         "comparison": [{"op": r.case.op, "group": r.case.group, "size_bytes": r.case.size_bytes,
-                        "measured_s": r.measured_s, "simulator_s": r.simulator_s, "gloo_s": r.gloo_s,
-                        "simulator_error_pct": r.simulator_error_pct, "gloo_error_pct": r.gloo_error_pct}
+                        "measured_s": r.measured_s, "simulator_s": r.simulator_s,
+                        "algorithm_s": r.algorithm_s, "simulator_error_pct": r.simulator_error_pct,
+                        "algorithm_error_pct": r.algorithm_error_pct}
                        for r in res.rows],
         "errors_from_1MiB": error_summary(res.rows, JUDGED_MIN_BYTES),
         "fit": [{"tier": f.tier, "name": f.name, "latency_s": f.latency_s, "bandwidth_Bps": f.bandwidth_Bps,
                  "cases": f.cases, "rel_rms_pct": f.rel_rms_pct, "emulated_rate_Bps": f.emulated_rate_Bps,
+                 "emulated_latency_s": f.emulated_latency_s,
                  "bandwidth_vs_emulated_pct": f.bandwidth_vs_emulated_pct} for f in res.fits],
     }
 
 
-def bench_from_dict(data: Any, where: str = "results") -> tuple[Links, list[Sample], str]:
-    """Links, samples and network mode of a :func:`bench_dict` document (``SpecError`` if it is not one)."""
+def bench_from_dict(data: Any, where: str = "results") -> tuple[Links, list[Sample], str, str]:
+    """Links, samples, network mode and collective implementation of a :func:`bench_dict`
+    document (``SpecError`` if it is not one; results without ``config.collectives`` predate the
+    p2p algorithms and ran gloo's ``native`` collectives)."""
     if not isinstance(data, dict) or data.get("kind") != "tensorstage-replay-bench":
         raise SpecError(where, "not a replay benchmark result (written by `tensorstage replay --bench --out`)")
     try:
@@ -146,4 +163,8 @@ def bench_from_dict(data: Any, where: str = "results") -> tuple[Links, list[Samp
         raise SpecError(where, f"malformed benchmark result ({exc})") from None
     if not samples:
         raise SpecError(where, "no samples")
-    return links, samples, str(data.get("network", "?"))
+    config = data.get("config") if isinstance(data.get("config"), dict) else {}
+    collectives = config.get("collectives", "native")
+    if collectives not in COLLECTIVE_IMPLS:
+        raise SpecError(where, f"unknown config.collectives {collectives!r}", COLLECTIVE_IMPLS)
+    return links, samples, str(data.get("network", "?")), str(collectives)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tensorstage.errors import SpecError
-from tensorstage.replay.ops import Op
+from tensorstage.replay.ops import COLLECTIVE_IMPLS, Op
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,20 @@ def _last_line(path: Path) -> str:
 
 
 def run_ranks(groups: list[list[int]], ops: list[list[Op]], placement: Placement, timeout_s: float,
-              port: int | None = None) -> list[dict]:
+              port: int | None = None, collectives: str = "p2p", node_size: int | None = None) -> list[dict]:
     """Run ``ops[r]`` on rank ``r`` of ``len(ops)`` processes; returns each rank's result dict.
 
     ``groups``: communicators (global ranks) every rank creates in this order; ops refer to them
-    by index. Raises :class:`SpecError` (field ``replay``) on a failure or the time limit.
+    by index. ``collectives``: ``p2p`` (the simulator's algorithms on send/recv,
+    :mod:`tensorstage.replay.algorithms`) or ``native`` (gloo's own collectives). ``node_size``:
+    ranks per emulated node (rank ``r`` is on node ``r // node_size``), for the p2p rings'
+    channels; None = one node. Raises
+    :class:`SpecError` (field ``replay``) on a failure or the time limit.
     """
     import importlib.util
 
+    if collectives not in COLLECTIVE_IMPLS:
+        raise SpecError("collectives", f"unknown implementation {collectives!r}", COLLECTIVE_IMPLS)
     if importlib.util.find_spec("torch") is None:
         raise SpecError("replay", "needs PyTorch for torch.distributed (pip install 'tensorstage[replay]')")
     world = len(ops)
@@ -94,6 +100,7 @@ def run_ranks(groups: list[list[int]], ops: list[list[Op]], placement: Placement
             for r in range(world):
                 job = {"rank": r, "world": world, "master_addr": placement.master_addr, "master_port": port,
                        "ifname": placement.ifname, "timeout_s": timeout_s, "groups": groups,
+                       "collectives": collectives, "node_size": node_size,
                        "ops": [o.to_dict() for o in ops[r]]}
                 (work / f"job{r}.json").write_text(json.dumps(job))
                 cmd = [sys.executable, "-m", "tensorstage.replay.worker", str(work / f"job{r}.json"),

@@ -1,4 +1,4 @@
-"""Predicted times of the benchmarked operations: the simulator's model and gloo's algorithms.
+"""Predicted times of the benchmarked operations: the simulator's model and the executed algorithm.
 
 Two predictions per measured case, both from the *emulated* link parameters (rate and delay of
 each tier, not fitted):
@@ -6,24 +6,30 @@ each tier, not fitted):
 * ``simulator``: :func:`tensorstage.sim.collectives.collective_time_s` / ``p2p_time_s`` on a
   :class:`~tensorstage.sim.collectives.Fabric` built from the links (no per-collective base
   latency: that is an NCCL constant, gloo has none). This is what ``tensorstage simulate`` charges.
-* ``gloo``: what gloo (the ``torch.distributed`` CPU backend) actually runs, as alpha-beta
-  formulas (``S`` = full buffer, ``n`` members, ``B`` and ``alpha`` of the slowest link used):
+* ``algorithm``: the algorithm the replay actually ran, as alpha-beta formulas (``S`` = full
+  buffer, ``n`` members, ``B`` and ``alpha`` of the slowest link used). With ``collectives="p2p"``
+  (default) the workers run the simulator's algorithms on send/recv
+  (:mod:`tensorstage.replay.algorithms`); with ``"native"`` gloo's own collectives:
 
-  - all-reduce: ring (gloo ``allreduce`` default algorithm): ``2(n-1)/n * S/B + 2(n-1) alpha``.
-  - all-gather: ring (gloo ``allgather``: receive from the left, send to the right, n-1 steps):
+  - all-reduce: ring (p2p; gloo ``allreduce`` default algorithm): ``2(n-1)/n * S/B + 2(n-1) alpha``.
+  - all-gather: ring (p2p; gloo ``allgather``: receive from the left, send to the right):
     ``(n-1)/n * S/B + (n-1) alpha``.
-  - reduce-scatter: PyTorch's gloo backend has no reduce-scatter algorithm; it all-reduces the
-    whole input and keeps its chunk (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), so
-    it costs an all-reduce of ``S``, twice the ring reduce-scatter the simulator charges.
-  - all-to-all: direct (gloo ``alltoall`` posts every send and receive at once):
+  - reduce-scatter: p2p: ring, ``(n-1)/n * S/B + (n-1) alpha``. native: PyTorch's gloo backend
+    has no reduce-scatter algorithm; it all-reduces the whole input and keeps its chunk
+    (``ProcessGroupGloo::reduce_scatter_tensor_coalesced``), so it costs an all-reduce of ``S``,
+    twice the ring reduce-scatter the simulator charges.
+  - all-to-all: direct (every send and receive in flight at once, p2p and gloo ``alltoall``):
     per tier, the bytes to peers behind that tier's port: ``max_i (m_i - m_{i-1})/n * S / B_i``
     plus one alpha; the same formula as the simulator's ``direct`` algorithm.
   - send/recv: ``alpha + S/B`` of the tier crossed.
 
-  A single ring (gloo opens one, not one per GPU of a node as NCCL's channels do) whose members
-  span two tiers crosses the slower tier's link at full ring volume, so its bandwidth term uses
-  ``min(B)``; the simulator's multi-channel ring divides the slower tier's volume over the node's
-  ports. Both are reported; on one tier they coincide for all-reduce and all-gather.
+  Two tiers: gloo's single ring crosses the slower tier's link at full ring volume ``V``, so its
+  bandwidth term uses ``min(B)``. The p2p rings run one channel per member of a node (as NCCL
+  and the simulator's multi-channel ring): ``max((m-1)/m * V / B_intra, V / (m B_inter))`` with
+  ``m`` members per node. The simulator charges ``max(V / B_intra, V / (m B_inter))``: every
+  member's intra-node port at the full volume, while a member's own inter-node hop (one channel
+  in ``m``) leaves through its inter-node port. On one tier every formula coincides with the
+  simulator's for ``p2p``, and for all but reduce-scatter with ``native``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from dataclasses import dataclass
 
 from tensorstage.errors import SpecError
 from tensorstage.replay.microbench import BenchCase
-from tensorstage.replay.ops import astra_comm_bytes
+from tensorstage.replay.ops import COLLECTIVE_IMPLS, astra_comm_bytes
 from tensorstage.schedule.program import CollKind
 from tensorstage.sim.collectives import Fabric, Tier, collective_time_s, p2p_time_s
 
@@ -114,35 +120,69 @@ def simulator_time_s(case: BenchCase, links: Links) -> float:
     return t
 
 
-def gloo_terms(case: BenchCase, links: Links) -> tuple[float, float]:
-    """``(alpha_steps, seconds_per_byte_term_bytes)`` of gloo's algorithm: time = steps*alpha + bytes/B
-    with ``B`` and ``alpha`` of tier :meth:`Links.tier_of` (all-to-all: of its busiest tier)."""
+_RING_OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def ring_channel_members(case: BenchCase, links: Links, collectives: str = "p2p") -> int:
+    """Members per node of a multi-channel ring (``p2p`` rings spanning nodes with the same number
+    of members on each, :func:`tensorstage.replay.algorithms.channel_rings`), else 1."""
+    if collectives != "p2p" or not links.two_tier or case.op not in _RING_OPS:
+        return 1
+    counts: dict[int, int] = {}
+    for r in case.ranks:
+        counts[r // links.node_size] = counts.get(r // links.node_size, 0) + 1
+    if len(counts) == 1 or len(set(counts.values())) > 1:
+        return 1
+    return next(iter(counts.values()))
+
+
+def algorithm_tier(case: BenchCase, links: Links, collectives: str = "p2p") -> int:
+    """Index of the tier whose port bounds the algorithm that ran: :meth:`Links.tier_of`, except
+    for a multi-channel ring, which sends ``(m-1)/m`` of its volume through the intra-node port
+    and ``1/m`` through the inter-node port: the tier with the longer of the two."""
+    m = ring_channel_members(case, links, collectives)
+    if m > 1:
+        intra, inter = links.tiers[0].rate_Bps, links.tiers[1].rate_Bps
+        return 0 if (m - 1) / m / intra >= 1 / m / inter else 1
+    return links.tier_of(case)
+
+
+def algorithm_terms(case: BenchCase, links: Links, collectives: str = "p2p") -> tuple[float, float]:
+    """``(alpha_steps, bytes)`` of the algorithm the replay ran (``collectives``: ``p2p`` or
+    ``native``, :data:`~tensorstage.replay.ops.COLLECTIVE_IMPLS`): time = steps*alpha + bytes/B
+    with ``B`` and ``alpha`` of tier :func:`algorithm_tier` (all-to-all: of its busiest tier)."""
     n, s = len(case.ranks), float(case.size_bytes)
+    if collectives not in COLLECTIVE_IMPLS:
+        raise SpecError("collectives", f"unknown implementation {collectives!r}", COLLECTIVE_IMPLS)
     if case.op == "send_recv":
         return 1.0, s
-    if case.op in ("all_reduce", "reduce_scatter"):
-        return 2.0 * (n - 1), 2.0 * (n - 1) / n * s
-    if case.op == "all_gather":
-        return float(n - 1), (n - 1) / n * s
-    if case.op == "all_to_all":
+    if case.op == "all_reduce" or (case.op == "reduce_scatter" and collectives == "native"):
+        steps, volume = 2.0 * (n - 1), 2.0 * (n - 1) / n * s
+    elif case.op in ("reduce_scatter", "all_gather"):
+        steps, volume = float(n - 1), (n - 1) / n * s
+    elif case.op == "all_to_all":
         m = links.members(case.ranks)
         if len(m) == 1 or m[0] == n:
             return 1.0, (n - 1) / n * s
         tier = links.tier_of(case)
         peers = (m[0] - 1) if tier == 0 else (n - m[0])
         return 1.0, peers / n * s
-    raise SpecError("op", f"unknown operation {case.op!r}")
+    else:
+        raise SpecError("op", f"unknown operation {case.op!r}")
+    m = ring_channel_members(case, links, collectives)
+    if m > 1:
+        volume *= (m - 1) / m if algorithm_tier(case, links, collectives) == 0 else 1 / m
+    return steps, volume
 
 
-def gloo_time_s(case: BenchCase, links: Links) -> float:
-    """gloo's algorithm for ``case`` on the emulated links (module docstring)."""
-    tier = links.tiers[links.tier_of(case)] if links.two_tier else links.tiers[0]
+def algorithm_time_s(case: BenchCase, links: Links, collectives: str = "p2p") -> float:
+    """The algorithm the replay ran for ``case``, on the emulated links (module docstring)."""
     if case.op == "all_to_all" and links.two_tier and links.members(case.ranks)[0] < len(case.ranks):
         n, m, s = len(case.ranks), links.members(case.ranks)[0], float(case.size_bytes)
         a, b = links.tiers
         return max((m - 1) / n * s / a.rate_Bps, (n - m) / n * s / b.rate_Bps) + max(a.latency_s, b.latency_s)
-    steps, nbytes = gloo_terms(case, links)
+    steps, nbytes = algorithm_terms(case, links, collectives)
+    tier = links.tiers[algorithm_tier(case, links, collectives)] if links.two_tier else links.tiers[0]
     if links.two_tier and case.group == "world":
-        tier = min(links.tiers, key=lambda t: t.rate_Bps)
         return steps * max(t.latency_s for t in links.tiers) + nbytes / tier.rate_Bps
     return steps * tier.latency_s + nbytes / tier.rate_Bps

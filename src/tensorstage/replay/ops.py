@@ -23,6 +23,11 @@ KINDS = (*COLLECTIVES, *P2P, "barrier", "wait")
 #: The benchmarked operation names: the collectives plus ``send_recv`` (one sender, one receiver).
 BENCH_OPS = (*COLLECTIVES, "send_recv")
 
+#: How a worker runs a collective: ``p2p`` = the simulator's algorithm (ring reduce-scatter,
+#: all-gather and all-reduce, direct all-to-all) on send/recv (:mod:`tensorstage.replay.algorithms`);
+#: ``native`` = gloo's own collective (its reduce-scatter all-reduces the whole input).
+COLLECTIVE_IMPLS = ("p2p", "native")
+
 #: float32 elements: every buffer is a whole number of them.
 ELEMENT_BYTES = 4
 

@@ -2,7 +2,7 @@
 
 Written into a directory atomically (:func:`tensorstage.fileio.atomic_dir`). The plot draws, per
 benchmarked operation, measured time (median of repetitions) against message size on log-log axes
-with both predictions (simulator model, gloo algorithm model) as lines. Matplotlib Agg only; PNG
+with both predictions (simulator model, model of the algorithm that ran) as lines. Matplotlib Agg only; PNG
 metadata carries no version or date.
 """
 
@@ -25,28 +25,40 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _impl_line(doc: dict[str, Any]) -> str:
+    impl = doc.get("config", {}).get("collectives", "native")
+    if impl == "p2p":
+        return ("`p2p`: the simulator's algorithms (ring reduce-scatter / all-gather / all-reduce, direct "
+                "all-to-all) on torch.distributed send/recv over gloo")
+    return "`native`: gloo's own collectives (its reduce-scatter is an all-reduce of the whole input)"
+
+
 def bench_markdown(doc: dict[str, Any]) -> str:
     """Markdown tables of a :func:`tensorstage.replay.bench.bench_dict` document."""
     lk = doc["links"]
     tiers = ", ".join(f"{t['name']}: {t['rate_Bps'] / 1e6:g} MB/s, {t['latency_s'] * 1e6:g} us" for t in lk["tiers"])
     lines = [f"# Communication replay: {lk['ranks']} processes on {doc['network']}", "",
-             f"Links ({'node size ' + str(lk['node_size']) + '; ' if len(lk['tiers']) > 1 else ''}{tiers}).", ""]
+             f"Links ({'node size ' + str(lk['node_size']) + '; ' if len(lk['tiers']) > 1 else ''}{tiers}).", "",
+             f"Collectives: {_impl_line(doc)}", ""]
     lines += [f"- {n}" for n in doc.get("notes", [])]
-    lines += ["", "| op | group | size | measured ms | simulator ms | error % | gloo model ms | error % |",
+    lines += ["", "| op | group | size | measured ms | simulator ms | error % | algorithm model ms | error % |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in doc["comparison"]:
         lines.append(f"| {r['op']} | {r['group']} | {_fmt_bytes(r['size_bytes'])} | {r['measured_s'] * 1e3:.3f} | "
-                     f"{r['simulator_s'] * 1e3:.3f} | {r['simulator_error_pct']:+.1f} | {r['gloo_s'] * 1e3:.3f} | "
-                     f"{r['gloo_error_pct']:+.1f} |")
-    lines += ["", "Largest |error| from 1 MiB up:", "", "| op/group | cases | simulator % | gloo model % |",
+                     f"{r['simulator_s'] * 1e3:.3f} | {r['simulator_error_pct']:+.1f} | {r['algorithm_s'] * 1e3:.3f} | "
+                     f"{r['algorithm_error_pct']:+.1f} |")
+    lines += ["", "Largest |error| from 1 MiB up:", "", "| op/group | cases | simulator % | algorithm model % |",
               "| --- | ---: | ---: | ---: |"]
     for k, v in sorted(doc["errors_from_1MiB"].items()):
-        lines.append(f"| {k} | {v['cases']} | {v['max_abs_simulator_error_pct']:.1f} | {v['max_abs_gloo_error_pct']:.1f} |")
-    lines += ["", "Alpha-beta fit per tier:", "", "| tier | latency us | bandwidth MB/s | vs emulated % | cases | rel. RMS % |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        lines.append(f"| {k} | {v['cases']} | {v['max_abs_simulator_error_pct']:.1f} | {v['max_abs_algorithm_error_pct']:.1f} |")
+    lines += ["", "Alpha-beta fit per tier (alpha = emulated delay + the host's per-message cost):", "",
+              "| tier | alpha us | emulated delay us | bandwidth MB/s | tc rate MB/s | vs tc rate % | cases | rel. RMS % |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for f in doc["fit"]:
-        lines.append(f"| {f['tier']} {f['name']} | {f['latency_s'] * 1e6:.1f} | {f['bandwidth_Bps'] / 1e6:.3f} | "
-                     f"{f['bandwidth_vs_emulated_pct']:+.1f} | {f['cases']} | {f['rel_rms_pct']:.1f} |")
+        lines.append(f"| {f['tier']} {f['name']} | {f['latency_s'] * 1e6:.1f} | "
+                     f"{f.get('emulated_latency_s', 0.0) * 1e6:.1f} | {f['bandwidth_Bps'] / 1e6:.3f} | "
+                     f"{f['emulated_rate_Bps'] / 1e6:.3f} | {f['bandwidth_vs_emulated_pct']:+.1f} | {f['cases']} | "
+                     f"{f['rel_rms_pct']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,7 +81,7 @@ def plot_bench(doc: dict[str, Any], path: Path) -> None:
         x = [p["size_bytes"] for p in pts]
         ax.loglog(x, [p["measured_s"] for p in pts], "o", color="#222222", label="measured")
         ax.loglog(x, [p["simulator_s"] for p in pts], "-", color="#4C78A8", label="simulator model")
-        ax.loglog(x, [p["gloo_s"] for p in pts], "--", color="#F58518", label="gloo algorithm model")
+        ax.loglog(x, [p["algorithm_s"] for p in pts], "--", color="#F58518", label="algorithm model")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("size (bytes)", fontsize=8)
         ax.set_ylabel("time (s)", fontsize=8)

@@ -8,9 +8,11 @@ with its simulated node.
 
 Measured time of an operation = ``max(end) - max(start)`` over the ranks that took part (from the
 last arrival to the last completion); simulated = the node's ``end - start`` (transfer time; a
-send/recv pair is charged to the send, which the simulator moves eagerly); beside both, gloo's
-own algorithm on the same links (:func:`tensorstage.replay.model.gloo_time_s`: e.g. its
-reduce-scatter is an all-reduce of the input, twice the simulator's ring). Per class and
+send/recv pair is charged to the send, which the simulator moves eagerly); beside both, the
+alpha-beta model of the algorithm that ran on the same links
+(:func:`tensorstage.replay.model.algorithm_time_s`: with ``collectives="p2p"``, the default, the
+simulator's own algorithms on send/recv; with ``"native"`` gloo's, whose reduce-scatter is an
+all-reduce of the input, twice the simulator's ring). Per class and
 node, the measured time is the mean over the groups (or rank pairs) that ran it; the step's
 communication per class is the sum over its nodes, by kind, measured beside simulated; the measured wall time of the whole replay and the simulated step time of the
 same slice are reported too (the processes run each rank's ops one after another, the simulator
@@ -30,7 +32,7 @@ from tensorstage.errors import SpecError
 from tensorstage.replay.bench import choose_network
 from tensorstage.replay.launch import Placement, run_ranks
 from tensorstage.replay.microbench import BenchCase
-from tensorstage.replay.model import Links, gloo_time_s
+from tensorstage.replay.model import Links, algorithm_time_s
 from tensorstage.replay.netns import EmulatedNetwork
 from tensorstage.replay.program import RankOps, rank_ops, scaled_programs, slice_ranks
 from tensorstage.schedule.program import NodeKind, Program
@@ -51,6 +53,7 @@ class StepReplay:
     results: list[dict]
     inputs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    collectives: str = "p2p"
 
 
 def _bounds(ro: RankOps, max_bytes: int) -> None:
@@ -64,7 +67,7 @@ def _bounds(ro: RankOps, max_bytes: int) -> None:
 def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system: str, dtype: str = "bf16",
                     scale: float = 0.01, compute: str = "skip", network: str = "auto", timeout_s: float = 600.0,
                     max_bytes: int = 4 * 2**30, inputs: dict[str, Any] | None = None,
-                    fixed: dict[str, int] | None = None) -> StepReplay:
+                    fixed: dict[str, int] | None = None, collectives: str = "p2p") -> StepReplay:
     """Simulate and run the scaled slice (module docstring); ``fixed``: axis coordinates that
     select the replayed ranks (:func:`tensorstage.replay.program.slice_ranks`), default all."""
     from tensorstage.hardware import load_system
@@ -93,16 +96,18 @@ def replay_programs(programs: list[Program], mesh: Any, links: Links, *, system:
         raise SpecError("timeout_s", f"the slice should take ~{sim_s:.0f} s on these links, too close to the limit "
                         f"of {timeout_s:g} s (lower --scale or raise --timeout-s)")
     mode, notes = choose_network(network)
+    node = links.node_size if links.two_tier else None
     if mode == "netns":
         with EmulatedNetwork(links) as net:
             place = Placement(tuple(net.namespace(r) for r in range(links.ranks)), net.address(0), "eth0")
-            results = run_ranks(ro.groups, ro.ops, place, timeout_s)
+            results = run_ranks(ro.groups, ro.ops, place, timeout_s, collectives=collectives, node_size=node)
     else:
-        results = run_ranks(ro.groups, ro.ops, Placement.loopback(links.ranks), timeout_s)
+        results = run_ranks(ro.groups, ro.ops, Placement.loopback(links.ranks), timeout_s, collectives=collectives,
+                            node_size=node)
     if ro.skipped:
         notes.append("left out (their group or peer is outside the slice), summed over ranks: "
                      + ", ".join(f"{v} {k}" for k, v in ro.skipped.items()))
-    return StepReplay(scaled, mesh, links, mode, ex, ro, results, dict(inputs or {}), notes)
+    return StepReplay(scaled, mesh, links, mode, ex, ro, results, dict(inputs or {}), notes, collectives)
 
 
 def replay_model(model: str, plan: Any, links_for: Any, **kw: Any) -> StepReplay:
@@ -153,13 +158,13 @@ def measured_nodes(res: StepReplay) -> list[dict[str, Any]]:
                 case_of[rec["key"]] = BenchCase("send_recv" if p2p else op.kind, res.links.label(ranks, p2p), ranks,
                                                 op.bytes)
     per_node: dict[tuple[int, int], list[float]] = defaultdict(list)
-    gloo: dict[tuple[int, int], list[float]] = defaultdict(list)
+    algo: dict[tuple[int, int], list[float]] = defaultdict(list)
     kinds: dict[tuple[int, int], str] = {}
     for key, s in spans.items():
         kind, c, nid = where[key]
         per_node[(c, nid)].append((max(e for _, e in s) - max(b for b, _ in s)) * 1e-9)
         kinds[(c, nid)] = "send_recv" if kind in ("send", "recv") else kind
-        gloo[(c, nid)].append(gloo_time_s(case_of[key], res.links))
+        algo[(c, nid)].append(algorithm_time_s(case_of[key], res.links, res.collectives))
     ex = res.execution
     out_nodes = []
     for (c, nid) in sorted(per_node):
@@ -167,7 +172,7 @@ def measured_nodes(res: StepReplay) -> list[dict[str, Any]]:
         ts = per_node[(c, nid)]
         out_nodes.append({"class": c, "node": nid, "name": res.programs[c].nodes[nid].name, "kind": kinds[(c, nid)],
                           "instances": len(ts), "measured_s": sum(ts) / len(ts), "simulated_s": ex.end[g] - ex.start[g],
-                          "gloo_model_s": sum(gloo[(c, nid)]) / len(ts)})
+                          "algorithm_model_s": sum(algo[(c, nid)]) / len(ts)})
     return out_nodes
 
 
@@ -179,12 +184,12 @@ def step_dict(res: StepReplay) -> dict[str, Any]:
         mine = [o for o in ops if o["class"] == c]
         by_kind = {k: {"nodes": sum(1 for o in mine if o["kind"] == k),
                        "measured_s": sum(o["measured_s"] for o in mine if o["kind"] == k),
-                       "gloo_model_s": sum(o["gloo_model_s"] for o in mine if o["kind"] == k),
+                       "algorithm_model_s": sum(o["algorithm_model_s"] for o in mine if o["kind"] == k),
                        "simulated_s": sum(o["simulated_s"] for o in mine if o["kind"] == k)} for k in _KINDS}
         per_class.append({"class_key": dict(p.class_key), "ranks": res.execution.ranks[c],
                           "comm_measured_s": sum(o["measured_s"] for o in mine),
                           "comm_simulated_s": sum(o["simulated_s"] for o in mine),
-                          "comm_gloo_model_s": sum(o["gloo_model_s"] for o in mine),
+                          "comm_algorithm_model_s": sum(o["algorithm_model_s"] for o in mine),
                           "by_kind": {k: v for k, v in by_kind.items() if v["nodes"]}})
     starts = [rec["start_ns"] for out in res.results for rec in out["records"]]
     ends = [rec["end_ns"] for out in res.results for rec in out["records"]]
@@ -192,6 +197,7 @@ def step_dict(res: StepReplay) -> dict[str, Any]:
         "kind": "tensorstage-replay-step",
         "inputs": res.inputs,
         "network": res.network,
+        "collectives": res.collectives,
         "links": {"ranks": res.links.ranks, "node_size": res.links.node_size,
                   "tiers": [{"name": t.name, "rate_Bps": t.rate_Bps, "latency_s": t.latency_s}
                             for t in res.links.tiers]},
