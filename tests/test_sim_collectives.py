@@ -149,3 +149,16 @@ def test_three_tier_reduce_scatter_and_all_gather() -> None:
     assert t == pytest.approx(min(hier, ring), rel=1e-12)
     assert algo == ("hierarchical" if hier < ring else "ring")
     assert all_gather_s(S / n, members, fab)[0] == pytest.approx(t, rel=1e-12)
+
+
+def test_multichannel_ring_inner_port_carries_k_minus_one_over_k() -> None:
+    """Two tiers, inner-tier bound (a fast scale-out): each of the node's 8 channels leaves the node
+    from one member, whose next hop is its NIC, so a member's NVLink port carries 7/8 of the ring
+    volume, not all of it: reduce-scatter over 16 = 2 nodes x 8 runs at 7/8 * (15/16) * S / B0."""
+    fab = Fabric((Tier("nvl", 8, B0, 0.0), Tier("ib", 1000, 100 * B0, 0.0)))
+    members = (8, 16)
+    t = reduce_scatter_s(S, members, fab)[0]  # no base latency: Fabric's default is 0
+    hier = (7 / 8) * S / B0 + (1 / 2) * (S / 8) / (100 * B0)  # the tier-by-tier alternative
+    ring = (7 / 8) * (15 / 16) * S / B0
+    assert t == pytest.approx(min(ring, hier), rel=1e-9)
+    assert ring < hier

@@ -187,7 +187,10 @@ def _factors(members: Sequence[int]) -> list[float]:
 def _flat_ring_s(members: Sequence[int], fabric: Fabric, volume_fraction: float, full_bytes: float,
                  steps: int) -> float:
     """Pipelined multi-channel ring: slowest tier's bandwidth term plus ``steps`` alphas of the
-    outermost tier crossed. ``volume_fraction * S`` is what each member sends in total."""
+    outermost tier crossed. ``volume_fraction * S`` is what each member sends in total; where the
+    ring spans several domains of a tier, each channel leaves a domain from one member, whose next
+    hop is on the tier above, so a port of the inner tier carries ``(k - 1) / k`` of the volume
+    (``k`` sub-domains per domain; measured on two emulated tiers, docs/replay.md)."""
     n = members[-1]
     bw_term, alpha, prev = 0.0, 0.0, 1
     for i, tier in enumerate(fabric.tiers):
@@ -197,6 +200,11 @@ def _flat_ring_s(members: Sequence[int], fabric: Fabric, volume_fraction: float,
         ports = prev  # members of one tier-(i-1) domain, each with its own tier-i port
         # The ring leaves a tier-(i-1) domain once per channel; each domain sends volume*S out.
         t = volume_fraction * full_bytes / (tier.bw_Bps * (ports if i > 0 else 1))
+        if m < n:
+            # the ring also leaves this tier's domain: of its k = m / prev sub-domains, each is the
+            # exit of the channels it owns, so a tier-i port carries (k - 1) / k of the volume
+            k = m // prev
+            t *= (k - 1) / k
         bw_term = max(bw_term, t)
         alpha = max(alpha, tier.latency_s)
         prev = m
