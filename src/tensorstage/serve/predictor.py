@@ -65,6 +65,8 @@ GRAPH_PRECISION: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8",
 KV_DTYPES = ("bf16", "fp16", "fp8", "int8")
 #: sequence lengths the collectives of one layer are read at (their sizes are affine in tokens)
 _COMM_SEQS = (256, 512)
+#: most (tokens, n_logits) pairs kept in the step-cost memo (cleared when full; the parts stay cached)
+_LINEAR_MEMO_MAX = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,8 @@ class IterationPredictor:
         self._q_heads = spec.num_heads // (1 if self.dp > 1 else tp)
         self._dec_shape = spec.mla is None and not spec.sliding_window
         self._linear_cache: dict[tuple[int, int], tuple[float, float, int]] = {}
+        self._body_cache: dict[int, tuple[float, float, int]] = {}
+        self._head_cache: dict[int, float] = {}
 
     # --- sizes ------------------------------------------------------------------------------
     def _bindings(self, graph: Graph, expert: bool = False) -> dict[str, float]:
@@ -278,16 +282,27 @@ class IterationPredictor:
         hit = self._linear_cache.get(key)
         if hit is not None:
             return hit
-        comp = sum(self._op_time(t, tokens) for t in self._emb_terms)
-        kernels = len(self._emb_terms) + len(self._comm)
-        for kind, terms in self._layer_terms.items():
-            comp += self.counts[kind] * sum(self._op_time(t, tokens) for t in terms)
-            kernels += self.counts[kind] * len(terms)
+        # the body (tokens) and the head (n_logits) are cached apart: steps mix them freely, and the
+        # head is added last, so the sum is the same float as computed in one pass
+        body = self._body_cache.get(tokens)
+        if body is None:
+            comp = sum(self._op_time(t, tokens) for t in self._emb_terms)
+            kernels = len(self._emb_terms) + len(self._comm)
+            for kind, terms in self._layer_terms.items():
+                comp += self.counts[kind] * sum(self._op_time(t, tokens) for t in terms)
+                kernels += self.counts[kind] * len(terms)
+            comm = sum(collective_time_s(kind, b0 + b1 * tokens, members, self.fabric)[0]  # type: ignore[arg-type]
+                       for kind, b0, b1, members in self._comm)
+            body = self._body_cache[tokens] = (comp, comm, kernels)
+        comp, comm, kernels = body
         if n_logits > 0:
-            comp += sum(self._op_time(t, n_logits) for t in self._head_terms)
+            head = self._head_cache.get(n_logits)
+            if head is None:
+                head = self._head_cache[n_logits] = sum(self._op_time(t, n_logits) for t in self._head_terms)
+            comp += head
             kernels += len(self._head_terms)
-        comm = sum(collective_time_s(kind, b0 + b1 * tokens, members, self.fabric)[0]  # type: ignore[arg-type]
-                   for kind, b0, b1, members in self._comm)
+        if len(self._linear_cache) >= _LINEAR_MEMO_MAX:
+            self._linear_cache.clear()
         self._linear_cache[key] = (comp, comm, kernels)
         return comp, comm, kernels
 

@@ -134,7 +134,9 @@ def tile_quantization(m: int, n: int) -> float:
     return (m / (TILE * ceil(m / TILE))) * (n / (TILE * ceil(n / TILE)))
 
 
-def _nearest(keys: list[int], x: int) -> int:
+@lru_cache(maxsize=1024)
+def _nearest(keys: tuple[int, ...], x: int) -> int:
+    """The key nearest ``x`` in log2 (ties: the smaller); memoized, callers ask the same few."""
     return min(keys, key=lambda k: (abs(log2(k) - log2(max(1, x))), k))
 
 
@@ -183,7 +185,7 @@ class KernelTables:
         (default 1/2 causal, 1 otherwise); ``kv_heads``: K/V heads (default ``heads``, no GQA)."""
         if not self._attn or min(batch, heads, q_len, kv_len, head_dim) < 1:
             return None
-        hd = _nearest(sorted(self._attn), head_dim)
+        hd = _nearest(tuple(self._attn), head_dim)
         frac = (0.5 if causal else 1.0) if work is None else work
         flops = 4.0 * batch * heads * q_len * kv_len * head_dim * frac
         group = max(1.0, heads / kv_heads) if kv_heads else 1.0
@@ -202,7 +204,7 @@ class KernelTables:
         """One decode step's attention over ``kv_len`` cached tokens (K and V read once)."""
         if not self._dec or min(batch, heads, kv_heads, kv_len, head_dim) < 1:
             return None
-        hd = _nearest(sorted(self._dec), head_dim)
+        hd = _nearest(tuple(self._dec), head_dim)
         kv_bytes = 2.0 * batch * kv_heads * kv_len * head_dim * kv_bytes_per_element
         eff = self._dec[hd](log2(batch * kv_heads), log2(kv_len), log2(max(1.0, heads / kv_heads)))
         return kv_bytes / (self._dec_ref * eff) * self._scale
