@@ -65,6 +65,8 @@ GRAPH_PRECISION: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8",
 KV_DTYPES = ("bf16", "fp16", "fp8", "int8")
 #: sequence lengths the collectives of one layer are read at (their sizes are affine in tokens)
 _COMM_SEQS = (256, 512)
+#: sum of a 1-d array (``np.sum`` without its Python wrapper: the same pairwise sum, faster on short arrays)
+_sum = np.add.reduce
 #: most (tokens, n_logits) pairs kept in the step-cost memo (cleared when full; the parts stay cached)
 _LINEAR_MEMO_MAX = 1 << 18
 
@@ -120,7 +122,11 @@ class _PolyFn:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         a, b, c = self.coef
-        return (a * x + b) * x + c
+        y = np.multiply(x, a)  # (a * x + b) * x + c in place: the same floats, one temporary
+        y += b
+        y *= x
+        y += c
+        return y
 
 
 class IterationPredictor:
@@ -310,23 +316,28 @@ class IterationPredictor:
         """(seconds, kernels) of attention of one step: prefill chunks (new, prefix) and decode contexts."""
         total = 0.0
         kernels = 0
+        has_pf, has_dc = len(chunk_new) > 0, len(decode_ctx) > 0
+        if has_pf:
+            full = chunk_new + chunk_prefix
+            prefix_sum = float(_sum(chunk_prefix))
+        if has_dc:
+            gemm = self._decode_gemm(len(decode_ctx), float(_sum(decode_ctx)))
+        dp = self.dp
+        time_s = self.compute.time_s
         for kind, n in self.counts.items():
             if kind not in self._pf_attn:
                 continue
             t = 0.0
-            if len(chunk_new):
-                full = chunk_new + chunk_prefix
+            if has_pf:
                 for op, ff, fb in self._pf_attn[kind]:
-                    fl = float(np.sum(ff(full) - ff(chunk_prefix)))
-                    by = float(np.sum(fb(chunk_new))) + self._kv_tok[kind] * float(np.sum(chunk_prefix))
-                    t += self.compute.time_s(fl / self.dp, by / self.dp, op)
-            if len(decode_ctx):
-                gemm = self._decode_gemm(len(decode_ctx), float(np.sum(decode_ctx)))
+                    fl = float(_sum(ff(full) - ff(chunk_prefix)))
+                    by = float(_sum(fb(chunk_new))) + self._kv_tok[kind] * prefix_sum
+                    t += time_s(fl / dp, by / dp, op)
+            if has_dc:
                 for op, ff, fb in self._dc_attn[kind]:
-                    t += self.compute.time_s(float(np.sum(ff(decode_ctx))) / self.dp,
-                                             float(np.sum(fb(decode_ctx))) / self.dp, op, gemm)
+                    t += time_s(float(_sum(ff(decode_ctx))) / dp, float(_sum(fb(decode_ctx))) / dp, op, gemm)
             total += n * t
-            kernels += n * ((len(chunk_new) > 0) * len(self._pf_attn[kind]) + (len(decode_ctx) > 0) * len(self._dc_attn[kind]))
+            kernels += n * (has_pf * len(self._pf_attn[kind]) + has_dc * len(self._dc_attn[kind]))
         return total, kernels
 
     def _decode_gemm(self, n: int, ctx_sum: float) -> tuple[int, int, int, int] | None:
@@ -346,9 +357,17 @@ class IterationPredictor:
         n = len(ctx)
         lin, comm, k1 = self.linear_s(n, n)
         j = np.arange(steps, dtype=np.float64)
-        s1, s2 = float(ctx.sum()), float((ctx * ctx).sum())
+        s1, s2 = float(_sum(ctx)), float(_sum(ctx * ctx))
         att = np.zeros(steps)
         k2 = 0
+        t = self.compute.time_s
+        dp = self.dp
+        # each step's QK^T shape (what _decode_gemm gives for the step's context sum), built once
+        if self._dec_shape:
+            rows, hd = max(1, -(-n // dp)) * self._q_heads, self.spec.dim_head
+            shapes: list = [(rows, 1, max(1, int(round((s1 + n * x) / n))), hd) for x in j.tolist()]
+        else:
+            shapes = [None] * steps
         for kind, count in self.counts.items():
             if kind not in self._dc_attn:
                 continue
@@ -361,9 +380,6 @@ class IterationPredictor:
                         sums.append(a * (s2 + 2 * j * s1 + n * j * j) + b * (s1 + n * j) + n * c)
                     else:
                         sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
-                t = self.compute.time_s
-                dp = self.dp
-                shapes = [self._decode_gemm(n, s1 + n * x) for x in j.tolist()]
                 att += count * np.array([t(f / dp, b_ / dp, op, g) for f, b_, g in
                                          zip(sums[0].tolist(), sums[1].tolist(), shapes, strict=True)])
         launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
@@ -379,7 +395,7 @@ class IterationPredictor:
         cn = np.asarray(chunk_new, dtype=np.float64)
         cp = np.asarray(chunk_prefix, dtype=np.float64)
         dc = np.asarray(decode_ctx, dtype=np.float64)
-        tokens = int(cn.sum()) + len(dc)
+        tokens = int(_sum(cn)) + len(dc)
         lin, comm, k1 = self.linear_s(tokens, n_logits)
         att, k2 = self.attention_s(cn, cp, dc)
         launch = 0.0

@@ -74,6 +74,7 @@ class Surface:
     # memo of evaluated points: callers (the serving predictor, the engine) ask the same shapes
     # many times; bounded (cleared when full) so a long run cannot grow it without limit
     _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    _prep: list = field(default_factory=list, compare=False, hash=False, repr=False)  # see _prepared
 
     @staticmethod
     def from_json(d: dict) -> Surface:
@@ -91,15 +92,8 @@ class Surface:
         return got
 
     def _eval(self, x: tuple[float, ...]) -> float:
-        idx: list[tuple[int, float]] = []
-        for xi, ax in zip(x, self.axes, strict=True):
-            idx.append(_bracket(ax, xi))
-        strides = []
-        s = 1
-        for ax in reversed(self.axes):
-            strides.append(s)
-            s *= len(ax)
-        strides.reverse()
+        logv, strides = self._prepared()
+        idx = [_bracket(ax, xi) for xi, ax in zip(x, self.axes, strict=True)]
         acc = 0.0
         for corner in range(1 << len(idx)):
             w = 1.0
@@ -109,8 +103,22 @@ class Surface:
                 w *= t if hi else 1.0 - t
                 flat += (i + hi) * strides[d]
             if w:
-                acc += w * log(self.values[flat])
+                acc += w * logv[flat]
         return exp(acc)
+
+    def _prepared(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """log of every node value and the C-order strides, computed once per surface."""
+        if self._prep:
+            return self._prep[0]
+        strides: list[int] = []
+        s = 1
+        for ax in reversed(self.axes):
+            strides.append(s)
+            s *= len(ax)
+        strides.reverse()
+        got = (tuple(log(v) for v in self.values), tuple(strides))
+        self._prep.append(got)
+        return got
 
 
 def _bracket(ax: tuple[float, ...], x: float) -> tuple[int, float]:
