@@ -92,7 +92,7 @@ class DecodeRuns:
         (:meth:`IterationPredictor.decode_run_s`), so the result equals stepping one at a time.
         Returns None when fewer than two steps qualify (the caller plans a single step)."""
         prof = self.profile
-        if prof.policy != "continuous" or self.waiting or not self.decode_runs:
+        if self.waiting or not self.decode_runs or prof.policy != "continuous":
             return None
         act = np.flatnonzero(self.slot_req >= 0)
         n = len(act)
@@ -102,6 +102,8 @@ class DecodeRuns:
         if (c < self.target[act]).any():
             return None
         k = min(int((self.out[act] - self.gen[act]).min()), max_steps or self._run_cap)
+        if k < 2:
+            return None
         have = self.blocks[act]
         # each slot needs at most k // block + 1 new blocks: check exactly only when that may not fit
         while k >= 2 and self.free_blocks < n * (k // self.block + 1) and \
@@ -111,14 +113,13 @@ class DecodeRuns:
             return None
         graph = prof.cuda_graph and n <= prof.cuda_graph_max_batch
         d = self.predictor.decode_run_s(c + 1, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
-        j = np.arange(1, k + 1)
         self._held[act] = have
-        grow = np.maximum(self._blocks_for(c[None, :] + j[:, None]) - have[None, :], 0).sum(axis=1)
+        # new blocks by the end of each step j = 1..k: ceil((c + j) / block) - have, at least 0
+        grow = np.maximum(self._blocks_for(np.add.outer(np.arange(1, k + 1), c)) - have, 0).sum(axis=1)
         used_before = self.kv_blocks_used()
         self.blocks[act] = np.maximum(self._blocks_for(c + k), have)
         self.free_blocks -= int(grow[-1])
         if k == self._run_cap:
             self._run_cap = min(2 * k, 1024)
-        return StepPlan(act, np.full(n, k, dtype=np.int64), np.ones(n, dtype=bool), float(d.sum()), 0, n, n * k,
-                        steps=k, step_durations_s=d, step_kv_blocks=used_before + grow)
-
+        return StepPlan(act, np.full(n, k, dtype=np.int64), np.ones(n, dtype=bool), float(np.add.reduce(d)), 0, n,
+                        n * k, steps=k, step_durations_s=d, step_kv_blocks=used_before + grow)
