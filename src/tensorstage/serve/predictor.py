@@ -356,16 +356,18 @@ class IterationPredictor:
         ctx = np.asarray(ctx0, dtype=np.float64)
         n = len(ctx)
         lin, comm, k1 = self.linear_s(n, n)
-        j = np.arange(steps, dtype=np.float64)
+        # per step in plain floats (runs are short; the same operations, in the same order, that the
+        # array form a * (s2 + 2 * j * s1 + n * j * j) + ... would do element by element)
+        xs = [float(x) for x in range(steps)]
         s1, s2 = float(_sum(ctx)), float(_sum(ctx * ctx))
-        att = np.zeros(steps)
+        att = [0.0] * steps
         k2 = 0
         t = self.compute.time_s
         dp = self.dp
-        # each step's QK^T shape (what _decode_gemm gives for the step's context sum), built once
+        # each step's QK^T shape (what _decode_gemm gives for the step's context sum)
         if self._dec_shape:
             rows, hd = max(1, -(-n // dp)) * self._q_heads, self.spec.dim_head
-            shapes: list = [(rows, 1, max(1, int(round((s1 + n * x) / n))), hd) for x in j.tolist()]
+            shapes: list = [(rows, 1, max(1, int(round((s1 + n * x) / n))), hd) for x in xs]
         else:
             shapes = [None] * steps
         for kind, count in self.counts.items():
@@ -377,13 +379,14 @@ class IterationPredictor:
                 for fn in (ff, fb):
                     if isinstance(fn, _PolyFn):
                         a, b, c = fn.coef
-                        sums.append(a * (s2 + 2 * j * s1 + n * j * j) + b * (s1 + n * j) + n * c)
+                        sums.append([a * (s2 + 2 * x * s1 + n * x * x) + b * (s1 + n * x) + n * c for x in xs])
                     else:
-                        sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
-                att += count * np.array([t(f / dp, b_ / dp, op, g) for f, b_, g in
-                                         zip(sums[0].tolist(), sums[1].tolist(), shapes, strict=True)])
+                        sums.append([float(np.sum(fn(ctx + x))) for x in xs])
+                att = [acc + count * t(f / dp, b_ / dp, op, g)
+                       for acc, f, b_, g in zip(att, sums[0], sums[1], shapes, strict=True)]
         launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
-        return (lin + comm + launch + overhead_s) + att
+        base = lin + comm + launch + overhead_s
+        return np.array([base + x for x in att])
 
     def iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
                   decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float = 0.0,
