@@ -54,7 +54,7 @@ class DecodeRuns:
     _held: np.ndarray
 
     def _blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
-        return -(-tokens // self.block)
+        return (tokens + (self.block - 1)) // self.block  # ceil(tokens / block) for integers
 
     def kv_blocks_used(self) -> int:
         """KV blocks held by running requests (total - free; Replica defines the total)."""
@@ -94,7 +94,7 @@ class DecodeRuns:
         prof = self.profile
         if self.waiting or not self.decode_runs or prof.policy != "continuous":
             return None
-        act = np.flatnonzero(self.slot_req >= 0)
+        act = (self.slot_req >= 0).nonzero()[0]
         n = len(act)
         if n == 0 or (prof.max_num_batched_tokens and n > prof.max_num_batched_tokens):
             return None

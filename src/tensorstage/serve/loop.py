@@ -66,7 +66,7 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
         plans[rep.index] = plan
         starts[rep.index] = t
         if log is not None and plan.step_durations_s is None:
-            log.add(rep.index, t, t + plan.duration_s, int(plan.new_tokens.sum()), plan.prefill_tokens,
+            log.add(rep.index, t, t + plan.duration_s, plan.prefill_tokens + plan.decodes, plan.prefill_tokens,
                     plan.decodes, rep.running(), len(rep.waiting), rep.kv_blocks_used(), plan.emits)
         push(rep, t + plan.duration_s)
 

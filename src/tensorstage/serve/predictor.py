@@ -395,6 +395,17 @@ class IterationPredictor:
 
         ``kernel_gap_s``: the step replays a CUDA graph, so each kernel costs this gap instead of the
         device's eager launch cost (``ComputeModel.launch_s``)."""
+        return IterationCost(*self._iteration(chunk_new, chunk_prefix, decode_ctx, n_logits, overhead_s,
+                                              kernel_gap_s))
+
+    def step_s(self, chunk_new: np.ndarray, chunk_prefix: np.ndarray, decode_ctx: np.ndarray, n_logits: int,
+               overhead_s: float = 0.0, kernel_gap_s: float | None = None) -> float:
+        """``iteration(...).total_s`` without building the breakdown (the scheduler's per-step call)."""
+        return self._iteration(chunk_new, chunk_prefix, decode_ctx, n_logits, overhead_s, kernel_gap_s)[0]
+
+    def _iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
+                   decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float,
+                   kernel_gap_s: float | None) -> tuple[float, float, float, float, float, int]:
         cn = np.asarray(chunk_new, dtype=np.float64)
         cp = np.asarray(chunk_prefix, dtype=np.float64)
         dc = np.asarray(decode_ctx, dtype=np.float64)
@@ -405,7 +416,7 @@ class IterationPredictor:
         if kernel_gap_s is not None:
             launch = (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
         total = lin + att + comm + launch + overhead_s
-        return IterationCost(total, lin, att, comm, overhead_s, k1 + k2)
+        return total, lin, att, comm, overhead_s, k1 + k2
 
     # --- memory -----------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> float:

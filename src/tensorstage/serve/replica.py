@@ -224,7 +224,7 @@ class Replica(DecodeRuns):
             self._preempt(victim)
             active[victim] = False
             dec[victim] = False
-        dec_slots = np.flatnonzero(dec)
+        dec_slots = dec.nonzero()[0]
         if len(dec_slots) > budget:
             dec_slots = dec_slots[np.argsort(self.order[dec_slots], kind="stable")[:budget]]
         if len(dec_slots):
@@ -235,7 +235,7 @@ class Replica(DecodeRuns):
         pre_slots: list[int] = []
         pre_new: list[int] = []
         # running prefills (partially computed), oldest first
-        pre = np.flatnonzero(active & ~ready)
+        pre = (active & ~ready).nonzero()[0]
         if len(pre) > 1:
             pre = pre[np.argsort(self.order[pre], kind="stable")]
         stop = False
@@ -252,7 +252,7 @@ class Replica(DecodeRuns):
         # admit waiting requests FCFS
         if stop or not self.waiting or budget <= 0:
             return dec_slots, pre_slots, pre_new
-        free_slots = np.flatnonzero(self.slot_req < 0).tolist()
+        free_slots = (self.slot_req < 0).nonzero()[0].tolist()
         fi = 0
         prompts = self.req.prompt_tokens
         while self.waiting and fi < len(free_slots) and budget > 0:
@@ -318,20 +318,25 @@ class Replica(DecodeRuns):
         n_dec = len(dec_slots)
         prof = self.profile
         graph = prof.cuda_graph and n_dec == len(slots) and n_dec <= prof.cuda_graph_max_batch
-        cost = self.predictor.iteration(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
-                                        prof.cuda_graph_kernel_gap_s if graph else None)
-        return StepPlan(slots, new, is_dec, cost.total_s, int(_sum(n_pre)), n_dec, n_dec + finishing)
+        dur = self.predictor.step_s(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
+                                    prof.cuda_graph_kernel_gap_s if graph else None)
+        return StepPlan(slots, new, is_dec, dur, int(_sum(n_pre)), n_dec, n_dec + finishing)
 
     def complete(self, plan: StepPlan, end_s: float) -> list[int]:
         """Apply a finished step at ``end_s``; returns the requests that finished."""
         s = plan.slots
-        self.computed[s] += plan.new_tokens
-        # a run of decode steps (steps > 1): every slot is decoding, so every one emitted
-        es = s if plan.steps > 1 else s[self.computed[s] >= self.target[s]]
-        g = self.gen[es]
-        first = es[g == 0]
-        if len(first):
-            self.req.first_token_s[self.slot_req[first]] = end_s
+        if plan.steps > 1:
+            # a run of decode steps: every slot was decoding (so has its first token) and emitted
+            self.computed[s] += plan.steps
+            es = s
+            g = self.gen[es]
+        else:
+            self.computed[s] += plan.new_tokens
+            es = s[self.computed[s] >= self.target[s]]
+            g = self.gen[es]
+            first = es[g == 0]
+            if len(first):
+                self.req.first_token_s[self.slot_req[first]] = end_s
         g += plan.steps
         self.gen[es] = g
         if self.role == "prefill":  # first token out: the request moves to the decode pool
