@@ -115,7 +115,7 @@ def _affine(fn, lo: int = 1, hi: int = 2) -> tuple[float, float]:
 
 
 class _PolyFn:
-    """A polynomial with exact coefficients; ``sum_of(x)`` = sum over x without a temporary per term."""
+    """A quadratic with exact coefficients, evaluated elementwise (``__call__``) or at one point (``at``)."""
 
     def __init__(self, coef: np.ndarray) -> None:
         self.coef = [float(c) for c in coef]
@@ -127,6 +127,11 @@ class _PolyFn:
         y *= x
         y += c
         return y
+
+    def at(self, x: float) -> float:
+        """The value at one point, in the order ``__call__`` computes each element."""
+        a, b, c = self.coef
+        return (x * a + b) * x + c
 
 
 class IterationPredictor:
@@ -317,9 +322,14 @@ class IterationPredictor:
         total = 0.0
         kernels = 0
         has_pf, has_dc = len(chunk_new) > 0, len(decode_ctx) > 0
+        # one prefill chunk (the common step): its polynomial terms in plain floats, the same
+        # operations as the array path (a one-element sum is the element)
+        one = len(chunk_new) == 1
         if has_pf:
             full = chunk_new + chunk_prefix
             prefix_sum = float(_sum(chunk_prefix))
+            if one:
+                new0, prefix0, full0 = float(chunk_new[0]), float(chunk_prefix[0]), float(full[0])
         if has_dc:
             gemm = self._decode_gemm(len(decode_ctx), float(_sum(decode_ctx)))
         dp = self.dp
@@ -330,8 +340,12 @@ class IterationPredictor:
             t = 0.0
             if has_pf:
                 for op, ff, fb in self._pf_attn[kind]:
-                    fl = float(_sum(ff(full) - ff(chunk_prefix)))
-                    by = float(_sum(fb(chunk_new))) + self._kv_tok[kind] * prefix_sum
+                    if one and isinstance(ff, _PolyFn) and isinstance(fb, _PolyFn):
+                        fl = ff.at(full0) - ff.at(prefix0)
+                        by = fb.at(new0) + self._kv_tok[kind] * prefix_sum
+                    else:
+                        fl = float(_sum(ff(full) - ff(chunk_prefix)))
+                        by = float(_sum(fb(chunk_new))) + self._kv_tok[kind] * prefix_sum
                     t += time_s(fl / dp, by / dp, op)
             if has_dc:
                 for op, ff, fb in self._dc_attn[kind]:

@@ -303,24 +303,29 @@ class Replica(DecodeRuns):
     # --- costing and completion -------------------------------------------------------------------
     def plan(self) -> StepPlan | None:
         """The next step with its duration, or None when there is nothing to run."""
-        if self.profile.policy == "static":
+        prof = self.profile
+        if prof.policy == "static":
             slots, new, is_dec = self._schedule_static()
+            if len(slots) == 0:
+                return None
             dec_slots, pre_slots, n_pre = slots[is_dec], slots[~is_dec], new[~is_dec]
+            prefix = self.computed[pre_slots]
+            finishing = int(np.count_nonzero((prefix + n_pre) >= self.target[pre_slots]))
+            prefill_tokens = int(_sum(n_pre))
         else:
-            dec_slots, pre_list, new_list = self._schedule_continuous()
-            slots, new, is_dec = _joined(dec_slots, pre_list, new_list)
-            pre_slots, n_pre = slots[len(dec_slots):], new[len(dec_slots):]
-        if len(slots) == 0:
-            return None
-        prefix = self.computed[pre_slots]
-        finishing = int(np.count_nonzero((prefix + n_pre) >= self.target[pre_slots]))
+            dec_slots, pre_list, n_pre = self._schedule_continuous()
+            if len(dec_slots) == 0 and not pre_list:
+                return None
+            prefix = [int(self.computed[s]) for s in pre_list]
+            finishing = sum(1 for s, p, c in zip(pre_list, prefix, n_pre, strict=True) if p + c >= self.target[s])
+            prefill_tokens = sum(n_pre)
+            slots, new, is_dec = _joined(dec_slots, pre_list, n_pre)
         dec_ctx = self.computed[dec_slots] + 1
         n_dec = len(dec_slots)
-        prof = self.profile
         graph = prof.cuda_graph and n_dec == len(slots) and n_dec <= prof.cuda_graph_max_batch
         dur = self.predictor.step_s(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
                                     prof.cuda_graph_kernel_gap_s if graph else None)
-        return StepPlan(slots, new, is_dec, dur, int(_sum(n_pre)), n_dec, n_dec + finishing)
+        return StepPlan(slots, new, is_dec, dur, prefill_tokens, n_dec, n_dec + finishing)
 
     def complete(self, plan: StepPlan, end_s: float) -> list[int]:
         """Apply a finished step at ``end_s``; returns the requests that finished."""
