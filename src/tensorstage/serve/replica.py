@@ -73,6 +73,7 @@ class Replica(DecodeRuns):
         self.free_blocks = self.total_blocks
         n = profile.max_num_seqs
         self.slot_req = np.full(n, -1, dtype=np.int64)
+        self._running = 0  # slots holding a request (slot_req >= 0), kept as requests come and go
         self.computed = np.zeros(n, dtype=np.int64)  # tokens whose KV is in the cache
         self.target = np.zeros(n, dtype=np.int64)  # tokens to prefill (prompt, + generated after preemption)
         self.gen = np.zeros(n, dtype=np.int64)  # output tokens produced
@@ -118,6 +119,7 @@ class Replica(DecodeRuns):
             s = int(free_slots[fi])
             fi += 1
             self.slot_req[s] = r
+            self._running += 1
             self.computed[s] = prompt
             self.target[s] = prompt
             self.gen[s] = 1
@@ -130,11 +132,11 @@ class Replica(DecodeRuns):
 
     def has_work(self) -> bool:
         """Anything running or waiting."""
-        return bool(self.waiting) or bool((self.slot_req >= 0).any())
+        return bool(self.waiting) or self._running > 0
 
     def running(self) -> int:
         """Requests holding a slot."""
-        return int(np.count_nonzero(self.slot_req >= 0))
+        return self._running
 
     def kv_blocks_used(self) -> int:
         """KV blocks held by running requests."""
@@ -146,6 +148,7 @@ class Replica(DecodeRuns):
         self.free_blocks += int(self.blocks[s])
         self.blocks[s] = 0
         self.slot_req[s] = -1
+        self._running -= 1
         self._gen_store[r] = int(self.gen[s])
         self.req.preemptions[r] += 1
         self.preemptions += 1
@@ -165,6 +168,7 @@ class Replica(DecodeRuns):
                 cached = min(cached, prompt - 1)
             self.prefix_seen.add(pid)
         self.slot_req[slot] = r
+        self._running += 1
         self.computed[slot] = cached
         self.target[slot] = prompt + gen
         self.gen[slot] = gen
@@ -281,6 +285,7 @@ class Replica(DecodeRuns):
         self.free_blocks += int(self.blocks[s])
         self.blocks[s] = 0
         self.slot_req[s] = -1
+        self._running -= 1
         self.waiting.appendleft(r)
 
     def _chunk(self, s: int, budget: int) -> int:
@@ -373,3 +378,4 @@ class Replica(DecodeRuns):
         self.free_blocks += int(_sum(self.blocks[slots]))
         self.blocks[slots] = 0
         self.slot_req[slots] = -1
+        self._running -= len(slots)
