@@ -14,6 +14,7 @@ results equal stepping one iteration at a time.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -78,8 +79,10 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
             version[rep.index] += 1
             push(rep, starts[rep.index] + plan.duration_s)
 
+    # open loop: arrival times as Python floats (cheaper to compare than numpy scalars; same values)
+    arrivals = req.arrival_s if concurrency > 0 else req.arrival_s.tolist()
     while done < n:
-        t_arr = req.arrival_s[nxt] if nxt < released else np.inf
+        t_arr = arrivals[nxt] if nxt < released else np.inf
         if transfers and transfers[0][0] <= t_arr and (not heap or transfers[0][0] < heap[0][0]):
             now, _, r = heapq.heappop(transfers)
             i = len(pools) + decode_router(r, req, decode_pool)  # type: ignore[misc]
@@ -114,12 +117,12 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
                         released += 1
             start(rep, now)
             continue
-        if not np.isfinite(t_arr):
+        if not math.isfinite(t_arr):
             raise RuntimeError("serving loop stalled: requests remain but no step is scheduled")
         now = float(t_arr)
         # route every request arriving at this instant, then start idle replicas
         touched = []
-        while nxt < released and req.arrival_s[nxt] <= now:
+        while nxt < released and arrivals[nxt] <= now:
             i = router(nxt, req, pools)
             replicas[i].enqueue(nxt)
             touched.append(i)

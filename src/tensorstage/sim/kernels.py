@@ -176,6 +176,7 @@ class KernelTables:
         self._attn_ref = float(data.get("attention_fwd", {}).get("ref_flops", 0.0))
         self._dec = {int(hd): Surface.from_json(t) for hd, t in data.get("decode_attention", {}).get("head_dim", {}).items()}
         self._dec_ref = float(data.get("decode_attention", {}).get("ref_Bps", 0.0))
+        self._dec_memo: dict[tuple, float] = {}  # decode_attention_s by its arguments (bounded)
 
     def gemm_dtypes(self) -> tuple[str, ...]:
         return tuple(sorted(self._gemm))
@@ -222,12 +223,19 @@ class KernelTables:
     def decode_attention_s(self, batch: int, heads: int, kv_heads: int, kv_len: int, head_dim: int,
                            kv_bytes_per_element: int = 2) -> float | None:
         """One decode step's attention over ``kv_len`` cached tokens (K and V read once)."""
+        key = (batch, heads, kv_heads, kv_len, head_dim, kv_bytes_per_element)
+        got = self._dec_memo.get(key)  # a serving run asks the same decode shapes many times
+        if got is not None:
+            return got
         if not self._dec or min(batch, heads, kv_heads, kv_len, head_dim) < 1:
             return None
         hd = _nearest(tuple(self._dec), head_dim)
         kv_bytes = 2.0 * batch * kv_heads * kv_len * head_dim * kv_bytes_per_element
         eff = self._dec[hd](log2(batch * kv_heads), log2(kv_len), log2(max(1.0, heads / kv_heads)))
-        return kv_bytes / (self._dec_ref * eff) * self._scale
+        if len(self._dec_memo) >= MEMO_MAX:
+            self._dec_memo.clear()
+        got = self._dec_memo[key] = kv_bytes / (self._dec_ref * eff) * self._scale
+        return got
 
     def scaled(self, factor: float) -> KernelTables:
         """The same tables with every time multiplied by ``factor``."""
