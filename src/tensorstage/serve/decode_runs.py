@@ -112,7 +112,7 @@ class DecodeRuns:
         if k < 2:
             return None
         graph = prof.cuda_graph and n <= prof.cuda_graph_max_batch
-        d = self.predictor.decode_run_s(c + 1, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
+        d = self.predictor.decode_run_s(c + 1.0, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
         self._held[act] = have
         # new blocks by the end of each step j = 1..k: ceil((c + j) / block) - have, at least 0
         grow = np.maximum(self._blocks_for(np.add.outer(np.arange(1, k + 1), c)) - have, 0).sum(axis=1)

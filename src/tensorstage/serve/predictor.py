@@ -317,7 +317,8 @@ class IterationPredictor:
         self._linear_cache[key] = (comp, comm, kernels)
         return comp, comm, kernels
 
-    def attention_s(self, chunk_new: np.ndarray, chunk_prefix: np.ndarray, decode_ctx: np.ndarray) -> tuple[float, int]:
+    def attention_s(self, chunk_new: Sequence[float] | np.ndarray, chunk_prefix: Sequence[float] | np.ndarray,
+                    decode_ctx: np.ndarray) -> tuple[float, int]:
         """(seconds, kernels) of attention of one step: prefill chunks (new, prefix) and decode contexts."""
         total = 0.0
         kernels = 0
@@ -325,11 +326,19 @@ class IterationPredictor:
         # one prefill chunk (the common step): its polynomial terms in plain floats, the same
         # operations as the array path (a one-element sum is the element)
         one = len(chunk_new) == 1
-        if has_pf:
-            full = chunk_new + chunk_prefix
-            prefix_sum = float(_sum(chunk_prefix))
-            if one:
-                new0, prefix0, full0 = float(chunk_new[0]), float(chunk_prefix[0]), float(full[0])
+        if one:
+            new0, prefix0 = float(chunk_new[0]), float(chunk_prefix[0])
+            full0, prefix_sum = new0 + prefix0, prefix0
+        arrays = None
+
+        def as_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            cn = np.asarray(chunk_new, dtype=np.float64)
+            cp = np.asarray(chunk_prefix, dtype=np.float64)
+            return cn, cp, cn + cp
+
+        if has_pf and not one:
+            arrays = as_arrays()
+            prefix_sum = float(_sum(arrays[1]))
         if has_dc:
             gemm = self._decode_gemm(len(decode_ctx), float(_sum(decode_ctx)))
         dp = self.dp
@@ -344,8 +353,9 @@ class IterationPredictor:
                         fl = ff.at(full0) - ff.at(prefix0)
                         by = fb.at(new0) + self._kv_tok[kind] * prefix_sum
                     else:
-                        fl = float(_sum(ff(full) - ff(chunk_prefix)))
-                        by = float(_sum(fb(chunk_new))) + self._kv_tok[kind] * prefix_sum
+                        cn, cp, full = arrays = arrays or as_arrays()
+                        fl = float(_sum(ff(full) - ff(cp)))
+                        by = float(_sum(fb(cn))) + self._kv_tok[kind] * prefix_sum
                     t += time_s(fl / dp, by / dp, op)
             if has_dc:
                 for op, ff, fb in self._dc_attn[kind]:
@@ -420,12 +430,10 @@ class IterationPredictor:
     def _iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
                    decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float,
                    kernel_gap_s: float | None) -> tuple[float, float, float, float, float, int]:
-        cn = np.asarray(chunk_new, dtype=np.float64)
-        cp = np.asarray(chunk_prefix, dtype=np.float64)
         dc = np.asarray(decode_ctx, dtype=np.float64)
-        tokens = int(_sum(cn)) + len(dc)
-        lin, comm, k1 = self.linear_s(tokens, n_logits)
-        att, k2 = self.attention_s(cn, cp, dc)
+        tokens = int(_sum(np.asarray(chunk_new, dtype=np.float64))) if len(chunk_new) != 1 else int(float(chunk_new[0]))
+        lin, comm, k1 = self.linear_s(tokens + len(dc), n_logits)
+        att, k2 = self.attention_s(chunk_new, chunk_prefix, dc)
         launch = 0.0
         if kernel_gap_s is not None:
             launch = (k1 + k2) * (kernel_gap_s - self.compute.launch_s)

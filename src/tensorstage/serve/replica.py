@@ -325,7 +325,7 @@ class Replica(DecodeRuns):
             finishing = sum(1 for s, p, c in zip(pre_list, prefix, n_pre, strict=True) if p + c >= self.target[s])
             prefill_tokens = sum(n_pre)
             slots, new, is_dec = _joined(dec_slots, pre_list, n_pre)
-        dec_ctx = self.computed[dec_slots] + 1
+        dec_ctx = self.computed[dec_slots] + 1.0  # float64 of the integer contexts (what the predictor takes)
         n_dec = len(dec_slots)
         graph = prof.cuda_graph and n_dec == len(slots) and n_dec <= prof.cuda_graph_max_batch
         dur = self.predictor.step_s(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
