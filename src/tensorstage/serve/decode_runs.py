@@ -115,9 +115,10 @@ class DecodeRuns:
         d = self.predictor.decode_run_s(c + 1.0, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
         self._held[act] = have
         # new blocks by the end of each step j = 1..k: ceil((c + j) / block) - have, at least 0
-        grow = np.maximum(self._blocks_for(np.add.outer(np.arange(1, k + 1), c)) - have, 0).sum(axis=1)
+        need = self._blocks_for(np.add.outer(np.arange(1, k + 1), c))  # row j - 1: blocks after step j
+        grow = np.maximum(need - have, 0).sum(axis=1)
         used_before = self.kv_blocks_used()
-        self.blocks[act] = np.maximum(self._blocks_for(c + k), have)
+        self.blocks[act] = np.maximum(need[-1], have)
         self.free_blocks -= int(grow[-1])
         if k == self._run_cap:
             self._run_cap = min(2 * k, 1024)

@@ -219,16 +219,18 @@ class Replica(DecodeRuns):
         ready = self.computed >= self.target
         dec = active & ready
         # decodes: one token each, oldest first; a missing KV block preempts the newest request
-        while self.free_blocks < int(np.count_nonzero(dec)):  # each decode needs at most one new block
-            need = self._blocks_for(self.computed + 1) - self.blocks
-            short = int(np.maximum(need[dec], 0).sum()) - self.free_blocks
-            if short <= 0:
-                break
-            victim = int(np.argmax(np.where(active, self.order, -1)))
-            self._preempt(victim)
-            active[victim] = False
-            dec[victim] = False
         dec_slots = dec.nonzero()[0]
+        if self.free_blocks < len(dec_slots):
+            while self.free_blocks < int(np.count_nonzero(dec)):  # each decode needs at most one new block
+                need = self._blocks_for(self.computed + 1) - self.blocks
+                short = int(np.maximum(need[dec], 0).sum()) - self.free_blocks
+                if short <= 0:
+                    break
+                victim = int(np.argmax(np.where(active, self.order, -1)))
+                self._preempt(victim)
+                active[victim] = False
+                dec[victim] = False
+            dec_slots = dec.nonzero()[0]
         if len(dec_slots) > budget:
             dec_slots = dec_slots[np.argsort(self.order[dec_slots], kind="stable")[:budget]]
         if len(dec_slots):
