@@ -64,8 +64,14 @@ class DecodeRuns:
         """Shorten a planned run to the steps that start at or before ``t``; False if none is cut."""
         d = plan.step_durations_s
         assert d is not None and plan.step_kv_blocks is not None
-        begins = start_s + np.concatenate(([0.0], np.cumsum(d)[:-1]))
-        k = int(np.searchsorted(begins, t, side="right"))
+        # steps that begin at or before t (begin of step i: start + the running sum of the first i)
+        k = 0
+        elapsed = 0.0
+        for x in d.tolist():
+            if start_s + elapsed > t:
+                break
+            k += 1
+            elapsed += x
         if k >= plan.steps:
             return False
         act = plan.slots
