@@ -119,6 +119,7 @@ class _PolyFn:
 
     def __init__(self, coef: np.ndarray) -> None:
         self.coef = [float(c) for c in coef]
+        self._pairs: dict[int, tuple] = {}  # id(other) -> (other, coefficient columns)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         a, b, c = self.coef
@@ -128,10 +129,30 @@ class _PolyFn:
         y += c
         return y
 
+    def pair_coef(self, other: _PolyFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Column vectors of this and ``other``'s coefficients (for :func:`_pair_sums`), kept."""
+        got = self._pairs.get(id(other))
+        if got is None or got[0] is not other:
+            cols = tuple(np.array([[p], [q]]) for p, q in zip(self.coef, other.coef, strict=True))
+            got = self._pairs[id(other)] = (other, cols)
+        return got[1]
+
     def at(self, x: float) -> float:
         """The value at one point, in the order ``__call__`` computes each element."""
         a, b, c = self.coef
         return (x * a + b) * x + c
+
+
+def _pair_sums(f: _PolyFn, g: _PolyFn, x: np.ndarray) -> tuple[float, float]:
+    """``(sum f(x), sum g(x))`` of two quadratics in one pass over a 2-row array: each row holds the
+    same floats as ``f(x)`` / ``g(x)`` and is summed the same way (a row of a C-ordered array)."""
+    a, b, c = f.pair_coef(g)
+    y = x * a
+    y += b
+    y *= x
+    y += c
+    s = _sum(y, axis=1)
+    return float(s[0]), float(s[1])
 
 
 class IterationPredictor:
@@ -359,7 +380,11 @@ class IterationPredictor:
                     t += time_s(fl / dp, by / dp, op)
             if has_dc:
                 for op, ff, fb in self._dc_attn[kind]:
-                    t += time_s(float(_sum(ff(decode_ctx))) / dp, float(_sum(fb(decode_ctx))) / dp, op, gemm)
+                    if isinstance(ff, _PolyFn) and isinstance(fb, _PolyFn):
+                        fl, by = _pair_sums(ff, fb, decode_ctx)
+                    else:
+                        fl, by = float(_sum(ff(decode_ctx))), float(_sum(fb(decode_ctx)))
+                    t += time_s(fl / dp, by / dp, op, gemm)
             total += n * t
             kernels += n * (has_pf * len(self._pf_attn[kind]) + has_dc * len(self._dc_attn[kind]))
         return total, kernels
