@@ -18,7 +18,7 @@ from tensorstage.serve.engines import EngineProfile
 from tensorstage.serve.predictor import IterationPredictor
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
     """What one step runs: slots and their new tokens, and its predicted duration."""
 

@@ -233,9 +233,16 @@ class Replica(DecodeRuns):
             dec_slots = dec.nonzero()[0]
         if len(dec_slots) > budget:
             dec_slots = dec_slots[np.argsort(self.order[dec_slots], kind="stable")[:budget]]
-        if len(dec_slots):
             grow = np.maximum(self._blocks_for(self.computed[dec_slots] + 1) - self.blocks[dec_slots], 0)
             self.blocks[dec_slots] += grow
+            self.free_blocks -= int(_sum(grow))
+        elif len(dec_slots):
+            # every decoding slot takes a token: its new block (if any) over the whole slot array,
+            # ceil((computed + 1) / block) - blocks, kept where positive and decoding
+            grow = (self.computed + self.block) // self.block - self.blocks
+            grow[~dec] = 0
+            np.maximum(grow, 0, out=grow)
+            self.blocks += grow
             self.free_blocks -= int(_sum(grow))
         budget -= len(dec_slots)
         pre_slots: list[int] = []
