@@ -52,3 +52,19 @@ def test_package_root_keeps_the_serve_package():
 
     assert tensorstage.Served is api.Served
     assert tensorstage.serve is pkg and hasattr(pkg, "simulate")
+
+
+def test_serving_loop_restores_the_cycle_collector():
+    """The event loop pauses Python's cycle collector while it runs and leaves it as it found it."""
+    import gc
+
+    wl = Workload(4, 16, 2)
+    assert gc.isenabled()
+    api.serve("gpt3-125m", workload=wl)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        api.serve("gpt3-125m", workload=wl)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -13,6 +13,7 @@ results equal stepping one iteration at a time.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
 from collections.abc import Callable, Sequence
@@ -35,7 +36,24 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
     Disaggregated serving: ``replicas`` are the prefill pool (role ``prefill``), ``decode_pool`` the
     decode replicas; a handed-off request reaches ``decode_router``'s choice ``transfer_s(r)``
     seconds after its first token (the KV transfer).
+
+    Python's cycle collector is paused for the loop (restored after, also on error): the loop's
+    objects are acyclic and freed by reference counting, while the collector's passes over the
+    growing step log cost about 7 % of a long run.
     """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _run_loop(req, replicas, router, concurrency, log, progress, decode_pool, decode_router, transfer_s)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, concurrency: int,
+              log: StepLog | None, progress: Callable[[int], None] | None, decode_pool: Sequence[Replica],
+              decode_router: Router | None, transfer_s: Callable[[int], float] | None) -> float:
+    """:func:`run_loop`'s body (the same arguments)."""
     n = len(req)
     pools = list(replicas)
     replicas = pools + list(decode_pool)
