@@ -5,8 +5,8 @@ sharded graph -> per-rank-class Program -> Chakra ET traces / simulation / repor
 
 The stable Python API is :mod:`tensorstage.api`; its public names are re-exported here lazily
 (``tensorstage.simulate`` is ``tensorstage.api.simulate``), so ``import tensorstage`` stays cheap
-and no subpackage imports the API back (docs/api.md). ``api.lower`` is not re-exported: the
-name ``tensorstage.lower`` is the lowering package.
+and no subpackage imports the API back (docs/api.md). ``api.lower`` and ``api.serve`` are not
+re-exported: the names ``tensorstage.lower`` and ``tensorstage.serve`` are packages.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _API_NAMES = frozenset({
     "DEFAULT_MODEL", "DEFAULT_PLAN", "DEFAULT_PLAN_VALUES", "DEFAULT_SYSTEM", "Generated", "Plan", "PlanChoice",
-    "RunOutput", "SimRun", "Validation", "choose_plan", "describe_plan", "generate", "load_model", "load_system",
+    "RunOutput", "Served", "SimRun", "Validation", "choose_plan", "describe_plan", "generate", "load_model", "load_system",
     "make_plan", "run", "simulate", "simulate_trace", "validate",
 })
 

@@ -38,14 +38,15 @@ if TYPE_CHECKING:
     from tensorstage.model.spec import ModelSpec
     from tensorstage.parallel.mesh import Mesh
     from tensorstage.schedule.program import Program
+    from tensorstage.serve import RequestTable, ServingResult, Workload
     from tensorstage.sim import Execution, SimResult
     from tensorstage.validation.cases import Target
     from tensorstage.validation.run import CaseResult
 
 __all__ = [
     "DEFAULT_MODEL", "DEFAULT_PLAN", "DEFAULT_PLAN_VALUES", "DEFAULT_SYSTEM", "Generated", "Plan", "PlanChoice",
-    "RunOutput", "SimRun", "Validation", "choose_plan", "describe_plan", "generate", "load_model", "load_system",
-    "lower", "make_plan", "run", "simulate", "simulate_trace", "validate",
+    "RunOutput", "Served", "SimRun", "Validation", "choose_plan", "describe_plan", "generate", "load_model",
+    "load_system", "lower", "make_plan", "run", "serve", "simulate", "simulate_trace", "validate",
 ]
 
 DEFAULT_MODEL = "llama3.1-8b"
@@ -448,6 +449,54 @@ def run(model: str = DEFAULT_MODEL, system: str = DEFAULT_SYSTEM, plan: Parallel
         write_chrome_trace(sim.execution, tmp / "timeline.json", max_events=TIMELINE_MAX_EVENTS)
         write_report_files(tmp, data, sim.execution, sim.title())
     return RunOutput(out, out / "report.md", data, sim)
+
+
+# --- serving -------------------------------------------------------------------------------------
+@dataclass
+class Served:
+    """A serving simulation: the full result and the summary ``tensorstage serve --json`` prints."""
+
+    result: ServingResult
+    summary: dict[str, Any]
+
+
+def serve(model: str | ModelSpec, system: str | Path | SystemSpec = DEFAULT_SYSTEM,
+          workload: Workload | RequestTable | None = None, *, engine: str = "vllm", tp: int = 1,
+          replicas: int = 1, weight_dtype: str = "bf16", kv_dtype: str | None = None,
+          router: str = "round_robin", disagg: tuple[int, int] | None = None, decode_system: str | None = None,
+          attention_dp: bool = False, slo_ttft_ms: float | None = None, slo_tpot_ms: float | None = None,
+          engine_overrides: Mapping[str, Any] | None = None,
+          progress: Callable[[int], None] | None = None) -> Served:
+    """Serve ``workload`` with ``replicas`` x TP ``tp`` replicas of ``engine`` (``tensorstage serve``).
+
+    ``workload``: a :class:`tensorstage.serve.Workload` (offline, Poisson/Gamma, closed loop) or a
+    :class:`tensorstage.serve.RequestTable` (e.g. from :func:`tensorstage.serve.traces.load_trace`);
+    default: the CLI's default, 1,000 requests of 1,024 prompt and 256 output tokens at t = 0.
+    ``engine_overrides``: profile fields to replace (``max_num_seqs``, ``max_num_batched_tokens``,
+    ``block_tokens``, ``kv_mem_fraction``, ...; None values ignored). ``disagg``: (prefill, decode)
+    replicas, which replaces ``replicas``. ``progress(k)`` is called as ``k`` more requests finish.
+    """
+    from tensorstage.serve import ServingPlan, load_profile
+    from tensorstage.serve import Workload as _Workload
+    from tensorstage.serve import simulate as _simulate
+
+    for name, val in (("slo_ttft_ms", slo_ttft_ms), ("slo_tpot_ms", slo_tpot_ms)):
+        if val is not None and not val > 0:
+            raise SpecError(name, f"must be > 0, got {val}")
+    spec = load_model(model)
+    sysm = load_system(system)
+    profile = load_profile(engine, **dict(engine_overrides or {}))
+    plan = ServingPlan(engine=profile, tp=tp, replicas=replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+                       router=router, disagg=disagg, decode_system=decode_system, attention_dp=attention_dp).check()
+    wl = workload if workload is not None else _Workload(1000, 1024, 256).check()
+    ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
+    tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
+    result = _simulate(spec, sysm, plan, wl, ttft, tpot, progress=progress)
+    summary = {"model": spec.name, "system": _name(system), "engine": profile.name, "tp": tp,
+               "replicas": plan.num_replicas(), "disagg": None if disagg is None else f"{disagg[0]}:{disagg[1]}",
+               "num_gpus": result.num_gpus, "weight_dtype": weight_dtype,
+               "kv_capacity_tokens": result.kv_capacity_tokens, **result.metrics.summary()}
+    return Served(result, summary)
 
 
 # --- validation ----------------------------------------------------------------------------------

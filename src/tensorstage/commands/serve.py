@@ -1,7 +1,7 @@
 """``tensorstage serve MODEL``: simulate serving a model with an engine on a system under a workload.
 
-Thin layer over :func:`tensorstage.serve.simulate`: parse flags, build the plan and workload,
-print a table or JSON. Bad input is one line and exit code 2 (``SpecError``).
+Thin layer over :func:`tensorstage.api.serve` (and :func:`tensorstage.serve.capacity.find_max_qps`):
+parse flags, build the workload, print a table or JSON. Bad input is one line and exit code 2 (``SpecError``).
 """
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from pathlib import Path
 import typer
 from rich.progress import Progress
 
+from tensorstage import api
 from tensorstage.errors import SpecError
 from tensorstage.fileio import require_replaceable_dir
 from tensorstage.hardware.system import load_system
 from tensorstage.model.resolve import resolve_model
 from tensorstage.report.console import print_json, print_table
-from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile, simulate
+from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile
 from tensorstage.serve.capacity import find_max_qps
 from tensorstage.serve.engines import engine_names
 from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
@@ -99,19 +100,18 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
                   f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s)")
         return
     n_req = len(workload) if isinstance(workload, RequestTable) else workload.num_requests
+    kwargs = dict(engine=engine, tp=tp, replicas=plan.replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+                  router=router, disagg=split, decode_system=decode_system, attention_dp=attention_dp,
+                  slo_ttft_ms=slo_ttft_ms, slo_tpot_ms=slo_tpot_ms, engine_overrides=overrides)
     if n_req >= PROGRESS_MIN_REQUESTS and sys.stderr.isatty() and not json_out:
         with Progress(transient=True) as bar:
             task = bar.add_task("serving", total=n_req)
-            result = simulate(spec, system, plan, workload, ttft, tpot,
-                              progress=lambda k: bar.advance(task, k))
+            served = api.serve(model, system, workload, progress=lambda k: bar.advance(task, k), **kwargs)
     else:
-        result = simulate(spec, system, plan, workload, ttft, tpot)
+        served = api.serve(model, system, workload, **kwargs)
+    result, summary = served.result, served.summary
     if timeline is not None:
         write_serving_trace(result.requests, result.steps, timeline)
-    summary = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
-               "disagg": None if split is None else f"{split[0]}:{split[1]}", "num_gpus": result.num_gpus,
-               "weight_dtype": weight_dtype, "kv_capacity_tokens": result.kv_capacity_tokens,
-               **result.metrics.summary()}
     if report is not None:
         write_serving_report(report, result, summary, f"{spec.name} on {system}: {profile.name}, TP{tp} x {replicas}",
                              ttft, tpot)

@@ -18,7 +18,7 @@ from tensorstage.serve.engines import EngineProfile
 from tensorstage.serve.predictor import IterationPredictor
 
 
-@dataclass
+@dataclass(slots=True)
 class StepPlan:
     """What one step runs: slots and their new tokens, and its predicted duration."""
 
@@ -54,7 +54,7 @@ class DecodeRuns:
     _held: np.ndarray
 
     def _blocks_for(self, tokens: np.ndarray | int) -> np.ndarray | int:
-        return -(-tokens // self.block)
+        return (tokens + (self.block - 1)) // self.block  # ceil(tokens / block) for integers
 
     def kv_blocks_used(self) -> int:
         """KV blocks held by running requests (total - free; Replica defines the total)."""
@@ -64,8 +64,14 @@ class DecodeRuns:
         """Shorten a planned run to the steps that start at or before ``t``; False if none is cut."""
         d = plan.step_durations_s
         assert d is not None and plan.step_kv_blocks is not None
-        begins = start_s + np.concatenate(([0.0], np.cumsum(d)[:-1]))
-        k = int(np.searchsorted(begins, t, side="right"))
+        # steps that begin at or before t (begin of step i: start + the running sum of the first i)
+        k = 0
+        elapsed = 0.0
+        for x in d.tolist():
+            if start_s + elapsed > t:
+                break
+            k += 1
+            elapsed += x
         if k >= plan.steps:
             return False
         act = plan.slots
@@ -92,9 +98,9 @@ class DecodeRuns:
         (:meth:`IterationPredictor.decode_run_s`), so the result equals stepping one at a time.
         Returns None when fewer than two steps qualify (the caller plans a single step)."""
         prof = self.profile
-        if prof.policy != "continuous" or self.waiting or not self.decode_runs:
+        if self.waiting or not self.decode_runs or prof.policy != "continuous":
             return None
-        act = np.flatnonzero(self.slot_req >= 0)
+        act = (self.slot_req >= 0).nonzero()[0]
         n = len(act)
         if n == 0 or (prof.max_num_batched_tokens and n > prof.max_num_batched_tokens):
             return None
@@ -102,6 +108,8 @@ class DecodeRuns:
         if (c < self.target[act]).any():
             return None
         k = min(int((self.out[act] - self.gen[act]).min()), max_steps or self._run_cap)
+        if k < 2:
+            return None
         have = self.blocks[act]
         # each slot needs at most k // block + 1 new blocks: check exactly only when that may not fit
         while k >= 2 and self.free_blocks < n * (k // self.block + 1) and \
@@ -110,15 +118,15 @@ class DecodeRuns:
         if k < 2:
             return None
         graph = prof.cuda_graph and n <= prof.cuda_graph_max_batch
-        d = self.predictor.decode_run_s(c + 1, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
-        j = np.arange(1, k + 1)
+        d = self.predictor.decode_run_s(c + 1.0, k, prof.scheduler_cpu_s, prof.cuda_graph_kernel_gap_s if graph else None)
         self._held[act] = have
-        grow = np.maximum(self._blocks_for(c[None, :] + j[:, None]) - have[None, :], 0).sum(axis=1)
+        # new blocks by the end of each step j = 1..k: ceil((c + j) / block) - have, at least 0
+        need = self._blocks_for(np.add.outer(np.arange(1, k + 1), c))  # row j - 1: blocks after step j
+        grow = np.maximum(need - have, 0).sum(axis=1)
         used_before = self.kv_blocks_used()
-        self.blocks[act] = np.maximum(self._blocks_for(c + k), have)
+        self.blocks[act] = np.maximum(need[-1], have)
         self.free_blocks -= int(grow[-1])
         if k == self._run_cap:
             self._run_cap = min(2 * k, 1024)
-        return StepPlan(act, np.full(n, k, dtype=np.int64), np.ones(n, dtype=bool), float(d.sum()), 0, n, n * k,
-                        steps=k, step_durations_s=d, step_kv_blocks=used_before + grow)
-
+        return StepPlan(act, np.full(n, k, dtype=np.int64), np.ones(n, dtype=bool), float(np.add.reduce(d)), 0, n,
+                        n * k, steps=k, step_durations_s=d, step_kv_blocks=used_before + grow)

@@ -87,18 +87,20 @@ class StepLog:
                 kv_blocks_used: np.ndarray) -> None:
         """Append a run of decode-only steps (one row each)."""
         k = len(durations_s)
-        ends = start_s + np.cumsum(durations_s)
-        starts = np.concatenate(([start_s], ends[:-1]))
+        ends = (start_s + np.cumsum(durations_s)).tolist()
         self.replica.extend([replica] * k)
-        self.start_s.extend(starts.tolist())
-        self.end_s.extend(ends.tolist())
-        self.tokens.extend([decodes] * k)
-        self.prefill_tokens.extend([0] * k)
-        self.decodes.extend([decodes] * k)
+        self.start_s.append(float(start_s))
+        self.start_s.extend(ends[:-1])
+        self.end_s.extend(ends)
+        per_step = [decodes] * k
+        zeros = [0] * k
+        self.tokens.extend(per_step)
+        self.prefill_tokens.extend(zeros)
+        self.decodes.extend(per_step)
         self.running.extend([running] * k)
-        self.waiting.extend([0] * k)
+        self.waiting.extend(zeros)
         self.kv_blocks_used.extend(np.asarray(kv_blocks_used).tolist())
-        self.emitted.extend([decodes] * k)
+        self.emitted.extend(per_step)
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Columns as numpy arrays."""

@@ -65,6 +65,10 @@ GRAPH_PRECISION: dict[str, str] = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8",
 KV_DTYPES = ("bf16", "fp16", "fp8", "int8")
 #: sequence lengths the collectives of one layer are read at (their sizes are affine in tokens)
 _COMM_SEQS = (256, 512)
+#: sum of a 1-d array (``np.sum`` without its Python wrapper: the same pairwise sum, faster on short arrays)
+_sum = np.add.reduce
+#: most (tokens, n_logits) pairs kept in the step-cost memo (cleared when full; the parts stay cached)
+_LINEAR_MEMO_MAX = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -111,14 +115,44 @@ def _affine(fn, lo: int = 1, hi: int = 2) -> tuple[float, float]:
 
 
 class _PolyFn:
-    """A polynomial with exact coefficients; ``sum_of(x)`` = sum over x without a temporary per term."""
+    """A quadratic with exact coefficients, evaluated elementwise (``__call__``) or at one point (``at``)."""
 
     def __init__(self, coef: np.ndarray) -> None:
         self.coef = [float(c) for c in coef]
+        self._pairs: dict[int, tuple] = {}  # id(other) -> (other, coefficient columns)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         a, b, c = self.coef
-        return (a * x + b) * x + c
+        y = np.multiply(x, a)  # (a * x + b) * x + c in place: the same floats, one temporary
+        y += b
+        y *= x
+        y += c
+        return y
+
+    def pair_coef(self, other: _PolyFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Column vectors of this and ``other``'s coefficients (for :func:`_pair_sums`), kept."""
+        got = self._pairs.get(id(other))
+        if got is None or got[0] is not other:
+            cols = tuple(np.array([[p], [q]]) for p, q in zip(self.coef, other.coef, strict=True))
+            got = self._pairs[id(other)] = (other, cols)
+        return got[1]
+
+    def at(self, x: float) -> float:
+        """The value at one point, in the order ``__call__`` computes each element."""
+        a, b, c = self.coef
+        return (x * a + b) * x + c
+
+
+def _pair_sums(f: _PolyFn, g: _PolyFn, x: np.ndarray) -> tuple[float, float]:
+    """``(sum f(x), sum g(x))`` of two quadratics in one pass over a 2-row array: each row holds the
+    same floats as ``f(x)`` / ``g(x)`` and is summed the same way (a row of a C-ordered array)."""
+    a, b, c = f.pair_coef(g)
+    y = x * a
+    y += b
+    y *= x
+    y += c
+    s = _sum(y, axis=1)
+    return float(s[0]), float(s[1])
 
 
 class IterationPredictor:
@@ -159,6 +193,8 @@ class IterationPredictor:
         self._q_heads = spec.num_heads // (1 if self.dp > 1 else tp)
         self._dec_shape = spec.mla is None and not spec.sliding_window
         self._linear_cache: dict[tuple[int, int], tuple[float, float, int]] = {}
+        self._body_cache: dict[int, tuple[float, float, int]] = {}
+        self._head_cache: dict[int, float] = {}
 
     # --- sizes ------------------------------------------------------------------------------
     def _bindings(self, graph: Graph, expert: bool = False) -> dict[str, float]:
@@ -278,40 +314,79 @@ class IterationPredictor:
         hit = self._linear_cache.get(key)
         if hit is not None:
             return hit
-        comp = sum(self._op_time(t, tokens) for t in self._emb_terms)
-        kernels = len(self._emb_terms) + len(self._comm)
-        for kind, terms in self._layer_terms.items():
-            comp += self.counts[kind] * sum(self._op_time(t, tokens) for t in terms)
-            kernels += self.counts[kind] * len(terms)
+        # the body (tokens) and the head (n_logits) are cached apart: steps mix them freely, and the
+        # head is added last, so the sum is the same float as computed in one pass
+        body = self._body_cache.get(tokens)
+        if body is None:
+            comp = sum(self._op_time(t, tokens) for t in self._emb_terms)
+            kernels = len(self._emb_terms) + len(self._comm)
+            for kind, terms in self._layer_terms.items():
+                comp += self.counts[kind] * sum(self._op_time(t, tokens) for t in terms)
+                kernels += self.counts[kind] * len(terms)
+            comm = sum(collective_time_s(kind, b0 + b1 * tokens, members, self.fabric)[0]  # type: ignore[arg-type]
+                       for kind, b0, b1, members in self._comm)
+            body = self._body_cache[tokens] = (comp, comm, kernels)
+        comp, comm, kernels = body
         if n_logits > 0:
-            comp += sum(self._op_time(t, n_logits) for t in self._head_terms)
+            head = self._head_cache.get(n_logits)
+            if head is None:
+                head = self._head_cache[n_logits] = sum(self._op_time(t, n_logits) for t in self._head_terms)
+            comp += head
             kernels += len(self._head_terms)
-        comm = sum(collective_time_s(kind, b0 + b1 * tokens, members, self.fabric)[0]  # type: ignore[arg-type]
-                   for kind, b0, b1, members in self._comm)
+        if len(self._linear_cache) >= _LINEAR_MEMO_MAX:
+            self._linear_cache.clear()
         self._linear_cache[key] = (comp, comm, kernels)
         return comp, comm, kernels
 
-    def attention_s(self, chunk_new: np.ndarray, chunk_prefix: np.ndarray, decode_ctx: np.ndarray) -> tuple[float, int]:
+    def attention_s(self, chunk_new: Sequence[float] | np.ndarray, chunk_prefix: Sequence[float] | np.ndarray,
+                    decode_ctx: np.ndarray) -> tuple[float, int]:
         """(seconds, kernels) of attention of one step: prefill chunks (new, prefix) and decode contexts."""
         total = 0.0
         kernels = 0
+        has_pf, has_dc = len(chunk_new) > 0, len(decode_ctx) > 0
+        # one prefill chunk (the common step): its polynomial terms in plain floats, the same
+        # operations as the array path (a one-element sum is the element)
+        one = len(chunk_new) == 1
+        if one:
+            new0, prefix0 = float(chunk_new[0]), float(chunk_prefix[0])
+            full0, prefix_sum = new0 + prefix0, prefix0
+        arrays = None
+
+        def as_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            cn = np.asarray(chunk_new, dtype=np.float64)
+            cp = np.asarray(chunk_prefix, dtype=np.float64)
+            return cn, cp, cn + cp
+
+        if has_pf and not one:
+            arrays = as_arrays()
+            prefix_sum = float(_sum(arrays[1]))
+        if has_dc:
+            gemm = self._decode_gemm(len(decode_ctx), float(_sum(decode_ctx)))
+        dp = self.dp
+        time_s = self.compute.time_s
         for kind, n in self.counts.items():
             if kind not in self._pf_attn:
                 continue
             t = 0.0
-            if len(chunk_new):
-                full = chunk_new + chunk_prefix
+            if has_pf:
                 for op, ff, fb in self._pf_attn[kind]:
-                    fl = float(np.sum(ff(full) - ff(chunk_prefix)))
-                    by = float(np.sum(fb(chunk_new))) + self._kv_tok[kind] * float(np.sum(chunk_prefix))
-                    t += self.compute.time_s(fl / self.dp, by / self.dp, op)
-            if len(decode_ctx):
-                gemm = self._decode_gemm(len(decode_ctx), float(np.sum(decode_ctx)))
+                    if one and isinstance(ff, _PolyFn) and isinstance(fb, _PolyFn):
+                        fl = ff.at(full0) - ff.at(prefix0)
+                        by = fb.at(new0) + self._kv_tok[kind] * prefix_sum
+                    else:
+                        cn, cp, full = arrays = arrays or as_arrays()
+                        fl = float(_sum(ff(full) - ff(cp)))
+                        by = float(_sum(fb(cn))) + self._kv_tok[kind] * prefix_sum
+                    t += time_s(fl / dp, by / dp, op)
+            if has_dc:
                 for op, ff, fb in self._dc_attn[kind]:
-                    t += self.compute.time_s(float(np.sum(ff(decode_ctx))) / self.dp,
-                                             float(np.sum(fb(decode_ctx))) / self.dp, op, gemm)
+                    if isinstance(ff, _PolyFn) and isinstance(fb, _PolyFn):
+                        fl, by = _pair_sums(ff, fb, decode_ctx)
+                    else:
+                        fl, by = float(_sum(ff(decode_ctx))), float(_sum(fb(decode_ctx)))
+                    t += time_s(fl / dp, by / dp, op, gemm)
             total += n * t
-            kernels += n * ((len(chunk_new) > 0) * len(self._pf_attn[kind]) + (len(decode_ctx) > 0) * len(self._dc_attn[kind]))
+            kernels += n * (has_pf * len(self._pf_attn[kind]) + has_dc * len(self._dc_attn[kind]))
         return total, kernels
 
     def _decode_gemm(self, n: int, ctx_sum: float) -> tuple[int, int, int, int] | None:
@@ -330,10 +405,20 @@ class IterationPredictor:
         ctx = np.asarray(ctx0, dtype=np.float64)
         n = len(ctx)
         lin, comm, k1 = self.linear_s(n, n)
-        j = np.arange(steps, dtype=np.float64)
-        s1, s2 = float(ctx.sum()), float((ctx * ctx).sum())
-        att = np.zeros(steps)
+        # per step in plain floats (runs are short; the same operations, in the same order, that the
+        # array form a * (s2 + 2 * j * s1 + n * j * j) + ... would do element by element)
+        xs = [float(x) for x in range(steps)]
+        s1, s2 = float(_sum(ctx)), float(_sum(ctx * ctx))
+        att = [0.0] * steps
         k2 = 0
+        t = self.compute.time_s
+        dp = self.dp
+        # each step's QK^T shape (what _decode_gemm gives for the step's context sum)
+        if self._dec_shape:
+            rows, hd = max(1, -(-n // dp)) * self._q_heads, self.spec.dim_head
+            shapes: list = [(rows, 1, max(1, int(round((s1 + n * x) / n))), hd) for x in xs]
+        else:
+            shapes = [None] * steps
         for kind, count in self.counts.items():
             if kind not in self._dc_attn:
                 continue
@@ -343,16 +428,14 @@ class IterationPredictor:
                 for fn in (ff, fb):
                     if isinstance(fn, _PolyFn):
                         a, b, c = fn.coef
-                        sums.append(a * (s2 + 2 * j * s1 + n * j * j) + b * (s1 + n * j) + n * c)
+                        sums.append([a * (s2 + 2 * x * s1 + n * x * x) + b * (s1 + n * x) + n * c for x in xs])
                     else:
-                        sums.append(np.array([float(np.sum(fn(ctx + x))) for x in j]))
-                t = self.compute.time_s
-                dp = self.dp
-                shapes = [self._decode_gemm(n, s1 + n * x) for x in j.tolist()]
-                att += count * np.array([t(f / dp, b_ / dp, op, g) for f, b_, g in
-                                         zip(sums[0].tolist(), sums[1].tolist(), shapes, strict=True)])
+                        sums.append([float(np.sum(fn(ctx + x))) for x in xs])
+                att = [acc + count * t(f / dp, b_ / dp, op, g)
+                       for acc, f, b_, g in zip(att, sums[0], sums[1], shapes, strict=True)]
         launch = 0.0 if kernel_gap_s is None else (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
-        return (lin + comm + launch + overhead_s) + att
+        base = lin + comm + launch + overhead_s
+        return np.array([base + x for x in att])
 
     def iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
                   decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float = 0.0,
@@ -361,17 +444,26 @@ class IterationPredictor:
 
         ``kernel_gap_s``: the step replays a CUDA graph, so each kernel costs this gap instead of the
         device's eager launch cost (``ComputeModel.launch_s``)."""
-        cn = np.asarray(chunk_new, dtype=np.float64)
-        cp = np.asarray(chunk_prefix, dtype=np.float64)
+        return IterationCost(*self._iteration(chunk_new, chunk_prefix, decode_ctx, n_logits, overhead_s,
+                                              kernel_gap_s))
+
+    def step_s(self, chunk_new: np.ndarray, chunk_prefix: np.ndarray, decode_ctx: np.ndarray, n_logits: int,
+               overhead_s: float = 0.0, kernel_gap_s: float | None = None) -> float:
+        """``iteration(...).total_s`` without building the breakdown (the scheduler's per-step call)."""
+        return self._iteration(chunk_new, chunk_prefix, decode_ctx, n_logits, overhead_s, kernel_gap_s)[0]
+
+    def _iteration(self, chunk_new: Sequence[int] | np.ndarray, chunk_prefix: Sequence[int] | np.ndarray,
+                   decode_ctx: Sequence[int] | np.ndarray, n_logits: int, overhead_s: float,
+                   kernel_gap_s: float | None) -> tuple[float, float, float, float, float, int]:
         dc = np.asarray(decode_ctx, dtype=np.float64)
-        tokens = int(cn.sum()) + len(dc)
-        lin, comm, k1 = self.linear_s(tokens, n_logits)
-        att, k2 = self.attention_s(cn, cp, dc)
+        tokens = int(_sum(np.asarray(chunk_new, dtype=np.float64))) if len(chunk_new) != 1 else int(float(chunk_new[0]))
+        lin, comm, k1 = self.linear_s(tokens + len(dc), n_logits)
+        att, k2 = self.attention_s(chunk_new, chunk_prefix, dc)
         launch = 0.0
         if kernel_gap_s is not None:
             launch = (k1 + k2) * (kernel_gap_s - self.compute.launch_s)
         total = lin + att + comm + launch + overhead_s
-        return IterationCost(total, lin, att, comm, overhead_s, k1 + k2)
+        return total, lin, att, comm, overhead_s, k1 + k2
 
     # --- memory -----------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> float:

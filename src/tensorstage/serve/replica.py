@@ -41,6 +41,20 @@ from tensorstage.serve.engines import EngineProfile
 from tensorstage.serve.entities import RequestTable
 from tensorstage.serve.predictor import IterationPredictor
 
+_sum = np.add.reduce  # np.sum of a 1-d array without its Python wrapper (the same result)
+
+
+def _joined(dec_slots: np.ndarray, pre_slots: list[int], pre_new: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slots, new tokens, is-decode) of a continuous step: its decodes, then its prefill chunks."""
+    n_dec = len(dec_slots)
+    if not pre_slots:
+        return dec_slots, np.ones(n_dec, dtype=np.int64), np.ones(n_dec, dtype=bool)
+    slots = np.concatenate((dec_slots, np.array(pre_slots, dtype=np.int64)))
+    new = np.concatenate((np.ones(n_dec, dtype=np.int64), np.array(pre_new, dtype=np.int64)))
+    is_dec = np.zeros(len(slots), dtype=bool)
+    is_dec[:n_dec] = True
+    return slots, new, is_dec
+
 
 class Replica(DecodeRuns):
     """One replica's scheduler state (module docstring); runs of decode steps: :class:`DecodeRuns`."""
@@ -59,6 +73,7 @@ class Replica(DecodeRuns):
         self.free_blocks = self.total_blocks
         n = profile.max_num_seqs
         self.slot_req = np.full(n, -1, dtype=np.int64)
+        self._running = 0  # slots holding a request (slot_req >= 0), kept as requests come and go
         self.computed = np.zeros(n, dtype=np.int64)  # tokens whose KV is in the cache
         self.target = np.zeros(n, dtype=np.int64)  # tokens to prefill (prompt, + generated after preemption)
         self.gen = np.zeros(n, dtype=np.int64)  # output tokens produced
@@ -104,6 +119,7 @@ class Replica(DecodeRuns):
             s = int(free_slots[fi])
             fi += 1
             self.slot_req[s] = r
+            self._running += 1
             self.computed[s] = prompt
             self.target[s] = prompt
             self.gen[s] = 1
@@ -116,11 +132,11 @@ class Replica(DecodeRuns):
 
     def has_work(self) -> bool:
         """Anything running or waiting."""
-        return bool(self.waiting) or bool((self.slot_req >= 0).any())
+        return bool(self.waiting) or self._running > 0
 
     def running(self) -> int:
         """Requests holding a slot."""
-        return int((self.slot_req >= 0).sum())
+        return self._running
 
     def kv_blocks_used(self) -> int:
         """KV blocks held by running requests."""
@@ -132,6 +148,7 @@ class Replica(DecodeRuns):
         self.free_blocks += int(self.blocks[s])
         self.blocks[s] = 0
         self.slot_req[s] = -1
+        self._running -= 1
         self._gen_store[r] = int(self.gen[s])
         self.req.preemptions[r] += 1
         self.preemptions += 1
@@ -151,6 +168,7 @@ class Replica(DecodeRuns):
                 cached = min(cached, prompt - 1)
             self.prefix_seen.add(pid)
         self.slot_req[slot] = r
+        self._running += 1
         self.computed[slot] = cached
         self.target[slot] = prompt + gen
         self.gen[slot] = gen
@@ -168,7 +186,8 @@ class Replica(DecodeRuns):
         """Choose the next step's (slots, new tokens, is-decode); empty arrays when idle."""
         if self.profile.policy == "static":
             return self._schedule_static()
-        return self._schedule_continuous()
+        dec_slots, pre_slots, pre_new = self._schedule_continuous()
+        return _joined(dec_slots, pre_slots, pre_new)
 
     def _schedule_static(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         active = self.slot_req >= 0
@@ -189,91 +208,107 @@ class Replica(DecodeRuns):
         new = np.where(is_dec, 1, self.target[slots] - self.computed[slots])
         return slots, new, is_dec
 
-    def _schedule_continuous(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _schedule_continuous(self) -> tuple[np.ndarray, list[int], list[int]]:
+        """The step's decode slots (one token each, admission order when the budget cuts them) and
+        its prefill slots with their chunks (running prefills oldest first, then admissions)."""
         prof = self.profile
         if self._prefilled:
             self._admit_prefilled()
         budget = prof.max_num_batched_tokens or (1 << 62)
         active = self.slot_req >= 0
-        dec = active & (self.computed >= self.target)
+        ready = self.computed >= self.target
+        dec = active & ready
         # decodes: one token each, oldest first; a missing KV block preempts the newest request
-        while self.free_blocks < int(dec.sum()):  # each decode needs at most one new block
-            need = self._blocks_for(self.computed + 1) - self.blocks
-            short = int(np.maximum(need[dec], 0).sum()) - self.free_blocks
-            if short <= 0:
-                break
-            victim = int(np.argmax(np.where(active, self.order, -1)))
-            self._preempt(victim)
-            active[victim] = False
-            dec[victim] = False
-        dec_slots = np.flatnonzero(dec)
+        dec_slots = dec.nonzero()[0]
+        if self.free_blocks < len(dec_slots):
+            while self.free_blocks < int(np.count_nonzero(dec)):  # each decode needs at most one new block
+                need = self._blocks_for(self.computed + 1) - self.blocks
+                short = int(np.maximum(need[dec], 0).sum()) - self.free_blocks
+                if short <= 0:
+                    break
+                victim = int(np.argmax(np.where(active, self.order, -1)))
+                self._preempt(victim)
+                active[victim] = False
+                dec[victim] = False
+            dec_slots = dec.nonzero()[0]
         if len(dec_slots) > budget:
             dec_slots = dec_slots[np.argsort(self.order[dec_slots], kind="stable")[:budget]]
-        if len(dec_slots):
             grow = np.maximum(self._blocks_for(self.computed[dec_slots] + 1) - self.blocks[dec_slots], 0)
             self.blocks[dec_slots] += grow
-            self.free_blocks -= int(grow.sum())
+            self.free_blocks -= int(_sum(grow))
+        elif len(dec_slots):
+            # every decoding slot takes a token: its new block (if any) over the whole slot array,
+            # ceil((computed + 1) / block) - blocks, kept where positive and decoding
+            grow = (self.computed + self.block) // self.block - self.blocks
+            grow[~dec] = 0
+            np.maximum(grow, 0, out=grow)
+            self.blocks += grow
+            self.free_blocks -= int(_sum(grow))
         budget -= len(dec_slots)
-        slots = [dec_slots]
-        news = [np.ones(len(dec_slots), dtype=np.int64)]
+        pre_slots: list[int] = []
+        pre_new: list[int] = []
         # running prefills (partially computed), oldest first
-        pre = np.flatnonzero(active & (self.computed < self.target))
-        pre = pre[np.argsort(self.order[pre], kind="stable")]
+        pre = (active & ~ready).nonzero()[0]
+        if len(pre) > 1:
+            pre = pre[np.argsort(self.order[pre], kind="stable")]
         stop = False
-        for s in pre:
+        for s in pre.tolist():
             if budget <= 0:
                 break
-            chunk = self._chunk(int(s), budget)
+            chunk = self._chunk(s, budget)
             if chunk == 0:
                 stop = True
                 break
-            slots.append(np.array([s]))
-            news.append(np.array([chunk]))
+            pre_slots.append(s)
+            pre_new.append(chunk)
             budget -= chunk
         # admit waiting requests FCFS
-        free_slots = np.flatnonzero(self.slot_req < 0)
+        if stop or not self.waiting or budget <= 0:
+            return dec_slots, pre_slots, pre_new
+        free_slots = (self.slot_req < 0).nonzero()[0].tolist()
         fi = 0
-        while not stop and self.waiting and fi < len(free_slots) and budget > 0:
+        prompts = self.req.prompt_tokens
+        while self.waiting and fi < len(free_slots) and budget > 0:
             r = self.waiting[0]
-            first = int(self.req.prompt_tokens[r]) + self._gen_store.get(r, 0)
+            first = int(prompts[r]) + self._gen_store.get(r, 0)
             # an unchunked prompt longer than the budget runs whole in a step with no other prefill
-            prefilling = len(slots) > 1
+            prefilling = len(pre_slots) > 0
             if not prof.chunked_prefill and first > budget and prefilling:
                 break
             if int(self._blocks_for(min(first, budget) if prof.chunked_prefill else first)) > self.free_blocks:
                 break
             self.waiting.popleft()
-            s = int(free_slots[fi])
+            s = free_slots[fi]
             fi += 1
             self._admit(r, s, static=False)
             chunk = self._chunk(s, budget if prof.chunked_prefill or prefilling else 1 << 62)
             if chunk == 0:  # cannot happen after the block check; keep the request queued
                 self._preempt_back(s, r)
                 break
-            slots.append(np.array([s]))
-            news.append(np.array([chunk]))
+            pre_slots.append(s)
+            pre_new.append(chunk)
             budget -= chunk
-        sl = np.concatenate(slots).astype(np.int64)
-        nw = np.concatenate(news).astype(np.int64)
-        return sl, nw, self.computed[sl] >= self.target[sl]
+        return dec_slots, pre_slots, pre_new
 
     def _preempt_back(self, s: int, r: int) -> None:
         self.free_blocks += int(self.blocks[s])
         self.blocks[s] = 0
         self.slot_req[s] = -1
+        self._running -= 1
         self.waiting.appendleft(r)
 
     def _chunk(self, s: int, budget: int) -> int:
         """Tokens of slot ``s``'s remaining prefill that fit the budget and free KV blocks (0: none)."""
-        remaining = int(self.target[s] - self.computed[s])
+        computed, held = int(self.computed[s]), int(self.blocks[s])
+        remaining = int(self.target[s]) - computed
         chunk = min(remaining, budget) if self.profile.chunked_prefill else remaining
         if not self.profile.chunked_prefill and remaining > budget:
             return 0
-        room = (self.blocks[s] + self.free_blocks) * self.block - self.computed[s]
-        chunk = int(min(chunk, room)) if self.profile.chunked_prefill else (chunk if chunk <= room else 0)
+        room = (held + self.free_blocks) * self.block - computed
+        chunk = min(chunk, room) if self.profile.chunked_prefill else (chunk if chunk <= room else 0)
         if chunk <= 0:
             return 0
-        grow = int(self._blocks_for(int(self.computed[s]) + chunk)) - int(self.blocks[s])
+        grow = -(-(computed + chunk) // self.block) - held
         if grow > 0:
             self.blocks[s] += grow
             self.free_blocks -= grow
@@ -282,33 +317,49 @@ class Replica(DecodeRuns):
     # --- costing and completion -------------------------------------------------------------------
     def plan(self) -> StepPlan | None:
         """The next step with its duration, or None when there is nothing to run."""
-        slots, new, is_dec = self.schedule()
-        if len(slots) == 0:
-            return None
-        pre = ~is_dec
-        prefix = self.computed[slots[pre]]
-        n_pre = new[pre]
-        finishing = int(((prefix + n_pre) >= self.target[slots[pre]]).sum())
-        dec_ctx = self.computed[slots[is_dec]] + 1
-        n_dec = int(is_dec.sum())
         prof = self.profile
+        if prof.policy == "static":
+            slots, new, is_dec = self._schedule_static()
+            if len(slots) == 0:
+                return None
+            dec_slots, pre_slots, n_pre = slots[is_dec], slots[~is_dec], new[~is_dec]
+            prefix = self.computed[pre_slots]
+            finishing = int(np.count_nonzero((prefix + n_pre) >= self.target[pre_slots]))
+            prefill_tokens = int(_sum(n_pre))
+        else:
+            dec_slots, pre_list, n_pre = self._schedule_continuous()
+            if len(dec_slots) == 0 and not pre_list:
+                return None
+            prefix = [int(self.computed[s]) for s in pre_list]
+            finishing = sum(1 for s, p, c in zip(pre_list, prefix, n_pre, strict=True) if p + c >= self.target[s])
+            prefill_tokens = sum(n_pre)
+            slots, new, is_dec = _joined(dec_slots, pre_list, n_pre)
+        dec_ctx = self.computed[dec_slots] + 1.0  # float64 of the integer contexts (what the predictor takes)
+        n_dec = len(dec_slots)
         graph = prof.cuda_graph and n_dec == len(slots) and n_dec <= prof.cuda_graph_max_batch
-        cost = self.predictor.iteration(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
-                                        prof.cuda_graph_kernel_gap_s if graph else None)
-        return StepPlan(slots, new, is_dec, cost.total_s, int(n_pre.sum()), n_dec, n_dec + finishing)
+        dur = self.predictor.step_s(n_pre, prefix, dec_ctx, n_dec + finishing, prof.scheduler_cpu_s,
+                                    prof.cuda_graph_kernel_gap_s if graph else None)
+        return StepPlan(slots, new, is_dec, dur, prefill_tokens, n_dec, n_dec + finishing)
 
     def complete(self, plan: StepPlan, end_s: float) -> list[int]:
         """Apply a finished step at ``end_s``; returns the requests that finished."""
         s = plan.slots
-        self.computed[s] += plan.new_tokens
-        emits = self.computed[s] >= self.target[s]
-        es = s[emits]
-        first = es[self.gen[es] == 0]
-        if len(first):
-            self.req.first_token_s[self.slot_req[first]] = end_s
-        self.gen[es] += plan.steps
+        if plan.steps > 1:
+            # a run of decode steps: every slot was decoding (so has its first token) and emitted
+            self.computed[s] += plan.steps
+            es = s
+            g = self.gen[es]
+        else:
+            self.computed[s] += plan.new_tokens
+            es = s[self.computed[s] >= self.target[s]]
+            g = self.gen[es]
+            first = es[g == 0]
+            if len(first):
+                self.req.first_token_s[self.slot_req[first]] = end_s
+        g += plan.steps
+        self.gen[es] = g
         if self.role == "prefill":  # first token out: the request moves to the decode pool
-            moving = es[(self.gen[es] == 1) & (self.out[es] > 1)]
+            moving = es[(g == 1) & (self.out[es] > 1)]
             if len(moving):
                 rs = [int(r) for r in self.slot_req[moving]]
                 self.handoffs.extend(rs)
@@ -316,12 +367,14 @@ class Replica(DecodeRuns):
                     self.outstanding_tokens -= int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
                 self._release(moving)
                 es = es[self.slot_req[es] >= 0]
-        done = es[self.gen[es] >= self.out[es]]
-        finished = [int(r) for r in self.slot_req[done]]
+                g = self.gen[es]
+        done = es[g >= self.out[es]]
+        finished: list[int] = []
         if len(done):
-            self.req.finish_s[self.slot_req[done]] = end_s
-            for r in finished:
-                self.outstanding_tokens -= int(self.req.prompt_tokens[r] + self.req.output_tokens[r])
+            rs = self.slot_req[done]
+            finished = rs.tolist()
+            self.req.finish_s[rs] = end_s
+            self.outstanding_tokens -= int(_sum(self.req.prompt_tokens[rs] + self.req.output_tokens[rs]))
             if self.profile.policy == "continuous":
                 self._release(done)
         if self.profile.policy == "static":
@@ -331,6 +384,7 @@ class Replica(DecodeRuns):
         return finished
 
     def _release(self, slots: np.ndarray) -> None:
-        self.free_blocks += int(self.blocks[slots].sum())
+        self.free_blocks += int(_sum(self.blocks[slots]))
         self.blocks[slots] = 0
         self.slot_req[slots] = -1
+        self._running -= len(slots)

@@ -32,7 +32,11 @@ def make_router(name: str) -> Router:
         return i
 
     def least_tokens(r: int, req: RequestTable, reps: Sequence[Replica]) -> int:
-        return min(range(len(reps)), key=lambda i: (reps[i].outstanding_tokens, i))
+        best, low = 0, reps[0].outstanding_tokens
+        for i in range(1, len(reps)):  # strictly fewer: ties keep the lowest index
+            if reps[i].outstanding_tokens < low:
+                best, low = i, reps[i].outstanding_tokens
+        return best
 
     def prefix(r: int, req: RequestTable, reps: Sequence[Replica]) -> int:
         pid = int(req.prefix_id[r])

@@ -265,11 +265,11 @@ class ComputeModel:
             return None
         if op in ATTENTION_OPS:
             bwd = category == "bwd_input"
-            per_pair = (10.0 * k + 10.0) if bwd else (4.0 * k + 5.0)
-            work = min(1.0, flops / (b * m * n * per_pair)) if flops > 0 else 0.5
             if m == 1 and not bwd:  # decode: one query per sequence reads the whole K/V cache
                 kv_heads_b = max(1, min(b, round(tensor_bytes / (4.0 * n * k))))
                 return kt.decode_attention_s(1, b, kv_heads_b, n, k)
+            per_pair = (10.0 * k + 10.0) if bwd else (4.0 * k + 5.0)
+            work = min(1.0, flops / (b * m * n * per_pair)) if flops > 0 else 0.5
             # K/V heads from the node's bytes (bf16): forward reads q, k, v and writes out (+ fp32 lse);
             # backward reads dO, q, k, v, out and writes dq, dk, dv: 2 or 4 query-sized and K/V-sized
             # tensors each

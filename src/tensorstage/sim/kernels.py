@@ -74,6 +74,7 @@ class Surface:
     # memo of evaluated points: callers (the serving predictor, the engine) ask the same shapes
     # many times; bounded (cleared when full) so a long run cannot grow it without limit
     _memo: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    _prep: list = field(default_factory=list, compare=False, hash=False, repr=False)  # see _prepared
 
     @staticmethod
     def from_json(d: dict) -> Surface:
@@ -91,15 +92,20 @@ class Surface:
         return got
 
     def _eval(self, x: tuple[float, ...]) -> float:
-        idx: list[tuple[int, float]] = []
-        for xi, ax in zip(x, self.axes, strict=True):
-            idx.append(_bracket(ax, xi))
-        strides = []
-        s = 1
-        for ax in reversed(self.axes):
-            strides.append(s)
-            s *= len(ax)
-        strides.reverse()
+        logv, strides = self._prepared()
+        idx = [_bracket(ax, xi) for xi, ax in zip(x, self.axes, strict=True)]
+        if len(idx) == 3:  # the tables' surfaces: the loop below unrolled (same products, same order)
+            (i0, t0), (i1, t1), (i2, t2) = idx
+            s0, s1, s2 = strides
+            base = i0 * s0 + i1 * s1 + i2 * s2
+            acc = 0.0
+            for w2, o2 in ((1.0 - t2, 0), (t2, s2)):
+                for w1, o1 in ((1.0 - t1, 0), (t1, s1)):
+                    for w0, o0 in ((1.0 - t0, 0), (t0, s0)):
+                        w = w0 * w1 * w2
+                        if w:
+                            acc += w * logv[base + o0 + o1 + o2]
+            return exp(acc)
         acc = 0.0
         for corner in range(1 << len(idx)):
             w = 1.0
@@ -109,8 +115,22 @@ class Surface:
                 w *= t if hi else 1.0 - t
                 flat += (i + hi) * strides[d]
             if w:
-                acc += w * log(self.values[flat])
+                acc += w * logv[flat]
         return exp(acc)
+
+    def _prepared(self) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """log of every node value and the C-order strides, computed once per surface."""
+        if self._prep:
+            return self._prep[0]
+        strides: list[int] = []
+        s = 1
+        for ax in reversed(self.axes):
+            strides.append(s)
+            s *= len(ax)
+        strides.reverse()
+        got = (tuple(log(v) for v in self.values), tuple(strides))
+        self._prep.append(got)
+        return got
 
 
 def _bracket(ax: tuple[float, ...], x: float) -> tuple[int, float]:
@@ -134,7 +154,9 @@ def tile_quantization(m: int, n: int) -> float:
     return (m / (TILE * ceil(m / TILE))) * (n / (TILE * ceil(n / TILE)))
 
 
-def _nearest(keys: list[int], x: int) -> int:
+@lru_cache(maxsize=1024)
+def _nearest(keys: tuple[int, ...], x: int) -> int:
+    """The key nearest ``x`` in log2 (ties: the smaller); memoized, callers ask the same few."""
     return min(keys, key=lambda k: (abs(log2(k) - log2(max(1, x))), k))
 
 
@@ -154,6 +176,7 @@ class KernelTables:
         self._attn_ref = float(data.get("attention_fwd", {}).get("ref_flops", 0.0))
         self._dec = {int(hd): Surface.from_json(t) for hd, t in data.get("decode_attention", {}).get("head_dim", {}).items()}
         self._dec_ref = float(data.get("decode_attention", {}).get("ref_Bps", 0.0))
+        self._dec_memo: dict[tuple, float] = {}  # decode_attention_s by its arguments (bounded)
 
     def gemm_dtypes(self) -> tuple[str, ...]:
         return tuple(sorted(self._gemm))
@@ -183,7 +206,7 @@ class KernelTables:
         (default 1/2 causal, 1 otherwise); ``kv_heads``: K/V heads (default ``heads``, no GQA)."""
         if not self._attn or min(batch, heads, q_len, kv_len, head_dim) < 1:
             return None
-        hd = _nearest(sorted(self._attn), head_dim)
+        hd = _nearest(tuple(self._attn), head_dim)
         frac = (0.5 if causal else 1.0) if work is None else work
         flops = 4.0 * batch * heads * q_len * kv_len * head_dim * frac
         group = max(1.0, heads / kv_heads) if kv_heads else 1.0
@@ -200,12 +223,19 @@ class KernelTables:
     def decode_attention_s(self, batch: int, heads: int, kv_heads: int, kv_len: int, head_dim: int,
                            kv_bytes_per_element: int = 2) -> float | None:
         """One decode step's attention over ``kv_len`` cached tokens (K and V read once)."""
+        key = (batch, heads, kv_heads, kv_len, head_dim, kv_bytes_per_element)
+        got = self._dec_memo.get(key)  # a serving run asks the same decode shapes many times
+        if got is not None:
+            return got
         if not self._dec or min(batch, heads, kv_heads, kv_len, head_dim) < 1:
             return None
-        hd = _nearest(sorted(self._dec), head_dim)
+        hd = _nearest(tuple(self._dec), head_dim)
         kv_bytes = 2.0 * batch * kv_heads * kv_len * head_dim * kv_bytes_per_element
         eff = self._dec[hd](log2(batch * kv_heads), log2(kv_len), log2(max(1.0, heads / kv_heads)))
-        return kv_bytes / (self._dec_ref * eff) * self._scale
+        if len(self._dec_memo) >= MEMO_MAX:
+            self._dec_memo.clear()
+        got = self._dec_memo[key] = kv_bytes / (self._dec_ref * eff) * self._scale
+        return got
 
     def scaled(self, factor: float) -> KernelTables:
         """The same tables with every time multiplied by ``factor``."""
