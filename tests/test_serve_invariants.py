@@ -113,6 +113,29 @@ def test_tokens_once_kv_bounded_requests_conserved_under_preemption(setup):
     assert (reps[0].slot_req < 0).all() and not reps[0].waiting
 
 
+def test_reserved_kv_admission_never_preempts(setup):
+    """The same 40-token cache with TensorRT-LLM's GUARANTEED_NO_EVICT (``kv_reserve_full``): each
+    request is admitted only with blocks for its prompt + output reserved, so nothing is preempted,
+    the reserved blocks never exceed the 10 of the cache, and at any step the running requests' whole
+    lengths fit in it (checked from the step log: blocks held = sum of ceil((prompt + out) / 4))."""
+    _, _, pred = setup
+    rng = np.random.default_rng(3)
+    n = 12
+    prompt = rng.integers(3, 16, n)
+    out = rng.integers(1, 16, n)
+    req = RequestTable.of(np.sort(rng.uniform(0, 0.01, n)), prompt, out)
+    reps, steps = _run(pred, _profile(max_num_seqs=6, kv_reserve_full=True), req, capacity_tokens=40)
+    assert int(req.preemptions.sum()) == 0
+    assert steps["emitted"].sum() == out.sum()
+    assert steps["kv_blocks_used"].max() <= 10 and reps[0].free_blocks == 10
+    assert np.isfinite(req.finish_s).all()
+    whole = -(-(prompt + out) // 4)
+    # a request waits while its whole length does not fit beside the running ones: the first step
+    # holds exactly the blocks of the requests it admitted
+    first = int(steps["running"][0])
+    assert steps["kv_blocks_used"][0] == int(whole[:first].sum())
+
+
 def test_idle_system_latencies_are_batch1_prefill_and_decode(setup):
     """One request on an idle replica: TTFT = one batch-1 prefill of the prompt (with the engine's
     per-step CPU time), TPOT = the mean batch-1 decode step over its growing context."""

@@ -42,6 +42,10 @@ class EngineProfile:
     cuda_graph_max_batch: int
     scheduler_cpu_s: float
     cuda_graph_kernel_gap_s: float = 1e-6
+    #: admit a request only with KV blocks for its whole prompt + output reserved, so running
+    #: requests are never preempted (TensorRT-LLM's default GUARANTEED_NO_EVICT capacity scheduler);
+    #: False: blocks as tokens arrive, preemption by recompute when they run out (vLLM, SGLang)
+    kv_reserve_full: bool = False
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def check(self) -> EngineProfile:

@@ -11,7 +11,9 @@
    admission order, while budget and KV blocks last. Without chunked prefill a prompt runs whole
    (one longer than the budget only in a step with no other prefill).
 3. Waiting requests are admitted in FCFS order while a slot (``max_num_seqs``), budget and KV
-   blocks for their first chunk remain. With a prefix cache, a request whose prefix this replica has
+   blocks for their first chunk remain (with ``kv_reserve_full``, TensorRT-LLM's
+   GUARANTEED_NO_EVICT: blocks for the whole prompt + output, reserved at admission, so step 1
+   never preempts). With a prefix cache, a request whose prefix this replica has
    computed before starts with those tokens already in its KV (whole blocks only).
 4. The step's cost comes from the predictor; at its end every decode produced one token and every
    prefill that reached the end of its prompt produced the first (or next) token. A request that
@@ -175,7 +177,8 @@ class Replica(DecodeRuns):
         self.out[slot] = int(self.req.output_tokens[r])
         self.order[slot] = self._counter
         self._counter += 1
-        need = int(self._blocks_for(prompt + self.out[slot] if static else cached))
+        full = static or self.profile.kv_reserve_full
+        need = int(self._blocks_for(prompt + self.out[slot] if full else cached))
         self.blocks[slot] = need
         self.free_blocks -= need
         self.req.replica[r] = self.index
@@ -275,7 +278,11 @@ class Replica(DecodeRuns):
             prefilling = len(pre_slots) > 0
             if not prof.chunked_prefill and first > budget and prefilling:
                 break
-            if int(self._blocks_for(min(first, budget) if prof.chunked_prefill else first)) > self.free_blocks:
+            if prof.kv_reserve_full:
+                need = int(self._blocks_for(int(prompts[r]) + int(self.req.output_tokens[r])))
+            else:
+                need = int(self._blocks_for(min(first, budget) if prof.chunked_prefill else first))
+            if need > self.free_blocks:
                 break
             self.waiting.popleft()
             s = free_slots[fi]
