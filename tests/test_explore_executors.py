@@ -40,3 +40,13 @@ def test_pool_returns_results_by_position_whatever_the_start_order():
     got = dict(ex.run(tasks))
     ex.close()
     assert got == {i: {"status": "ok", "value": 2 * t.plan["global_batch"]} for i, t in enumerate(tasks)}
+
+
+def test_best_plan_on_a_pool_is_the_one_at_a_time_result():
+    from tensorstage.explore.bestplan import best_plan
+
+    args = ("megatron-1.7b", "dgx-a100-selene", 8, 16, 2048)
+    one = best_plan(*args, top=3)
+    two = best_plan(*args, top=3, workers=2)
+    assert [(r.plan, r.status, r.full) for r in one.simulated] == [(r.plan, r.status, r.full) for r in two.simulated]
+    assert one.best is not None and one.best.plan == two.best.plan
