@@ -6,6 +6,9 @@
   ``convergence.png`` and ``best_plan.yaml`` (runs unchanged with ``simulate -c``).
 * ``best-plan MODEL --system SYS --gpus N --global-batch B --seq S [--objective ...]``: screen every
   training layout in closed form, simulate the best few, print the ranking.
+* ``best-serving MODEL --system SYS --gpus N [--dtype fp8] [--isl --osl --slo-ttft-ms --slo-tpot-ms]``:
+  simulate every TP x replicas deployment (and prefill:decode split with ``--disagg``) of the GPUs
+  with the serving simulator, print the ranking, write the best as a ``serve --config`` YAML.
 """
 
 from __future__ import annotations
@@ -45,14 +48,14 @@ def _explore(space_file: Path, agent: str, budget: int | None, out: Path, worker
 
 
 def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, objective: str, dtype: str,
-               top: int, out: Path | None, json_out: bool) -> None:
+               top: int, out: Path | None, json_out: bool, workers: int = 1) -> None:
     import yaml
 
     from tensorstage.explore.bestplan import best_plan, rank_table
     from tensorstage.fileio import write_text_atomic
     from tensorstage.report.console import print_json, print_table
 
-    bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top)
+    bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top, workers=workers)
     rows = rank_table(bp)
     best = bp.best
     if out is not None and best is not None:
@@ -71,6 +74,53 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
         typer.echo("no simulated layout fits in memory")
     elif out is not None:
         typer.echo(f"best plan: {out}")
+
+
+def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str | None, engine: str,
+                  requests: int, isl: int, osl: int, lengths: str, spread: float, seed: int,
+                  slo_ttft_ms: float | None, slo_tpot_ms: float | None, disagg: bool,
+                  overrides: dict[str, object], out: Path | None, json_out: bool) -> None:
+    import yaml
+
+    from tensorstage.explore.bestserving import best_serving, rank_rows, serve_config
+    from tensorstage.fileio import write_text_atomic
+    from tensorstage.report.console import print_json, print_table
+    from tensorstage.serve import Workload
+    from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
+
+    if dtype not in WEIGHT_BYTES:
+        raise SpecError("--dtype", f"unknown dtype {dtype!r}", WEIGHT_BYTES)
+    if kv_dtype is None:
+        kv_dtype = dtype if dtype in KV_DTYPES and dtype not in ("bf16", "fp16") else None
+    elif kv_dtype not in KV_DTYPES:
+        raise SpecError("--kv-dtype", f"unknown dtype {kv_dtype!r}", KV_DTYPES)
+    for name, val in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-tpot-ms", slo_tpot_ms)):
+        if val is not None and not val > 0:
+            raise SpecError(name, f"must be > 0, got {val}")
+    wl = Workload(requests, isl, osl, lengths=lengths, spread=spread, seed=seed).check()
+    bs = best_serving(model, system, gpus, engine=engine, weight_dtype=dtype, kv_dtype=kv_dtype, workload=wl,
+                      slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
+                      slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3, disagg=disagg,
+                      engine_overrides=overrides)
+    rows = rank_rows(bs)
+    best = bs.best
+    cfg = None if best is None else serve_config(bs)
+    if out is not None and cfg is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out, yaml.safe_dump(cfg, sort_keys=True))
+    if json_out:
+        print_json({"model": bs.model, "system": system, "gpus": gpus, "objective": bs.objective,
+                    "settings": bs.settings, "ranking": rows, "best": None if best is None else best.label,
+                    "serve_config": cfg})
+        return
+    cols = list(rows[0])
+    print_table(f"{bs.model} on {gpus} x {system} ({bs.settings['engine']}, {dtype}): ranked by {bs.objective}",
+                cols, [[f"{v:.5g}" if isinstance(v, float) else "-" if v is None else v for v in r.values()]
+                       for r in rows])
+    if best is None:
+        typer.echo("no deployment fits")
+    else:
+        typer.echo(f"best: {best.label}" + (f"; serve config: {out}" if out is not None else ""))
 
 
 def register(app: typer.Typer) -> None:
@@ -107,6 +157,7 @@ def register(app: typer.Typer) -> None:
                                       "peak_memory_bytes or gpu_s_per_token."),
         dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype."),
         top: int = typer.Option(8, "--top", help="Best-screened layouts simulated in full."),
+        workers: int = typer.Option(1, "--workers", help="Simulate on a pool of this many processes."),
         out: Path | None = typer.Option(None, "--out", help="Write the best plan YAML here."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -116,4 +167,38 @@ def register(app: typer.Typer) -> None:
                 raise SpecError(name, f"must be >= 1, got {v}")
         if out is not None and out.is_dir():
             raise SpecError("out", f"{out} is a directory; give a file path (e.g. best.yaml)")
-        _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out)
+        _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out, workers)
+
+    @app.command("best-serving")
+    def best_serving_cmd(
+        model: str = typer.Argument(..., help="Model preset, HF config.json or YAML."),
+        system: str = typer.Option(..., "--system", help="System preset or YAML."),
+        gpus: int = typer.Option(..., "--gpus", help="GPUs to deploy on."),
+        dtype: str = typer.Option("bf16", "--dtype", help="Weight dtype (fp8/int8 also quantize the KV cache)."),
+        kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="KV-cache dtype (default: from --dtype)."),
+        engine: str = typer.Option("trtllm", "--engine", help="Engine profile: vllm, sglang, trtllm, static."),
+        requests: int = typer.Option(2000, "--requests", help="Requests per simulation."),
+        isl: int = typer.Option(1024, "--isl", help="Input tokens per request (mean)."),
+        osl: int = typer.Option(256, "--osl", help="Output tokens per request (mean)."),
+        lengths: str = typer.Option("fixed", "--lengths", help="Length distribution: fixed, uniform, normal, "
+                                    "lognormal."),
+        spread: float = typer.Option(0.0, "--spread", help="Relative spread of lengths (std/mean)."),
+        seed: int = typer.Option(0, "--seed", help="Workload seed."),
+        slo_ttft_ms: float | None = typer.Option(None, "--slo-ttft-ms", help="p99 TTFT SLO: rank by max QPS."),
+        slo_tpot_ms: float | None = typer.Option(None, "--slo-tpot-ms", help="p99 TPOT SLO: rank by max QPS."),
+        disagg: bool = typer.Option(False, "--disagg", help="Also every prefill:decode split of the replicas."),
+        max_num_seqs: int | None = typer.Option(None, "--max-num-seqs", help="Override the engine's max sequences."),
+        max_batched_tokens: int | None = typer.Option(None, "--max-batched-tokens", help="Override the token "
+                                                      "budget."),
+        out: Path | None = typer.Option(None, "--out", help="Write the best as a `serve --config` YAML here."),
+        json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    ) -> None:
+        """Best serving deployment (TP x replicas, optionally disaggregated) of a model on N GPUs."""
+        for name, v in (("--gpus", gpus), ("--requests", requests), ("--isl", isl), ("--osl", osl)):
+            if v < 1:
+                raise SpecError(name, f"must be >= 1, got {v}")
+        if out is not None and out.is_dir():
+            raise SpecError("--out", f"{out} is a directory; give a file path (e.g. best_serving.yaml)")
+        _best_serving(model, system, gpus, dtype, kv_dtype, engine, requests, isl, osl, lengths, spread, seed,
+                      slo_ttft_ms, slo_tpot_ms, disagg,
+                      {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens}, out, json_out)

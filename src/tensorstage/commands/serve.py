@@ -130,12 +130,47 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
     print_table("Latency (ms)", ["metric", "mean", "p50", "p90", "p99"], lat)
 
 
+#: serve options a --config file may set: the deployment and engine, not the workload or outputs
+CONFIG_KEYS = ("system", "engine", "tp", "replicas", "disagg", "decode_system", "weight_dtype", "kv_dtype", "router",
+               "attention_dp", "max_num_seqs", "max_batched_tokens", "block_tokens", "kv_mem_fraction")
+
+
+def _with_config(ctx: typer.Context, path: Path) -> dict[str, object]:
+    """The command's parameters with ``path``'s values where the flag was not given on the command line."""
+    import yaml
+
+    from tensorstage.fileio import read_text_file
+
+    try:
+        data = yaml.safe_load(read_text_file(path, "serve config"))
+    except yaml.YAMLError as exc:
+        raise SpecError("--config", f"{path} is not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError("--config", f"{path} must be a mapping of option names to values", CONFIG_KEYS)
+    params = dict(ctx.params)
+    options = {p.name: p for p in ctx.command.params}
+    for key, value in data.items():
+        if key not in CONFIG_KEYS:
+            raise SpecError("--config", f"unknown option {key!r} in {path}", CONFIG_KEYS)
+        source = ctx.get_parameter_source(key)  # typer may bundle its own click: compare by name
+        if source is not None and source.name != "DEFAULT":
+            continue  # the command line wins
+        try:
+            params[key] = None if value is None else options[key].process_value(ctx, value)
+        except Exception as exc:  # the option type's BadParameter (click's or typer's bundled copy)
+            raise SpecError(f"--config {key}", f"{getattr(exc, 'message', exc)} (in {path})") from None
+    return params
+
+
 def register(app: typer.Typer) -> None:
     """Add ``serve`` to the CLI."""
 
     @app.command("serve")
     def serve_cmd(
+        ctx: typer.Context,
         model: str = typer.Argument(..., help="Model preset, HF config.json or YAML model."),
+        config: Path = typer.Option(None, "--config", "-c", help="YAML of option values (e.g. from best-serving); "
+                                    "flags given on the command line win."),
         system: str = typer.Option("dgx-h100-superpod", "--system", help="System preset or YAML."),
         engine: str = typer.Option("vllm", "--engine", help=f"Engine profile: {', '.join(engine_names())}."),
         tp: int = typer.Option(1, "--tp", help="Tensor-parallel degree per replica."),
@@ -178,6 +213,13 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Simulate request-level serving: TTFT, TPOT, E2E percentiles, throughput, goodput."""
+        if config is not None:
+            p = _with_config(ctx, config)
+            system, engine, tp, replicas, disagg, decode_system = (p["system"], p["engine"], p["tp"], p["replicas"],
+                                                                   p["disagg"], p["decode_system"])
+            weight_dtype, kv_dtype, router, attention_dp = p["weight_dtype"], p["kv_dtype"], p["router"], p["attention_dp"]
+            max_num_seqs, max_batched_tokens = p["max_num_seqs"], p["max_batched_tokens"]
+            block_tokens, kv_mem_fraction = p["block_tokens"], p["kv_mem_fraction"]
         wl = _workload(offline, qps, concurrency, trace, trace_format, requests, isl, osl, lengths, spread, prefix_groups,
                        prefix_tokens, burstiness, seed)
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,

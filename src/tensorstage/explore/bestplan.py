@@ -23,6 +23,7 @@ import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.explore.evaluate import OK, training_step
+from tensorstage.explore.executors import LocalExecutor
 from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
 from tensorstage.explore.setup import Task, make_task
 from tensorstage.explore.space import Space, parse_space
@@ -120,12 +121,15 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
 
 
 def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *, objective: str = "step_time_s",
-              dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None) -> BestPlan:
-    """Search training layouts (module docstring); ``fixed`` pins plan keys (e.g. ``{"tp": 8}``)."""
+              dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None, workers: int = 1) -> BestPlan:
+    """Search training layouts (module docstring); ``fixed`` pins plan keys (e.g. ``{"tp": 8}``);
+    ``workers > 1`` simulates on a process pool of that size (same result)."""
     if objective not in OBJECTIVES:
         raise SpecError("objective", f"unknown objective {objective!r}", OBJECTIVES)
     if top < 1:
         raise SpecError("top", f"must be >= 1, got {top}")
+    if workers < 1:
+        raise SpecError("workers", f"must be >= 1, got {workers}")
     t0 = time.perf_counter()
     space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed)
     tasks, fast, enumerated = screen_layouts(space)
@@ -135,13 +139,26 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     order = sorted(fits, key=lambda i: (sign * fast[i]["metrics"][objective], tasks[i].key))
     out = BestPlan(model, system, gpus, objective, enumerated, len(tasks), t1 - t0)
     found = 0
-    for i in order[: MAX_SIMULATED_FACTOR * top]:  # past layouts the simulator finds out of memory
-        res = training_step(tasks[i])
-        out.simulated.append(Ranked(tasks[i].plan, fast[i]["metrics"], res["metrics"] or None, res["status"],
-                                    res["message"]))
-        found += res["status"] == OK
-        if found == top:
-            break
+    todo = order[: MAX_SIMULATED_FACTOR * top]  # past layouts the simulator finds out of memory
+    ex = LocalExecutor(workers) if workers > 1 else None
+    try:
+        # in screened order until `top` fit; a pool simulates `workers` at a time and drops what it
+        # ran past that point, so the outcome is the one-at-a-time outcome
+        for start in range(0, len(todo), max(1, workers)):
+            chunk = todo[start: start + max(1, workers)]
+            done = dict(ex.run([tasks[i] for i in chunk])) if ex else {0: training_step(tasks[chunk[0]])}
+            for j, i in enumerate(chunk):
+                res = done[j]
+                out.simulated.append(Ranked(tasks[i].plan, fast[i]["metrics"], res["metrics"] or None,
+                                            res["status"], res["message"]))
+                found += res["status"] == OK
+                if found == top:
+                    break
+            if found == top:
+                break
+    finally:
+        if ex is not None:
+            ex.close()
     ok = [r for r in out.simulated if r.status == OK]
     ok.sort(key=lambda r: sign * r.full[objective])  # type: ignore[index]
     out.simulated = ok + [r for r in out.simulated if r.status != OK]

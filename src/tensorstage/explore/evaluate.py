@@ -53,6 +53,28 @@ def simulate_plan(model: str, plan: Any, system: Any) -> Any:
     return got[0] if got is not None else run(plan)
 
 
+def work_estimate(task: Task) -> float:
+    """Relative cost of :func:`training_step` on ``task``, for scheduling only (never a result).
+
+    The lowering and the engine cost about the same per node, and a step has about
+    ``layers x simulated micro-batches`` block instances across its pipeline stages: all ``m``
+    micro-batches, or the three short counts of the steady-state extrapolation when the plan
+    qualifies. A pool that starts the costliest tasks first does not leave one worker alone with a
+    deep pipeline at the end of a batch (longest-processing-time-first scheduling). Illegal
+    plans cost nothing.
+    """
+    from tensorstage.model import resolve_model
+    from tensorstage.sim.steady import steady_counts
+
+    try:
+        plan = task_plan(task)
+        layers = resolve_model(task.model).num_layers
+    except SpecError:
+        return 0.0
+    counts = steady_counts(plan)
+    return float(layers * (sum(counts) if counts else plan.microbatches))
+
+
 def training_step(task: Task) -> dict[str, Any]:
     """Simulate one configuration; returns ``{"status", "metrics", "message", "wall_s"}``.
 

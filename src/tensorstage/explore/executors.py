@@ -12,21 +12,36 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from tensorstage.errors import SpecError
-from tensorstage.explore.evaluate import training_step
+from tensorstage.explore.evaluate import training_step, work_estimate
 from tensorstage.explore.setup import Task
 
 Evaluate = Callable[[Task], dict[str, Any]]
+Estimate = Callable[[Task], float]
+
+
+def submit_order(tasks: Sequence[Task], fn: Evaluate, cost: Estimate | None) -> list[int]:
+    """Positions in the order to start them: costliest first when ``cost`` is known (by default
+    :func:`~tensorstage.explore.evaluate.work_estimate` for the training evaluator), ties and
+    unknown costs in position order. Only the schedule changes; results stay keyed by position."""
+    if cost is None and fn is training_step:
+        cost = work_estimate
+    if cost is None:
+        return list(range(len(tasks)))
+    est = [cost(t) for t in tasks]
+    return sorted(range(len(tasks)), key=lambda i: (-est[i], i))
 
 
 class LocalExecutor:
     """``workers == 1``: evaluate in this process (no start-up cost, easiest to debug); more: a
-    process pool whose workers keep their caches (graphs, systems) between tasks."""
+    process pool whose workers keep their caches (graphs, systems) between tasks, fed costliest
+    task first (:func:`submit_order`)."""
 
-    def __init__(self, workers: int = 1, fn: Evaluate = training_step) -> None:
+    def __init__(self, workers: int = 1, fn: Evaluate = training_step, cost: Estimate | None = None) -> None:
         if workers < 1:
             raise SpecError("workers", f"must be >= 1, got {workers}")
         self.workers = workers
         self.fn = fn
+        self.cost = cost
         self._pool: ProcessPoolExecutor | None = None
 
     def run(self, tasks: Sequence[Task]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -36,7 +51,7 @@ class LocalExecutor:
             return
         if self._pool is None:
             self._pool = ProcessPoolExecutor(max_workers=self.workers)
-        futures = {self._pool.submit(self.fn, t): i for i, t in enumerate(tasks)}
+        futures = {self._pool.submit(self.fn, tasks[i]): i for i in submit_order(tasks, self.fn, self.cost)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -54,7 +69,8 @@ class RayExecutor:
     ``num_cpus`` CPUs is started for the run and stopped by :meth:`close`). Needs the ``explore``
     extra (``pip install tensorstage[explore]``)."""
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, fn: Evaluate = training_step) -> None:
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, fn: Evaluate = training_step,
+                 cost: Estimate | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -65,9 +81,10 @@ class RayExecutor:
             kw: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus or 2}
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kw)
         self.remote = ray.remote(fn)
+        self.fn, self.cost = fn, cost
 
     def run(self, tasks: Sequence[Task]) -> Iterator[tuple[int, dict[str, Any]]]:
-        refs = {self.remote.remote(t): i for i, t in enumerate(tasks)}
+        refs = {self.remote.remote(tasks[i]): i for i in submit_order(tasks, self.fn, self.cost)}
         pending = list(refs)
         while pending:
             done, pending = self.ray.wait(pending, num_returns=1)

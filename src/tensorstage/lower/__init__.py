@@ -52,12 +52,13 @@ def graph_options(plan: ParallelPlan, base: GraphOptions | None = None) -> Graph
     )
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=16)
 def _graph(spec: ModelSpec, opts: GraphOptions) -> Graph:
     """The symbolic graph, shared by lowerings of the same model and options: plans that differ only
     in batch or schedule (a design-space sweep, the simulator's steady-state runs) reuse its
     compiled cost functions instead of rebuilding and re-lambdifying them. Graphs are read-only
-    to the lowering, so sharing is safe."""
+    to the lowering, so sharing is safe. 16: a sweep over two models x three recompute policies x
+    two dtypes keeps every graph (with 4 it rebuilt one on most plans)."""
     return build_graph(spec, opts.phase, opts)
 
 

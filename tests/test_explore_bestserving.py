@@ -1,0 +1,85 @@
+"""best-serving: the deployments it enumerates, its ranking, and the serve --config round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from tensorstage.cli import app
+from tensorstage.errors import SpecError
+from tensorstage.explore.bestserving import INFEASIBLE, OK, best_serving, serve_config, serving_layouts
+from tensorstage.model import resolve_model
+from tensorstage.serve import ServingPlan, Workload, load_profile, simulate
+
+TINY = Workload(64, 128, 16)  # gpt3-125m: 12 heads, a few ms per simulation
+
+
+def test_layouts_are_the_tp_sizes_dividing_gpus_and_heads_within_a_node():
+    # 12 heads, 8-GPU nodes, 8 GPUs: TP 1, 2, 4 (3 and 6 do not divide 8; 8 does not divide 12)
+    assert serving_layouts(12, 8, 8) == [(1, 8, None), (2, 4, None), (4, 2, None)]
+    # with disaggregation, every P:D split of the n replicas: 7 + 3 + 1 splits besides the 3 above
+    lay = serving_layouts(12, 8, 8, disagg=True)
+    assert len(lay) == 3 + 7 + 3 + 1 and (4, 2, (1, 1)) in lay and (1, 8, (3, 5)) in lay
+    # 64 heads on 16 GPUs: TP stops at the node size
+    assert [t for t, _, _ in serving_layouts(64, 8, 16)] == [1, 2, 4, 8]
+    with pytest.raises(SpecError):
+        serving_layouts(12, 8, 0)
+
+
+def test_offline_ranking_is_the_simulators_throughput_best_first():
+    bs = best_serving("gpt3-125m", "dgx-a100-selene", 4, engine="vllm", workload=TINY)
+    assert [d.label for d in bs.deployments] and all(d.status == OK for d in bs.deployments)
+    tput = [d.metrics["output_tokens_per_s"] for d in bs.deployments]
+    assert tput == sorted(tput, reverse=True)
+    # each number is what `serve` simulates for that deployment on the same workload
+    for d in bs.deployments:
+        plan = ServingPlan(engine=load_profile("vllm"), tp=d.tp, replicas=d.replicas)
+        direct = simulate(resolve_model("gpt3-125m"), "dgx-a100-selene", plan, TINY).metrics.output_tokens_per_s
+        assert d.metrics["output_tokens_per_s"] == direct
+    assert serve_config(bs)["tp"] == bs.deployments[0].tp
+
+
+def test_weights_that_do_not_fit_are_infeasible_with_the_reason():
+    # Llama-2-70B in bf16: ~69e9 params x 2 bytes = 128 GiB per device at TP1, more than 0.9 x 80 GiB;
+    # TP2 gives 64 GiB, which fits. One request keeps the run short.
+    bs = best_serving("llama2-70b", "dgx-h100-superpod", 2, workload=Workload(2, 64, 4))
+    by_tp = {d.tp: d for d in bs.deployments}
+    assert by_tp[1].status == INFEASIBLE and "do not fit" in by_tp[1].message
+    assert by_tp[2].status == OK and bs.best is by_tp[2]
+
+
+def test_cli_writes_a_config_that_serve_runs_to_the_same_number(tmp_path):
+    out = tmp_path / "best.yaml"
+    run = CliRunner().invoke(app, ["best-serving", "gpt3-125m", "--system", "dgx-a100-selene", "--gpus", "4",
+                                   "--engine", "vllm", "--requests", "64", "--isl", "128", "--osl", "16",
+                                   "--out", str(out), "--json"])
+    assert run.exit_code == 0, run.output
+    doc = json.loads(run.output)
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg == doc["serve_config"] and cfg["tp"] == doc["ranking"][0]["tp"]
+    served = CliRunner().invoke(app, ["serve", "gpt3-125m", "-c", str(out), "--offline", "64", "--isl", "128",
+                                      "--osl", "16", "--json"])
+    assert served.exit_code == 0, served.output
+    assert json.loads(served.output)["output_tokens_per_s"] == pytest.approx(
+        doc["ranking"][0]["output_tokens_per_s"], rel=1e-6)
+
+
+def test_bad_config_and_flags_are_one_line_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("qps: 3\n")
+    code = "from tensorstage.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", code, "serve", "gpt3-125m", "-c", str(bad)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and res.stdout == "" and res.stderr.count("\n") == 1
+    assert res.stderr.startswith("error: --config: unknown option 'qps'")
+    bad.write_text("tp: two\n")
+    run = CliRunner().invoke(app, ["serve", "gpt3-125m", "-c", str(bad)])
+    assert isinstance(run.exception, SpecError) and run.exception.field == "--config tp"
+    run = CliRunner().invoke(app, ["best-serving", "gpt3-125m", "--system", "dgx-a100-selene", "--gpus", "4",
+                                   "--dtype", "fp7"])
+    assert isinstance(run.exception, SpecError) and run.exception.field == "--dtype"
