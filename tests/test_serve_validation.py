@@ -34,3 +34,15 @@ def test_validate_serving_json_cli(monkeypatch, capsys):
     assert [p["point"] for p in doc["points"]] == ["TP1 ISL 128", "TP1 ISL 2048"]
     assert [p["measured"] for p in doc["points"]] == [12.0, 129.0]
     assert doc["kinds"]["ttft_batch1"]["n"] == 2
+
+
+def test_ifb_offline_throughput_h100_llama_within_15_percent():
+    """trtllm-bench offline throughput (TensorRT-LLM 1.0 perf overview) of Llama-3.1-8B (TP1) and
+    Llama-3-70B (TP2) on H100, ten ISL/OSL points each, through the ``trtllm`` profile (in-flight
+    batching, KV reserved per request as its GUARANTEED_NO_EVICT scheduler does): MAPE within the
+    issue's 15 % band. (The whole file's in-flight-batching MAPE is reported by ``validate --serving``.)"""
+    points, skipped = run_serving_validation(_path(), r"TRTLLM10-IFB-H100-LLAMA3(\.1-8B|-70B)")
+    doc = serving_report(points, skipped)
+    assert len(points) == 20 and not skipped
+    assert doc["kinds"]["offline_throughput_ifb"]["failed"] == 0
+    assert doc["kinds"]["offline_throughput_ifb"]["mape_pct"] <= 15.0
