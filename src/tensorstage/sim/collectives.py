@@ -69,6 +69,10 @@ class Tier:
     bw_Bps: float
     latency_s: float
     nvls_bw_Bps: float = 0.0
+    #: the GPUs' ports on this tier go into a switch (NVSwitch, an IB leaf), so a ring channel leaving
+    #: a domain of this tier does so from one member's port of the next tier (``_flat_ring_s``);
+    #: False for direct links (torus rings, fully connected)
+    switched: bool = True
 
     def __post_init__(self) -> None:
         if self.size < 1:
@@ -200,7 +204,7 @@ def _flat_ring_s(members: Sequence[int], fabric: Fabric, volume_fraction: float,
         ports = prev  # members of one tier-(i-1) domain, each with its own tier-i port
         # The ring leaves a tier-(i-1) domain once per channel; each domain sends volume*S out.
         t = volume_fraction * full_bytes / (tier.bw_Bps * (ports if i > 0 else 1))
-        if m < n:
+        if m < n and tier.switched:
             # the ring also leaves this tier's domain: of its k = m / prev sub-domains, each is the
             # exit of the channels it owns, so a tier-i port carries (k - 1) / k of the volume
             k = m // prev

@@ -76,7 +76,8 @@ def fabric_from_system(system: object) -> Fabric:
         inj_Bps = dim.injection_GBps() * 1e9 if dim.npus > 1 else dim.bandwidth_GBps * 1e9
         bw = inj_Bps * eff / (over if dim.scope == "scale-out" else 1.0)
         nvls_bw = inj_Bps * (getattr(system, "nvls_efficiency", None) or NVLS_EFFICIENCY) if nvls and i == 0 else 0.0
-        tiers.append(Tier(dim.name, dim.npus, bw, dim.latency_ns * 1e-9, nvls_bw))
+        tiers.append(Tier(dim.name, dim.npus, bw, dim.latency_ns * 1e-9, nvls_bw,
+                          switched=str(getattr(dim, "topology", "Switch")) == "Switch"))
     base = getattr(system, "ring_base_latency_s", None)
     return Fabric(tuple(tiers), NCCL_RING_BASE_LATENCY_S if base is None else float(base))
 
