@@ -96,14 +96,19 @@ def test_three_requests_token_budget_8_stepped_by_hand(setup):
     np.testing.assert_allclose(req.finish_s, [ends[2], ends[2], ends[4]], rtol=1e-12)
 
 
-def test_tokens_once_kv_bounded_requests_conserved_under_preemption(setup):
-    """A KV cache of 40 tokens (10 blocks) for 12 requests of up to 31 tokens forces preemption."""
-    _, _, pred = setup
+def _twelve_requests() -> tuple[RequestTable, np.ndarray, np.ndarray]:
+    """12 requests of up to 31 tokens arriving within 10 ms (seeded): more than a 40-token cache holds."""
     rng = np.random.default_rng(3)
     n = 12
     prompt = rng.integers(3, 16, n)
     out = rng.integers(1, 16, n)
-    req = RequestTable.of(np.sort(rng.uniform(0, 0.01, n)), prompt, out)
+    return RequestTable.of(np.sort(rng.uniform(0, 0.01, n)), prompt, out), prompt, out
+
+
+def test_tokens_once_kv_bounded_requests_conserved_under_preemption(setup):
+    """A KV cache of 40 tokens (10 blocks) for 12 requests of up to 31 tokens forces preemption."""
+    _, _, pred = setup
+    req, _, out = _twelve_requests()
     reps, steps = _run(pred, _profile(max_num_seqs=6), req, capacity_tokens=40)
     assert int(req.preemptions.sum()) > 0
     assert steps["emitted"].sum() == out.sum()  # every output token exactly once
@@ -119,11 +124,7 @@ def test_reserved_kv_admission_never_preempts(setup):
     the reserved blocks never exceed the 10 of the cache, and at any step the running requests' whole
     lengths fit in it (checked from the step log: blocks held = sum of ceil((prompt + out) / 4))."""
     _, _, pred = setup
-    rng = np.random.default_rng(3)
-    n = 12
-    prompt = rng.integers(3, 16, n)
-    out = rng.integers(1, 16, n)
-    req = RequestTable.of(np.sort(rng.uniform(0, 0.01, n)), prompt, out)
+    req, prompt, out = _twelve_requests()
     reps, steps = _run(pred, _profile(max_num_seqs=6, kv_reserve_full=True), req, capacity_tokens=40)
     assert int(req.preemptions.sum()) == 0
     assert steps["emitted"].sum() == out.sum()
