@@ -406,7 +406,7 @@ class BlockLowerer:
 
     def _pass(self, ops: list[Op], backward: bool) -> NodeList:
         c = self.ctx
-        nl = NodeList(overlap=c.overlap, pipelined=c.overlap and c.sp and c.plan.tp_comm_overlap)
+        nl = NodeList(overlap=c.overlap, pipelined=c.overlap and c.sp and c.plan.tp_comm_overlap, tp=c.tp)
         # core ops that read the keys/values (not e.g. an attention-sink weight gradient)
         core_ops = [
             op

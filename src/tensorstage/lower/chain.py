@@ -19,8 +19,12 @@ GEMM is split into TP chunks, each computed as its slice arrives; linear layers 
 starts together: the GEMM does not wait for its all-gather and the reduce-scatter does not wait
 for its GEMM; whatever reads the GEMM's (or the reduce-scatter's) output waits for both. The
 exposed time is ``max(0, comm - gemm)``, plus the simulator's overlap slowdown of the GEMM while
-the transfer is in flight; the one chunk a real pipeline cannot hide (``min(comm, gemm) / tp``)
-is not charged (an optimistic approximation, documented in docs/calibration.md).
+the transfer is in flight. The GEMM itself runs as Transformer Engine runs it: in chunks over its
+tokens (:func:`split_gemm`: ``tp`` chunks for the "ring_exchange" all-gather overlaps of the qkv/fc1
+forward and proj/fc2 input gradient, :data:`TE_PIPELINE_SPLITS` for the "pipeline" reduce-scatter
+overlaps of the proj/fc2 forward; weight gradients run whole), each chunk timed at its own shape.
+The one chunk a real pipeline cannot hide (``min(comm, gemm) / tp``) is not charged (an
+optimistic approximation, documented in docs/calibration.md).
 
 Indices are positions in :attr:`NodeList.nodes` (every dependency points backwards). Zero-cost
 ops (views) emit no node: their outputs inherit the producer and pending communication of their
@@ -35,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from tensorstage.graph.ir import Op, Tensor
 from tensorstage.lower.steps import StepNode
 from tensorstage.schedule.program import CollKind, NodeKind
+from tensorstage.sim.compute import FUSED_PREFIX, fused_op
 
 
 @dataclass
@@ -47,6 +52,9 @@ class NodeList:
     #: Megatron-Core ``--tp-comm-overlap``: TP all-gather / reduce-scatter run during the GEMM they
     #: feed / drain (needs ``overlap``; see module docstring)
     pipelined: bool = False
+    #: TP degree: Transformer Engine's ring-exchange overlap splits an all-gather-fed GEMM into this
+    #: many chunks (``TE_PIPELINE_SPLITS`` for a reduce-scatter-drained one; see module docstring)
+    tp: int = 1
     nodes: list[StepNode] = field(default_factory=list)
     last_comp: int | None = None  # the stream's tail (any node kind when not overlapping)
     producer: dict[int, int] = field(default_factory=dict)  # tensor id -> compute node index
@@ -80,7 +88,10 @@ class NodeList:
             src = self.producer.get(id(tensor), self.last_comp)
             gemm = self._gemm_of(src) if self.pipelined and _tp_scatter(node) else None
             if gemm is not None:
-                # GEMM + reduce-scatter pipelined: start with the GEMM (wait for what it waits for)
+                # GEMM + reduce-scatter pipelined: start with the GEMM (wait for what it waits for);
+                # a forward GEMM runs in TE's "pipeline" method, TE_PIPELINE_SPLITS chunks
+                if self.nodes[gemm].category == "fwd":
+                    self.nodes[gemm] = split_gemm(self.nodes[gemm], TE_PIPELINE_SPLITS)
                 i = self.add(node, (*self._deps_of(gemm), *self.ready.get(id(tensor), ())))
             else:
                 i = self.add(node, (src, *self.ready.get(id(tensor), ())))
@@ -111,6 +122,10 @@ class NodeList:
                 # GEMM's output wait for both
                 deferred = {j for j in comms if _tp_gather(self.nodes[j])}
                 self.deferred |= deferred
+                if deferred and node.category in ("fwd", "bwd_input"):
+                    # TE's "ring_exchange" method: the GEMM runs chunk by chunk as the tp slices
+                    # of its gathered input arrive (qkv/fc1 forward, proj/fc2 input gradient)
+                    node = split_gemm(node, self.tp)
             elif _bias_epilogue(op) and self.last_comp in self.linear:
                 # a bias add runs in the GEMM's epilogue (Transformer Engine): it is part of the GEMM
                 deferred = set(comms) & self.deferred
@@ -152,6 +167,30 @@ class NodeList:
         deps: set[int | None] = {self.last_comp, *self.pending, *self.waits(op.inputs)}
         self.pending = []
         return deps
+
+
+#: Transformer Engine's default ``num_splits`` for its "pipeline" GEMM + reduce-scatter overlap
+#: (``transformer_engine/pytorch/module/base.py`` ``initialize_ub``: 4 for "pipeline", tp for
+#: "ring_exchange"; methods: ring_exchange = qkv_fprop, fc1_fprop, proj_dgrad, fc2_dgrad; pipeline =
+#: proj_fprop, fc2_fprop; bulk = the dgrad/wgrad overlaps, which run the whole GEMM)
+TE_PIPELINE_SPLITS = 4
+
+
+def split_gemm(node: StepNode, splits: int) -> StepNode:
+    """``node``'s GEMM run as ``splits`` GEMMs over chunks of its rows (the token dim ``m``), as
+    Transformer Engine's comm-GEMM overlap computes it: the same FLOPs and bytes, each chunk timed at
+    its own (smaller) shape and paying its own launch (a fused node of the chunks,
+    :func:`tensorstage.sim.compute.fused_op`). Unchanged when it cannot split."""
+    g = node.gemm
+    if g is None or splits <= 1 or g[1] < splits or node.op.startswith(FUSED_PREFIX):
+        return node
+    b, m, n, k = g
+    rows = [m // splits + (1 if i < m % splits else 0) for i in range(splits)]
+    parts = [(node.op, node.flops * r // m, node.tensor_bytes * r // m, node.category, (b, r, n, k))
+             for r in rows]
+    parts[-1] = (*parts[-1][:1], node.flops - sum(p[1] for p in parts[:-1]),
+                 node.tensor_bytes - sum(p[2] for p in parts[:-1]), *parts[-1][3:])
+    return replace(node, op=fused_op(parts), gemm=None)
 
 
 def _bias_epilogue(op: Op) -> bool:
