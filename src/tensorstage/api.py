@@ -167,6 +167,10 @@ def describe_plan(plan: ParallelPlan) -> str:
         parts.append(f"context {p.kv_len:,}")
     parts.append(f"global batch {p.global_batch:,} (micro-batch {p.micro_batch}, {p.microbatches:,} per step)")
     parts.append(p.dtype)
+    if p.megatron_fusions:
+        parts.append("Megatron kernels")
+    if p.tp_comm_overlap:
+        parts.append("TP comm overlap")
     return "plan: " + ", ".join(parts)
 
 
