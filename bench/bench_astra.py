@@ -26,9 +26,10 @@ from pathlib import Path
 
 SYSTEM = "dgx-h100-superpod"
 #: every plan key the table's plans rely on, pinned: later flags override, and the command's own
-#: default plan (TP 2 x PP 2 x DP 2, SP, ZeRO-1, selective recompute) must not leak into a row
+#: default plan (TP 2 x PP 2 x DP 2, SP, ZeRO-1, selective recompute, Megatron kernels) must not leak into a row
 COMMON = ["--tp", "1", "--pp", "1", "--dp", "1", "--cp", "1", "--ep", "1", "--no-sp", "--zero", "0",
-          "--recompute", "none", "--schedule", "1f1b", "--seq", "2048", "--micro-batch", "1"]
+          "--recompute", "none", "--schedule", "1f1b", "--seq", "2048", "--micro-batch", "1",
+          "--no-megatron-fusions"]
 #: name -> (model, plan flags, DP crosses nodes)
 PLANS: dict[str, tuple[str, list[str], bool]] = {
     "dp8": ("gpt3-350m", ["--dp", "8", "--zero", "0", "--global-batch", "16"], False),
