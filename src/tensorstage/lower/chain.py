@@ -185,11 +185,14 @@ def split_gemm(node: StepNode, splits: int) -> StepNode:
     if g is None or splits <= 1 or g[1] < splits or node.op.startswith(FUSED_PREFIX):
         return node
     b, m, n, k = g
-    rows = [m // splits + (1 if i < m % splits else 0) for i in range(splits)]
-    parts = [(node.op, node.flops * r // m, node.tensor_bytes * r // m, node.category, (b, r, n, k))
-             for r in rows]
-    parts[-1] = (*parts[-1][:1], node.flops - sum(p[1] for p in parts[:-1]),
-                 node.tensor_bytes - sum(p[2] for p in parts[:-1]), *parts[-1][3:])
+    ends = [m * (i + 1) // splits for i in range(splits)]  # chunk boundaries over the m rows
+    starts = [0, *ends[:-1]]
+
+    def share(total: int, lo: int, hi: int) -> int:  # the chunk's part of ``total`` (parts sum to it)
+        return total * hi // m - total * lo // m
+
+    parts = [(node.op, share(node.flops, lo, hi), share(node.tensor_bytes, lo, hi), node.category, (b, hi - lo, n, k))
+             for lo, hi in zip(starts, ends, strict=True)]
     return replace(node, op=fused_op(parts), gemm=None)
 
 
