@@ -32,6 +32,8 @@ import hashlib
 import json
 import os
 import sys
+from dataclasses import asdict, astuple
+from math import log, log2
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +42,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 from tensorstage.hardware.presets import load_device  # noqa: E402
+from tensorstage.sim.compute import ComputeModel, grouped_dims  # noqa: E402
 from tensorstage.sim.kernels import KernelTables, tile_quantization  # noqa: E402
+from tensorstage.sim.moe_layer import MoeLayer  # noqa: E402
 
 #: device preset name -> aiconfigurator-core system folder
 DEVICES = {"A100-80GB": "a100_sxm", "H100-SXM": "h100_sxm", "H200": "h200_sxm", "B200": "b200_sxm"}
@@ -63,6 +67,15 @@ GEMM_AXES = {
 }
 ATTN_AXES = {"bh": [4 ** i for i in range(0, 9)], "s": [2 ** i for i in range(4, 15)],
              "group": [4 ** i for i in range(0, 5)]}
+#: MoE layers: TensorRT-LLM's CUTLASS fused MoE (``moe_torch_flow_cutlass``: gated SwiGLU, up and
+#: gate projections as one GEMM of twice the expert width; ``moe_torch_flow_nongated``: one activation)
+MOE_SOURCES = {"moe_torch_flow_cutlass": True, "moe_torch_flow_nongated": False}
+#: aiconfigurator moe_dtype -> our dtype (fp8 = per-tensor scaled, as the GEMM table)
+MOE_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
+MOE_AXES = {"tokens": [2 ** i for i in range(0, 15)], "width": [2 ** i for i in range(4, 16)]}
+#: layers whose element-wise kernels (as modelled) take more than this share of the measured time say
+#: too little about their GEMMs to enter the fit
+MOE_ELEMENTWISE_MAX = 0.75
 DEC_AXES = {"bkv": [4 ** i for i in range(0, 10)], "kv": [4 ** i for i in range(0, 10)],
             "group": [2 ** i for i in range(0, 8)]}
 
@@ -87,6 +100,19 @@ def latest(folder: str, needs: str) -> str | None:
     vs = sorted((p for p in glob.glob(os.path.join(folder, "*")) if os.path.exists(os.path.join(p, needs))),
                 key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", os.path.basename(p))])
     return vs[-1] if vs else None
+
+
+def moe_folder(folder: str) -> str | None:
+    """The newest version folder of ``folder`` whose MoE table holds the gated CUTLASS kernel (newer
+    collections may hold only some kernels)."""
+    import re
+
+    vs = sorted(glob.glob(os.path.join(folder, "*", "moe_perf.parquet")),
+                key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", os.path.basename(os.path.dirname(p)))])
+    for path in reversed(vs):
+        if "moe_torch_flow_cutlass" in set(read(path)["kernel_source"]):
+            return os.path.dirname(path)
+    return None
 
 
 def multilinear(x: np.ndarray, axes: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -245,6 +271,60 @@ def decode_fit(df, ref_Bps: float) -> tuple[dict, dict]:
     return {"ref_Bps": ref_Bps, "head_dim": tables}, {"report": reports, "sample": samples}
 
 
+def moe_fit(df, dev, gemm_tables: dict, dt: str) -> tuple[dict, dict] | None:
+    """Grouped-GEMM efficiency relative to the dense table, from fused MoE layer latencies (module
+    docstring of ``tensorstage.sim.kernels``); ``None`` if no point qualifies."""
+    base = {"device": "fit", "gemm": gemm_tables}
+    dense = ComputeModel.from_device(dev, dt, kernel_tables=KernelTables(base))  # unanchored, as measured
+    wb = 1 if dt == "fp8" else 2
+    pts, xs, ys, keys = [], [], [], []
+    for r in df.itertuples():
+        layer = MoeLayer(int(r.num_tokens), int(r.hidden_size), int(r.inter_size), int(r.topk), int(r.num_experts),
+                         int(r.moe_tp_size), int(r.moe_ep_size), MOE_SOURCES[r.kernel_source])
+        t = float(f"{r.latency * 1e-3:.6e}")
+        if layer.inter // layer.tp < 1 or layer.local_experts < 1 or layer.routed_rows < layer.local_experts:
+            continue  # fewer routed rows than local experts: idle experts, which the lowering does not model
+        elem = layer.elementwise_s(dense)
+        if elem > MOE_ELEMENTWISE_MAX * t:
+            continue
+        gemms = layer.gemms(wb)
+        ratio = sum(dense.time_s(f, b, "matmul", g, "fwd") for f, b, g in gemms) / (t - elem)
+        key = "moe|" + "|".join(str(v) for v in astuple(layer))
+        me = layer.routed_rows / layer.local_experts
+        for g in gemms:  # each GEMM looks its efficiency up at its own width
+            xs.append((log2(me), log2(grouped_dims(g[2])[1])))
+            ys.append(log(ratio))
+            keys.append(key)
+        pts.append((key, layer, t))
+    if not pts:
+        return None
+    hold_of = {k: heldout(k) for k, _, _ in pts}
+    hold = np.array([hold_of[k] for k in keys])
+    x, y = np.array(xs), np.array(ys)
+    axes = [MOE_AXES["tokens"], MOE_AXES["width"]]
+    # the ratios scatter with what the layer model leaves out (a few layers run several times slower
+    # than their neighbours): fit the median of each (tokens per expert, width) cell of the fit set,
+    # so single outliers do not move the surface
+    cells: dict[tuple[float, float], list[float]] = {}
+    for (a, b), v in zip(x[~hold], y[~hold], strict=True):
+        cells.setdefault((round(a * 2) / 2, round(b)), []).append(v)
+    cx = np.array(sorted(cells))
+    cy = np.array([float(np.median(cells[c])) for c in sorted(cells)])
+    nodes = fit_surface(cx, cy, axes)
+    table = surface_json(nodes, axes, float(np.exp(cy).max()))
+    fitted = ComputeModel.from_device(dev, dt, kernel_tables=KernelTables({**base, "moe_gemm": {dt: table}}))
+    meas = np.array([t for _, _, t in pts])
+    with_eff = np.array([layer.time_s(fitted) for _, layer, _ in pts])
+    without = np.array([layer.time_s(dense, grouped=False) for _, layer, _ in pts])
+    h = np.array([hold_of[k] for k, _, _ in pts])
+    report = {"points": int(len(pts)), "heldout_points": int(h.sum()),
+              "heldout_mape_pct": round(mape(with_eff[h], meas[h]), 2),
+              "fit_mape_pct": round(mape(with_eff[~h], meas[~h]), 2),
+              "heldout_mape_pct_dense_table_only": round(mape(without[h], meas[h]), 2)}
+    sample = [{**asdict(layer), "time_s": t} for key, layer, t in pts if hold_of[key]]
+    return table, {"report": report, "sample": _pick(sample)}
+
+
 def _pick(rows: list[dict]) -> list[dict]:
     """A deterministic random sample of ``SAMPLE_PER_TABLE`` held-out rows (first by a hash of the row)."""
     keyed = sorted(rows, key=lambda r: hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest())
@@ -350,6 +430,21 @@ def calibrate(data: str, package: str, version: str, out_dir: Path, heldout_path
                 held[f"gemm/{dt}"] = r["sample"]
                 out["provenance"]["sources"].append(
                     {**source(data, path, os.path.basename(gdir), src_dt), "kernel": "gemm"})
+        mdir = moe_folder(os.path.join(base, "moe", BACKEND))
+        if mdir and "gemm" in out:
+            path = os.path.join(mdir, "moe_perf.parquet")
+            df = read(path)
+            df = df[df.kernel_source.isin(list(MOE_SOURCES)) & (df.distribution == "balanced")]
+            for src_dt, dt in MOE_DTYPES.items():
+                got = moe_fit(df[df.moe_dtype == src_dt], dev, out["gemm"], dt) if dt in out["gemm"] else None
+                if got is None:
+                    continue
+                out.setdefault("moe_gemm", {})[dt] = got[0]
+                rep[f"moe_layer/{dt}"] = got[1]["report"]
+                held[f"moe_layer/{dt}"] = got[1]["sample"]
+                out["provenance"]["sources"].append(
+                    {**source(data, path, os.path.basename(mdir), src_dt), "kernel": "moe_layer",
+                     "kernel_source": ",".join(MOE_SOURCES), "distribution": "balanced"})
         fa_backend, fa_kernel = ATTN_FWD_SOURCE[preset]
         fdir = latest(os.path.join(base, "attention", fa_backend), "context_attention_perf.parquet")
         if fdir:

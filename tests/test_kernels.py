@@ -21,17 +21,33 @@ from tensorstage.model import resolve_model
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim import machine_from_system, simulate
-from tensorstage.sim.compute import KERNEL_TABLES_DEFAULT, ComputeModel
+from tensorstage.sim.compute import GROUPED_OP, KERNEL_TABLES_DEFAULT, ComputeModel, grouped_dims
 from tensorstage.sim.kernels import KernelTables, available_devices, load_tables
+from tensorstage.sim.moe_layer import MoeLayer
 from tensorstage.trace import write_chakra
 from tensorstage.trace.to_programs import programs_from_trace
 from tests.support import megatron_gpt
 
 HELDOUT = Path(__file__).parent / "data" / "kernel_heldout.json"
 TARGET_MAPE_PCT = 10.0
+#: whole fused MoE layers (grouped GEMMs + permutation kernels, docs/calibration.md): what the
+#: committed surface reaches on held-out layers, per dtype (the FP8 GEMM table itself is the weak part)
+MOE_TARGET_MAPE_PCT = {"bf16": 20.0, "fp8": 30.0}
 
 
-def _predict(kt: KernelTables, kernel: str, p: dict) -> float | None:
+def _target(kernel: str) -> float:
+    return MOE_TARGET_MAPE_PCT[kernel.split("/")[1]] if kernel.startswith("moe_layer/") else TARGET_MAPE_PCT
+
+
+def _moe_layer(dev: str, kt: KernelTables, kernel: str, p: dict, grouped: bool = True) -> float:
+    """A held-out MoE layer on the committed tables, unanchored (the tables' own short-run level)."""
+    compute = ComputeModel.from_device(load_device(dev), kernel.split("/")[1], kernel_tables=kt)
+    return MoeLayer(**{k: v for k, v in p.items() if k != "time_s"}).time_s(compute, grouped)
+
+
+def _predict(kt: KernelTables, kernel: str, p: dict, dev: str = "") -> float | None:
+    if kernel.startswith("moe_layer/"):
+        return _moe_layer(dev, kt, kernel, p)
     if kernel.startswith("gemm/"):
         return kt.gemm_s(1, p["m"], p["n"], p["k"], kernel.split("/")[1])
     if kernel.startswith("attention_fwd/"):
@@ -48,24 +64,61 @@ def _mapes(scale: float = 1.0) -> dict[tuple[str, str], float]:
         assert kt is not None, dev
         kt = kt.scaled(scale)
         for kernel, points in kernels.items():
-            errs = [abs(_predict(kt, kernel, p) - p["time_s"]) / p["time_s"] for p in points]
+            errs = [abs(_predict(kt, kernel, p, dev) - p["time_s"]) / p["time_s"] for p in points]
             out[(dev, kernel)] = 100.0 * sum(errs) / len(errs)
     return out
 
 
 def test_heldout_measured_points_within_target() -> None:
-    """Every device/kernel/dtype: MAPE on measured held-out shapes <= 10 % (the issue's target)."""
+    """Every device/kernel/dtype: MAPE on measured held-out shapes <= 10 % (the issue's target for GEMM
+    and attention kernels); whole MoE layers within their own bound."""
     mapes = _mapes()
     assert {d for d, _ in mapes} == {"A100-80GB", "H100-SXM", "H200", "B200"}
     assert any(k == "gemm/fp8" for _, k in mapes)
-    bad = {k: round(v, 2) for k, v in mapes.items() if v > TARGET_MAPE_PCT}
+    assert {k for d, k in mapes if d == "H100-SXM" and k.startswith("moe_layer/")} == {"moe_layer/bf16", "moe_layer/fp8"}
+    bad = {k: round(v, 2) for k, v in mapes.items() if v > _target(k[1])}
     assert not bad, bad
 
 
 def test_heldout_check_fails_when_the_tables_are_off_by_20pct() -> None:
-    """The held-out check has teeth: tables 1.2x slow miss the target everywhere."""
+    """The held-out check has teeth: tables 1.2x slow miss the target everywhere (kernels; MoE layers
+    are partly element-wise kernels the tables do not time, so only their GEMM-bound share moves)."""
     mapes = _mapes(scale=1.2)
-    assert all(v > TARGET_MAPE_PCT for v in mapes.values()), mapes
+    assert all(v > TARGET_MAPE_PCT for k, v in mapes.items() if not k[1].startswith("moe_layer/")), mapes
+
+
+def test_grouped_gemm_efficiency_beats_the_dense_table_on_held_out_moe_layers() -> None:
+    """On held-out measured bf16 MoE layers the grouped-GEMM efficiency surface predicts better than the
+    dense GEMM table alone (which runs the experts 15-25 % too fast at training-size token counts)."""
+    data = json.loads(HELDOUT.read_text())["devices"]
+    for dev in ("H100-SXM", "H200", "B200"):
+        kt = load_tables(dev)
+        pts = data[dev]["moe_layer/bf16"]
+
+        def err(grouped: bool, kt=kt, pts=pts, dev=dev) -> float:
+            return sum(abs(_moe_layer(dev, kt, "moe_layer/bf16", p, grouped) - p["time_s"]) / p["time_s"]
+                       for p in pts) / len(pts)
+
+        assert err(True) < err(False), dev
+
+
+def test_expert_gemms_are_grouped_nodes_with_the_measured_efficiency() -> None:
+    """The lowering labels MoE expert GEMMs ``grouped_matmul`` (forward, input and weight gradients), and
+    the compute model divides their dense time by the surface at (tokens per expert, width)."""
+    spec = resolve_model("mixtral-8x7b")
+    low = lower(spec, ParallelPlan(tp=1, pp=1, dp=1, seq=4096, global_batch=1, micro_batch=1))
+    grouped = [n for prog in low.programs for n in prog.nodes if n.kind == NodeKind.COMP and n.op == GROUPED_OP]
+    assert {n.category for n in grouped} == {"fwd", "bwd_input", "bwd_weight"}
+    assert all(".experts." in n.name for n in grouped)
+    dev = load_device("H100-SXM")
+    cm = ComputeModel.from_device(dev, "bf16")
+    n = next(x for x in grouped if x.category == "bwd_weight")
+    tokens, width = grouped_dims(n.gemm, n.category)
+    assert tokens == n.gemm[3] and width == min(n.gemm[1], n.gemm[2])
+    eff = cm.kernels.grouped_gemm_efficiency(tokens, width)
+    dense = cm.time_s(n.flops, n.tensor_bytes, "matmul", n.gemm, n.category) - cm.launch_s
+    assert cm.time_s(n.flops, n.tensor_bytes, n.op, n.gemm, n.category) - cm.launch_s == pytest.approx(dense / eff)
+    assert 0.5 < eff < 1.5  # Mixtral's wide experts at 1,024 tokens each run near the dense rate
 
 
 @pytest.mark.parametrize(("device", "shape", "mamf_tflops"),

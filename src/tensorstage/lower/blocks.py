@@ -99,6 +99,7 @@ from tensorstage.parallel.placement import (
 )
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.schedule.program import NodeKind
+from tensorstage.sim.compute import GROUPED_OP
 
 #: dims tensor parallelism divides in the per-rank bindings (``v`` is handled with vocab padding)
 TP_SYMBOLS = ("nh", "nkv", "f", "fe", "fs")
@@ -372,6 +373,8 @@ class BlockLowerer:
         if category in ("fwd", "bwd_input", "bwd_weight"):
             self.model_flops += mf
         label = op_label(op.kind)  # materialized QK^T / PV are plain batched matmuls
+        if label == "matmul" and any(is_expert_weight(t) for t in (*op.inputs, *op.outputs)):
+            label = GROUPED_OP  # an MoE expert GEMM: grouped over the local experts
         return StepNode(
             op.name,
             NodeKind.COMP,

@@ -84,6 +84,21 @@ VECTOR_OPS: frozenset[str] = frozenset(
 ATTENTION_OPS: frozenset[str] = frozenset({"attention", "flash_attention", "sdpa"})
 
 
+#: ``Node.op`` of an MoE expert GEMM (a grouped GEMM over the local experts): a matmul whose measured
+#: kernel time carries the grouped-GEMM efficiency of :meth:`KernelTables.grouped_gemm_efficiency`
+GROUPED_OP = "grouped_matmul"
+
+
+def grouped_dims(gemm: Gemm, category: str = "") -> tuple[int, int]:
+    """``(tokens per expert, width)`` of an expert GEMM ``(experts, m, n, k)``: the tokens are the rows
+    ``m`` of a forward or input-gradient GEMM and the contraction ``k`` of a weight gradient; the width
+    is the narrower of the other two dimensions."""
+    _, m, n, k = gemm
+    if category == "bwd_weight":
+        return k, min(m, n)
+    return m, min(n, k)
+
+
 #: ``Node.op`` prefix of a fused node (see module docstring).
 FUSED_PREFIX = "fused:"
 
@@ -285,7 +300,13 @@ class ComputeModel:
             return None
         shape_flops = 2.0 * b * m * n * k
         # a batched (grouped) GEMM reads every group's own operands: never faster than its bytes
-        return max(t * max(1.0, flops / shape_flops), tensor_bytes / self.hbm_Bps)
+        t = max(t * max(1.0, flops / shape_flops), tensor_bytes / self.hbm_Bps)
+        if op == GROUPED_OP:
+            tokens, width = grouped_dims(gemm, category)
+            eff = kt.grouped_gemm_efficiency(tokens, width, self.dtype)
+            if eff:
+                t /= eff
+        return t
 
     def rate_flops(self, op: str, gemm: Gemm | None = None) -> float:
         """Achievable FLOP/s charged to a node of kind ``op`` (with GEMM shape ``gemm``, if known)."""

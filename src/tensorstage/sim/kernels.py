@@ -34,6 +34,17 @@ throughput-bound (large) regimes scale.
   K/V bytes, ``eff(b*kv_heads, kv_len, heads/kv_heads)`` per head dimension (the query-group size
   matters: a group of 8 query heads per K/V head does 8x the math on the same bytes).
 
+* **MoE expert GEMMs** (``grouped_gemm_efficiency``): a grouped GEMM of many small experts runs
+  below the dense table's rate for the same total shape (per-expert tails, narrow expert widths).
+  TensorRT-LLM's CUTLASS fused MoE layer latencies (gated SwiGLU and non-gated; bf16 and FP8;
+  balanced routing; tokens x experts x EP x TP sweeps) are divided by what this model charges for the
+  layer's parts: the two grouped GEMMs on the dense table (floored by their bytes) plus the
+  permutation, activation and un-permutation kernels at the HBM rate and a launch each. What is
+  left after the element-wise kernels is the grouped GEMMs' relative efficiency,
+  ``eff(tokens per expert, width)`` with ``width`` each GEMM's narrower non-token dimension
+  (``min(2f, h)`` for the gated up-projection, ``min(h, f)`` for the down-projection, ``f`` the
+  expert width per TP rank). Expert GEMM nodes (op ``grouped_matmul``) divide their dense time by it.
+
 FP8 GEMMs use the measured FP8 (per-tensor scaled) table. Those latencies already hold the cast
 of the ``m x k`` bf16 input to fp8: the collector times TensorRT-LLM's ``Linear`` with
 ``QuantAlgo.FP8`` on a bf16 input, whose forward quantizes the input before the FP8 GEMM
@@ -177,6 +188,7 @@ class KernelTables:
         self._dec = {int(hd): Surface.from_json(t) for hd, t in data.get("decode_attention", {}).get("head_dim", {}).items()}
         self._dec_ref = float(data.get("decode_attention", {}).get("ref_Bps", 0.0))
         self._dec_memo: dict[tuple, float] = {}  # decode_attention_s by its arguments (bounded)
+        self._moe = {dt: Surface.from_json(t) for dt, t in data.get("moe_gemm", {}).items()}
 
     def gemm_dtypes(self) -> tuple[str, ...]:
         return tuple(sorted(self._gemm))
@@ -236,6 +248,16 @@ class KernelTables:
             self._dec_memo.clear()
         got = self._dec_memo[key] = kv_bytes / (self._dec_ref * eff) * self._scale
         return got
+
+    def grouped_gemm_efficiency(self, tokens_per_expert: float, width: float, dtype: str = "bf16") -> float | None:
+        """Efficiency of an MoE expert GEMM relative to this device's dense GEMM time for the same
+        shape (``moe_gemm`` surface; ``None`` without one): measured fused MoE layers divided by the
+        dense-table model of their parts (module docstring). ``tokens_per_expert``: rows each local
+        expert multiplies; ``width``: the GEMM's narrower non-token dimension."""
+        surf = self._moe.get("bf16" if dtype in BF16_LIKE else dtype)
+        if surf is None or tokens_per_expert <= 0 or width < 1:
+            return None
+        return surf(log2(max(1.0, tokens_per_expert)), log2(width))
 
     def scaled(self, factor: float) -> KernelTables:
         """The same tables with every time multiplied by ``factor``."""
