@@ -56,3 +56,28 @@ def test_attention_dp_moe_splits_experts_and_adds_all_to_alls():
     assert dp4.weight_bytes_per_device() == pytest.approx(tp1.weight_bytes_per_device() - expert_bytes * 3 / 4)
     plan = ParallelPlan(tp=1, dp=4, ep=4, phase="prefill", seq=512, micro_batch=1, global_batch=4)
     assert lower_blocks(g, plan)  # the plan the predictor reads its all-to-alls from is valid
+
+
+def test_moe_expert_gemms_are_grouped_with_each_experts_rows():
+    """MoE experts in a serving step: one grouped GEMM per projection over the local experts, each
+    expert multiplying step tokens x top_k / experts rows (balanced), timed with the measured
+    grouped-GEMM efficiency (the same node the training lowering emits)."""
+    from tensorstage.sim.compute import GROUPED_OP
+
+    spec = resolve_model("qwen3-30b-a3b")
+    moe = spec.moe
+    for plan, local in ((ServingPlan(tp=2), moe.num_experts), (ServingPlan(tp=4, attention_dp=True), moe.num_experts // 4)):
+        pred = build_predictor(spec, SYSTEM, plan)
+        grouped = [t for t in pred._layer_terms["moe"] if t.kind == GROUPED_OP]
+        assert len(grouped) == 3  # the graph's gate, up and down projections
+        for t in grouped:
+            assert t.gemm_nk[0] == local and t.routed == pytest.approx(moe.top_k / moe.num_experts)
+        t = grouped[0]
+        tokens = 4096
+        rows = round(tokens * t.routed)
+        kt = pred.compute.kernels
+        dense = pred.compute.time_s(t.flops0 + t.flops1 * tokens, t.bytes0 + t.bytes1 * tokens, "matmul",
+                                    (t.gemm_nk[0], rows, t.gemm_nk[1], t.gemm_nk[2]))
+        eff = kt.grouped_gemm_efficiency(rows, min(t.gemm_nk[1], t.gemm_nk[2]))
+        launch = pred.compute.launch_s
+        assert pred._op_time(t, tokens) - launch == pytest.approx((dense - launch) / eff)

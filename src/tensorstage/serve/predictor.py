@@ -54,7 +54,7 @@ from tensorstage.lower.op_roles import is_expert_weight, uses_experts
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.sim.collectives import Fabric, collective_time_s, members_per_domain
-from tensorstage.sim.compute import ComputeModel
+from tensorstage.sim.compute import GROUPED_OP, ComputeModel
 
 #: Bytes per stored weight element by serving dtype (int4/fp4: two per byte; scales ignored).
 WEIGHT_BYTES: dict[str, float] = {"bf16": 2, "fp16": 2, "fp8": 1, "int8": 1, "int4": 0.5, "fp4": 0.5}
@@ -93,6 +93,8 @@ class _Term:
     bytes0: float
     bytes1: float
     gemm_nk: tuple[int, int, int] | None  # (batch, n, k); m = T (or n_logits for the head)
+    #: an MoE expert GEMM: ``gemm_nk[0]`` = local experts, and each receives ``m * routed`` rows
+    routed: float = 0.0
 
 
 def _poly(fn, degree: int) -> np.ndarray | None:
@@ -239,8 +241,13 @@ class IterationPredictor:
         def size(dims: set[str]) -> int:
             return max(1, int(round(np.prod([self._eval(graph.sizes[d], graph, b=1, s=1, c=1) for d in dims]))))
 
-        if (da & db & dc) - {"b", "s", "one"}:
-            return None  # a batched GEMM over model dims: keep the plain ceiling
+        batch = (da & db & dc) - {"b", "s", "one"}
+        if batch == {"e"} and any(is_expert_weight(t) for t in (*op.inputs, *op.outputs)):
+            # the experts' grouped GEMM: local experts x (their tokens, n, k), tokens set per step
+            sizes = self._bindings(graph, expert=True)
+            return (max(1, int(round(sizes["e"]))), size((db & dc) - da), size((da & db) - dc))
+        if batch:
+            return None  # a batched GEMM over model dims (materialized attention): keep the plain ceiling
         return (1, size((db & dc) - da), size((da & db) - dc))
 
     def _terms(self, graph: Graph, block: str, core: bool) -> list[_Term]:
@@ -255,8 +262,14 @@ class IterationPredictor:
             by = _affine(self._fn(op.bytes_read + op.bytes_written, graph, var, ex))
             delta = self._weight_delta(op, graph)
             # per-rank tokens are T / dp: the slopes per step token are the per-rank ones / dp
-            out.append(_Term(op.kind, fl[0], fl[1] / self.dp, by[0] + delta, by[1] / self.dp,
-                             self._gemm_nk(op, graph)))
+            gemm = self._gemm_nk(op, graph)
+            routed = 0.0
+            if gemm is not None and gemm[0] > 1 and self.spec.moe is not None:
+                # balanced routing: a step of m tokens sends m * top_k / experts rows to every expert
+                moe = self.spec.moe
+                routed = moe.top_k / moe.num_experts
+            out.append(_Term(GROUPED_OP if routed else op.kind, fl[0], fl[1] / self.dp, by[0] + delta,
+                             by[1] / self.dp, gemm, routed))
         return out
 
     def _core_fns(self, graph: Graph, block: str, var: str) -> list[tuple[str, object, object]]:
@@ -305,6 +318,8 @@ class IterationPredictor:
     # --- costs ------------------------------------------------------------------------------
     def _op_time(self, t: _Term, m: int) -> float:
         rows = -(-m // self.dp)  # GEMM rows on one rank
+        if t.routed:
+            rows = max(1, round(m * t.routed))  # each local expert's rows (all ranks' tokens route to it)
         gemm = (t.gemm_nk[0], rows, t.gemm_nk[1], t.gemm_nk[2]) if t.gemm_nk and m > 0 else None
         return self.compute.time_s(t.flops0 + t.flops1 * m, t.bytes0 + t.bytes1 * m, t.kind, gemm)
 
