@@ -182,3 +182,45 @@ def test_steady_state_extrapolation_matches_full_simulation() -> None:
     r = b
     bent = replace(r, step_time_s=r.step_time_s * 1.001)
     assert extrapolate(r, r, bent, 1, 10.0, 1) is None
+
+
+def test_forked_short_runs_give_the_serial_result_byte_for_byte(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The steady-state extrapolation's short runs in forked children (the API default on a multi-core
+    machine) and one after the other in this process give the same result, field for field."""
+    import pickle
+
+    import tensorstage.api as api_mod
+    from tensorstage.sim import steady
+
+    if not steady._can_fork():
+        pytest.skip("needs os.fork and two CPUs")
+    plan = ParallelPlan.parse({"tp": 2, "pp": 2, "dp": 2, "global_batch": 80, "seq": 512, "recompute": "selective"})
+    monkeypatch.setattr(api_mod, "STEADY_WORKERS", 2)
+    forked = api_mod.simulate("gpt3-125m", "dgx-a100-selene", plan).result
+    monkeypatch.setattr(api_mod, "STEADY_WORKERS", 1)
+    serial = api_mod.simulate("gpt3-125m", "dgx-a100-selene", plan).result
+    assert pickle.dumps(forked) == pickle.dumps(serial)
+
+
+def test_forked_runs_rerun_a_child_that_died_and_raise_a_childs_error() -> None:
+    """A child that ends without a result is rerun in this process; a child's exception is raised here."""
+    import os
+    import signal
+
+    from tensorstage.sim import steady
+
+    if not steady._can_fork():
+        pytest.skip("needs os.fork and two CPUs")
+
+    def dies():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    with steady._forked_results([lambda: 41, dies]) as collect:
+        got = collect()
+    assert got == [41, None]
+
+    def fails():
+        raise ValueError("bad short run")
+
+    with pytest.raises(ValueError, match="bad short run"), steady._forked_results([fails]) as collect:
+        collect()

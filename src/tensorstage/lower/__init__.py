@@ -69,13 +69,11 @@ _BLOCKS: OrderedDict[tuple[int, str, bool], tuple[Graph, dict[str, Any]]] = Orde
 _BLOCKS_MAX = 8
 
 
-def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None, fuse: bool = False) -> Lowered:
-    """Lower ``spec`` under ``plan`` to per-rank-class Programs (validates the plan first).
-
-    ``fuse`` merges runs of compute nodes between communications into one node each
-    (:mod:`tensorstage.lower.fuse`): same simulated time, several times fewer nodes.
-    """
-    from tensorstage.lower.assemble import assemble
+def lower_blocks_cached(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None,
+                        fuse: bool = False) -> tuple[Graph, dict[str, Any]]:
+    """The graph and per-micro-batch block lowerings :func:`lower` assembles (validates the plan;
+    cached: see :data:`_BLOCKS`). Calling it before forking workers that lower plans differing only
+    in the global batch lets them all start from the cache."""
     from tensorstage.lower.blocks import lower_blocks
 
     plan.validate_for(spec)
@@ -84,21 +82,32 @@ def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = No
     key = (id(graph), plan.model_copy(update={"global_batch": 0}).model_dump_json(), fuse)
     hit = _BLOCKS.get(key)
     if hit is not None and hit[0] is graph:
-        blocks = hit[1]
         _BLOCKS.move_to_end(key)
-    else:
-        blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
-        if fuse:
-            from tensorstage.lower.fuse import fuse_blocks
+        return graph, hit[1]
+    blocks = lower_blocks(graph, plan, overlap_tp_comm=plan.tp_comm_overlap)
+    if fuse:
+        from tensorstage.lower.fuse import fuse_blocks
 
-            blocks = fuse_blocks(blocks, split_backward=plan.schedule.startswith("zb"))
-        _BLOCKS[key] = (graph, blocks)
-        while len(_BLOCKS) > _BLOCKS_MAX:
-            _BLOCKS.popitem(last=False)
+        blocks = fuse_blocks(blocks, split_backward=plan.schedule.startswith("zb"))
+    _BLOCKS[key] = (graph, blocks)
+    while len(_BLOCKS) > _BLOCKS_MAX:
+        _BLOCKS.popitem(last=False)
+    return graph, blocks
+
+
+def lower(spec: ModelSpec, plan: ParallelPlan, options: GraphOptions | None = None, fuse: bool = False) -> Lowered:
+    """Lower ``spec`` under ``plan`` to per-rank-class Programs (validates the plan first).
+
+    ``fuse`` merges runs of compute nodes between communications into one node each
+    (:mod:`tensorstage.lower.fuse`): same simulated time, several times fewer nodes.
+    """
+    from tensorstage.lower.assemble import assemble
+
+    graph, blocks = lower_blocks_cached(spec, plan, options, fuse)
     mesh = plan.mesh()
     programs = assemble(graph, plan, blocks, mesh)
     new_tokens = 1 if plan.phase == "decode" else plan.seq
     return Lowered(programs, mesh, graph, plan, spec, plan.global_batch * new_tokens)
 
 
-__all__ = ["Lowered", "graph_options", "lower"]
+__all__ = ["Lowered", "graph_options", "lower", "lower_blocks_cached"]

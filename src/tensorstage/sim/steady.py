@@ -19,7 +19,8 @@ MFU, HFU and tokens/s are recomputed from the extrapolated FLOPs and step time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import fields, replace
 from typing import Any, TypeVar
 
@@ -129,27 +130,117 @@ def with_microbatches(plan: ParallelPlan, microbatches: int) -> ParallelPlan:
 
 
 def simulate_steady(plan: ParallelPlan, run: Callable[[ParallelPlan], T],
-                    result: Callable[[T], SimResult]) -> tuple[SimResult, T, list[int]] | None:
+                    result: Callable[[T], SimResult], workers: int = 1) -> tuple[SimResult, T, list[int]] | None:
     """Extrapolate ``plan``'s step from three short simulations, or ``None`` if it does not qualify
     (:func:`steady_counts`) or no window of three gives affine results.
 
     ``run(short_plan)`` simulates a plan with fewer micro-batches and returns whatever the caller
     keeps (``result`` extracts its :class:`SimResult`). Returns the extrapolated result, the last
     short run and the three micro-batch counts used. One driver for the CLI and the validation.
+    ``workers > 1``: the first two short runs go to forked child processes while this process runs
+    the third (:func:`_forked_results`; same results, less wall time on a multi-core machine).
     """
     start = steady_counts(plan)
     if start is None:
         return None
     spacing = start[1] - start[0]
     counts = list(start)
-    runs = [run(with_microbatches(plan, m)) for m in counts]
+    plans = [with_microbatches(plan, m) for m in counts]
+    results: list[SimResult] = []
+    if workers > 1 and _can_fork():
+        with _forked_results([lambda p=p: result(run(p)) for p in plans[:-1]]) as collect:
+            last = run(plans[-1])
+            got = collect()
+        # a child that died without a result (killed, out of memory, unpicklable error) is rerun here
+        results = [r if r is not None else result(run(p)) for r, p in zip(got, plans, strict=False)]
+        results.append(result(last))
+    else:
+        runs = [run(p) for p in plans]
+        results = [result(r) for r in runs]
+        last = runs[-1]
     tokens = plan.global_batch * plan.seq
     for shift in range(STEADY_SHIFTS + 1):  # a warm-up longer than expected: move the window on
         if shift:
             counts.append(counts[-1] + spacing)
-            runs.append(run(with_microbatches(plan, counts[-1])))
-        res = extrapolate(*(result(r) for r in runs[-3:]), spacing,
-                          (plan.microbatches - counts[-1]) / spacing, tokens)
+            last = run(with_microbatches(plan, counts[-1]))
+            results.append(result(last))
+        res = extrapolate(*results[-3:], spacing, (plan.microbatches - counts[-1]) / spacing, tokens)
         if res is not None:
-            return res, runs[-1], counts[-3:]
+            return res, last, counts[-3:]
     return None
+
+
+def _can_fork() -> bool:
+    """``os.fork`` exists (POSIX) and more than one CPU is ours to use."""
+    import os
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return hasattr(os, "fork") and cpus > 1
+
+
+@contextmanager
+def _forked_results(jobs: list[Callable[[], SimResult]]) -> Iterator[Callable[[], list[SimResult | None]]]:
+    """Run each job in a forked child (it inherits everything built so far: graphs, lowering caches),
+    which sends its pickled result back over a pipe; the block gets ``collect()`` returning them in
+    order (``None`` for a child that ended without one). A child's exception is re-raised here;
+    leaving the block early (an error, Ctrl-C) kills the children. Children take the default SIGINT
+    action, so a Ctrl-C ends them at once."""
+    import os
+    import pickle
+    import signal
+
+    procs: list[tuple[int, int]] = []
+    for job in jobs:
+        rfd, wfd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: compute, send, leave without running the parent's cleanup
+            code = 0
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.close(rfd)
+                try:
+                    payload = pickle.dumps((True, job()), protocol=pickle.HIGHEST_PROTOCOL)
+                except BaseException as exc:  # noqa: BLE001 - handed to the parent, which raises it
+                    payload = pickle.dumps((False, exc))
+                with os.fdopen(wfd, "wb") as out:
+                    out.write(payload)
+            except BaseException:  # noqa: BLE001 - a child must never return into the parent's code
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(wfd)
+        procs.append((pid, rfd))
+
+    reaped: set[int] = set()
+
+    def collect() -> list[SimResult | None]:
+        out: list[SimResult | None] = []
+        for pid, rfd in procs:
+            with os.fdopen(rfd, "rb", closefd=False) as src:
+                data = src.read()
+            os.waitpid(pid, 0)
+            reaped.add(pid)
+            if not data:
+                out.append(None)
+                continue
+            ok, value = pickle.loads(data)
+            if not ok:
+                raise value
+            out.append(value)
+        return out
+
+    try:
+        yield collect
+    finally:
+        for pid, rfd in procs:
+            with suppress(OSError):
+                os.close(rfd)
+            if pid in reaped:  # never signal a reaped pid: the number may belong to someone else now
+                continue
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
