@@ -81,3 +81,24 @@ def test_moe_expert_gemms_are_grouped_with_each_experts_rows():
         eff = kt.grouped_gemm_efficiency(rows, min(t.gemm_nk[1], t.gemm_nk[2]))
         launch = pred.compute.launch_s
         assert pred._op_time(t, tokens) - launch == pytest.approx((dense - launch) / eff)
+
+
+def test_small_moe_steps_read_only_the_picked_experts_weights():
+    """One decode token picks top_k experts: the step reads those experts' weights, not all of them
+    (balanced routing: an expert is active with probability 1 - (1 - top_k/experts)^tokens)."""
+    from tensorstage.sim.compute import GROUPED_OP
+
+    spec = resolve_model("qwen3-30b-a3b")
+    moe = spec.moe
+    pred = build_predictor(spec, SYSTEM, ServingPlan(tp=1))
+    t = next(x for x in pred._layer_terms["moe"] if x.kind == GROUPED_OP)
+    weights = moe.num_experts * spec.hidden * moe.expert_ffn * 2  # one projection of every expert, bf16
+    assert t.bytes0 == pytest.approx(weights, rel=1e-9)
+    hbm = pred.compute.hbm_Bps
+    picked = moe.top_k / moe.num_experts * weights  # top_k experts' weights
+    one = pred._op_time(t, 1) - pred.compute.launch_s
+    assert picked / hbm <= one <= 1.5 * picked / hbm  # weight-read bound, within the grouped efficiency
+    # many tokens touch every expert: the whole weight set is read
+    many = 1 - (1 - moe.top_k / moe.num_experts) ** 512
+    assert many > 0.999
+    assert pred._op_time(t, 512) - pred.compute.launch_s >= weights / hbm

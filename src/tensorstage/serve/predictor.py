@@ -318,10 +318,19 @@ class IterationPredictor:
     # --- costs ------------------------------------------------------------------------------
     def _op_time(self, t: _Term, m: int) -> float:
         rows = -(-m // self.dp)  # GEMM rows on one rank
+        bytes0 = t.bytes0
+        groups = t.gemm_nk[0] if t.gemm_nk else 1
         if t.routed:
-            rows = max(1, round(m * t.routed))  # each local expert's rows (all ranks' tokens route to it)
-        gemm = (t.gemm_nk[0], rows, t.gemm_nk[1], t.gemm_nk[2]) if t.gemm_nk and m > 0 else None
-        return self.compute.time_s(t.flops0 + t.flops1 * m, t.bytes0 + t.bytes1 * m, t.kind, gemm)
+            # a step of m tokens touches only the experts some token picked: with balanced routing each
+            # expert is missed by all m tokens with probability (1 - top_k / experts)^m, so a fraction
+            # `active` of the local experts runs, and only their weights are read (the term's constant
+            # bytes are the expert weights); each active expert multiplies m * top_k / experts / active rows
+            active = 1.0 - (1.0 - t.routed) ** m if m > 0 else 0.0
+            bytes0 *= active
+            groups = max(1, round(groups * active))
+            rows = max(1, round(m * t.routed / active)) if active > 0 else 1
+        gemm = (groups, rows, t.gemm_nk[1], t.gemm_nk[2]) if t.gemm_nk and m > 0 else None
+        return self.compute.time_s(t.flops0 + t.flops1 * m, bytes0 + t.bytes1 * m, t.kind, gemm)
 
     def linear_s(self, tokens: int, n_logits: int) -> tuple[float, float, int]:
         """(compute s, communication s, kernels) of the token-linear ops and collectives; cached by shape."""
