@@ -154,7 +154,7 @@ def describe_plan(plan: ParallelPlan) -> str:
     if p.cp > 1:
         parts[0] += f" CP {p.cp}"
     if p.ep > 1:
-        parts[0] += f" EP {p.ep}"
+        parts[0] += f" EP {p.ep}" + (" ETP 1 (folded over TP)" if p.folded else "")
     if p.vpp > 1:
         parts[0] += f" VPP {p.vpp}"
     parts.append(f"{p.world:,} GPU{'s' if p.world != 1 else ''}")

@@ -47,7 +47,9 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("pp", int, ("--pp",), "Pipeline-parallel degree (stages)."),
     ("dp", int, ("--dp",), "Data-parallel degree."),
     ("cp", int, ("--cp",), "Context-parallel degree."),
-    ("ep", int, ("--ep",), "Expert-parallel degree (divides dp*cp)."),
+    ("ep", int, ("--ep",), "Expert-parallel degree (divides dp*cp; with --etp 1 divides tp*dp*cp)."),
+    ("etp", int, ("--etp",), "Expert tensor-parallel degree: tp (default) or 1 (MoE parallel folding: "
+     "experts whole, EP over tp*dp*cp)."),
     ("vpp", int, ("--vpp",), "Virtual pipeline stages per PP rank (interleaved)."),
     ("sp", bool, ("--sp/--no-sp",), "Sequence parallelism over the TP group."),
     ("zero", int, ("--zero",), "ZeRO stage: 0, 1, 2, 3 (3 = FSDP)."),

@@ -223,6 +223,8 @@ class _Context:
         """Base bindings with the TP dims divided (what one rank computes on)."""
         vals = self.base_bindings()
         for name in TP_SYMBOLS:
+            if name == "fe" and self.plan.folded:
+                continue  # MoE parallel folding: experts are whole (expert TP 1)
             vals[name] = vals[name] / self.tp
         vals["v"] = vals["v"] / self.tp
         return vals
@@ -236,7 +238,7 @@ class BlockLowerer:
         self.ctx = ctx
         self.name = name
         self.blk = blk
-        self.prop = Propagator(ctx.sp, moe_tp_on_tokens=ctx.ep == 1)
+        self.prop = Propagator(ctx.sp, moe_tp_on_tokens=ctx.ep == 1, folded=ctx.plan.folded)
         c = ctx
         self.s_divs = sorted({1, c.cp, c.cp * c.tp})
         self.e_divs = sorted({1, c.ep})

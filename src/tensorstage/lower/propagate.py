@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from tensorstage.errors import SpecError
 from tensorstage.graph.ir import Op, Tensor
+from tensorstage.lower.op_roles import is_expert_weight
 from tensorstage.parallel.apply import TP_DIMS, tp_column, vocab_parallel_embedding
 from tensorstage.parallel.placement import REPLICATE, Partial, Placement, Shard, contract
 
@@ -102,6 +103,11 @@ class Propagator:
     #: all-gather token dispatcher) and reduce after the combine (vLLM's and TensorRT-LLM's fused MoE).
     #: With expert parallelism the slot-level protocol of Megatron's all-to-all dispatcher stays.
     moe_tp_on_tokens: bool = False
+    #: Megatron's MoE parallel folding (expert TP 1 under TP > 1): the TP ranks are part of the EP
+    #: group, so every rank holds whole experts of its own; expert weights and their gradients are
+    #: local on the ``tp`` axis (Replicate: no TP split, no TP reduction), routed tokens stay on the
+    #: rank's sequence shard (the all-to-all over EP, emitted by the lowering, moves them)
+    folded: bool = False
     place: dict[int, Placement] = field(default_factory=dict)
     avail: dict[int, set[str]] = field(default_factory=dict)
     tensors: dict[int, Tensor] = field(default_factory=dict)
@@ -125,6 +131,8 @@ class Propagator:
         self.tensors[id(t)] = t
 
     def _default(self, t: Tensor) -> Placement:
+        if self.folded and is_expert_weight(t):
+            return REPLICATE
         if t.role in ("weight", "weight_grad"):
             return weight_placement(t)
         head = next((d for d in HEAD_DIMS if d in t.dims), None)
@@ -174,6 +182,8 @@ class Propagator:
         return self._pointwise(op)
 
     def _finish(self, op: Op, changes: list[Change], ins: list[Placement], outs: list[Placement]) -> Placed:
+        if self.folded:  # a local expert's gradient sums rows routed from the whole EP group: complete here
+            outs = [REPLICATE if is_expert_weight(t) else p for t, p in zip(op.outputs, outs, strict=True)]
         for t, p in zip(op.outputs, outs, strict=True):
             self.set(t, p)
         return Placed(op, changes, ins, outs)

@@ -59,7 +59,7 @@ AttentionImpl = Literal["flash", "materialized"]
 AttentionFlops = Literal["causal_half", "full"]
 
 #: Numeric plan fields; a YAML ``true``/``false`` in one of them is an error, not 1/0.
-NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "zero", "seq", "global_batch", "micro_batch",
+NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "zero", "seq", "global_batch", "micro_batch",
                   "dp_bucket_bytes", "zero_shard_size", "fsdp_prefetch", "context", "capacity_factor",
                   "routing_skew")
 
@@ -94,7 +94,11 @@ class ParallelPlan(BaseModel):
     pp: int = Field(1, ge=1, description="pipeline-parallel degree (stages)")
     dp: int = Field(1, ge=1, description="data-parallel degree")
     cp: int = Field(1, ge=1, description="context-parallel degree")
-    ep: int = Field(1, ge=1, description="expert-parallel degree, carved out of dp*cp")
+    ep: int = Field(1, ge=1, description="expert-parallel degree, carved out of dp*cp (of tp*cp*dp with etp 1)")
+    etp: int | None = Field(
+        None, ge=1,
+        description="expert tensor-parallel degree: tp (default: experts split like the dense MLP) or 1 "
+        "(Megatron MoE parallel folding: experts whole, EP laid over tp*cp*dp, so ep may exceed dp*cp)")
     vpp: int = Field(1, ge=1, description="virtual pipeline stages (model chunks) per PP rank")
     sp: bool = Field(False, description="Megatron sequence parallelism over the TP group")
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 1 optimizer, 2 +grads, 3 +params (FSDP)")
@@ -213,9 +217,21 @@ class ParallelPlan(BaseModel):
         return self.global_batch // (self.dp * self.micro_batch)
 
     @property
+    def folded(self) -> bool:
+        """Megatron's MoE parallel folding: expert TP 1 under TP > 1, so EP spans the TP ranks too
+        (the expert layers re-factor ``tp * cp * dp`` as ``ep * edp``; attention keeps TP/CP/DP)."""
+        return self.tp > 1 and self.etp == 1
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel degree: ``tp``, or 1 when folded."""
+        return 1 if self.folded else self.tp
+
+    @property
     def edp(self) -> int:
-        """Expert data-parallel degree: replicas of each expert, ``dp * cp / ep`` (Megatron)."""
-        return self.dp * self.cp // self.ep
+        """Expert data-parallel degree: replicas of each expert, ``dp * cp / ep`` (Megatron), or
+        ``tp * cp * dp / ep`` when folded."""
+        return (self.tp if self.folded else 1) * self.dp * self.cp // self.ep
 
     @property
     def dtype_bytes(self) -> int:
@@ -294,7 +310,9 @@ class ParallelPlan(BaseModel):
         run = order[i : j + 1]
         refactor: dict = {}
         new = [("ep", self.ep), ("edp", self.edp)]
-        refactor[EXPERT_VIEW] = (run, new if self._ep_inner() else new[::-1])
+        # folded: the expert view re-factors tp too (tp sits next to the cp/dp run: checked)
+        expert_run = order[i - 1 : j + 1] if self.folded else run
+        refactor[EXPERT_VIEW] = (expert_run, new if self._ep_inner() else new[::-1])
         if self.zero_shard_size is not None and self.zero_shard_size < self.dp * self.cp:
             reps = self.dp * self.cp // self.zero_shard_size
             refactor[HSDP_VIEW] = (run, [("dp_shard", self.zero_shard_size), ("dp_replicate", reps)])
@@ -353,9 +371,25 @@ class ParallelPlan(BaseModel):
                 f"plan needs tp*cp*dp*pp = {self.tp}*{self.cp}*{self.dp}*{self.pp} = {self.world} "
                 f"ranks but world size is {world}",
             )
-        if (self.dp * self.cp) % self.ep:
+        if self.etp is not None and self.etp not in (1, self.tp):
+            raise SpecError("etp", f"etp={self.etp} must be 1 (MoE parallel folding) or tp={self.tp}",
+                            allowed=[1, self.tp])
+        if self.folded:
+            if order.index("tp") + 1 != min(order.index("cp"), order.index("dp")):
+                raise SpecError("rank_order", "etp 1 (MoE parallel folding) needs tp next to the cp/dp axes")
+            if self.ep % self.tp or (self.tp * self.dp * self.cp) % self.ep:
+                raise SpecError(
+                    "ep",
+                    f"with etp 1 (MoE parallel folding) ep={self.ep} must be a multiple of tp={self.tp} and divide "
+                    f"tp*dp*cp={self.tp * self.dp * self.cp} (EP groups hold whole TP groups)",
+                )
+            if not self.sp and self.phase != "decode":
+                raise SpecError("sp", "etp 1 (MoE parallel folding) with tp > 1 needs sequence parallelism "
+                                "(each TP rank dispatches its own sequence shard), give --sp")
+        elif (self.dp * self.cp) % self.ep:
             raise SpecError(
-                "ep", f"ep={self.ep} must divide dp*cp={self.dp * self.cp} (EP is carved out of DP x CP)"
+                "ep", f"ep={self.ep} must divide dp*cp={self.dp * self.cp} (EP is carved out of DP x CP; "
+                "etp 1 lays it over tp*dp*cp)"
             )
         if self.global_batch % (self.dp * self.micro_batch):
             raise SpecError(
