@@ -40,7 +40,7 @@ from tensorstage.explore.evaluate import metrics_from
 from tensorstage.parallel.plan import DTYPE_BYTES, ParallelPlan
 
 #: Plan fields the screen reads, with the plan's own defaults for the ones a space leaves out.
-SCREEN_FIELDS = ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq", "sp", "zero",
+SCREEN_FIELDS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq", "sp", "zero",
                  "schedule", "recompute", "dtype", "overlap_grad_reduce", "overlap_param_gather")
 
 
@@ -102,6 +102,8 @@ class _BlockCost:
         loc = dict(base)
         for s in TP_SYMBOLS:
             loc[s] = graph.bindings[s] / tp
+        # MoE parallel folding (etp 1): experts whole on every rank, EP over tp*cp*dp
+        loc["fe"] = graph.bindings["fe"] / np.where(cols["etp"] == 1, 1, tp)
         loc["v"] = base["v"] / tp
         ops = graph.blocks()[name].all_ops()
         L = graph.op_costs(name, loc)
@@ -140,7 +142,8 @@ def screen(model: str, system: Any, cols: Mapping[str, Any], n: int | None = Non
     for k in SCREEN_FIELDS:
         v = np.asarray(full[k])
         c[k] = np.broadcast_to(v, (n,)) if v.ndim == 0 else v
-    for k in ("tp", "pp", "dp", "cp", "ep", "vpp", "micro_batch", "global_batch", "seq", "zero"):
+    c["etp"] = np.array([0 if v is None else int(v) for v in c["etp"]])  # None: expert TP = tp
+    for k in ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq", "zero"):
         c[k] = c[k].astype(np.int64)
     gb = np.where(c["global_batch"] > 0, c["global_batch"], c["dp"] * c["micro_batch"] * c["pp"])
     c["global_batch"] = gb
