@@ -81,3 +81,34 @@ def test_expert_gradients_are_not_reduced_over_tp():
     router_and_norms = (SPEC.hidden * moe.num_experts + 2 * SPEC.hidden + 2 * 128) * 4
     assert folded.extra["tp_partial_grad_bytes"] <= router_and_norms
     assert moe.num_experts // 4 * SPEC.hidden * moe.expert_ffn * 4 > 100 * router_and_norms
+
+
+def test_best_plan_searches_expert_parallelism_for_moe_models():
+    """best-plan's layout space gains ep and expert TP (plain or folded) for an MoE model only, every
+    enumerated MoE layout passes the plan rules, and the closed-form screen's peak memory of EP
+    layouts tracks the simulator's (the screen prunes by memory before simulating)."""
+    import numpy as np
+
+    from tensorstage import api
+    from tensorstage.explore.bestplan import layout_space, screen_layouts
+    from tensorstage.explore.fastpath import screen
+    from tensorstage.hardware.system import load_system
+
+    dense = layout_space("llama3-8b", "dgx-h100-superpod", 16, 64, 2048)
+    assert "ep" not in dense.names and "etp" not in dense.names
+    moe = layout_space("qwen3-30b-a3b", "dgx-h100-superpod", 16, 64, 2048)
+    assert {"ep", "etp"} <= set(moe.names)
+    tasks, _, _ = screen_layouts(moe)
+    plans = [t.plan for t in tasks]
+    assert any(p.get("etp") == 1 and p["tp"] > 1 and p["ep"] > p["dp"] for p in plans)  # folded, ep > dp
+    cases = [(2, 8, 16, 1), (1, 16, 16, None), (2, 8, 8, None)]
+    cols = {"tp": np.array([c[0] for c in cases]), "dp": np.array([c[1] for c in cases]), "pp": 1,
+            "ep": np.array([c[2] for c in cases]), "etp": np.array([c[3] for c in cases], dtype=object),
+            "sp": np.array([c[0] > 1 for c in cases]), "seq": 2048, "global_batch": 64, "micro_batch": 1,
+            "zero": 1, "recompute": "selective", "dtype": "bf16"}
+    fast = screen("qwen3-30b-a3b", load_system("dgx-h100-superpod", 16), cols)["peak_memory_bytes"]
+    for (tp, dp, ep, etp), f in zip(cases, fast, strict=True):
+        full = api.simulate("qwen3-30b-a3b", "dgx-h100-superpod", api.make_plan(
+            tp=tp, dp=dp, pp=1, ep=ep, etp=etp, sp=tp > 1, seq=2048, global_batch=64, micro_batch=1, zero=1,
+            recompute="selective")).result.peak_memory_bytes
+        assert f == pytest.approx(full, rel=0.15), (tp, dp, ep, etp)

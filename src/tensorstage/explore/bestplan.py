@@ -3,7 +3,7 @@ optimal execution search, in two stages.
 
 1. Enumerate the layout space (:func:`layout_space`: TP, PP (an uneven
    :func:`balanced_split` when PP does not divide the layers), DP, micro-batch, interleaving,
-   recompute, ZeRO 0/1/3) as a :class:`Space`, keep what the plan rules accept, and screen every
+   recompute, ZeRO 0/1/3; for MoE models EP and expert TP, folded or not) as a :class:`Space`, keep what the plan rules accept, and screen every
    survivor in closed form (:mod:`.fastpath`); drop what the screen puts out of memory.
 2. Simulate the best-screened layouts in full (:func:`.evaluate.training_step`) until ``top`` of
    them fit in memory (at most :data:`MAX_SIMULATED_FACTOR` x ``top`` simulations) and rank those by
@@ -89,6 +89,15 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     fx = {"seq": seq, "global_batch": global_batch, "dtype": dtype, **(fixed or {})}
     params: dict[str, Any] = {"tp": tps, "pp": pps, "vpp": [1, 2, 3, 4], "micro_batch": [1, 2, 4, 8],
                               "recompute": ["none", "selective", "full"], "zero": [0, 1, 3]}
+    moe_rules: list[str] = []
+    if spec.moe is not None:
+        # MoE: expert parallelism (powers of two dividing the experts) carved out of dp*cp, or with
+        # expert TP 1 (Megatron's parallel folding) out of tp*dp*cp
+        params["ep"] = [e for e in (2**k for k in range(0, 12)) if e <= gpus and spec.moe.num_experts % e == 0]
+        params["etp"] = sorted({1, *tps})
+        moe_rules = ["etp == 1 or etp == tp",
+                     "(etp == tp and (dp * cp) % ep == 0) or "
+                     "(etp == 1 and tp > 1 and ep % tp == 0 and (tp * dp * cp) % ep == 0)"]
     for k in list(params):
         if k in fx:
             params.pop(k)
@@ -98,7 +107,7 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
             "parameters": {"plan": params}, "derived": derived,
             "constraints": ["gpus % (tp * pp) == 0", "global_batch % (dp * micro_batch) == 0",
                             "model.num_layers % (pp * vpp) == 0 or (vpp == 1 and pp < model.num_layers)",
-                            "vpp == 1 or pp > 1"],
+                            "vpp == 1 or pp > 1", *moe_rules],
             "objectives": [{"metric": "step_time_s", "goal": "min"}]}
     return parse_space(data, where="best-plan")
 
@@ -188,7 +197,8 @@ def rank_table(bp: BestPlan) -> list[dict[str, Any]]:
     rows = []
     for r in bp.simulated:
         tp, pp, dp = layout_of(r.plan)
-        rows.append({"tp": tp, "pp": pp, "dp": dp, "vpp": r.plan.get("vpp", 1),
+        moe = {"ep": r.plan["ep"], "etp": r.plan.get("etp") or tp} if "ep" in r.plan else {}
+        rows.append({"tp": tp, "pp": pp, "dp": dp, **moe, "vpp": r.plan.get("vpp", 1),
                      "micro_batch": r.plan.get("micro_batch", 1), "recompute": r.plan.get("recompute"),
                      "zero": r.plan.get("zero", 0), f"screen_{bp.objective}": r.fast.get(bp.objective),
                      bp.objective: None if r.full is None else r.full.get(bp.objective),

@@ -61,9 +61,15 @@ def _graph(model: str, recompute: str, dtype: str) -> Any:
 
 def _coll(kind: str, nbytes: np.ndarray, stride: np.ndarray, size: np.ndarray, fabric: Any) -> np.ndarray:
     """Collective time for every candidate, computed once per distinct (bytes, stride, size)."""
-    from tensorstage.sim.collectives import all_gather_s, all_reduce_s, members_per_domain, reduce_scatter_s
+    from tensorstage.sim.collectives import (
+        all_gather_s,
+        all_reduce_s,
+        all_to_all_s,
+        members_per_domain,
+        reduce_scatter_s,
+    )
 
-    fn = {"ar": all_reduce_s, "rs": reduce_scatter_s, "ag": all_gather_s}[kind]
+    fn = {"ar": all_reduce_s, "rs": reduce_scatter_s, "ag": all_gather_s, "a2a": all_to_all_s}[kind]
     keys = np.stack([nbytes, stride, size], axis=1)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
     vals = np.zeros(len(uniq))
@@ -86,6 +92,13 @@ def _p2p(nbytes: np.ndarray, stride: np.ndarray, fabric: Any) -> np.ndarray:
         sel = tier == t
         out[sel] = [p2p_time_s(float(b), int(t), fabric) for b in nbytes[sel]]
     return out
+
+
+def _expert_params(graph: Any, block: Any) -> float:
+    """Routed-expert parameters of one layer block (weights with a leading ``e`` dim)."""
+    from tensorstage.lower.op_roles import is_expert_weight
+
+    return float(sum(float(graph.evaluate(t.numel)) for t in block.weights if is_expert_weight(t)))
 
 
 class _BlockCost:
@@ -194,29 +207,59 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
                                        head.time_s["fwd"] + head.time_s["bwd_input"] + head.time_s["bwd_weight"]),
                     emb.time_s["fwd"] + emb.time_s["bwd_input"] + emb.time_s["bwd_weight"]
                     + head.time_s["fwd"] + head.time_s["bwd_input"] + head.time_s["bwd_weight"])
-    per_mb = F + B + W + ends
+    # MoE: routed experts split over ep (and expert TP: tp, or 1 when folded), reduced over edp;
+    # per MoE layer and micro-batch the dispatch and combine all-to-alls of the rank's tokens, forward
+    # and backward (+ forward again under full recompute)
+    ep = c["ep"]
+    folded = (c["etp"] == 1) & (tp > 1)
+    etp = np.where(folded, 1, tp)
+    moe_layers = sum(kinds.count(k) for k in layer if _expert_params(graph, graph.layers[k]))
+    expert_layer = sum(_expert_params(graph, graph.layers[k]) * kinds.count(k) for k in layer) / L
+    spec_moe = graph.spec.moe
+    if spec_moe is not None and moe_layers:
+        tokens = mb * c["seq"] / cp / np.where(sp, tp, 1)
+        a2a_b = tokens * spec_moe.top_k * graph.spec.hidden * act_b
+        n_a2a = 4 + np.where(c["recompute"] == "full", 2, 0)
+        a2a = _coll("a2a", a2a_b, np.where(folded, 1, tp), ep, fabric) * n_a2a * moe_layers / L
+    else:
+        a2a = np.zeros(len(tp))
+    per_mb = F + B + W + ends + lps * a2a
     sched = c["schedule"]
     bubble = np.where(sched == "interleaved", (pp - 1) / vpp * per_mb,
                       np.where(sched == "zb-h1", (pp - 1) * np.maximum(F + B - W, 0.0), (pp - 1) * per_mb))
     p2p_bytes = np.where(sp, msg / tp, msg)
     p2p = _p2p(p2p_bytes, tp * cp * dp, fabric) * 2 * np.where(sched == "interleaved", pp * vpp - 1, pp - 1)
     pipe = m * per_mb + bubble + p2p
-    # data parallelism over dp*cp (stride tp)
+    # data parallelism over dp*cp (stride tp); expert weights over edp
     sb = state_bytes_per_param(graph.options)
     params_layer = sum(float(graph.evaluate(graph.layers[k].param_count)) * kinds.count(k) for k in graph.layers) / L
     emb_p, head_p = (float(graph.evaluate(b.param_count)) for b in (graph.embedding, graph.head))
-    params_rank = (lps * params_layer + np.where(pp > 1, max(emb_p, head_p), emb_p + head_p)) / tp
-    grad_bytes = params_rank * sb["grad"]
+    dense_rank = (lps * (params_layer - expert_layer) + np.where(pp > 1, max(emb_p, head_p), emb_p + head_p)) / tp
+    expert_rank = lps * expert_layer / (ep * etp)
+    params_rank = dense_rank + expert_rank
     dpn = dp * cp
+    edp = np.maximum(1, np.where(folded, tp, 1) * dpn // ep)
     zero = c["zero"]
-    red = np.where(zero >= 1, _coll("rs", grad_bytes, tp, dpn, fabric), _coll("ar", grad_bytes, tp, dpn, fabric))
-    gather = np.where(zero >= 1, _coll("ag", params_rank * sb["param"], tp, dpn, fabric), 0.0)
+
+    def reduce(kind_z: str, kind_0: str, nbytes: np.ndarray) -> np.ndarray:
+        dense = dense_rank * nbytes / np.maximum(params_rank, 1)
+        expert = expert_rank * nbytes / np.maximum(params_rank, 1)
+        e_stride = np.where(folded, ep, tp * ep)
+        return (np.where(zero >= 1, _coll(kind_z, dense, tp, dpn, fabric), _coll(kind_0, dense, tp, dpn, fabric))
+                + np.where(zero >= 1, _coll(kind_z, expert, e_stride, edp, fabric),
+                           _coll(kind_0, expert, e_stride, edp, fabric)))
+
+    grad_bytes = params_rank * sb["grad"]
+    red = reduce("rs", "ar", grad_bytes)
+    gather = np.where(zero >= 1, reduce("ag", "ag", params_rank * sb["param"]), 0.0)
     overlap = c["overlap_grad_reduce"].astype(bool)
     last_bwd = B + W
     dp_exposed = np.where(overlap, np.maximum(red - last_bwd, 0.1 * red), red)
     gather_exposed = np.where(c["overlap_param_gather"].astype(bool), 0.0, gather)
-    shard = np.where(zero >= 1, dpn, 1)
-    opt = (lps * per_layer("optimizer") + head.time_s["optimizer"]) / shard
+    # the optimizer step and ZeRO shards: dense state over dp*cp, expert state over edp
+    e_share = expert_rank / np.maximum(params_rank, 1)
+    eff_shard = np.where(zero >= 1, 1.0 / ((1 - e_share) / dpn + e_share / edp), 1)
+    opt = (lps * per_layer("optimizer") + head.time_s["optimizer"]) / eff_shard
     # ZeRO-3 / FSDP: the stage's parameters are gathered for every micro-batch's forward and
     # backward (only what outlasts that micro-batch's compute shows, plus the first gather); the
     # gradients are reduce-scattered after the last backward, like the ZeRO-1/2 buckets
@@ -224,9 +267,9 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     fsdp = m * np.maximum(2 * ag_mb - per_mb, 0.0) + ag_mb + dp_exposed
     step = pipe + np.where(zero >= 3, fsdp, dp_exposed + gather_exposed) + opt
     # memory
-    state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / dpn, sb["grad"])
-                           + (sb["master"] + sb["optimizer_states"]) / shard)
-    state = np.where(zero >= 3, params_rank * sum(sb.values()) / dpn, state)
+    state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / eff_shard, sb["grad"])
+                           + (sb["master"] + sb["optimizer_states"]) / eff_shard)
+    state = np.where(zero >= 3, params_rank * sum(sb.values()) / eff_shard, state)
     act = _activation_bytes(graph, c, sp)
     inflight_layers = np.where(
         sched == "interleaved", np.minimum(m * vpp, 2 * (pp - 1) + (vpp - 1) * pp + 1) * lps / vpp,
