@@ -25,7 +25,11 @@ Terms per candidate (all per rank of the busiest pipeline stage, one micro-batch
   ZeRO-3 gathers the parameters twice per micro-batch, exposed where that outlasts the
   micro-batch's compute;
 * optimizer step on the local shard; memory: model state per ZeRO stage + activations of the
-  micro-batches in flight on stage 0 (1F1B: ``min(p, m)``; interleaved: Megatron's warm-up count).
+  micro-batches in flight on stage 0 (1F1B: ``min(p, m)``; interleaved: Megatron's warm-up count);
+* MoE: routed-expert parameters split over ``ep x expert TP`` (expert TP = ``tp``, or 1 folded),
+  their gradients reduced and their optimizer state sharded over ``edp``; per MoE layer and
+  micro-batch four all-to-alls (dispatch and combine, forward and backward; six under full
+  recompute) of the rank's routed tokens over the EP group.
 """
 
 from __future__ import annotations
