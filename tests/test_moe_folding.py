@@ -112,3 +112,21 @@ def test_best_plan_searches_expert_parallelism_for_moe_models():
             tp=tp, dp=dp, pp=1, ep=ep, etp=etp, sp=tp > 1, seq=2048, global_batch=64, micro_batch=1, zero=1,
             recompute="selective")).result.peak_memory_bytes
         assert f == pytest.approx(full, rel=0.15), (tp, dp, ep, etp)
+
+
+@pytest.mark.parametrize("kw", [dict(tp=2, dp=2, ep=4), dict(tp=2, dp=1, pp=2, ep=2), dict(tp=2, dp=2, cp=2, ep=8)])
+def test_folding_conserves_model_flops(kw):
+    """Summed over all ranks, a folded plan does the one-GPU plan's model FLOPs exactly: folding moves
+    experts and tokens between ranks, never adds or drops model math."""
+    from pathlib import Path
+
+    from tensorstage import api
+
+    model = str(Path(__file__).parent / "data" / "models" / "tiny-moe.yaml")
+    one = api.simulate(model, "dgx-h100-superpod", api.make_plan(
+        tp=1, pp=1, dp=1, cp=1, seq=128, global_batch=16, micro_batch=1, zero=0, recompute="none", sp=False),
+        full=True).result
+    folded = api.simulate(model, "dgx-h100-superpod", api.make_plan(
+        seq=128, global_batch=16, micro_batch=1, sp=True, etp=1, **{"pp": 1, **kw})).result
+    total = sum(c.ranks * c.model_flops for c in folded.classes)
+    assert total == pytest.approx(sum(c.ranks * c.model_flops for c in one.classes), rel=1e-9)

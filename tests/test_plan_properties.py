@@ -35,7 +35,8 @@ def plans(draw: st.DrawFn) -> dict:
         "pp": draw(st.sampled_from([1, 2, 4])),
         "dp": draw(st.sampled_from([1, 2])),
         "cp": draw(st.sampled_from([1, 1, 2])),
-        "ep": draw(st.sampled_from([1, 1, 2])),
+        "ep": draw(st.sampled_from([1, 1, 2, 4])),
+        "etp": draw(st.sampled_from([None, None, 1])),  # 1: MoE parallel folding (EP over tp*cp*dp)
         "vpp": 2 if schedule == "interleaved" else 1,
         "sp": draw(st.booleans()),
         "zero": draw(st.sampled_from([0, 1, 2, 3])),
@@ -55,7 +56,7 @@ def _reference_model_flops(seq: int, global_batch: int) -> float:
     return sum(c.ranks * c.model_flops for c in ref.result.classes)
 
 
-@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(plans())
 def test_random_plans_fail_cleanly_or_hold_the_invariants(flags: dict) -> None:
     try:
