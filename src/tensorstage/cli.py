@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import signal
 import sys
 import warnings
 from typing import Any
@@ -22,6 +23,7 @@ except ImportError:  # pragma: no cover
 
 from tensorstage import __version__
 from tensorstage.errors import InputWarning, SpecError
+from tensorstage.interrupts import exit_on_next_interrupt_after_cancel
 
 app = typer.Typer(
     name="tensorstage",
@@ -99,6 +101,7 @@ _RICH_MODE = app.rich_markup_mode
 def main() -> None:
     """Console entry point: run the app, turning bad input into one line and exit code 2."""
     warnings.showwarning = _show_warning
+    exit_on_next_interrupt_after_cancel()
     narrow = shutil.get_terminal_size((NARROW_HELP_COLUMNS, 24)).columns < NARROW_HELP_COLUMNS
     app.rich_markup_mode = None if narrow else _RICH_MODE  # plain click help wraps; rich's table cuts (…)
     try:
@@ -112,6 +115,7 @@ def main() -> None:
         print(_usage_line(exc), file=sys.stderr)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):  # Ctrl-C: the command has cleaned up; no traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # leaving anyway: a further Ctrl-C changes nothing
         print("cancelled", file=sys.stderr)
         sys.exit(130)
     except SpecError as exc:

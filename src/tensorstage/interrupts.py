@@ -20,8 +20,26 @@ from types import FrameType
 
 CANCEL_MESSAGE = "cancelling, removing partial output..."
 
-#: ``deferring``: depth of :func:`defer_interrupts` blocks; ``pending``: a first Ctrl-C arrived there.
-_STATE = {"deferring": 0, "pending": False}
+#: ``deferring``: depth of :func:`defer_interrupts` blocks; ``pending``: a first Ctrl-C arrived there;
+#: ``exit_after``: set by the CLI (:func:`exit_on_next_interrupt_after_cancel`): once a block was
+#: cancelled, the next Ctrl-C exits at once even after the block (while the process unwinds to exit)
+_STATE = {"deferring": 0, "pending": False, "exit_after": False}
+
+
+def exit_on_next_interrupt_after_cancel() -> None:
+    """For the command-line process: after a cancelled block, a further Ctrl-C exits at once (status
+    130) instead of restoring Python's handler, whose ``KeyboardInterrupt`` could land while the
+    process prints its last line and exits (a race a second, quick Ctrl-C hit). A library caller keeps
+    its own handler restored."""
+    _STATE["exit_after"] = True
+
+
+def _exit_now(signum: int, frame: FrameType | None) -> None:
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(130)
 
 
 @contextmanager
@@ -37,11 +55,7 @@ def cancel_on_interrupt(message: str = CANCEL_MESSAGE) -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         seen[0] += 1
         if seen[0] > 1:  # leave now; worker processes first, or they would outlive us
-            import multiprocessing
-
-            for child in multiprocessing.active_children():
-                child.kill()
-            os._exit(130)
+            _exit_now(signum, frame)
         print(message, file=sys.stderr, flush=True)
         if _STATE["deferring"]:  # inside lock-heavy code: the block raises at its next check
             _STATE["pending"] = True
@@ -52,7 +66,7 @@ def cancel_on_interrupt(message: str = CANCEL_MESSAGE) -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, _exit_now if (seen[0] and _STATE["exit_after"]) else previous)
         _STATE["pending"] = False
 
 
