@@ -101,7 +101,6 @@ _RICH_MODE = app.rich_markup_mode
 def main() -> None:
     """Console entry point: run the app, turning bad input into one line and exit code 2."""
     warnings.showwarning = _show_warning
-    exit_on_next_interrupt_after_cancel()
     narrow = shutil.get_terminal_size((NARROW_HELP_COLUMNS, 24)).columns < NARROW_HELP_COLUMNS
     app.rich_markup_mode = None if narrow else _RICH_MODE  # plain click help wraps; rich's table cuts (…)
     try:
@@ -127,5 +126,13 @@ def main() -> None:
         sys.exit(2)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``tensorstage`` program: :func:`main` in a process of its own, where after a cancelled
+    command a further Ctrl-C exits at once (in-process callers of :func:`main`, such as the tests,
+    keep Python's handler)."""
+    exit_on_next_interrupt_after_cancel()
     main()
+
+
+if __name__ == "__main__":
+    console_main()
