@@ -75,6 +75,9 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
      "Reduce gradients in buckets during backward (Megatron --overlap-grad-reduce; default on)."),
     ("tp_comm_overlap", bool, ("--tp-comm-overlap/--no-tp-comm-overlap",),
      "Pipeline SP all-gather / reduce-scatter with their GEMMs (Megatron --tp-comm-overlap; needs sp)."),
+    ("moe_a2a_overlap", bool, ("--moe-a2a-overlap/--no-moe-a2a-overlap",),
+     "Overlap each micro-batch's backward with the next forward to hide the EP all-to-alls (Megatron "
+     "--overlap-moe-expert-parallel-comm, combined 1F1B; needs ep > 1 and pp 1)."),
     ("capacity_factor", float, ("--capacity-factor",), "MoE capacity factor (default: dropless)."),
     ("routing_skew", float, ("--routing-skew",), "MoE load at the busiest expert rank / mean (>= 1)."),
     ("attention_impl", str, ("--attention-impl",),

@@ -230,7 +230,7 @@ class StageBuilder:
         self.chunk_slots = [ctx.stage_slots[c * plan.pp + rank] for c in range(plan.vpp)]
         self.fwd_last: dict[tuple[int, int], int] = {}
         self.bwd_ids: dict[tuple[int, int], dict[int, int]] = {}
-        self.prev_end: int | None = None
+        self.after: tuple[int, ...] = ()  # what the next action waits for (the order chain)
         self.dp = DataParallelEmitter(self)
 
     # --- node helpers --------------------------------------------------------------------
@@ -296,9 +296,26 @@ class StageBuilder:
         ctx = self.ctx
         steps = ctx.comms[self.rank]
         final = self._final_actions(steps) if ctx.train else set()
+        paired = overlap_pairs(steps) if ctx.plan.moe_a2a_overlap else set()
         self.dp.plan(steps)
-        for i, st in enumerate(steps):
-            self._action(i, st, i in final)
+        i = 0
+        while i < len(steps):
+            if i + 1 in paired:
+                # a forward and a backward of different micro-batches, emitted block by block in turn
+                # (Megatron's combined 1F1B): both wait for what came before; the next waits for both
+                ctrl = self.after
+                ends: list[int] = []
+                gens = [self._action(j, steps[j], j in final, ctrl, ends) for j in (i, i + 1)]
+                while gens:
+                    gens = [g for g in gens if next(g, _DONE) is not _DONE]
+                self.after = tuple(dict.fromkeys(ends))
+                i += 2
+                continue
+            ends = []
+            for _ in self._action(i, steps[i], i in final, self.after, ends):
+                pass
+            self.after = tuple(ends)
+            i += 1
         if ctx.train:
             self.dp.finish_step()
         self._memory_and_flops()
@@ -308,10 +325,12 @@ class StageBuilder:
         """Bytes of the activation leaving virtual stage ``stage`` (= gradient coming back into it)."""
         return self.ctx.low(self.ctx.stage_slots[stage][-1]).output_bytes
 
-    def _action(self, i: int, st: StepComm, final: bool) -> None:
+    def _action(self, i: int, st: StepComm, final: bool, ctrl: tuple[int, ...],
+                ends: list[int]) -> Iterator[None]:
+        """Emit action ``i`` (waiting for ``ctrl``), yielding after each block so that a paired action
+        can be emitted in turn (``moe_a2a_overlap``); appends the action's last node to ``ends``."""
         a = st.action
         mb, chunk, kind = a.microbatch, a.chunk, a.kind
-        ctrl = (self.prev_end,) if self.prev_end is not None else ()
         entry: tuple[int, ...] = ()
         pre = f"mb{mb}."
         if st.recv is not None:
@@ -374,6 +393,7 @@ class StageBuilder:
             if last is not None:
                 first_ctrl = (last,)
             self.dp.after_use(j, slot, last)
+            yield
         if kind is Kind.F:
             self.dp.forward_done(chunk)
         if last is None:  # an action with no nodes (empty blocks): keep the order chain intact
@@ -385,7 +405,7 @@ class StageBuilder:
             self.add(f"{pre}c{chunk}.send_{'act' if fwd else 'grad'}", NodeKind.SEND, data_deps=(last,),
                       comm_bytes=self._boundary_bytes(dst_stage), peer_axis="pp", peer_offset=1 if fwd else -1,
                       tag=st.send.tag, category="comm", microbatch=mb, chunk=chunk)
-        self.prev_end = last
+        ends.append(last)
 
     def _held_bytes(self, slot: int) -> int:
         """Activation bytes a block's backward releases: saved ones plus any recomputed ones."""
@@ -403,6 +423,25 @@ class StageBuilder:
                 static["kv_cache"] = kv
         self.p.static_bytes = static
         self.p.model_flops = ctx.microbatches * sum(ctx.low(s).model_flops for s in slots)
+
+
+#: sentinel of an exhausted action generator
+_DONE = object()
+
+
+def overlap_pairs(steps: Sequence[StepComm]) -> set[int]:
+    """Indices of actions emitted together with the action before them under ``moe_a2a_overlap`` (one
+    pipeline stage: the order is F0 B0 F1 B1 ...): each backward B(i) with the next forward F(i+1),
+    as Megatron-Core's combined 1F1B pairs them, so that the two interleave block by block and each
+    one's expert-parallel all-to-alls run under the other's compute. (With pipeline stages a pair's
+    backward would wait for a gradient that, through a communicator's program order, can wait for
+    this rank's forward: the schedule has to receive before the pair starts, not modelled.)"""
+    out: set[int] = set()
+    for i in range(1, len(steps)):
+        a, b = steps[i - 1].action, steps[i].action
+        if i - 1 not in out and (a.kind, b.kind) == (Kind.B, Kind.F) and a.microbatch != b.microbatch:
+            out.add(i)
+    return out
 
 
 def assemble(graph: Graph, plan: ParallelPlan, blocks: dict[str, BlockLowering], mesh: Mesh) -> list[Program]:

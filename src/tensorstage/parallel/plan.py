@@ -132,6 +132,12 @@ class ParallelPlan(BaseModel):
         description="ZeRO-1/2: all-gather updated params during the next forward (Megatron "
         "overlap_param_gather; default off as in Megatron-core: all-gather right after the step)",
     )
+    moe_a2a_overlap: bool = Field(
+        False,
+        description="overlap each micro-batch's backward with the next one's forward, block by block, so that "
+        "each one's expert-parallel all-to-alls run under the other's compute (Megatron-Core "
+        "overlap_moe_expert_parallel_comm, combined 1F1B); needs ep > 1 and pp 1",
+    )
     tp_comm_overlap: bool = Field(
         False,
         description="Megatron-Core --tp-comm-overlap (Transformer Engine userbuffers): SP all-gather / "
@@ -441,6 +447,12 @@ class ParallelPlan(BaseModel):
                 "overlap_param_gather",
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
+            )
+        if self.moe_a2a_overlap and (self.ep < 2 or self.phase != "train" or self.pp > 1):
+            raise SpecError(
+                "moe_a2a_overlap",
+                f"overlapping the expert-parallel all-to-alls is modelled for training steps with ep > 1 and "
+                f"no pipeline (pp 1) so far, got ep={self.ep} pp={self.pp} phase={self.phase}",
             )
         if self.tp_comm_overlap and (self.tp < 2 or not self.sp):
             raise SpecError(
