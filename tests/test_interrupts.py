@@ -80,8 +80,12 @@ def test_ctrl_c_on_a_16384_rank_generate_leaves_nothing(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    # "at once": status 130, or (rarely, when the second signal lands while the process is already
+    # being torn down) death by SIGINT itself, which a shell reports as the same status 130
+    assert proc.returncode in (130, -signal.SIGINT) and "Traceback" not in err, err
+    assert time.monotonic() - t0 < 10
     time.sleep(0.5)  # the killed process's workers exit once their pipe closes
     remove_stale_temps(out)
     assert list(tmp_path.iterdir()) == []
