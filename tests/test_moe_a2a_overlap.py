@@ -46,3 +46,32 @@ def test_overlap_hides_all_to_alls_without_changing_the_work():
     assert over.classes[0].exposed_comm_s[a2a] < plain.classes[0].exposed_comm_s[a2a]
     assert over.classes[0].model_flops == plain.classes[0].model_flops
     assert over.step_time_s >= max(c.compute_busy_s for c in over.classes)
+
+
+def test_fp8_dispatch_bytes():
+    """DeepSeek-V3 sec. 3.3.2: rows toward the experts in FP8 plus one fp32 scale per 128 elements,
+    combines in BF16. Qwen3-30B-A3B (hidden 2048, top-8), 2048 tokens per rank, EP 4."""
+    from tensorstage.lower import lower_blocks_cached
+    from tensorstage.model import resolve_model
+    from tensorstage.schedule.program import CollKind, NodeKind
+
+    spec = resolve_model("qwen3-30b-a3b")
+    h, k, tokens = spec.hidden, spec.moe.top_k, 2048
+
+    def a2a(**kw):
+        plan = api.make_plan(tp=1, pp=1, dp=4, ep=4, seq=tokens, global_batch=4, micro_batch=1, **kw)
+        _, blocks = lower_blocks_cached(spec, plan)
+        moe = blocks["moe"]
+        pick = lambda nodes: {n.name.split(":")[0]: n.comm_bytes for n in nodes  # noqa: E731
+                              if n.kind == NodeKind.COLL and n.comm == CollKind.ALL_TO_ALL and ".a2a" in n.name}
+        return pick(moe.forward), pick(moe.backward)
+
+    fwd, bwd = a2a(dtype="fp8", moe_dispatch_fp8=True)
+    assert fwd["moe.dispatch.a2a"] == tokens * k * (h + 4 * h // 128)  # 1 byte + scales
+    assert fwd["moe.combine.a2a"] == tokens * k * h * 2  # bf16
+    assert bwd["moe.combine.grad_experts.a2a"] == tokens * k * (h + 4 * h // 128)  # gradients toward experts
+    assert bwd["moe.dispatch.grad.a2a"] == tokens * k * h * 2
+    plain, _ = a2a(dtype="fp8")
+    assert plain["moe.dispatch.a2a"] == tokens * k * h * 2
+    with pytest.raises(SpecError, match="moe_dispatch_fp8"):
+        api.make_plan(dp=2, ep=2, dtype="bf16", moe_dispatch_fp8=True)

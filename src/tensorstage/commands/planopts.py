@@ -75,6 +75,8 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
      "Reduce gradients in buckets during backward (Megatron --overlap-grad-reduce; default on)."),
     ("tp_comm_overlap", bool, ("--tp-comm-overlap/--no-tp-comm-overlap",),
      "Pipeline SP all-gather / reduce-scatter with their GEMMs (Megatron --tp-comm-overlap; needs sp)."),
+    ("moe_dispatch_fp8", bool, ("--moe-dispatch-fp8/--no-moe-dispatch-fp8",),
+     "EP all-to-alls toward the experts in FP8 (DeepSeek-V3; needs --dtype fp8 and ep > 1)."),
     ("moe_a2a_overlap", bool, ("--moe-a2a-overlap/--no-moe-a2a-overlap",),
      "Overlap each micro-batch's backward with the next forward to hide the EP all-to-alls (Megatron "
      "--overlap-moe-expert-parallel-comm, combined 1F1B; needs ep > 1 and pp 1)."),

@@ -8,6 +8,9 @@ one place apart from the per-op costing in :mod:`.blocks`:
   sized by top-k, capacity factor and routing skew);
 * at the ``combine`` op (forward and backward): the combine all-to-all before it; backward's
   dispatch gradient is the token all-to-all again (no counts: the split sizes are known).
+* ``moe_dispatch_fp8`` (DeepSeek-V3): the all-to-alls toward the experts (forward dispatch, the
+  backward's combine gradient) carry FP8 rows with per-128 fp32 scales; the ones back to the tokens
+  stay in the activation dtype.
 
 The TP all-gather of the received rows before the expert-TP matmuls and the reduce-scatter after
 them (all-reduces without SP; Megatron requires SP for MoE+TP) are not emitted here: they are
@@ -18,6 +21,7 @@ over tp x ep, and also moves one fp32 routing probability per row; both are a fe
 
 from __future__ import annotations
 
+from math import ceil
 from typing import TYPE_CHECKING
 
 from tensorstage.graph.ir import Op
@@ -61,9 +65,15 @@ class ExpertParallelEmitter:
         assert moe is not None
         tokens = self.lw.tokens() // (c.tp if c.sp else 1)
         cf = None if c.dropless else float(c.graph.bindings["cf"])
-        return ep_alltoall(
-            tokens, c.graph.spec.hidden, moe.top_k, c.act_bytes, c.ep, cf, c.graph.options.routing_skew
-        )
+        h = c.graph.spec.hidden
+        both = ep_alltoall(tokens, h, moe.top_k, c.act_bytes, c.ep, cf, c.graph.options.routing_skew)
+        if not c.plan.moe_dispatch_fp8:
+            return both
+        # DeepSeek-V3 (arXiv 2412.19437, sec. 3.3.2): the activations entering the experts' up-projection
+        # (forward) and the gradients entering their down-projection (backward) travel in FP8 with one
+        # fp32 scale per 128 elements; the combines stay BF16. Rows of h + 4 * ceil(h / 128) bytes.
+        fp8 = ep_alltoall(tokens, h + 4 * ceil(h / 128), moe.top_k, 1, c.ep, cf, c.graph.options.routing_skew)
+        return [fp8[0], both[1]]
 
 
 __all__ = ["ExpertParallelEmitter"]

@@ -132,6 +132,11 @@ class ParallelPlan(BaseModel):
         description="ZeRO-1/2: all-gather updated params during the next forward (Megatron "
         "overlap_param_gather; default off as in Megatron-core: all-gather right after the step)",
     )
+    moe_dispatch_fp8: bool = Field(
+        False,
+        description="expert-parallel all-to-alls toward the experts in FP8 with per-128 scales, combines "
+        "in the activation dtype (DeepSeek-V3's low-precision communication); needs dtype fp8 and ep > 1",
+    )
     moe_a2a_overlap: bool = Field(
         False,
         description="overlap each micro-batch's backward with the next one's forward, block by block, so that "
@@ -447,6 +452,12 @@ class ParallelPlan(BaseModel):
                 "overlap_param_gather",
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
+            )
+        if self.moe_dispatch_fp8 and (self.ep < 2 or self.dtype != "fp8"):
+            raise SpecError(
+                "moe_dispatch_fp8",
+                f"FP8 expert dispatch needs ep > 1 and dtype fp8 (the experts' FP8 GEMMs take the FP8 rows), "
+                f"got ep={self.ep} dtype={self.dtype}",
             )
         if self.moe_a2a_overlap and (self.ep < 2 or self.phase != "train" or self.pp > 1):
             raise SpecError(
