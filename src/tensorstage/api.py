@@ -286,12 +286,12 @@ def _simulate_steady(model: str | ModelSpec, system: str | Path | SystemSpec, pl
 
     name = _name(model)
     workers = STEADY_WORKERS
-    counts = steady_counts(plan)
-    if counts is not None and workers > 1:
+    start = steady_counts(plan)
+    if start is not None and workers > 1:
         # lower the blocks here, before the short runs fork, so that they all start from the cache;
         # a bad plan is left to the runs, which report it in the CLI's words
         spec = load_model(model)
-        short = with_microbatches(plan, counts[0])
+        short = with_microbatches(plan, start[0])
         try:
             lower_blocks_cached(spec, short, fuse=True)
         except SpecError:

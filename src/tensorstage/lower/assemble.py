@@ -300,22 +300,15 @@ class StageBuilder:
         self.dp.plan(steps)
         i = 0
         while i < len(steps):
-            if i + 1 in paired:
-                # a forward and a backward of different micro-batches, emitted block by block in turn
-                # (Megatron's combined 1F1B): both wait for what came before; the next waits for both
-                ctrl = self.after
-                ends: list[int] = []
-                gens = [self._action(j, steps[j], j in final, ctrl, ends) for j in (i, i + 1)]
-                while gens:
-                    gens = [g for g in gens if next(g, _DONE) is not _DONE]
-                self.after = tuple(dict.fromkeys(ends))
-                i += 2
-                continue
-            ends = []
-            for _ in self._action(i, steps[i], i in final, self.after, ends):
-                pass
-            self.after = tuple(ends)
-            i += 1
+            # one action, or a backward and the next forward emitted block by block in turn (Megatron's
+            # combined 1F1B): all wait for what came before; the next action waits for all of them
+            group = (i, i + 1) if i + 1 in paired else (i,)
+            ends: list[int] = []
+            gens = [self._action(j, steps[j], j in final, self.after, ends) for j in group]
+            while gens:
+                gens = [g for g in gens if next(g, _DONE) is not _DONE]
+            self.after = tuple(dict.fromkeys(ends))
+            i += len(group)
         if ctx.train:
             self.dp.finish_step()
         self._memory_and_flops()

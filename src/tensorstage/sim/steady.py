@@ -146,13 +146,12 @@ def simulate_steady(plan: ParallelPlan, run: Callable[[ParallelPlan], T],
     spacing = start[1] - start[0]
     counts = list(start)
     plans = [with_microbatches(plan, m) for m in counts]
-    results: list[SimResult] = []
     if workers > 1 and _can_fork():
         with _forked_results([lambda p=p: result(run(p)) for p in plans[:-1]]) as collect:
             last = run(plans[-1])
             got = collect()
         # a child that died without a result (killed, out of memory, unpicklable error) is rerun here
-        results = [r if r is not None else result(run(p)) for r, p in zip(got, plans, strict=False)]
+        results = [r if r is not None else result(run(p)) for r, p in zip(got, plans[:-1], strict=True)]
         results.append(result(last))
     else:
         runs = [run(p) for p in plans]
