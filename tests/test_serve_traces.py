@@ -76,3 +76,30 @@ def test_binary_trace_file_is_one_line_not_a_traceback(tmp_path, name):
     with pytest.raises(SpecError) as exc:
         load_trace(p)
     assert exc.value.field == str(p) and "not a UTF-8 text file" in str(exc.value)
+
+
+def test_length_file_rows_drawn_with_their_pairs(tmp_path):
+    """A length file's (input, output) rows are drawn whole (the joint shape survives), seeded and
+    deterministic; every drawn pair is a row of the file and each row turns up at about 1/rows."""
+    from tensorstage.serve import Workload
+
+    rows = [(10, 1), (200, 7), (3000, 50)]
+    p = _write(tmp_path, "len.csv", "input_length,output_length\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    wl = Workload(3000, 1, 1, arrival="poisson", rate_per_s=5.0, seed=3, lengths_file=str(p)).check()
+    a, b = wl.requests(), wl.requests()
+    assert np.array_equal(a.prompt_tokens, b.prompt_tokens) and np.array_equal(a.arrival_s, b.arrival_s)
+    pairs = set(zip(a.prompt_tokens.tolist(), a.output_tokens.tolist(), strict=True))
+    assert pairs == set(rows)
+    share = np.mean(a.prompt_tokens == 200)
+    assert abs(share - 1 / 3) < 0.04  # binomial sd 0.009
+
+
+@pytest.mark.parametrize("text, msg", [
+    ("a,b\n1,2\n", "lengths: len.csv: missing column 'input_length' (need input_length, output_length)"),
+    ("input_length,output_length\n5,0\n", "len.csv row 2.output_length: must be an integer >= 1, got '0'"),
+    ("input_length,output_length\n", "lengths: len.csv: no rows"),
+])
+def test_serve_cli_bad_length_file_exit_2(tmp_path, monkeypatch, capsys, text, msg):
+    p = _write(tmp_path, "len.csv", text)
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--lengths", str(p), "--qps", "1")
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}"

@@ -87,6 +87,7 @@ def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str 
     from tensorstage.report.console import print_json, print_table
     from tensorstage.serve import Workload
     from tensorstage.serve.predictor import KV_DTYPES, WEIGHT_BYTES
+    from tensorstage.serve.workloads import lengths_option
 
     if dtype not in WEIGHT_BYTES:
         raise SpecError("--dtype", f"unknown dtype {dtype!r}", WEIGHT_BYTES)
@@ -97,7 +98,8 @@ def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str 
     for name, val in (("--slo-ttft-ms", slo_ttft_ms), ("--slo-tpot-ms", slo_tpot_ms)):
         if val is not None and not val > 0:
             raise SpecError(name, f"must be > 0, got {val}")
-    wl = Workload(requests, isl, osl, lengths=lengths, spread=spread, seed=seed).check()
+    dist, lengths_file = lengths_option(lengths)
+    wl = Workload(requests, isl, osl, lengths=dist, spread=spread, seed=seed, lengths_file=lengths_file).check()
     bs = best_serving(model, system, gpus, engine=engine, weight_dtype=dtype, kv_dtype=kv_dtype, workload=wl,
                       slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
                       slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3, disagg=disagg,
@@ -181,7 +183,7 @@ def register(app: typer.Typer) -> None:
         isl: int = typer.Option(1024, "--isl", help="Input tokens per request (mean)."),
         osl: int = typer.Option(256, "--osl", help="Output tokens per request (mean)."),
         lengths: str = typer.Option("fixed", "--lengths", help="Length distribution: fixed, uniform, normal, "
-                                    "lognormal."),
+                                    "lognormal; or a CSV file of input_length,output_length rows."),
         spread: float = typer.Option(0.0, "--spread", help="Relative spread of lengths (std/mean)."),
         seed: int = typer.Option(0, "--seed", help="Workload seed."),
         slo_ttft_ms: float | None = typer.Option(None, "--slo-ttft-ms", help="p99 TTFT SLO: rank by max QPS."),

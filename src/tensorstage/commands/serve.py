@@ -26,7 +26,7 @@ from tensorstage.serve.report import write_serving_report
 from tensorstage.serve.routers import ROUTERS
 from tensorstage.serve.timeline import write_serving_trace
 from tensorstage.serve.traces import FORMATS, load_trace
-from tensorstage.serve.workloads import LENGTHS
+from tensorstage.serve.workloads import LENGTHS, lengths_option
 
 #: runs this long show a progress bar (on a terminal, not with --json)
 PROGRESS_MIN_REQUESTS = 20_000
@@ -41,8 +41,9 @@ def _workload(offline: int | None, qps: float | None, concurrency: int | None, t
         raise SpecError("workload", f"give one of --offline, --qps, --concurrency, --trace (got {' and '.join(modes)})")
     if trace is not None:
         return load_trace(trace, trace_format)
+    lengths, lengths_file = lengths_option(lengths)
     common = dict(input_tokens=isl, output_tokens=osl, lengths=lengths, spread=spread,
-                  prefix_groups=prefix_groups, prefix_tokens=prefix_tokens, seed=seed)
+                  prefix_groups=prefix_groups, prefix_tokens=prefix_tokens, seed=seed, lengths_file=lengths_file)
     if qps is not None:
         arrival = "poisson" if burstiness == 1.0 else "gamma"
         return Workload(requests, arrival=arrival, rate_per_s=qps, cv=burstiness, **common).check()
@@ -192,7 +193,8 @@ def register(app: typer.Typer) -> None:
         requests: int = typer.Option(1000, "--requests", help="Requests for --qps / --concurrency."),
         isl: int = typer.Option(1024, "--isl", help="Input (prompt) tokens per request (mean)."),
         osl: int = typer.Option(256, "--osl", help="Output tokens per request (mean)."),
-        lengths: str = typer.Option("fixed", "--lengths", help=f"Length distribution: {', '.join(LENGTHS)}."),
+        lengths: str = typer.Option("fixed", "--lengths", help=f"Length distribution: {', '.join(LENGTHS)}; or a CSV file of "
+                                     "input_length,output_length rows to draw requests from."),
         spread: float = typer.Option(0.0, "--spread", help="Relative spread of lengths (std/mean)."),
         burstiness: float = typer.Option(1.0, "--burstiness", help="CV of inter-arrival gaps (1 = Poisson)."),
         prefix_groups: int = typer.Option(0, "--prefix-groups", help="Shared-prefix groups (system prompts)."),

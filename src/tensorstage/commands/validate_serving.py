@@ -15,6 +15,10 @@ from tensorstage.report.console import print_json, print_table
 from tensorstage.validation.serving import default_serving_cases_path, run_serving_validation, serving_report
 
 
+def _verdict(meets: bool | None) -> str:
+    return "-" if meets is None else ("meets" if meets else "misses")
+
+
 def validate_serving(cases: Path | None, only: str | None, json_out: bool) -> None:
     """Run every serving case (or those matching ``only``) and print points and MAPE per kind."""
     path = cases if cases is not None else default_serving_cases_path()
@@ -34,6 +38,13 @@ def validate_serving(cases: Path | None, only: str | None, json_out: bool) -> No
                     ["case", "point", "predicted", "measured", "error %", "note"], rows)
         krows = [[k, v["n"], v["failed"], v["mape_pct"], v["max_abs_error_pct"]] for k, v in doc["kinds"].items()]
         print_table("MAPE by kind", ["kind", "points", "failed", "MAPE %", "max |error| %"], krows)
+        srows = [[p["case"], p["point"], p["limit"], _verdict(p["measured_meets_limit"]),
+                  _verdict(p["predicted_meets_limit"]),
+                  "yes" if p["measured_meets_limit"] == p["predicted_meets_limit"] else "NO"]
+                 for p in doc["points"] if "limit" in p]
+        if srows:
+            print_table("SLO verdicts (p99 against the limit)",
+                        ["case", "point", "limit", "measured", "predicted", "agree"], srows)
         for s in doc["skipped"]:
             print(f"skipped {s['case']}: {s['reason']}")
     if failed:

@@ -11,6 +11,10 @@
   ``Response tokens``; rows with 0 response tokens are failed requests in that dataset and are
   skipped.
 
+**Length files** (:func:`load_lengths`): a CSV of ``input_length,output_length`` rows, one per
+dataset sample (e.g. the MLPerf Llama-2-70B dataset's token counts), for workloads whose arrivals
+come from an arrival process rather than from the file.
+
 Times are shifted so the first request arrives at 0 and must not decrease. Any bad row is a
 one-line :class:`SpecError` naming the file, the row (1-based, header = row 1 for CSV) and the field.
 """
@@ -161,4 +165,39 @@ def load_trace(path: str | Path, fmt: str | None = None) -> RequestTable:
         raise SpecError(str(p), f"cannot read trace file: {os_reason(exc)}") from None
 
 
-__all__ = ["FORMATS", "load_trace"]
+LENGTH_COLUMNS = ("input_length", "output_length")
+
+
+def load_lengths(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(input tokens, output tokens) per row of a length file (module docstring); each >= 1.
+
+    Rows, not a fitted distribution, so a workload drawn from the file keeps the dataset's
+    joint input/output shape (long prompts with short answers and the reverse)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("lengths", f"file not found: {p}")
+    isl: list[int] = []
+    osl: list[int] = []
+    try:
+        with p.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in (reader.fieldnames or [])]
+            missing = [c for c in LENGTH_COLUMNS if c not in header]
+            if missing:
+                raise SpecError("lengths", f"{p.name}: missing column {missing[0]!r} "
+                                f"(need {', '.join(LENGTH_COLUMNS)})")
+            reader.fieldnames = header
+            for n, row in enumerate(reader, start=2):
+                at = f"{p.name} row {n}"
+                isl.append(_int(row.get("input_length"), at, "input_length", 1))
+                osl.append(_int(row.get("output_length"), at, "output_length", 1))
+    except UnicodeDecodeError:
+        raise SpecError(str(p), "not a UTF-8 text file") from None
+    except OSError as exc:
+        raise SpecError(str(p), f"cannot read length file: {os_reason(exc)}") from None
+    if not isl:
+        raise SpecError("lengths", f"{p.name}: no rows")
+    return np.asarray(isl, dtype=np.int64), np.asarray(osl, dtype=np.int64)
+
+
+__all__ = ["FORMATS", "LENGTH_COLUMNS", "load_lengths", "load_trace"]

@@ -7,7 +7,10 @@ mean ``1/rate_per_s`` and coefficient of variation ``cv``: burstier for cv > 1, 
 last completes; arrival times are filled in by the loop).
 
 Lengths: fixed, or ``uniform`` / ``normal`` / ``lognormal`` around the mean with a relative spread
-(``spread`` = half-width / mean for uniform, standard deviation / mean otherwise), each at least 1.
+(``spread`` = half-width / mean for uniform, standard deviation / mean otherwise), each at least 1;
+or ``lengths_file``: (input, output) pairs drawn with replacement from a dataset's rows
+(:func:`tensorstage.serve.traces.load_lengths`), as MLPerf's load generator draws samples at random
+from its performance set; ``input_tokens``/``output_tokens`` are then unused.
 Shared prefixes: ``prefix_groups`` groups of ``prefix_tokens`` leading tokens (system prompts),
 request ``i`` in group ``i mod groups``.
 """
@@ -15,11 +18,13 @@ request ``i`` in group ``i mod groups``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.serve.entities import RequestTable
+from tensorstage.serve.traces import load_lengths
 
 ARRIVALS = ("offline", "poisson", "gamma", "closed")
 LENGTHS = ("fixed", "uniform", "normal", "lognormal")
@@ -41,6 +46,7 @@ class Workload:
     prefix_groups: int = 0
     prefix_tokens: int = 0
     seed: int = 0
+    lengths_file: str | None = None
 
     def check(self) -> Workload:
         """Raise a one-line :class:`SpecError` naming the first bad field."""
@@ -58,12 +64,15 @@ class Workload:
         if self.arrival == "closed" and self.concurrency < 1:
             raise SpecError("workload.concurrency", "must be >= 1 for closed-loop arrivals")
         if self.lengths not in LENGTHS:
-            raise SpecError("workload.lengths", f"unknown length distribution {self.lengths!r}", LENGTHS)
+            raise SpecError("workload.lengths", f"unknown length distribution {self.lengths!r} "
+                            "(or give a CSV file of input_length,output_length rows)", LENGTHS)
         if self.spread < 0:
             raise SpecError("workload.spread", "must be >= 0")
         if self.prefix_groups < 0 or self.prefix_tokens < 0:
             raise SpecError("workload.prefix_groups", "prefix groups and tokens must be >= 0")
-        if self.prefix_groups and self.prefix_tokens >= self.input_tokens:
+        if self.lengths_file is not None:
+            load_lengths(self.lengths_file)  # a bad file is a one-line error here, before any run
+        elif self.prefix_groups and self.prefix_tokens >= self.input_tokens:
             raise SpecError("workload.prefix_tokens", "must be shorter than the input")
         return self
 
@@ -79,13 +88,25 @@ class Workload:
             arrival = np.cumsum(rng.gamma(shape, 1.0 / (self.rate_per_s * shape), n))
         else:
             arrival = np.zeros(n)
-        isl = _lengths(rng, self.lengths, self.input_tokens, self.spread, n)
-        osl = _lengths(rng, self.lengths, self.output_tokens, self.spread, n)
+        if self.lengths_file is not None:
+            rows_in, rows_out = load_lengths(self.lengths_file)
+            pick = rng.integers(0, len(rows_in), n)
+            isl, osl = rows_in[pick], rows_out[pick]
+        else:
+            isl = _lengths(rng, self.lengths, self.input_tokens, self.spread, n)
+            osl = _lengths(rng, self.lengths, self.output_tokens, self.spread, n)
         pid = ptk = None
         if self.prefix_groups > 0 and self.prefix_tokens > 0:
             pid = np.arange(n) % self.prefix_groups
             ptk = np.minimum(np.full(n, self.prefix_tokens), isl - 1)
         return RequestTable.of(arrival, isl, osl, pid, ptk)
+
+
+def lengths_option(value: str) -> tuple[str, str | None]:
+    """A ``--lengths`` value as (distribution, length file): a name of :data:`LENGTHS`, or a CSV path."""
+    if value not in LENGTHS and (value.endswith(".csv") or Path(value).is_file()):
+        return "fixed", value
+    return value, None
 
 
 def _lengths(rng: np.random.Generator, kind: str, mean: int, spread: float, n: int) -> np.ndarray:
@@ -101,4 +122,4 @@ def _lengths(rng: np.random.Generator, kind: str, mean: int, spread: float, n: i
     return np.maximum(1, np.rint(x)).astype(np.int64)
 
 
-__all__ = ["ARRIVALS", "LENGTHS", "Workload"]
+__all__ = ["ARRIVALS", "LENGTHS", "Workload", "lengths_option"]

@@ -13,8 +13,17 @@ becomes one simulation with the engine profile that matches how it was measured 
 * ``offline_throughput_ifb`` (trtllm-bench throughput): the ``trtllm`` profile, all requests at
   t = 0, total output tokens/s of the TP group; attention-DP with EP over the TP GPUs where the
   case's layout note says the run enabled attention DP, plain TP otherwise.
-* MLPerf Offline / Server: skipped; the case file gives the output length but not the input-length
-  distribution of the dataset, which a simulation needs.
+* MLPerf Offline / Server (``offline_throughput_mlperf``, ``online_serving_poisson_mlperf``): the
+  ``trtllm`` profile with the submission's ``gpu_batch_size`` as the batch limit and its
+  ``kvcache_free_gpu_mem_frac``, TP x replicas as configured, requests drawn at random from the
+  dataset's rows (:data:`DATASET_LENGTHS`: the MLPerf Llama-2-70B set's 24,576 prompt lengths and
+  reference-answer lengths). The model's answers are longer than the GPT-4 references the file
+  counts (290.3 vs 218.9 tokens on average), so each row's output length is scaled by the run's own
+  output tokens per sample (tokens/s over samples/s of the same log: a property of the workload,
+  not of the engine). Offline: as many samples as the run's minimum duration took at the measured
+  rate, all at t = 0; output tokens/s. Server: Poisson arrivals at the target rate for MLPerf's
+  600 s minimum duration; p99 TTFT and p99 TPOT against the measured p99s and the SLOs (the
+  verdict, met or missed, is what must agree).
 
 Precision: ``FP8`` cases run fp8 weights and fp8 KV cache, the others 16-bit. Systems: the DGX
 preset of the case's GPU. Models: the preset of the case's model key; GPT-J-6B and Falcon-180B are
@@ -40,6 +49,7 @@ from tensorstage.model.presets import find_preset
 from tensorstage.model.spec import ModelSpec
 from tensorstage.serve import RequestTable, ServingPlan, load_profile, simulate
 from tensorstage.serve.serving import build_predictor
+from tensorstage.serve.traces import load_lengths
 from tensorstage.validation.cases import select_ids
 
 SERVING_CASES_RELATIVE = Path("shared") / "validation" / "public_serving_cases.yaml"
@@ -50,9 +60,22 @@ KIND_TTFT = "ttft_batch1"
 KIND_IFB = "offline_throughput_ifb"
 KIND_STATIC_TTFT = "static_batch_ttft"
 
-#: case kinds mapped to simulations (the MLPerf kinds lack the dataset's input lengths)
+KIND_MLPERF_OFFLINE = "offline_throughput_mlperf"
+KIND_MLPERF_P99 = "mlperf_server_p99_latency"
+
+#: case kinds mapped to simulations
 SIMULATED_KINDS = ("static_batch_throughput", "ttft_vs_prompt_length_batch1", "static_batch_throughput_and_ttft",
-                   "offline_throughput_ifb")
+                   "offline_throughput_ifb", "offline_throughput_mlperf", "online_serving_poisson_mlperf")
+#: Datasets' per-sample token counts (``input_length,output_length`` CSV), keyed by a phrase of the
+#: case's ``workload.dataset``. MLPerf Llama-2-70B (OpenOrca, 24,576 samples, Llama-2 tokenizer, chat
+#: template included): openshift-psap/performance-dashboard@7cd1065d1e2c53ee745cbda08e2a8f13a42c93bb
+#: mlperf-data/summaries/llama2-70b-99.csv (Apache-2.0), ``tok_input_length`` / ``tok_output_length``
+#: of MLCommons' open_orca_gpt4_tokenized_llama.sampled_24576.pkl; sha256 83b5ef20...6916.
+DATASET_LENGTHS: dict[str, Path] = {
+    "MLPerf llama2-70b dataset": Path(__file__).parent / "data" / "mlperf_llama2_70b_lengths.csv",
+}
+#: MLPerf LoadGen's minimum run for the Server scenario (mlperf.conf ``*.Server.min_duration = 600000`` ms)
+MLPERF_SERVER_MIN_DURATION_S = 600.0
 #: Models the presets lack, from their Hugging Face ``config.json`` (source per model).
 EXTRA_MODELS: dict[str, dict[str, Any]] = {
     "gpt-j-6b": dict(
@@ -84,6 +107,15 @@ class ServingPoint:
     measured: float
     predicted: float | None
     note: str = ""
+    #: a pass/fail limit the metric is judged against (an SLO); ``None`` for plain points
+    limit: float | None = None
+
+    @property
+    def verdicts(self) -> tuple[bool, bool | None] | None:
+        """(measured meets the limit, predicted meets it), or ``None`` without a limit."""
+        if self.limit is None:
+            return None
+        return self.measured <= self.limit, None if self.predicted is None else self.predicted <= self.limit
 
     @property
     def error_pct(self) -> float | None:
@@ -141,9 +173,10 @@ class _Runner:
         self._pred: dict[tuple, Any] = {}
 
     def run(self, spec: ModelSpec, system: str, tp: int, dtypes: tuple[str, str | None], engine: str,
-            req: RequestTable, attention_dp: bool = False, **overrides: Any):
+            req: RequestTable, attention_dp: bool = False, replicas: int = 1, **overrides: Any):
         prof = load_profile(engine, **overrides)
-        plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp)
+        plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp,
+                           replicas=replicas)
         key = (spec.name, system, tp, dtypes, attention_dp)
         sysm = load_system(system)
         if key not in self._pred:
@@ -151,13 +184,57 @@ class _Runner:
         return simulate(spec, sysm, plan, req, predictor=self._pred[key])
 
 
+def _dataset_requests(case: dict, n: int, out_per_sample: float, rate_per_s: float | None) -> RequestTable:
+    """``n`` requests drawn (seeded) from the case's dataset rows, outputs scaled to ``out_per_sample``."""
+    dataset = str((case.get("workload") or {}).get("dataset", ""))
+    path = next((p for phrase, p in DATASET_LENGTHS.items() if phrase in dataset), None)
+    if path is None:
+        raise LookupError("no per-sample lengths for the case's dataset")
+    rows_in, rows_out = load_lengths(path)
+    rng = np.random.default_rng(0)
+    pick = rng.integers(0, len(rows_in), n)
+    osl = np.clip(np.rint(rows_out[pick] * (out_per_sample / rows_out.mean())), 1, None).astype(np.int64)
+    arrival = np.zeros(n) if rate_per_s is None else np.cumsum(rng.exponential(1.0 / rate_per_s, n))
+    return RequestTable.of(arrival, rows_in[pick], osl)
+
+
+def _mlperf_points(case: dict, runner: _Runner, spec: ModelSpec, system: str,
+                   dtypes: tuple[str, str | None]) -> list[ServingPoint]:
+    """An MLPerf Offline or Server result through the submission's own engine settings (module docstring)."""
+    cid, par = case["id"], case.get("parallelism") or {}
+    meas, wl = case.get("measured") or {}, case.get("workload") or {}
+    tp, replicas = int(par.get("tp", 1)), int(par.get("replicas", 1))
+    knobs = dict(max_num_seqs=int(par.get("gpu_batch_size", 2048)),
+                 kv_mem_fraction=float(par.get("kvcache_free_gpu_mem_frac", 0.9)))
+    label = f"TP{tp}x{replicas}"
+    if case["kind"] == "offline_throughput_mlperf":
+        out_per_sample = float(meas["tokens_per_s"]) / float(meas["samples_per_s"])
+        n = int(np.ceil(float(meas["samples_per_s"]) * float(wl.get("min_duration_s", 600))))
+        res = runner.run(spec, system, tp, dtypes, "trtllm", _dataset_requests(case, n, out_per_sample, None),
+                         replicas=replicas, **knobs)
+        return [ServingPoint(cid, KIND_MLPERF_OFFLINE, f"{label} x{n}", float(meas["tokens_per_s"]),
+                             res.metrics.output_tokens_per_s)]
+    qps = float(wl["target_qps"])
+    out_per_sample = float(meas["tokens_per_s"]) / float(meas["completed_samples_per_s"])
+    n = int(np.ceil(qps * MLPERF_SERVER_MIN_DURATION_S))
+    res = runner.run(spec, system, tp, dtypes, "trtllm", _dataset_requests(case, n, out_per_sample, qps),
+                     replicas=replicas, **knobs)
+    slo = wl.get("slo") or {}
+    return [ServingPoint(cid, KIND_MLPERF_P99, f"{label} {qps:g}/s p99 TTFT ms", float(meas["ttft_ms"]["p99"]),
+                         res.metrics.ttft_s["p99"] * 1e3, limit=float(slo["ttft_ms"])),
+            ServingPoint(cid, KIND_MLPERF_P99, f"{label} {qps:g}/s p99 TPOT ms", float(meas["tpot_ms"]["p99"]),
+                         res.metrics.tpot_s["p99"] * 1e3, limit=float(slo["tpot_ms"]))]
+
+
 def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
     cid, kind = case["id"], case["kind"]
     if kind not in SIMULATED_KINDS:
-        raise LookupError(f"kind {kind} not simulated: the case file gives no input-length distribution")
+        raise LookupError(f"kind {kind} not simulated")
     spec, system, dtypes = _model(case), _system(case), _dtypes(case)
     if spec is None or system is None:
         raise LookupError("model dimensions or system not available")
+    if kind in ("offline_throughput_mlperf", "online_serving_poisson_mlperf"):
+        return _mlperf_points(case, runner, spec, system, dtypes)
     out: list[ServingPoint] = []
     # the source's own layout note says when attention data parallelism (with EP) was on
     adp = "attention dp" in str((case.get("parallelism") or {}).get("layout", "")).lower()
@@ -236,11 +313,13 @@ def serving_report(points: list[ServingPoint], skipped: list[tuple[str, str]]) -
     return {
         "points": [{"case": p.case, "kind": p.kind, "point": p.label, "measured": p.measured,
                     "predicted": None if p.predicted is None else round(p.predicted, 4),
-                    "error_pct": None if p.error_pct is None else round(p.error_pct, 2), "note": p.note}
+                    "error_pct": None if p.error_pct is None else round(p.error_pct, 2), "note": p.note,
+                    **({} if p.verdicts is None else {"limit": p.limit, "measured_meets_limit": p.verdicts[0],
+                                                      "predicted_meets_limit": p.verdicts[1]})}
                    for p in points],
         "kinds": kinds,
         "skipped": [{"case": c, "reason": r} for c, r in skipped],
     }
 
 
-__all__ = ["EXTRA_MODELS", "ServingPoint", "default_serving_cases_path", "run_serving_validation", "serving_report"]
+__all__ = ["DATASET_LENGTHS", "EXTRA_MODELS", "ServingPoint", "default_serving_cases_path", "run_serving_validation", "serving_report"]
