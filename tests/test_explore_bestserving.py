@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from tensorstage.cli import app
 from tensorstage.errors import SpecError
 from tensorstage.explore.bestserving import INFEASIBLE, OK, best_serving, serve_config, serving_layouts
+from tensorstage.hardware.system import load_system
 from tensorstage.model import resolve_model
 from tensorstage.serve import ServingPlan, Workload, load_profile, simulate
 
@@ -83,3 +84,26 @@ def test_bad_config_and_flags_are_one_line_errors(tmp_path):
     run = CliRunner().invoke(app, ["best-serving", "gpt3-125m", "--system", "dgx-a100-selene", "--gpus", "4",
                                    "--dtype", "fp7"])
     assert isinstance(run.exception, SpecError) and run.exception.field == "--dtype"
+
+
+def test_saturated_rate_excludes_the_drain_and_needs_a_turned_over_batch():
+    """The saturated offline rate is the long-run rate: nearly the same for 600 and 1,200 requests
+    (the whole-run rate moves with the drain's share), and absent when the batch never turned over
+    while requests queued (64 requests that all fit in one batch)."""
+    spec = resolve_model("gpt3-125m")
+    sysm = load_system("dgx-a100-selene")
+    plan = ServingPlan(engine=load_profile("vllm", max_num_seqs=32), tp=1)
+    runs = [simulate(spec, sysm, plan, Workload(n, 128, 64, lengths="uniform", spread=0.5, seed=1)).metrics
+            for n in (600, 1200)]
+    sat = [m.extra["saturated_output_tokens_per_s"] for m in runs]
+    whole = [m.output_tokens_per_s for m in runs]
+    assert abs(sat[0] / sat[1] - 1) < 0.02
+    assert abs(whole[0] / whole[1] - 1) > abs(sat[0] / sat[1] - 1)
+    assert all(w < s for w, s in zip(whole, sat, strict=True))  # the drain only lowers the whole-run rate
+    few = simulate(spec, sysm, plan.__class__(engine=load_profile("vllm"), tp=1), Workload(64, 128, 64)).metrics
+    assert "saturated_output_tokens_per_s" not in few.extra
+
+
+def test_short_runs_rank_by_whole_run_throughput_with_a_note():
+    bs = best_serving("gpt3-125m", "dgx-a100-selene", 4, engine="vllm", workload=TINY)
+    assert bs.objective == "output_tokens_per_s" and "raise --requests" in bs.note

@@ -113,12 +113,14 @@ def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str 
     if json_out:
         print_json({"model": bs.model, "system": system, "gpus": gpus, "objective": bs.objective,
                     "settings": bs.settings, "ranking": rows, "best": None if best is None else best.label,
-                    "serve_config": cfg})
+                    "serve_config": cfg, "note": bs.note or None})
         return
     cols = list(rows[0])
     print_table(f"{bs.model} on {gpus} x {system} ({bs.settings['engine']}, {dtype}): ranked by {bs.objective}",
                 cols, [[f"{v:.5g}" if isinstance(v, float) else "-" if v is None else v for v in r.values()]
                        for r in rows])
+    if bs.note:
+        typer.echo(f"note: {bs.note}")
     if best is None:
         typer.echo("no deployment fits")
     else:

@@ -7,7 +7,10 @@ and each is run through the request-level serving simulator (:mod:`tensorstage.s
 seeded workload:
 
 * no SLO given: the offline throughput (every request queued at t = 0, MLPerf Offline /
-  trtllm-bench), ranked by output tokens/s;
+  trtllm-bench), ranked by the saturated output tokens/s (while queues were non-empty: the rate a
+  long run sustains, :func:`tensorstage.serve.metrics.saturated_tokens_per_s`); when a
+  deployment's queue empties before half its requests finish there is no steady state, so all are
+  ranked by whole-run output tokens/s and :attr:`BestServing.note` says to raise the request count;
 * a TTFT and/or TPOT SLO: the highest Poisson rate whose p99 TTFT and p99 TPOT meet them
   (:func:`tensorstage.serve.capacity.find_max_qps`, MLPerf Server's validity rule), ranked by that
   rate, the offline throughput breaking ties.
@@ -26,6 +29,7 @@ from typing import Any
 from tensorstage.errors import SpecError
 
 OK, INFEASIBLE = "ok", "infeasible"
+SATURATED = "saturated_output_tokens_per_s"
 
 
 @dataclass
@@ -56,6 +60,8 @@ class BestServing:
     deployments: list[Deployment]
     settings: dict[str, Any]
     wall_s: float = 0.0
+    #: why the ranking is not by the objective one would expect (e.g. runs too short for a steady state)
+    note: str = ""
 
     @property
     def best(self) -> Deployment | None:
@@ -91,6 +97,8 @@ def _evaluate(spec: Any, system: Any, plan: Any, workload: Any, slo_ttft_s: floa
     out = {"output_tokens_per_s": m.output_tokens_per_s, "output_tokens_per_s_per_gpu": m.output_tokens_per_s / gpus,
            "offline_requests_per_s": m.requests_per_s, "offline_mean_running": m.mean_running,
            "offline_preemptions": float(m.preemptions), "kv_capacity_tokens": float(off.kv_capacity_tokens)}
+    if "saturated_output_tokens_per_s" in m.extra:
+        out["saturated_output_tokens_per_s"] = m.extra["saturated_output_tokens_per_s"]
     if slo_ttft_s is not None or slo_tpot_s is not None:
         cap = find_max_qps(spec, system, plan, replace(workload, arrival="poisson", rate_per_s=1.0), slo_ttft_s,
                            slo_tpot_s, predictor=pred)
@@ -120,7 +128,7 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
     sysm = load_system(system)
     profile = load_profile(engine, **(engine_overrides or {}))
     wl = (workload or Workload(2000, 1024, 256)).check()
-    objective = "max_qps" if slo_ttft_s is not None or slo_tpot_s is not None else "output_tokens_per_s"
+    objective = "max_qps" if slo_ttft_s is not None or slo_tpot_s is not None else SATURATED
     if disagg and profile.policy != "continuous":
         raise SpecError("--disagg", "needs a continuous-batching engine", ("vllm", "sglang", "trtllm"))
     deps = []
@@ -138,18 +146,33 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
         raise SpecError("gpus", f"no tensor-parallel size divides both {gpus} GPUs and the model's "
                         f"{spec.num_heads} heads within a {sysm.gpus_per_node}-GPU node")
 
+    # Offline: MLPerf Offline's long-run rate, without the drain at the end of a finite run (which
+    # would favour fewer, larger replicas by how many requests the run happens to have); when some
+    # deployment's queue empties before half its requests finish, there is no steady state to rank by
+    ok = [d for d in deps if d.status == OK]
+    throughput, note = SATURATED, ""
+    if any(SATURATED not in d.metrics for d in ok):
+        throughput = "output_tokens_per_s"
+        short = ", ".join(d.label for d in ok if SATURATED not in d.metrics)
+        note = (f"{wl.num_requests} requests are too few for a steady state in {short} (their queues empty "
+                "before half their requests finish): ranked by whole-run throughput, drain included; "
+                "raise --requests")
+        if objective == SATURATED:
+            objective = throughput
+
     def rank(d: Deployment) -> tuple:
         if d.status != OK:
             return (1, 0.0, 0.0, d.label)
-        return (0, -d.metrics.get(objective, 0.0), -d.metrics["output_tokens_per_s"], d.label)
+        return (0, -d.metrics.get(objective, 0.0), -d.metrics[throughput], d.label)
 
     deps.sort(key=rank)
     settings = {"engine": profile.name, "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
                 "requests": wl.num_requests, "isl": wl.input_tokens, "osl": wl.output_tokens, "lengths": wl.lengths,
+                "lengths_file": wl.lengths_file,
                 "spread": wl.spread, "seed": wl.seed, "slo_ttft_ms": None if slo_ttft_s is None else slo_ttft_s * 1e3,
                 "slo_tpot_ms": None if slo_tpot_s is None else slo_tpot_s * 1e3,
                 "engine_overrides": {k: v for k, v in (engine_overrides or {}).items() if v is not None}}
-    return BestServing(spec.name, system, gpus, objective, deps, settings, time.perf_counter() - t0)
+    return BestServing(spec.name, system, gpus, objective, deps, settings, time.perf_counter() - t0, note)
 
 
 def serve_config(bs: BestServing, dep: Deployment | None = None) -> dict[str, Any]:
@@ -184,6 +207,7 @@ def rank_rows(bs: BestServing) -> list[dict[str, Any]]:
     for d in bs.deployments:
         m = d.metrics
         row: dict[str, Any] = {"deployment": d.label, "tp": d.tp, "replicas": d.replicas,
+                               "saturated_output_tokens_per_s": m.get("saturated_output_tokens_per_s"),
                                "output_tokens_per_s": m.get("output_tokens_per_s"),
                                "output_tokens_per_s_per_gpu": m.get("output_tokens_per_s_per_gpu"),
                                "kv_tokens_per_replica": _int(m.get("kv_capacity_tokens")),

@@ -6,6 +6,13 @@
 * Output throughput = output tokens / makespan, where the makespan runs from the first arrival to
   the last finish; per GPU divides by every GPU of the deployment.
 * Goodput (DistServe): completed requests per second that met both SLOs (TTFT and TPOT).
+* Saturated output throughput (offline runs): per replica, output tokens emitted while requests
+  still waited in its queue, over that window, summed over replicas: the rate a long MLPerf
+  Offline run sustains, without the drain at the end of a finite run (``extra``). Reported only
+  when, on every replica, at least :data:`SATURATED_MIN_SHARE` of its requests finished inside
+  that window: the batch turned over, so the window holds a steady state rather than the first
+  admissions (an engine that prefills every queued prompt first empties its queue before any
+  request finishes).
 * Time-weighted means (over busy steps, per replica) of running requests, queue length and KV
   use come from the step log.
 """
@@ -19,6 +26,8 @@ import numpy as np
 from tensorstage.serve.entities import RequestTable
 
 PERCENTILES = (50, 90, 99)
+#: share of a replica's requests that must finish while its queue is non-empty for a saturated rate
+SATURATED_MIN_SHARE = 0.5
 
 
 def _stats(x: np.ndarray) -> dict[str, float]:
@@ -78,6 +87,7 @@ class ServingMetrics:
             "mean_waiting": round(self.mean_waiting, 4),
             "mean_kv_use": round(self.mean_kv_use, 6),
             "steps": self.steps,
+            **{k: round(v, 3) for k, v in sorted(self.extra.items())},
         }
 
 
@@ -121,6 +131,10 @@ def compute_metrics(req: RequestTable, steps: dict[str, np.ndarray], num_gpus: i
         kv = time_weighted(s, e, steps["kv_blocks_used"]) / max(1, kv_blocks_total)
     else:
         mean_run = mean_wait = kv = 0.0
+    extra: dict[str, float] = {}
+    sat = saturated_tokens_per_s(steps, req)
+    if sat is not None:
+        extra["saturated_output_tokens_per_s"] = sat
     return ServingMetrics(
         requests=len(req),
         makespan_s=makespan,
@@ -140,7 +154,30 @@ def compute_metrics(req: RequestTable, steps: dict[str, np.ndarray], num_gpus: i
         mean_waiting=mean_wait,
         mean_kv_use=kv,
         steps=len(steps.get("start_s", [])),
+        extra=extra,
     )
 
 
-__all__ = ["PERCENTILES", "ServingMetrics", "compute_metrics", "per_request", "time_weighted"]
+def saturated_tokens_per_s(steps: dict[str, np.ndarray], req: RequestTable) -> float | None:
+    """Output tokens/s while queues were non-empty (module docstring); ``None`` without a steady state."""
+    if not len(steps.get("start_s", [])):
+        return None
+    total = 0.0
+    for r in np.unique(steps["replica"]):
+        mine = steps["replica"] == r
+        queued = np.flatnonzero(mine & (steps["waiting"] > 0))
+        if len(queued) == 0:
+            return None  # a replica never had a queue: not a saturated run
+        end = float(steps["end_s"][queued[-1]])
+        window = mine & (steps["end_s"] <= end)
+        t0 = float(steps["start_s"][mine].min())
+        served = req.replica == r
+        if end <= t0 or np.count_nonzero(served & (req.finish_s <= end)) < SATURATED_MIN_SHARE * np.count_nonzero(served):
+            return None  # the batch never turned over while requests queued: ramp and drain only
+        span = end - t0
+        total += float(steps["emitted"][window].sum()) / span
+    return total
+
+
+__all__ = ["PERCENTILES", "SATURATED_MIN_SHARE", "ServingMetrics", "compute_metrics", "per_request", "saturated_tokens_per_s",
+           "time_weighted"]
