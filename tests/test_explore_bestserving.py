@@ -107,3 +107,17 @@ def test_saturated_rate_excludes_the_drain_and_needs_a_turned_over_batch():
 def test_short_runs_rank_by_whole_run_throughput_with_a_note():
     bs = best_serving("gpt3-125m", "dgx-a100-selene", 4, engine="vllm", workload=TINY)
     assert bs.objective == "output_tokens_per_s" and "raise --requests" in bs.note
+
+
+@pytest.mark.parametrize("system, published", [("dgx-h100-superpod", "TP2x4"), ("dgx-h200", "TP1x8")])
+def test_mlperf_llama2_70b_picks_the_published_layouts(system, published):
+    """MLPerf Inference v4.1 Llama-2-70B FP8 on 8 GPUs: NVIDIA submitted TP2x4 on H100 and TP1x8 on
+    H200. One pass over the dataset's own (input, output) token counts, ranked by the saturated
+    offline rate, picks the same layouts."""
+    from tensorstage.validation.serving import DATASET_LENGTHS
+
+    lengths = str(DATASET_LENGTHS["MLPerf llama2-70b dataset"])
+    bs = best_serving("llama2-70b", system, 8, engine="trtllm", weight_dtype="fp8", kv_dtype="fp8",
+                      workload=Workload(24576, 1, 1, lengths_file=lengths))
+    assert bs.objective == "saturated_output_tokens_per_s" and not bs.note
+    assert bs.best is not None and bs.best.label == published
