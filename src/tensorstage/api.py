@@ -278,8 +278,9 @@ def simulate_lowered(lowered: Lowered, model: str, system: str | Path | SystemSp
 
 
 def _simulate_steady(model: str | ModelSpec, system: str | Path | SystemSpec, plan: ParallelPlan) -> SimRun | None:
-    """The step extrapolated from three short simulations (:func:`tensorstage.sim.steady.simulate_steady`),
-    or ``None`` if the plan does not qualify or the results are not affine in the micro-batch count."""
+    """The step extrapolated from short simulations (:func:`tensorstage.sim.steady.simulate_steady`),
+    or ``None`` if the plan does not qualify or the results neither are affine in the micro-batch
+    count nor settle geometrically."""
     from tensorstage.lower import lower_blocks_cached
     from tensorstage.sim.steady import simulate_steady as steady
     from tensorstage.sim.steady import steady_counts, with_microbatches
@@ -305,9 +306,12 @@ def _simulate_steady(model: str | ModelSpec, system: str | Path | SystemSpec, pl
     res, last, counts = got
     inputs = model_inputs(name, _name(system), plan)
     inputs["tokens_per_step"] = plan.global_batch * plan.seq
+    check = ("every additive result checked affine in the micro-batch count" if len(counts) == 3 else
+             "every additive result affine in the micro-batch count or settling by a constant factor per "
+             "micro-batch, carried to its limit within 0.1 % of the step time")
     note = (f"step extrapolated from {', '.join(map(str, counts))} micro-batches to {plan.microbatches} "
-            "(every additive result checked affine in the micro-batch count; --full simulates every node); "
-            f"a pipeline timeline plot shows the {counts[2]}-micro-batch step")
+            f"({check}; --full simulates every node); a pipeline timeline plot shows the {counts[-1]}-micro-batch "
+            "step")
     return SimRun(last.programs, last.mesh, last.execution, res, inputs, [note])
 
 
