@@ -63,8 +63,10 @@ def _graph(model: str, recompute: str, dtype: str) -> Any:
     return build_graph(resolve_model(model), opts.phase, opts)
 
 
-def _coll(kind: str, nbytes: np.ndarray, stride: np.ndarray, size: np.ndarray, fabric: Any) -> np.ndarray:
-    """Collective time for every candidate, computed once per distinct (bytes, stride, size)."""
+def _coll(kind: str, nbytes: np.ndarray, stride: np.ndarray, size: np.ndarray, fabric: Any,
+          route: tuple[int, int, int] | None = None) -> np.ndarray:
+    """Collective time for every candidate, computed once per distinct (bytes, stride, size)
+    (``route``: MoE token all-to-alls under group-limited routing, as the full simulation)."""
     from tensorstage.sim.collectives import (
         all_gather_s,
         all_reduce_s,
@@ -73,7 +75,8 @@ def _coll(kind: str, nbytes: np.ndarray, stride: np.ndarray, size: np.ndarray, f
         reduce_scatter_s,
     )
 
-    fn = {"ar": all_reduce_s, "rs": reduce_scatter_s, "ag": all_gather_s, "a2a": all_to_all_s}[kind]
+    fn = {"ar": all_reduce_s, "rs": reduce_scatter_s, "ag": all_gather_s,
+          "a2a": lambda b, m, f: all_to_all_s(b, m, f, route)}[kind]
     keys = np.stack([nbytes, stride, size], axis=1)
     uniq, inv = np.unique(keys, axis=0, return_inverse=True)
     vals = np.zeros(len(uniq))
@@ -224,7 +227,9 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
         tokens = mb * c["seq"] / cp / np.where(sp, tp, 1)
         a2a_b = tokens * spec_moe.top_k * graph.spec.hidden * act_b
         n_a2a = 4 + np.where(c["recompute"] == "full", 2, 0)
-        a2a = _coll("a2a", a2a_b, np.where(folded, 1, tp), ep, fabric) * n_a2a * moe_layers / L
+        route = ((spec_moe.top_k, spec_moe.route_groups, spec_moe.route_topk_groups)
+                 if spec_moe.route_groups else None)
+        a2a = _coll("a2a", a2a_b, np.where(folded, 1, tp), ep, fabric, route) * n_a2a * moe_layers / L
     else:
         a2a = np.zeros(len(tp))
     per_mb = F + B + W + ends + lps * a2a

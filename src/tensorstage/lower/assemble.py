@@ -269,7 +269,7 @@ class StageBuilder:
             nid = len(nodes)
             nodes.append(Node(nid, prefix + s.name, s.kind, data, cd, flops, tbytes, s.comm, s.comm_bytes,
                               s.axes, s.peer_axis, s.peer_offset, tag, s.category, s.op, layer, mb, chunk,
-                              0, 0, s.gemm))
+                              0, 0, s.gemm, s.route))
             idmap[j] = nid
             last = nid
         return last

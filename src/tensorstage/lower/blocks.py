@@ -393,7 +393,8 @@ class BlockLowerer:
         g = self._attention_gemm(op) if op.kind == "attention" else None
         return None if g is None else (g[0], g[1], max(1, g[2] // parts), g[3])
 
-    def coll(self, name: str, coll: Collective, category: str) -> StepNode:
+    def coll(self, name: str, coll: Collective, category: str,
+             route: tuple[int, int, int] | None = None) -> StepNode:
         return StepNode(
             f"{name}:{coll.kind.name.lower()}",
             NodeKind.COLL,
@@ -402,6 +403,7 @@ class BlockLowerer:
             comm=coll.kind,
             comm_bytes=coll.comm_bytes,
             axes=coll.axes,
+            route=route,
         )
 
     def changes(self, nl: NodeList, changes: list[Change], category: str) -> None:

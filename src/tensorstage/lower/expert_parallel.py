@@ -8,6 +8,11 @@ one place apart from the per-op costing in :mod:`.blocks`:
   sized by top-k, capacity factor and routing skew);
 * at the ``combine`` op (forward and backward): the combine all-to-all before it; backward's
   dispatch gradient is the token all-to-all again (no counts: the split sizes are known).
+* group-limited routing (``moe.route_groups``/``route_topk_groups``, DeepSeek-V3's node-limited
+  routing): the token all-to-alls carry ``route = (top_k, groups, groups per token)`` so that the
+  simulator charges one copy per target node across nodes plus the forwarding inside a node
+  (:func:`tensorstage.sim.collectives.all_to_all_s`); the byte counts stay those of the flat
+  all-to-all (what a Chakra trace records).
 * ``moe_dispatch_fp8`` (DeepSeek-V3): the all-to-alls toward the experts (forward dispatch, the
   backward's combine gradient) carry FP8 rows with per-128 fp32 scales; the ones back to the tokens
   stay in the activation dtype.
@@ -44,7 +49,7 @@ class ExpertParallelEmitter:
         """Combine all-to-all before ``combine``; counts all-to-all before a forward ``dispatch``."""
         c = self.lw.ctx
         if op.kind == "combine" and c.ep > 1:
-            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[1], cat), op.inputs[0])
+            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[1], cat, self._route()), op.inputs[0])
         if op.kind == "dispatch" and c.ep > 1 and not backward:
             counts = Collective.make(CollKind.ALL_TO_ALL, ("ep",), self._experts() * 8, c.ep)
             nl.comm(self.lw.coll(f"{op.name}.counts", counts, cat))
@@ -52,7 +57,13 @@ class ExpertParallelEmitter:
     def after(self, nl: NodeList, op: Op, cat: str) -> None:
         """Token all-to-all after ``dispatch`` (forward) or its gradient (backward)."""
         if op.kind == "dispatch" and self.lw.ctx.ep > 1:
-            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[0], cat), op.outputs[0])
+            nl.comm(self.lw.coll(f"{op.name}.a2a", self._a2a()[0], cat, self._route()), op.outputs[0])
+
+    def _route(self) -> tuple[int, int, int] | None:
+        moe = self.lw.ctx.graph.spec.moe
+        if moe is None or not moe.route_groups:
+            return None
+        return moe.top_k, moe.route_groups, moe.route_topk_groups
 
     def _experts(self) -> int:
         spec = self.lw.ctx.graph.spec

@@ -55,6 +55,7 @@ class StepNode:
     tag: int = 0
     deps: tuple[int, ...] | None = None
     gemm: tuple[int, int, int, int] | None = None  # (batch, m, n, k) of a matmul on this rank
+    route: tuple[int, int, int] | None = None  # MoE token all-to-all: see Node.route
 
 
 @dataclass(frozen=True, slots=True)

@@ -178,6 +178,9 @@ def _deepseek_v3(c: _Config, name: str) -> dict[str, Any]:
         # noaux_tc routing keeps a learned per-expert bias (e_score_correction_bias) in the checkpoint.
         "router_bias": c.opt("topk_method", "noaux_tc") == "noaux_tc",
     }
+    groups, topk_groups = int(c.opt("n_group", 1) or 1), int(c.opt("topk_group", 1) or 1)
+    if groups > 1 and topk_groups < groups:  # group-limited (node-limited) routing
+        spec["moe"].update(route_groups=groups, route_topk_groups=topk_groups)
     return spec
 
 

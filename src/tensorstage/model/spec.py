@@ -56,9 +56,16 @@ class MoESpec(_Frozen):
     router_bias: bool = False
     expert_bias: bool = False
     capacity_factor: float | None = None  # None = dropless
+    route_groups: int = 0
+    route_topk_groups: int = 0
 
     @model_validator(mode="after")
     def _check(self) -> MoESpec:
+        if self.route_groups < 0 or self.route_topk_groups < 0:
+            raise ValueError("route_groups and route_topk_groups must be >= 0")
+        if self.route_groups and (self.num_experts % self.route_groups or not
+                                  1 <= self.route_topk_groups <= self.route_groups):
+            raise ValueError("route_groups must divide num_experts and route_topk_groups be in 1..route_groups")
         if self.num_experts < 1:
             raise ValueError("num_experts must be >= 1")
         if not 1 <= self.top_k <= self.num_experts:

@@ -70,6 +70,10 @@ class Node:
     # (batch*heads, q_len, kv_len, head_dim) for the measured attention tables (sim/kernels.py);
     # None for other nodes and fused nodes (whose ``op`` lists parts)
     gemm: tuple[int, int, int, int] | None = None
+    # COLL all-to-all of MoE tokens under group-limited routing: (top_k, groups, groups per token)
+    # (ModelSpec.moe.route_*); the simulator charges one copy per target node across nodes and the
+    # forwarding to the experts inside a node (sim/collectives.py all_to_all_s); None = uniform
+    route: tuple[int, int, int] | None = None
 
 
 @dataclass

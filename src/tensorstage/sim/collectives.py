@@ -284,25 +284,48 @@ def all_gather_s(shard_bytes: float, members: Sequence[int], fabric: Fabric) -> 
     return reduce_scatter_s(shard_bytes * members[-1], members, fabric)
 
 
-def all_to_all_s(buffer_bytes: float, members: Sequence[int], fabric: Fabric) -> tuple[float, str]:
-    """Direct all-to-all of a per-rank buffer of ``buffer_bytes``: one message to every peer."""
+def all_to_all_s(buffer_bytes: float, members: Sequence[int], fabric: Fabric,
+                 route: tuple[int, int, int] | None = None) -> tuple[float, str]:
+    """Direct all-to-all of a per-rank buffer of ``buffer_bytes``: one message to every peer.
+
+    ``route = (top_k, groups, groups per token)``: MoE tokens under group-limited routing with
+    the groups laid over the nodes (DeepSeek-V3, arXiv 2412.19437 sec. 3.2.2: a token reaches at
+    most 4 nodes; it crosses InfiniBand once per target node and is forwarded over NVLink to its
+    experts there). Across nodes a rank then sends ``nodes reached / top_k`` of the flat
+    all-to-all's share (each token's ``top_k`` copies become one per node reached: ``min(nodes,
+    groups per token x nodes per group)``), and inside its node it forwards ``(m - 1) / m`` of the
+    buffer (every copy that lands on the node and belongs to another of its ``m`` GPUs), where the
+    flat all-to-all moves only ``(m - 1) / n``. Both tiers run at once (DeepEP overlaps the
+    InfiniBand sends with the NVLink forwarding), so the slower one sets the time.
+    """
     n = members[-1]
     if n <= 1 or buffer_bytes <= 0:
         return 0.0, "none"
+    scale_out = 1.0
+    first = members[0]
+    nodes = n // first if first else 1
+    routed = route is not None and nodes > 1
+    if routed:
+        top_k, groups, per_token = route  # type: ignore[misc]
+        reached = min(nodes, per_token * max(1.0, nodes / groups))
+        scale_out = min(1.0, reached / top_k)
     bw_term, alpha, prev = 0.0, 0.0, 1
     for i, tier in enumerate(fabric.tiers):
         m = members[i]
         if m == prev:
             continue
-        bw_term = max(bw_term, (m - prev) / n * buffer_bytes / tier.bw_Bps)
+        # the node's own tier (routed): forwarding to the experts inside it
+        share = (m - 1) / m if routed and i == 0 else (m - prev) / n * scale_out
+        bw_term = max(bw_term, share * buffer_bytes / tier.bw_Bps)
         alpha += tier.latency_s
         prev = m
-    return bw_term + alpha, "direct"
+    return bw_term + alpha, "node-limited" if routed else "direct"
 
 
-def collective_time_s(kind: CollKind, comm_bytes: float, members: Sequence[int], fabric: Fabric
-                      ) -> tuple[float, str]:
-    """Time and algorithm of a collective given its ASTRA-sim ``comm_size`` and group placement."""
+def collective_time_s(kind: CollKind, comm_bytes: float, members: Sequence[int], fabric: Fabric,
+                      route: tuple[int, int, int] | None = None) -> tuple[float, str]:
+    """Time and algorithm of a collective given its ASTRA-sim ``comm_size`` and group placement
+    (``route``: an MoE token all-to-all's group-limited routing, :func:`all_to_all_s`)."""
     if kind == CollKind.ALL_REDUCE:
         return all_reduce_s(comm_bytes, members, fabric)
     if kind == CollKind.ALL_GATHER:
@@ -310,7 +333,7 @@ def collective_time_s(kind: CollKind, comm_bytes: float, members: Sequence[int],
     if kind == CollKind.REDUCE_SCATTER:
         return reduce_scatter_s(comm_bytes, members, fabric)
     if kind == CollKind.ALL_TO_ALL:
-        return all_to_all_s(comm_bytes, members, fabric)
+        return all_to_all_s(comm_bytes, members, fabric, route)
     raise SpecError("comm", f"unsupported collective {kind!r}", [k.name for k in CollKind])
 
 

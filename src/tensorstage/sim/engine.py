@@ -192,7 +192,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         k = kind[g]
         if k == K_COLL:
             axes = node.axes
-            ck2 = (node.comm, node.comm_bytes, axes)
+            ck2 = (node.comm, node.comm_bytes, axes, node.route)
             cost = coll_cache.get(ck2)
             if cost is None:
                 members = members_cache.get(axes)
@@ -200,13 +200,14 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                     members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
                 if node.comm is None:
                     raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
-                cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric)
+                cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric, node.route)
             dur[g] = cost[0]
             algorithm[g] = cost[1]
             if contention:
                 w = nic_cache.get(ck2)
                 if w is None:
-                    fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric)[0]
+                    fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric,
+                                             node.route)[0]
                     w = nic_cache[ck2] = max(0.0, cost[0] - fast)
                 nic[g] = w
             sk = (c, axes)

@@ -32,6 +32,9 @@ ET_VERSION = "0.0.4"  # GlobalMetadata.version as Chakra's own tools write it
 #: One packed list (17 bytes a node) rather than four int64 attributes (~60): traces stay ~6 % larger,
 #: not ~19 %, at 4,096 ranks of Llama-3.1-405B (bench/bench_trace.py --dp 32).
 GEMM_ATTR = "gemm"
+#: ``int64_list`` attribute ``[top_k, groups, groups per token]`` of an MoE token all-to-all under
+#: group-limited routing (``Node.route``); ASTRA-sim ignores it and runs the flat all-to-all.
+ROUTE_ATTR = "route"
 
 # Slot sources: ("self",) this rank; ("pg", axes) group id over axes; ("peer", axis, offset).
 Source = tuple
@@ -124,6 +127,8 @@ def constant_node(node: Node, duration_micros: DurationFn | None = None) -> obje
             raise ValueError(f"collective node {node.id} {node.name!r} has no comm kind")
         msg.attr.add(name="comm_type", int64_val=int(node.comm))
         msg.attr.add(name="comm_size", int64_val=int(node.comm_bytes))
+        if node.route is not None:
+            msg.attr.add(name=ROUTE_ATTR).int64_list.values.extend(int(v) for v in node.route)
     else:
         msg.attr.add(name="comm_tag", int64_val=int(node.tag))
         msg.attr.add(name="comm_size", int64_val=int(node.comm_bytes))

@@ -53,8 +53,9 @@ def program_from_json(obj: Mapping[str, object]) -> tuple[Program, dict[int, int
                 model_flops=int(obj["model_flops"]))
     durations: dict[int, int] = {}
     for d in obj["nodes"]:
-        kw = {k: d[k] for k in _NODE_FIELDS if k in d or k != "gemm"}
+        kw = {k: d[k] for k in _NODE_FIELDS if k in d or k not in ("gemm", "route")}
         kw["gemm"] = tuple(d["gemm"]) if d.get("gemm") is not None else None
+        kw["route"] = tuple(d["route"]) if d.get("route") is not None else None
         kw["kind"] = NodeKind[d["kind"]]
         kw["comm"] = None if d["comm"] is None else CollKind[d["comm"]]
         for k in ("data_deps", "ctrl_deps", "axes"):

@@ -98,6 +98,7 @@ _NEEDED = {schema.COMP_NODE: ("num_ops", "tensor_size"),
            schema.COMM_SEND_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size"),
            schema.COMM_RECV_NODE: ("comm_src", "comm_dst", "comm_tag", "comm_size")}
 _OK_KIND = {**{n: _INT_KINDS for n in _INT_ATTRS}, "pg_name": {"string_val"}, "gemm": {"int64_list"},
+            "route": {"int64_list"},
             "is_cpu_op": {"bool_val", *_INT_KINDS}}
 
 

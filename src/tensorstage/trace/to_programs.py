@@ -47,7 +47,7 @@ from tensorstage.parallel.mesh import Mesh
 from tensorstage.schedule.program import CollKind, Node, NodeKind, Program
 from tensorstage.sim.compute import ComputeModel, Gemm
 from tensorstage.trace import schema
-from tensorstage.trace.encode import GEMM_ATTR, astra_comp_sizes
+from tensorstage.trace.encode import GEMM_ATTR, ROUTE_ATTR, astra_comp_sizes
 from tensorstage.trace.program_json import mesh_from_json
 from tensorstage.trace.reader import node_attrs, read_chakra
 from tensorstage.trace.writer import MANIFEST
@@ -230,7 +230,8 @@ def _program_from_nodes(nodes: list[Any], class_key: dict[str, int], rank: int, 
             if ct not in _COLL:
                 raise SpecError("trace", f"{where}: node {n.id} collective type {ct} is not simulated")
             fields.update(comm=_COLL[ct], comm_bytes=int(a.get("comm_size", 0)), category="comm",
-                          axes=_axes_of_pg(str(a.get("pg_name", "")), pg_axes, mesh, f"{where} node {n.id}"))
+                          axes=_axes_of_pg(str(a.get("pg_name", "")), pg_axes, mesh, f"{where} node {n.id}"),
+                          route=route_of(a))
         else:
             src, dst = int(a["comm_src"]), int(a["comm_dst"])
             mine, other = (src, dst) if kind == NodeKind.SEND else (dst, src)
@@ -243,6 +244,15 @@ def _program_from_nodes(nodes: list[Any], class_key: dict[str, int], rank: int, 
             _annotate(fields, kind, ann[j], mesh, rank)
         prog.nodes.append(Node(id=j, name=n.name, kind=kind, **fields))
     return prog
+
+
+def route_of(attrs: dict[str, Any]) -> tuple[int, int, int] | None:
+    """``(top_k, groups, groups per token)`` from a COLL node's ``route`` attribute, else ``None``."""
+    values = list(getattr(attrs.get(ROUTE_ATTR), "values", ()))
+    if len(values) != 3:
+        return None
+    k, g, t = (int(x) for x in values)
+    return (k, g, t)
 
 
 def gemm_of(attrs: dict[str, Any]) -> Gemm | None:
@@ -314,7 +324,7 @@ def _foreign(d: Path) -> TraceInput:
 def _signature(prog: Program) -> tuple:
     """Everything that matters to the simulator in a rank's program (names excluded)."""
     return tuple((n.kind, n.data_deps, n.ctrl_deps, n.flops, n.tensor_bytes, n.op, n.comm, n.comm_bytes, n.axes,
-                  n.peer_axis, n.peer_offset, n.tag, n.gemm) for n in prog.nodes)
+                  n.peer_axis, n.peer_offset, n.tag, n.gemm, n.route) for n in prog.nodes)
 
 
 def group_ranks(per_rank: list[Program], mesh: Mesh) -> list[Program]:
