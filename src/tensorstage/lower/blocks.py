@@ -230,6 +230,28 @@ class _Context:
         return vals
 
 
+def fp8_saved_inputs(blk: Block) -> dict[int, int]:
+    """Saved activations a linear layer keeps in FP8 under FP8 training: ``{id(tensor): 1}`` when only
+    linear layers save it (its FP8 copy alone), ``{id(tensor): 2}`` when another op saves it too
+    (the 16-bit tensor plus the FP8 copy).
+
+    Why: Transformer Engine's ``Linear`` / ``LayerNormLinear`` / ``GroupedLinear`` save the quantized
+    input they multiplied for the weight gradient, one byte per element, unless
+    ``save_original_input`` is set (default False; TE docs, "FP8 memory usage" and
+    ``transformer_engine/pytorch/module/linear.py``). A linear is an einsum with a weight operand;
+    materialized attention products (no weight) keep their 16-bit inputs.
+    """
+    savers: dict[int, list[bool]] = {}
+    for op in blk.forward:
+        linear = op.kind == "einsum" and any(t.role == "weight" for t in op.inputs)
+        for t in op.saved:
+            if t.role == "weight":
+                continue
+            seen = savers.setdefault(id(t), [False, False])
+            seen[0 if linear and t in op.inputs else 1] = True
+    return {k: (1 if not other else 2) for k, (lin, other) in savers.items() if lin}
+
+
 # --- per-block lowering --------------------------------------------------------------------------------
 class BlockLowerer:
     """Lowers one block: placements, per-op variant choice, node emission, memory facts."""
@@ -251,6 +273,9 @@ class BlockLowerer:
         self.cp_emit = ContextParallelEmitter(self)
         self.ep_emit = ExpertParallelEmitter(self)
         self.embedding_sp = LearnedPositionSP(self)
+        # the LM head (Megatron's output_layer, not a TE module) and the embedding stay 16-bit
+        fp8 = ctx.graph.options.precision == "fp8" and blk.kind not in ("embedding", "head")
+        self.fp8_saved = fp8_saved_inputs(blk) if fp8 else {}
 
     # --- costs -----------------------------------------------------------------------------------
     def _op_costs(self) -> dict[str, np.ndarray]:
@@ -537,7 +562,12 @@ class BlockLowerer:
         )
 
     def _saved_bytes(self, t: Tensor) -> int:
-        return self.local_bytes(t, self.prop.get(t))
+        full = self.local_bytes(t, self.prop.get(t))
+        copies = self.fp8_saved.get(id(t))
+        if copies is None:
+            return full
+        elems = full // dtype_bytes(t.dtype)
+        return elems if copies == 1 else full + elems  # the FP8 copy alone, or beside the 16-bit one
 
     def _local_weight(self, w: Tensor) -> LocalWeight:
         p = self.prop.get(w)
