@@ -58,6 +58,9 @@ PLAN_FLAGS: tuple[tuple[str, type, tuple[str, ...], str], ...] = (
     ("seq", int, ("--seq",), "Sequence length (tokens)."),
     ("global_batch", int, ("--global-batch",), "Sequences per step (all DP ranks)."),
     ("micro_batch", int, ("--micro-batch",), "Sequences per micro-batch per DP rank."),
+    ("recompute_modules", str, ("--recompute-modules",),
+     "With --recompute selective: submodules to re-run, e.g. moe_act,layernorm (Megatron-Core "
+     "--recompute-modules: core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts)."),
     ("dtype", str, ("--dtype",), "Compute dtype: bf16, fp16, fp8, fp32."),
     ("rank_order", str, ("--rank-order",), "Axes innermost first, e.g. tp,cp,dp,pp (or tp-cp-ep-dp-pp)."),
     ("phase", str, ("--phase",), "Phase: train, prefill, decode."),

@@ -288,23 +288,65 @@ def _as_recompute(ops: list[Op]) -> list[Op]:
     ]
 
 
-def apply_recompute(forward: list[Op], inputs: list[Tensor], policy: str) -> tuple[list[Tensor], list[Op]]:
+#: Megatron-Core recompute_modules whose checkpoint discards the module's output too (its consumer's
+#: saved copy is recomputed, "output-discarding checkpointing"); the others keep their output saved
+OUTPUT_DISCARDING = ("moe_act", "layernorm", "mla_up_proj")
+_MLA_UP = ("attn.q_b_proj", "attn.q_rope", "attn.k_rope", "attn.kv_b_proj_k", "attn.kv_b_proj_v", "attn.k_concat")
+
+
+def recompute_module(op: Op) -> str | None:
+    """The Megatron-Core ``recompute_modules`` entry an op of a layer belongs to (``None``: none).
+
+    By op name, as the layer builders name them: ``core_attn`` the ops marked ``attn_core``;
+    ``layernorm`` the two pre-norms (``input_layernorm``, ``pre_mlp_layernorm``); ``mla_up_proj``
+    MLA's up-projections with their RoPE and key assembly; ``moe_act`` the experts' activation and
+    GLU product; ``shared_experts`` ``moe.shared.*``; ``moe`` the rest of ``moe.*``; ``mlp`` the
+    dense MLP (``mlp.*`` but its residual add)."""
+    name = op.name
+    if op.attrs.get("attn_core"):
+        return "core_attn"
+    if name in ("input_norm", "post_attention_norm"):
+        return "layernorm"
+    if name in _MLA_UP:
+        return "mla_up_proj"
+    if name in ("moe.experts.act", "moe.experts.gated"):
+        return "moe_act"
+    if name.startswith("moe.shared."):
+        return "shared_experts"
+    if name.startswith("moe.") and name != "moe.shared_add":
+        return "moe"
+    if name.startswith("mlp.") and name != "mlp.residual":
+        return "mlp"
+    return None
+
+
+def apply_recompute(forward: list[Op], inputs: list[Tensor], policy: str,
+                    modules: tuple[str, ...] = ()) -> tuple[list[Tensor], list[Op]]:
     """Saved tensors and recompute ops of a layer under ``policy``.
 
     * ``none``: everything the forward ops save.
-    * ``selective``: the attention core (ops marked ``attn_core``) keeps only its inputs; the
-      core is re-run before backward (Korthikanti et al. 2022).
+    * ``selective``: the ops of the chosen ``modules`` (:func:`recompute_module`; default
+      ``core_attn``, Korthikanti et al. 2022 and Megatron-Core's default) keep only their inputs and
+      are re-run before backward. ``moe`` also covers ``moe_act`` and ``shared_experts`` (they are
+      part of the MoE layer). For the output-discarding modules (:data:`OUTPUT_DISCARDING`) the
+      consumers' saved copies of their outputs are dropped too (Megatron's CheckpointWithoutOutput:
+      the output is recomputed into the same storage before the consumer's backward); for the
+      others the output stays saved where a consumer saves it.
     * ``full``: only the layer input is kept; the whole layer forward is re-run.
     """
     if policy == "full":
         return list(inputs), _as_recompute(forward)
     if policy == "none":
         return _unique([t for op in forward for t in op.saved]), []
-    core = [op for op in forward if op.attrs.get("attn_core")]
-    rest = [op for op in forward if not op.attrs.get("attn_core")]
+    chosen = set(modules or ("core_attn",))
+    if "moe" in chosen:
+        chosen |= {"moe_act", "shared_experts"}
+    core = [op for op in forward if recompute_module(op) in chosen]
+    rest = [op for op in forward if recompute_module(op) not in chosen]
     produced = {id(t) for op in core for t in op.outputs}
+    discarded = {id(t) for op in core if recompute_module(op) in OUTPUT_DISCARDING for t in op.outputs}
     core_inputs = [t for op in core for t in op.inputs if id(t) not in produced and t.requires_grad]
-    saved = [t for op in rest for t in op.saved] + [
+    saved = [t for op in rest for t in op.saved if id(t) not in discarded] + [
         t for op in core for t in op.saved if id(t) not in produced
     ]
     return _unique(saved + core_inputs), _as_recompute(core)
@@ -319,6 +361,7 @@ def _finish_block(
     options: GraphOptions,
     grad_dtype: str,
     recompute: str,
+    modules: tuple[str, ...] = (),
 ) -> Block:
     fwd = list(bld.ops)
     if options.phase != "train":
@@ -327,7 +370,7 @@ def _finish_block(
         )
     seed = bld.tensor(f"{out.name}.grad", out.dims, "fp32" if not out.dims else bld.act_dtype, "gradient")
     bwd, _ = backward(bld, fwd, {id(out): seed}, grad_dtype)
-    saved, rec = apply_recompute(fwd, inputs, recompute)
+    saved, rec = apply_recompute(fwd, inputs, recompute, modules)
     return Block(
         name, kind, fwd, rec, bwd, list(bld.weights), saved, inputs, list(bld.kv_cache), outputs=[out]
     )
@@ -383,7 +426,8 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
             opts.routing_skew,
             dropless,
         )
-        layers[kind] = _finish_block(bld, kind, kind, [x], y, opts, prec.grad_dtype, opts.recompute)
+        layers[kind] = _finish_block(bld, kind, kind, [x], y, opts, prec.grad_dtype, opts.recompute,
+                                     opts.recompute_modules)
 
     bld = builder()
     x = bld.tensor("hidden_final", "b s h", requires_grad=True)

@@ -70,6 +70,8 @@ class GraphOptions:
 
     phase: str = "train"
     recompute: str = "none"
+    # selective recompute: Megatron-Core recompute_modules (graph.graph.apply_recompute); () = core_attn
+    recompute_modules: tuple[str, ...] = ()
     attention_impl: str = "flash"
     causal: bool = True
     attention_flops: str = "causal_half"

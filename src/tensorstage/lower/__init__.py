@@ -46,6 +46,7 @@ def graph_options(plan: ParallelPlan, base: GraphOptions | None = None) -> Graph
         base,
         phase=plan.phase,
         recompute=plan.recompute if plan.phase == "train" else "none",
+        recompute_modules=tuple(plan.recompute_modules or ()),
         precision=plan.dtype,
         capacity_factor=plan.capacity_factor if plan.capacity_factor is not None else base.capacity_factor,
         routing_skew=max(plan.routing_skew, base.routing_skew),

@@ -57,6 +57,9 @@ DDPStyle = Literal["megatron", "torch"]
 FSDPReshard = Literal["default", "true", "false"]
 AttentionImpl = Literal["flash", "materialized"]
 AttentionFlops = Literal["causal_half", "full"]
+RecomputeModule = Literal["core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts"]
+RECOMPUTE_MODULES: tuple[str, ...] = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe",
+                                      "shared_experts")
 
 #: Numeric plan fields; a YAML ``true``/``false`` in one of them is an error, not 1/0.
 NUMERIC_FIELDS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "zero", "seq", "global_batch", "micro_batch",
@@ -104,6 +107,12 @@ class ParallelPlan(BaseModel):
     zero: Literal[0, 1, 2, 3] = Field(0, description="ZeRO stage: 1 optimizer, 2 +grads, 3 +params (FSDP)")
     schedule: Schedule = "1f1b"
     recompute: Recompute = "none"
+    recompute_modules: tuple[RecomputeModule, ...] | None = Field(
+        None,
+        description="with recompute selective: the submodules re-run in backward (Megatron-Core "
+        "--recompute-modules: core_attn, moe_act, layernorm, mla_up_proj, mlp, moe, shared_experts); "
+        "None = Megatron's default, core_attn",
+    )
     seq: int = Field(2048, ge=1, description="sequence length in tokens (decode: one new token per "
                      "sequence; KV length when context is 0)")
     global_batch: int = Field(0, ge=0, description="sequences per step; 0 = dp*micro_batch*pp")
@@ -181,6 +190,8 @@ class ParallelPlan(BaseModel):
             data["fsdp_reshard_after_forward"] = str(data["fsdp_reshard_after_forward"]).lower()
         if isinstance(data.get("rank_order"), str):
             data["rank_order"] = split_rank_order(data["rank_order"])
+        if isinstance(data.get("recompute_modules"), str):  # "moe_act,layernorm", as the flag takes it
+            data["recompute_modules"] = tuple(x.strip() for x in data["recompute_modules"].split(",") if x.strip())
         if isinstance(data.get("pp_layer_split"), str):  # YAML "7,8,8,7", as the flag takes it
             data["pp_layer_split"] = tuple(x.strip() for x in data["pp_layer_split"].split(",") if x.strip())
         return data
@@ -453,6 +464,11 @@ class ParallelPlan(BaseModel):
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
             )
+        if self.recompute_modules is not None and self.recompute != "selective":
+            raise SpecError(
+                "recompute_modules",
+                f"chooses what selective recompute re-runs; needs recompute selective, got {self.recompute}",
+            )
         if self.moe_dispatch_fp8 and (self.ep < 2 or self.dtype != "fp8"):
             raise SpecError(
                 "moe_dispatch_fp8",
@@ -531,6 +547,14 @@ class ParallelPlan(BaseModel):
             for name in ("capacity_factor", "routing_skew"):  # would be ignored on a dense model
                 if getattr(self, name) != type(self).model_fields[name].default:
                     raise SpecError(name, f"applies only to MoE models; {model.name} has no experts")
+        needs = {"mla_up_proj": (model.mla is not None, "multi-latent attention"),
+                 "moe_act": (model.moe is not None, "experts"), "moe": (model.moe is not None, "experts"),
+                 "shared_experts": (model.moe is not None and model.moe.shared_experts > 0, "shared experts")}
+        for module in self.recompute_modules or ():
+            ok, what = needs.get(module, (True, ""))
+            if not ok:
+                raise SpecError("recompute_modules", f"{module} needs a model with {what}; {model.name} has none",
+                                RECOMPUTE_MODULES)
         layers, stages = model.num_layers, self.pp * self.vpp
         if self.pp_layer_split is None:
             if layers % stages:
@@ -582,6 +606,7 @@ _ALLOWED: dict[str, tuple[object, ...]] = {
     "fsdp_reshard_after_forward": ("default", "true", "false"),
     "attention_impl": ("flash", "materialized"),
     "attention_flops": ("causal_half", "full"),
+    "recompute_modules": RECOMPUTE_MODULES,
 }
 
 
