@@ -164,7 +164,7 @@ def describe_plan(plan: ParallelPlan) -> str:
     if p.zero:
         parts.append(f"ZeRO-{p.zero}")
     if p.recompute != "none":
-        parts.append(f"recompute {p.recompute}")
+        parts.append(f"recompute {p.recompute}" + (f" ({', '.join(p.recompute_modules)})" if p.recompute_modules else ""))
     parts.append(f"seq {p.seq:,}")
     if p.phase == "decode":
         parts.append(f"context {p.kv_len:,}")
