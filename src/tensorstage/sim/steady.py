@@ -80,40 +80,8 @@ def extrapolate(r1: SimResult, r2: SimResult, r3: SimResult, spacing: int, steps
                 tokens_per_step: int) -> SimResult | None:
     """The result ``steps_to_target`` spacings past ``r3`` (see module docstring), or ``None`` if the
     three results are not affine in the micro-batch count or differ in anything that should not change."""
-    if not (len(r1.classes) == len(r2.classes) == len(r3.classes)):
-        return None
-    step_final = r3.step_time_s + steps_to_target * (r3.step_time_s - r2.step_time_s)
-    try:
-        classes = []
-        for c1, c2, c3 in zip(r1.classes, r2.classes, r3.classes, strict=True):
-            for name in _CLASS_SAME:
-                if not getattr(c1, name) == getattr(c2, name) == getattr(c3, name):
-                    raise _NotAffine(name)
-            kw = {f.name: getattr(c3, f.name) for f in fields(ClassResult)}
-            for name in _CLASS_LINEAR:
-                floor = step_final if name.endswith("_s") else 0.0
-                kw[name] = _affine(getattr(c1, name), getattr(c2, name), getattr(c3, name), steps_to_target,
-                                   f"{c3.class_key}.{name}", floor)
-            # the per-label split is not additive; its inputs are: split the extrapolated total
-            kw["exposed_comm_s"] = split_exposed(kw["exposed_comm_total_s"], kw["exposed_comm_raw_s"])
-            kw["memory_peak_time_s"] = c3.memory_peak_time_s
-            classes.append(ClassResult(**kw))
-        step = _affine(r1.step_time_s, r2.step_time_s, r3.step_time_s, steps_to_target, "step_time_s")
-        algos = _affine(r1.collective_algorithms, r2.collective_algorithms, r3.collective_algorithms,
-                        steps_to_target, "collective_algorithms")
-    except _NotAffine:
-        return None
-    if r1.peak_memory_bytes != r3.peak_memory_bytes or spacing <= 0:
-        return None
-    denom = step * r3.world * r3.peak_flops_per_device
-    model = sum(c.ranks * c.model_flops for c in classes)
-    executed = sum(c.ranks * c.executed_flops for c in classes)
-    return replace(
-        r3, step_time_s=step, tokens_per_step=tokens_per_step,
-        tokens_per_s=tokens_per_step / step if step > 0 else 0.0,
-        mfu=model / denom if denom > 0 else 0.0, hfu=executed / denom if denom > 0 else 0.0,
-        classes=classes, collective_algorithms=algos,
-    )
+    return _extrapolated([r1, r2, r3], spacing, steps_to_target, tokens_per_step,
+                         lambda v, steps, what, floor: _affine(v[0], v[1], v[2], steps, what, floor))
 
 
 #: Settling transients (module docstring): the geometric ratio of successive second differences
@@ -154,12 +122,21 @@ def extrapolate_settling(rs: list[SimResult], spacing: int, steps_to_target: flo
                          tokens_per_step: int) -> SimResult | None:
     """Like :func:`extrapolate` from five evenly spaced results, accepting quantities that settle
     geometrically (module docstring); ``None`` when any quantity neither is affine nor settles."""
-    if len(rs) != 5 or len({len(r.classes) for r in rs}) != 1 or spacing <= 0:
+    if len(rs) != 5:
         return None
-    if len({r.peak_memory_bytes for r in rs[-3:]}) != 1:
+    return _extrapolated(rs, spacing, steps_to_target, tokens_per_step, _settling)
+
+
+def _extrapolated(rs: list[SimResult], spacing: int, steps_to_target: float, tokens_per_step: int,
+                  carry: Callable[[list[Any], float, str, float], Any]) -> SimResult | None:
+    """Every additive quantity of the last result carried ``steps_to_target`` spacings on by ``carry``
+    (which raises :class:`_NotAffine` to refuse); what must not change (class keys, memory peaks)
+    must be equal over the last three results; MFU, HFU and tokens/s recomputed."""
+    last = rs[-1]
+    if len({len(r.classes) for r in rs}) != 1 or spacing <= 0 or len({r.peak_memory_bytes for r in rs[-3:]}) != 1:
         return None
     try:
-        step = _settling([r.step_time_s for r in rs], steps_to_target, "step_time_s", 0.0)
+        step = carry([r.step_time_s for r in rs], steps_to_target, "step_time_s", 0.0)
         classes = []
         for cs in zip(*(r.classes for r in rs), strict=True):
             for name in _CLASS_SAME:
@@ -168,15 +145,14 @@ def extrapolate_settling(rs: list[SimResult], spacing: int, steps_to_target: flo
             kw = {f.name: getattr(cs[-1], f.name) for f in fields(ClassResult)}
             for name in _CLASS_LINEAR:
                 floor = step if name.endswith("_s") else 0.0
-                kw[name] = _settling([getattr(c, name) for c in cs], steps_to_target, f"{cs[-1].class_key}.{name}",
-                                     floor)
+                kw[name] = carry([getattr(c, name) for c in cs], steps_to_target, f"{cs[-1].class_key}.{name}", floor)
+            # the per-label split is not additive; its inputs are: split the extrapolated total
             kw["exposed_comm_s"] = split_exposed(kw["exposed_comm_total_s"], kw["exposed_comm_raw_s"])
             kw["memory_peak_time_s"] = cs[-1].memory_peak_time_s
             classes.append(ClassResult(**kw))
-        algos = _settling([r.collective_algorithms for r in rs], steps_to_target, "collective_algorithms", 0.0)
+        algos = carry([r.collective_algorithms for r in rs], steps_to_target, "collective_algorithms", 0.0)
     except _NotAffine:
         return None
-    last = rs[-1]
     denom = step * last.world * last.peak_flops_per_device
     model = sum(c.ranks * c.model_flops for c in classes)
     executed = sum(c.ranks * c.executed_flops for c in classes)
