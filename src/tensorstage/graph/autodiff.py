@@ -339,13 +339,26 @@ def _vjp_cross_entropy(c: _Ctx, op: Op, gy: Tensor) -> None:
 
 def _vjp_glu(c: _Ctx, op: Op, gy: Tensor) -> None:
     """One fused backward kernel (reads dy and both saved inputs, writes both input gradients);
-    FLOPs as the unfused mul + activation backward (4 per element)."""
-    gate, up = op.inputs
-    outs = tuple(c.grad_tensor(x) for x in (gate, up))
-    c.emit(op, f"{op.name}.grad", "glu", "bwd_input", (gy, gate, up), outs, vector_flops=4 * gy.numel,
+    FLOPs as the unfused mul + activation backward (4 per element). With a per-row scale (the
+    routing probabilities) the same kernel also writes their gradient, a row sum of ``dy x glu``."""
+    ins = op.inputs
+    wrt = [x for x in ins if x.requires_grad]
+    outs = tuple(c.grad_tensor(x) for x in wrt)
+    per_elem = 4 if len(ins) == 2 else 6
+    c.emit(op, f"{op.name}.grad", "glu", "bwd_input", (gy, *ins), outs, vector_flops=per_elem * gy.numel,
            fn=op.attrs.get("fn"))
-    for x, g in zip((gate, up), outs, strict=True):
+    for x, g in zip(wrt, outs, strict=True):
         c.give(op, x, g)
+
+
+def _vjp_permute(c: _Ctx, op: Op, gy: Tensor) -> None:
+    """Slot-order gradients back to the tokens' ``(b s k)`` layout (a scatter by the saved index)."""
+    gates = op.inputs[0]
+    if not gates.requires_grad:
+        return
+    g = c.grad_tensor(gates)
+    c.emit(op, f"{op.name}.grad", "scatter", "bwd_input", (gy, *op.saved), (g,), vector_flops=gy.numel)
+    c.give(op, gates, g)
 
 
 def _vjp_topk(c: _Ctx, op: Op, gy: Tensor) -> None:
@@ -372,6 +385,13 @@ def _vjp_dispatch(c: _Ctx, op: Op, gy: Tensor) -> None:
 
 
 def _vjp_combine(c: _Ctx, op: Op, gy: Tensor) -> None:
+    if len(op.inputs) == 2:  # unweighted (scaled activation): the gradient is dy gathered to the slots
+        ye = op.inputs[0]
+        g_ye = c.grad_tensor(ye)
+        c.emit(op, f"{op.name}.grad_experts", "dispatch", "bwd_input", (gy, *op.saved), (g_ye,),
+               vector_flops=ye.numel)
+        c.give(op, ye, g_ye)
+        return
     ye, gates, _tok = op.inputs
     g_ye = c.grad_tensor(ye)
     # the expert-output gradient is gate x dy gathered to the slots: it reads dy, the slot gates and
@@ -411,6 +431,7 @@ VJP: dict[str, Callable[[_Ctx, Op, Tensor], None]] = {
     "topk": _vjp_topk,
     "dispatch": _vjp_dispatch,
     "combine": _vjp_combine,
+    "permute": _vjp_permute,
 }
 
 

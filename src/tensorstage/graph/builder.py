@@ -177,14 +177,20 @@ class Builder:
         self._op(name, "mul", (a, b), (y,), vector_flops=a.numel, saved=saved, **attrs)
         return y
 
-    def glu(self, name: str, fn: str, gate: Tensor, up: Tensor, **attrs: object) -> Tensor:
+    def glu(self, name: str, fn: str, gate: Tensor, up: Tensor, scale: Tensor | None = None,
+            **attrs: object) -> Tensor:
         """Fused gated activation ``fn(gate) * up`` (Megatron-Core's ``bias_swiglu_impl`` /
         Transformer Engine's swiglu): one kernel reads both halves and writes the product; it saves
         only its inputs and recomputes ``fn(gate)`` in backward, so the activation output that eager
-        ``silu`` + ``mul`` keep (one ``b*s*f`` tensor more) is never stored. FLOPs as unfused."""
-        y = self.tensor(name, gate.dims, requires_grad=self._rg(gate, up))
-        saved = (gate, up) if y.requires_grad else ()
-        self._op(name, "glu", (gate, up), (y,), vector_flops=2 * gate.numel, saved=saved, fn=fn, **attrs)
+        ``silu`` + ``mul`` keep (one ``b*s*f`` tensor more) is never stored. FLOPs as unfused.
+
+        ``scale`` (MoE experts, Megatron-Core's ``weighted_bias_swiglu_impl``): each row is
+        multiplied by its routing probability in the same kernel, which saves the probabilities too."""
+        ins = (gate, up) if scale is None else (gate, up, scale)
+        y = self.tensor(name, gate.dims, requires_grad=self._rg(*ins))
+        saved = ins if y.requires_grad else ()
+        vf = (2 if scale is None else 3) * gate.numel
+        self._op(name, "glu", ins, (y,), vector_flops=vf, saved=saved, fn=fn, **attrs)
         return y
 
     def add(self, name: str, a: Tensor, b: Tensor, **attrs: object) -> Tensor:
@@ -391,14 +397,27 @@ class Builder:
         )
         return xe, tok
 
+    def permute_gates(self, name: str, gates: Tensor, tok: Tensor, **attrs: object) -> Tensor:
+        """The routing probabilities in slot order, ``gates (b s k) -> (e t)``, as Megatron-Core's
+        dispatcher permutes ``probs`` with the tokens (``permuted_probs``); saves the slot index."""
+        ge = self.tensor(name, ("e", "t"), requires_grad=gates.requires_grad)
+        self._op(name, "permute", (gates, tok), (ge,), vector_flops=Z, saved=(tok,), **attrs)
+        return ge
+
     def combine(
-        self, name: str, ye: Tensor, gates: Tensor, tok: Tensor, like: Tensor, **attrs: object
+        self, name: str, ye: Tensor, gates: Tensor | None, tok: Tensor, like: Tensor, **attrs: object
     ) -> Tensor:
         """Weight expert outputs by their gates and scatter-add back to tokens.
 
         Saves the expert outputs, the per-slot gate values (e t), the token index and the int64
         slot permutation that gathered the gates (a permute-based dispatcher's ``sorted_indices``).
+        ``gates=None``: the probabilities were applied inside the experts (Megatron-Core's scaled
+        activation), so the combine is a plain scatter-add that saves only the token index.
         """
+        if gates is None:
+            y = self.tensor(name, like.dims, requires_grad=ye.requires_grad)
+            self._op(name, "combine", (ye, tok), (y,), vector_flops=ye.numel, saved=(tok,), **attrs)
+            return y
         ge = self.tensor(f"{name}.slot_gates", ("e", "t"), requires_grad=gates.requires_grad)
         perm = self.tensor(f"{name}.slot_index", ("e", "t"), "int64", "index")
         y = self.tensor(name, like.dims, requires_grad=self._rg(ye, gates))

@@ -309,7 +309,7 @@ def recompute_module(op: Op) -> str | None:
         return "layernorm"
     if name in _MLA_UP:
         return "mla_up_proj"
-    if name in ("moe.experts.act", "moe.experts.gated"):
+    if name in ("moe.experts.act", "moe.experts.gated", "moe.experts.prob_scale"):
         return "moe_act"
     if name.startswith("moe.shared."):
         return "shared_experts"

@@ -215,8 +215,11 @@ def mlp(
     name: str = "mlp",
     bias: bool | None = None,
     lead: str = "b s",
+    scale: Tensor | None = None,
 ) -> Tensor:
-    """Dense MLP: GELU/ReLU two-matrix or gated (SwiGLU/GeGLU) three-matrix, over width dim ``width``."""
+    """Dense MLP: GELU/ReLU two-matrix or gated (SwiGLU/GeGLU) three-matrix, over width dim ``width``.
+    ``scale``: per-row factors applied to the activation output (MoE routing probabilities under
+    Megatron-Core's scaled activation); fused into the GLU kernel with Megatron kernels."""
     bias = spec.mlp_bias if bias is None else bias
     w_lead = "e " if lead.startswith("e") else ""
     act = "silu" if spec.activation == "swiglu" else ("relu" if spec.activation == "relu" else "gelu")
@@ -224,13 +227,16 @@ def mlp(
         gate = bld.linear(f"{name}.gate_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         up = bld.linear(f"{name}.up_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         if bld.megatron_kernels:
-            hdn = bld.glu(f"{name}.act", act, gate, up)
+            hdn = bld.glu(f"{name}.act", act, gate, up, scale)
+            scale = None
         else:
             a = bld.unary(f"{name}.act", act, gate)
             hdn = bld.mul(f"{name}.gated", a, up)
     else:
         up = bld.linear(f"{name}.fc1", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         hdn = bld.unary(f"{name}.act", act, up)
+    if scale is not None:
+        hdn = bld.mul(f"{name}.prob_scale", hdn, scale)
     return bld.linear(f"{name}.down_proj", hdn, f"{w_lead}{width} h", f"{lead} h", bias)
 
 
@@ -242,15 +248,27 @@ def moe(
     routing_skew: float,
     dropless: bool = True,
 ) -> Tensor:
-    """Token-choice MoE: router, top-k, dispatch, batched expert MLPs, combine, shared experts."""
+    """Token-choice MoE: router, top-k, dispatch, batched expert MLPs, combine, shared experts.
+
+    Where the routing probabilities multiply follows the kernels: HF / PyTorch weight the expert
+    outputs in the combine (which keeps them, ``h`` wide, for the probabilities' gradient);
+    Megatron-Core (``bld.megatron_kernels``) permutes the probabilities with the tokens and scales
+    the activation inside the experts (``TEGroupedMLP``'s "scaled activation",
+    ``weighted_bias_swiglu_impl``), so the combine is a plain scatter-add and only the
+    ``fe``-wide activation inputs are kept."""
     m = spec.moe
     assert m is not None
     logits = bld.linear("moe.router", x, "h e", "b s e", m.router_bias)
     probs = bld.softmax("moe.router_softmax", logits)
     gates, ids = bld.topk("moe.topk", probs)
     xe, tok = bld.dispatch("moe.dispatch", x, ids, capacity_factor, routing_skew, dropless)
-    ye = mlp(bld, xe, spec, "fe", name="moe.experts", bias=m.expert_bias, lead="e t")
-    y = bld.combine("moe.combine", ye, gates, tok, like=x)
+    if bld.megatron_kernels:
+        ge = bld.permute_gates("moe.permuted_probs", gates, tok)
+        ye = mlp(bld, xe, spec, "fe", name="moe.experts", bias=m.expert_bias, lead="e t", scale=ge)
+        y = bld.combine("moe.combine", ye, None, tok, like=x)
+    else:
+        ye = mlp(bld, xe, spec, "fe", name="moe.experts", bias=m.expert_bias, lead="e t")
+        y = bld.combine("moe.combine", ye, gates, tok, like=x)
     if m.shared_experts:
         ys = mlp(bld, x, spec, "fs", name="moe.shared", bias=m.expert_bias)
         y = bld.add("moe.shared_add", y, ys)

@@ -126,6 +126,7 @@ _KIND_LABEL = {
     "topk": "topk",
     "dispatch": "dispatch",
     "combine": "combine",
+    "permute": "gather",
 }
 
 

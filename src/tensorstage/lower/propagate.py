@@ -283,7 +283,7 @@ class Propagator:
         linear = self._linear_in_partial(op, ps)
         if linear is not None:
             return linear
-        if op.kind == "dispatch" and self.moe_tp_on_tokens:
+        if op.kind in ("dispatch", "permute") and self.moe_tp_on_tokens:
             # tokens -> slots (forward) or dy -> slot gradients (backward): on whole tokens
             for t, p in zip(ins, ps, strict=True):
                 if t.role != "weight" and p != REPLICATE:
