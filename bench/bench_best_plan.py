@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--fix", nargs="*", default=[], metavar="KEY=VALUE",
                     help="plan keys pinned in both searches, e.g. zero=0 recompute=full (the features of "
                          "Megatron-LM in 2021: no ZeRO, full recompute as Table 1 states)")
+    ap.add_argument("--even-splits", action="store_true",
+                    help="only layer counts that pp * vpp divides (Megatron-LM 2021 had no uneven stages)")
     args = ap.parse_args()
     pins = {}
     for item in args.fix:
@@ -63,7 +65,7 @@ def main() -> None:
     for c in cases():
         if args.cases and c["name"] not in args.cases:
             continue
-        kw = dict(dtype=c["dtype"], top=args.top)
+        kw = dict(dtype=c["dtype"], top=args.top, uneven=not args.even_splits)
         t0 = time.perf_counter()
         opt = best_plan(c["model"], c["system"], c["gpus"], c["global_batch"], c["seq"], fixed=pins or None, **kw)
         t_opt = time.perf_counter() - t0

@@ -48,14 +48,15 @@ def _explore(space_file: Path, agent: str, budget: int | None, out: Path, worker
 
 
 def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, objective: str, dtype: str,
-               top: int, out: Path | None, json_out: bool, workers: int = 1) -> None:
+               top: int, out: Path | None, json_out: bool, workers: int = 1, uneven: bool = True) -> None:
     import yaml
 
     from tensorstage.explore.bestplan import best_plan, rank_table
     from tensorstage.fileio import write_text_atomic
     from tensorstage.report.console import print_json, print_table
 
-    bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top, workers=workers)
+    bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top, workers=workers,
+                   uneven=uneven)
     rows = rank_table(bp)
     best = bp.best
     if out is not None and best is not None:
@@ -162,6 +163,8 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("bf16", "--dtype", help="Compute dtype."),
         top: int = typer.Option(8, "--top", help="Best-screened layouts simulated in full."),
         workers: int = typer.Option(1, "--workers", help="Simulate on a pool of this many processes."),
+        even_splits: bool = typer.Option(False, "--even-splits", help="Only layer counts pp*vpp divides "
+                                         "(no uneven stages or model chunks, as Megatron-LM before Core)."),
         out: Path | None = typer.Option(None, "--out", help="Write the best plan YAML here."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -171,7 +174,8 @@ def register(app: typer.Typer) -> None:
                 raise SpecError(name, f"must be >= 1, got {v}")
         if out is not None and out.is_dir():
             raise SpecError("out", f"{out} is a directory; give a file path (e.g. best.yaml)")
-        _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out, workers)
+        _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out, workers,
+                   not even_splits)
 
     @app.command("best-serving")
     def best_serving_cmd(

@@ -74,9 +74,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int, dtype: str = "bf16",
-                 fixed: dict[str, Any] | None = None) -> Space:
+                 fixed: dict[str, Any] | None = None, uneven: bool = True) -> Space:
     """The training-layout space best-plan searches (a regular :class:`Space`: the same rules,
-    derived values and constraints a space file would give)."""
+    derived values and constraints a space file would give). ``uneven``: stages (and, interleaved,
+    model chunks) may hold unequal layer counts (:func:`balanced_split`; Megatron-Core's first/last
+    stage and pipeline-layout options); False keeps Megatron-LM 2021's rule that ``pp * vpp``
+    divides the layers."""
     from tensorstage.hardware import load_system
     from tensorstage.model import resolve_model
 
@@ -106,7 +109,7 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     data = {"name": f"layouts-{model}-{gpus}", "model": model, "system": system, "gpus": gpus, "fixed": fx,
             "parameters": {"plan": params}, "derived": derived,
             "constraints": ["gpus % (tp * pp) == 0", "global_batch % (dp * micro_batch) == 0",
-                            "model.num_layers % (pp * vpp) == 0 or (vpp == 1 and pp < model.num_layers)",
+                            "model.num_layers % (pp * vpp) == 0" + (" or pp * vpp < model.num_layers" if uneven else ""),
                             "vpp == 1 or pp > 1", *moe_rules],
             "objectives": [{"metric": "step_time_s", "goal": "min"}]}
     return parse_space(data, where="best-plan")
@@ -122,7 +125,8 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
         cfg = space.decode(tuple(int(v) for v in row))
         env = space.env(cfg)  # pp may be a parameter or pinned in fixed
         if layers % (env["pp"] * env["vpp"]) and "pp_layer_split" not in space.fixed:
-            cfg["pp_layer_split"] = balanced_split(layers, int(env["pp"]))
+            # one entry per model chunk: pp * vpp of them when interleaved
+            cfg["pp_layer_split"] = balanced_split(layers, int(env["pp"] * env["vpp"]))
         tasks.append(make_task(space.model, space.system, space.gpus, space.fixed, cfg))
     results = screen_tasks(tasks)
     legal = [(t, r) for t, r in zip(tasks, results, strict=True) if r["status"] == OK]
@@ -130,9 +134,11 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
 
 
 def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *, objective: str = "step_time_s",
-              dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None, workers: int = 1) -> BestPlan:
+              dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None, workers: int = 1,
+              uneven: bool = True) -> BestPlan:
     """Search training layouts (module docstring); ``fixed`` pins plan keys (e.g. ``{"tp": 8}``);
-    ``workers > 1`` simulates on a process pool of that size (same result)."""
+    ``workers > 1`` simulates on a process pool of that size (same result); ``uneven``: see
+    :func:`layout_space`."""
     if objective not in OBJECTIVES:
         raise SpecError("objective", f"unknown objective {objective!r}", OBJECTIVES)
     if top < 1:
@@ -140,7 +146,7 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     if workers < 1:
         raise SpecError("workers", f"must be >= 1, got {workers}")
     t0 = time.perf_counter()
-    space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed)
+    space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed, uneven)
     tasks, fast, enumerated = screen_layouts(space)
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
@@ -176,9 +182,10 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
 
 
 def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
-    """Layers per stage when ``pp`` does not divide them: ``layers // pp`` each, one more on the
-    middle stages first (the end stages also hold the embedding and the head), as Llama 3 405B's
-    126 layers on 16 stages (7, 8 x 14, 7)."""
+    """Layers per stage (or per model chunk, ``pp`` = stages x virtual stages when interleaved) when
+    ``pp`` does not divide them: ``layers // pp`` each, one more on the middle ones first (the first
+    and last also hold the embedding and the head), as Llama 3 405B's 126 layers on 16 stages
+    (7, 8 x 14, 7)."""
     base, extra = divmod(layers, pp)
     split = [base] * pp
     order = list(range(1, pp - 1)) + [0, pp - 1] if pp > 2 else list(range(pp))  # middle, first, last
