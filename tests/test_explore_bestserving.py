@@ -121,3 +121,12 @@ def test_mlperf_llama2_70b_picks_the_published_layouts(system, published):
                       workload=Workload(24576, 1, 1, lengths_file=lengths))
     assert bs.objective == "saturated_output_tokens_per_s" and not bs.note
     assert bs.best is not None and bs.best.label == published
+
+
+def test_default_runs_are_lengthened_to_a_steady_state():
+    """Without a request count of the user's, best-serving lengthens the offline runs (x4 per try)
+    until every deployment's queue outlives half its requests, then ranks by the saturated rate."""
+    bs = best_serving("gpt3-125m", "dgx-a100-selene", 4, engine="vllm", workload=TINY, auto_requests=True)
+    assert bs.settings["requests_auto"] and bs.settings["requests"] in (64 * 4, 64 * 16, 64 * 64, 64 * 256)
+    assert bs.objective == "saturated_output_tokens_per_s" and not bs.note
+    assert all("saturated_output_tokens_per_s" in d.metrics for d in bs.deployments if d.status == OK)

@@ -78,7 +78,7 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
 
 
 def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str | None, engine: str,
-                  requests: int, isl: int, osl: int, lengths: str, spread: float, seed: int,
+                  requests: int | None, isl: int, osl: int, lengths: str, spread: float, seed: int,
                   slo_ttft_ms: float | None, slo_tpot_ms: float | None, disagg: bool,
                   overrides: dict[str, object], out: Path | None, json_out: bool) -> None:
     import yaml
@@ -100,8 +100,12 @@ def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str 
         if val is not None and not val > 0:
             raise SpecError(name, f"must be > 0, got {val}")
     dist, lengths_file = lengths_option(lengths)
-    wl = Workload(requests, isl, osl, lengths=dist, spread=spread, seed=seed, lengths_file=lengths_file).check()
+    from tensorstage.explore.bestserving import AUTO_START_REQUESTS
+
+    wl = Workload(requests or AUTO_START_REQUESTS, isl, osl, lengths=dist, spread=spread, seed=seed,
+                  lengths_file=lengths_file).check()
     bs = best_serving(model, system, gpus, engine=engine, weight_dtype=dtype, kv_dtype=kv_dtype, workload=wl,
+                      auto_requests=requests is None,
                       slo_ttft_s=None if slo_ttft_ms is None else slo_ttft_ms / 1e3,
                       slo_tpot_s=None if slo_tpot_ms is None else slo_tpot_ms / 1e3, disagg=disagg,
                       engine_overrides=overrides)
@@ -185,7 +189,9 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("bf16", "--dtype", help="Weight dtype (fp8/int8 also quantize the KV cache)."),
         kv_dtype: str | None = typer.Option(None, "--kv-dtype", help="KV-cache dtype (default: from --dtype)."),
         engine: str = typer.Option("trtllm", "--engine", help="Engine profile: vllm, sglang, trtllm, static."),
-        requests: int = typer.Option(2000, "--requests", help="Requests per simulation."),
+        requests: int | None = typer.Option(None, "--requests", help="Requests per simulation (default: 2,000, "
+                                            "lengthened x4 up to 32,000 until every deployment reaches a steady "
+                                            "state)."),
         isl: int = typer.Option(1024, "--isl", help="Input tokens per request (mean)."),
         osl: int = typer.Option(256, "--osl", help="Output tokens per request (mean)."),
         lengths: str = typer.Option("fixed", "--lengths", help="Length distribution: fixed, uniform, normal, "
@@ -203,7 +209,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Best serving deployment (TP x replicas, optionally disaggregated) of a model on N GPUs."""
         for name, v in (("--gpus", gpus), ("--requests", requests), ("--isl", isl), ("--osl", osl)):
-            if v < 1:
+            if v is not None and v < 1:
                 raise SpecError(name, f"must be >= 1, got {v}")
         if out is not None and out.is_dir():
             raise SpecError("--out", f"{out} is a directory; give a file path (e.g. best_serving.yaml)")

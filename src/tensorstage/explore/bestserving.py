@@ -30,6 +30,8 @@ from tensorstage.errors import SpecError
 
 OK, INFEASIBLE = "ok", "infeasible"
 SATURATED = "saturated_output_tokens_per_s"
+#: default requests per simulation, and the most the automatic lengthening goes to
+AUTO_START_REQUESTS, AUTO_MAX_REQUESTS = 2000, 32000
 
 
 @dataclass
@@ -113,11 +115,13 @@ def _evaluate(spec: Any, system: Any, plan: Any, workload: Any, slo_ttft_s: floa
 def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", weight_dtype: str = "bf16",
                  kv_dtype: str | None = None, workload: Any = None, slo_ttft_s: float | None = None,
                  slo_tpot_s: float | None = None, disagg: bool = False,
-                 engine_overrides: dict[str, Any] | None = None) -> BestServing:
+                 engine_overrides: dict[str, Any] | None = None, auto_requests: bool = False) -> BestServing:
     """Simulate every deployment of :func:`serving_layouts` and rank them (module docstring).
 
     ``workload`` is a :class:`tensorstage.serve.Workload` (its arrival process is replaced: offline
     for the throughput, Poisson for the rate search); default 2,000 requests of 1,024 + 256 tokens.
+    Without a workload, or with ``auto_requests``, the request count grows until every deployment's
+    offline run reaches a steady state (see the ranking below); ``settings["requests"]`` says how many.
     """
     from tensorstage.hardware.system import load_system
     from tensorstage.model.resolve import resolve_model
@@ -127,33 +131,46 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
     spec = resolve_model(model)
     sysm = load_system(system)
     profile = load_profile(engine, **(engine_overrides or {}))
-    wl = (workload or Workload(2000, 1024, 256)).check()
+    grow = workload is None or auto_requests
+    wl = (workload or Workload(AUTO_START_REQUESTS, 1024, 256)).check()
     objective = "max_qps" if slo_ttft_s is not None or slo_tpot_s is not None else SATURATED
     if disagg and profile.policy != "continuous":
         raise SpecError("--disagg", "needs a continuous-batching engine", ("vllm", "sglang", "trtllm"))
-    deps = []
-    for tp, n, split in serving_layouts(spec.num_heads, sysm.gpus_per_node, gpus, disagg):
-        d = Deployment(tp, n, split)
-        plan = ServingPlan(engine=profile, tp=tp, replicas=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
-                           disagg=split).check()
-        try:
-            d.metrics = _evaluate(spec, sysm, plan, wl, slo_ttft_s, slo_tpot_s)
-            d.status = OK
-        except SpecError as exc:
-            d.status, d.message = INFEASIBLE, str(exc)
-        deps.append(d)
-    if not deps:
+    layouts = serving_layouts(spec.num_heads, sysm.gpus_per_node, gpus, disagg)
+    if not layouts:
         raise SpecError("gpus", f"no tensor-parallel size divides both {gpus} GPUs and the model's "
                         f"{spec.num_heads} heads within a {sysm.gpus_per_node}-GPU node")
 
+    def evaluate_all(wl: Any) -> list[Deployment]:
+        out = []
+        for tp, n, split in layouts:
+            d = Deployment(tp, n, split)
+            plan = ServingPlan(engine=profile, tp=tp, replicas=n, weight_dtype=weight_dtype, kv_dtype=kv_dtype,
+                               disagg=split).check()
+            try:
+                d.metrics = _evaluate(spec, sysm, plan, wl, slo_ttft_s, slo_tpot_s)
+                d.status = OK
+            except SpecError as exc:
+                d.status, d.message = INFEASIBLE, str(exc)
+            out.append(d)
+        return out
+
+    def unsteady(ds: list[Deployment]) -> list[Deployment]:
+        return [d for d in ds if d.status == OK and SATURATED not in d.metrics]
+
     # Offline: MLPerf Offline's long-run rate, without the drain at the end of a finite run (which
-    # would favour fewer, larger replicas by how many requests the run happens to have); when some
-    # deployment's queue empties before half its requests finish, there is no steady state to rank by
-    ok = [d for d in deps if d.status == OK]
+    # would favour fewer, larger replicas by how many requests the run happens to have). With the
+    # default workload the run is lengthened (x4, up to AUTO_MAX_REQUESTS) until every deployment
+    # reaches a steady state; a given workload is kept, and a deployment whose queue empties
+    # before half its requests finish makes the ranking fall back to whole-run throughput.
+    deps = evaluate_all(wl)
+    while grow and unsteady(deps) and wl.num_requests < AUTO_MAX_REQUESTS:
+        wl = replace(wl, num_requests=min(AUTO_MAX_REQUESTS, wl.num_requests * 4))
+        deps = evaluate_all(wl)
     throughput, note = SATURATED, ""
-    if any(SATURATED not in d.metrics for d in ok):
+    if unsteady(deps):
         throughput = "output_tokens_per_s"
-        short = ", ".join(d.label for d in ok if SATURATED not in d.metrics)
+        short = ", ".join(d.label for d in unsteady(deps))
         note = (f"{wl.num_requests} requests are too few for a steady state in {short} (their queues empty "
                 "before half their requests finish): ranked by whole-run throughput, drain included; "
                 "raise --requests")
@@ -167,7 +184,7 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
 
     deps.sort(key=rank)
     settings = {"engine": profile.name, "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
-                "requests": wl.num_requests, "isl": wl.input_tokens, "osl": wl.output_tokens, "lengths": wl.lengths,
+                "requests": wl.num_requests, "requests_auto": grow, "isl": wl.input_tokens, "osl": wl.output_tokens, "lengths": wl.lengths,
                 "lengths_file": wl.lengths_file,
                 "spread": wl.spread, "seed": wl.seed, "slo_ttft_ms": None if slo_ttft_s is None else slo_ttft_s * 1e3,
                 "slo_tpot_ms": None if slo_tpot_s is None else slo_tpot_s * 1e3,
