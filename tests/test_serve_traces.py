@@ -103,3 +103,25 @@ def test_serve_cli_bad_length_file_exit_2(tmp_path, monkeypatch, capsys, text, m
     p = _write(tmp_path, "len.csv", text)
     r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--lengths", str(p), "--qps", "1")
     assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}"
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--isl", "99999999999999999999", "--qps", "1"],
+     "workload.input_tokens: must be between 1 and 2,147,483,648, got 99999999999999999999"),
+    (["--requests", "99999999999999999999", "--qps", "1"],
+     "workload.num_requests: must be between 1 and 100,000,000, got 99999999999999999999"),
+])
+def test_huge_workload_numbers_are_one_line_errors(monkeypatch, capsys, args, msg):
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", *args)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}"
+
+
+def test_huge_token_counts_in_files_are_one_line_errors(tmp_path, monkeypatch, capsys):
+    big = "99999999999999999999999"
+    lengths = _write(tmp_path, "len.csv", f"input_length,output_length\n{big},5\n")
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--lengths", str(lengths), "--qps", "1")
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"error: len.csv row 2.input_length: must be at most 2,147,483,648 tokens, got '{big}'"
+    trace = _write(tmp_path, "az.csv", f"TIMESTAMP,ContextTokens,GeneratedTokens\n1,{big},5\n")
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--trace", str(trace))
+    assert r.returncode == 2 and "az.csv row 2.ContextTokens: must be at most" in r.stderr

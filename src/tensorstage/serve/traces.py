@@ -34,6 +34,9 @@ from tensorstage.serve.entities import RequestTable
 
 FORMATS = ("azure", "mooncake", "burstgpt")
 MOONCAKE_BLOCK_TOKENS = 512
+#: the most tokens one request may hold (input or output): far beyond any model's context (2**31),
+#: and well inside int64 for the request table's sums
+MAX_TOKENS = 2**31
 _AZURE = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 _BURST = ("Timestamp", "Request tokens", "Response tokens")
 
@@ -45,6 +48,8 @@ def _int(text: object, where: str, field: str, minimum: int) -> int:
         raise SpecError(f"{where}.{field}", f"not a number: {text!r}") from None
     if not np.isfinite(val) or val != int(val) or val < minimum:
         raise SpecError(f"{where}.{field}", f"must be an integer >= {minimum}, got {text!r}")
+    if val > MAX_TOKENS:
+        raise SpecError(f"{where}.{field}", f"must be at most {MAX_TOKENS:,} tokens, got {text!r}")
     return int(val)
 
 

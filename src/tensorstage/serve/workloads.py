@@ -24,9 +24,12 @@ import numpy as np
 
 from tensorstage.errors import SpecError
 from tensorstage.serve.entities import RequestTable
-from tensorstage.serve.traces import load_lengths
+from tensorstage.serve.traces import MAX_TOKENS, load_lengths
 
 ARRIVALS = ("offline", "poisson", "gamma", "closed")
+#: the most requests one simulation takes (100 M: about 10 GB of request table; a million-request run
+#: takes about a minute)
+MAX_REQUESTS = 100_000_000
 LENGTHS = ("fixed", "uniform", "normal", "lognormal")
 
 
@@ -50,11 +53,13 @@ class Workload:
 
     def check(self) -> Workload:
         """Raise a one-line :class:`SpecError` naming the first bad field."""
-        if self.num_requests < 1:
-            raise SpecError("workload.num_requests", f"must be >= 1, got {self.num_requests}")
+        if not 1 <= self.num_requests <= MAX_REQUESTS:
+            raise SpecError("workload.num_requests", f"must be between 1 and {MAX_REQUESTS:,}, got {self.num_requests}")
         for name in ("input_tokens", "output_tokens"):
-            if getattr(self, name) < 1:
-                raise SpecError(f"workload.{name}", f"must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_TOKENS:
+                raise SpecError(f"workload.{name}", f"must be between 1 and {MAX_TOKENS:,}, got {getattr(self, name)}")
+        if self.concurrency > MAX_REQUESTS:
+            raise SpecError("workload.concurrency", f"must be at most {MAX_REQUESTS:,}, got {self.concurrency}")
         if self.arrival not in ARRIVALS:
             raise SpecError("workload.arrival", f"unknown arrival process {self.arrival!r}", ARRIVALS)
         if self.arrival in ("poisson", "gamma") and not self.rate_per_s > 0:
