@@ -125,3 +125,32 @@ def test_huge_token_counts_in_files_are_one_line_errors(tmp_path, monkeypatch, c
     trace = _write(tmp_path, "az.csv", f"TIMESTAMP,ContextTokens,GeneratedTokens\n1,{big},5\n")
     r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--trace", str(trace))
     assert r.returncode == 2 and "az.csv row 2.ContextTokens: must be at most" in r.stderr
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--lengths", "lognormal"], "workload.spread: 0 with lognormal lengths: uniform, normal and lognormal need a "
+     "spread > 0, fixed takes none (allowed: fixed, uniform, normal, lognormal)"),
+    (["--spread", "0.5"], "workload.spread: 0.5 with fixed lengths: uniform, normal and lognormal need a spread > 0, "
+     "fixed takes none (allowed: fixed, uniform, normal, lognormal)"),
+])
+def test_length_settings_that_would_be_ignored_are_errors(monkeypatch, capsys, args, msg):
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--qps", "1", *args)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}"
+
+
+def test_length_file_edge_cases(tmp_path, monkeypatch, capsys):
+    """A BOM (spreadsheets write one) loads; a directory, an empty file and a missing value say so."""
+    from tensorstage.serve.traces import load_lengths
+
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffinput_length,output_length\r\n10,2\r\n".encode())
+    isl, osl = load_lengths(bom)
+    assert isl.tolist() == [10] and osl.tolist() == [2]
+    cases = [(tmp_path, f"lengths: {tmp_path} is a directory; give a CSV file"),
+             (_write(tmp_path, "e.csv", ""), "lengths: e.csv: empty file"),
+             (_write(tmp_path, "m.csv", "input_length,output_length\n10,\n"), "m.csv row 2.output_length: missing value")]
+    for path, msg in cases:
+        r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--lengths", str(path), "--qps", "1")
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {msg}", r.stderr
+    r = run_main(monkeypatch, capsys, "serve", "gpt3-125m", "--lengths", str(bom), "--spread", "0.2", "--qps", "1")
+    assert r.returncode == 2 and "drop --spread" in r.stderr

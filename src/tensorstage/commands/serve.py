@@ -170,7 +170,8 @@ def register(app: typer.Typer) -> None:
     def serve_cmd(
         ctx: typer.Context,
         model: str = typer.Argument(..., help="Model preset, HF config.json or YAML model."),
-        config: Path = typer.Option(None, "--config", "-c", help="YAML of option values (e.g. from best-serving); "
+        config: Path = typer.Option(None, "--config", "-c", help="YAML of deployment options (system, engine, tp, replicas, disagg, dtypes, router, engine knobs; "
+                                     "e.g. from best-serving; the workload stays on the command line); "
                                     "flags given on the command line win."),
         system: str = typer.Option("dgx-h100-superpod", "--system", help="System preset or YAML."),
         engine: str = typer.Option("vllm", "--engine", help=f"Engine profile: {', '.join(engine_names())}."),

@@ -184,7 +184,11 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
 
     deps.sort(key=rank)
     settings = {"engine": profile.name, "weight_dtype": weight_dtype, "kv_dtype": kv_dtype,
-                "requests": wl.num_requests, "requests_auto": grow, "isl": wl.input_tokens, "osl": wl.output_tokens, "lengths": wl.lengths,
+                "requests": wl.num_requests, "requests_auto": grow,
+                # a length file replaces the synthetic lengths: report only what was used
+                "isl": None if wl.lengths_file else wl.input_tokens,
+                "osl": None if wl.lengths_file else wl.output_tokens,
+                "lengths": None if wl.lengths_file else wl.lengths,
                 "lengths_file": wl.lengths_file,
                 "spread": wl.spread, "seed": wl.seed, "slo_ttft_ms": None if slo_ttft_s is None else slo_ttft_s * 1e3,
                 "slo_tpot_ms": None if slo_tpot_s is None else slo_tpot_s * 1e3,

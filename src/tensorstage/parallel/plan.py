@@ -192,6 +192,8 @@ class ParallelPlan(BaseModel):
             data["rank_order"] = split_rank_order(data["rank_order"])
         if isinstance(data.get("recompute_modules"), str):  # "moe_act,layernorm", as the flag takes it
             data["recompute_modules"] = tuple(x.strip() for x in data["recompute_modules"].split(",") if x.strip())
+        if isinstance(data.get("recompute_modules"), (list, tuple)):  # each once, in the order given
+            data["recompute_modules"] = tuple(dict.fromkeys(data["recompute_modules"]))
         if isinstance(data.get("pp_layer_split"), str):  # YAML "7,8,8,7", as the flag takes it
             data["pp_layer_split"] = tuple(x.strip() for x in data["pp_layer_split"].split(",") if x.strip())
         return data
@@ -464,10 +466,13 @@ class ParallelPlan(BaseModel):
                 f"overlapping the post-step parameter all-gather needs the distributed optimizer "
                 f"(zero 1 or 2), got zero={self.zero}",
             )
+        if self.recompute_modules is not None and not self.recompute_modules:
+            raise SpecError("recompute_modules", "give at least one module (or leave it out for core_attn)",
+                            RECOMPUTE_MODULES)
         if self.recompute_modules is not None and self.recompute != "selective":
             raise SpecError(
                 "recompute_modules",
-                f"chooses what selective recompute re-runs; needs recompute selective, got {self.recompute}",
+                f"chooses what selective recompute re-runs; add recompute: selective (got {self.recompute})",
             )
         if self.moe_dispatch_fp8 and (self.ep < 2 or self.dtype != "fp8"):
             raise SpecError(

@@ -42,6 +42,8 @@ _BURST = ("Timestamp", "Request tokens", "Response tokens")
 
 
 def _int(text: object, where: str, field: str, minimum: int) -> int:
+    if text is None or str(text).strip() == "":
+        raise SpecError(f"{where}.{field}", "missing value")
     try:
         val = float(str(text).strip())
     except ValueError:
@@ -179,12 +181,16 @@ def load_lengths(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     Rows, not a fitted distribution, so a workload drawn from the file keeps the dataset's
     joint input/output shape (long prompts with short answers and the reverse)."""
     p = Path(path)
+    if p.is_dir():
+        raise SpecError("lengths", f"{p} is a directory; give a CSV file")
     if not p.is_file():
         raise SpecError("lengths", f"file not found: {p}")
+    if p.stat().st_size == 0:
+        raise SpecError("lengths", f"{p.name}: empty file")
     isl: list[int] = []
     osl: list[int] = []
     try:
-        with p.open(newline="", encoding="utf-8") as fh:
+        with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in LENGTH_COLUMNS if c not in header]

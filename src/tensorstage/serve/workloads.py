@@ -73,6 +73,11 @@ class Workload:
                             "(or give a CSV file of input_length,output_length rows)", LENGTHS)
         if self.spread < 0:
             raise SpecError("workload.spread", "must be >= 0")
+        if self.lengths_file is not None and self.spread > 0:
+            raise SpecError("workload.spread", "a length file gives every request its own lengths; drop --spread")
+        if self.lengths_file is None and (self.lengths == "fixed") != (self.spread == 0):
+            raise SpecError("workload.spread", f"{self.spread:g} with {self.lengths} lengths: uniform, normal and "
+                            "lognormal need a spread > 0, fixed takes none", LENGTHS)
         if self.prefix_groups < 0 or self.prefix_tokens < 0:
             raise SpecError("workload.prefix_groups", "prefix groups and tokens must be >= 0")
         if self.lengths_file is not None:
@@ -108,8 +113,9 @@ class Workload:
 
 
 def lengths_option(value: str) -> tuple[str, str | None]:
-    """A ``--lengths`` value as (distribution, length file): a name of :data:`LENGTHS`, or a CSV path."""
-    if value not in LENGTHS and (value.endswith(".csv") or Path(value).is_file()):
+    """A ``--lengths`` value as (distribution, length file): a name of :data:`LENGTHS`, or a path
+    (anything that is not a name and looks like one: a separator, a suffix, or an existing entry)."""
+    if value not in LENGTHS and (Path(value).suffix or "/" in value or "\\" in value or Path(value).exists()):
         return "fixed", value
     return value, None
 
