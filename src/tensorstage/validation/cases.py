@@ -472,12 +472,13 @@ def _memory_targets(case: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> l
 
 
 def select_ids(items: list[Any], only: str | None, id_of: Any, what: str = "case") -> list[Any]:
-    """``items`` whose id (``id_of(item)``) matches the ``--only`` regular expression (all if ``only``
-    is empty); a bad expression or no match is a one-line :class:`SpecError` naming ``--only``."""
+    """``items`` whose id (``id_of(item)``) matches the ``--only`` regular expression, ignoring case
+    (ids are upper case; ``--only mlperf`` means them too; all if ``only`` is empty); a bad
+    expression or no match is a one-line :class:`SpecError` naming ``--only``."""
     if not only:
         return items
     try:
-        pattern = re.compile(only)
+        pattern = re.compile(only, re.IGNORECASE)
     except re.error as exc:
         raise SpecError("--only", f"not a regular expression: {exc}") from None
     picked = [x for x in items if pattern.search(str(id_of(x)))]
