@@ -68,3 +68,15 @@ def test_serving_loop_restores_the_cycle_collector():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_summary_records_the_workload():
+    """``serve --json`` (and the report) carry what is needed to run the same requests again."""
+    from tensorstage import api
+    from tensorstage.serve import Workload
+
+    wl = Workload(40, 64, 8, arrival="gamma", rate_per_s=30.0, cv=2.0, lengths="uniform", spread=0.3, seed=5)
+    served = api.serve("gpt3-125m", "dgx-a100-selene", wl, engine="vllm")
+    assert served.summary["workload"] == {"arrival": "gamma", "requests": 40, "seed": 5, "rate_per_s": 30.0,
+                                          "cv": 2.0, "input_tokens": 64, "output_tokens": 8, "lengths": "uniform",
+                                          "spread": 0.3}

@@ -519,9 +519,12 @@ def serve(model: str | ModelSpec, system: str | Path | SystemSpec = DEFAULT_SYST
     ttft = None if slo_ttft_ms is None else slo_ttft_ms / 1e3
     tpot = None if slo_tpot_ms is None else slo_tpot_ms / 1e3
     result = _simulate(spec, sysm, plan, wl, ttft, tpot, progress=progress)
+    from tensorstage.serve.workloads import workload_summary
+
     summary = {"model": spec.name, "system": _name(system), "engine": profile.name, "tp": tp,
                "replicas": plan.num_replicas(), "disagg": None if disagg is None else f"{disagg[0]}:{disagg[1]}",
-               "num_gpus": result.num_gpus, "weight_dtype": weight_dtype,
+               "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_dtype": plan.kv_dtype,
+               "router": router, "workload": workload_summary(wl),
                "kv_capacity_tokens": result.kv_capacity_tokens, **result.metrics.summary()}
     return Served(result, summary)
 

@@ -112,6 +112,30 @@ class Workload:
         return RequestTable.of(arrival, isl, osl, pid, ptk)
 
 
+def workload_summary(workload: Workload | RequestTable) -> dict[str, object]:
+    """What a run's requests were, enough to run it again: the synthetic workload's settings (only
+    those its arrival process and lengths use), or a trace's request count."""
+    if isinstance(workload, RequestTable):
+        return {"arrival": "trace", "requests": len(workload)}
+    w = workload
+    out: dict[str, object] = {"arrival": w.arrival, "requests": w.num_requests, "seed": w.seed}
+    if w.arrival in ("poisson", "gamma"):
+        out["rate_per_s"] = w.rate_per_s
+    if w.arrival == "gamma":
+        out["cv"] = w.cv
+    if w.arrival == "closed":
+        out["concurrency"] = w.concurrency
+    if w.lengths_file is not None:
+        out["lengths_file"] = w.lengths_file
+    else:
+        out.update(input_tokens=w.input_tokens, output_tokens=w.output_tokens, lengths=w.lengths)
+        if w.lengths != "fixed":
+            out["spread"] = w.spread
+    if w.prefix_groups:
+        out.update(prefix_groups=w.prefix_groups, prefix_tokens=w.prefix_tokens)
+    return out
+
+
 def lengths_option(value: str) -> tuple[str, str | None]:
     """A ``--lengths`` value as (distribution, length file): a name of :data:`LENGTHS`, or a path
     (anything that is not a name and looks like one: a separator, a suffix, or an existing entry)."""
@@ -133,4 +157,4 @@ def _lengths(rng: np.random.Generator, kind: str, mean: int, spread: float, n: i
     return np.maximum(1, np.rint(x)).astype(np.int64)
 
 
-__all__ = ["ARRIVALS", "LENGTHS", "Workload", "lengths_option"]
+__all__ = ["ARRIVALS", "LENGTHS", "Workload", "lengths_option", "workload_summary"]
