@@ -99,8 +99,8 @@ def _evaluate(spec: Any, system: Any, plan: Any, workload: Any, slo_ttft_s: floa
     out = {"output_tokens_per_s": m.output_tokens_per_s, "output_tokens_per_s_per_gpu": m.output_tokens_per_s / gpus,
            "offline_requests_per_s": m.requests_per_s, "offline_mean_running": m.mean_running,
            "offline_preemptions": float(m.preemptions), "kv_capacity_tokens": float(off.kv_capacity_tokens)}
-    if "saturated_output_tokens_per_s" in m.extra:
-        out["saturated_output_tokens_per_s"] = m.extra["saturated_output_tokens_per_s"]
+    if SATURATED in m.extra:
+        out[SATURATED] = m.extra[SATURATED]
     if slo_ttft_s is not None or slo_tpot_s is not None:
         cap = find_max_qps(spec, system, plan, replace(workload, arrival="poisson", rate_per_s=1.0), slo_ttft_s,
                            slo_tpot_s, predictor=pred)
@@ -228,7 +228,7 @@ def rank_rows(bs: BestServing) -> list[dict[str, Any]]:
     for d in bs.deployments:
         m = d.metrics
         row: dict[str, Any] = {"deployment": d.label, "tp": d.tp, "replicas": d.replicas,
-                               "saturated_output_tokens_per_s": m.get("saturated_output_tokens_per_s"),
+                               SATURATED: m.get(SATURATED),
                                "output_tokens_per_s": m.get("output_tokens_per_s"),
                                "output_tokens_per_s_per_gpu": m.get("output_tokens_per_s_per_gpu"),
                                "kv_tokens_per_replica": _int(m.get("kv_capacity_tokens")),

@@ -341,10 +341,11 @@ def apply_recompute(forward: list[Op], inputs: list[Tensor], policy: str,
     chosen = set(modules or ("core_attn",))
     if "moe" in chosen:
         chosen |= {"moe_act", "shared_experts"}
-    core = [op for op in forward if recompute_module(op) in chosen]
-    rest = [op for op in forward if recompute_module(op) not in chosen]
+    module = {id(op): recompute_module(op) for op in forward}
+    core = [op for op in forward if module[id(op)] in chosen]
+    rest = [op for op in forward if module[id(op)] not in chosen]
     produced = {id(t) for op in core for t in op.outputs}
-    discarded = {id(t) for op in core if recompute_module(op) in OUTPUT_DISCARDING for t in op.outputs}
+    discarded = {id(t) for op in core if module[id(op)] in OUTPUT_DISCARDING for t in op.outputs}
     core_inputs = [t for op in core for t in op.inputs if id(t) not in produced and t.requires_grad]
     saved = [t for op in rest for t in op.saved if id(t) not in discarded] + [
         t for op in core for t in op.saved if id(t) not in produced

@@ -47,7 +47,7 @@ from tensorstage.fileio import read_yaml_file
 from tensorstage.hardware.system import load_system
 from tensorstage.model.presets import find_preset
 from tensorstage.model.spec import ModelSpec
-from tensorstage.serve import RequestTable, ServingPlan, load_profile, simulate
+from tensorstage.serve import RequestTable, ServingPlan, Workload, load_profile, simulate
 from tensorstage.serve.serving import build_predictor
 from tensorstage.serve.traces import load_lengths
 from tensorstage.validation.cases import select_ids
@@ -185,17 +185,17 @@ class _Runner:
 
 
 def _dataset_requests(case: dict, n: int, out_per_sample: float, rate_per_s: float | None) -> RequestTable:
-    """``n`` requests drawn (seeded) from the case's dataset rows, outputs scaled to ``out_per_sample``."""
+    """``n`` requests drawn (seeded) from the case's dataset rows (a :class:`Workload` with the length
+    file), offline or Poisson at ``rate_per_s``, outputs scaled to ``out_per_sample`` on average."""
     dataset = str((case.get("workload") or {}).get("dataset", ""))
     path = next((p for phrase, p in DATASET_LENGTHS.items() if phrase in dataset), None)
     if path is None:
         raise LookupError("no per-sample lengths for the case's dataset")
-    rows_in, rows_out = load_lengths(path)
-    rng = np.random.default_rng(0)
-    pick = rng.integers(0, len(rows_in), n)
-    osl = np.clip(np.rint(rows_out[pick] * (out_per_sample / rows_out.mean())), 1, None).astype(np.int64)
-    arrival = np.zeros(n) if rate_per_s is None else np.cumsum(rng.exponential(1.0 / rate_per_s, n))
-    return RequestTable.of(arrival, rows_in[pick], osl)
+    arrival = dict(arrival="offline") if rate_per_s is None else dict(arrival="poisson", rate_per_s=rate_per_s)
+    req = Workload(n, 1, 1, lengths_file=str(path), **arrival).requests()
+    scale = out_per_sample / load_lengths(path)[1].mean()  # the dataset's mean, not the sample's
+    osl = np.clip(np.rint(req.output_tokens * scale), 1, None).astype(np.int64)
+    return RequestTable.of(req.arrival_s, req.prompt_tokens, osl)
 
 
 def _mlperf_points(case: dict, runner: _Runner, spec: ModelSpec, system: str,
