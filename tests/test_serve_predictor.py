@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,25 @@ def test_small_moe_steps_read_only_the_picked_experts_weights():
     many = 1 - (1 - moe.top_k / moe.num_experts) ** 512
     assert many > 0.999
     assert pred._op_time(t, 512) - pred.compute.launch_s >= weights / hbm
+
+
+def test_per_query_head_decode_reads_cost_what_mha_reads_cost():
+    """``gqa_kv_reuse`` off (TensorRT-LLM's masked-MHA generation kernel, one thread block per query
+    head): a GQA model's decode attention reads its KV once per query head, which is exactly the
+    traffic of the same model with one KV head per query head. Prefill, the token-linear work and
+    the KV cache's size do not change."""
+    from tensorstage.serve import load_profile
+
+    spec = resolve_model("llama2-70b")  # 64 query heads, 8 KV heads
+    mha = spec.model_copy(update={"num_kv_heads": None})
+    plan = ServingPlan(engine=load_profile("static"), tp=2, weight_dtype="fp8", kv_dtype="fp8")
+    shared = build_predictor(spec, SYSTEM, plan)
+    per_head = build_predictor(spec, SYSTEM, replace(plan, engine=load_profile("static", gqa_kv_reuse=False)))
+    as_mha = build_predictor(mha, SYSTEM, plan)
+    ctx = np.array([129.0, 900.0, 2047.0, 4000.0])
+    assert per_head.attention_s([], [], ctx) == pytest.approx(as_mha.attention_s([], [], ctx), rel=1e-12)
+    big = np.full(256, 2000.0)  # bandwidth-bound: the K/V reads dominate
+    assert per_head.attention_s([], [], big)[0] > 4 * shared.attention_s([], [], big)[0]
+    assert per_head.attention_s([512], [0], np.array([])) == shared.attention_s([512], [0], np.array([]))
+    assert per_head.linear_s(64, 64) == shared.linear_s(64, 64)
+    assert per_head.kv_bytes_per_token() == shared.kv_bytes_per_token() == as_mha.kv_bytes_per_token() / 8

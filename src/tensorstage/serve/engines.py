@@ -46,6 +46,11 @@ class EngineProfile:
     #: requests are never preempted (TensorRT-LLM's default GUARANTEED_NO_EVICT capacity scheduler);
     #: False: blocks as tokens arrive, preemption by recompute when they run out (vLLM, SGLang)
     kv_reserve_full: bool = False
+    #: generation attention reads each KV head once for all the query heads that share it (GQA/MQA
+    #: aware kernels: TensorRT-LLM XQA, FlashInfer, FlashAttention decode); False: one thread block
+    #: per (sequence, query head) streams its KV head's cache, so a GQA group's KV is read once per
+    #: query head (TensorRT-LLM's masked-MHA kernel, its only generation kernel before release 0.7)
+    gqa_kv_reuse: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def check(self) -> EngineProfile:

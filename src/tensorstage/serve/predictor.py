@@ -157,12 +157,21 @@ def _pair_sums(f: _PolyFn, g: _PolyFn, x: np.ndarray) -> tuple[float, float]:
     return float(s[0]), float(s[1])
 
 
+def _reread(fb, group: int):
+    """Decode-attention bytes with the context-dependent part (the K/V cache reads) ``group`` times."""
+    if isinstance(fb, _PolyFn):
+        a, b, c = fb.coef
+        return _PolyFn(np.array([a * group, b * group, c]))
+    base = float(fb(np.zeros(1))[0])
+    return lambda x: base + (fb(x) - base) * group
+
+
 class IterationPredictor:
     """Cost of an engine step for one model on one replica of ``tp`` devices (module docstring)."""
 
     def __init__(self, spec: ModelSpec, compute: ComputeModel, fabric: Fabric | None, tp: int = 1,
                  weight_dtype: str = "bf16", kv_dtype: str | None = None, gpus_per_node: int = 8,
-                 attention_dp: bool = False) -> None:
+                 attention_dp: bool = False, gqa_kv_reuse: bool = True) -> None:
         if weight_dtype not in WEIGHT_BYTES:
             raise SpecError("weight_dtype", f"unknown weight dtype {weight_dtype!r}", WEIGHT_BYTES)
         kv = kv_dtype or ("fp16" if weight_dtype == "fp16" else "bf16")
@@ -187,6 +196,11 @@ class IterationPredictor:
         self._head_terms = self._terms(self.decode, "head", core=False)
         self._pf_attn = {k: self._core_fns(self.prefill, k, "s") for k in self.prefill.layers}
         self._dc_attn = {k: self._core_fns(self.decode, k, "c") for k in self.decode.layers}
+        group = spec.num_heads // spec.kv_heads
+        if not gqa_kv_reuse and group > 1 and spec.mla is None:
+            # one thread block per query head: each reads its KV head's cache itself, so the
+            # context-proportional bytes (the K/V reads) are paid once per query head
+            self._dc_attn = {k: [(op, ff, _reread(fb, group)) for op, ff, fb in v] for k, v in self._dc_attn.items()}
         self._kv_tok = {k: float(self._eval(self.prefill.layers[k].kv_cache_bytes_per_token))
                         for k in self.prefill.layers}
         self._comm = self._comm_terms(gpus_per_node)

@@ -25,6 +25,10 @@ becomes one simulation with the engine profile that matches how it was measured 
   600 s minimum duration; p99 TTFT and p99 TPOT against the measured p99s and the SLOs (the
   verdict, met or missed, is what must agree).
 
+Engine release: a TensorRT-LLM case older than 0.7 runs with ``gqa_kv_reuse`` off (its generation
+attention was the masked-MHA kernel, one thread block per query head, so a GQA model's KV cache is
+read once per query head; :data:`TRTLLM_GQA_KV_REUSE_SINCE`); 0.7 and later read each KV head once.
+
 Precision: ``FP8`` cases run fp8 weights and fp8 KV cache, the others 16-bit. Systems: the DGX
 preset of the case's GPU. Models: the preset of the case's model key; GPT-J-6B and Falcon-180B are
 built from their Hugging Face configs (:data:`EXTRA_MODELS`, dims cited per field). Cases without
@@ -152,6 +156,24 @@ def _dtypes(case: dict) -> tuple[str, str | None]:
     return ("fp8", "fp8") if "FP8" in str(case.get("precision", "")).upper() else ("fp16", "fp16")
 
 
+#: The first TensorRT-LLM release whose generation attention reads a GQA group's KV once (the XQA
+#: kernel: docs/source/blogs/XQA-kernel.md, "2.4x more Llama-70B throughput"; the Falcon-180B/H200
+#: blog of the 0.7 pre-release credits its GQA generation kernels with the same 2.4x over 0.5).
+#: Earlier releases ran the masked-MHA kernel, one thread block per query head.
+TRTLLM_GQA_KV_REUSE_SINCE = (0, 7)
+
+
+def _engine_knobs(case: dict) -> dict[str, Any]:
+    """Engine-profile fields the case's engine release fixes (module docstring)."""
+    eng = case.get("engine") or {}
+    if "tensorrt-llm" not in str(eng.get("name", "")).lower():
+        return {}
+    m = re.match(r"\s*v?(\d+)\.(\d+)", str(eng.get("version", "")))
+    if m is None:
+        return {}
+    return {"gqa_kv_reuse": (int(m.group(1)), int(m.group(2))) >= TRTLLM_GQA_KV_REUSE_SINCE}
+
+
 def _tp(case: dict, point: dict) -> int | None:
     if isinstance(point.get("tp"), int):
         return int(point["tp"])
@@ -177,7 +199,7 @@ class _Runner:
         prof = load_profile(engine, **overrides)
         plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp,
                            replicas=replicas)
-        key = (spec.name, system, tp, dtypes, attention_dp)
+        key = (spec.name, system, tp, dtypes, attention_dp, prof.gqa_kv_reuse)
         sysm = load_system(system)
         if key not in self._pred:
             self._pred[key] = build_predictor(spec, sysm, plan)
@@ -238,6 +260,7 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
     out: list[ServingPoint] = []
     # the source's own layout note says when attention data parallelism (with EP) was on
     adp = "attention dp" in str((case.get("parallelism") or {}).get("layout", "")).lower()
+    knobs = _engine_knobs(case)
     for p in case.get("measured_points", []):
         tp = _tp(case, p)
         if tp is None:
@@ -248,16 +271,16 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                 bs = int(p["batch_size"])
                 measured = p.get("out_tok_s_per_gpu", p.get("out_tok_s_as_printed"))
                 note = "" if "out_tok_s_per_gpu" in p else "unit ambiguous in the source; read as per GPU"
-                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs)
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs, **knobs)
                 pred = bs * osl / res.metrics.makespan_s / tp
                 out.append(ServingPoint(cid, KIND_STATIC, f"BS{bs} TP{tp} {isl}/{osl}", float(measured), pred, note))
             elif kind == "ttft_vs_prompt_length_batch1":
-                res = runner.run(spec, system, tp, dtypes, "static", _fixed(1, isl, 1), max_num_seqs=1)
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(1, isl, 1), max_num_seqs=1, **knobs)
                 out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["ttft_ms"]),
                                         res.metrics.ttft_s["p50"] * 1e3))
             elif kind == "static_batch_throughput_and_ttft":
                 bs = int(p["batch_size"])
-                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs)
+                res = runner.run(spec, system, tp, dtypes, "static", _fixed(bs, isl, osl), max_num_seqs=bs, **knobs)
                 if bs == 1:
                     out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["first_token_latency_ms"]),
                                             res.metrics.ttft_s["p50"] * 1e3))
@@ -268,7 +291,8 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                                         float(p["first_token_latency_ms"]), res.metrics.ttft_s["p50"] * 1e3))
             elif kind == "offline_throughput_ifb":
                 n = int(p["num_requests"])
-                res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl), attention_dp=adp)
+                res = runner.run(spec, system, tp, dtypes, "trtllm", _fixed(n, isl, osl), attention_dp=adp,
+                                 **knobs)
                 out.append(ServingPoint(cid, KIND_IFB, f"TP{tp} {isl}/{osl} x{n}", float(p["total_out_tok_s"]),
                                         res.metrics.output_tokens_per_s))
         except SpecError as exc:  # e.g. the batch does not fit: a prediction failure, reported
