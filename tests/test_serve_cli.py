@@ -19,6 +19,20 @@ def test_serve_json(monkeypatch, capsys):
     assert 0 <= doc["slo_attainment"] <= 1
 
 
+def test_serve_gqa_kv_reuse_flag_is_recorded_and_slows_gqa_decode(monkeypatch, capsys):
+    """``--no-gqa-kv-reuse`` (TensorRT-LLM's pre-0.7 generation kernel) makes a GQA model's decode
+    slower, and the JSON records the override so the run can be repeated."""
+    docs = []
+    for flag in ("--gqa-kv-reuse", "--no-gqa-kv-reuse"):
+        r = run_main(monkeypatch, capsys, "serve", "llama3-8b", "--engine", "static", "--offline", "32", "--isl",
+                     "128", "--osl", "256", "--max-num-seqs", "32", flag, "--json")
+        assert r.returncode == 0, r.stderr
+        docs.append(json.loads(r.stdout))
+    assert [d["engine_overrides"] for d in docs] == [{"gqa_kv_reuse": True, "max_num_seqs": 32},
+                                                    {"gqa_kv_reuse": False, "max_num_seqs": 32}]
+    assert docs[1]["output_tokens_per_s"] < docs[0]["output_tokens_per_s"]
+
+
 @pytest.mark.parametrize(("args", "field"), [
     (["--engine", "nope"], "engine"),
     (["--qps", "0"], "workload.rate_per_s"),

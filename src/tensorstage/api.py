@@ -521,7 +521,9 @@ def serve(model: str | ModelSpec, system: str | Path | SystemSpec = DEFAULT_SYST
     result = _simulate(spec, sysm, plan, wl, ttft, tpot, progress=progress)
     from tensorstage.serve.workloads import workload_summary
 
-    summary = {"model": spec.name, "system": _name(system), "engine": profile.name, "tp": tp,
+    summary = {"model": spec.name, "system": _name(system), "engine": profile.name,
+               "engine_overrides": {k: v for k, v in sorted((engine_overrides or {}).items()) if v is not None},
+               "tp": tp,
                "replicas": plan.num_replicas(), "disagg": None if disagg is None else f"{disagg[0]}:{disagg[1]}",
                "num_gpus": result.num_gpus, "weight_dtype": weight_dtype, "kv_dtype": plan.kv_dtype,
                "router": router, "workload": workload_summary(wl),

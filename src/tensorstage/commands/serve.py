@@ -133,7 +133,7 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
 
 #: serve options a --config file may set: the deployment and engine, not the workload or outputs
 CONFIG_KEYS = ("system", "engine", "tp", "replicas", "disagg", "decode_system", "weight_dtype", "kv_dtype", "router",
-               "attention_dp", "max_num_seqs", "max_batched_tokens", "block_tokens", "kv_mem_fraction")
+               "attention_dp", "max_num_seqs", "max_batched_tokens", "block_tokens", "kv_mem_fraction", "gqa_kv_reuse")
 
 
 def _with_config(ctx: typer.Context, path: Path) -> dict[str, object]:
@@ -206,6 +206,9 @@ def register(app: typer.Typer) -> None:
         max_batched_tokens: int = typer.Option(None, "--max-batched-tokens", help="Override the token budget."),
         block_tokens: int = typer.Option(None, "--block-tokens", help="Override the KV block size."),
         kv_mem_fraction: float = typer.Option(None, "--kv-mem-fraction", help="Override the memory fraction."),
+        gqa_kv_reuse: bool = typer.Option(None, "--gqa-kv-reuse/--no-gqa-kv-reuse",
+                                          help="Decode attention reads each KV head once per query-head group "
+                                          "(default: the profile's; off = TensorRT-LLM before 0.7)."),
         seed: int = typer.Option(0, "--seed", help="Workload seed."),
         find_max: bool = typer.Option(False, "--find-max-qps", help="Bisect the highest Poisson rate whose "
                                       "p99 TTFT/TPOT meet the SLOs."),
@@ -222,11 +225,11 @@ def register(app: typer.Typer) -> None:
                                                                    p["disagg"], p["decode_system"])
             weight_dtype, kv_dtype, router, attention_dp = p["weight_dtype"], p["kv_dtype"], p["router"], p["attention_dp"]
             max_num_seqs, max_batched_tokens = p["max_num_seqs"], p["max_batched_tokens"]
-            block_tokens, kv_mem_fraction = p["block_tokens"], p["kv_mem_fraction"]
+            block_tokens, kv_mem_fraction, gqa_kv_reuse = p["block_tokens"], p["kv_mem_fraction"], p["gqa_kv_reuse"]
         wl = _workload(offline, qps, concurrency, trace, trace_format, requests, isl, osl, lengths, spread, prefix_groups,
                        prefix_tokens, burstiness, seed)
         overrides = {"max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_batched_tokens,
-                     "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction}
+                     "block_tokens": block_tokens, "kv_mem_fraction": kv_mem_fraction, "gqa_kv_reuse": gqa_kv_reuse}
         _serve(model, system, engine, tp, replicas, weight_dtype, kv_dtype, router, wl, slo_ttft_ms, slo_tpot_ms,
                overrides, json_out, find_max, disagg, timeline, decode_system, report, attention_dp)
 
