@@ -181,17 +181,31 @@ def test_megatron_fused_kernels_bytes_closed_form(sp: bool) -> None:
         i = names.index(next(x for x in names if x.endswith("o_proj.bias_add:" + ("reduce_scatter" if sp else
                                                                                     "all_reduce"))))
         assert names[i + 1].endswith("bias_dropout_add")  # the TP reduction runs before the fused kernel
-        # 3 + 3 + 2 kernels became 1 + 1 + 1
-        assert len(getattr(plain, chain)) - len(getattr(fused, chain)) == 5
+        # 3 + 3 + 2 kernels became 1 + 1 + 1; q, k, v (three GEMMs, three bias adds) one linear_qkv
+        # GEMM and one bias add
+        assert len(getattr(plain, chain)) - len(getattr(fused, chain)) == 5 + 4
+        qkv = next(n for n in getattr(fused, chain) if n.name.replace(".recompute", "") == "attn.qkv_proj")
+        assert qkv.gemm == (1, b * s, 3 * h // tp, h)
+        assert qkv.flops == 2 * b * s * h * 3 * h // tp
     bwd = {n.name: n for n in fused.backward}
     for norm in ("input_norm", "post_attention_norm"):
         assert bwd[f"{norm}.grad_w:{norm}.grad_weight_bias"].tensor_bytes == 4 * tokens * h + 4 * h
     for chain in ("forward", "recompute", "backward"):
         p, f = getattr(plain, chain), getattr(fused, chain)
-        assert sum(n.flops for n in p) == sum(n.flops for n in f)
+        assert sum(n.flops for n in p) - sum(n.flops for n in f) == _input_grad_sums(p)
         assert sorted((n.comm, n.comm_bytes) for n in p if n.comm) == sorted((n.comm, n.comm_bytes) for n in f if n.comm)
         for i, n in enumerate(f):  # dependencies stay inside the list and point backwards
             assert n.deps is None or all(0 <= d < i for d in n.deps)
+    # the fused QKV's input gradient is one GEMM: no sum of three input gradients
+    assert "input_norm.grad_accumulate" in {n.name for n in plain.backward}
+    assert "input_norm.grad_accumulate" not in bwd
+    assert bwd["attn.qkv_proj.grad_x:input_norm"].gemm == (1, b * s, h, 3 * h // tp)
+
+
+def _input_grad_sums(nodes) -> int:
+    """FLOPs of the eager graph's sums of q/k/v (and gate/up) input gradients, which a fused
+    projection's single input-gradient GEMM does not run."""
+    return sum(n.flops for n in nodes if n.name in ("input_norm.grad_accumulate", "post_attention_norm.grad_accumulate"))
 
 
 def _llama_like() -> ModelSpec:
@@ -224,7 +238,7 @@ def test_megatron_fused_swiglu_saves_its_inputs_only(tp: int) -> None:
     assert bwd["mlp.act.grad"].tensor_bytes == 2 * 5 * f_local
     for chain in ("forward", "backward"):
         p, q = getattr(plain, chain), getattr(fused, chain)
-        assert sum(n.flops for n in p) == sum(n.flops for n in q)
+        assert sum(n.flops for n in p) - sum(n.flops for n in q) == _input_grad_sums(p)
         assert sorted((n.comm, n.comm_bytes) for n in p if n.comm) == sorted((n.comm, n.comm_bytes) for n in q if n.comm)
 
 

@@ -180,6 +180,9 @@ def _vjp_pointwise(c: _Ctx, op: Op, gy: Tensor, per_elem: int = 2) -> None:
 
 def _vjp_layout(c: _Ctx, op: Op, gy: Tensor) -> None:
     copy = op.attrs.get("copy", True)
+    if op.attrs.get("fn") == "split" and not copy and len(op.inputs) == 1:
+        _vjp_view_split(c, op, gy)
+        return
     for x in op.inputs:
         if not x.requires_grad:
             continue
@@ -200,6 +203,23 @@ def _vjp_layout(c: _Ctx, op: Op, gy: Tensor) -> None:
             bop.bytes_read = Z
             bop.bytes_written = Z
         c.give(op, x, g)
+
+
+def _vjp_view_split(c: _Ctx, op: Op, gy: Tensor) -> None:
+    """A view of part of ``x`` (q/k/v of a fused QKV output, gate/up of a fused fc1, MLA latent and
+    rope parts): its gradient is the matching slice of ``x``'s gradient, written into one buffer
+    as ``torch.split``'s backward (a concatenation) does: each part is read and written once; the
+    parts are disjoint, so nothing is summed."""
+    x = op.inputs[0]
+    if not x.requires_grad:
+        return
+    prev = c.grads.get(id(x))
+    g = c.grad_tensor(x, "grad" if prev is None else "grad_acc")
+    bop = c.emit(op, f"{op.name}.grad:{x.name}", "layout", "bwd_input", (gy,) if prev is None else (gy, prev),
+                 (g,), vector_flops=Z, fn="split_grad", copy=True, wrt=x.name)
+    bop.bytes_read = gy.nbytes
+    bop.bytes_written = gy.nbytes
+    c.grads[id(x)] = g
 
 
 def _vjp_norm(c: _Ctx, op: Op, gy: Tensor) -> None:

@@ -4,7 +4,8 @@ Why named dims: a sharding pass decides from placements which *named* axis is sp
 tensor parallelism, ``s`` by context parallelism, ``e`` by expert parallelism, ``b`` by data
 parallelism), so every tensor carries dimension names, never bare sizes. Each name maps to a sympy
 expression over a small set of free symbols; most names are their own symbol, a few are derived
-(``g = nh / nkv`` query heads per KV head, ``dq = dn + dr`` MLA query/key head width, ``sk`` the
+(``g = nh / nkv`` query heads per KV head, ``gkv = g + 2`` the heads of one fused QKV group,
+``two`` the halves of a fused gate/up projection, ``dq = dn + dr`` MLA query/key head width, ``sk`` the
 key length: ``s`` in training and prefill, ``c`` in decode, ``t`` tokens routed per expert).
 
 Free symbols and what binds them:
@@ -86,6 +87,10 @@ def base_dim_sizes(phase: str) -> dict[str, sp.Expr]:
     sizes["dq"] = S["dn"] + S["dr"]
     sizes["kvr"] = S["kvl"] + S["dr"]
     sizes["one"] = sp.Integer(1)
+    # fused projections (Megatron's linear_qkv and SwiGLU linear_fc1): per KV head its g query heads
+    # plus one K and one V head; the gate and up halves of a gated MLP
+    sizes["gkv"] = sizes["g"] + 2
+    sizes["two"] = sp.Integer(2)
     if phase == "decode":
         sizes["s"] = sp.Integer(1)
         sizes["sk"] = S["c"]

@@ -146,9 +146,17 @@ def attention(bld: Builder, x: Tensor, spec: ModelSpec, cfg: LayerConfig) -> Ten
     """GQA/MHA attention: q/k/v projections, optional qk-norm, RoPE, core, output projection."""
     n = "attn"
     bias = spec.qkv_bias
-    q = bld.linear(f"{n}.q_proj", x, "h nkv g dh", "b s nkv g dh", bias)
-    k = bld.linear(f"{n}.k_proj", x, "h nkv dh", "b s nkv dh", bias)
-    v = bld.linear(f"{n}.v_proj", x, "h nkv dh", "b s nkv dh", bias)
+    if bld.megatron_kernels:
+        # Megatron's linear_qkv: one GEMM per KV-head group [q x g, k, v] (its input gradient is one
+        # GEMM too, so no gradient sums over the input), then views of its output
+        qkv = bld.linear(f"{n}.qkv_proj", x, "h nkv gkv dh", "b s nkv gkv dh", bias)
+        q = bld.layout(f"{n}.q", qkv, "b s nkv g dh", "split", copy=False)
+        k = bld.layout(f"{n}.k", qkv, "b s nkv dh", "split", copy=False)
+        v = bld.layout(f"{n}.v", qkv, "b s nkv dh", "split", copy=False)
+    else:
+        q = bld.linear(f"{n}.q_proj", x, "h nkv g dh", "b s nkv g dh", bias)
+        k = bld.linear(f"{n}.k_proj", x, "h nkv dh", "b s nkv dh", bias)
+        v = bld.linear(f"{n}.v_proj", x, "h nkv dh", "b s nkv dh", bias)
     if spec.qk_norm:
         q = bld.norm(f"{n}.q_norm", q, "rmsnorm", count_stats=cfg.norm_stats)
         k = bld.norm(f"{n}.k_norm", k, "rmsnorm", count_stats=cfg.norm_stats)
@@ -223,7 +231,14 @@ def mlp(
     bias = spec.mlp_bias if bias is None else bias
     w_lead = "e " if lead.startswith("e") else ""
     act = "silu" if spec.activation == "swiglu" else ("relu" if spec.activation == "relu" else "gelu")
-    if spec.gated:
+    if spec.gated and bld.megatron_kernels and not w_lead:
+        # Megatron-Core's linear_fc1 of a gated MLP: gate and up halves in one GEMM, views of its output
+        fc1 = bld.linear(f"{name}.fc1", x, f"h two {width}", f"{lead} two {width}", bias)
+        gate = bld.layout(f"{name}.gate", fc1, f"{lead} {width}", "split", copy=False)
+        up = bld.layout(f"{name}.up", fc1, f"{lead} {width}", "split", copy=False)
+        hdn = bld.glu(f"{name}.act", act, gate, up, scale)
+        scale = None
+    elif spec.gated:
         gate = bld.linear(f"{name}.gate_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         up = bld.linear(f"{name}.up_proj", x, f"{w_lead}h {width}", f"{lead} {width}", bias)
         if bld.megatron_kernels:
