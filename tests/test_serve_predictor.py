@@ -126,3 +126,27 @@ def test_per_query_head_decode_reads_cost_what_mha_reads_cost():
     assert per_head.attention_s([512], [0], np.array([])) == shared.attention_s([512], [0], np.array([]))
     assert per_head.linear_s(64, 64) == shared.linear_s(64, 64)
     assert per_head.kv_bytes_per_token() == shared.kv_bytes_per_token() == as_mha.kv_bytes_per_token() / 8
+
+
+def test_fused_projections_follow_the_engine():
+    """Every engine runs q, k and v as one GEMM; vLLM (MergedColumnParallelLinear) also runs gate and
+    up as one, TensorRT-LLM's 0.5-0.7 TRT engines (the ``static`` profile) as two. Same FLOPs and
+    weight bytes either way; a view of the fused output launches no kernel."""
+    from tensorstage.serve import load_profile
+
+    spec = resolve_model("llama3.1-8b")
+    f, h, tp = spec.ffn, spec.hidden, 2
+    q_width = (spec.num_heads + 2 * spec.kv_heads) * spec.dim_head // tp
+    preds = {name: build_predictor(spec, SYSTEM, ServingPlan(engine=load_profile(name), tp=tp))
+             for name in ("vllm", "static")}
+    shapes = {name: [t.gemm_nk for t in p._layer_terms["dense"] if t.gemm_nk] for name, p in preds.items()}
+    assert shapes["vllm"] == [(1, q_width, h), (1, h, spec.num_heads * spec.dim_head // tp), (1, 2 * f // tp, h),
+                              (1, h, f // tp)]
+    assert shapes["static"] == [(1, q_width, h), (1, h, spec.num_heads * spec.dim_head // tp), (1, f // tp, h),
+                                (1, f // tp, h), (1, h, f // tp)]
+    for m in (1, 64, 4096):
+        flops = {name: sum(t.flops0 + t.flops1 * m for t in p._layer_terms["dense"]) for name, p in preds.items()}
+        assert flops["vllm"] == pytest.approx(flops["static"], rel=1e-12)
+    assert preds["vllm"].weight_bytes_per_device() == preds["static"].weight_bytes_per_device()
+    assert not [t for t in preds["vllm"]._layer_terms["dense"] if t.kind == "layout" and t.flops0 == t.bytes0 == 0
+                and t.flops1 == t.bytes1 == 0]

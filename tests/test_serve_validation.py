@@ -38,6 +38,16 @@ def test_static_batch_throughput_within_15_percent():
     assert doc["kinds"]["static_batch_throughput"]["mape_pct"] <= 15.0
 
 
+def test_batch1_ttft_and_tpot_within_15_percent():
+    """The whole file's batch-1 TTFT (A100 and H100, 18 points) and batch-1 TPOT (the GPT-J blog's
+    batch-1 rows: 1 / their output tokens/s) within the issue's 15 % band."""
+    points, skipped = run_serving_validation(_path(), r"TTFT-BS1|BS64-AND-BS1")
+    doc = serving_report(points, skipped)
+    assert not skipped
+    assert doc["kinds"]["ttft_batch1"]["n"] == 18 and doc["kinds"]["ttft_batch1"]["mape_pct"] <= 15.0
+    assert doc["kinds"]["tpot_batch1"]["n"] == 2 and doc["kinds"]["tpot_batch1"]["mape_pct"] <= 15.0
+
+
 def test_engine_release_sets_the_gqa_generation_kernel():
     """TensorRT-LLM before 0.7 ran GQA generation on its masked-MHA kernel (no KV reuse across a
     group's query heads); 0.7 and later on XQA; other engines keep their profile."""

@@ -47,6 +47,8 @@ class Builder:
     # the fused SwiGLU/GeGLU (:meth:`glu`) and the multi-pass vocab-parallel cross-entropy
     # (:meth:`cross_entropy`)
     megatron_kernels: bool = False
+    # gate and up of a gated MLP as one GEMM (GraphOptions.fused_gate_up)
+    fused_gate_up: bool = False
 
     # --- tensors ----------------------------------------------------------------------------
     def numel(self, dims: tuple[str, ...]) -> sp.Expr:

@@ -404,6 +404,7 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
             causal_scale=causal_scale,
             prefix=prefix,
             megatron_kernels=opts.megatron_fusions,
+            fused_gate_up=opts.megatron_fusions if opts.fused_gate_up is None else opts.fused_gate_up,
         )
 
     bld = builder()

@@ -231,8 +231,9 @@ def mlp(
     bias = spec.mlp_bias if bias is None else bias
     w_lead = "e " if lead.startswith("e") else ""
     act = "silu" if spec.activation == "swiglu" else ("relu" if spec.activation == "relu" else "gelu")
-    if spec.gated and bld.megatron_kernels and not w_lead:
-        # Megatron-Core's linear_fc1 of a gated MLP: gate and up halves in one GEMM, views of its output
+    if spec.gated and bld.fused_gate_up and not w_lead:
+        # Megatron-Core's linear_fc1 (vLLM's gate_up_proj) of a gated MLP: gate and up halves in one
+        # GEMM, views of its output
         fc1 = bld.linear(f"{name}.fc1", x, f"h two {width}", f"{lead} two {width}", bias)
         gate = bld.layout(f"{name}.gate", fc1, f"{lead} {width}", "split", copy=False)
         up = bld.layout(f"{name}.up", fc1, f"{lead} {width}", "split", copy=False)

@@ -90,6 +90,10 @@ class GraphOptions:
     # Megatron-LM's fused element-wise kernels (bias-dropout-add, bias-GeLU, apex LayerNorm backward),
     # applied by the block lowering: tensorstage.lower.megatron_fusion
     megatron_fusions: bool = False
+    # a gated MLP's gate and up projections as one GEMM (Megatron-Core's linear_fc1, vLLM's
+    # MergedColumnParallelLinear); None = with megatron_fusions. TensorRT-LLM's TRT-engine GatedMLP
+    # (releases 0.5-0.7) ran them as two GEMMs
+    fused_gate_up: bool | None = None
 
     def validate(self) -> None:
         """Raise :class:`SpecError` naming the first bad field."""

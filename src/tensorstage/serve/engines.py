@@ -51,6 +51,9 @@ class EngineProfile:
     #: per (sequence, query head) streams its KV head's cache, so a GQA group's KV is read once per
     #: query head (TensorRT-LLM's masked-MHA kernel, its only generation kernel before release 0.7)
     gqa_kv_reuse: bool = True
+    #: a gated MLP's gate and up projections run as one GEMM (vLLM / SGLang MergedColumnParallelLinear,
+    #: TensorRT-LLM's PyTorch backend); False: two GEMMs (TensorRT-LLM's TRT-engine GatedMLP, 0.5-0.7)
+    fused_gate_up: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
 
     def check(self) -> EngineProfile:

@@ -171,7 +171,7 @@ class IterationPredictor:
 
     def __init__(self, spec: ModelSpec, compute: ComputeModel, fabric: Fabric | None, tp: int = 1,
                  weight_dtype: str = "bf16", kv_dtype: str | None = None, gpus_per_node: int = 8,
-                 attention_dp: bool = False, gqa_kv_reuse: bool = True) -> None:
+                 attention_dp: bool = False, gqa_kv_reuse: bool = True, fused_gate_up: bool = True) -> None:
         if weight_dtype not in WEIGHT_BYTES:
             raise SpecError("weight_dtype", f"unknown weight dtype {weight_dtype!r}", WEIGHT_BYTES)
         kv = kv_dtype or ("fp16" if weight_dtype == "fp16" else "bf16")
@@ -185,7 +185,11 @@ class IterationPredictor:
         self.dp = tp if attention_dp else 1
         self.ep = tp if attention_dp and spec.moe is not None else 1
         self.weight_dtype, self.kv_dtype = weight_dtype, kv
-        opts = GraphOptions(precision=GRAPH_PRECISION[weight_dtype], kv_dtype=kv)
+        # the fused QKV projection and gated activation every serving engine runs (vLLM's
+        # QKVParallelLinear and SiluAndMul, SGLang's alike, TensorRT-LLM's fused QKV GEMM): the graph's
+        # Megatron-kernel forms are the same kernels; gate/up fused as the engine does
+        opts = GraphOptions(precision=GRAPH_PRECISION[weight_dtype], kv_dtype=kv, megatron_fusions=True,
+                            fused_gate_up=fused_gate_up)
         self.prefill = build_graph(spec, "prefill", opts)
         self.decode = build_graph(spec, "decode", opts)
         self._param_bytes = dtype_bytes(opts.precision_policy().param_dtype)
@@ -271,6 +275,8 @@ class IterationPredictor:
         for op in blk.all_ops():
             if bool(op.attrs.get("attn_core")) != core:
                 continue
+            if op.kind == "layout" and not op.attrs.get("copy", True):
+                continue  # a view (q/k/v of a fused projection, a split): no kernel runs
             ex = self.dp > 1 and uses_experts(op)
             fl = _affine(self._fn(op.flops + op.vector_flops, graph, var, ex))
             by = _affine(self._fn(op.bytes_read + op.bytes_written, graph, var, ex))

@@ -88,7 +88,8 @@ def build_predictor(spec: ModelSpec, system: SystemSpec, plan: ServingPlan) -> I
     sysm = system.with_num_gpus(max(plan.tp, 1)) if plan.tp > 1 else system
     machine = machine_from_system(sysm, GRAPH_PRECISION.get(plan.weight_dtype, "bf16"))
     return IterationPredictor(spec, machine.compute, machine.fabric, plan.tp, plan.weight_dtype, plan.kv_dtype,
-                              attention_dp=plan.attention_dp, gqa_kv_reuse=plan.engine.gqa_kv_reuse)
+                              attention_dp=plan.attention_dp, gqa_kv_reuse=plan.engine.gqa_kv_reuse,
+                              fused_gate_up=plan.engine.fused_gate_up)
 
 
 def simulate(spec: ModelSpec, system: SystemSpec | str, plan: ServingPlan, workload: Workload | RequestTable,

@@ -9,7 +9,8 @@ becomes one simulation with the engine profile that matches how it was measured 
 * ``ttft_vs_prompt_length_batch1``: one request with one output token on an idle ``static``
   engine: TTFT = one batch-1 prefill.
 * ``static_batch_throughput_and_ttft``: the batch-64 row's throughput and first-token latency,
-  the batch-1 row's first-token latency.
+  the batch-1 row's first-token latency and its decode rate as TPOT (``tpot_batch1``: 1 / its
+  output tokens/s against the simulated batch-1 TPOT, at the other row's output length).
 * ``offline_throughput_ifb`` (trtllm-bench throughput): the ``trtllm`` profile, all requests at
   t = 0, total output tokens/s of the TP group; attention-DP with EP over the TP GPUs where the
   case's layout note says the run enabled attention DP, plain TP otherwise.
@@ -63,6 +64,7 @@ KIND_STATIC = "static_batch_throughput"
 KIND_TTFT = "ttft_batch1"
 KIND_IFB = "offline_throughput_ifb"
 KIND_STATIC_TTFT = "static_batch_ttft"
+KIND_TPOT = "tpot_batch1"
 
 KIND_MLPERF_OFFLINE = "offline_throughput_mlperf"
 KIND_MLPERF_P99 = "mlperf_server_p99_latency"
@@ -199,7 +201,7 @@ class _Runner:
         prof = load_profile(engine, **overrides)
         plan = ServingPlan(engine=prof, tp=tp, weight_dtype=dtypes[0], kv_dtype=dtypes[1], attention_dp=attention_dp,
                            replicas=replicas)
-        key = (spec.name, system, tp, dtypes, attention_dp, prof.gqa_kv_reuse)
+        key = (spec.name, system, tp, dtypes, attention_dp, prof.gqa_kv_reuse, prof.fused_gate_up)
         sysm = load_system(system)
         if key not in self._pred:
             self._pred[key] = build_predictor(spec, sysm, plan)
@@ -284,6 +286,15 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                 if bs == 1:
                     out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["first_token_latency_ms"]),
                                             res.metrics.ttft_s["p50"] * 1e3))
+                    if "out_tok_s" in p:
+                        # the batch-1 decode rate: TPOT = 1 / (output tokens/s); the row states no
+                        # output length, so the case's other rows' is used
+                        gen = int(p.get("osl") or max(int(q.get("osl", 0) or 0) for q in case["measured_points"]))
+                        one = runner.run(spec, system, tp, dtypes, "static", _fixed(1, isl, gen), max_num_seqs=1,
+                                         **knobs)
+                        out.append(ServingPoint(cid, KIND_TPOT, f"TP{tp} {isl}/{gen}", 1e3 / float(p["out_tok_s"]),
+                                                one.metrics.tpot_s["p50"] * 1e3,
+                                                "measured = 1 / output tokens/s of the batch-1 row"))
                     continue
                 out.append(ServingPoint(cid, KIND_STATIC, f"BS{bs} TP{tp} {isl}/{osl} (total)",
                                         float(p["out_tok_s"]), bs * osl / res.metrics.makespan_s))
