@@ -308,3 +308,18 @@ def test_plan_yaml_takes_pp_layer_split_as_the_flag_does(tmp_path: Path) -> None
     plan = load_plan(f)
     assert plan.pp_layer_split == (3, 5, 4)
     assert plan == load_plan(f, {}) == ParallelPlan.parse({"pp": 3, "pp_layer_split": [3, 5, 4]})
+
+
+def test_a_closed_pipe_ends_the_command_like_a_unix_tool():
+    """``tensorstage ... | head``: when the reader has gone, the command leaves quietly with status
+    128 + SIGPIPE (141, as coreutils report it), not a traceback or rich's status 1."""
+    import shutil
+    import signal
+
+    exe = shutil.which("tensorstage") or str(Path(sys.executable).parent / "tensorstage")
+    proc = subprocess.Popen([exe, "serve", "gpt3-125m", "--offline", "10", "--isl", "64", "--osl", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the command prints its first line
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGPIPE
+    assert err == b""

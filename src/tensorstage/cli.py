@@ -8,6 +8,7 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
 import signal
 import sys
@@ -105,6 +106,7 @@ def main() -> None:
     app.rich_markup_mode = None if narrow else _RICH_MODE  # plain click help wraps; rich's table cuts (…)
     try:
         code = app(prog_name="tensorstage", standalone_mode=False)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit-time flush
         if isinstance(code, int) and code:
             sys.exit(code)
     except click_exc.NoArgsIsHelpError as exc:  # bare `tensorstage`: the help, as before
@@ -120,6 +122,9 @@ def main() -> None:
     except SpecError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `tensorstage ... | head`: the reader stopped; leave as a SIGPIPE'd tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(128 + signal.SIGPIPE)
     except OSError as exc:  # an output path that is a folder, not writable, ...: the user's to fix
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -13,8 +14,19 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+
+class _Console(Console):
+    """rich's console, leaving like a Unix tool when its reader closes the pipe (``| head``): exit
+    status 128 + SIGPIPE (141), as coreutils report it, instead of rich's 1 (which reads as an error)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(128 + signal.SIGPIPE)
+
+
 # Piped output (CI logs, `| less`) would be cut at rich's 80-column default; tables are wide.
-console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
+console = _Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 
 def print_json(data: Any) -> None:
