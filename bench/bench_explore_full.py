@@ -7,7 +7,8 @@ Usage::
     .venv/bin/python bench/bench_explore_full.py --save before.json       # step times of every plan
     .venv/bin/python bench/bench_explore_full.py --check before.json      # same step times, to the last digit?
 
-The sample: for each (model, GPUs, global batch) case below, every legal layout of
+The sample (pinned in ``bench/data/explore_full_sample.json``; ``--sample FILE`` names another,
+drawn and written first if missing): for each (model, GPUs, global batch) case below, every legal layout of
 :func:`tensorstage.explore.bestplan.layout_space` (TP, PP, VPP, micro-batch, recompute, ZeRO) that
 the closed-form screen puts within memory, then a seeded random pick of ``--samples`` of them
 spread over the cases (the kind of plans a search simulates). Each is run through
@@ -25,6 +26,7 @@ import io
 import json
 import pstats
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +34,11 @@ from tensorstage.explore.bestplan import layout_space, screen_layouts
 from tensorstage.explore.evaluate import training_step, work_estimate
 from tensorstage.explore.executors import LocalExecutor
 from tensorstage.explore.search import PRUNE_MEMORY_FRACTION
+from tensorstage.explore.setup import Task
 from tensorstage.report.console import print_table
+
+#: the pinned 60-layout sample (seed 0, drawn 2026-12-03 from the layout space of b0d8015 onwards)
+PINNED = Path(__file__).parent / "data" / "explore_full_sample.json"
 
 #: (model, system, GPUs, global batch, sequence): published-scale training cases, 256 to 1,024 GPUs.
 CASES = [
@@ -56,6 +62,23 @@ def sample_tasks(samples: int, seed: int) -> list:
     return [out[i] for i in order]
 
 
+def pinned_tasks(path: Path, samples: int, seed: int) -> list:
+    """The sample in ``path`` (model, system, GPUs, plan keys, key of each task), or a fresh
+    :func:`sample_tasks` written there first: the layout space the sample is drawn from changes
+    with the code (a new layout option reshuffles the seeded draw), so runs compare like with like
+    only on a pinned file."""
+    if path.exists():
+        rows = json.loads(path.read_text())
+        return [Task(r["model"], r["system"], r["gpus"],
+                     {k: tuple(v) if isinstance(v, list) else v for k, v in r["plan"].items()}, key=r["key"])
+                for r in rows]
+    tasks = sample_tasks(samples, seed)
+    rows = [{"model": t.model, "system": t.system, "gpus": t.gpus, "plan": t.plan, "key": t.key} for t in tasks]
+    assert all(not t.network and t.device is None for t in tasks)  # best-plan layouts change neither
+    path.write_text(json.dumps(rows, indent=1, sort_keys=True, default=list) + "\n")
+    return tasks
+
+
 def timed_step(task: object) -> dict:
     """:func:`training_step` plus the CPU seconds of the worker process it ran in (the machine is
     shared: CPU time is what the plan costs, wall time also counts other jobs)."""
@@ -71,11 +94,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fifo", action="store_true", help="start tasks in sample order (default: costliest first)")
     ap.add_argument("--profile", help="run in one process under cProfile; write the report here")
+    ap.add_argument("--sample", type=Path, default=PINNED,
+                    help="layouts to run (JSON); written from a seeded draw first if missing (default: "
+                         "the pinned sample beside this script)")
     ap.add_argument("--save", help="write every plan's step time and peak memory (JSON)")
     ap.add_argument("--check", help="compare with a --save file: identical to the last digit?")
     args = ap.parse_args()
 
-    tasks = sample_tasks(args.samples, args.seed)
+    tasks = pinned_tasks(args.sample, args.samples, args.seed)
     ex = LocalExecutor(1 if args.profile else args.workers, timed_step, None if args.fifo else work_estimate)
     prof = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
