@@ -317,9 +317,10 @@ def test_a_closed_pipe_ends_the_command_like_a_unix_tool():
     import signal
 
     exe = shutil.which("tensorstage") or str(Path(sys.executable).parent / "tensorstage")
-    proc = subprocess.Popen([exe, "serve", "gpt3-125m", "--offline", "10", "--isl", "64", "--osl", "8"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # the reader is gone before the command prints its first line
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGPIPE
-    assert err == b""
+    for extra in ([], ["--json"]):  # a rich table, and plain JSON
+        proc = subprocess.Popen([exe, "serve", "gpt3-125m", "--offline", "10", "--isl", "64", "--osl", "8", *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the command prints its first line
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 128 + signal.SIGPIPE, extra
+        assert err == b"", extra

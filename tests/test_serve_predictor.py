@@ -150,3 +150,18 @@ def test_fused_projections_follow_the_engine():
     assert preds["vllm"].weight_bytes_per_device() == preds["static"].weight_bytes_per_device()
     assert not [t for t in preds["vllm"]._layer_terms["dense"] if t.kind == "layout" and t.flops0 == t.bytes0 == 0
                 and t.flops1 == t.bytes1 == 0]
+
+
+@pytest.mark.parametrize(("tp", "group"), [(1, 8), (4, 8), (8, 8), (16, 4), (32, 2)])
+def test_per_query_head_reads_use_the_rank_s_own_group(tp: int, group: int):
+    """Without KV reuse a rank reads its KV once per *local* query head: TP gives each rank nh/tp
+    query heads and max(1, nkv/tp) KV heads (replicated beyond nkv), so Llama-3.1-70B (64 / 8) reads
+    8x up to TP 8, 4x at TP 16 and 2x at TP 32."""
+    from tensorstage.serve import load_profile
+
+    spec = resolve_model("llama3.1-70b")
+    plan = ServingPlan(engine=load_profile("static"), tp=tp, weight_dtype="fp8", kv_dtype="fp8")
+    on = build_predictor(spec, SYSTEM, plan)
+    off = build_predictor(spec, SYSTEM, replace(plan, engine=load_profile("static", gqa_kv_reuse=False)))
+    slope = [sum(fb.coef[1] for _, _, fb in p._dc_attn["dense"]) for p in (on, off)]
+    assert slope[1] == pytest.approx(group * slope[0], rel=1e-12)

@@ -32,6 +32,7 @@ class _Ctx:
         self.grad_dtype = grad_dtype
         self.ops: list[Op] = []
         self.grads: dict[int, Tensor] = {}
+        self.split_built: set[int] = set()  # tensors whose gradient so far is slices from their views
 
     def grad_tensor(self, of: Tensor, suffix: str = "grad") -> Tensor:
         """A new gradient tensor shaped like ``of``."""
@@ -214,12 +215,24 @@ def _vjp_view_split(c: _Ctx, op: Op, gy: Tensor) -> None:
     if not x.requires_grad:
         return
     prev = c.grads.get(id(x))
+    if prev is not None and id(x) not in c.split_built:
+        # ``x`` also feeds a non-view op, whose gradient is already there: sum, as any layout grad
+        g = c.grad_tensor(x)
+        c.emit(op, f"{op.name}.grad:{x.name}", "layout", "bwd_input", (gy,), (g,), vector_flops=gy.numel,
+               fn="split_grad", wrt=x.name)
+        c.give(op, x, g)
+        return
     g = c.grad_tensor(x, "grad" if prev is None else "grad_acc")
     bop = c.emit(op, f"{op.name}.grad:{x.name}", "layout", "bwd_input", (gy,) if prev is None else (gy, prev),
                  (g,), vector_flops=Z, fn="split_grad", copy=True, wrt=x.name)
-    bop.bytes_read = gy.nbytes
-    bop.bytes_written = gy.nbytes
+    # the kernel that made the part's gradient writes it into the fused buffer itself when the view
+    # says so (Megatron-Core's fused SwiGLU backward emits d[gate; up] as one tensor); otherwise the
+    # part is copied in, as torch.split's backward (a concatenation) does
+    nbytes = Z if op.attrs.get("grad_in_place") else gy.nbytes
+    bop.bytes_read = nbytes
+    bop.bytes_written = nbytes
     c.grads[id(x)] = g
+    c.split_built.add(id(x))
 
 
 def _vjp_norm(c: _Ctx, op: Op, gy: Tensor) -> None:

@@ -235,8 +235,9 @@ def mlp(
         # Megatron-Core's linear_fc1 (vLLM's gate_up_proj) of a gated MLP: gate and up halves in one
         # GEMM, views of its output
         fc1 = bld.linear(f"{name}.fc1", x, f"h two {width}", f"{lead} two {width}", bias)
-        gate = bld.layout(f"{name}.gate", fc1, f"{lead} {width}", "split", copy=False)
-        up = bld.layout(f"{name}.up", fc1, f"{lead} {width}", "split", copy=False)
+        # the fused GLU backward writes d[gate; up] as one tensor: no copy into the fc1 gradient
+        gate = bld.layout(f"{name}.gate", fc1, f"{lead} {width}", "split", copy=False, grad_in_place=True)
+        up = bld.layout(f"{name}.up", fc1, f"{lead} {width}", "split", copy=False, grad_in_place=True)
         hdn = bld.glu(f"{name}.act", act, gate, up, scale)
         scale = None
     elif spec.gated:

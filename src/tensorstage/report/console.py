@@ -21,8 +21,14 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise SystemExit(128 + signal.SIGPIPE)
+        _leave_on_broken_pipe()
+
+
+def _leave_on_broken_pipe() -> None:
+    """The reader of stdout is gone: point stdout at /dev/null (nothing left to flush at exit) and
+    leave with 128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(128 + signal.SIGPIPE)
 
 
 # Piped output (CI logs, `| less`) would be cut at rich's 80-column default; tables are wide.
@@ -31,7 +37,11 @@ console = _Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS"
 
 def print_json(data: Any) -> None:
     """Write ``data`` as indented JSON on stdout (insertion order kept, so output is deterministic)."""
-    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+    try:
+        sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _leave_on_broken_pipe()
 
 
 def _default(obj: Any) -> Any:

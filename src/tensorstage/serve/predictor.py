@@ -157,7 +157,7 @@ def _pair_sums(f: _PolyFn, g: _PolyFn, x: np.ndarray) -> tuple[float, float]:
     return float(s[0]), float(s[1])
 
 
-def _reread(fb, group: int):
+def _reread(fb, group: float):
     """Decode-attention bytes with the context-dependent part (the K/V cache reads) ``group`` times."""
     if isinstance(fb, _PolyFn):
         a, b, c = fb.coef
@@ -200,7 +200,10 @@ class IterationPredictor:
         self._head_terms = self._terms(self.decode, "head", core=False)
         self._pf_attn = {k: self._core_fns(self.prefill, k, "s") for k in self.prefill.layers}
         self._dc_attn = {k: self._core_fns(self.decode, k, "c") for k in self.decode.layers}
-        group = spec.num_heads // spec.kv_heads
+        # query heads per KV head on one rank: TP gives a rank nh/tp query heads and max(1, nkv/tp) KV
+        # heads (replicated when tp > nkv); attention-DP keeps every head on each rank
+        ranks_tp = 1 if self.dp > 1 else tp
+        group = (spec.num_heads / ranks_tp) / max(1.0, spec.kv_heads / ranks_tp)
         if not gqa_kv_reuse and group > 1 and spec.mla is None:
             # one thread block per query head: each reads its KV head's cache itself, so the
             # context-proportional bytes (the K/V reads) are paid once per query head

@@ -286,10 +286,10 @@ def _points(case: dict, runner: _Runner) -> list[ServingPoint]:
                 if bs == 1:
                     out.append(ServingPoint(cid, KIND_TTFT, f"TP{tp} ISL {isl}", float(p["first_token_latency_ms"]),
                                             res.metrics.ttft_s["p50"] * 1e3))
-                    if "out_tok_s" in p:
+                    gen = int(p.get("osl") or max([int(q.get("osl", 0) or 0) for q in case["measured_points"]]))
+                    if "out_tok_s" in p and gen > 0:
                         # the batch-1 decode rate: TPOT = 1 / (output tokens/s); the row states no
                         # output length, so the case's other rows' is used
-                        gen = int(p.get("osl") or max(int(q.get("osl", 0) or 0) for q in case["measured_points"]))
                         one = runner.run(spec, system, tp, dtypes, "static", _fixed(1, isl, gen), max_num_seqs=1,
                                          **knobs)
                         out.append(ServingPoint(cid, KIND_TPOT, f"TP{tp} {isl}/{gen}", 1e3 / float(p["out_tok_s"]),
