@@ -26,8 +26,10 @@ def test_probabilities_scale_the_activation_under_megatron_kernels():
     _, blk = _moe_block(True)
     ops = {op.name: op for op in blk.forward}
     glu = ops["moe.experts.act"]
-    assert glu.kind == "glu" and [t.name for t in glu.saved] == ["moe.experts.gate_proj", "moe.experts.up_proj",
+    # gate and up are views of the experts' fused fc1 output (TEGroupedMLP's linear_fc1)
+    assert glu.kind == "glu" and [t.name for t in glu.saved] == ["moe.experts.gate", "moe.experts.up",
                                                                  "moe.permuted_probs"]
+    assert ops["moe.experts.fc1"].inputs[1].dims == ("e", "h", "two", "fe")
     combine = ops["moe.combine"]
     assert [t.name for t in combine.inputs] == ["moe.experts.down_proj", "moe.dispatch.token_index"]
     assert [t.name for t in combine.saved] == ["moe.dispatch.token_index"]

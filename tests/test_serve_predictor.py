@@ -71,7 +71,7 @@ def test_moe_expert_gemms_are_grouped_with_each_experts_rows():
     for plan, local in ((ServingPlan(tp=2), moe.num_experts), (ServingPlan(tp=4, attention_dp=True), moe.num_experts // 4)):
         pred = build_predictor(spec, SYSTEM, plan)
         grouped = [t for t in pred._layer_terms["moe"] if t.kind == GROUPED_OP]
-        assert len(grouped) == 3  # the graph's gate, up and down projections
+        assert len(grouped) == 2  # the experts' fused gate/up (w13) and down projections
         for t in grouped:
             assert t.gemm_nk[0] == local and t.routed == pytest.approx(moe.top_k / moe.num_experts)
         t = grouped[0]
@@ -94,7 +94,7 @@ def test_small_moe_steps_read_only_the_picked_experts_weights():
     moe = spec.moe
     pred = build_predictor(spec, SYSTEM, ServingPlan(tp=1))
     t = next(x for x in pred._layer_terms["moe"] if x.kind == GROUPED_OP)
-    weights = moe.num_experts * spec.hidden * moe.expert_ffn * 2  # one projection of every expert, bf16
+    weights = moe.num_experts * spec.hidden * 2 * moe.expert_ffn * 2  # every expert's fused gate/up, bf16
     assert t.bytes0 == pytest.approx(weights, rel=1e-9)
     hbm = pred.compute.hbm_Bps
     picked = moe.top_k / moe.num_experts * weights  # top_k experts' weights

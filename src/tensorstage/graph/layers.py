@@ -231,10 +231,11 @@ def mlp(
     bias = spec.mlp_bias if bias is None else bias
     w_lead = "e " if lead.startswith("e") else ""
     act = "silu" if spec.activation == "swiglu" else ("relu" if spec.activation == "relu" else "gelu")
-    if spec.gated and bld.fused_gate_up and not w_lead:
-        # Megatron-Core's linear_fc1 (vLLM's gate_up_proj) of a gated MLP: gate and up halves in one
-        # GEMM, views of its output
-        fc1 = bld.linear(f"{name}.fc1", x, f"h two {width}", f"{lead} two {width}", bias)
+    if spec.gated and bld.fused_gate_up:
+        # Megatron-Core's linear_fc1 (vLLM's gate_up_proj; the experts' fused w13 / TEGroupedMLP fc1, as
+        # the measured fused-MoE layers that calibrate the grouped efficiency run it): gate and up
+        # halves in one GEMM, views of its output
+        fc1 = bld.linear(f"{name}.fc1", x, f"{w_lead}h two {width}", f"{lead} two {width}", bias)
         # the fused GLU backward writes d[gate; up] as one tensor: no copy into the fc1 gradient
         gate = bld.layout(f"{name}.gate", fc1, f"{lead} {width}", "split", copy=False, grad_in_place=True)
         up = bld.layout(f"{name}.up", fc1, f"{lead} {width}", "split", copy=False, grad_in_place=True)
