@@ -8,7 +8,6 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import importlib
-import os
 import shutil
 import signal
 import sys
@@ -25,6 +24,7 @@ except ImportError:  # pragma: no cover
 from tensorstage import __version__
 from tensorstage.errors import InputWarning, SpecError
 from tensorstage.interrupts import exit_on_next_interrupt_after_cancel
+from tensorstage.report.console import leave_on_broken_pipe
 
 app = typer.Typer(
     name="tensorstage",
@@ -123,8 +123,7 @@ def main() -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except BrokenPipeError:  # `tensorstage ... | head`: the reader stopped; leave as a SIGPIPE'd tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        sys.exit(128 + signal.SIGPIPE)
+        leave_on_broken_pipe()
     except OSError as exc:  # an output path that is a folder, not writable, ...: the user's to fix
         where = f"{exc.filename}: " if exc.filename is not None else ""
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -21,10 +21,10 @@ class _Console(Console):
 
     def on_broken_pipe(self) -> None:
         self.quiet = True
-        _leave_on_broken_pipe()
+        leave_on_broken_pipe()
 
 
-def _leave_on_broken_pipe() -> None:
+def leave_on_broken_pipe() -> None:
     """The reader of stdout is gone: point stdout at /dev/null (nothing left to flush at exit) and
     leave with 128 + SIGPIPE, as a Unix tool killed by SIGPIPE reports."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -41,7 +41,7 @@ def print_json(data: Any) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:
-        _leave_on_broken_pipe()
+        leave_on_broken_pipe()
 
 
 def _default(obj: Any) -> Any:
