@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -47,8 +48,39 @@ def _explore(space_file: Path, agent: str, budget: int | None, out: Path, worker
         typer.echo(f"best: trial {best.number}: {objs}; plan {files.get('best_plan')}")
 
 
+#: plan fields best-plan sets from its own options (``--fix`` may not pin them a second way)
+_OWN_OPTIONS = {"seq": "--seq", "global_batch": "--global-batch", "dtype": "--dtype"}
+
+
+def pinned_fields(items: list[str]) -> dict[str, Any]:
+    """``--fix KEY=VALUE`` items as plan fields; each VALUE read as YAML (``false``, ``8``, ``[1, 2]``),
+    each checked as its plan field (``ParallelPlan.check_field``); a malformed item, an unknown or
+    repeated key, or a key with its own option is one :class:`SpecError` naming ``--fix``."""
+    import yaml
+
+    from tensorstage.parallel.plan import ParallelPlan
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise SpecError("--fix", f"expected KEY=VALUE, got {item!r}")
+        if key in _OWN_OPTIONS:
+            raise SpecError("--fix", f"{key} has its own option: use {_OWN_OPTIONS[key]}")
+        if key in out:
+            raise SpecError("--fix", f"{key} given twice")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        out[key] = ParallelPlan.check_field(key, value, "--fix")
+    return out
+
+
 def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, objective: str, dtype: str,
-               top: int, out: Path | None, json_out: bool, workers: int = 1, uneven: bool = True) -> None:
+               top: int, out: Path | None, json_out: bool, workers: int = 1, uneven: bool = True,
+               fixed: dict[str, Any] | None = None) -> None:
     import yaml
 
     from tensorstage.explore.bestplan import best_plan, rank_table
@@ -56,7 +88,7 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
     from tensorstage.report.console import print_json, print_table
 
     bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top, workers=workers,
-                   uneven=uneven)
+                   uneven=uneven, fixed=fixed or None)
     rows = rank_table(bp)
     best = bp.best
     if out is not None and best is not None:
@@ -169,6 +201,8 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(1, "--workers", help="Simulate on a pool of this many processes."),
         even_splits: bool = typer.Option(False, "--even-splits", help="Only layer counts pp*vpp divides "
                                          "(no uneven stages or model chunks, as Megatron-LM before Core)."),
+        fix: list[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable; VALUE as in a "
+                                      "plan YAML), e.g. --fix zero=0 --fix recompute=full --fix sp=false."),
         out: Path | None = typer.Option(None, "--out", help="Write the best plan YAML here."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -179,7 +213,7 @@ def register(app: typer.Typer) -> None:
         if out is not None and out.is_dir():
             raise SpecError("out", f"{out} is a directory; give a file path (e.g. best.yaml)")
         _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out, workers,
-                   not even_splits)
+                   not even_splits, pinned_fields(fix))
 
     @app.command("best-serving")
     def best_serving_cmd(

@@ -288,6 +288,9 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
     for k in fixed:
         if k not in ParallelPlan.model_fields:
             raise SpecError(f"{where}.fixed.{k}", "not a plan field", sorted(ParallelPlan.model_fields))
+    # each value checked (and coerced: "false" -> False) as its field alone, so a bad one is one line
+    # here rather than every candidate failing later
+    fixed = {k: ParallelPlan.check_field(k, v, f"{where}.fixed") for k, v in fixed.items()}
     params: list[Parameter] = []
     groups = data.get("parameters") or {}
     if not isinstance(groups, dict):

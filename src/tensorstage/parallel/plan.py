@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from math import ceil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import (
@@ -216,6 +216,21 @@ class ParallelPlan(BaseModel):
         return sp and info.data.get("tp") != 1
 
     # --- construction --------------------------------------------------------------------------
+    @classmethod
+    def check_field(cls, name: str, value: Any, where: str = "plan") -> Any:
+        """``value`` validated and coerced as plan field ``name`` alone (``"false"`` -> False, a list
+        -> a tuple), for callers that pin some fields before the rest of the plan exists (a search
+        space's ``fixed`` values); one :class:`SpecError` naming ``where.name`` otherwise. Checks that
+        need other fields (``plan.check()``) run when the whole plan is parsed."""
+        if name not in cls.model_fields:
+            raise SpecError(f"{where}.{name}", "unknown plan key", cls.model_fields)
+        probe = cls.model_construct(tp=2)  # sp's validator keeps sp only beside tp > 1
+        try:
+            cls.__pydantic_validator__.validate_assignment(probe, name, value)
+        except ValidationError as exc:
+            raise _plan_error(exc, where) from None
+        return getattr(probe, name)
+
     @classmethod
     def parse(cls, data: dict, where: str = "plan") -> ParallelPlan:
         """Validate a plain dict into a checked plan; any problem is one :class:`SpecError`."""

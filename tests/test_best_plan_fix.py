@@ -1,0 +1,84 @@
+"""``best-plan --fix KEY=VALUE`` and the per-field check of a space's ``fixed`` values."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from support import run_main
+from typer.testing import CliRunner
+
+from tensorstage.cli import app
+from tensorstage.commands.explore import pinned_fields
+from tensorstage.errors import SpecError
+from tensorstage.explore.space import parse_space
+from tensorstage.parallel.plan import ParallelPlan
+
+BASE = ["best-plan", "megatron-1.7b", "--system", "dgx-a100-selene", "--gpus", "8", "--global-batch", "16",
+        "--seq", "2048", "--top", "3"]
+
+
+def test_pinned_fields_are_what_every_simulated_layout_runs():
+    res = CliRunner().invoke(app, [*BASE, "--fix", "zero=0", "--fix", "recompute=full", "--fix", "tp=2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["ranking"], out
+    for row in out["ranking"]:
+        assert (row["tp"], row["zero"], row["recompute"]) == (2, 0, "full")
+    assert out["best_plan"]["zero"] == 0 and out["best_plan"]["recompute"] == "full"
+    # unpinned, the same search is free to pick other values (so the pins above did something)
+    free = json.loads(CliRunner().invoke(app, [*BASE, "--top", "8", "--json"]).output)
+    assert {(r["tp"], r["zero"], r["recompute"]) for r in free["ranking"]} != {(2, 0, "full")}
+
+
+@pytest.mark.parametrize("items, field, words", [
+    (["zero"], "--fix", "KEY=VALUE"),
+    (["=1"], "--fix", "KEY=VALUE"),
+    (["seq=4096"], "--fix", "--seq"),
+    (["global_batch=8"], "--fix", "--global-batch"),
+    (["tp=8", "tp=4"], "--fix", "twice"),
+    (["foo=1"], "--fix.foo", "unknown plan key"),
+    (["zero=7"], "--fix.zero", "0, 1, 2, 3"),
+    (["recompute=some"], "--fix.recompute", "selective"),
+    (["sp=maybe"], "--fix.sp", "boolean"),
+    (["tp=abc"], "--fix.tp", "integer"),
+])
+def test_bad_fix_is_one_line_naming_the_field(items, field, words):
+    with pytest.raises(SpecError) as err:
+        pinned_fields(items)
+    assert err.value.field == field and words in str(err.value)
+    args = [a for it in items for a in ("--fix", it)]
+    res = CliRunner().invoke(app, [*BASE, *args])
+    assert isinstance(res.exception, SpecError) and res.exception.field == field
+
+
+def test_bad_fix_exits_2_with_one_line(monkeypatch, capsys):
+    r = run_main(monkeypatch, capsys, *BASE, "--fix", "zero=7")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--fix.zero" in lines[0], r.stderr
+
+
+def test_values_are_read_as_yaml_and_coerced_as_their_field():
+    got = pinned_fields(["sp=false", "zero=1", "pp_layer_split=[3, 5]", "recompute=selective",
+                         "overlap_grad_reduce=no"])
+    assert got == {"sp": False, "zero": 1, "pp_layer_split": (3, 5), "recompute": "selective",
+                   "overlap_grad_reduce": False}
+    # sp is kept as given (its validator drops sp only beside tp == 1, which the probe is not)
+    assert ParallelPlan.check_field("sp", "true") is True
+
+
+def test_space_file_fixed_values_are_checked_one_line():
+    data = {"model": "megatron-1.7b", "system": "dgx-a100-selene", "gpus": 8,
+            "fixed": {"seq": 2048, "global_batch": 16, "zero": 5},
+            "parameters": {"plan": {"tp": [1, 2]}}, "derived": {"dp": "gpus // tp"},
+            "objectives": [{"metric": "step_time_s", "goal": "min"}]}
+    with pytest.raises(SpecError) as err:
+        parse_space(data, where="space")
+    assert err.value.field == "space.fixed.zero"
+    data["fixed"]["zero"] = "1"  # not an int: Literal[0, 1, 2, 3] does not parse strings
+    with pytest.raises(SpecError):
+        parse_space(data, where="space")
+    data["fixed"]["zero"] = 1
+    data["fixed"]["sp"] = "false"
+    assert parse_space(data, where="space").fixed["sp"] is False
