@@ -12,6 +12,7 @@ from tensorstage.cli import app
 from tensorstage.commands.explore import pinned_fields
 from tensorstage.errors import SpecError
 from tensorstage.explore.space import parse_space
+from tensorstage.hardware import load_system
 from tensorstage.parallel.plan import ParallelPlan
 
 BASE = ["best-plan", "megatron-1.7b", "--system", "dgx-a100-selene", "--gpus", "8", "--global-batch", "16",
@@ -26,6 +27,10 @@ def test_pinned_fields_are_what_every_simulated_layout_runs():
     for row in out["ranking"]:
         assert (row["tp"], row["zero"], row["recompute"]) == (2, 0, "full")
     assert out["best_plan"]["zero"] == 0 and out["best_plan"]["recompute"] == "full"
+    # the ranking carries each layout's simulated peak memory, under the HBM exactly when it fits
+    hbm_gib = load_system("dgx-a100-selene", 8).device.hbm_bytes / 2**30
+    for row in out["ranking"]:
+        assert (row["peak_memory_GiB"] <= hbm_gib) == (row["status"] == "ok"), row
     # unpinned, the same search is free to pick other values (so the pins above did something)
     free = json.loads(CliRunner().invoke(app, [*BASE, "--top", "8", "--json"]).output)
     assert {(r["tp"], r["zero"], r["recompute"]) for r in free["ranking"]} != {(2, 0, "full")}

@@ -200,7 +200,7 @@ def layout_of(plan: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def rank_table(bp: BestPlan) -> list[dict[str, Any]]:
-    """Rows for printing: layout, knobs, screened and simulated objective."""
+    """Rows for printing: layout, knobs, screened and simulated objective, MFU and peak memory."""
     rows = []
     for r in bp.simulated:
         tp, pp, dp = layout_of(r.plan)
@@ -209,7 +209,11 @@ def rank_table(bp: BestPlan) -> list[dict[str, Any]]:
                      "micro_batch": r.plan.get("micro_batch", 1), "recompute": r.plan.get("recompute"),
                      "zero": r.plan.get("zero", 0), f"screen_{bp.objective}": r.fast.get(bp.objective),
                      bp.objective: None if r.full is None else r.full.get(bp.objective),
-                     "mfu": None if r.full is None else r.full.get("mfu"), "status": r.status})
+                     "mfu": None if r.full is None else r.full.get("mfu"),
+                     # simulated peak over the ranks: how close to the HBM the layout runs (no headroom
+                     # for the CUDA context, NCCL buffers or allocator fragmentation is modelled)
+                     "peak_memory_GiB": None if r.full is None or "peak_memory_bytes" not in r.full
+                     else r.full["peak_memory_bytes"] / 2**30, "status": r.status})
     return rows
 
 
