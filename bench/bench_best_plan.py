@@ -4,6 +4,10 @@ Usage::
 
     .venv/bin/python bench/bench_best_plan.py                    # all cases below
     .venv/bin/python bench/bench_best_plan.py --cases 1.7B 18.4B --top 4
+    # Table 1 in the feature space of the 2021 Megatron-LM (the plan conventions `validate` uses):
+    .venv/bin/python bench/bench_best_plan.py --even-splits --fix zero=0 recompute=full \
+        attention_impl=materialized attention_flops=full dropout=true megatron_fusions=true sp=false \
+        overlap_grad_reduce=false
 
 Cases: every Narayanan et al. 2021 Table 1 row of ``../shared/validation/public_cases.yaml``
 (model preset ``megatron-<size>``, GPU count, global batch, sequence 2048, fp16, Selene DGX A100);
