@@ -102,6 +102,12 @@ class Execution:
     post: list[float]  # COLL/SEND/RECV: when the node was ready on its stream (start - post = sync wait)
     algorithm: dict[int, str] = field(default_factory=dict)  # COLL gid -> algorithm chosen
     step_time_s: float = 0.0
+    #: per class, what the engine already read off its nodes, so the summary need not read them again:
+    #: ``(positions of its COMP nodes, each one's key id, the distinct (flops, tensor_bytes, op, gemm,
+    #: category) keys)`` and the label (``all_reduce/tp``, ``send/pp``) of each communication node in id
+    #: order. ``None`` for an Execution built by hand (the summary then reads the nodes).
+    comp_keys: list[tuple[np.ndarray, np.ndarray, list[tuple]]] | None = None
+    comm_labels: list[list[str]] | None = None
 
 
 def _class_key(p: Program) -> tuple[tuple[str, int], ...]:
@@ -159,7 +165,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     kind = kind_np.tolist()
     cls = cls_np.tolist()
     indeg = indeg_np.tolist()
-    dur_a0 = _comp_durations(programs, offsets, kind_np, machine.compute)
+    dur_a0, comp_keys = _comp_durations(programs, offsets, kind_np, machine.compute)
     dur = dur_a0.tolist()
     fabric = machine.fabric
     members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
@@ -184,74 +190,96 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     recvs: dict[tuple[int, int, int], list[int]] = {}
     p2p_meta: dict[int, tuple[str, int, int]] = {}
 
-    for g in np.flatnonzero(kind_np != K_COMP).tolist():  # pass 1 over communication nodes only
-        c = cls[g]
-        node = programs[c].nodes[g - offsets[c]]
-        j = node.id
-        ck = programs[c].class_key
-        k = kind[g]
-        if k == K_COLL:
-            axes = node.axes
-            ck2 = (node.comm, node.comm_bytes, axes, node.route)
-            cost = coll_cache.get(ck2)
-            if cost is None:
-                members = members_cache.get(axes)
-                if members is None:
-                    members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
-                if node.comm is None:
-                    raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
-                cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric, node.route)
-            dur[g] = cost[0]
-            algorithm[g] = cost[1]
-            if contention:
-                w = nic_cache.get(ck2)
-                if w is None:
-                    fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric,
-                                             node.route)[0]
-                    w = nic_cache[ck2] = max(0.0, cost[0] - fast)
-                nic[g] = w
-            sk = (c, axes)
-            sid = stream_index.get(sk)
-            if sid is None:
-                sid = stream_index[sk] = len(queues)
-                queues.append([])
-            queues[sid].append(g)
-            stream_of[g] = sid
-            proj = proj_cache.get(sk, 0)
-            if proj == 0:
-                spans = any(a in axes for a in ck)
-                proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
-            if proj is not None:
-                n = ordinal.get(sk, 0)
-                ordinal[sk] = n + 1
-                ik = (axes, proj, n)
-                iid = inst_index.get(ik)
-                if iid is None:
-                    iid = inst_index[ik] = len(inst_members)
-                    inst_members.append([])
-                inst_members[iid].append(g)
+    peer_cache: dict[tuple[int, str, int], int] = {}
+    comm_mask = kind_np != K_COMP
+    label_cache: dict[tuple, str] = {}
+    comm_labels: list[list[str]] = []
+    for c, prog in enumerate(programs):  # pass 1 over communication nodes only, class by class
+        off = offsets[c]
+        pnodes = prog.nodes
+        ck = prog.class_key
+        labels: list[str] = []
+        comm_labels.append(labels)
+        for g in (np.flatnonzero(comm_mask[off:offsets[c + 1]]) + off).tolist():
+            node = pnodes[g - off]
+            j = node.id
+            k = kind[g]
+            lk = (k, node.comm, node.axes, node.peer_axis)
+            lab = label_cache.get(lk)
+            if lab is None:
+                lab = label_cache[lk] = comm_label(*lk)
+            labels.append(lab)
+            if k == K_COLL:
+                axes = node.axes
+                ck2 = (node.comm, node.comm_bytes, axes, node.route)
+                cost = coll_cache.get(ck2)
+                if cost is None:
+                    members = members_cache.get(axes)
+                    if members is None:
+                        members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
+                    if node.comm is None:
+                        raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
+                    cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric, node.route)
+                dur[g] = cost[0]
+                algorithm[g] = cost[1]
+                if contention:
+                    w = nic_cache.get(ck2)
+                    if w is None:
+                        fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric,
+                                                 node.route)[0]
+                        w = nic_cache[ck2] = max(0.0, cost[0] - fast)
+                    nic[g] = w
+                sk = (c, axes)
+                sid = stream_index.get(sk)
+                if sid is None:
+                    sid = stream_index[sk] = len(queues)
+                    queues.append([])
+                queues[sid].append(g)
+                stream_of[g] = sid
+                proj = proj_cache.get(sk, 0)
+                if proj == 0:
+                    spans = any(a in axes for a in ck)
+                    proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
+                if proj is not None:
+                    n = ordinal.get(sk, 0)
+                    ordinal[sk] = n + 1
+                    ik = (axes, proj, n)
+                    iid = inst_index.get(ik)
+                    if iid is None:
+                        iid = inst_index[ik] = len(inst_members)
+                        inst_members.append([])
+                    inst_members[iid].append(g)
+                else:
+                    iid = len(inst_members)
+                    inst_members.append([g])
+                inst_of[g] = iid
             else:
-                iid = len(inst_members)
-                inst_members.append([g])
-            inst_of[g] = iid
-        else:
-            peer = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
-            bucket = sends if k == K_SEND else recvs
-            mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
-            bucket.setdefault(mk, []).append(g)
-            p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
+                pk = (c, node.peer_axis, node.peer_offset)
+                peer = peer_cache.get(pk, -1)
+                if peer < 0:
+                    peer = peer_cache[pk] = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
+                bucket = sends if k == K_SEND else recvs
+                mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
+                bucket.setdefault(mk, []).append(g)
+                p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
 
     # collective instances: one duration for all participants
     inst_dur = []
     inst_nic = []
     for members in inst_members:
-        inst_dur.append(max(dur[g] for g in members))
-        inst_nic.append(max(nic[g] for g in members))
+        if len(members) == 1:  # a collective inside one class (most of them): no max to take
+            g = members[0]
+            inst_dur.append(dur[g])
+            inst_nic.append(nic[g])
+        else:
+            inst_dur.append(max(dur[g] for g in members))
+            inst_nic.append(max(nic[g] for g in members))
 
     # send/recv pairing
     partner = [-1] * total
     link_of = [-1] * total
     links: dict[tuple[int, int, str, int], int] = {}
+    tier_cache: dict[tuple[str, int], int] = {}
     for mk, slist in sends.items():
         rlist = recvs.get(mk, [])
         if len(rlist) != len(slist):
@@ -262,7 +290,9 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
             if p2p_meta[gr][2] != nbytes:
                 raise SpecError("programs", f"send/recv size mismatch for tag {mk[2]}: {nbytes} vs {p2p_meta[gr][2]} bytes")
             partner[gs], partner[gr] = gr, gs
-            tier = p2p_tier(mesh, axis, offset, fabric)
+            tier = tier_cache.get((axis, offset), -1)
+            if tier < 0:
+                tier = tier_cache[(axis, offset)] = p2p_tier(mesh, axis, offset, fabric)
             t = p2p_time_s(nbytes, tier, fabric)
             dur[gs] = dur[gr] = t
             if contention and tier > 0:
@@ -343,7 +373,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         raise SpecError("programs", f"deadlock: {len(missing)} node(s) never ran; first: class {programs[c].class_key} "
                         f"node {node.id} ({node.name}, {node.kind.name})")
     return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
-                     max(end) if total else 0.0)
+                     max(end) if total else 0.0, comp_keys, comm_labels)
 
 
 def _fast_scaleout(fabric: Fabric) -> Fabric:
@@ -407,24 +437,40 @@ def _flatten(programs: list[Program], offsets: list[int], total: int
 
 
 def _comp_durations(programs: list[Program], offsets: list[int], kind: np.ndarray, comp_model: object
-                    ) -> np.ndarray:
+                    ) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, list[tuple]]]]:
     """Duration of every COMP node (0 elsewhere): ``comp_model.time_s`` once per distinct
-    ``(flops, tensor_bytes, op, gemm, category)``."""
+    ``(flops, tensor_bytes, op, gemm, category)``; and per class the COMP positions, key ids and
+    distinct keys (``Execution.comp_keys``)."""
     dur = np.zeros(len(kind), dtype=np.float64)
     cache: dict[tuple, float] = {}
     time_s = comp_model.time_s  # type: ignore[attr-defined]
+    per_class = []
     for c, p in enumerate(programs):
         off, nodes = offsets[c], p.nodes
         sel = np.flatnonzero(kind[off:off + len(nodes)] == K_COMP)
         if not len(sel):
+            per_class.append((sel, np.zeros(0, dtype=np.int64), []))
             continue
         comp = [nodes[j] for j in sel.tolist()] if len(sel) < len(nodes) else nodes
-        keys = [(x.flops, x.tensor_bytes, x.op, x.gemm, x.category) for x in comp]
-        for k in dict.fromkeys(keys):
+        kid: dict[tuple, int] = {}
+        ids = np.fromiter([kid.setdefault((x.flops, x.tensor_bytes, x.op, x.gemm, x.category), len(kid))
+                           for x in comp], dtype=np.int64, count=len(comp))
+        keys = list(kid)
+        for k in keys:
             if k not in cache:
                 cache[k] = time_s(*k)
-        dur[off + sel] = [cache[k] for k in keys]
-    return dur
+        dur[off + sel] = np.array([cache[k] for k in keys], dtype=np.float64)[ids]
+        per_class.append((sel, ids, keys))
+    return dur, per_class
+
+
+def comm_label(code: int, comm: object, axes: Sequence[str], peer_axis: str) -> str:
+    """What a communication node is reported as: ``all_reduce/tp`` (collective kind and axes), or
+    ``send/pp`` / ``recv/pp`` (direction and peer axis); ``code`` is the engine kind code."""
+    if code == K_COLL:
+        kind = comm.name.lower() if comm is not None else "coll"  # type: ignore[attr-defined]
+        return f"{kind}/{','.join(axes)}"
+    return f"{'send' if code == K_SEND else 'recv'}/{peer_axis}"
 
 
 def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis: str, offset: int,
@@ -472,6 +518,15 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     factor = 1.0 + slowdown
     tx_free = [0.0] * nclasses  # link contention: when each class's scale-out port has sent its backlog
     rx_free = [0.0] * nclasses  # ... and received it
+
+    # a collective whose instance is itself alone (inside one class) and leaves no port backlog: its
+    # duration, else -1 (the loop inlines start_coll for these: most collectives, hot path)
+    solo = [-1.0] * total
+    for q in queues:
+        for g in q:
+            iid = inst_of[g]
+            if len(inst_members[iid]) == 1 and not inst_nic[iid] > 0.0:
+                solo[g] = inst_dur[iid]
 
     def start_coll(g: int, t: float) -> None:
         sid = stream_of[g]
@@ -598,7 +653,17 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 qpos[sid] += 1
                 q = queues[sid]
                 if qpos[sid] < len(q) and is_ready[q[qpos[sid]]]:
-                    start_coll(q[qpos[sid]], cur_t)
+                    s = q[qpos[sid]]
+                    d = solo[s]
+                    if d >= 0.0:  # start_coll inlined for a one-class collective without port backlog
+                        sbusy[sid] = True
+                        post[s] = start[s] = cur_t
+                        e = cur_t + d
+                        push(events, (e, s))
+                        if comm_until[c] < e:
+                            comm_until[c] = e
+                    else:
+                        start_coll(s, cur_t)
             a0, a1 = sptr[g], sptr[g + 1]
             if a0 == a1:
                 continue
@@ -618,7 +683,17 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                     is_ready[s] = 1
                     sid = stream_of[s]
                     if not sbusy[sid] and queues[sid][qpos[sid]] == s:
-                        start_coll(s, cur_t)
+                        d = solo[s]
+                        if d >= 0.0:  # as above
+                            sbusy[sid] = True
+                            post[s] = start[s] = cur_t
+                            e = cur_t + d
+                            push(events, (e, s))
+                            cs = cls[s]
+                            if comm_until[cs] < e:
+                                comm_until[cs] = e
+                        else:
+                            start_coll(s, cur_t)
                 else:
                     post_p2p(s, cur_t)
     return start, end, post

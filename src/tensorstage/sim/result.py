@@ -43,7 +43,7 @@ import numpy as np
 
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim.compute import FUSED_PREFIX, fused_parts
-from tensorstage.sim.engine import K_COMP, Execution, paused_gc
+from tensorstage.sim.engine import K_COLL, K_COMP, K_SEND, Execution, comm_label, paused_gc
 
 
 @dataclass
@@ -98,10 +98,8 @@ class SimResult:
 
 
 def _label(node: Any) -> str:
-    if node.kind == NodeKind.COLL:
-        kind = node.comm.name.lower() if node.comm is not None else "coll"
-        return f"{kind}/{','.join(node.axes)}"
-    return f"{'send' if node.kind == NodeKind.SEND else 'recv'}/{node.peer_axis}"
+    code = K_COLL if node.kind == NodeKind.COLL else (K_SEND if node.kind == NodeKind.SEND else -1)
+    return comm_label(code, node.comm, node.axes, node.peer_axis)
 
 
 def summarize(ex: Execution, tokens_per_step: int = 0) -> SimResult:
@@ -128,17 +126,22 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         st, en, kd = start_all[off:stop], end_all[off:stop], kind_all[off:stop]
         dur = en - st
         comp = kd == K_COMP
-        by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur, comp,
-                                     ex.machine.compute)
-        flops = sum([n.flops for n in nodes])
+        if ex.comp_keys is not None and ex.comm_labels is not None:  # what the engine read off the nodes
+            by_cat, by_op, comp_flops = _split_by_keys(*ex.comp_keys[c], dur, ex.machine.compute)
+            flops = comp_flops + sum([nodes[j].flops for j in np.flatnonzero(~comp).tolist()])
+            labels = ex.comm_labels[c]
+        else:
+            by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur,
+                                         comp, ex.machine.compute)
+            flops = sum([n.flops for n in nodes])
+            labels = []
+            for node in [nodes[j] for j in np.flatnonzero(~comp).tolist()]:
+                key = (node.kind, node.comm, node.axes, node.peer_axis)
+                lab = label_cache.get(key)
+                if lab is None:
+                    lab = label_cache[key] = _label(node)
+                labels.append(lab)
         cidx = np.flatnonzero(~comp)
-        labels: list[str] = []
-        for node in [nodes[j] for j in cidx.tolist()]:
-            key = (node.kind, node.comm, node.axes, node.peer_axis)
-            lab = label_cache.get(key)
-            if lab is None:
-                lab = label_cache[key] = _label(node)
-            labels.append(lab)
         cs_, ce_ = st[cidx], en[cidx]
         comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(labels), dtype=bool))
         wait = union_length(post_all[off + cidx], cs_)
@@ -223,6 +226,34 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
             by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
             by_cat[cat] = by_cat.get(cat, 0.0) + share
     return dict(sorted(by_cat.items())), dict(sorted(by_op.items()))
+
+
+def _split_by_keys(sel: np.ndarray, ids: np.ndarray, keys: list[tuple], dur: np.ndarray, model: Any
+                   ) -> tuple[dict[str, float], dict[str, float], int]:
+    """:func:`_fused_split` from the engine's per-class COMP keys (``Execution.comp_keys``): time by
+    category and by op, and the executed FLOPs of the COMP nodes, without reading the nodes again."""
+    t = np.bincount(ids, weights=dur[sel], minlength=len(keys))
+    n = np.bincount(ids, minlength=len(keys))
+    by_cat: dict[str, float] = {}
+    by_op: dict[str, float] = {}
+    flops = 0
+    for i, (fl, _, op, _, cat) in enumerate(keys):
+        if not n[i]:
+            continue
+        flops += int(fl) * int(n[i])
+        label, ti = op or "other", float(t[i])
+        parts = fused_parts(label) if label.startswith(FUSED_PREFIX) else None
+        if not parts:
+            by_op[label] = by_op.get(label, 0.0) + ti
+            by_cat[cat] = by_cat.get(cat, 0.0) + ti
+            continue
+        times = [model.time_s(f, b, name, g, pc) for name, f, b, pc, g in parts]
+        tot = sum(times)
+        for (name, _, _, pc, _), tp in zip(parts, times, strict=True):
+            share = ti * (tp / tot if tot > 0 else 1.0 / len(parts))
+            by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
+            by_cat[pc] = by_cat.get(pc, 0.0) + share
+    return dict(sorted(by_cat.items())), dict(sorted(by_op.items())), flops
 
 
 def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, labels: list[str]
