@@ -87,3 +87,28 @@ def test_space_file_fixed_values_are_checked_one_line():
     data["fixed"]["zero"] = 1
     data["fixed"]["sp"] = "false"
     assert parse_space(data, where="space").fixed["sp"] is False
+
+
+@pytest.mark.parametrize("fix, words", [
+    (["tp=3"], "gpus % (tp * pp * cp) == 0"),             # no TP of 3 divides 8 GPUs
+    (["ep=2"], "ep: ep=2"),                               # the screen's reason (a dense model)
+    (["tp=8", "pp=8", "dp=2"], "gpus % (tp * pp * cp)"),  # 128 ranks on 8 GPUs
+])
+def test_no_legal_layout_is_an_error_with_its_reason(fix, words, monkeypatch, capsys):
+    r = run_main(monkeypatch, capsys, *BASE, *[a for f in fix for a in ("--fix", f)])
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: fixed: no legal layout") and words in lines[0], r.stderr
+
+
+def test_context_parallel_can_be_pinned():
+    res = CliRunner().invoke(app, [*BASE, "--fix", "cp=2", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["ranking"] and all(r["cp"] == 2 and r["tp"] * r["pp"] * r["dp"] * 2 == 8 for r in out["ranking"])
+
+
+def test_own_options_are_named_as_options():
+    res = CliRunner().invoke(app, ["best-plan", "megatron-1.7b", "--system", "dgx-a100-selene", "--gpus", "8",
+                                   "--global-batch", "16", "--dtype", "fp7"])
+    assert isinstance(res.exception, SpecError) and res.exception.field == "dtype"

@@ -7,6 +7,9 @@ only run non-interleaved and trailed our optimum by 15.6 %. Per-chunk splits now
 
 from __future__ import annotations
 
+import pytest
+
+from tensorstage.errors import SpecError
 from tensorstage.explore.bestplan import balanced_split, best_plan
 
 
@@ -25,7 +28,9 @@ def test_llama3_405b_published_layout_within_5_percent():
     assert opt.best is not None and pub.best is not None
     assert pub.best.plan.get("vpp", 1) > 1  # it interleaves, as the paper's run did
     assert pub.best.full["step_time_s"] <= 1.05 * opt.best.full["step_time_s"]
-    # with Megatron-LM 2021's even-split rule the published layout cannot interleave
-    even = best_plan("llama3.1-405b", "dgx-h100-superpod", 16384, 2048, 8192, fixed={"tp": 8, "pp": 16},
-                     uneven=False, **kw)
-    assert even.best is None or even.best.plan.get("vpp", 1) == 1
+    # with Megatron-LM 2021's even-split rule the published layout is not even legal (16 does not
+    # divide 126 layers): one error naming the rule, not an empty ranking
+    with pytest.raises(SpecError) as err:
+        best_plan("llama3.1-405b", "dgx-h100-superpod", 16384, 2048, 8192, fixed={"tp": 8, "pp": 16},
+                  uneven=False, **kw)
+    assert err.value.field == "fixed" and "model.num_layers % (pp * vpp) == 0" in str(err.value)

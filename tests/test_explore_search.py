@@ -97,6 +97,23 @@ def test_resume_after_interruption_loses_and_redoes_nothing(tmp_path):
            [(t.number, t.key, t.status, t.objectives) for t in fresh.trials]
 
 
+def test_resume_does_not_count_screen_pruned_trials(tmp_path):
+    # 7.5B on 8 GPUs: TP1/TP2 need several times the HBM (pruned by the screen, never simulated)
+    data = {"model": "megatron-7.5b", "system": "dgx-a100-selene", "gpus": 8,
+            "fixed": {"seq": 2048, "global_batch": 16, "dtype": "fp16", "recompute": "full"},
+            "parameters": {"plan": {"tp": {"pow2": [1, 8]}, "micro_batch": [1, 2]}},
+            "derived": {"dp": "gpus // tp", "sp": "tp > 1"},
+            "constraints": ["global_batch % (dp * micro_batch) == 0"],
+            "objectives": [{"metric": "step_time_s", "goal": "min"}]}
+    sp = parse_space(data)
+    first = run_study(sp, "grid", 3, tmp_path, batch=8, executor=_CountingExecutor(), evaluator="screened")
+    pruned = [t for t in first.trials if t.status == "pruned"]
+    assert pruned and all(t.source == "fast" for t in pruned)
+    again = _CountingExecutor()
+    second = run_study(sp, "grid", 3, tmp_path, batch=8, executor=again, evaluator="screened")
+    assert second.evaluations == first.evaluations and again.calls == 0
+
+
 def test_resume_refuses_a_different_study(tmp_path):
     sp = parse_space(SMALL)
     run_study(sp, "random", 2, tmp_path, evaluator="fast")

@@ -27,6 +27,7 @@ from tensorstage.explore.executors import LocalExecutor
 from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
 from tensorstage.explore.setup import Task, make_task
 from tensorstage.explore.space import Space, parse_space
+from tensorstage.parallel.plan import ParallelPlan
 
 #: best-plan simulates down the screened ranking until ``top`` layouts fit, at most this many x ``top``.
 MAX_SIMULATED_FACTOR = 3
@@ -104,30 +105,38 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     for k in list(params):
         if k in fx:
             params.pop(k)
-    derived = {"dp": "gpus // (tp * pp)", "sp": "tp > 1", "schedule": "'interleaved' if vpp > 1 else '1f1b'"}
+    derived = {"dp": "gpus // (tp * pp * cp)", "sp": "tp > 1",
+               "schedule": "'interleaved' if vpp > 1 else '1f1b'"}
     derived = {k: v for k, v in derived.items() if k not in fx}
     data = {"name": f"layouts-{model}-{gpus}", "model": model, "system": system, "gpus": gpus, "fixed": fx,
             "parameters": {"plan": params}, "derived": derived,
-            "constraints": ["gpus % (tp * pp) == 0", "global_batch % (dp * micro_batch) == 0",
+            "constraints": ["gpus % (tp * pp * cp) == 0", "global_batch % (dp * micro_batch) == 0",
                             "model.num_layers % (pp * vpp) == 0" + (" or pp * vpp < model.num_layers" if uneven else ""),
                             "vpp == 1 or pp > 1", *moe_rules],
             "objectives": [{"metric": "step_time_s", "goal": "min"}]}
     return parse_space(data, where="best-plan")
 
 
-def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]:
-    """Every legal layout of ``space`` and its screened result, plus the grid size enumerated."""
-    idx = space.enumerate_indices()
-    mask, _ = space.feasible_mask(idx)
+def _layout_tasks(space: Space, rows: np.ndarray) -> list[Task]:
+    """Tasks of the index ``rows`` of ``space``, with a balanced uneven split where ``pp * vpp``
+    does not divide the layers (and none is pinned)."""
     tasks = []
     layers = int(space.constants["model.num_layers"])
-    for row in idx[mask]:
+    for row in rows:
         cfg = space.decode(tuple(int(v) for v in row))
         env = space.env(cfg)  # pp may be a parameter or pinned in fixed
         if layers % (env["pp"] * env["vpp"]) and "pp_layer_split" not in space.fixed:
             # one entry per model chunk: pp * vpp of them when interleaved
             cfg["pp_layer_split"] = balanced_split(layers, int(env["pp"] * env["vpp"]))
         tasks.append(make_task(space.model, space.system, space.gpus, space.fixed, cfg))
+    return tasks
+
+
+def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]:
+    """Every legal layout of ``space`` and its screened result, plus the grid size enumerated."""
+    idx = space.enumerate_indices()
+    mask, _ = space.feasible_mask(idx)
+    tasks = _layout_tasks(space, idx[mask])
     results = screen_tasks(tasks)
     legal = [(t, r) for t, r in zip(tasks, results, strict=True) if r["status"] == OK]
     return [t for t, _ in legal], [r for _, r in legal], len(idx)
@@ -146,8 +155,12 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     if workers < 1:
         raise SpecError("workers", f"must be >= 1, got {workers}")
     t0 = time.perf_counter()
+    for name, value in (("dtype", dtype), ("seq", seq), ("global_batch", global_batch)):
+        ParallelPlan.check_field(name, value, "")  # named as the option, not as a space's fixed value
     space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed, uneven)
     tasks, fast, enumerated = screen_layouts(space)
+    if not tasks:
+        raise SpecError("fixed" if fixed else "gpus", _no_layout_reason(space, gpus, global_batch, fixed))
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
     fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]
@@ -181,6 +194,27 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     return out
 
 
+def _no_layout_reason(space: Space, gpus: int, global_batch: int, fixed: dict[str, Any] | None) -> str:
+    """Why no layout of ``space`` is legal, for the one-line error: the first constraint that no
+    candidate meets, else the most common reason the closed-form screen gave (an illegal plan for
+    the model or the system), with the pinned fields named."""
+    from collections import Counter
+
+    pins = ", ".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
+    where = f"no legal layout on {gpus} GPUs with global batch {global_batch}" + (f" and {pins}" if pins else "")
+    idx = space.enumerate_indices()
+    env = space.env(space.columns(idx))
+    for c in space.pre_constraints():
+        if not np.broadcast_to(np.asarray(c(env), dtype=bool), (len(idx),)).any():
+            return f"{where}: no candidate satisfies {c.text}"
+    mask, _ = space.feasible_mask(idx)
+    if not mask.any():
+        return f"{where}: no candidate satisfies all of " + "; ".join(c.text for c in space.pre_constraints())
+    reasons = Counter(r["message"] for r in screen_tasks(_layout_tasks(space, idx[mask][:2000]))
+                      if r["status"] != OK)
+    return f"{where}: {reasons.most_common(1)[0][0]}" if reasons else where
+
+
 def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
     """Layers per stage (or per model chunk, ``pp`` = stages x virtual stages when interleaved) when
     ``pp`` does not divide them: ``layers // pp`` each, one more on the middle ones first (the first
@@ -205,7 +239,8 @@ def rank_table(bp: BestPlan) -> list[dict[str, Any]]:
     for r in bp.simulated:
         tp, pp, dp = layout_of(r.plan)
         moe = {"ep": r.plan["ep"], "etp": r.plan.get("etp") or tp} if "ep" in r.plan else {}
-        rows.append({"tp": tp, "pp": pp, "dp": dp, **moe, "vpp": r.plan.get("vpp", 1),
+        cp = {"cp": r.plan["cp"]} if r.plan.get("cp", 1) != 1 else {}
+        rows.append({"tp": tp, "pp": pp, "dp": dp, **cp, **moe, "vpp": r.plan.get("vpp", 1),
                      "micro_batch": r.plan.get("micro_batch", 1), "recompute": r.plan.get("recompute"),
                      "zero": r.plan.get("zero", 0), f"screen_{bp.objective}": r.fast.get(bp.objective),
                      bp.objective: None if r.full is None else r.full.get(bp.objective),

@@ -82,7 +82,10 @@ def objective_values(space: Space, cfg: dict[str, Any], metrics: dict[str, float
 class _Runner:
     def __init__(self, space: Space, store: TrialStore, executor: LocalExecutor | RayExecutor, evaluator: str) -> None:
         self.space, self.store, self.executor, self.evaluator = space, store, executor, evaluator
-        self.evaluations = sum(1 for t in store.trials() if t.source in ("full", "fast"))
+        # what the live loop counts (batch): every full simulation and every scored screen result; a
+        # screen-pruned trial is stored with source "fast" but was never an evaluation
+        self.evaluations = sum(1 for t in store.trials()
+                               if t.source == "full" or (t.source == "fast" and t.status != PRUNED))
 
     def _finish(self, number: int, cfg: dict[str, Any], task: Task, res: dict[str, Any], source: str) -> Trial:
         status, metrics = res["status"], res["metrics"]

@@ -221,14 +221,16 @@ class ParallelPlan(BaseModel):
         """``value`` validated and coerced as plan field ``name`` alone (``"false"`` -> False, a list
         -> a tuple), for callers that pin some fields before the rest of the plan exists (a search
         space's ``fixed`` values); one :class:`SpecError` naming ``where.name`` otherwise. Checks that
-        need other fields (``plan.check()``) run when the whole plan is parsed."""
+        need other fields (``plan.check()``) run when the whole plan is parsed. ``where=""`` names
+        the field alone (an option of its own, such as ``--dtype``)."""
         if name not in cls.model_fields:
-            raise SpecError(f"{where}.{name}", "unknown plan key", cls.model_fields)
+            raise SpecError(f"{where}.{name}" if where else name, "unknown plan key", cls.model_fields)
         probe = cls.model_construct(tp=2)  # sp's validator keeps sp only beside tp > 1
         try:
             cls.__pydantic_validator__.validate_assignment(probe, name, value)
         except ValidationError as exc:
-            raise _plan_error(exc, where) from None
+            err = _plan_error(exc, where or "plan")
+            raise (SpecError(name, err.reason, err.allowed) if not where else err) from None
         return getattr(probe, name)
 
     @classmethod
