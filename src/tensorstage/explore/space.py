@@ -247,6 +247,27 @@ def _check_name(stack: str, name: str, where: str, network_dims: list[str]) -> N
         raise SpecError(where, "serving parameters need the serving evaluator, which this version lacks")
 
 
+def _check_values(param: Parameter, where: str, system: str, gpus: int) -> None:
+    """Every value of ``param`` must be legal on its own, so that a typo (``recompute: [none, ful]``,
+    ``device: [H100-SMX]``, a negative bandwidth) is one line here, not an infeasible trial per
+    candidate that spends the budget: plan and collective knobs as their plan field, network and
+    hardware values applied alone to the system (``build_system``)."""
+    from tensorstage.explore.setup import build_system
+
+    for v in param.values:
+        if param.stack in ("plan", "collective") and param.name in ParallelPlan.model_fields:
+            ParallelPlan.check_field(param.name, v, where.rpartition(".")[0])
+        elif param.stack in ("network", "hardware"):
+            dim, _, attr = param.name.partition(".")
+            try:
+                if param.stack == "network":
+                    build_system(system, gpus, ((dim, attr, v),))
+                else:
+                    build_system(system, gpus, (), str(v))
+            except SpecError as exc:
+                raise SpecError(where, f"value {v!r}: {exc.field}: {exc.reason}", exc.allowed) from None
+
+
 def model_constants(model: str) -> dict[str, Any]:
     """``model.<field>`` names for expressions (resolving the model checks its name too)."""
     from tensorstage.model import resolve_model
@@ -308,6 +329,7 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
                 raise SpecError(pw, "given twice (in another stack or in fixed)")
             seen.add(str(name))
             params.append(_parameter(stack, str(name), raw, pw))
+            _check_values(params[-1], pw, str(data["system"]), gpus)
     derived = {}
     for name, text in (data.get("derived") or {}).items():
         if name in seen or name in fixed:

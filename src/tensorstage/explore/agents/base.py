@@ -76,7 +76,19 @@ def make_agent(name: str, space: Space, seed: int = 0) -> Agent:
             factory = getattr(importlib.import_module(mod), cls)
         except (ImportError, AttributeError) as exc:
             raise SpecError("agent", f"cannot load plug-in {name!r}: {exc}") from None
-        return factory(space, seed, n_obj)
+        if not callable(factory):
+            raise SpecError("agent", f"plug-in {name!r} is a {type(factory).__name__}, not a class taking "
+                            "(space, seed, n_objectives)")
+        try:
+            agent = factory(space, seed, n_obj)
+        except TypeError as exc:  # a callable with another signature
+            raise SpecError("agent", f"plug-in {name!r} cannot be built as {cls}(space, seed, n_objectives): "
+                            f"{exc}") from None
+        missing = [m for m in ("ask", "tell") if not callable(getattr(agent, m, None))]
+        if missing:
+            raise SpecError("agent", f"plug-in {name!r} has no {' or '.join(missing)} method (an agent answers "
+                            "ask(n) -> list of index tuples and tell(results))")
+        return agent
     if name not in _AGENTS:
         raise SpecError("agent", f"unknown agent {name!r}", [*agent_names(), "module:Class"])
     return _AGENTS[name](space, seed, n_obj)
