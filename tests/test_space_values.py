@@ -54,3 +54,15 @@ def test_a_plug_in_without_ask_and_tell_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SpecError) as err:
         make_agent("myagent:Lazy", sp)
     assert "no ask or tell" in str(err.value)
+
+
+def test_a_searched_system_says_which_numbers_the_search_set():
+    from tensorstage.explore.setup import build_system
+
+    s = build_system("dgx-a100-selene", 64, (("ib", "bandwidth_GBps", 100.0), ("nvlink", "npus", 4)))
+    assert s.network[1].bandwidth_GBps == 100.0 and s.gpus_per_node == 4
+    for key in ("network.ib.bandwidth_GBps", "network.nvlink.npus", "gpus_per_node"):
+        assert "design-space search" in s.sources[key], key
+    assert "changed by the design-space search" in s.sources["scaleout.nic_Gbps"]
+    untouched = build_system("dgx-a100-selene", 64)
+    assert not any("design-space search" in v for v in untouched.sources.values())

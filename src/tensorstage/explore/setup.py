@@ -67,13 +67,22 @@ def build_system(system: str, gpus: int, network: tuple[tuple[str, str, Any], ..
     if not network and device is None:
         return base.with_num_gpus(gpus)
     data = base.model_dump()
+    sources = data.setdefault("sources", {})
+    searched = "set by the design-space search (tensorstage explore): a what-if, not the preset's cited value"
     if device is not None:
         data["device"] = device
     dims = {d["name"]: d for d in data["network"]}
     for dim, attr, value in network:
         dims[dim][attr] = value
+        if f"network.{dim}.{attr}" in sources or attr in ("bandwidth_GBps", "latency_ns", "npus"):
+            sources[f"network.{dim}.{attr}"] = searched
         if attr == "npus" and dims[dim]["scope"] == "scale-up":
             data["gpus_per_node"] = int(value)
+            sources["gpus_per_node"] = searched
+        if attr == "bandwidth_GBps" and dims[dim]["scope"] == "scale-out" and data.get("scaleout"):
+            # the physical NIC description stays the preset's: say so beside it
+            sources["scaleout.nic_Gbps"] = (f"preset value; {dim}.bandwidth_GBps was changed by the design-space "
+                                            "search, which simulates that bandwidth, not this NIC rate")
     return SystemSpec.parse(data, where="system").with_num_gpus(gpus)
 
 
