@@ -66,3 +66,9 @@ def test_a_searched_system_says_which_numbers_the_search_set():
     assert "changed by the design-space search" in s.sources["scaleout.nic_Gbps"]
     untouched = build_system("dgx-a100-selene", 64)
     assert not any("design-space search" in v for v in untouched.sources.values())
+
+
+def test_a_derived_value_that_reads_itself_is_an_error():
+    with pytest.raises(SpecError) as err:
+        parse_space({**BASE, "parameters": {"plan": {"tp": [1, 2]}}, "derived": {"dp": "gpus // (tp * dp)"}})
+    assert err.value.field == "space.derived.dp" and "itself" in str(err.value)

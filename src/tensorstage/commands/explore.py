@@ -237,7 +237,7 @@ def register(app: typer.Typer) -> None:
         disagg: bool = typer.Option(False, "--disagg", help="Also every prefill:decode split of the replicas."),
         max_num_seqs: int | None = typer.Option(None, "--max-num-seqs", help="Override the engine's max sequences."),
         max_batched_tokens: int | None = typer.Option(None, "--max-batched-tokens", help="Override the token "
-                                                      "budget."),
+                                                      "budget per engine step (0 = no budget)."),
         out: Path | None = typer.Option(None, "--out", help="Write the best as a `serve --config` YAML here."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:

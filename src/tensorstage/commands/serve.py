@@ -203,7 +203,7 @@ def register(app: typer.Typer) -> None:
         slo_ttft_ms: float = typer.Option(None, "--slo-ttft-ms", help="TTFT SLO for goodput (ms)."),
         slo_tpot_ms: float = typer.Option(None, "--slo-tpot-ms", help="TPOT SLO for goodput (ms)."),
         max_num_seqs: int = typer.Option(None, "--max-num-seqs", help="Override the profile's max sequences."),
-        max_batched_tokens: int = typer.Option(None, "--max-batched-tokens", help="Override the token budget."),
+        max_batched_tokens: int = typer.Option(None, "--max-batched-tokens", help="Override the token budget per engine step (0 = no budget)."),
         block_tokens: int = typer.Option(None, "--block-tokens", help="Override the KV block size."),
         kv_mem_fraction: float = typer.Option(None, "--kv-mem-fraction", help="Override the memory fraction."),
         gqa_kv_reuse: bool = typer.Option(None, "--gqa-kv-reuse/--no-gqa-kv-reuse",

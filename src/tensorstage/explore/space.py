@@ -334,7 +334,10 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
     for name, text in (data.get("derived") or {}).items():
         if name in seen or name in fixed:
             raise SpecError(f"{where}.derived.{name}", "already a parameter or fixed value")
-        derived[str(name)] = compile_expr(text, f"{where}.derived.{name}")
+        ex = compile_expr(text, f"{where}.derived.{name}")
+        if name in ex.names:  # it would read the plan default of its own name (dp = 1), silently
+            raise SpecError(f"{where}.derived.{name}", f"refers to itself: {ex.text}")
+        derived[str(name)] = ex
     constraints = [compile_expr(t, f"{where}.constraints[{i}]") for i, t in enumerate(data.get("constraints") or [])]
     objectives = _objectives(data.get("objectives") or [{"metric": "step_time_s", "goal": "min"}], where)
     budget = data.get("budget", 100)
