@@ -40,9 +40,14 @@ def test_zero1_saves_megatron_bytes_per_param():
     params = 12 * L * H**2 * (1 + 13 / (12 * H) + (V + S) / (12 * L * H))  # F-PARAMS-DENSE
     saved = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][1]
     assert saved == pytest.approx(12 * (1 - 1 / 8) * params, rel=0.01)
-    # ZeRO-3 (F-ADAM-ZERO, with Megatron's 18 bytes): every byte of state sharded, 18 / DP per parameter
+    # ZeRO-3 (F-ADAM-ZERO, with Megatron's 18 bytes): every byte of state sharded, 18 / DP per parameter,
+    # less what FSDP2 holds gathered (fp16, 2 bytes) without pipelining: the root unit (embedding table and
+    # position embeddings, plus the final LayerNorm; the head is tied) and the layer in use with the one
+    # prefetched (fsdp_prefetch = 1)
+    layer = 12 * H**2 + 13 * H
+    root = (V + S) * H + 2 * H
     saved3 = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][2]
-    assert saved3 == pytest.approx(18 * (1 - 1 / 8) * params, rel=0.01)
+    assert saved3 == pytest.approx(18 * (1 - 1 / 8) * params - 2 * (root + 2 * layer), rel=0.01)
 
 
 def test_pipeline_bubble_fraction():
@@ -84,3 +89,26 @@ def test_ranking_agrees_with_full_simulation():
     # the screen charges every matmul at the large-GEMM rate; the simulator charges measured per-shape
     # kernels (slower for small GEMMs and attention), so the screen reads fast, by up to ~30 % here
     assert np.max(np.abs(fast["step_time_s"] / np.array(full) - 1)) < 0.35
+
+
+@pytest.mark.parametrize("model, gpus, tp, pp, dp, zero, recompute, mb", [
+    ("megatron-1.7b", 16, 1, 2, 8, 3, "selective", 1),  # ZeRO-3 + pipelining: the whole stage stays gathered
+    ("megatron-1.7b", 16, 2, 2, 4, 3, "full", 2),
+    ("megatron-1.7b", 8, 1, 1, 8, 3, "none", 2),        # ZeRO-3 alone: root + layers in use gathered
+    ("llama3-8b", 8, 1, 1, 8, 1, "full", 2),            # 128K vocabulary: the head's logits dominate
+    ("llama3-8b", 16, 2, 2, 4, 3, "full", 1),
+])
+def test_screen_peak_memory_tracks_the_simulator(model, gpus, tp, pp, dp, zero, recompute, mb):
+    """The screen prunes by memory, so its peak must not miss what the simulator holds: FSDP2's
+    gathered parameters (before: a ZeRO-3 pipeline screened at a third of its simulated peak) and
+    the head's activations."""
+    from tensorstage import api
+
+    cols = {"tp": np.array([tp]), "pp": np.array([pp]), "dp": np.array([dp]), "zero": np.array([zero]),
+            "recompute": recompute, "micro_batch": np.array([mb]), "seq": 2048, "global_batch": 64,
+            "dtype": "bf16", "sp": np.array([tp > 1])}
+    fast = screen(model, build_system("dgx-h100-superpod", gpus), cols, 1)["peak_memory_bytes"][0]
+    full = api.simulate(model, "dgx-h100-superpod", api.make_plan(
+        tp=tp, pp=pp, dp=dp, zero=zero, recompute=recompute, micro_batch=mb, seq=2048, global_batch=64,
+        sp=tp > 1)).result.peak_memory_bytes
+    assert fast == pytest.approx(full, rel=0.25)
