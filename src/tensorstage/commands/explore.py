@@ -153,7 +153,8 @@ def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str 
                     "serve_config": cfg, "note": bs.note or None})
         return
     cols = list(rows[0])
-    print_table(f"{bs.model} on {gpus} x {system} ({bs.settings['engine']}, {dtype}): ranked by {bs.objective}",
+    print_table(f"{bs.model} on {gpus} x {system} ({bs.settings['engine']}, {dtype}, "
+                f"{bs.settings['requests']:,} requests per run): ranked by {bs.objective}",
                 cols, [[f"{v:.5g}" if isinstance(v, float) else "-" if v is None else v for v in r.values()]
                        for r in rows])
     if bs.note:

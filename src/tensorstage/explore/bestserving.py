@@ -171,9 +171,15 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
     if unsteady(deps):
         throughput = "output_tokens_per_s"
         short = ", ".join(d.label for d in unsteady(deps))
-        note = (f"{wl.num_requests} requests are too few for a steady state in {short} (their queues empty "
-                "before half their requests finish): ranked by whole-run throughput, drain included; "
-                "raise --requests")
+        if all(d.disagg for d in unsteady(deps)):
+            # a prefill-bound split: requests wait at the prefill pool, the decode pool never queues, so a
+            # longer run does not give it a saturated decode rate
+            why = ("their decode pools never build a queue: prefill-bound splits, which more requests do "
+                   "not change")
+        else:
+            why = "their queues empty before half their requests finish; raise --requests"
+        note = (f"{wl.num_requests} requests give no steady state in {short} ({why}): ranked by whole-run "
+                "throughput, drain included")
         if objective == SATURATED:
             objective = throughput
 
