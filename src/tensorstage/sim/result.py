@@ -218,14 +218,20 @@ def _fused_split(labels: list[str], cats: list[str], dur: np.ndarray, comp: np.n
     by_cat = _sum_by(cenc, dur, plain)
     by_op = _sum_by(enc, dur, plain)
     for label, t in _sum_by(enc, dur, comp & fused).items():
-        parts = fused_parts(label) or []
-        times = [model.time_s(f, b, name, g, cat) for name, f, b, cat, g in parts]
-        tot = sum(times)
-        for (name, _, _, cat, _), ti in zip(parts, times, strict=True):
-            share = t * (ti / tot if tot > 0 else 1.0 / len(parts))
-            by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
-            by_cat[cat] = by_cat.get(cat, 0.0) + share
+        _spread_fused(fused_parts(label) or [], t, model, by_op, by_cat)
     return dict(sorted(by_cat.items())), dict(sorted(by_op.items()))
+
+
+def _spread_fused(parts: list[tuple], t: float, model: Any, by_op: dict[str, float], by_cat: dict[str, float]
+                  ) -> None:
+    """Add a fused node's time ``t`` to its parts' ops and categories in proportion to the parts'
+    own times (equal shares when they all take no time)."""
+    times = [model.time_s(f, b, name, g, cat) for name, f, b, cat, g in parts]
+    tot = sum(times)
+    for (name, _, _, cat, _), ti in zip(parts, times, strict=True):
+        share = t * (ti / tot if tot > 0 else 1.0 / len(parts))
+        by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
+        by_cat[cat] = by_cat.get(cat, 0.0) + share
 
 
 def _split_by_keys(sel: np.ndarray, ids: np.ndarray, keys: list[tuple], dur: np.ndarray, model: Any
@@ -242,17 +248,11 @@ def _split_by_keys(sel: np.ndarray, ids: np.ndarray, keys: list[tuple], dur: np.
             continue
         flops += int(fl) * int(n[i])
         label, ti = op or "other", float(t[i])
-        parts = fused_parts(label) if label.startswith(FUSED_PREFIX) else None
-        if not parts:
+        if label.startswith(FUSED_PREFIX):
+            _spread_fused(fused_parts(label) or [], ti, model, by_op, by_cat)
+        else:
             by_op[label] = by_op.get(label, 0.0) + ti
             by_cat[cat] = by_cat.get(cat, 0.0) + ti
-            continue
-        times = [model.time_s(f, b, name, g, pc) for name, f, b, pc, g in parts]
-        tot = sum(times)
-        for (name, _, _, pc, _), tp in zip(parts, times, strict=True):
-            share = ti * (tp / tot if tot > 0 else 1.0 / len(parts))
-            by_op[name or "other"] = by_op.get(name or "other", 0.0) + share
-            by_cat[pc] = by_cat.get(pc, 0.0) + share
     return dict(sorted(by_cat.items())), dict(sorted(by_op.items())), flops
 
 
