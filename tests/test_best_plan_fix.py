@@ -30,7 +30,7 @@ def test_pinned_fields_are_what_every_simulated_layout_runs():
     # the ranking carries each layout's simulated peak memory, under the HBM exactly when it fits
     hbm_gib = load_system("dgx-a100-selene", 8).device.hbm_bytes / 2**30
     for row in out["ranking"]:
-        assert (row["peak_memory_GiB"] <= hbm_gib) == (row["status"] == "ok"), row
+        assert row["peak_memory_GiB"] is not None and (row["peak_memory_GiB"] <= hbm_gib) == (row["status"] == "ok"), row
     # unpinned, the same search is free to pick other values (so the pins above did something)
     free = json.loads(CliRunner().invoke(app, [*BASE, "--top", "8", "--json"]).output)
     assert {(r["tp"], r["zero"], r["recompute"]) for r in free["ranking"]} != {(2, 0, "full")}
@@ -112,3 +112,28 @@ def test_own_options_are_named_as_options():
     res = CliRunner().invoke(app, ["best-plan", "megatron-1.7b", "--system", "dgx-a100-selene", "--gpus", "8",
                                    "--global-batch", "16", "--dtype", "fp7"])
     assert isinstance(res.exception, SpecError) and res.exception.field == "dtype"
+
+
+def test_fields_the_plan_pre_pass_rewrites_are_accepted_as_in_a_plan_file():
+    # YAML false for fsdp_reshard_after_forward, comma strings for rank_order / pp_layer_split /
+    # recompute_modules: what a plan YAML accepts, --fix and a space's fixed values accept too
+    got = pinned_fields(["fsdp_reshard_after_forward=false", "rank_order=tp,dp,pp,cp", "pp_layer_split=12,12",
+                         "recompute_modules=mlp,mlp"])
+    assert got == {"fsdp_reshard_after_forward": "false", "rank_order": ("tp", "dp", "pp", "cp"),
+                   "pp_layer_split": (12, 12), "recompute_modules": ("mlp",)}
+    sp = parse_space({"model": "megatron-1.7b", "system": "dgx-a100-selene", "gpus": 8,
+                      "fixed": {"seq": 2048, "global_batch": 16, "zero": 3, "fsdp_reshard_after_forward": False},
+                      "parameters": {"plan": {"tp": [1, 2]}}, "derived": {"dp": "gpus // tp"}})
+    assert sp.fixed["fsdp_reshard_after_forward"] == "false"
+
+
+def test_a_network_value_is_checked_as_its_dimension_alone():
+    """Whether an npus fits the GPU count depends on the other dimensions' searched values: only the
+    value's own domain is checked up front (a COSMIC-style 4-D system, pod x leaf searched together)."""
+    from pathlib import Path
+
+    system = str(Path(__file__).resolve().parents[1] / "examples" / "systems" / "cosmic-4d-a100.yaml")
+    data = {"model": "gpt3-1.3b", "system": system, "gpus": 128, "fixed": {"seq": 2048, "global_batch": 128},
+            "parameters": {"plan": {"tp": [1, 8]}, "network": {"pod.npus": [2, 4, 8], "leaf.npus": [1, 2, 4]}},
+            "derived": {"dp": "gpus // tp"}}
+    assert parse_space(data).grid_size == 18

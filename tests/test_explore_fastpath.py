@@ -112,3 +112,18 @@ def test_screen_peak_memory_tracks_the_simulator(model, gpus, tp, pp, dp, zero, 
         tp=tp, pp=pp, dp=dp, zero=zero, recompute=recompute, micro_batch=mb, seq=2048, global_batch=64,
         sp=tp > 1)).result.peak_memory_bytes
     assert fast == pytest.approx(full, rel=0.25)
+
+
+@pytest.mark.parametrize("pp, dp", [(1, 8), (2, 4)])
+def test_screen_peak_memory_under_gpipe_holds_every_micro_batch_head(pp, dp):
+    """GPipe keeps every micro-batch's activations, the head's logits included, until the backward."""
+    from tensorstage import api
+
+    cols = {"tp": np.array([1]), "pp": np.array([pp]), "dp": np.array([dp]), "zero": np.array([1]),
+            "recompute": "full", "micro_batch": np.array([1]), "seq": 2048, "global_batch": 64,
+            "dtype": "bf16", "schedule": "gpipe"}
+    fast = screen("llama3-8b", build_system("dgx-h100-superpod", 8), cols, 1)["peak_memory_bytes"][0]
+    full = api.simulate("llama3-8b", "dgx-h100-superpod", api.make_plan(
+        tp=1, pp=pp, dp=dp, zero=1, recompute="full", micro_batch=1, seq=2048, global_batch=64,
+        schedule="gpipe")).result.peak_memory_bytes
+    assert fast == pytest.approx(full, rel=0.05)

@@ -72,3 +72,13 @@ def test_a_derived_value_that_reads_itself_is_an_error():
     with pytest.raises(SpecError) as err:
         parse_space({**BASE, "parameters": {"plan": {"tp": [1, 2]}}, "derived": {"dp": "gpus // (tp * dp)"}})
     assert err.value.field == "space.derived.dp" and "itself" in str(err.value)
+
+
+def test_an_error_inside_a_plug_in_is_its_own(tmp_path, monkeypatch):
+    """A plug-in with the right signature whose __init__ fails shows its own error, not 'cannot be built'."""
+    (tmp_path / "badagent.py").write_text("class Broken:\n    def __init__(self, space, seed, n):\n"
+                                          "        raise TypeError('my bug')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sp = parse_space({**BASE, "parameters": {"plan": {"recompute": ["none", "full"]}}})
+    with pytest.raises(TypeError, match="my bug"):
+        make_agent("badagent:Broken", sp)

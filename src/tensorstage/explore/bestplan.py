@@ -157,10 +157,16 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     t0 = time.perf_counter()
     for name, value in (("dtype", dtype), ("seq", seq), ("global_batch", global_batch)):
         ParallelPlan.check_field(name, value, "")  # named as the option, not as a space's fixed value
+    for name, value in (("gpus", gpus), ("global_batch", global_batch), ("seq", seq)):
+        if value < 1:
+            raise SpecError(name, f"must be >= 1, got {value}")
     space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed, uneven)
     tasks, fast, enumerated = screen_layouts(space)
     if not tasks:
-        raise SpecError("fixed" if fixed else "gpus", _no_layout_reason(space, gpus, global_batch, fixed))
+        reason = _no_layout_reason(space, gpus, global_batch, fixed)
+        field_name = "fixed" if fixed else ("global_batch" if "global_batch %" in reason.rpartition(":")[2]
+                                            and "gpus %" not in reason.rpartition(":")[2] else "gpus")
+        raise SpecError(field_name, reason)
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
     fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]

@@ -172,10 +172,10 @@ def best_serving(model: str, system: str, gpus: int, *, engine: str = "trtllm", 
         throughput = "output_tokens_per_s"
         short = ", ".join(d.label for d in unsteady(deps))
         if all(d.disagg for d in unsteady(deps)):
-            # a prefill-bound split: requests wait at the prefill pool, the decode pool never queues, so a
-            # longer run does not give it a saturated decode rate
-            why = ("their decode pools never build a queue: prefill-bound splits, which more requests do "
-                   "not change")
+            # requests wait at the prefill pool; a decode pool that never queues has no saturated rate,
+            # which a longer run than the automatic lengthening's longest does not change
+            more = "" if grow and wl.num_requests >= AUTO_MAX_REQUESTS else "; raise --requests"
+            why = f"their decode pools never built a queue, as prefill-bound splits do{more}"
         else:
             why = "their queues empty before half their requests finish; raise --requests"
         note = (f"{wl.num_requests} requests give no steady state in {short} ({why}): ranked by whole-run "

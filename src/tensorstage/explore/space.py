@@ -250,22 +250,28 @@ def _check_name(stack: str, name: str, where: str, network_dims: list[str]) -> N
 def _check_values(param: Parameter, where: str, system: str, gpus: int) -> None:
     """Every value of ``param`` must be legal on its own, so that a typo (``recompute: [none, ful]``,
     ``device: [H100-SMX]``, a negative bandwidth) is one line here, not an infeasible trial per
-    candidate that spends the budget: plan and collective knobs as their plan field, network and
-    hardware values applied alone to the system (``build_system``)."""
-    from tensorstage.explore.setup import build_system
+    candidate that spends the budget: plan and collective knobs as their plan field, a network value
+    as a field of its dimension alone (whether an ``npus`` fits the GPU count depends on the other
+    dimensions' values: that stays a per-candidate check), a device by loading it."""
+    from pydantic import ValidationError
+
+    from tensorstage.hardware import load_device, load_system
+    from tensorstage.hardware.system import NetworkDim
 
     for v in param.values:
         if param.stack in ("plan", "collective") and param.name in ParallelPlan.model_fields:
             ParallelPlan.check_field(param.name, v, where.rpartition(".")[0])
-        elif param.stack in ("network", "hardware"):
-            dim, _, attr = param.name.partition(".")
+        elif param.stack == "network":
+            dim_name, _, attr = param.name.partition(".")
+            dim = next(d for d in load_system(system).network if d.name == dim_name)
             try:
-                if param.stack == "network":
-                    build_system(system, gpus, ((dim, attr, v),))
-                else:
-                    build_system(system, gpus, (), str(v))
-            except SpecError as exc:
-                raise SpecError(where, f"value {v!r}: {exc.field}: {exc.reason}", exc.allowed) from None
+                NetworkDim.model_validate({**dim.model_dump(), attr: v})
+            except ValidationError as exc:
+                err = exc.errors()[0]
+                msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+                raise SpecError(where, f"value {v!r}: {msg}") from None
+        elif param.stack == "hardware":
+            load_device(str(v), field=where)
 
 
 def model_constants(model: str) -> dict[str, Any]:

@@ -226,6 +226,9 @@ class ParallelPlan(BaseModel):
         if name not in cls.model_fields:
             raise SpecError(f"{where}.{name}" if where else name, "unknown plan key", cls.model_fields)
         probe = cls.model_construct(tp=2)  # sp's validator keeps sp only beside tp > 1
+        # the whole-plan pre-pass first: it reads YAML's false as "false", splits "tp,dp,pp,cp", ...
+        if name != "global_batch":  # (the pre-pass fills a missing or zero global batch: not here)
+            value = cls._defaults({name: value}).get(name, value)  # type: ignore[operator, union-attr]
         try:
             cls.__pydantic_validator__.validate_assignment(probe, name, value)
         except ValidationError as exc:

@@ -14,6 +14,7 @@ Plug-ins: ``--agent package.module:ClassName`` imports a class with the construc
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -79,11 +80,18 @@ def make_agent(name: str, space: Space, seed: int = 0) -> Agent:
         if not callable(factory):
             raise SpecError("agent", f"plug-in {name!r} is a {type(factory).__name__}, not a class taking "
                             "(space, seed, n_objectives)")
-        try:
+        bad = f"plug-in {name!r} cannot be built as {cls}(space, seed, n_objectives)"
+        try:  # a callable with another signature; an error inside a right one's __init__ is its own
+            inspect.signature(factory).bind(space, seed, n_obj)
+        except TypeError as exc:
+            raise SpecError("agent", f"{bad}: {exc}") from None
+        except ValueError:  # no signature to inspect (a builtin, never a user's class): the call decides
+            try:
+                agent = factory(space, seed, n_obj)
+            except TypeError as exc:
+                raise SpecError("agent", f"{bad}: {exc}") from None
+        else:
             agent = factory(space, seed, n_obj)
-        except TypeError as exc:  # a callable with another signature
-            raise SpecError("agent", f"plug-in {name!r} cannot be built as {cls}(space, seed, n_objectives): "
-                            f"{exc}") from None
         missing = [m for m in ("ask", "tell") if not callable(getattr(agent, m, None))]
         if missing:
             raise SpecError("agent", f"plug-in {name!r} has no {' or '.join(missing)} method (an agent answers "
