@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dump", help="write every sampled layout's plan, screened and simulated result (JSON)")
     args = ap.parse_args()
 
     space = layout_space(args.model, args.system, args.gpus, args.global_batch, args.seq, args.dtype)
@@ -88,6 +89,13 @@ def main() -> None:
                  ["full simulations", len(pick)],
                  ["full simulations per minute", round(60 * len(pick) / t_full, 1)],
                  ["workers", args.workers]])
+    if args.dump:
+        import json
+
+        rows = [{"plan": tasks[pick[j]].plan, "screen": fast[pick[j]]["metrics"], "full": full[j]["metrics"],
+                 "status": full[j]["status"]} for j in ok]
+        with open(args.dump, "w") as f:
+            json.dump(rows, f, indent=1, sort_keys=True, default=list)
     worst = sorted(range(len(ok)), key=lambda k: -rel[k])[:3]
     print_table("largest screen errors", ["tp", "pp", "dp", "vpp", "micro_batch", "recompute", "zero", "screen_s",
                                           "full_s"],
