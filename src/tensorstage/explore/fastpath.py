@@ -235,8 +235,11 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
         a2a = np.zeros(len(tp))
     per_mb = F + B + W + ends + lps * a2a
     sched = c["schedule"]
-    bubble = np.where(sched == "interleaved", (pp - 1) / vpp * per_mb,
-                      np.where(sched == "zb-h1", (pp - 1) * np.maximum(F + B - W, 0.0), (pp - 1) * per_mb))
+    # fill and drain: every other stage's time once (a pipeline of unequal stages takes m x the slowest
+    # plus the sum of the rest), i.e. (L / lps - 1) busiest-stage times; pp - 1 when the split is even
+    others = L / lps - 1
+    bubble = np.where(sched == "interleaved", others / vpp * per_mb,
+                      np.where(sched == "zb-h1", others * np.maximum(F + B - W, 0.0), others * per_mb))
     p2p_bytes = np.where(sp, msg / tp, msg)
     p2p = _p2p(p2p_bytes, tp * cp * dp, fabric) * 2 * np.where(sched == "interleaved", pp * vpp - 1, pp - 1)
     pipe = m * per_mb + bubble + p2p
