@@ -277,7 +277,15 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     # backward (only what outlasts that micro-batch's compute shows, plus the first gather); the
     # gradients are reduce-scattered after the last backward, like the ZeRO-1/2 buckets
     ag_mb = _coll("ag", params_rank * sb["param"], tp, dpn, fabric)
-    fsdp = m * np.maximum(2 * ag_mb - per_mb, 0.0) + ag_mb + dp_exposed
+    # per micro-batch, a gather overlaps only the pass it feeds (fsdp_prefetch issues the next layer's
+    # during this one's compute): the backward's gather hides under the backward, the forward's under
+    # the forward. Which passes gather (lower/dp_emission.py, torch FSDP2): each gathers what the other
+    # resharded; torch pipelining keeps a unit after a backward (until the chunk's last), so with pp > 1
+    # only the backward gathers; reshard_after_forward false: the forward never reshards
+    no_fwd_reshard = c["fsdp_reshard_after_forward"] == "false"
+    fwd_gather = np.where(pp > 1, 0.0, np.maximum(ag_mb - F, 0.0))
+    bwd_gather = np.where(no_fwd_reshard, 0.0, np.maximum(ag_mb - (B + W), 0.0))
+    fsdp = m * (fwd_gather + bwd_gather) + ag_mb + dp_exposed
     step = pipe + np.where(zero >= 3, fsdp, dp_exposed + gather_exposed) + opt
     # memory
     state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / eff_shard, sb["grad"])
