@@ -163,10 +163,7 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     space = layout_space(model, system, gpus, global_batch, seq, dtype, fixed, uneven)
     tasks, fast, enumerated = screen_layouts(space)
     if not tasks:
-        reason = _no_layout_reason(space, gpus, global_batch, fixed)
-        field_name = "fixed" if fixed else ("global_batch" if "global_batch %" in reason.rpartition(":")[2]
-                                            and "gpus %" not in reason.rpartition(":")[2] else "gpus")
-        raise SpecError(field_name, reason)
+        raise SpecError(*_no_layout_reason(space, gpus, global_batch, fixed))
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
     fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]
@@ -200,25 +197,33 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     return out
 
 
-def _no_layout_reason(space: Space, gpus: int, global_batch: int, fixed: dict[str, Any] | None) -> str:
-    """Why no layout of ``space`` is legal, for the one-line error: the first constraint that no
-    candidate meets, else the most common reason the closed-form screen gave (an illegal plan for
-    the model or the system), with the pinned fields named."""
+def _no_layout_reason(space: Space, gpus: int, global_batch: int, fixed: dict[str, Any] | None
+                      ) -> tuple[str, str]:
+    """``(field, message)`` of the one-line error when no layout of ``space`` is legal: the first
+    constraint that no candidate meets, else the most common reason the closed-form screen gave (an
+    illegal plan for the model or the system), with the pinned fields named. The field is ``fixed``
+    when fields were pinned, else ``global_batch`` when that alone is what a failing rule reads,
+    else ``gpus``."""
     from collections import Counter
 
     pins = ", ".join(f"{k}={v}" for k, v in sorted((fixed or {}).items()))
     where = f"no legal layout on {gpus} GPUs with global batch {global_batch}" + (f" and {pins}" if pins else "")
+
+    def field_of(names: frozenset[str]) -> str:
+        return "fixed" if fixed else ("global_batch" if "global_batch" in names and "gpus" not in names else "gpus")
+
     idx = space.enumerate_indices()
     env = space.env(space.columns(idx))
     for c in space.pre_constraints():
         if not np.broadcast_to(np.asarray(c(env), dtype=bool), (len(idx),)).any():
-            return f"{where}: no candidate satisfies {c.text}"
+            return field_of(c.names), f"{where}: no candidate satisfies {c.text}"
     mask, _ = space.feasible_mask(idx)
     if not mask.any():
-        return f"{where}: no candidate satisfies all of " + "; ".join(c.text for c in space.pre_constraints())
+        return field_of(frozenset()), f"{where}: no candidate satisfies all of " + "; ".join(
+            c.text for c in space.pre_constraints())
     reasons = Counter(r["message"] for r in screen_tasks(_layout_tasks(space, idx[mask][:2000]))
                       if r["status"] != OK)
-    return f"{where}: {reasons.most_common(1)[0][0]}" if reasons else where
+    return field_of(frozenset()), f"{where}: {reasons.most_common(1)[0][0]}" if reasons else where
 
 
 def balanced_split(layers: int, pp: int) -> tuple[int, ...]:
