@@ -56,6 +56,17 @@ triggers the fallback). The one approximation it adds: the overlap slowdown of a
 is decided at the chain's start (communication starting mid-chain, which only another class or
 an arriving message can cause, does not slow the chain's remaining nodes). Per-node times are
 recovered by splitting the chain's interval in proportion to the nodes' own durations.
+
+Spans go one step further, exactly: a block's compute between its one-class collectives (a
+tensor-parallel layer is COMP, all-gather, COMP, reduce-scatter, ... each node the only successor
+of the one before) runs as one event. The loop times the span's nodes when it starts, as the
+unmerged loop would (:func:`_spans`, ``_run``): it cuts the span before a collective whose stream
+is busy, runs the head alone when another COMP node is ready (it would take a collective's gap),
+re-times the nodes not yet started when communication of the class starts meanwhile (the
+overlap slowdown they would see), and gives up (the caller runs again without spans) when a COMP
+node or a held stream's collective becomes ready inside the span. Start, end and post of every
+node equal the run without spans (tests/test_engine_spans.py); a pipeline stage's event count
+drops several-fold.
 """
 
 from __future__ import annotations
@@ -310,7 +321,13 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     # step is simulated again without merging.
     kind_a = kind_np.astype(np.int8)
     dur_a = np.array(dur, dtype=np.float64)
-    for merge in ((True, False) if merge_chains else (False,)):
+    # one-class collectives without port backlog (their instance is themselves alone): what spans join
+    solo_a = np.zeros(total, dtype=bool)
+    for g in chain.from_iterable(queues):
+        iid = inst_of[g]
+        solo_a[g] = len(inst_members[iid]) == 1 and not inst_nic[iid] > 0.0
+    levels = ((True, True), (True, False), (False, False)) if merge_chains else ((False, False),)
+    for merge, spans in levels:
         is_head = np.ones(total, dtype=bool)
         if merge and total > 1:
             nsucc = np.diff(succ_ptr)
@@ -336,17 +353,20 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         ptr_s = np.zeros(ns + 1, dtype=np.int64)
         np.cumsum(cnt_s, out=ptr_s[1:])
         pos = np.repeat(succ_ptr[tails_a] - ptr_s[:-1], cnt_s) + np.arange(int(ptr_s[-1]))
-        succ_s = (ptr_s.tolist(), sup_a[succ_idx[pos]].tolist())
+        sidx_s = sup_a[succ_idx[pos]]
+        succ_s = (ptr_s.tolist(), sidx_s.tolist())
         stream_s = [stream_of[h] for h in heads]
         inst_s = [inst_of[h] for h in heads]
         partner_s = [sup[partner[h]] if partner[h] >= 0 else -1 for h in heads]
         link_s = [link_of[h] for h in heads]
         queues_s = [[sup[g] for g in q] for q in queues]
         inst_members_s = [[sup[g] for g in m] for m in inst_members]
+        span_end = (_spans(kind_a[heads_a], cls_np[heads_a], indeg_np[heads_a], ptr_s, sidx_s, solo_a[heads_a])
+                    if spans else [0] * ns)
 
         out = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s, inst_s,
                    inst_members_s, inst_dur, partner_s, link_s, len(links), machine.overlap_slowdown,
-                   [t > h for h, t in zip(heads, tails, strict=True)], inst_nic, [nic[h] for h in heads])
+                   [t > h for h, t in zip(heads, tails, strict=True)], inst_nic, [nic[h] for h in heads], span_end)
         if out is not None:
             break
     start_s, end_s, post_s = out  # type: ignore[misc]
@@ -374,6 +394,35 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                         f"node {node.id} ({node.name}, {node.kind.name})")
     return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
                      max(end) if total else 0.0, comp_keys, comm_labels)
+
+
+def _spans(kind: np.ndarray, cls: np.ndarray, indeg: np.ndarray, ptr: np.ndarray, idx: np.ndarray,
+           solo: np.ndarray) -> list[int]:
+    """Serial spans over (chain-merged) nodes: per node, one past the last node of the span it heads, else 0.
+
+    A span is a run of consecutive ids of one class, COMP nodes and one-class collectives (``solo``),
+    each the only dependency of the next and the next its only successor, starting with a COMP node
+    and holding at least one collective: a block's compute between its tensor-parallel collectives.
+    The loop runs a span as one event (``_run``), cut short or given up where the unmerged
+    program would differ (module docstring).
+    """
+    n = len(kind)
+    out = [0] * n
+    if n < 2:
+        return out
+    ok = (kind == K_COMP) | solo
+    nsucc = np.diff(ptr)
+    first = np.where(nsucc == 1, idx[np.minimum(ptr[:-1], max(len(idx) - 1, 0))] if len(idx) else -1, -1)
+    link = ((nsucc[:-1] == 1) & (first[:-1] == np.arange(1, n)) & (indeg[1:] == 1) & (cls[1:] == cls[:-1])
+            & ok[:-1] & ok[1:])
+    edge = np.diff(np.concatenate(([0], link.astype(np.int8), [0])))
+    comp = (kind == K_COMP).tolist()
+    for s, e in zip(np.flatnonzero(edge == 1).tolist(), np.flatnonzero(edge == -1).tolist(), strict=True):
+        while s < e and not comp[s]:  # a span starts on the compute stream
+            s += 1
+        if s < e and not all(comp[s:e + 1]):
+            out[s] = e + 1
+    return out
 
 
 def _fast_scaleout(fabric: Fabric) -> Fabric:
@@ -490,12 +539,19 @@ def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis
 
 
 def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_members, inst_dur,
-         partner, link_of, nlinks, slowdown, multi, inst_nic, nic):
+         partner, link_of, nlinks, slowdown, multi, inst_nic, nic, span_end):
     """The event loop over flat lists (kept free of attribute lookups: it is the hot path).
 
     Returns ``None`` when a merged chain would have been interleaved with a lower-id COMP node
-    that became ready while it ran (``multi[g]``: ``g`` is a chain of several nodes); the caller
-    then runs again without merging, so the result is always that of the unmerged program.
+    that became ready while it ran (``multi[g]``: ``g`` is a chain of several nodes), or when a
+    span (``span_end[g] > 0``: nodes ``g .. span_end[g] - 1``, see :func:`_spans`) meets what the
+    unmerged program would run in one of its collectives' gaps; the caller then runs again
+    without merging, so the result is always that of the unmerged program.
+
+    A span is timed when it starts, node by node as the unmerged loop would (a COMP node slowed
+    while communication of its class is in flight, a collective for its own duration); its
+    collectives' streams are held until it ends. Communication of the class that starts while it
+    runs re-times its nodes not yet started (:func:`retime`), as their unmerged starts would see it.
     """
     sptr, sidx = succ  # successors of super node g: sidx[sptr[g]:sptr[g + 1]]
     running = [-1] * nclasses  # super node on each compute stream
@@ -518,6 +574,11 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     factor = 1.0 + slowdown
     tx_free = [0.0] * nclasses  # link contention: when each class's scale-out port has sent its backlog
     rx_free = [0.0] * nclasses  # ... and received it
+    span_on = [False] * nclasses  # a span runs on the class's compute stream (running[c] is its head)
+    is_tail = bytearray(total)  # the last node of each running span
+    span_stop = [0] * nclasses  # one past it
+    held: list[list[int]] = [[] for _ in range(nclasses)]  # the streams a running span holds
+    holder = [False] * nstreams
 
     # a collective whose instance is itself alone (inside one class) and leaves no port backlog: its
     # duration, else -1 (the loop inlines start_coll for these: most collectives, hot path)
@@ -553,6 +614,78 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 cm = cls[m]
                 if comm_until[cm] < e:
                     comm_until[cm] = e
+                    if span_on[cm]:
+                        retime(cm, t)
+
+    def time_span(x: int, m: int, t: float, cu: float) -> float:
+        """Start and end of span nodes ``x .. m - 1`` from ``t`` on, as the unmerged loop would time
+        them with class communication in flight until ``cu``; returns the last end."""
+        for y in range(x, m):
+            start[y] = t
+            if kind[y] == K_COMP:
+                d = dur[y]
+                if slowdown and cu > t:
+                    span = cu - t
+                    if d * factor <= span:
+                        d *= factor
+                    else:
+                        d = span + (d - span / factor)
+                t += d
+            else:
+                post[y] = t
+                t += solo[y]
+            end[y] = t
+        return t
+
+    def open_span(c: int, g: int, m: int) -> int:
+        """One past the last node of the span headed by ``g`` that can run as one event now (at
+        most ``m``; ``g + 1``: none, ``g`` runs alone): it stops before a collective whose stream is
+        busy or would first run another collective, and before a stream's first collective in it
+        when a later collective of that stream is ready already (unmerged, that one would start
+        within the span). Holds the streams of the collectives it keeps."""
+        while True:
+            adv: dict[int, int] = {}  # stream -> the span's collectives on it
+            first: dict[int, int] = {}
+            stop = m
+            for x in range(g + 1, m):
+                if kind[x] != K_COMP:
+                    sid = stream_of[x]
+                    n = adv.get(sid, 0)
+                    if (not n and sbusy[sid]) or queues[sid][qpos[sid] + n] != x:
+                        stop = x
+                        break
+                    if not n:
+                        first[sid] = x
+                    adv[sid] = n + 1
+            for sid, n in adv.items():
+                q = queues[sid]
+                p = qpos[sid] + n
+                if p < len(q) and is_ready[q[p]] and first[sid] < stop:
+                    stop = first[sid]
+            if stop == m:
+                break
+            m = stop
+        if m > g + 1:
+            hs = held[c]
+            for sid, n in adv.items():
+                qpos[sid] += n
+                sbusy[sid] = holder[sid] = True
+                hs.append(sid)
+        return m
+
+    def retime(c: int, t: float) -> None:
+        """Time again the nodes of class ``c``'s running span that start at ``t`` or later (COMP
+        nodes: an unmerged one starting then sees the communication that just started at ``t``)."""
+        x, m = running[c], span_stop[c]
+        while x < m and (kind[x] != K_COMP or start[x] < t):
+            x += 1
+        if x == m:
+            return
+        old = end[m - 1]
+        t = time_span(x, m, start[x], comm_until[c])
+        if t != old:  # the event at the old end is then stale (skipped when popped)
+            run_end[c] = t
+            push(events, (t, m - 1))
 
     arrival = [-1.0] * total  # RECV gid -> when its message has fully arrived
     xfer_start = [0.0] * total  # RECV gid -> when its message started moving
@@ -577,14 +710,17 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
             push(events, (e, g))
             arrival[other] = e
             xfer_start[other] = s
-            if comm_until[cls[g]] < e:
-                comm_until[cls[g]] = e
+            cg = cls[g]
+            if comm_until[cg] < e:
+                comm_until[cg] = e
+                if span_on[cg]:
+                    retime(cg, t)
             if post[other] >= 0:
-                _finish_recv(other)
+                _finish_recv(other, t)
         elif arrival[g] >= 0:
-            _finish_recv(g)
+            _finish_recv(g, t)
 
-    def _finish_recv(r: int) -> None:
+    def _finish_recv(r: int, t: float) -> None:
         p, a = post[r], arrival[r]
         s = xfer_start[r] if xfer_start[r] > p else p
         e = a if a > p else p
@@ -593,6 +729,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
         cr = cls[r]
         if comm_until[cr] < e:
             comm_until[cr] = e
+            if span_on[cr]:
+                retime(cr, t)
 
     dirty: list[int] = []
     # initial ready nodes
@@ -621,6 +759,17 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
             if not h:
                 continue
             g = pop(h)
+            m = span_end[g]
+            # a span (another ready COMP node would run in its first collective's gap: not now)
+            if m and not h and (m := open_span(c, g, m)) > g + 1:
+                t = time_span(g, m, cur_t, comm_until[c])
+                span_on[c] = comp_busy[c] = True
+                running[c] = g
+                run_end[c] = t
+                span_stop[c] = m
+                is_tail[m - 1] = 1
+                push(events, (t, m - 1))
+                continue
             d = dur[g]
             t = cur_t
             cu = comm_until[c]
@@ -641,9 +790,26 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
         dirty = []
         while events and events[0][0] == cur_t:
             _, g = pop(events)
-            end[g] = cur_t
-            k = kind[g]
-            c = cls[g]
+            if is_tail[g]:  # a span ends
+                if end[g] != cur_t:  # stale: the span was timed again (retime)
+                    continue
+                c = cls[g]
+                is_tail[g] = 0
+                span_on[c] = comp_busy[c] = False
+                dirty.append(c)
+                hs = held[c]
+                for sid in hs:
+                    sbusy[sid] = holder[sid] = False
+                for sid in hs:
+                    q = queues[sid]
+                    if qpos[sid] < len(q) and is_ready[q[qpos[sid]]]:
+                        start_coll(q[qpos[sid]], cur_t)
+                hs.clear()
+                k = -1
+            else:
+                end[g] = cur_t
+                k = kind[g]
+                c = cls[g]
             if k == K_COMP:
                 comp_busy[c] = False
                 dirty.append(c)
@@ -662,6 +828,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                         push(events, (e, s))
                         if comm_until[c] < e:
                             comm_until[c] = e
+                            if span_on[c]:
+                                retime(c, cur_t)
                     else:
                         start_coll(s, cur_t)
             a0, a1 = sptr[g], sptr[g + 1]
@@ -675,13 +843,15 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 k = kind[s]
                 if k == K_COMP:
                     cs = cls[s]
-                    if comp_busy[cs] and s < running[cs] and multi[running[cs]] and run_end[cs] > cur_t:
+                    if comp_busy[cs] and run_end[cs] > cur_t and (span_on[cs] or s < running[cs] and multi[running[cs]]):
                         return None
                     push(ready_heaps[cs], s)
                     dirty.append(cs)
                 elif k == K_COLL:
                     is_ready[s] = 1
                     sid = stream_of[s]
+                    if holder[sid]:  # unmerged, it could start in the span holding its stream
+                        return None
                     if not sbusy[sid] and queues[sid][qpos[sid]] == s:
                         d = solo[s]
                         if d >= 0.0:  # as above
@@ -692,6 +862,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                             cs = cls[s]
                             if comm_until[cs] < e:
                                 comm_until[cs] = e
+                                if span_on[cs]:
+                                    retime(cs, cur_t)
                         else:
                             start_coll(s, cur_t)
                 else:
