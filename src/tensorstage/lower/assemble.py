@@ -41,11 +41,10 @@ Nothing here loops over ranks other than the ``pp`` stages; cost is linear in no
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from tensorstage.gcpause import paused_gc
 from tensorstage.graph.dims import dtype_bytes
 from tensorstage.graph.graph import Graph
 from tensorstage.lower.dataparallel import (
@@ -64,18 +63,6 @@ from tensorstage.schedule.pipeline import Action, Kind, StepComm, p2p_plan, pipe
 from tensorstage.schedule.program import Node, NodeKind, Program
 
 LIST_FWD, LIST_REC, LIST_BWD = 0, 1, 2
-
-
-@contextmanager
-def _paused_gc() -> Iterator[None]:
-    """Pause the cyclic GC: assembly allocates many small acyclic objects (nodes, tuples)."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _resolve(steps: Sequence[StepNode], block: str, which: str) -> list[tuple[int, ...]]:
@@ -443,7 +430,7 @@ def assemble(graph: Graph, plan: ParallelPlan, blocks: dict[str, BlockLowering],
     ``blocks`` maps ``"embedding"``, every layer kind of ``graph.layer_kinds`` and ``"head"`` to
     its :class:`BlockLowering`. See the module docstring for what is added.
     """
-    with _paused_gc():
+    with paused_gc():
         ctx = _build_context(graph, plan, blocks, mesh)
         return [StageBuilder(ctx, r).build() for r in range(plan.pp)]
 

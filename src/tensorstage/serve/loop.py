@@ -13,13 +13,13 @@ results equal stepping one iteration at a time.
 
 from __future__ import annotations
 
-import gc
 import heapq
 import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from tensorstage.gcpause import paused_gc
 from tensorstage.serve.entities import RequestTable, StepLog
 from tensorstage.serve.replica import Replica, StepPlan
 from tensorstage.serve.routers import Router
@@ -41,13 +41,8 @@ def run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, con
     objects are acyclic and freed by reference counting, while the collector's passes over the
     growing step log cost about 7 % of a long run.
     """
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with paused_gc():
         return _run_loop(req, replicas, router, concurrency, log, progress, decode_pool, decode_router, transfer_s)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _run_loop(req: RequestTable, replicas: Sequence[Replica], router: Router, concurrency: int,

@@ -71,16 +71,15 @@ drops several-fold.
 
 from __future__ import annotations
 
-import gc
 import heapq
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from itertools import chain
 
 import numpy as np
 
 from tensorstage.errors import SpecError
+from tensorstage.gcpause import paused_gc
 from tensorstage.schedule.program import NodeKind, Program
 from tensorstage.sim.collectives import (
     Fabric,
@@ -137,18 +136,6 @@ def execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_c
     """
     with paused_gc():
         return _execute(programs, mesh, machine, merge_chains)
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """Pause the cyclic garbage collector (restored afterwards) around allocation-heavy passes."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_chains: bool) -> Execution:

@@ -41,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
+from tensorstage.gcpause import paused_gc
 from tensorstage.schedule.program import NodeKind
 from tensorstage.sim.compute import FUSED_PREFIX, fused_parts
-from tensorstage.sim.engine import K_COLL, K_COMP, K_SEND, Execution, comm_label, paused_gc
+from tensorstage.sim.engine import K_COLL, K_COMP, K_SEND, Execution, comm_label
 
 
 @dataclass
