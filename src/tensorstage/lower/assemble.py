@@ -79,9 +79,23 @@ def _resolve(steps: Sequence[StepNode], block: str, which: str) -> list[tuple[in
     return out
 
 
+#: one node of a whole emitted list (:meth:`StageBuilder.emit_all`): its in-list dependencies
+#: (deduplicated) and the Node fields that do not depend on where it is emitted; ``tag`` is -1
+#: for nodes that carry none (not SEND/RECV)
+_Template = tuple
+
+
+def _templates(steps: Sequence[StepNode], deps: list[tuple[int, ...]]) -> tuple[_Template, ...]:
+    p2p = (NodeKind.SEND, NodeKind.RECV)
+    return tuple((tuple(dict.fromkeys(d)), s.name, s.kind, s.flops, s.tensor_bytes, s.comm, s.comm_bytes, s.axes,
+                  s.peer_axis, s.peer_offset, s.tag if s.kind in p2p else -1, s.category, s.op, s.gemm, s.route)
+                 for s, d in zip(steps, deps, strict=True))
+
+
 @dataclass
 class _Prepared:
-    """A block's lists with resolved dependencies and the I/W split of its backward."""
+    """A block's lists with resolved dependencies, the I/W split of its backward, and each whole
+    list as templates (what most actions emit)."""
 
     low: BlockLowering
     fwd: list[tuple[int, ...]]
@@ -89,15 +103,19 @@ class _Prepared:
     bwd: list[tuple[int, ...]]
     i_idx: list[int]
     w_idx: list[int]
-    all_bwd: list[int]
+    fwd_t: tuple[_Template, ...]
+    rec_t: tuple[_Template, ...]
+    bwd_t: tuple[_Template, ...]
 
     @staticmethod
     def build(name: str, low: BlockLowering) -> _Prepared:
+        fwd = _resolve(low.forward, name, "forward")
+        rec = _resolve(low.recompute, name, "recompute")
         bwd = _resolve(low.backward, name, "backward")
         w_idx = [j for j, s in enumerate(low.backward) if s.category == "bwd_weight"]
         i_idx = [j for j, s in enumerate(low.backward) if s.category != "bwd_weight"]
-        return _Prepared(low, _resolve(low.forward, name, "forward"), _resolve(low.recompute, name, "recompute"),
-                         bwd, i_idx, w_idx, list(range(len(low.backward))))
+        return _Prepared(low, fwd, rec, bwd, i_idx, w_idx, _templates(low.forward, fwd),
+                         _templates(low.recompute, rec), _templates(low.backward, bwd))
 
 
 @dataclass
@@ -261,6 +279,22 @@ class StageBuilder:
             last = nid
         return last
 
+    def emit_all(self, tmpl: tuple[_Template, ...], entry: tuple[int, ...], ctrl: tuple[int, ...], prefix: str,
+                 mb: int, layer: int, chunk: int, tag_off: int) -> int | None:
+        """:meth:`emit_list` of a whole list (every index, nothing emitted before), from its
+        templates: a dependency on list index ``d`` is node ``first id + d``. The hot path of the
+        lowering: one Node per template, no per-node lookups."""
+        nodes = self.nodes
+        append = nodes.append
+        base = len(nodes)
+        for n, (rel, name, kind, flops, tbytes, comm, cbytes, axes, pax, poff, tag, cat, op, gemm, route) in (
+                enumerate(tmpl)):
+            data = ((base + rel[0],) if len(rel) == 1 else tuple([base + d for d in rel])) if rel else entry
+            append(Node(base + n, prefix + name, kind, data, tuple(c for c in ctrl if c not in data) if n == 0 else (),
+                        flops, tbytes, comm, cbytes, axes, pax, poff, tag + tag_off if tag >= 0 else 0, cat, op, layer,
+                        mb, chunk, 0, 0, gemm, route))
+        return len(nodes) - 1 if tmpl else None
+
     def _tag_off(self, mb: int, slot: int, which: int) -> int:
         ctx = self.ctx
         return ctx.tag_base + ((mb * len(ctx.slot_block) + slot) * 3 + which) * ctx.tag_stride
@@ -316,10 +350,8 @@ class StageBuilder:
         if st.recv is not None:
             fwd = st.recv.payload == "activation"
             src_stage = a.stage - 1 if fwd else a.stage
-            entry = (self.add(f"{pre}c{chunk}.recv_{'act' if fwd else 'grad'}", NodeKind.RECV, ctrl_deps=ctrl,
-                               comm_bytes=self._boundary_bytes(src_stage), peer_axis="pp",
-                               peer_offset=-1 if fwd else 1, tag=st.recv.tag, category="comm", microbatch=mb,
-                               chunk=chunk),)
+            entry = (self._boundary_p2p(f"{pre}c{chunk}.recv_{'act' if fwd else 'grad'}", NodeKind.RECV, (), ctrl,
+                                        src_stage, -1 if fwd else 1, st.recv.tag, mb, chunk),)
         last: int | None = None
         first_ctrl = ctrl
         for slot in self.slots_of(a):
@@ -329,8 +361,8 @@ class StageBuilder:
             j, gathered = self.dp.gathered(i, slot)
             if kind is Kind.F:
                 gathered += self.dp.forward_waits(chunk, slot, entry + first_ctrl)
-                out = self.emit_list(prep.low.forward, prep.fwd, range(len(prep.fwd)), entry + gathered,
-                                      first_ctrl, {}, prefix, mb, layer, chunk, self._tag_off(mb, slot, LIST_FWD))
+                out = self.emit_all(prep.fwd_t, entry + gathered, first_ctrl, prefix, mb, layer, chunk,
+                                     self._tag_off(mb, slot, LIST_FWD))
                 if out is not None:
                     self.fwd_last[(mb, slot)] = out
                     if self.ctx.train:
@@ -341,18 +373,20 @@ class StageBuilder:
                 saved = (self.fwd_last[(mb, slot)],) if (mb, slot) in self.fwd_last else ()
                 base = tuple(dict.fromkeys(entry + saved + gathered))
                 rec_first = len(self.nodes)
-                rec = self.emit_list(prep.low.recompute, prep.rec, range(len(prep.rec)), base, first_ctrl, {},
-                                      prefix, mb, layer, chunk, self._tag_off(mb, slot, LIST_REC))
+                rec = self.emit_all(prep.rec_t, base, first_ctrl, prefix, mb, layer, chunk,
+                                    self._tag_off(mb, slot, LIST_REC))
                 if rec is not None:
                     base, first_ctrl = (rec,), ()
                     self.nodes[rec_first].mem_alloc_bytes += self.ctx.recompute_bytes.get(self.ctx.slot_block[slot], 0)
-                idmap: dict[int, int] = {}
-                idx = prep.all_bwd if kind is Kind.B else prep.i_idx
-                out = self.emit_list(prep.low.backward, prep.bwd, idx, base, first_ctrl, idmap, prefix, mb,
-                                      layer, chunk, self._tag_off(mb, slot, LIST_BWD))
-                out = out if out is not None else rec
-                if kind is Kind.I:
+                if kind is Kind.B:
+                    out = self.emit_all(prep.bwd_t, base, first_ctrl, prefix, mb, layer, chunk,
+                                        self._tag_off(mb, slot, LIST_BWD))
+                else:
+                    idmap: dict[int, int] = {}
+                    out = self.emit_list(prep.low.backward, prep.bwd, prep.i_idx, base, first_ctrl, idmap, prefix,
+                                          mb, layer, chunk, self._tag_off(mb, slot, LIST_BWD))
                     self.bwd_ids[(mb, slot)] = idmap
+                out = out if out is not None else rec
                 if out is not None:
                     if kind is Kind.B or not prep.w_idx:
                         self.nodes[out].mem_free_bytes += self._held_bytes(slot)
@@ -382,10 +416,18 @@ class StageBuilder:
         if st.send is not None:
             fwd = st.send.payload == "activation"
             dst_stage = a.stage if fwd else a.stage - 1
-            self.add(f"{pre}c{chunk}.send_{'act' if fwd else 'grad'}", NodeKind.SEND, data_deps=(last,),
-                      comm_bytes=self._boundary_bytes(dst_stage), peer_axis="pp", peer_offset=1 if fwd else -1,
-                      tag=st.send.tag, category="comm", microbatch=mb, chunk=chunk)
+            self._boundary_p2p(f"{pre}c{chunk}.send_{'act' if fwd else 'grad'}", NodeKind.SEND, (last,), (),
+                               dst_stage, 1 if fwd else -1, st.send.tag, mb, chunk)
         ends.append(last)
+
+    def _boundary_p2p(self, name: str, kind: NodeKind, data: tuple[int, ...], ctrl: tuple[int, ...], stage: int,
+                      offset: int, tag: int, mb: int, chunk: int) -> int:
+        """A stage-boundary SEND/RECV along ``pp`` of virtual stage ``stage``'s output (positional
+        Node construction: two per action, a million in a deep pipeline)."""
+        nid = len(self.nodes)
+        self.nodes.append(Node(nid, name, kind, data, ctrl, 0, 0, None, self._boundary_bytes(stage), (), "pp", offset,
+                               tag, "comm", "", -1, mb, chunk))
+        return nid
 
     def _held_bytes(self, slot: int) -> int:
         """Activation bytes a block's backward releases: saved ones plus any recomputed ones."""
