@@ -162,124 +162,33 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     kind_np, cls_np, indeg_np, succ_ptr, succ_idx = _flatten(programs, offsets, total)
     kind = kind_np.tolist()
     cls = cls_np.tolist()
-    indeg = indeg_np.tolist()
     dur_a0, comp_keys = _comp_durations(programs, offsets, kind_np, machine.compute)
-    dur = dur_a0.tolist()
     fabric = machine.fabric
-    members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
-    coll_cache: dict[tuple[int, int, tuple[str, ...]], tuple[float, str]] = {}
     # link contention: seconds each communication keeps a rank's scale-out port busy (0: none)
     contention = bool(getattr(machine, "link_contention", False)) and len(fabric.tiers) > 1
-    fast_fabric = _fast_scaleout(fabric) if contention else fabric
-    nic = [0.0] * total
-    nic_cache: dict[tuple[int, int, tuple[str, ...]], float] = {}
-
-    # per-class collective streams and cross-class collective instances
-    stream_of = [-1] * total
-    queues: list[list[int]] = []
-    stream_index: dict[tuple[int, tuple[str, ...]], int] = {}
-    inst_of = [-1] * total
-    inst_members: list[list[int]] = []
-    inst_index: dict[tuple, int] = {}
-    ordinal: dict[tuple[int, tuple[str, ...]], int] = {}
-    proj_cache: dict[tuple[int, tuple[str, ...]], object] = {}
-    algorithm: dict[int, str] = {}
-    sends: dict[tuple[int, int, int], list[int]] = {}
-    recvs: dict[tuple[int, int, int], list[int]] = {}
-    p2p_meta: dict[int, tuple[str, int, int]] = {}
-
-    peer_cache: dict[tuple[int, str, int], int] = {}
-    comm_mask = kind_np != K_COMP
-    label_cache: dict[tuple, str] = {}
-    comm_labels: list[list[str]] = []
-    for c, prog in enumerate(programs):  # pass 1 over communication nodes only, class by class
-        off = offsets[c]
-        pnodes = prog.nodes
-        ck = prog.class_key
-        labels: list[str] = []
-        comm_labels.append(labels)
-        for g in (np.flatnonzero(comm_mask[off:offsets[c + 1]]) + off).tolist():
-            node = pnodes[g - off]
-            j = node.id
-            k = kind[g]
-            lk = (k, node.comm, node.axes, node.peer_axis)
-            lab = label_cache.get(lk)
-            if lab is None:
-                lab = label_cache[lk] = comm_label(*lk)
-            labels.append(lab)
-            if k == K_COLL:
-                axes = node.axes
-                ck2 = (node.comm, node.comm_bytes, axes, node.route)
-                cost = coll_cache.get(ck2)
-                if cost is None:
-                    members = members_cache.get(axes)
-                    if members is None:
-                        members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
-                    if node.comm is None:
-                        raise SpecError("programs", f"class {ck}: collective node {j} ({node.name}) has no comm kind")
-                    cost = coll_cache[ck2] = collective_time_s(node.comm, node.comm_bytes, members, fabric, node.route)
-                dur[g] = cost[0]
-                algorithm[g] = cost[1]
-                if contention:
-                    w = nic_cache.get(ck2)
-                    if w is None:
-                        fast = collective_time_s(node.comm, node.comm_bytes, members_cache[axes], fast_fabric,
-                                                 node.route)[0]
-                        w = nic_cache[ck2] = max(0.0, cost[0] - fast)
-                    nic[g] = w
-                sk = (c, axes)
-                sid = stream_index.get(sk)
-                if sid is None:
-                    sid = stream_index[sk] = len(queues)
-                    queues.append([])
-                queues[sid].append(g)
-                stream_of[g] = sid
-                proj = proj_cache.get(sk, 0)
-                if proj == 0:
-                    spans = any(a in axes for a in ck)
-                    proj = proj_cache[sk] = tuple((a, v) for a, v in keys[c] if a not in axes) if spans else None
-                if proj is not None:
-                    n = ordinal.get(sk, 0)
-                    ordinal[sk] = n + 1
-                    ik = (axes, proj, n)
-                    iid = inst_index.get(ik)
-                    if iid is None:
-                        iid = inst_index[ik] = len(inst_members)
-                        inst_members.append([])
-                    inst_members[iid].append(g)
-                else:
-                    iid = len(inst_members)
-                    inst_members.append([g])
-                inst_of[g] = iid
-            else:
-                pk = (c, node.peer_axis, node.peer_offset)
-                peer = peer_cache.get(pk, -1)
-                if peer < 0:
-                    peer = peer_cache[pk] = _peer_class(c, keys, index, ck, node.peer_axis, node.peer_offset, mesh)
-                bucket = sends if k == K_SEND else recvs
-                mk = (c, peer, node.tag) if k == K_SEND else (peer, c, node.tag)
-                bucket.setdefault(mk, []).append(g)
-                p2p_meta[g] = (node.peer_axis, node.peer_offset, node.comm_bytes)
+    comm = _Communication(programs, offsets, kind_np, keys, index, mesh, fabric, contention)
+    dur_a = dur_a0
+    dur_a[comm.coll_g] = comm.coll_dur
+    nic_a = comm.nic
+    stream_np, inst_np, queues, algorithm, comm_labels = comm.stream_of, comm.inst_of, comm.queues, \
+        comm.algorithm, comm.labels
 
     # collective instances: one duration for all participants
-    inst_dur = []
-    inst_nic = []
-    for members in inst_members:
-        if len(members) == 1:  # a collective inside one class (most of them): no max to take
-            g = members[0]
-            inst_dur.append(dur[g])
-            inst_nic.append(nic[g])
-        else:
-            inst_dur.append(max(dur[g] for g in members))
-            inst_nic.append(max(nic[g] for g in members))
+    inst_dur_a = dur_a[comm.inst_first]
+    inst_nic_a = nic_a[comm.inst_first]
+    for iid, members in comm.inst_multi.items():
+        inst_dur_a[iid] = max(dur_a[g] for g in members)
+        inst_nic_a[iid] = max(nic_a[g] for g in members)
 
     # send/recv pairing
-    partner = [-1] * total
-    link_of = [-1] * total
+    partner = np.full(total, -1, dtype=np.int64)
+    link_np = np.full(total, -1, dtype=np.int64)
     links: dict[tuple[int, int, str, int], int] = {}
     tier_cache: dict[tuple[str, int], int] = {}
-    for mk, slist in sends.items():
-        rlist = recvs.get(mk, [])
+    time_cache: dict[tuple[int, int], float] = {}
+    p2p_meta = comm.p2p_meta
+    for mk, slist in comm.sends.items():
+        rlist = comm.recvs.get(mk, [])
         if len(rlist) != len(slist):
             raise SpecError("programs", f"send/recv mismatch between classes {keys[mk[0]]} -> {keys[mk[1]]} tag "
                             f"{mk[2]}: {len(slist)} send(s), {len(rlist)} recv(s)")
@@ -291,15 +200,17 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
             tier = tier_cache.get((axis, offset), -1)
             if tier < 0:
                 tier = tier_cache[(axis, offset)] = p2p_tier(mesh, axis, offset, fabric)
-            t = p2p_time_s(nbytes, tier, fabric)
-            dur[gs] = dur[gr] = t
+            t = time_cache.get((nbytes, tier))
+            if t is None:
+                t = time_cache[(nbytes, tier)] = p2p_time_s(nbytes, tier, fabric)
+            dur_a[gs] = dur_a[gr] = t
             if contention and tier > 0:
-                nic[gs] = nbytes / fabric.tiers[tier].bw_Bps
+                nic_a[gs] = nbytes / fabric.tiers[tier].bw_Bps
             lk = (mk[0], mk[1], axis, 1 if offset >= 0 else -1)
             lid = links.setdefault(lk, len(links))
-            link_of[gs] = link_of[gr] = lid
-    for mk in recvs:
-        if mk not in sends:
+            link_np[gs] = link_np[gr] = lid
+    for mk in comm.recvs:
+        if mk not in comm.sends:
             raise SpecError("programs", f"recv without send: class {keys[mk[1]]} expects tag {mk[2]} from {keys[mk[0]]}")
 
     # Chains: a COMP node whose only dependency is the node just before it, itself a COMP node whose
@@ -307,12 +218,16 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     # becomes ready while such a chain runs (it would have cut in), the loop gives up and the
     # step is simulated again without merging.
     kind_a = kind_np.astype(np.int8)
-    dur_a = np.array(dur, dtype=np.float64)
-    # one-class collectives without port backlog (their instance is themselves alone): what spans join
-    solo_a = np.zeros(total, dtype=bool)
-    for g in chain.from_iterable(queues):
-        iid = inst_of[g]
-        solo_a[g] = len(inst_members[iid]) == 1 and not inst_nic[iid] > 0.0
+    # one-class collectives without port backlog (their instance is themselves alone): their
+    # duration (the loop starts them inline; spans join them), else -1
+    solo_inst = np.ones(len(inst_dur_a), dtype=bool)
+    if comm.inst_multi:
+        solo_inst[list(comm.inst_multi)] = False
+    solo_inst &= ~(inst_nic_a > 0.0)
+    solo_dur = np.full(total, -1.0)
+    coll_inst = inst_np[comm.coll_g]
+    solo_dur[comm.coll_g] = np.where(solo_inst[coll_inst], inst_dur_a[coll_inst], -1.0)
+    solo_a = solo_dur >= 0.0
     levels = ((True, True), (True, False), (False, False)) if merge_chains else ((False, False),)
     for merge, spans in levels:
         is_head = np.ones(total, dtype=bool)
@@ -327,33 +242,35 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         heads_a = np.flatnonzero(is_head)
         sup_a = np.cumsum(is_head) - 1
         dur_s_a = np.add.reduceat(dur_a, heads_a) if total else dur_a
-        heads = heads_a.tolist()
-        sup = sup_a.tolist()
-        ns = len(heads)
-        tails = [h - 1 for h in heads[1:]] + [total - 1]
+        ns = len(heads_a)
+        tails_a = np.empty(ns, dtype=np.int64)
+        tails_a[:-1] = heads_a[1:] - 1
+        if ns:
+            tails_a[-1] = total - 1
         kind_s = kind_a[heads_a].tolist()
-        cls_s = [cls[h] for h in heads]
-        indeg_s = [indeg[h] for h in heads]
+        cls_s = cls_np[heads_a].tolist()
+        indeg_s = indeg_np[heads_a].tolist()
         dur_s = dur_s_a.tolist()
-        tails_a = np.array(tails, dtype=np.int64)
         cnt_s = succ_ptr[tails_a + 1] - succ_ptr[tails_a]
         ptr_s = np.zeros(ns + 1, dtype=np.int64)
         np.cumsum(cnt_s, out=ptr_s[1:])
         pos = np.repeat(succ_ptr[tails_a] - ptr_s[:-1], cnt_s) + np.arange(int(ptr_s[-1]))
         sidx_s = sup_a[succ_idx[pos]]
         succ_s = (ptr_s.tolist(), sidx_s.tolist())
-        stream_s = [stream_of[h] for h in heads]
-        inst_s = [inst_of[h] for h in heads]
-        partner_s = [sup[partner[h]] if partner[h] >= 0 else -1 for h in heads]
-        link_s = [link_of[h] for h in heads]
-        queues_s = [[sup[g] for g in q] for q in queues]
-        inst_members_s = [[sup[g] for g in m] for m in inst_members]
+        stream_s = stream_np[heads_a].tolist()
+        inst_s = inst_np[heads_a].tolist()
+        ph = partner[heads_a]
+        partner_s = np.where(ph >= 0, sup_a[np.maximum(ph, 0)], -1).tolist()
+        link_s = link_np[heads_a].tolist()
+        queues_s = [sup_a[q].tolist() for q in queues]
+        inst_multi_s = {iid: sup_a[members].tolist() for iid, members in comm.inst_multi.items()}
         span_end = (_spans(kind_a[heads_a], cls_np[heads_a], indeg_np[heads_a], ptr_s, sidx_s, solo_a[heads_a])
                     if spans else [0] * ns)
 
         out = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s, inst_s,
-                   inst_members_s, inst_dur, partner_s, link_s, len(links), machine.overlap_slowdown,
-                   [t > h for h, t in zip(heads, tails, strict=True)], inst_nic, [nic[h] for h in heads], span_end)
+                   inst_multi_s, inst_dur_a.tolist(), partner_s, link_s, len(links), machine.overlap_slowdown,
+                   (tails_a > heads_a).tolist(), inst_nic_a.tolist(), nic_a[heads_a].tolist(), span_end,
+                   solo_dur[heads_a].tolist())
         if out is not None:
             break
     start_s, end_s, post_s = out  # type: ignore[misc]
@@ -364,7 +281,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     before = np.cumsum(dur_a) - dur_a  # durations before each node, globally
     within = before - before[heads_a][sup_a]
     end_a = ss[sup_a] + (within + dur_a) * scale[sup_a]
-    end_a[np.array(tails, dtype=np.int64)] = es
+    end_a[tails_a] = es
     start_a = np.empty(total)
     start_a[1:] = end_a[:-1]  # inside a chain a node starts exactly when the previous one ends
     start_a[heads_a] = ss
@@ -381,6 +298,127 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                         f"node {node.id} ({node.name}, {node.kind.name})")
     return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
                      max(end) if total else 0.0, comp_keys, comm_labels)
+
+
+class _Communication:
+    """Pass 1 over the communication nodes, class by class, column-wise where it can be.
+
+    Collectives: duration and algorithm (once per distinct (kind, bytes, axes, route)), the seconds
+    they keep the scale-out ports busy (link contention), their stream (one per class and axes,
+    ``queues[sid]`` its collectives in id order) and instance: a collective of a stream that spans
+    class-key axes is matched with the same-ordinal collective of every class agreeing on the other
+    axes (``inst_multi`` lists such instances' members); any other is an instance alone. Send/recv:
+    bucketed by (sender class, receiver class, tag) for pairing. Labels of every communication node
+    for the summary (``Execution.comm_labels``)."""
+
+    def __init__(self, programs: list[Program], offsets: list[int], kind: np.ndarray, keys: list, index: dict,
+                 mesh: object, fabric: Fabric, contention: bool) -> None:
+        total = offsets[-1]
+        fast_fabric = _fast_scaleout(fabric) if contention else fabric
+        self.nic = np.zeros(total)
+        self.stream_of = np.full(total, -1, dtype=np.int64)
+        self.inst_of = np.full(total, -1, dtype=np.int64)
+        self.queues: list[np.ndarray] = []
+        self.algorithm: dict[int, str] = {}
+        self.labels: list[list[str]] = []
+        self.sends: dict[tuple[int, int, int], list[int]] = {}
+        self.recvs: dict[tuple[int, int, int], list[int]] = {}
+        self.p2p_meta: dict[int, tuple[str, int, int]] = {}
+        inst_first: list[np.ndarray] = []
+        ninst = 0
+        self.inst_multi: dict[int, list[int]] = {}
+        inst_index: dict[tuple, int] = {}
+        span_first: dict[int, int] = {}  # first member of each class-spanning instance
+        coll_g, coll_dur = [], []
+        members_cache: dict[tuple[str, ...], tuple[int, ...]] = {}
+        cost_cache: dict[tuple, tuple[float, str, float]] = {}
+        label_cache: dict[tuple, str] = {}
+        peer_cache: dict[tuple[int, str, int], int] = {}
+        comm_g = np.flatnonzero(kind != K_COMP)
+        bounds = np.searchsorted(comm_g, offsets)
+        for c, prog in enumerate(programs):
+            off, ck, pnodes = offsets[c], prog.class_key, prog.nodes
+            gs = comm_g[bounds[c]:bounds[c + 1]]
+            nodes = [pnodes[j] for j in (gs - off).tolist()]
+            codes = kind[gs]
+            lkeys = [(x.kind, x.comm, x.axes, x.peer_axis) for x in nodes]
+            for lk, code in zip(lkeys, codes.tolist(), strict=True):
+                if lk not in label_cache:
+                    label_cache[lk] = comm_label(code, *lk[1:])
+            self.labels.append([label_cache[lk] for lk in lkeys])
+
+            sel = np.flatnonzero(codes == K_COLL)
+            if len(sel):
+                cg = gs[sel]
+                cnodes = [nodes[i] for i in sel.tolist()]
+                kid: dict[tuple, int] = {}
+                ids = np.fromiter([kid.setdefault((x.comm, x.comm_bytes, x.axes, x.route), len(kid)) for x in cnodes],
+                                  dtype=np.int64, count=len(cnodes))
+                costs = []
+                for k in kid:
+                    cost = cost_cache.get(k)
+                    if cost is None:
+                        comm, nbytes, axes, route = k
+                        if comm is None:
+                            x = cnodes[int(np.flatnonzero(ids == kid[k])[0])]
+                            raise SpecError("programs", f"class {ck}: collective node {x.id} ({x.name}) has no comm kind")
+                        members = members_cache.get(axes)
+                        if members is None:
+                            members = members_cache[axes] = mesh_members_per_domain(mesh, axes, fabric)
+                        t, algo = collective_time_s(comm, nbytes, members, fabric, route)
+                        w = max(0.0, t - collective_time_s(comm, nbytes, members, fast_fabric, route)[0]) \
+                            if contention else 0.0
+                        cost = cost_cache[k] = (t, algo, w)
+                    costs.append(cost)
+                coll_g.append(cg)
+                coll_dur.append(np.array([x[0] for x in costs])[ids])
+                self.algorithm.update(zip(cg.tolist(), np.array([x[1] for x in costs], dtype=object)[ids].tolist(),
+                                          strict=True))
+                if contention:
+                    self.nic[cg] = np.array([x[2] for x in costs])[ids]
+                # streams: one per axes tuple of this class, in order of first use
+                axes_of = [k[2] for k in kid]
+                sid_of_axes: dict[tuple[str, ...], int] = {}
+                for a in axes_of:
+                    sid_of_axes.setdefault(a, len(sid_of_axes))
+                local = np.array([sid_of_axes[a] for a in axes_of], dtype=np.int64)[ids]
+                for axes, ls in sid_of_axes.items():
+                    sid = len(self.queues)
+                    q = cg[local == ls]
+                    self.queues.append(q)
+                    self.stream_of[q] = sid
+                    if any(a in axes for a in ck):  # spans classes: match by ordinal with the others
+                        proj = tuple((a, v) for a, v in keys[c] if a not in axes)
+                        for n, g in enumerate(q.tolist()):
+                            iid = inst_index.get((axes, proj, n))
+                            if iid is None:
+                                iid = inst_index[(axes, proj, n)] = ninst
+                                inst_first.append(np.array([g]))
+                                span_first[iid] = g
+                                ninst += 1
+                            else:
+                                self.inst_multi.setdefault(iid, [span_first[iid]]).append(g)
+                            self.inst_of[g] = iid
+                    else:
+                        self.inst_of[q] = np.arange(ninst, ninst + len(q))
+                        inst_first.append(q)
+                        ninst += len(q)
+
+            for g, x, code in zip(gs.tolist(), nodes, codes.tolist(), strict=True):
+                if code == K_COLL:
+                    continue
+                pk = (c, x.peer_axis, x.peer_offset)
+                peer = peer_cache.get(pk, -1)
+                if peer < 0:
+                    peer = peer_cache[pk] = _peer_class(c, keys, index, ck, x.peer_axis, x.peer_offset, mesh)
+                if code == K_SEND:
+                    self.sends.setdefault((c, peer, x.tag), []).append(g)
+                else:
+                    self.recvs.setdefault((peer, c, x.tag), []).append(g)
+                self.p2p_meta[g] = (x.peer_axis, x.peer_offset, x.comm_bytes)
+        self.coll_g = np.concatenate(coll_g) if coll_g else np.zeros(0, dtype=np.int64)
+        self.coll_dur = np.concatenate(coll_dur) if coll_dur else np.zeros(0)
+        self.inst_first = np.concatenate(inst_first) if inst_first else np.zeros(0, dtype=np.int64)
 
 
 def _spans(kind: np.ndarray, cls: np.ndarray, indeg: np.ndarray, ptr: np.ndarray, idx: np.ndarray,
@@ -525,8 +563,8 @@ def _peer_class(c: int, keys: list, index: dict, class_key: dict[str, int], axis
     return peer
 
 
-def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_members, inst_dur,
-         partner, link_of, nlinks, slowdown, multi, inst_nic, nic, span_end):
+def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_of, inst_multi, inst_dur,
+         partner, link_of, nlinks, slowdown, multi, inst_nic, nic, span_end, solo):
     """The event loop over flat lists (kept free of attribute lookups: it is the hot path).
 
     Returns ``None`` when a merged chain would have been interleaved with a lower-id COMP node
@@ -554,7 +592,7 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     qpos = [0] * nstreams
     sbusy = [False] * nstreams
     is_ready = bytearray(total)
-    posted_cnt = [0] * len(inst_members)
+    posted_cnt = [0] * len(inst_dur)
     link_free = [0.0] * nlinks
     events: list[tuple[float, int]] = []
     push, pop = heapq.heappush, heapq.heappop
@@ -567,22 +605,15 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     held: list[list[int]] = [[] for _ in range(nclasses)]  # the streams a running span holds
     holder = [False] * nstreams
 
-    # a collective whose instance is itself alone (inside one class) and leaves no port backlog: its
-    # duration, else -1 (the loop inlines start_coll for these: most collectives, hot path)
-    solo = [-1.0] * total
-    for q in queues:
-        for g in q:
-            iid = inst_of[g]
-            if len(inst_members[iid]) == 1 and not inst_nic[iid] > 0.0:
-                solo[g] = inst_dur[iid]
-
+    # solo[g]: a collective whose instance is itself alone (inside one class) and leaves no port
+    # backlog: its duration, else -1 (the loop inlines start_coll for these: most collectives)
     def start_coll(g: int, t: float) -> None:
         sid = stream_of[g]
         sbusy[sid] = True
         post[g] = t
         iid = inst_of[g]
         posted_cnt[iid] += 1
-        members = inst_members[iid]
+        members = inst_multi.get(iid) or (g,)
         if posted_cnt[iid] == len(members):
             e = t + inst_dur[iid]
             w = inst_nic[iid]
