@@ -115,9 +115,10 @@ class Execution:
     #: per class, what the engine already read off its nodes, so the summary need not read them again:
     #: ``(positions of its COMP nodes, each one's key id, the distinct (flops, tensor_bytes, op, gemm,
     #: category) keys)`` and the label (``all_reduce/tp``, ``send/pp``) of each communication node in id
-    #: order. ``None`` for an Execution built by hand (the summary then reads the nodes).
+    #: order, encoded: ``(code of each node, {label: code})``. ``None`` for an Execution built by hand
+    #: (the summary then reads the nodes).
     comp_keys: list[tuple[np.ndarray, np.ndarray, list[tuple]]] | None = None
-    comm_labels: list[list[str]] | None = None
+    comm_labels: list[tuple[np.ndarray, dict[str, int]]] | None = None
 
 
 def _class_key(p: Program) -> tuple[tuple[str, int], ...]:
@@ -320,7 +321,7 @@ class _Communication:
         self.inst_of = np.full(total, -1, dtype=np.int64)
         self.queues: list[np.ndarray] = []
         self.algorithm: dict[int, str] = {}
-        self.labels: list[list[str]] = []
+        self.labels: list[tuple[np.ndarray, dict[str, int]]] = []
         self.sends: dict[tuple[int, int, int], list[int]] = {}
         self.recvs: dict[tuple[int, int, int], list[int]] = {}
         self.p2p_meta: dict[int, tuple[str, int, int]] = {}
@@ -341,11 +342,17 @@ class _Communication:
             gs = comm_g[bounds[c]:bounds[c + 1]]
             nodes = [pnodes[j] for j in (gs - off).tolist()]
             codes = kind[gs]
-            lkeys = [(x.kind, x.comm, x.axes, x.peer_axis) for x in nodes]
-            for lk, code in zip(lkeys, codes.tolist(), strict=True):
-                if lk not in label_cache:
-                    label_cache[lk] = comm_label(code, *lk[1:])
-            self.labels.append([label_cache[lk] for lk in lkeys])
+            lid: dict[tuple, int] = {}
+            lids = np.fromiter([lid.setdefault((x.kind, x.comm, x.axes, x.peer_axis), len(lid)) for x in nodes],
+                               dtype=np.int64, count=len(nodes))
+            table: dict[str, int] = {}
+            remap = []
+            for lk in lid:
+                lab = label_cache.get(lk)
+                if lab is None:
+                    lab = label_cache[lk] = comm_label(_KMAP[int(lk[0])], *lk[1:])
+                remap.append(table.setdefault(lab, len(table)))
+            self.labels.append((np.array(remap, dtype=np.int64)[lids] if remap else lids, table))
 
             sel = np.flatnonzero(codes == K_COLL)
             if len(sel):

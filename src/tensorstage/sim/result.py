@@ -135,16 +135,17 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
             by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur,
                                          comp, ex.machine.compute)
             flops = sum([n.flops for n in nodes])
-            labels = []
+            names = []
             for node in [nodes[j] for j in np.flatnonzero(~comp).tolist()]:
                 key = (node.kind, node.comm, node.axes, node.peer_axis)
                 lab = label_cache.get(key)
                 if lab is None:
                     lab = label_cache[key] = _label(node)
-                labels.append(lab)
+                names.append(lab)
+            labels = _encode(names)
         cidx = np.flatnonzero(~comp)
         cs_, ce_ = st[cidx], en[cidx]
-        comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(labels), dtype=bool))
+        comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(cidx), dtype=bool))
         wait = union_length(post_all[off + cidx], cs_)
         mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
         for node in [n for n in nodes if n.mem_alloc_bytes or n.mem_free_bytes]:
@@ -257,11 +258,11 @@ def _split_by_keys(sel: np.ndarray, ids: np.ndarray, keys: list[tuple], dur: np.
     return dict(sorted(by_cat.items())), dict(sorted(by_op.items())), flops
 
 
-def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray, labels: list[str]
-             ) -> tuple[float, dict[str, float], dict[str, float]]:
+def _exposed(cs: np.ndarray, ce: np.ndarray, s: np.ndarray, e: np.ndarray,
+             labels: tuple[np.ndarray, dict[str, int]]) -> tuple[float, dict[str, float], dict[str, float]]:
     """Communication time not covered by compute (compute intervals ``cs..ce``, communication
-    intervals ``s..e`` with ``labels``): total over the union, and per label."""
-    if not labels:
+    intervals ``s..e`` with ``labels``, encoded by :func:`_encode`): total over the union, and per label."""
+    if not len(s):
         return 0.0, {}, {}
     order = np.argsort(cs, kind="stable")
     cs, ce = cs[order], ce[order]
