@@ -284,16 +284,20 @@ class StageBuilder:
         """:meth:`emit_list` of a whole list (every index, nothing emitted before), from its
         templates: a dependency on list index ``d`` is node ``first id + d``. The hot path of the
         lowering: one Node per template, no per-node lookups."""
+        if not tmpl:
+            return None
         nodes = self.nodes
         append = nodes.append
-        base = len(nodes)
-        for n, (rel, name, kind, flops, tbytes, comm, cbytes, axes, pax, poff, tag, cat, op, gemm, route) in (
-                enumerate(tmpl)):
+        base = nid = len(nodes)
+        for rel, name, kind, flops, tbytes, comm, cbytes, axes, pax, poff, tag, cat, op, gemm, route in tmpl:
             data = ((base + rel[0],) if len(rel) == 1 else tuple([base + d for d in rel])) if rel else entry
-            append(Node(base + n, prefix + name, kind, data, tuple(c for c in ctrl if c not in data) if n == 0 else (),
-                        flops, tbytes, comm, cbytes, axes, pax, poff, tag + tag_off if tag >= 0 else 0, cat, op, layer,
-                        mb, chunk, 0, 0, gemm, route))
-        return len(nodes) - 1 if tmpl else None
+            append(Node(nid, prefix + name, kind, data, (), flops, tbytes, comm, cbytes, axes, pax, poff,
+                        tag + tag_off if tag >= 0 else 0, cat, op, layer, mb, chunk, 0, 0, gemm, route))
+            nid += 1
+        if ctrl:  # the order chain: the first node also waits for ``ctrl`` (what it does not already)
+            first = nodes[base]
+            first.ctrl_deps = tuple(c for c in ctrl if c not in first.data_deps)
+        return nid - 1
 
     def _tag_off(self, mb: int, slot: int, which: int) -> int:
         ctx = self.ctx
