@@ -643,8 +643,9 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                         retime(cm, t)
 
     def time_span(x: int, m: int, t: float, cu: float) -> float:
-        """Start and end of span nodes ``x .. m - 1`` from ``t`` on, as the unmerged loop would time
-        them with class communication in flight until ``cu``; returns the last end."""
+        """Start and end of nodes ``x .. m - 1`` (a span, or one COMP node) run back to back from
+        ``t`` with class communication in flight until ``cu``: a COMP node runs ``1 + slowdown``
+        times slower until ``cu``, a collective for its own duration; returns the last end."""
         for y in range(x, m):
             start[y] = t
             if kind[y] == K_COMP:
@@ -795,20 +796,11 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
                 is_tail[m - 1] = 1
                 push(events, (t, m - 1))
                 continue
-            d = dur[g]
-            t = cur_t
-            cu = comm_until[c]
-            if slowdown and cu > t:
-                span = cu - t
-                if d * factor <= span:
-                    d *= factor
-                else:
-                    d = span + (d - span / factor)
-            start[g] = t
+            t = time_span(g, g + 1, cur_t, comm_until[c])  # one node: slowed while communication is in flight
             comp_busy[c] = True
             running[c] = g
-            run_end[c] = t + d
-            push(events, (t + d, g))
+            run_end[c] = t
+            push(events, (t, g))
         if not events:
             break
         cur_t = events[0][0]
