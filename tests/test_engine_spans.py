@@ -134,3 +134,46 @@ def test_lowered_steps_same_schedule_with_and_without_spans(plan, contention, mo
     monkeypatch.setattr(engine, "_spans", lambda kind, *rest: [0] * len(kind))
     without = execute(low.programs, low.mesh, mach)
     _same_schedule(with_spans, without)
+
+
+def _retimed_earlier(mode: str, u: int, f: int, s1: int, s2: int, fa: int, fb: int, fc: int, slow: float):
+    """Two messages reach class pp0 during its span ``a -> ar -> b -> ar2 (-> c)``; the second re-times
+    the span to an end one ulp *earlier* than the first did (the slowdown formula is not monotone in
+    floating point), so the event at the first end is stale and must be skipped, not taken as the
+    tail ending a second time (found by review: it double-advanced the tp stream, an IndexError)."""
+    rate = 1e12
+    comp = ComputeModel(tensor_flops=rate, attention_flops=rate, vector_flops=rate, hbm_Bps=1e15, launch_s=0.0,
+                        peak_flops=rate)
+    mach = Machine(comp, Fabric((Tier("nvl", 4, 1e11, 0.0), Tier("ib", 64, rate, 0.0))), 80 * 2**30, slow, "bf16", "t")
+    p0 = Program({"pp": 0})
+    p0.add("r1", NodeKind.RECV, peer_axis="pp", peer_offset=-1, tag=1, comm_bytes=s1)
+    p0.add("r2", NodeKind.RECV, peer_axis="pp", peer_offset=1, tag=2, comm_bytes=s2)
+    p0.add("a", NodeKind.COMP, flops=fa, op="einsum")
+    p0.add("ar", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=1000, axes=("tp",), data_deps=(2,))
+    p0.add("b", NodeKind.COMP, flops=fb, op="einsum", data_deps=(3,))
+    p0.add("ar2", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=1000, axes=("tp",), data_deps=(4,))
+    if mode == "comp":
+        p0.add("c", NodeKind.COMP, flops=fc, op="einsum", data_deps=(5,))
+    else:  # the span ends on a collective; ar3 waits for r2 too, so it is no span member
+        p0.add("d", NodeKind.COMP, flops=fc, op="einsum", data_deps=(0, 5))
+        p0.add("ar3", NodeKind.COLL, comm=CollKind.ALL_REDUCE, comm_bytes=1000, axes=("tp",), data_deps=(1, 6))
+        p0.add("e", NodeKind.COMP, flops=fc, op="einsum", data_deps=(7,))
+    p1 = Program({"pp": 1})
+    p1.add("x1", NodeKind.COMP, flops=u, op="einsum")
+    p1.add("s1", NodeKind.SEND, peer_axis="pp", peer_offset=1, tag=1, comm_bytes=s1, data_deps=(0,))
+    p1.add("x2", NodeKind.COMP, flops=f, op="einsum", data_deps=(0,))
+    p1.add("s2", NodeKind.SEND, peer_axis="pp", peer_offset=-1, tag=2, comm_bytes=s2, data_deps=(2,))
+    return [p0, p1], Mesh.create([("tp", 4), ("pp", 2)]), mach
+
+
+@pytest.mark.parametrize("mode, args", [
+    ("comp", (345796320, 202189840, 380251739, 157842915, 568595162, 1153122958, 350375223, 0.1)),
+    ("comp", (393511873, 454646120, 1319012846, 818902114, 900638607, 1950541603, 426078418, 0.1)),
+    ("coll", (597548442, 114602968, 270892830, 127639120, 746060748, 1311479931, 703326440, 0.25)),
+])
+def test_a_span_retimed_one_ulp_earlier_ends_once(mode, args, span_count, monkeypatch) -> None:
+    progs, mesh, mach = _retimed_earlier(mode, *args)
+    with_spans = execute(progs, mesh, mach)
+    assert span_count[0] >= 1
+    monkeypatch.setattr(engine, "_spans", lambda kind, *rest: [0] * len(kind))
+    _same_schedule(with_spans, execute(progs, mesh, mach))

@@ -607,7 +607,7 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     tx_free = [0.0] * nclasses  # link contention: when each class's scale-out port has sent its backlog
     rx_free = [0.0] * nclasses  # ... and received it
     span_on = [False] * nclasses  # a span runs on the class's compute stream (running[c] is its head)
-    is_tail = bytearray(total)  # the last node of each running span
+    is_tail = bytearray(total)  # the last node of each span: 1 while it runs, 2 once it has ended
     span_stop = [0] * nclasses  # one past it
     held: list[list[int]] = [[] for _ in range(nclasses)]  # the streams a running span holds
     holder = [False] * nstreams
@@ -807,11 +807,11 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
         dirty = []
         while events and events[0][0] == cur_t:
             _, g = pop(events)
-            if is_tail[g]:  # a span ends
-                if end[g] != cur_t:  # stale: the span was timed again (retime)
-                    continue
+            if is_tail[g]:  # a span ends (1: running, 2: ended)
+                if is_tail[g] == 2 or end[g] != cur_t:  # stale: the span was timed again (retime), to a
+                    continue  # later end or, by float rounding of the slowdown, an earlier one
                 c = cls[g]
-                is_tail[g] = 0
+                is_tail[g] = 2
                 span_on[c] = comp_busy[c] = False
                 dirty.append(c)
                 hs = held[c]
