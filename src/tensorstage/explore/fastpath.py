@@ -143,12 +143,67 @@ class _BlockCost:
         from tensorstage.lower.blocks import op_label  # the lowering's op -> compute-model label
 
         rate = np.array([cm.rate_flops(op_label(op.kind)) for op in ops])[:, None]
-        t = np.maximum(flops / rate, nbytes / cm.hbm_Bps) + cm.launch_s
+        t = np.maximum(flops / rate, nbytes / cm.hbm_Bps) / _grouped_efficiency(graph, ops, loc, cm, len(tp)) \
+            + cm.launch_s
         cats = np.array([op.category for op in ops])
         self.time_s = {c: t[cats == c].sum(axis=0) for c in ("fwd", "recompute", "bwd_input", "bwd_weight",
                                                            "optimizer")}
         # model FLOPs of the whole (unsharded) block instance at s = seq / cp, recompute excluded
         self.model_flops = G["flops"][np.isin(cats, ("fwd", "bwd_input", "bwd_weight"))].sum(axis=0)
+
+
+def _grouped_efficiency(graph: Any, ops: list, loc: Mapping[str, Any], cm: Any, n: int) -> np.ndarray:
+    """Per op and candidate, the measured grouped-GEMM efficiency the simulator divides an MoE expert
+    GEMM's time by (:meth:`tensorstage.sim.kernels.KernelTables.grouped_gemm_efficiency`, keyed on
+    tokens per local expert and the GEMM's width, :func:`tensorstage.sim.compute.grouped_dims`); 1 for
+    every other op and without tables. The shape is read off the op's einsum as the lowering does
+    (batch / m / n / k dims), sized with the candidate's bindings: few tokens per expert (many local
+    experts, small micro-batches) is where MoE layers run far below the dense GEMM rate. Capped at 1:
+    the surface is relative to the dense table's time for the same shape, which the screen does not
+    model (it charges every GEMM the device's sustained ceiling rate), so a grouped GEMM is never
+    charged above that ceiling."""
+    import sympy as sp
+
+    from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS
+    from tensorstage.lower.op_roles import is_expert_weight
+    from tensorstage.sim.compute import grouped_dims
+
+    out = np.ones((len(ops), n))
+    kt = getattr(cm, "kernels", None)
+    if kt is None:
+        return out
+    bound = {**graph.bindings, **loc}
+    args = [np.broadcast_to(np.asarray(bound[k], dtype=float), (n,)) for k in FREE_SYMBOLS]
+    sizes: dict[str, np.ndarray] = {}
+
+    def size(dims: set[str]) -> np.ndarray:
+        v = np.ones(n)
+        for d in dims:
+            if d not in sizes:
+                f = sp.lambdify([SYMBOLS[k] for k in FREE_SYMBOLS], graph.sizes[d], "numpy")
+                sizes[d] = np.broadcast_to(np.asarray(f(*args), dtype=float), (n,))
+            v = v * sizes[d]
+        return np.maximum(1, np.round(v))
+
+    for i, op in enumerate(ops):
+        if op.kind != "einsum" or not op.einsum or "->" not in op.einsum or not any(
+                is_expert_weight(x) for x in (*op.inputs, *op.outputs)):
+            continue
+        lhs, res = op.einsum.split("->")
+        operands = lhs.split(",")
+        if len(operands) != 2:
+            continue
+        da, db, dc = set(operands[0].split()), set(operands[1].split()), set(res.split())
+        m, nn, k = size((da & dc) - db), size((db & dc) - da), size((da & db) - dc)
+        pairs = np.stack([m, nn, k], axis=1)
+        uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
+        eff = np.ones(len(uniq))
+        for j, (mj, nj, kj) in enumerate(uniq):
+            tokens, width = grouped_dims((1, int(mj), int(nj), int(kj)), op.category)
+            e = kt.grouped_gemm_efficiency(tokens, width, cm.dtype)
+            eff[j] = min(1.0, e) if e else 1.0  # the screen's flat rate is the ceiling (dense shapes too)
+        out[i] = eff[inv.reshape(-1)]
+    return out
 
 
 def screen(model: str, system: Any, cols: Mapping[str, Any], n: int | None = None) -> dict[str, np.ndarray]:
