@@ -430,3 +430,19 @@ def test_sync_wait_never_exceeds_the_step() -> None:
     res = simulate(low.programs, low.mesh, load_system("dgx-h100-superpod", 32))
     for c in res.classes:
         assert 0.0 <= c.sync_wait_s <= res.step_time_s
+
+
+def test_gathered_parameters_freed_by_compute_leave_comm_buffers() -> None:
+    # FSDP: the gather allocates the unit's parameters (a communication buffer); the matmul that
+    # used them frees them (mem_free_comm_bytes); saved activations stay activations. A later peak
+    # must show the activations, not the activations minus the freed parameters.
+    mesh = Mesh.create([("dp", 4)])
+    p = Program({}, static_bytes={"weights": 50})
+    p.add("fwd0", NodeKind.COMP, flops=int(1e9), mem_alloc_bytes=1000)
+    p.add("ag", NodeKind.COLL, comm=CollKind.ALL_GATHER, comm_bytes=1 << 20, axes=("dp",), mem_alloc_bytes=400,
+          data_deps=(0,))
+    p.add("mm", NodeKind.COMP, flops=int(1e9), data_deps=(1,), mem_free_bytes=400, mem_free_comm_bytes=400)
+    p.add("mm2", NodeKind.COMP, flops=int(1e9), data_deps=(2,), mem_alloc_bytes=2000)
+    cr = summarize(execute([p], mesh, machine())).classes[0]
+    assert cr.memory_peak_bytes == 50 + 1000 + 2000
+    assert cr.memory_at_peak_bytes == {"weights": 50, "activations": 3000, "comm_buffers": 0}

@@ -133,7 +133,9 @@ class DataParallelEmitter:
         if j is None:
             return
         if j in self.reshard_at and last is not None:
-            self.stage.nodes[last].mem_free_bytes += self.unit(slot).gathered_bytes
+            node = self.stage.nodes[last]
+            node.mem_free_bytes += self.unit(slot).gathered_bytes
+            node.mem_free_comm_bytes += self.unit(slot).gathered_bytes
         self.emit_gathers(j, last)
 
     # --- emission ---------------------------------------------------------------------------

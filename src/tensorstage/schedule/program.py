@@ -74,6 +74,9 @@ class Node:
     # (ModelSpec.moe.route_*); the simulator charges one copy per target node across nodes and the
     # forwarding to the experts inside a node (sim/collectives.py all_to_all_s); None = uniform
     route: tuple[int, int, int] | None = None
+    # of mem_free_bytes, the part that was allocated by a communication node (FSDP gathered parameters
+    # freed by the last node of the use that reshards them): the summary takes it from comm_buffers
+    mem_free_comm_bytes: int = 0
 
 
 @dataclass

@@ -23,9 +23,10 @@ Memory per class: ``static`` categories from ``Program.static_bytes`` (weights, 
 optimizer states: resident all step) plus a dynamic timeline: a node's ``mem_alloc_bytes`` becomes
 live when it starts and its ``mem_free_bytes`` dies when it ends (frees before allocs at equal
 times). Dynamic bytes are put in a category: the node's ``mem_category`` attribute when the IR
-has one, else ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes; a free
-larger than what its category holds takes the rest from the other dynamic categories (so totals
-stay exact even when, e.g., a gathered parameter is freed by the matmul that used it). The peak is
+has one, else ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes, except
+a COMP node's ``mem_free_comm_bytes`` (FSDP gathered parameters freed by the matmul that used them),
+which leave ``comm_buffers``; a free larger than what its category holds takes the rest from the
+other dynamic categories (so totals stay exact whatever the labels). The peak is
 the maximum of static + dynamic; ``memory_at_peak_bytes`` breaks it down at that instant.
 OOM: peak > device HBM capacity.
 
@@ -155,7 +156,10 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
             if node.mem_alloc_bytes:
                 mem_ev.append((ex.start[g], 1, node.mem_alloc_bytes, mcat))
             if node.mem_free_bytes:
-                mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, mcat))
+                comm_part = node.mem_free_comm_bytes if mcat == "activations" else 0
+                mem_ev.append((ex.end[g], 0, -(node.mem_free_bytes - comm_part), mcat))
+                if comm_part:
+                    mem_ev.append((ex.end[g], 0, -comm_part, "comm_buffers"))
         cs, ce = st[comp], en[comp]
         busy = float(dur[comp].sum())
         exposed, exposed_by, exposed_raw = _exposed(cs, ce, cs_, ce_, labels)

@@ -281,7 +281,8 @@ def _annotate(fields: dict[str, Any], kind: NodeKind, ref: dict[str, Any], mesh:
         if ax in mesh.axis_names() and (
                 mesh.peer(rank, ax, off) == mesh.peer(rank, fields["peer_axis"], fields["peer_offset"])):
             fields["peer_axis"], fields["peer_offset"] = ax, off
-    for k in ("category", "op", "layer", "microbatch", "chunk", "mem_alloc_bytes", "mem_free_bytes"):
+    for k in ("category", "op", "layer", "microbatch", "chunk", "mem_alloc_bytes", "mem_free_bytes",
+              "mem_free_comm_bytes"):
         if k in ref:
             fields[k] = ref[k]
 
