@@ -244,3 +244,27 @@ def test_torch_ddp_all_reduces_grads_in_param_dtype() -> None:
                 assert sum(r[2] for r in ours) == sum(r[2] for r in want) * elem // 2
     total = layers * (2 * h * ffn + ffn + h)
     assert sum(r[2] for r in want) == 2 * total  # bf16: 2 B per gradient element
+
+
+# ------------------------------------------------ ZeRO-3 gradients under torch pipelining
+
+@pytest.mark.parametrize("pp, global_batch, unsharded", [(2, 16, True), (2, 4, False), (1, 16, False)])
+def test_zero3_pipelining_accumulates_unsharded_gradients(pp: int, global_batch: int, unsharded: bool) -> None:
+    """torch's pipeline stages turn FSDP2's gradient sync off for every backward but the last, so a
+    ZeRO-3 stage holds its whole (unsharded) gradients through the step: as much as the same stage
+    under ZeRO-1 (unsharded gradients by definition). One micro-batch, or no pipelining: sharded
+    over dp (up to FSDP2's dim-0 padding)."""
+    from tensorstage.lower import lower
+    from tensorstage.model import resolve_model
+
+    spec = resolve_model("megatron-1.7b")
+    grads = {}
+    for zero in (1, 3):
+        plan = ParallelPlan(tp=1, pp=pp, dp=4, zero=zero, micro_batch=1, global_batch=global_batch, seq=512,
+                            dtype="bf16", ddp_style="torch")
+        grads[zero] = [p.static_bytes["gradients"] for p in lower(spec, plan).programs]
+    for g1, g3 in zip(grads[1], grads[3], strict=True):
+        if unsharded:
+            assert g3 == g1
+        else:
+            assert g1 / 4 <= g3 <= g1 / 4 * 1.01

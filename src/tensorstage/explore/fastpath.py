@@ -345,7 +345,10 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     # memory
     state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / eff_shard, sb["grad"])
                            + (sb["master"] + sb["optimizer_states"]) / eff_shard)
-    state = np.where(zero >= 3, params_rank * sum(sb.values()) / eff_shard, state)
+    # ZeRO-3 with pipelining and several micro-batches accumulates unsharded gradients (torch
+    # pipelining turns FSDP2's gradient sync off until the last backward; lower/dataparallel.py)
+    grad3 = np.where((pp > 1) & (m > 1), params_rank * sb["grad"], params_rank * sb["grad"] / eff_shard)
+    state = np.where(zero >= 3, params_rank * (sum(sb.values()) - sb["grad"]) / eff_shard + grad3, state)
     act = _activation_bytes(graph, c, sp)
     inflight_layers = np.where(
         sched == "interleaved", np.minimum(m * vpp, 2 * (pp - 1) + (vpp - 1) * pp + 1) * lps / vpp,

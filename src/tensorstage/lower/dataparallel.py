@@ -220,19 +220,26 @@ def static_bytes(weights: Sequence[LocalWeight], plan: ParallelPlan, mesh: Mesh,
     """Model-state bytes resident all step on one rank, by category, sharded per the ZeRO stage.
 
     ZeRO-1 shards optimizer states and master weights, ZeRO-2 also gradients, ZeRO-3 also the
-    parameters (dim 0 padded like FSDP2). Inference keeps only the weights.
+    parameters (dim 0 padded like FSDP2). Inference keeps only the weights. Exception: ZeRO-3 with
+    pipelining and several micro-batches keeps the stage's gradients *unsharded*: torch's pipeline
+    stages turn FSDP2's gradient sync off for every backward but the last
+    (``set_requires_gradient_sync(False)`` in ``torch/distributed/pipelining/stage.py``), so each
+    unit accumulates ``unsharded_accumulated_grad`` from its first backward to the step's
+    reduce-scatter, most of the step (the gradient reduce once per step that the assembly emits).
     """
     per = state_bytes_per_param(options)
     out = {"weights": 0, "gradients": 0, "optimizer_states": 0, "master_weights": 0}
     train = plan.phase == "train"
     zero = plan.zero if train else 0
+    accumulate_unsharded = zero == 3 and plan.pp > 1 and plan.microbatches > 1
     for w in weights:
         n = mesh.size(*shard_axes(plan, w.expert)) if zero >= 1 else 1
         flat_shard = ceil(w.numel / n)
         out["weights"] += (_dim0_shard_numel(w, n) if zero == 3 else w.numel) * per["param"]
         if not train:
             continue
-        grad_numel = _dim0_shard_numel(w, n) if zero == 3 else flat_shard if zero == 2 else w.numel
+        grad_numel = (w.numel if accumulate_unsharded else _dim0_shard_numel(w, n) if zero == 3
+                      else flat_shard if zero == 2 else w.numel)
         out["gradients"] += grad_numel * grad_bytes
         out["optimizer_states"] += flat_shard * per["optimizer_states"]
         out["master_weights"] += flat_shard * per["master"]
