@@ -68,7 +68,10 @@ def test_param_gather_after_whole_optimizer_step_without_overlap(zero: int) -> N
     opt = [x for x in nodes if x.category == "optimizer"]
     ags = [x for x in nodes if x.comm == CollKind.ALL_GATHER]
     rss = [x for x in nodes if x.comm == CollKind.REDUCE_SCATTER]
-    assert len(ags) == len(rss) >= 3  # one per bucket
+    # one gather per bucket; ZeRO-1 reduces each bucket once (full gradients accumulate), ZeRO-2 after
+    # every micro-batch (sharded gradients: global batch 4 over dp 2 = 2 micro-batches)
+    assert len(ags) >= 3 and len(rss) == len(ags) * (1 if zero == 1 else 2)
+    rss = rss[-len(ags):]  # the last micro-batch's, bucket by bucket
     # synchronous start_param_sync after the whole step: first waits for the last optimizer node,
     # each later one for the previous all-gather
     assert ags[0].data_deps == (opt[-1].id,)
@@ -268,3 +271,24 @@ def test_zero3_pipelining_accumulates_unsharded_gradients(pp: int, global_batch:
             assert g3 == g1
         else:
             assert g1 / 4 <= g3 <= g1 / 4 * 1.01
+
+
+@pytest.mark.parametrize("pp, zero, per_unit", [(1, 3, 4), (2, 3, 1), (1, 1, 1), (2, 2, 4)])
+def test_sharded_gradients_reduce_every_microbatch(pp: int, zero: int, per_unit: int) -> None:
+    """FSDP2 without pipelining reduce-scatters after every backward (its default; gradients stay
+    sharded), torch pipelining once per step (unsharded accumulation, the test above), ZeRO-1 once
+    (full gradients), ZeRO-2 every micro-batch (sharded gradients). Four micro-batches per step."""
+    from tensorstage.lower import lower
+    from tensorstage.model import resolve_model
+
+    plan = ParallelPlan(tp=1, pp=pp, dp=4, zero=zero, micro_batch=1, global_batch=16, seq=512, dtype="bf16",
+                        ddp_style="torch")
+    assert plan.microbatches == 4
+    prog = lower(resolve_model("megatron-1.7b"), plan).programs[0]
+    grads = [n for n in prog.nodes if n.kind == NodeKind.COLL and ".grad" in n.name and n.axes == ("dp",)]
+    if zero == 3:
+        units = {n.name.split(".grad")[0] for n in grads}
+        assert all(sum(n.name.startswith(u + ".grad") for n in grads) == per_unit for u in units)
+    else:
+        buckets = {n.name.split(".grad")[0] for n in grads}
+        assert len(grads) == per_unit * len(buckets)

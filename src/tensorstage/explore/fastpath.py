@@ -323,6 +323,12 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     overlap = c["overlap_grad_reduce"].astype(bool)
     last_bwd = B + W
     dp_exposed = np.where(overlap, np.maximum(red - last_bwd, 0.1 * red), red)
+    # sharded gradients with accumulation reduce after every micro-batch (ZeRO-2; ZeRO-3 without
+    # pipelining: FSDP2's default; lower/dp_emission.py): m reductions on the DP stream, each under
+    # the compute that follows its backward
+    every_mb = ((zero == 2) | ((zero == 3) & (pp == 1))) & (m > 1)
+    dp_exposed = np.where(every_mb, np.where(overlap, np.maximum(m * red - (m - 1) * (F + B + W) - last_bwd,
+                                                                  0.1 * red), m * red), dp_exposed)
     gather_exposed = np.where(c["overlap_param_gather"].astype(bool), 0.0, gather)
     # the optimizer step and ZeRO shards: dense state over dp*cp, expert state over edp
     e_share = expert_rank / np.maximum(params_rank, 1)

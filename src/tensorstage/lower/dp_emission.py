@@ -103,6 +103,8 @@ class DataParallelEmitter:
         last_slot = len(ctx.slot_block) - 1
         self.root_slots = [s for s in (0, last_slot) if any(s in ss for ss in stage.chunk_slots)]
         self.root_pending = set(self.root_slots)
+        self.root_pending_mb = set(self.root_slots)  # the same, for a non-final micro-batch's reductions
+        self.reductions: dict[int, int] = {}  # reductions issued per slot (names)
         self._root_unit: UnitComm | None = None
 
     # --- hooks of the schedule expansion ----------------------------------------------------
@@ -287,27 +289,44 @@ class DataParallelEmitter:
         return tuple(waits)
 
 
+    def reduces_every_microbatch(self) -> bool:
+        """Sharded gradients with gradient accumulation need a reduction after every micro-batch's
+        backward: FSDP2's default without pipelining (``zero=3``, ``pp == 1``: reduce-scatter per
+        backward; torch's pipeline stages turn the sync off until the last backward instead and keep
+        the gradients unsharded, :func:`.dataparallel.static_bytes`) and ZeRO-2 (DeepSpeed reduces
+        every backward into the gradient partition). ZeRO-0/1 keep full gradients and reduce once."""
+        plan = self.ctx.plan
+        return (plan.zero == 3 and plan.pp == 1) or plan.zero == 2
+
     def after_backward(self, slot: int, last: int | None, final: bool) -> None:
-        """After a block's backward of the last micro-batch: issue the reductions it completes."""
-        if not final or last is None:
+        """After a block's backward: issue the reductions it completes (the last micro-batch's, or
+        every micro-batch's when :meth:`reduces_every_microbatch`)."""
+        if last is None or not (final or self.reduces_every_microbatch()):
             return
-        self.final_bwd_last[slot] = last
         ctx = self.ctx
         label = ctx.label(slot)
+        n = self.reductions.get(slot, 0)
+        self.reductions[slot] = n + 1
+        tag = "" if final else f".mb{n}"
+        if final:
+            self.final_bwd_last[slot] = last
         if self.zero3:
             covered = [slot]
             if self.unit_key(slot) == -1:  # the root unit reduces once all its blocks are done
-                self.root_pending.discard(slot)
-                if self.root_pending:
+                pending = self.root_pending if final else self.root_pending_mb
+                pending.discard(slot)
+                if pending:
                     return
+                if not final:
+                    self.root_pending_mb = set(self.root_slots)
                 label, covered = "root", self.root_slots
-            red = self.emit_ops(self.unit(slot).reduce, f"fsdp.{label}.grad", (last,), layer=slot - 1)
+            red = self.emit_ops(self.unit(slot).reduce, f"fsdp.{label}.grad{tag}", (last,), layer=slot - 1)
             if red is not None:
                 for s in covered:
                     self.reduce_last.setdefault(s, []).append(red)
             return
         for k, b in enumerate(self.buckets.get(slot, ())):
-            name = f"dp.{'expert_' if b.expert else ''}bucket.{label}.{k}.grad"
+            name = f"dp.{'expert_' if b.expert else ''}bucket.{label}.{k}.grad{tag}"
             red = self.emit_ops(b.reduce, name, (last,), layer=slot - 1)
             if red is not None:
                 for s in b.slots:
