@@ -18,9 +18,11 @@ layout and schedule expansion they hook into are :mod:`.assemble`'s.
   ``fsdp_reshard_after_forward`` (``default`` = torch's ``None``: layers yes, root no; ``true``;
   ``false``), after a backward always, except that torch pipelining (``pp > 1``) keeps it until
   the chunk's last backward. A gather is issued when use ``j - 1 - fsdp_prefetch`` ends (and
-  not before the unit's previous reshard); gathered bytes live until the reshard. One gradient
-  reduce-scatter per unit per step after its last backward (torch pipelining + FSDP2 reduce once
-  per step; the root once all its blocks are done). Hybrid sharding adds the all-reduce over
+  not before the unit's previous reshard); gathered bytes live until the reshard. Gradient
+  reduce-scatters per unit: with pipelining one per step after its last backward (torch's pipeline
+  stages turn FSDP2's sync off until then; the gradients accumulate unsharded), without it one after
+  every micro-batch's backward (FSDP2's default; gradients stay sharded); the root's once all its
+  blocks are done. ZeRO-2 buckets likewise reduce after every micro-batch (sharded gradients). Hybrid sharding adds the all-reduce over
   ``dp_replicate``. ``reshard_after_forward=int`` (reshard to a smaller group) is not modelled.
 * **Tied embeddings** with the embedding and head on different ranks: the last stage keeps a
   copy of the embedding table (Megatron), and the first and last stages sum their gradients
