@@ -157,7 +157,7 @@ def _grouped_efficiency(graph: Any, ops: list, loc: Mapping[str, Any], cm: Any, 
     GEMM's time by (:meth:`tensorstage.sim.kernels.KernelTables.grouped_gemm_efficiency`, keyed on
     tokens per local expert and the GEMM's width, :func:`tensorstage.sim.compute.grouped_dims`); 1 for
     every other op and without tables. The shape is read off the op's einsum as the lowering does
-    (batch / m / n / k dims), sized with the candidate's bindings: few tokens per expert (many local
+    (:func:`tensorstage.lower.op_roles.gemm_dims`), sized with the candidate's bindings: few tokens per expert (many local
     experts, small micro-batches) is where MoE layers run far below the dense GEMM rate. Capped at 1:
     the surface is relative to the dense table's time for the same shape, which the screen does not
     model (it charges every GEMM the device's sustained ceiling rate), so a grouped GEMM is never
@@ -165,7 +165,7 @@ def _grouped_efficiency(graph: Any, ops: list, loc: Mapping[str, Any], cm: Any, 
     import sympy as sp
 
     from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS
-    from tensorstage.lower.op_roles import is_expert_weight
+    from tensorstage.lower.op_roles import gemm_dims, is_expert_gemm
     from tensorstage.sim.compute import grouped_dims
 
     out = np.ones((len(ops), n))
@@ -186,15 +186,10 @@ def _grouped_efficiency(graph: Any, ops: list, loc: Mapping[str, Any], cm: Any, 
         return np.maximum(1, np.round(v))
 
     for i, op in enumerate(ops):
-        if op.kind != "einsum" or not op.einsum or "->" not in op.einsum or not any(
-                is_expert_weight(x) for x in (*op.inputs, *op.outputs)):
+        dims = gemm_dims(op) if is_expert_gemm(op) else None
+        if dims is None:
             continue
-        lhs, res = op.einsum.split("->")
-        operands = lhs.split(",")
-        if len(operands) != 2:
-            continue
-        da, db, dc = set(operands[0].split()), set(operands[1].split()), set(res.split())
-        m, nn, k = size((da & dc) - db), size((db & dc) - da), size((da & db) - dc)
+        m, nn, k = size(dims[1]), size(dims[2]), size(dims[3])
         pairs = np.stack([m, nn, k], axis=1)
         uniq, inv = np.unique(pairs, axis=0, return_inverse=True)
         eff = np.ones(len(uniq))
@@ -324,8 +319,8 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     last_bwd = B + W
     dp_exposed = np.where(overlap, np.maximum(red - last_bwd, 0.1 * red), red)
     # sharded gradients with accumulation reduce after every micro-batch (ZeRO-2; ZeRO-3 without
-    # pipelining: FSDP2's default; lower/dp_emission.py): m reductions on the DP stream, each under
-    # the compute that follows its backward
+    # pipelining: lower/dataparallel.py reduces_every_microbatch, vectorized): m reductions on the DP
+    # stream, each under the compute that follows its backward
     every_mb = ((zero == 2) | ((zero == 3) & (pp == 1))) & (m > 1)
     dp_exposed = np.where(every_mb, np.where(overlap, np.maximum(m * red - (m - 1) * (F + B + W) - last_bwd,
                                                                   0.1 * red), m * red), dp_exposed)
@@ -351,8 +346,8 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     # memory
     state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / eff_shard, sb["grad"])
                            + (sb["master"] + sb["optimizer_states"]) / eff_shard)
-    # ZeRO-3 with pipelining and several micro-batches accumulates unsharded gradients (torch
-    # pipelining turns FSDP2's gradient sync off until the last backward; lower/dataparallel.py)
+    # ZeRO-3 reducing once per step (with pipelining) over several micro-batches accumulates unsharded
+    # gradients (lower/dataparallel.py static_bytes)
     grad3 = np.where((pp > 1) & (m > 1), params_rank * sb["grad"], params_rank * sb["grad"] / eff_shard)
     state = np.where(zero >= 3, params_rank * (sum(sb.values()) - sb["grad"]) / eff_shard + grad3, state)
     act = _activation_bytes(graph, c, sp)

@@ -77,7 +77,9 @@ from tensorstage.lower.megatron_fusion import fuse_megatron_block
 from tensorstage.lower.op_roles import (
     expert_side,
     final_grad,
+    gemm_dims,
     is_core,
+    is_expert_gemm,
     is_expert_weight,
     reads_kv,
     to_int,
@@ -354,13 +356,9 @@ class BlockLowerer:
         variant the op's cost uses; the CP attention core keeps its local queries (``s / cp``)."""
         if op.kind == "attention":
             return self._attention_gemm(op)
-        if op.kind != "einsum" or not op.einsum or "->" not in op.einsum:
+        dims = gemm_dims(op)
+        if dims is None:
             return None
-        lhs, out = op.einsum.split("->")
-        operands = lhs.split(",")
-        if len(operands) != 2:
-            return None
-        da, db, dc = set(operands[0].split()), set(operands[1].split()), set(out.split())
         c = self.ctx
         core = is_core(op) and c.phase != "decode"
         sd = 1 if core else (c.cp * c.tp if seq_sharded else c.cp)
@@ -373,7 +371,8 @@ class BlockLowerer:
                 v *= sizes[d] / (c.cp if core and d == "s" else 1)
             return max(1, to_int(v))
 
-        return (size(da & db & dc), size((da & dc) - db), size((db & dc) - da), size((da & db) - dc))
+        b, m, n, k = dims
+        return (size(b), size(m), size(n), size(k))
 
     def _attention_gemm(self, op: Op) -> tuple[int, int, int, int] | None:
         """A fused attention core's QK^T shape ``(batch*query heads, q_len, kv_len, head_dim)`` on this
@@ -400,9 +399,8 @@ class BlockLowerer:
         mf, vf, nb, lf = self._cost(op, placed.seq_sharded)
         if category in ("fwd", "bwd_input", "bwd_weight"):
             self.model_flops += mf
-        label = op_label(op.kind)  # materialized QK^T / PV are plain batched matmuls
-        if label == "matmul" and any(is_expert_weight(t) for t in (*op.inputs, *op.outputs)):
-            label = GROUPED_OP  # an MoE expert GEMM: grouped over the local experts
+        # materialized QK^T / PV are plain batched matmuls; an MoE expert GEMM is grouped
+        label = GROUPED_OP if is_expert_gemm(op) else op_label(op.kind)
         return StepNode(
             op.name,
             NodeKind.COMP,

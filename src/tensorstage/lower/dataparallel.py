@@ -215,23 +215,35 @@ def unit_comm(weights: Sequence[LocalWeight], plan: ParallelPlan, mesh: Mesh, pa
     return UnitComm(tuple(gather), tuple(reduce), gathered)
 
 
+def reduces_every_microbatch(plan: ParallelPlan) -> bool:
+    """Whether gradients are reduced after every micro-batch's backward, not once per step.
+
+    Sharded gradients with gradient accumulation need it: FSDP2's default without pipelining
+    (``zero=3``, ``pp == 1``: a reduce-scatter per backward) and ZeRO-2 (DeepSpeed reduces every
+    backward into the gradient partition). torch's pipeline stages turn FSDP2's sync off until the
+    last backward (``set_requires_gradient_sync(False)`` in ``torch/distributed/pipelining/stage.py``)
+    and so hold the gradients unsharded (:func:`static_bytes`); ZeRO-0/1 keep full gradients and
+    reduce once. The step assembly (:mod:`.dp_emission`) and the explorer's screen follow this rule.
+    """
+    return (plan.zero == 3 and plan.pp == 1) or plan.zero == 2
+
+
 def static_bytes(weights: Sequence[LocalWeight], plan: ParallelPlan, mesh: Mesh, options: GraphOptions,
                  grad_bytes: int) -> dict[str, int]:
     """Model-state bytes resident all step on one rank, by category, sharded per the ZeRO stage.
 
     ZeRO-1 shards optimizer states and master weights, ZeRO-2 also gradients, ZeRO-3 also the
-    parameters (dim 0 padded like FSDP2). Inference keeps only the weights. Exception: ZeRO-3 with
-    pipelining and several micro-batches keeps the stage's gradients *unsharded*: torch's pipeline
-    stages turn FSDP2's gradient sync off for every backward but the last
-    (``set_requires_gradient_sync(False)`` in ``torch/distributed/pipelining/stage.py``), so each
-    unit accumulates ``unsharded_accumulated_grad`` from its first backward to the step's
-    reduce-scatter, most of the step (the gradient reduce once per step that the assembly emits).
+    parameters (dim 0 padded like FSDP2). Inference keeps only the weights. Exception: ZeRO-3 that
+    reduces once per step (:func:`reduces_every_microbatch`: with pipelining) over several
+    micro-batches keeps the stage's gradients *unsharded*: each FSDP2 unit accumulates
+    ``unsharded_accumulated_grad`` from its first backward to the step's reduce-scatter, most of
+    the step.
     """
     per = state_bytes_per_param(options)
     out = {"weights": 0, "gradients": 0, "optimizer_states": 0, "master_weights": 0}
     train = plan.phase == "train"
     zero = plan.zero if train else 0
-    accumulate_unsharded = zero == 3 and plan.pp > 1 and plan.microbatches > 1
+    accumulate_unsharded = zero == 3 and not reduces_every_microbatch(plan) and plan.microbatches > 1
     for w in weights:
         n = mesh.size(*shard_axes(plan, w.expert)) if zero >= 1 else 1
         flat_shard = ceil(w.numel / n)
@@ -255,6 +267,7 @@ __all__ = [
     "bucket_caps",
     "grad_elem_bytes",
     "make_buckets",
+    "reduces_every_microbatch",
     "shard_axes",
     "shard_factor",
     "static_bytes",

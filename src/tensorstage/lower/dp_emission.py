@@ -67,6 +67,7 @@ from tensorstage.lower.dataparallel import (
     CommOp,
     UnitComm,
     make_buckets,
+    reduces_every_microbatch,
     shard_axes,
     shard_factor,
     unit_comm,
@@ -291,19 +292,10 @@ class DataParallelEmitter:
         return tuple(waits)
 
 
-    def reduces_every_microbatch(self) -> bool:
-        """Sharded gradients with gradient accumulation need a reduction after every micro-batch's
-        backward: FSDP2's default without pipelining (``zero=3``, ``pp == 1``: reduce-scatter per
-        backward; torch's pipeline stages turn the sync off until the last backward instead and keep
-        the gradients unsharded, :func:`.dataparallel.static_bytes`) and ZeRO-2 (DeepSpeed reduces
-        every backward into the gradient partition). ZeRO-0/1 keep full gradients and reduce once."""
-        plan = self.ctx.plan
-        return (plan.zero == 3 and plan.pp == 1) or plan.zero == 2
-
     def after_backward(self, slot: int, last: int | None, final: bool) -> None:
         """After a block's backward: issue the reductions it completes (the last micro-batch's, or
-        every micro-batch's when :meth:`reduces_every_microbatch`)."""
-        if last is None or not (final or self.reduces_every_microbatch()):
+        every micro-batch's when :func:`.dataparallel.reduces_every_microbatch`)."""
+        if last is None or not (final or reduces_every_microbatch(self.ctx.plan)):
             return
         ctx = self.ctx
         label = ctx.label(slot)

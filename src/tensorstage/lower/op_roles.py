@@ -23,6 +23,27 @@ def is_expert_weight(t: Tensor) -> bool:
     return t.role in ("weight", "weight_grad") and len(t.dims) >= 2 and t.dims[0] == "e"
 
 
+def gemm_dims(op: Op) -> tuple[set[str], set[str], set[str], set[str]] | None:
+    """Dims of a two-operand einsum as ``(batch, m, n, k)``: batch dims are in both inputs and the
+    output, m in the first input and the output, n in the second and the output, k in both inputs
+    only (the contraction). ``None`` for other ops. Block lowering sizes them per rank
+    (``Node.gemm``); the explorer's screen per candidate."""
+    if op.kind != "einsum" or not op.einsum or "->" not in op.einsum:
+        return None
+    lhs, out = op.einsum.split("->")
+    operands = lhs.split(",")
+    if len(operands) != 2:
+        return None
+    da, db, dc = set(operands[0].split()), set(operands[1].split()), set(out.split())
+    return da & db & dc, (da & dc) - db, (db & dc) - da, (da & db) - dc
+
+
+def is_expert_gemm(op: Op) -> bool:
+    """An MoE expert GEMM (an einsum reading or writing a routed expert's weight): grouped over the
+    local experts, charged the measured grouped-GEMM efficiency."""
+    return op.kind == "einsum" and any(is_expert_weight(t) for t in tensors(op))
+
+
 def tensors(op: Op) -> tuple[Tensor, ...]:
     """Inputs then outputs of ``op``."""
     return (*op.inputs, *op.outputs)

@@ -162,7 +162,6 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     # vectorized per-node arrays: kind codes, dependency CSR, COMP durations (see _flatten)
     kind_np, cls_np, indeg_np, succ_ptr, succ_idx = _flatten(programs, offsets, total)
     kind = kind_np.tolist()
-    cls = cls_np.tolist()
     dur_a0, comp_keys = _comp_durations(programs, offsets, kind_np, machine.compute)
     fabric = machine.fabric
     # link contention: seconds each communication keeps a rank's scale-out port busy (0: none)
@@ -293,7 +292,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     missing = [g for g in range(total) if end[g] < 0] if end_min < 0 else []
     if missing:
         g = missing[0]
-        c = cls[g]
+        c = int(cls_np[g])
         node = programs[c].nodes[g - offsets[c]]
         raise SpecError("programs", f"deadlock: {len(missing)} node(s) never ran; first: class {programs[c].class_key} "
                         f"node {node.id} ({node.name}, {node.kind.name})")
@@ -584,6 +583,8 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     while communication of its class is in flight, a collective for its own duration); its
     collectives' streams are held until it ends. Communication of the class that starts while it
     runs re-times its nodes not yet started (:func:`retime`), as their unmerged starts would see it.
+    ``solo[g]``: the duration of a collective whose instance is itself alone (inside one class) and
+    leaves no port backlog, else -1 (the loop starts these inline; spans join them).
     """
     sptr, sidx = succ  # successors of super node g: sidx[sptr[g]:sptr[g + 1]]
     running = [-1] * nclasses  # super node on each compute stream
@@ -612,8 +613,6 @@ def _run(nclasses, total, kind, dur, cls, indeg, succ, stream_of, queues, inst_o
     held: list[list[int]] = [[] for _ in range(nclasses)]  # the streams a running span holds
     holder = [False] * nstreams
 
-    # solo[g]: a collective whose instance is itself alone (inside one class) and leaves no port
-    # backlog: its duration, else -1 (the loop inlines start_coll for these: most collectives)
     def start_coll(g: int, t: float) -> None:
         sid = stream_of[g]
         sbusy[sid] = True
