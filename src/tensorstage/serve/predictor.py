@@ -50,7 +50,7 @@ from tensorstage.graph.graph import Graph
 from tensorstage.graph.ir import Op
 from tensorstage.lower import graph_options
 from tensorstage.lower.blocks import TP_SYMBOLS, lower_blocks
-from tensorstage.lower.op_roles import is_expert_weight, uses_experts
+from tensorstage.lower.op_roles import gemm_dims, is_expert_gemm, is_expert_weight, uses_experts
 from tensorstage.model.spec import ModelSpec
 from tensorstage.parallel.plan import ParallelPlan
 from tensorstage.sim.collectives import Fabric, collective_time_s, members_per_domain
@@ -251,25 +251,22 @@ class IterationPredictor:
         return numel * (self._wbytes - self._param_bytes)
 
     def _gemm_nk(self, op: Op, graph: Graph) -> tuple[int, int, int] | None:
-        if op.kind != "einsum" or not op.einsum or "->" not in op.einsum:
+        dims = gemm_dims(op)
+        if dims is None:
             return None
-        lhs, out = op.einsum.split("->")
-        ops = lhs.split(",")
-        if len(ops) != 2:
-            return None
-        da, db, dc = set(ops[0].split()), set(ops[1].split()), set(out.split())
+        batch, _, n, k = dims
 
         def size(dims: set[str]) -> int:
             return max(1, int(round(np.prod([self._eval(graph.sizes[d], graph, b=1, s=1, c=1) for d in dims]))))
 
-        batch = (da & db & dc) - {"b", "s", "one"}
-        if batch == {"e"} and any(is_expert_weight(t) for t in (*op.inputs, *op.outputs)):
+        batch = batch - {"b", "s", "one"}
+        if batch == {"e"} and is_expert_gemm(op):
             # the experts' grouped GEMM: local experts x (their tokens, n, k), tokens set per step
             sizes = self._bindings(graph, expert=True)
-            return (max(1, int(round(sizes["e"]))), size((db & dc) - da), size((da & db) - dc))
+            return (max(1, int(round(sizes["e"]))), size(n), size(k))
         if batch:
             return None  # a batched GEMM over model dims (materialized attention): keep the plain ceiling
-        return (1, size((db & dc) - da), size((da & db) - dc))
+        return (1, size(n), size(k))
 
     def _terms(self, graph: Graph, block: str, core: bool) -> list[_Term]:
         blk = graph.blocks()[block]
