@@ -22,8 +22,7 @@ and ``sync_wait_s`` never exceeds the step.
 Memory per class: ``static`` categories from ``Program.static_bytes`` (weights, gradients,
 optimizer states: resident all step) plus a dynamic timeline: a node's ``mem_alloc_bytes`` becomes
 live when it starts and its ``mem_free_bytes`` dies when it ends (frees before allocs at equal
-times). Dynamic bytes are put in a category: the node's ``mem_category`` attribute when the IR
-has one, else ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes, except
+times). Dynamic bytes are put in a category: ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes, except
 a COMP node's ``mem_free_comm_bytes`` (FSDP gathered parameters freed by the matmul that used them),
 which leave ``comm_buffers``; a free larger than what its category holds takes the rest from the
 other dynamic categories (so totals stay exact whatever the labels). The peak is
@@ -37,7 +36,9 @@ dense datasheet peak of the compute dtype; ``hfu`` the same with the FLOPs the n
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -99,6 +100,9 @@ class SimResult:
         return asdict(self)
 
 
+_FLOPS, _ALLOC, _FREE = attrgetter("flops"), attrgetter("mem_alloc_bytes"), attrgetter("mem_free_bytes")
+
+
 def _label(node: Any) -> str:
     code = K_COLL if node.kind == NodeKind.COLL else (K_SEND if node.kind == NodeKind.SEND else -1)
     return comm_label(code, node.comm, node.axes, node.peer_axis)
@@ -114,14 +118,12 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
     step = ex.step_time_s
     cap = ex.machine.hbm_capacity_bytes
     classes: list[ClassResult] = []
-    algos: dict[str, int] = {}
+    algos = Counter(ex.algorithm.values())
     tot_model = tot_exec = 0
     start_all, end_all = np.asarray(ex.start, dtype=np.float64), np.asarray(ex.end, dtype=np.float64)
     kind_all = np.asarray(ex.kind, dtype=np.int8)
     post_all = np.asarray(ex.post, dtype=np.float64)
     label_cache: dict[tuple, str] = {}
-    for a in ex.algorithm.values():
-        algos[a] = algos.get(a, 0) + 1
     for c, prog in enumerate(ex.programs):
         off, stop = ex.offsets[c], ex.offsets[c + 1]
         nodes = prog.nodes
@@ -130,7 +132,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         comp = kd == K_COMP
         if ex.comp_keys is not None and ex.comm_labels is not None:  # what the engine read off the nodes
             by_cat, by_op, comp_flops = _split_by_keys(*ex.comp_keys[c], dur, ex.machine.compute)
-            flops = comp_flops + sum([nodes[j].flops for j in np.flatnonzero(~comp).tolist()])
+            flops = comp_flops + sum(map(_FLOPS, map(nodes.__getitem__, np.flatnonzero(~comp).tolist())))
             labels = ex.comm_labels[c]
         else:
             by_cat, by_op = _fused_split([n.op or "other" for n in nodes], [n.category for n in nodes], dur,
@@ -149,17 +151,20 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         comm_busy = _sum_by(labels, ce_ - cs_, np.ones(len(cidx), dtype=bool))
         wait = union_length(post_all[off + cidx], cs_)
         mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
-        for node in [n for n in nodes if n.mem_alloc_bytes or n.mem_free_bytes]:
+        # dynamic memory events (two C-level filters: the loop body runs only for the few nodes that have one)
+        for node in filter(_ALLOC, nodes):
             g = off + node.id
-            mcat = getattr(node, "mem_category", None) or (
-                "activations" if ex.kind[g] == K_COMP else "comm_buffers")
-            if node.mem_alloc_bytes:
-                mem_ev.append((ex.start[g], 1, node.mem_alloc_bytes, mcat))
-            if node.mem_free_bytes:
-                comm_part = node.mem_free_comm_bytes if mcat == "activations" else 0
-                mem_ev.append((ex.end[g], 0, -(node.mem_free_bytes - comm_part), mcat))
+            mem_ev.append((ex.start[g], 1, node.mem_alloc_bytes,
+                           "activations" if ex.kind[g] == K_COMP else "comm_buffers"))
+        for node in filter(_FREE, nodes):
+            g = off + node.id
+            if ex.kind[g] == K_COMP:
+                comm_part = node.mem_free_comm_bytes
+                mem_ev.append((ex.end[g], 0, -(node.mem_free_bytes - comm_part), "activations"))
                 if comm_part:
                     mem_ev.append((ex.end[g], 0, -comm_part, "comm_buffers"))
+            else:
+                mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, "comm_buffers"))
         cs, ce = st[comp], en[comp]
         busy = float(dur[comp].sum())
         exposed, exposed_by, exposed_raw = _exposed(cs, ce, cs_, ce_, labels)
