@@ -254,6 +254,34 @@ def test_same_class_ring_send_recv() -> None:
     assert res.step_time_s == pytest.approx(A0 + 2**20 / B0 + roofline(1e9, 0))
 
 
+def test_sends_with_one_tag_pair_in_program_order() -> None:
+    # two sends with the same tag from stage 0: the k-th send pairs with the k-th recv (id order), so
+    # the second recv waits for the send that runs after stage 0's one-second compute
+    mesh = Mesh.create([("pp", 2)])
+    a, b = Program({"pp": 0}), Program({"pp": 1})
+    a.add("s1", NodeKind.SEND, comm_bytes=2**20, peer_axis="pp", peer_offset=1, tag=5)
+    a.add("x", NodeKind.COMP, flops=int(1e12), data_deps=(0,))
+    a.add("s2", NodeKind.SEND, comm_bytes=2**20, peer_axis="pp", peer_offset=1, tag=5, data_deps=(1,))
+    b.add("r1", NodeKind.RECV, comm_bytes=2**20, peer_axis="pp", peer_offset=-1, tag=5)
+    b.add("r2", NodeKind.RECV, comm_bytes=2**20, peer_axis="pp", peer_offset=-1, tag=5, data_deps=(0,))
+    ex = execute([a, b], mesh, machine())
+    t = A0 + 2**20 / B0  # one transfer inside the scale-up tier
+    assert ex.end[3] == pytest.approx(t)
+    assert ex.end[4] == pytest.approx(t + roofline(1e12, 0) + t)
+
+
+def test_unpaired_or_unequal_send_recv_raise_spec_error() -> None:
+    mesh = Mesh.create([("pp", 2)])
+    a, b = Program({"pp": 0}), Program({"pp": 1})
+    b.add("r", NodeKind.RECV, comm_bytes=8, peer_axis="pp", peer_offset=-1, tag=3)
+    with pytest.raises(SpecError, match="recv without send") as exc:
+        simulate([a, b], mesh, machine())
+    assert exc.value.field == "programs" and "class (('pp', 1),) expects tag 3 from (('pp', 0),)" in str(exc.value)
+    a.add("s", NodeKind.SEND, comm_bytes=16, peer_axis="pp", peer_offset=1, tag=3)
+    with pytest.raises(SpecError, match="send/recv size mismatch for tag 3: 16 vs 8 bytes"):
+        simulate([a, b], mesh, machine())
+
+
 def test_inconsistent_programs_raise_spec_error() -> None:
     mesh = Mesh.create([("tp", 1), ("pp", 2)])
     a, b = Program({"pp": 0}), Program({"pp": 1})

@@ -181,37 +181,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         inst_nic_a[iid] = max(nic_a[g] for g in members)
 
     # send/recv pairing
-    partner = np.full(total, -1, dtype=np.int64)
-    link_np = np.full(total, -1, dtype=np.int64)
-    links: dict[tuple[int, int, str, int], int] = {}
-    tier_cache: dict[tuple[str, int], int] = {}
-    time_cache: dict[tuple[int, int], float] = {}
-    p2p_meta = comm.p2p_meta
-    for mk, slist in comm.sends.items():
-        rlist = comm.recvs.get(mk, [])
-        if len(rlist) != len(slist):
-            raise SpecError("programs", f"send/recv mismatch between classes {keys[mk[0]]} -> {keys[mk[1]]} tag "
-                            f"{mk[2]}: {len(slist)} send(s), {len(rlist)} recv(s)")
-        for gs, gr in zip(slist, rlist, strict=True):
-            axis, offset, nbytes = p2p_meta[gs]
-            if p2p_meta[gr][2] != nbytes:
-                raise SpecError("programs", f"send/recv size mismatch for tag {mk[2]}: {nbytes} vs {p2p_meta[gr][2]} bytes")
-            partner[gs], partner[gr] = gr, gs
-            tier = tier_cache.get((axis, offset), -1)
-            if tier < 0:
-                tier = tier_cache[(axis, offset)] = p2p_tier(mesh, axis, offset, fabric)
-            t = time_cache.get((nbytes, tier))
-            if t is None:
-                t = time_cache[(nbytes, tier)] = p2p_time_s(nbytes, tier, fabric)
-            dur_a[gs] = dur_a[gr] = t
-            if contention and tier > 0:
-                nic_a[gs] = nbytes / fabric.tiers[tier].bw_Bps
-            lk = (mk[0], mk[1], axis, 1 if offset >= 0 else -1)
-            lid = links.setdefault(lk, len(links))
-            link_np[gs] = link_np[gr] = lid
-    for mk in comm.recvs:
-        if mk not in comm.sends:
-            raise SpecError("programs", f"recv without send: class {keys[mk[1]]} expects tag {mk[2]} from {keys[mk[0]]}")
+    partner, link_np, nlinks = _pair_p2p(comm, keys, mesh, fabric, contention, dur_a, nic_a)
 
     # Chains: a COMP node whose only dependency is the node just before it, itself a COMP node whose
     # only successor it is, is simulated with it as one event ("super node"). If a lower-id COMP node
@@ -268,7 +238,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
                     if spans else [0] * ns)
 
         out = _run(len(programs), ns, kind_s, dur_s, cls_s, indeg_s, succ_s, stream_s, queues_s, inst_s,
-                   inst_multi_s, inst_dur_a.tolist(), partner_s, link_s, len(links), machine.overlap_slowdown,
+                   inst_multi_s, inst_dur_a.tolist(), partner_s, link_s, nlinks, machine.overlap_slowdown,
                    (tails_a > heads_a).tolist(), inst_nic_a.tolist(), nic_a[heads_a].tolist(), span_end,
                    solo_dur[heads_a].tolist())
         if out is not None:
@@ -321,9 +291,11 @@ class _Communication:
         self.queues: list[np.ndarray] = []
         self.algorithm: dict[int, str] = {}
         self.labels: list[tuple[np.ndarray, dict[str, int]]] = []
-        self.sends: dict[tuple[int, int, int], list[int]] = {}
-        self.recvs: dict[tuple[int, int, int], list[int]] = {}
-        self.p2p_meta: dict[int, tuple[str, int, int]] = {}
+        # send/recv nodes, as columns over all classes: global id, is a send, sending and receiving
+        # class, tag, bytes, and route (index into ``routes``: the (peer axis, offset) it moves along)
+        self.routes: list[tuple[str, int]] = []
+        p2p_cols: list[tuple[np.ndarray, ...]] = []
+        route_index: dict[tuple[str, int], int] = {}
         inst_first: list[np.ndarray] = []
         ninst = 0
         self.inst_multi: dict[int, list[int]] = {}
@@ -410,29 +382,108 @@ class _Communication:
                         ninst += len(q)
 
             psel = np.flatnonzero(codes != K_COLL)
-            plab = []
-            for g, code in zip(gs[psel].tolist(), codes[psel].tolist(), strict=True):
-                x = pnodes[g - off]
-                pk = (c, x.peer_axis, x.peer_offset)
-                peer = peer_cache.get(pk, -1)
-                if peer < 0:
-                    peer = peer_cache[pk] = _peer_class(c, keys, index, ck, x.peer_axis, x.peer_offset, mesh)
-                if code == K_SEND:
-                    self.sends.setdefault((c, peer, x.tag), []).append(g)
-                else:
-                    self.recvs.setdefault((peer, c, x.tag), []).append(g)
-                self.p2p_meta[g] = (x.peer_axis, x.peer_offset, x.comm_bytes)
-                lk = (code, x.peer_axis)
-                lab = label_cache.get(lk)
-                if lab is None:
-                    lab = label_cache[lk] = comm_label(code, None, (), x.peer_axis)
-                plab.append(table.setdefault(lab, len(table)))
-            if plab:
-                lab_code[psel] = plab
+            if len(psel):
+                pg, pcodes = gs[psel], codes[psel]
+                pn = [pnodes[j] for j in (pg - off).tolist()]
+                rid: dict[tuple[str, int], int] = {}
+                rids = np.fromiter([rid.setdefault((x.peer_axis, x.peer_offset), len(rid)) for x in pn],
+                                   dtype=np.int64, count=len(pn))
+                peer, route, lab_s, lab_r = [], [], [], []
+                for pax, poff in rid:
+                    pk = (c, pax, poff)
+                    pc = peer_cache.get(pk, -1)
+                    if pc < 0:
+                        pc = peer_cache[pk] = _peer_class(c, keys, index, ck, pax, poff, mesh)
+                    peer.append(pc)
+                    route.append(route_index.setdefault((pax, poff), len(route_index)))
+                    for code, out in ((K_SEND, lab_s), (K_RECV, lab_r)):
+                        lk = (code, pax)
+                        lab = label_cache.get(lk)
+                        if lab is None:
+                            lab = label_cache[lk] = comm_label(code, None, (), pax)
+                        out.append(lab)
+                is_send = pcodes == K_SEND
+                # label codes, numbered in order of first use (only labels some node carries)
+                pair = rids * 2 + ~is_send
+                used = np.unique(pair).tolist()
+                code_of = np.zeros(2 * len(rid), dtype=np.int64)
+                for u in used:
+                    code_of[u] = table.setdefault((lab_r if u & 1 else lab_s)[u >> 1], len(table))
+                lab_code[psel] = code_of[pair]
+                peer_a = np.array(peer, dtype=np.int64)[rids]
+                p2p_cols.append((pg, is_send, np.where(is_send, c, peer_a), np.where(is_send, peer_a, c),
+                                 np.fromiter([x.tag for x in pn], dtype=np.int64, count=len(pn)),
+                                 np.fromiter([x.comm_bytes for x in pn], dtype=np.int64, count=len(pn)),
+                                 np.array(route, dtype=np.int64)[rids]))
             self.labels.append((lab_code, table))
+        self.routes = list(route_index)
+        cols = [np.concatenate(x) for x in zip(*p2p_cols, strict=True)] if p2p_cols else \
+            [np.zeros(0, dtype=bool if i == 1 else np.int64) for i in range(7)]
+        self.p2p_g, self.p2p_send, self.p2p_src, self.p2p_dst, self.p2p_tag, self.p2p_bytes, self.p2p_route = cols
         self.coll_g = np.concatenate(coll_g) if coll_g else np.zeros(0, dtype=np.int64)
         self.coll_dur = np.concatenate(coll_dur) if coll_dur else np.zeros(0)
         self.inst_first = np.concatenate(inst_first) if inst_first else np.zeros(0, dtype=np.int64)
+
+
+def _pair_p2p(comm: _Communication, keys: list, mesh: object, fabric: Fabric, contention: bool,
+              dur: np.ndarray, nic: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Match every send with its recv, column-wise: the k-th send from class A to class B with a tag
+    pairs with the k-th recv in B from A with that tag (both in id order). Sets both nodes' duration
+    (``alpha + S/B`` over the outermost tier the sender's route crosses) and, under link contention,
+    the seconds a send keeps the scale-out port busy. Returns each node's partner (-1: none), its
+    link (one per sending class, receiving class, axis and direction; -1: none) and the link count.
+    Raises ``SpecError`` for unmatched or differently sized pairs."""
+    total = len(dur)
+    partner = np.full(total, -1, dtype=np.int64)
+    link = np.full(total, -1, dtype=np.int64)
+    send = comm.p2p_send
+    if not len(send):
+        return partner, link, 0
+    s, r = np.flatnonzero(send), np.flatnonzero(~send)
+    src, dst, tag, g = comm.p2p_src, comm.p2p_dst, comm.p2p_tag, comm.p2p_g
+    so = s[np.lexsort((g[s], tag[s], dst[s], src[s]))]  # by (sender, receiver, tag), then id
+    ro = r[np.lexsort((g[r], tag[r], dst[r], src[r]))]
+    if len(so) != len(ro) or (src[so] != src[ro]).any() or (dst[so] != dst[ro]).any() or (tag[so] != tag[ro]).any():
+        _p2p_mismatch(src, dst, tag, send, keys)
+    nb = comm.p2p_bytes
+    bad = np.flatnonzero(nb[so] != nb[ro])
+    if len(bad):
+        i, j = so[bad[0]], ro[bad[0]]
+        raise SpecError("programs", f"send/recv size mismatch for tag {tag[i]}: {nb[i]} vs {nb[j]} bytes")
+    gs, gr = g[so], g[ro]
+    partner[gs], partner[gr] = gr, gs
+    # duration per distinct (bytes, tier); the tier is the sender's route's
+    tiers = np.array([p2p_tier(mesh, a, o, fabric) for a, o in comm.routes], dtype=np.int64)
+    tier = tiers[comm.p2p_route[so]]
+    pairs, inv = np.unique(np.stack((nb[so], tier)), axis=1, return_inverse=True)
+    times = np.array([p2p_time_s(int(b), int(t), fabric) for b, t in pairs.T.tolist()])
+    dur[gs] = dur[gr] = times[inv.reshape(-1)]
+    if contention:
+        bw = np.array([t.bw_Bps for t in fabric.tiers])
+        out = tier > 0
+        nic[gs[out]] = nb[so][out] / bw[tier[out]]
+    # links: (sender, receiver, axis, direction); the direction is the sign of the route's offset
+    way = {}
+    way_of = np.array([way.setdefault((a, 1 if o >= 0 else -1), len(way)) for a, o in comm.routes], dtype=np.int64)
+    lk = (src[so] * len(keys) + dst[so]) * max(len(way), 1) + way_of[comm.p2p_route[so]]
+    ulk, lid = np.unique(lk, return_inverse=True)
+    link[gs] = link[gr] = lid.reshape(-1)
+    return partner, link, len(ulk)
+
+
+def _p2p_mismatch(src: np.ndarray, dst: np.ndarray, tag: np.ndarray, send: np.ndarray, keys: list) -> None:
+    """Raise the ``SpecError`` for sends and recvs that do not pair up one to one (a count that
+    differs for some (sender, receiver, tag), first in sender order)."""
+    counts: dict[tuple[int, int, int], list[int]] = {}
+    for a, b, t, is_send in zip(src.tolist(), dst.tolist(), tag.tolist(), send.tolist(), strict=True):
+        counts.setdefault((a, b, t), [0, 0])[0 if is_send else 1] += 1
+    for (a, b, t), (ns, nr) in sorted(counts.items()):
+        if ns and ns != nr:
+            raise SpecError("programs", f"send/recv mismatch between classes {keys[a]} -> {keys[b]} tag {t}: "
+                            f"{ns} send(s), {nr} recv(s)")
+        if not ns:
+            raise SpecError("programs", f"recv without send: class {keys[b]} expects tag {t} from {keys[a]}")
+    raise SpecError("programs", "send/recv nodes do not pair up")
 
 
 def _spans(kind: np.ndarray, cls: np.ndarray, indeg: np.ndarray, ptr: np.ndarray, idx: np.ndarray,
