@@ -267,7 +267,7 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
         raise SpecError("programs", f"deadlock: {len(missing)} node(s) never ran; first: class {programs[c].class_key} "
                         f"node {node.id} ({node.name}, {node.kind.name})")
     return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
-                     max(end) if total else 0.0, comp_keys, comm_labels)
+                     float(end_a.max()) if total else 0.0, comp_keys, comm_labels)
 
 
 class _Communication:
