@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tensorstage.errors import InputWarning, SpecError
+from tensorstage.gcpause import paused_gc
 from tensorstage.parallel.plan import ParallelPlan, load_plan, split_rank_order
 
 if TYPE_CHECKING:
@@ -324,9 +325,10 @@ def simulate(model: str | ModelSpec = DEFAULT_MODEL, system: str | Path | System
     ``notes`` (e.g. :attr:`PlanChoice.notes`) are put first in the result's notes.
     """
     load_system(system, plan.world)  # fail fast on a bad system before the (slower) lowering
-    got = None if full else _simulate_steady(model, system, plan)
-    if got is None:
-        got = simulate_lowered(lower(model, plan, fuse=True), _name(model), system)
+    with paused_gc():  # one pause over lower + simulate (see tensorstage.gcpause)
+        got = None if full else _simulate_steady(model, system, plan)
+        if got is None:
+            got = simulate_lowered(lower(model, plan, fuse=True), _name(model), system)
     got.notes[:0] = list(notes or [])
     return got
 

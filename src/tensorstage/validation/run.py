@@ -136,12 +136,14 @@ class Predictor:
         return self._sim[key]
 
     def _simulate(self, setup: Setup, plan: ParallelPlan) -> Any:
+        from tensorstage.gcpause import paused_gc
         from tensorstage.lower import lower
         from tensorstage.sim import simulate
 
-        low = lower(setup.spec, plan, setup.options, fuse=True)
-        return simulate(low.programs, low.mesh, self.system(setup), dtype=plan.dtype,
-                        tokens_per_step=low.tokens_per_step)
+        with paused_gc():  # one pause over lower + simulate: no collector pass walks the live nodes between them
+            low = lower(setup.spec, plan, setup.options, fuse=True)
+            return simulate(low.programs, low.mesh, self.system(setup), dtype=plan.dtype,
+                            tokens_per_step=low.tokens_per_step)
 
     def _steady(self, setup: Setup) -> Any:
         from tensorstage.sim.steady import simulate_steady
