@@ -280,6 +280,34 @@ def test_unpaired_or_unequal_send_recv_raise_spec_error() -> None:
     a.add("s", NodeKind.SEND, comm_bytes=16, peer_axis="pp", peer_offset=1, tag=3)
     with pytest.raises(SpecError, match="send/recv size mismatch for tag 3: 16 vs 8 bytes"):
         simulate([a, b], mesh, machine())
+    # the first problem in send order is reported: tag 3's sizes, before tag 2's missing recv
+    a.add("s2", NodeKind.SEND, comm_bytes=8, peer_axis="pp", peer_offset=1, tag=2)
+    with pytest.raises(SpecError, match="size mismatch for tag 3"):
+        simulate([a, b], mesh, machine())
+
+
+@pytest.mark.parametrize(("tag", "nbytes", "error"), [
+    (2**63, 8, "tags must be integers within int64; got 9223372036854775808"),
+    ("fwd", 8, "tags must be integers within int64; got 'fwd'"),
+    (1.5, 8, "tags must be integers within int64; got 1.5"),
+    (1, "8", "message sizes \\(comm_bytes\\) must be numbers within int64; got '8'"),
+])
+def test_send_recv_tags_and_sizes_are_checked(tag: object, nbytes: object, error: str) -> None:
+    mesh = Mesh.create([("pp", 2)])
+    a, b = Program({"pp": 0}), Program({"pp": 1})
+    a.add("s", NodeKind.SEND, comm_bytes=nbytes, peer_axis="pp", peer_offset=1, tag=tag)
+    b.add("r", NodeKind.RECV, comm_bytes=nbytes, peer_axis="pp", peer_offset=-1, tag=tag)
+    with pytest.raises(SpecError, match=error) as exc:
+        simulate([a, b], mesh, machine())
+    assert exc.value.field == "programs"
+
+
+def test_fractional_message_bytes_are_kept() -> None:
+    mesh = Mesh.create([("pp", 2)])
+    a, b = Program({"pp": 0}), Program({"pp": 1})
+    a.add("s", NodeKind.SEND, comm_bytes=1e6 + 0.5, peer_axis="pp", peer_offset=1, tag=1)
+    b.add("r", NodeKind.RECV, comm_bytes=1e6 + 0.5, peer_axis="pp", peer_offset=-1, tag=1)
+    assert simulate([a, b], mesh, machine()).step_time_s == pytest.approx(A0 + (1e6 + 0.5) / B0, rel=1e-15)
 
 
 def test_inconsistent_programs_raise_spec_error() -> None:

@@ -338,8 +338,9 @@ class StageBuilder:
             self.dp.finish_step()
         self._memory_and_flops()
         # the emitter points back at this builder: drop it so that reference counting frees the
-        # builder, and with it every node, when the Program dies (a cycle waits for the collector)
-        self.dp.stage = None
+        # builder, and with it every node, when the Program dies (a cycle waits for the collector);
+        # a builder builds once
+        del self.dp
         return self.p
 
     def _boundary_bytes(self, stage: int) -> int:

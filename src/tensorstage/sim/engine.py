@@ -73,8 +73,11 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from itertools import chain
+from numbers import Integral, Real
+from typing import NoReturn
 
 import numpy as np
 
@@ -278,8 +281,9 @@ class _Communication:
     ``queues[sid]`` its collectives in id order) and instance: a collective of a stream that spans
     class-key axes is matched with the same-ordinal collective of every class agreeing on the other
     axes (``inst_multi`` lists such instances' members); any other is an instance alone. Send/recv:
-    bucketed by (sender class, receiver class, tag) for pairing. Labels of every communication node
-    for the summary (``Execution.comm_labels``)."""
+    columns over all classes in class then id order (``p2p_*``: id, is a send, sending and receiving
+    class, tag, bytes, route = index into ``routes``) for :func:`_pair_p2p`. Labels of every
+    communication node for the summary (``Execution.comm_labels``)."""
 
     def __init__(self, programs: list[Program], offsets: list[int], kind: np.ndarray, keys: list, index: dict,
                  mesh: object, fabric: Fabric, contention: bool) -> None:
@@ -412,8 +416,8 @@ class _Communication:
                 lab_code[psel] = code_of[pair]
                 peer_a = np.array(peer, dtype=np.int64)[rids]
                 p2p_cols.append((pg, is_send, np.where(is_send, c, peer_a), np.where(is_send, peer_a, c),
-                                 np.fromiter([x.tag for x in pn], dtype=np.int64, count=len(pn)),
-                                 np.fromiter([x.comm_bytes for x in pn], dtype=np.int64, count=len(pn)),
+                                 _int_column([x.tag for x in pn], ck, "tags", integer=True),
+                                 _int_column([x.comm_bytes for x in pn], ck, "message sizes (comm_bytes)"),
                                  np.array(route, dtype=np.int64)[rids]))
             self.labels.append((lab_code, table))
         self.routes = list(route_index)
@@ -443,20 +447,17 @@ def _pair_p2p(comm: _Communication, keys: list, mesh: object, fabric: Fabric, co
     src, dst, tag, g = comm.p2p_src, comm.p2p_dst, comm.p2p_tag, comm.p2p_g
     so = s[np.lexsort((g[s], tag[s], dst[s], src[s]))]  # by (sender, receiver, tag), then id
     ro = r[np.lexsort((g[r], tag[r], dst[r], src[r]))]
-    if len(so) != len(ro) or (src[so] != src[ro]).any() or (dst[so] != dst[ro]).any() or (tag[so] != tag[ro]).any():
-        _p2p_mismatch(src, dst, tag, send, keys)
     nb = comm.p2p_bytes
-    bad = np.flatnonzero(nb[so] != nb[ro])
-    if len(bad):
-        i, j = so[bad[0]], ro[bad[0]]
-        raise SpecError("programs", f"send/recv size mismatch for tag {tag[i]}: {nb[i]} vs {nb[j]} bytes")
+    if len(so) != len(ro) or (src[so] != src[ro]).any() or (dst[so] != dst[ro]).any() or (tag[so] != tag[ro]).any() \
+            or (nb[so] != nb[ro]).any():
+        _p2p_error(comm, keys)
     gs, gr = g[so], g[ro]
     partner[gs], partner[gr] = gr, gs
     # duration per distinct (bytes, tier); the tier is the sender's route's
     tiers = np.array([p2p_tier(mesh, a, o, fabric) for a, o in comm.routes], dtype=np.int64)
     tier = tiers[comm.p2p_route[so]]
     pairs, inv = np.unique(np.stack((nb[so], tier)), axis=1, return_inverse=True)
-    times = np.array([p2p_time_s(int(b), int(t), fabric) for b, t in pairs.T.tolist()])
+    times = np.array([p2p_time_s(b, int(t), fabric) for b, t in pairs.T.tolist()])
     dur[gs] = dur[gr] = times[inv.reshape(-1)]
     if contention:
         bw = np.array([t.bw_Bps for t in fabric.tiers])
@@ -471,19 +472,47 @@ def _pair_p2p(comm: _Communication, keys: list, mesh: object, fabric: Fabric, co
     return partner, link, len(ulk)
 
 
-def _p2p_mismatch(src: np.ndarray, dst: np.ndarray, tag: np.ndarray, send: np.ndarray, keys: list) -> None:
-    """Raise the ``SpecError`` for sends and recvs that do not pair up one to one (a count that
-    differs for some (sender, receiver, tag), first in sender order)."""
-    counts: dict[tuple[int, int, int], list[int]] = {}
-    for a, b, t, is_send in zip(src.tolist(), dst.tolist(), tag.tolist(), send.tolist(), strict=True):
-        counts.setdefault((a, b, t), [0, 0])[0 if is_send else 1] += 1
-    for (a, b, t), (ns, nr) in sorted(counts.items()):
-        if ns and ns != nr:
+def _p2p_error(comm: _Communication, keys: list) -> NoReturn:
+    """Raise the ``SpecError`` for sends and recvs that do not pair up one to one, or pair with
+    different sizes: the first problem met going through the (sender, receiver, tag) groups in the
+    order of their first send (class order, then id) - its counts, then its pairs' sizes in id order -
+    and then the receives no send matches. Only runs when :func:`_pair_p2p` found a problem."""
+    sends: dict[tuple[int, int, int], list[int]] = {}
+    recvs: dict[tuple[int, int, int], list[int]] = {}
+    for i, (a, b, t, is_send) in enumerate(zip(comm.p2p_src.tolist(), comm.p2p_dst.tolist(), comm.p2p_tag.tolist(),
+                                               comm.p2p_send.tolist(), strict=True)):
+        (sends if is_send else recvs).setdefault((a, b, t), []).append(i)
+    nb = comm.p2p_bytes.tolist()
+    for (a, b, t), sl in sends.items():
+        rl = recvs.get((a, b, t), [])
+        if len(rl) != len(sl):
             raise SpecError("programs", f"send/recv mismatch between classes {keys[a]} -> {keys[b]} tag {t}: "
-                            f"{ns} send(s), {nr} recv(s)")
-        if not ns:
+                            f"{len(sl)} send(s), {len(rl)} recv(s)")
+        for i, j in zip(sl, rl, strict=True):
+            if nb[i] != nb[j]:
+                raise SpecError("programs", f"send/recv size mismatch for tag {t}: {nb[i]} vs {nb[j]} bytes")
+    for a, b, t in recvs:
+        if (a, b, t) not in sends:
             raise SpecError("programs", f"recv without send: class {keys[b]} expects tag {t} from {keys[a]}")
-    raise SpecError("programs", "send/recv nodes do not pair up")
+    raise SpecError("programs", "send/recv nodes do not pair up")  # not reached: _pair_p2p found a problem
+
+
+def _int_column(values: list, class_key: dict[str, int], what: str, integer: bool = False) -> np.ndarray:
+    """``values`` as an int64 column (float64 where some are fractional and ``integer`` is false);
+    ``SpecError`` naming ``what`` for anything else (a string tag, an integer past int64)."""
+    if set(map(type, values)) <= {int, bool}:
+        with suppress(OverflowError):
+            return np.array(values, dtype=np.int64)
+    out: list[int | float] = []
+    for v in values:
+        if isinstance(v, Integral) and -2**63 <= v < 2**63:
+            out.append(int(v))
+        elif not integer and isinstance(v, Real):
+            out.append(float(v))
+        else:
+            raise SpecError("programs", f"class {class_key}: send/recv {what} must be "
+                            f"{'integers' if integer else 'numbers'} within int64; got {v!r}")
+    return np.array(out, dtype=np.int64 if all(type(x) is int for x in out) else np.float64)
 
 
 def _spans(kind: np.ndarray, cls: np.ndarray, indeg: np.ndarray, ptr: np.ndarray, idx: np.ndarray,

@@ -22,11 +22,12 @@ and ``sync_wait_s`` never exceeds the step.
 Memory per class: ``static`` categories from ``Program.static_bytes`` (weights, gradients,
 optimizer states: resident all step) plus a dynamic timeline: a node's ``mem_alloc_bytes`` becomes
 live when it starts and its ``mem_free_bytes`` dies when it ends (frees before allocs at equal
-times). Dynamic bytes are put in a category: ``activations`` for COMP nodes and ``comm_buffers`` for communication nodes, except
-a COMP node's ``mem_free_comm_bytes`` (FSDP gathered parameters freed by the matmul that used them),
-which leave ``comm_buffers``; a free larger than what its category holds takes the rest from the
-other dynamic categories (so totals stay exact whatever the labels). The peak is
-the maximum of static + dynamic; ``memory_at_peak_bytes`` breaks it down at that instant.
+times). Dynamic bytes are put in a category: ``activations`` for COMP nodes and ``comm_buffers``
+for communication nodes, except a COMP node's ``mem_free_comm_bytes`` (FSDP gathered parameters
+freed by the matmul that used them), which leave ``comm_buffers``; a free larger than what its
+category holds takes the rest from the other dynamic categories (so totals stay exact whatever the
+labels). The peak is the maximum of static + dynamic; ``memory_at_peak_bytes`` breaks it down at
+that instant.
 OOM: peak > device HBM capacity.
 
 Throughput: ``mfu = sum_c ranks_c * model_flops_c / (step_time_s * world * peak_flops)`` with the
