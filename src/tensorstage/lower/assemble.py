@@ -288,11 +288,37 @@ class StageBuilder:
             return None
         nodes = self.nodes
         append = nodes.append
+        new = object.__new__
         base = nid = len(nodes)
         for rel, name, kind, flops, tbytes, comm, cbytes, axes, pax, poff, tag, cat, op, gemm, route in tmpl:
-            data = ((base + rel[0],) if len(rel) == 1 else tuple([base + d for d in rel])) if rel else entry
-            append(Node(nid, prefix + name, kind, data, (), flops, tbytes, comm, cbytes, axes, pax, poff,
-                        tag + tag_off if tag >= 0 else 0, cat, op, layer, mb, chunk, 0, 0, gemm, route))
+            # Node(...) with its dataclass __init__ inlined: every field, set directly (~0.3 us less per
+            # node than the call through type.__call__ and the generated __init__; 11 M nodes on the
+            # explorer's benchmark sample). tests/test_lower_node_fields.py checks that every field is set.
+            x = new(Node)
+            x.id = nid
+            x.name = prefix + name
+            x.kind = kind
+            x.data_deps = ((base + rel[0],) if len(rel) == 1 else tuple([base + d for d in rel])) if rel else entry
+            x.ctrl_deps = ()
+            x.flops = flops
+            x.tensor_bytes = tbytes
+            x.comm = comm
+            x.comm_bytes = cbytes
+            x.axes = axes
+            x.peer_axis = pax
+            x.peer_offset = poff
+            x.tag = tag + tag_off if tag >= 0 else 0
+            x.category = cat
+            x.op = op
+            x.layer = layer
+            x.microbatch = mb
+            x.chunk = chunk
+            x.mem_alloc_bytes = 0
+            x.mem_free_bytes = 0
+            x.gemm = gemm
+            x.route = route
+            x.mem_free_comm_bytes = 0
+            append(x)
             nid += 1
         if ctrl:  # the order chain: the first node also waits for ``ctrl`` (what it does not already)
             first = nodes[base]
