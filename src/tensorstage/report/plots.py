@@ -71,9 +71,7 @@ def timeline_png(ex: Execution, path: str | Path, title: str = "") -> Path:
     step = ex.step_time_s or 1.0
     k, unit = _scale(step)
     gap = step * 1e-5
-    start = np.asarray(ex.start, dtype=np.float64)
-    end = np.asarray(ex.end, dtype=np.float64)
-    kind = np.asarray(ex.kind, dtype=np.int8)
+    start, end, kind = ex.start_a, ex.end_a, ex.kind_a
     height = min(0.5 * len(rows) + 1.6, 20.0)
     fig = Figure(figsize=(12, height))
     ax = fig.add_subplot(1, 1, 1)

@@ -75,6 +75,7 @@ import heapq
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from itertools import chain
 from numbers import Integral, Real
 from typing import NoReturn
@@ -109,10 +110,12 @@ class Execution:
     world: int
     ranks: list[int]  # ranks per class
     offsets: list[int]  # global id of node 0 of each class; offsets[-1] = total nodes
-    kind: list[int]
-    start: list[float]
-    end: list[float]
-    post: list[float]  # COLL/SEND/RECV: when the node was ready on its stream (start - post = sync wait)
+    # per node, as arrays (the summary reduces them as such); ``kind``, ``start``, ``end``, ``post``
+    # give them as lists, made on first use
+    kind_a: np.ndarray  # engine kind code (K_COMP, K_COLL, K_SEND, K_RECV), int8
+    start_a: np.ndarray
+    end_a: np.ndarray
+    post_a: np.ndarray  # COLL/SEND/RECV: when the node was ready on its stream (start - post = sync wait); else -1
     algorithm: dict[int, str] = field(default_factory=dict)  # COLL gid -> algorithm chosen
     step_time_s: float = 0.0
     #: per class, what the engine already read off its nodes, so the summary need not read them again:
@@ -122,6 +125,22 @@ class Execution:
     #: (the summary then reads the nodes).
     comp_keys: list[tuple[np.ndarray, np.ndarray, list[tuple]]] | None = None
     comm_labels: list[tuple[np.ndarray, dict[str, int]]] | None = None
+
+    @cached_property
+    def kind(self) -> list[int]:
+        return self.kind_a.tolist()
+
+    @cached_property
+    def start(self) -> list[float]:
+        return self.start_a.tolist()
+
+    @cached_property
+    def end(self) -> list[float]:
+        return self.end_a.tolist()
+
+    @cached_property
+    def post(self) -> list[float]:
+        return self.post_a.tolist()
 
 
 def _class_key(p: Program) -> tuple[tuple[str, int], ...]:
@@ -164,7 +183,6 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     total = offsets[-1]
     # vectorized per-node arrays: kind codes, dependency CSR, COMP durations (see _flatten)
     kind_np, cls_np, indeg_np, succ_ptr, succ_idx = _flatten(programs, offsets, total)
-    kind = kind_np.tolist()
     dur_a0, comp_keys = _comp_durations(programs, offsets, kind_np, machine.compute)
     fabric = machine.fabric
     # link contention: seconds each communication keeps a rank's scale-out port busy (0: none)
@@ -260,16 +278,14 @@ def _execute(programs: Sequence[Program], mesh: object, machine: Machine, merge_
     start_a[heads_a] = ss
     post_a = np.full(total, -1.0)
     post_a[heads_a] = post_s
-    start, end, post = start_a.tolist(), end_a.tolist(), post_a.tolist()
-    end_min = float(es.min()) if ns else 0.0
-    missing = [g for g in range(total) if end[g] < 0] if end_min < 0 else []
-    if missing:
-        g = missing[0]
+    missing = np.flatnonzero(end_a < 0)
+    if len(missing):
+        g = int(missing[0])
         c = int(cls_np[g])
         node = programs[c].nodes[g - offsets[c]]
         raise SpecError("programs", f"deadlock: {len(missing)} node(s) never ran; first: class {programs[c].class_key} "
                         f"node {node.id} ({node.name}, {node.kind.name})")
-    return Execution(programs, machine, world, ranks, offsets, kind, start, end, post, algorithm,
+    return Execution(programs, machine, world, ranks, offsets, kind_a, start_a, end_a, post_a, algorithm,
                      float(end_a.max()) if total else 0.0, comp_keys, comm_labels)
 
 

@@ -121,9 +121,7 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
     classes: list[ClassResult] = []
     algos = Counter(ex.algorithm.values())
     tot_model = tot_exec = 0
-    start_all, end_all = np.asarray(ex.start, dtype=np.float64), np.asarray(ex.end, dtype=np.float64)
-    kind_all = np.asarray(ex.kind, dtype=np.int8)
-    post_all = np.asarray(ex.post, dtype=np.float64)
+    start_all, end_all, kind_all, post_all = ex.start_a, ex.end_a, ex.kind_a, ex.post_a
     label_cache: dict[tuple, str] = {}
     for c, prog in enumerate(ex.programs):
         off, stop = ex.offsets[c], ex.offsets[c + 1]
@@ -153,19 +151,20 @@ def _summarize(ex: Execution, tokens_per_step: int) -> SimResult:
         wait = union_length(post_all[off + cidx], cs_)
         mem_ev: list[tuple[float, int, int, str]] = []  # time, 0=free/1=alloc, delta, category
         # dynamic memory events (two C-level filters: the loop body runs only for the few nodes that have one)
-        for node in filter(_ALLOC, nodes):
-            g = off + node.id
-            mem_ev.append((ex.start[g], 1, node.mem_alloc_bytes,
-                           "activations" if ex.kind[g] == K_COMP else "comm_buffers"))
-        for node in filter(_FREE, nodes):
-            g = off + node.id
-            if ex.kind[g] == K_COMP:
+        alloc = list(filter(_ALLOC, nodes))
+        at = [off + n.id for n in alloc]
+        for node, t, k in zip(alloc, start_all[at].tolist(), kind_all[at].tolist(), strict=True):
+            mem_ev.append((t, 1, node.mem_alloc_bytes, "activations" if k == K_COMP else "comm_buffers"))
+        free = list(filter(_FREE, nodes))
+        at = [off + n.id for n in free]
+        for node, t, k in zip(free, end_all[at].tolist(), kind_all[at].tolist(), strict=True):
+            if k == K_COMP:
                 comm_part = node.mem_free_comm_bytes
-                mem_ev.append((ex.end[g], 0, -(node.mem_free_bytes - comm_part), "activations"))
+                mem_ev.append((t, 0, -(node.mem_free_bytes - comm_part), "activations"))
                 if comm_part:
-                    mem_ev.append((ex.end[g], 0, -comm_part, "comm_buffers"))
+                    mem_ev.append((t, 0, -comm_part, "comm_buffers"))
             else:
-                mem_ev.append((ex.end[g], 0, -node.mem_free_bytes, "comm_buffers"))
+                mem_ev.append((t, 0, -node.mem_free_bytes, "comm_buffers"))
         cs, ce = st[comp], en[comp]
         busy = float(dur[comp].sum())
         exposed, exposed_by, exposed_raw = _exposed(cs, ce, cs_, ce_, labels)
