@@ -101,6 +101,12 @@ for _k, _v in _KIND.items():
     _KMAP[int(_k)] = _v
 
 
+def _listed(array_field: str) -> cached_property:
+    """A list copy of the array field ``array_field``, made on first use (for code that indexes node
+    by node: the timeline writer, replay, tests)."""
+    return cached_property(lambda self: getattr(self, array_field).tolist())
+
+
 @dataclass
 class Execution:
     """Raw outcome of :func:`execute`: start/end of every node, by global id (class offset + node id)."""
@@ -126,21 +132,10 @@ class Execution:
     comp_keys: list[tuple[np.ndarray, np.ndarray, list[tuple]]] | None = None
     comm_labels: list[tuple[np.ndarray, dict[str, int]]] | None = None
 
-    @cached_property
-    def kind(self) -> list[int]:
-        return self.kind_a.tolist()
-
-    @cached_property
-    def start(self) -> list[float]:
-        return self.start_a.tolist()
-
-    @cached_property
-    def end(self) -> list[float]:
-        return self.end_a.tolist()
-
-    @cached_property
-    def post(self) -> list[float]:
-        return self.post_a.tolist()
+    kind = _listed("kind_a")
+    start = _listed("start_a")
+    end = _listed("end_a")
+    post = _listed("post_a")
 
 
 def _class_key(p: Program) -> tuple[tuple[str, int], ...]:
