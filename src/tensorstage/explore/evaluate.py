@@ -41,7 +41,8 @@ def simulate_plan(model: str, plan: Any, system: Any) -> Any:
 
     The collector stays paused for the whole evaluation, not only inside each pass: the programs'
     millions of nodes are acyclic and die by reference counting when it ends, while collector
-    passes between the lowering, the engine and the summary would walk all of them (~4 % of a study).
+    passes between the lowering, the engine and the summary would walk all of them (6.8 of ~80 CPU s
+    on the explorer's benchmark sample, docs/benchmarks.md).
     """
     from tensorstage.gcpause import paused_gc
     from tensorstage.lower import lower

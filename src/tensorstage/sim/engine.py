@@ -307,8 +307,7 @@ class _Communication:
         self.algorithm: dict[int, str] = {}
         self.labels: list[tuple[np.ndarray, dict[str, int]]] = []
         # send/recv nodes, as columns over all classes: global id, is a send, sending and receiving
-        # class, tag, bytes, and route (index into ``routes``: the (peer axis, offset) it moves along)
-        self.routes: list[tuple[str, int]] = []
+        # class, tag, bytes, and route (index into ``self.routes``: the (peer axis, offset) it moves along)
         p2p_cols: list[tuple[np.ndarray, ...]] = []
         route_index: dict[tuple[str, int], int] = {}
         inst_first: list[np.ndarray] = []
@@ -431,7 +430,7 @@ class _Communication:
                                  _int_column([x.comm_bytes for x in pn], ck, "message sizes (comm_bytes)"),
                                  np.array(route, dtype=np.int64)[rids]))
             self.labels.append((lab_code, table))
-        self.routes = list(route_index)
+        self.routes: list[tuple[str, int]] = list(route_index)
         cols = [np.concatenate(x) for x in zip(*p2p_cols, strict=True)] if p2p_cols else \
             [np.zeros(0, dtype=bool if i == 1 else np.int64) for i in range(7)]
         self.p2p_g, self.p2p_send, self.p2p_src, self.p2p_dst, self.p2p_tag, self.p2p_bytes, self.p2p_route = cols
