@@ -36,10 +36,12 @@ def _optimizer_bytes_per_param(**opts: object) -> float:
 @pytest.mark.parametrize(
     ("precision", "impl", "per_param"),
     [
-        # fused Adam: read g4 + master4 + m4 + v4, write master4 + m4 + v4 + 16-bit param 2
-        ("fp16", "fused", 16 + 14),
-        # Megatron fp16: zero(w4) + /dp(r4 w4) + unscale(r4 w4) + l2norm(r4) + adam(r16 w12) + copy(r4 w2)
-        ("fp16", "megatron", 4 + 8 + 8 + 4 + 28 + 6),
+        # fused Adam on fp16 gradients (fp16's default): read g2 + master4 + m4 + v4, write master4 +
+        # m4 + v4 + 16-bit param 2
+        ("fp16", "fused", 14 + 14),
+        # Megatron fp16, fp16 gradient buffer: zero(w2) + /dp(r2 w2) + .float() copy(r2 w4) +
+        # unscale(r4 w4) + l2norm(r4) + adam(r16 w12) + copy to the model(r4 w2)
+        ("fp16", "megatron", 2 + 4 + 6 + 8 + 4 + 28 + 6),
         # Megatron bf16: no loss scaler, so no unscale pass
         ("bf16", "megatron", 4 + 8 + 4 + 28 + 6),
         # fp32 training: no master copy, Adam updates the parameter in place, no copy kernel
@@ -48,6 +50,12 @@ def _optimizer_bytes_per_param(**opts: object) -> float:
 )
 def test_optimizer_bytes_per_parameter(precision: str, impl: str, per_param: int) -> None:
     assert _optimizer_bytes_per_param(precision=precision, optimizer_impl=impl) == per_param
+
+
+def test_optimizer_bytes_fp16_with_fp32_gradients() -> None:
+    """``--accumulate-allreduce-grads-in-fp32``: the fp32 buffer is what the step reads, no copy pass:
+    zero(w4) + /dp(r4 w4) + unscale(r4 w4) + l2norm(r4) + adam(r16 w12) + copy to the model(r4 w2)."""
+    assert _optimizer_bytes_per_param(precision="fp16", grad_dtype="fp32") == 4 + 8 + 8 + 4 + 28 + 6
 
 
 def test_optimizer_impl_is_validated() -> None:

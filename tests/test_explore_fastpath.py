@@ -33,21 +33,25 @@ def test_model_flops_match_narayanan_closed_form():
     assert flops == pytest.approx([expect, expect], rel=0.02)
 
 
-def test_zero1_saves_megatron_bytes_per_param():
-    """Megatron's distributed optimizer keeps 6 + 12/DP bytes per parameter instead of 18
-    (public_cases F-MEGATRON-BYTES): ZeRO-1 over DP=8 saves 12 x 7/8 bytes per parameter."""
-    m = _screen(8, dp=np.full(3, 8), zero=np.array([0, 1, 3]), global_batch=np.full(3, 8))
+@pytest.mark.parametrize(("dtype", "total", "sharded"), [("bf16", 18, 12), ("fp16", 20, 16)])
+def test_zero1_saves_megatron_bytes_per_param(dtype: str, total: int, sharded: int):
+    """Megatron's distributed optimizer keeps 6 + 12/DP bytes per parameter instead of 18 with bf16
+    (public_cases F-MEGATRON-BYTES), 4 + 16/DP instead of 20 with fp16 parameters and gradients
+    (Megatron-LM docs/user-guide/features/dist_optimizer.md): ZeRO-1 over DP=8 saves 12 (16) x 7/8
+    bytes per parameter."""
+    m = _screen(8, dp=np.full(3, 8), zero=np.array([0, 1, 3]), global_batch=np.full(3, 8),
+                dtype=np.full(3, dtype))
     params = 12 * L * H**2 * (1 + 13 / (12 * H) + (V + S) / (12 * L * H))  # F-PARAMS-DENSE
     saved = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][1]
-    assert saved == pytest.approx(12 * (1 - 1 / 8) * params, rel=0.01)
-    # ZeRO-3 (F-ADAM-ZERO, with Megatron's 18 bytes): every byte of state sharded, 18 / DP per parameter,
+    assert saved == pytest.approx(sharded * (1 - 1 / 8) * params, rel=0.01)
+    # ZeRO-3 (F-ADAM-ZERO, with Megatron's bytes): every byte of state sharded, total / DP per parameter,
     # less what FSDP2 holds gathered (fp16, 2 bytes) without pipelining: the root unit (embedding table and
     # position embeddings, plus the final LayerNorm; the head is tied) and the layer in use with the one
     # prefetched (fsdp_prefetch = 1)
     layer = 12 * H**2 + 13 * H
     root = (V + S) * H + 2 * H
     saved3 = m["peak_memory_bytes"][0] - m["peak_memory_bytes"][2]
-    assert saved3 == pytest.approx(18 * (1 - 1 / 8) * params - 2 * (root + 2 * layer), rel=0.01)
+    assert saved3 == pytest.approx(total * (1 - 1 / 8) * params - 2 * (root + 2 * layer), rel=0.01)
 
 
 def test_pipeline_bubble_fraction():

@@ -95,10 +95,14 @@ def test_execution_order() -> None:
 
 
 def test_model_state_bytes_per_param() -> None:
+    """Megatron-LM's table (docs/user-guide/features/dist_optimizer.md, non-distributed optimizer):
+    fp16 parameters with fp16 gradients 20, bf16 with fp32 gradients 18, fp32 16 bytes per parameter;
+    ZeRO's K = 12 accounting (16-bit gradients, a fused step with no fp32 gradient copy) 16."""
     assert sum(state_bytes_per_param(GraphOptions(precision="bf16")).values()) == 18  # Megatron
-    assert (
-        sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16")).values()) == 16
-    )  # ZeRO
+    assert sum(state_bytes_per_param(GraphOptions(precision="fp16")).values()) == 20  # Megatron, fp16 grads
+    assert sum(state_bytes_per_param(GraphOptions(precision="fp16", grad_dtype="fp32")).values()) == 18
+    assert sum(state_bytes_per_param(GraphOptions(precision="bf16", grad_dtype="bf16",
+                                                  optimizer_impl="fused")).values()) == 16  # ZeRO
     assert sum(state_bytes_per_param(GraphOptions(precision="fp32")).values()) == 16  # w, g, m, v
     g = build_graph(LLAMA, "train", GraphOptions(optimizer_impl="fused"))
     rep = g.costs({"b": 1, "s": 128}, exact=True)

@@ -326,6 +326,25 @@ def test_dp_all_reduce_ring_volume() -> None:
     assert ex.end[g] - ex.start[g] == pytest.approx(2 * (n - 1) / n * S / B, rel=1e-9)
 
 
+@pytest.mark.parametrize("zero", [0, 1])
+def test_fp16_gradients_megatron(zero: int) -> None:
+    """Megatron-LM with ``--fp16`` (no ``--accumulate-allreduce-grads-in-fp32``): the DDP buffer is
+    fp16, so the data-parallel reduction moves 2 bytes per gradient element, and the optimizer steps
+    on an fp32 copy: Megatron's table (dist_optimizer.md) gives 20 bytes per parameter, 4 + 16/d with
+    the distributed optimizer."""
+    n = 8
+    numel = n * 1024 * 3
+    plan = ParallelPlan.parse(dict(dp=n, zero=zero, dtype="fp16", global_batch=n))
+    w = [LocalWeight("w", ("h", "f"), numel, shape=(n * 3, 1024))]
+    programs, _ = lowered(plan, 1, chain_block("dense", w), options=GraphOptions(precision="fp16"))
+    st = programs[0].static_bytes
+    assert sum(st.values()) == (20 * numel if zero == 0 else 4 * numel + 16 * numel // n)
+    red = [x for x in programs[0].nodes if x.kind == NodeKind.COLL and x.comm != CollKind.ALL_GATHER
+           and "grad_norm" not in x.name]
+    assert [(x.comm, x.comm_bytes) for x in red] == [
+        (CollKind.ALL_REDUCE if zero == 0 else CollKind.REDUCE_SCATTER, 2 * numel)]
+
+
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_model_state_bytes_per_param(zero: int) -> None:
     # mixed precision with fp32 main grads: bf16 params 2, grads 4, fp32 master 4, Adam states 8 bytes

@@ -345,7 +345,7 @@ def _screen_group(graph: Any, machine: Any, c: Mapping[str, np.ndarray]) -> dict
     step = pipe + np.where(zero >= 3, fsdp, dp_exposed + gather_exposed) + opt
     # memory
     state = params_rank * (sb["param"] + np.where(zero >= 2, sb["grad"] / eff_shard, sb["grad"])
-                           + (sb["master"] + sb["optimizer_states"]) / eff_shard)
+                           + (sb["master"] + sb["optimizer_states"] + sb["grad_copy"]) / eff_shard)
     # ZeRO-3 reducing once per step (with pipelining) over several micro-batches accumulates unsharded
     # gradients (lower/dataparallel.py static_bytes)
     grad3 = np.where((pp > 1) & (m > 1), params_rank * sb["grad"], params_rank * sb["grad"] / eff_shard)

@@ -27,7 +27,7 @@ from tensorstage.graph.builder import Builder
 from tensorstage.graph.dims import FREE_SYMBOLS, SYMBOLS, base_dim_sizes, dtype_bytes
 from tensorstage.graph.ir import CATEGORIES, Block, Op, Tensor
 from tensorstage.graph.layers import LayerConfig, embedding, head, transformer_layer
-from tensorstage.graph.optimizer import optimizer_ops
+from tensorstage.graph.optimizer import main_grad_copy_dtype, optimizer_ops
 from tensorstage.graph.options import GraphOptions
 from tensorstage.model.spec import ModelSpec
 
@@ -444,12 +444,19 @@ def build_graph(spec: ModelSpec, phase: str = "train", options: GraphOptions | N
 
 
 def state_bytes_per_param(options: GraphOptions) -> dict[str, int]:
-    """Bytes per parameter of model state under the options' precision and optimizer."""
+    """Bytes per parameter of model state under the options' precision and optimizer.
+
+    ``grad_copy``: the fp32 copy of 16-bit gradients Megatron's mixed-precision optimizer steps on
+    (:func:`~tensorstage.graph.optimizer.main_grad_copy_dtype`; sharded like the master weights).
+    Megatron-LM's own table (``docs/user-guide/features/dist_optimizer.md``): fp16 parameters and
+    gradients 20 bytes (4 + 16/d distributed), bf16 with fp32 gradients 18 (6 + 12/d), fp32 16."""
     prec = options.precision_policy()
     n_states = {"adamw": 2, "adam": 2, "sgd": 1 if options.sgd_momentum else 0}[options.optimizer]
+    copy = main_grad_copy_dtype(options, prec)
     return {
         "param": dtype_bytes(prec.param_dtype),
         "grad": dtype_bytes(prec.grad_dtype),
         "master": dtype_bytes(prec.master_dtype) if prec.master_dtype else 0,
         "optimizer_states": n_states * dtype_bytes(prec.state_dtype),
+        "grad_copy": dtype_bytes(copy) if copy else 0,
     }

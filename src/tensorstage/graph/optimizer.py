@@ -35,7 +35,12 @@ in ``grad_dtype``, ``M`` = master bytes, ``P`` = 16-bit parameter bytes, ``S`` =
 
   fp16 with fp32 grads/master/states: ``4 + 8 + 8 + 4 + 28 + 6`` = **58 bytes per parameter**;
   bf16 (no loss scaler in Megatron): **50**; fp32 training (no master copy): ``4 + 8 + 4 + 28``
-  = **44**. Not included: the clip's rescale of the gradients (only when the norm exceeds
+  = **44**. With 16-bit gradients (fp16's default, :class:`~tensorstage.graph.options.Precision`)
+  the buffer passes (zero, average) touch ``G`` = 2 bytes and one more pass,
+  ``_copy_model_grads_to_main_grads`` (``main_param.grad = model_param.main_grad.float()``:
+  read 2 + write 4), makes the fp32 gradient the unscale, norm and Adam passes then read
+  (:func:`main_grad_copy_dtype`; its memory is ``state_bytes_per_param``'s ``grad_copy``):
+  fp16 ``2 + 4 + 6 + 8 + 4 + 28 + 6`` = **58** as well. Not included: the clip's rescale of the gradients (only when the norm exceeds
   ``clip_grad``, data-dependent) and the scalar all-reduces of the norm and the inf flag (the
   norm's is a COLL node in ``lower.assemble``). The passes are separate multi-tensor kernels in
   Megatron, but each launch there covers up to ~21 M elements (``multi_tensor_apply``: 320 blocks
@@ -46,21 +51,36 @@ from __future__ import annotations
 
 import sympy as sp
 
+from tensorstage.graph.dims import dtype_bytes
 from tensorstage.graph.ir import Op, Tensor
 from tensorstage.graph.options import GraphOptions, Precision
 
 _VFLOPS_PER_ELEM = {"adamw": 12, "adam": 11, "sgd_momentum": 4, "sgd": 2}
-#: Megatron's passes besides the update: grad zero 0, DP average 1, unscale + check 2, L2 norm 2.
-_MEGATRON_EXTRA_VFLOPS = {"zero": 0, "average": 1, "unscale": 2, "norm": 2}
+#: Megatron's passes besides the update: grad zero 0, DP average 1, fp32 copy 0, unscale + check 2,
+#: L2 norm 2.
+_MEGATRON_EXTRA_VFLOPS = {"zero": 0, "average": 1, "copy": 0, "unscale": 2, "norm": 2}
 
 
 def _like(t: Tensor, suffix: str, dtype: str, role: str) -> Tensor:
     return Tensor(f"{t.name}.{suffix}", t.dims, dtype, role, t.numel)
 
 
-def megatron_passes(prec: Precision) -> tuple[str, ...]:
+def main_grad_copy_dtype(options: GraphOptions, prec: Precision) -> str | None:
+    """dtype of the gradient copy Megatron's mixed-precision optimizer steps on, or None.
+
+    ``Float16OptimizerWithFloat16Params._copy_model_grads_to_main_grads`` sets each fp32 master
+    parameter's ``.grad`` to ``main_grad.float()``: a new fp32 tensor when the gradients are
+    16-bit (the same tensor when they are already fp32). Only for the ``megatron`` step with a
+    master copy; a ``fused`` step reads the gradient as it is (DeepSpeed's accounting, ZeRO's
+    K = 12, charges no copy)."""
+    if options.optimizer_impl != "megatron" or not prec.master_dtype:
+        return None
+    return prec.master_dtype if dtype_bytes(prec.grad_dtype) < dtype_bytes(prec.master_dtype) else None
+
+
+def megatron_passes(prec: Precision, grad_copy: bool = False) -> tuple[str, ...]:
     """Names of the gradient passes Megatron makes besides the update (see module docstring)."""
-    passes = ("zero", "average")
+    passes = ("zero", "average") + (("copy",) if grad_copy else ())
     if prec.param_dtype == "fp16":  # dynamic loss scaler: unscale + inf/nan check
         passes += ("unscale",)
     return passes + ("norm",)
@@ -74,9 +94,11 @@ def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision)
         kind = "sgd_momentum"
     n_states = {"adamw": 2, "adam": 2, "sgd_momentum": 1, "sgd": 0}[kind]
     megatron = options.optimizer_impl == "megatron"
-    passes = megatron_passes(prec) if megatron else ()
+    copy_dtype = main_grad_copy_dtype(options, prec)
+    passes = megatron_passes(prec, copy_dtype is not None) if megatron else ()
     for w in weights:
-        grad = _like(w, "grad", prec.grad_dtype, "weight_grad")
+        buffer = _like(w, "grad", prec.grad_dtype, "weight_grad")  # the DDP buffer (main_grad)
+        grad = _like(w, "grad_fp32", copy_dtype, "weight_grad") if copy_dtype else buffer  # what the step reads
         master = _like(w, "master", prec.master_dtype, "master_weight") if prec.master_dtype else w
         states = [
             _like(w, name, prec.state_dtype, "optimizer_state")
@@ -88,9 +110,11 @@ def optimizer_ops(weights: list[Tensor], options: GraphOptions, prec: Precision)
         written = sp.Add(*(t.nbytes for t in outs))
         vflops = _VFLOPS_PER_ELEM[kind] * w.numel
         if megatron:
-            g = grad.nbytes
-            read += sum((g for p in passes if p in ("average", "unscale", "norm")), sp.Integer(0))
-            written += sum((g for p in passes if p in ("zero", "average", "unscale")), sp.Integer(0))
+            g, b = grad.nbytes, buffer.nbytes  # zero and average run on the buffer, the rest on the step's copy
+            read += sum(({"average": b, "copy": b, "unscale": g, "norm": g}.get(p, 0) for p in passes),
+                        sp.Integer(0))
+            written += sum(({"zero": b, "average": b, "copy": g, "unscale": g}.get(p, 0) for p in passes),
+                           sp.Integer(0))
             vflops += sum(_MEGATRON_EXTRA_VFLOPS[p] for p in passes) * w.numel
             if prec.master_dtype:  # separate copy kernel: the update no longer writes w, the copy
                 read += master.nbytes  # reads the master and writes w (counted in ``outs``)

@@ -51,8 +51,16 @@ class Precision:
     def named(cls, name: str, grad_dtype: str | None = None) -> Precision:
         """Policy preset: 16-bit/fp8 compute with fp32 master weights and states.
 
-        Gradients default to fp32 (Megatron's ``main_grad``); pass ``grad_dtype="bf16"`` for
-        frameworks that keep 16-bit gradients (ZeRO paper's 16 bytes/param).
+        Gradients (accumulated and data-parallel reduced in ``grad_dtype``) default to the
+        framework default of each precision: fp32 for bf16 and fp8 (Megatron-LM forces fp32
+        accumulation and reduction for bf16: ``arguments.py``, "bfloat16 requires gradient
+        accumulation and all-reduce to be done in fp32"), **fp16 for fp16**: Megatron-LM's DDP
+        buffers take the parameter dtype unless ``--accumulate-allreduce-grads-in-fp32`` is given
+        (``megatron/model/distributed.py`` ``_get_buffer_type``, April 2021; Megatron-Core's
+        ``grad_reduce_in_fp32`` follows the same flag), and the GPT-3 launch scripts of
+        Narayanan et al. 2021 and the Megatron README run ``--fp16`` without it; DeepSpeed and
+        FSDP2 reduce fp16 gradients in fp16 too. Pass ``grad_dtype`` to override (e.g. ``"fp32"``
+        for ``--accumulate-allreduce-grads-in-fp32``, ``"bf16"`` for 16-bit bf16 gradients).
         """
         require(name in PRECISIONS, "precision", f"unknown precision {name!r}", PRECISIONS)
         if grad_dtype is not None:
@@ -61,7 +69,7 @@ class Precision:
             return cls("fp32", "fp32", "fp32", grad_dtype or "fp32", None, "fp32")
         half = "fp16" if name == "fp16" else "bf16"
         compute = "fp8" if name == "fp8" else half
-        return cls(compute, half, half, grad_dtype or "fp32", "fp32", "fp32")
+        return cls(compute, half, half, grad_dtype or ("fp16" if name == "fp16" else "fp32"), "fp32", "fp32")
 
 
 @dataclass(frozen=True)

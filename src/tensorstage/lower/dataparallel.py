@@ -233,7 +233,9 @@ def static_bytes(weights: Sequence[LocalWeight], plan: ParallelPlan, mesh: Mesh,
     """Model-state bytes resident all step on one rank, by category, sharded per the ZeRO stage.
 
     ZeRO-1 shards optimizer states and master weights, ZeRO-2 also gradients, ZeRO-3 also the
-    parameters (dim 0 padded like FSDP2). Inference keeps only the weights. Exception: ZeRO-3 that
+    parameters (dim 0 padded like FSDP2). Megatron's fp32 copy of 16-bit gradients (``grad_copy``,
+    what its optimizer steps on) is counted under ``gradients`` and sharded like the master
+    weights (Megatron's table: fp16 20 bytes per parameter, 4 + 16/d with the distributed optimizer). Inference keeps only the weights. Exception: ZeRO-3 that
     reduces once per step (:func:`reduces_every_microbatch`: with pipelining) over several
     micro-batches keeps the stage's gradients *unsharded*: each FSDP2 unit accumulates
     ``unsharded_accumulated_grad`` from its first backward to the step's reduce-scatter, most of
@@ -252,7 +254,7 @@ def static_bytes(weights: Sequence[LocalWeight], plan: ParallelPlan, mesh: Mesh,
             continue
         grad_numel = (w.numel if accumulate_unsharded else _dim0_shard_numel(w, n) if zero == 3
                       else flat_shard if zero == 2 else w.numel)
-        out["gradients"] += grad_numel * grad_bytes
+        out["gradients"] += grad_numel * grad_bytes + flat_shard * per["grad_copy"]  # + fp32 copy of 16-bit grads
         out["optimizer_states"] += flat_shard * per["optimizer_states"]
         out["master_weights"] += flat_shard * per["master"]
     if not train:

@@ -94,7 +94,7 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
     # overlapping the reduction with the backward pass came with Megatron-Core's
     # --overlap-grad-reduce in 2023.
     "TRAIN-NARAYANAN21-": {"overlap_grad_reduce": False},
-    "TRAIN-KORTHIKANTI22-": {"overlap_grad_reduce": False},
+    "TRAIN-KORTHIKANTI22-": {"overlap_grad_reduce": False, "grad_dtype": "fp32"},  # (gradients: below)
     "TRAIN-MEGATRON-README-": {"overlap_grad_reduce": False},
     # "2240 GPUs = 8 data-parallel replicas of the 280-GPU Table 3 config": Table 3's micro-batch 1,
     # 3 interleaved chunks, batch 280 per replica.
@@ -110,6 +110,12 @@ COMPLETIONS: dict[str, dict[str, Any]] = {
                                      "overlap": "--overlap-grad-reduce --overlap-param-gather --tp-comm-overlap"},
     # ZeRO Fig. 1 names a 7.5B model only by size: Megatron's 7.5B GPT (Narayanan Table 1).
     "MEM-ZERO-7.5B": {"preset": "megatron-7.5b"},
+    # Korthikanti et al. 2022 state "fp16/bf16"; the case file's own Fig. 1 model state is 18 bytes
+    # per parameter (fp32 gradients: bf16, which Megatron accumulates in fp32, or fp16 with
+    # --accumulate-allreduce-grads-in-fp32), so their gradients are fp32. Narayanan et al. and the
+    # README GPT-3 run are plain --fp16 (their launch scripts): fp16 gradients, the fp16 default.
+    "LAYER-KORTHIKANTI22-": {"grad_dtype": "fp32"},
+    "MEM-KORTHIKANTI22-": {"grad_dtype": "fp32"},
 }
 
 
@@ -299,8 +305,9 @@ def system_for(gpu: Any) -> str:
     raise SpecError("hardware.gpu", f"no system preset for GPU {gpu!r}", allowed=("A100", "H100"))
 
 
-def graph_options(dtype: str) -> GraphOptions:
-    return GraphOptions(precision=dtype, **MEGATRON_2021_OPTIONS)
+def graph_options(dtype: str, case_id: str = "") -> GraphOptions:
+    """Megatron-LM 2021-22 conventions at ``dtype`` (gradient dtype as the case's completion says)."""
+    return GraphOptions(precision=dtype, grad_dtype=_completion(case_id).get("grad_dtype"), **MEGATRON_2021_OPTIONS)
 
 
 def make_plan(par: dict[str, Any], num_gpus: int, seq: int, extra: dict[str, Any]) -> ParallelPlan:
@@ -319,7 +326,7 @@ def make_plan(par: dict[str, Any], num_gpus: int, seq: int, extra: dict[str, Any
     data["micro_batch"] = mb or 1
     data["vpp"] = vpp
     for key in ("micro_batch", "global_batch", "vpp", "recompute", "sp", "schedule", "overlap_grad_reduce",
-                "zero", "overlap_param_gather", "tp_comm_overlap"):
+                "zero", "overlap_param_gather", "tp_comm_overlap", "dtype"):
         if key in extra:
             data[key] = extra[key]
     if data["vpp"] > 1:
@@ -339,14 +346,19 @@ def _training_targets(case: dict[str, Any]) -> list[Target]:
     system = system_for(hw.get("gpu"))
     mcore = is_megatron_core(case)
     spec = gpt_spec(cid, model, extra.get("preset"), mcore=mcore)
-    dtype = "bf16" if mcore and "bf16" in str(par.get("precision", "")).lower() else _dtype(par.get("precision"))
-    opts = GraphOptions(precision=dtype, **MCORE_OPTIONS) if mcore else graph_options(dtype)
+    # Megatron-Core rows: bf16 unless the case says otherwise (the weak-scaling rows: "BF16 implied by
+    # MFU vs 989 TFLOPs"; the strong-scaling rows, which state no precision, are the same table's
+    # 177B model). The plan carries it too, so graph and plan agree (gradients: fp32 for bf16).
+    text = str(par.get("precision", "")).lower()
+    dtype = ("bf16" if "fp16" not in text.replace("bf16", "") else "fp16") if mcore else _dtype(par.get("precision"))
+    opts = GraphOptions(precision=dtype, **MCORE_OPTIONS) if mcore else graph_options(dtype, cid)
     groups = (GROUP_TRAINING, GROUP_T5) if "-T5-" in cid else (GROUP_TRAINING,)
     if mcore:
         groups = (GROUP_TRAINING, GROUP_MCORE)
         tp = _int(extra.get("tp", par.get("tp"))) or 1
         flags = _overlap_flags(extra.get("overlap", par.get("overlap")), tp)
-        extra = {**extra, **({"sp": True} if tp > 1 else {}), **flags}
+        # the plan's dtype is the one the graph is built in (lower.graph_options takes the plan's)
+        extra = {**extra, **({"sp": True} if tp > 1 else {}), **flags, "dtype": dtype}
     groups = (*groups, split_group(cid))
 
     def setup(**over: Any) -> Setup:
@@ -392,7 +404,7 @@ def _layer_targets(case: dict[str, Any]) -> list[Target]:
     tp = _int(par.get("tp")) or 1
     spec = gpt_spec(cid, model)
     plan = make_plan({**par, "pp": 1, "dp": 1, "global_batch": par.get("micro_batch")}, tp, spec.max_seq, {})
-    setup = Setup(spec, plan, graph_options(plan.dtype), "dgx-a100-selene", tp)
+    setup = Setup(spec, plan, graph_options(plan.dtype, cid), "dgx-a100-selene", tp)
     out = []
     for key, value in (case.get("measured") or {}).items():
         if key.endswith("_ms"):
@@ -410,7 +422,7 @@ def _fig1_setup(cid: str, model: dict[str, Any], par: dict[str, Any], mode: str)
     p = {"tp": tp, "pp": pp, "dp": 1, "micro_batch": mb, "activation_recompute": mode,
          "global_batch": mb * pp * 4, "interleaved_chunks_per_stage": vpp}
     plan = make_plan(p, tp * pp, spec.max_seq, {})
-    return Setup(spec, plan, graph_options(plan.dtype), "dgx-a100-selene", tp * pp)
+    return Setup(spec, plan, graph_options(plan.dtype, cid), "dgx-a100-selene", tp * pp)
 
 
 #: Fig. 1/7 measured keys -> (recompute mode text for the plan).
@@ -432,7 +444,8 @@ def _memory_targets(case: dict[str, Any], by_id: dict[str, dict[str, Any]]) -> l
     if cid.startswith("MEM-ZERO"):
         spec = gpt_spec(cid, {}, _completion(cid).get("preset"))
         dp = _int((case.get("parallel") or {}).get("dp")) or 1
-        opts = GraphOptions(precision="fp16", grad_dtype="fp16", **MEGATRON_2021_OPTIONS)
+        # ZeRO's accounting (K = 12): 16-bit gradients, no fp32 gradient copy (a fused step)
+        opts = GraphOptions(precision="fp16", grad_dtype="fp16", optimizer_impl="fused", **MEGATRON_2021_OPTIONS)
         for key, value in measured.items():
             stage = 0 if key.startswith("baseline") else int(key[len("zero")])
             plan = ParallelPlan.parse({"dp": dp, "zero": stage, "dtype": "fp16", "global_batch": dp,
