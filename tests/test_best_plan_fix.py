@@ -137,3 +137,30 @@ def test_a_network_value_is_checked_as_its_dimension_alone():
             "parameters": {"plan": {"tp": [1, 8]}, "network": {"pod.npus": [2, 4, 8], "leaf.npus": [1, 2, 4]}},
             "derived": {"dp": "gpus // tp"}}
     assert parse_space(data).grid_size == 18
+
+
+def test_memory_reserve_turns_layouts_over_the_reduced_limit_out_of_memory():
+    """``--memory-reserve-gib R``: a layout whose simulated peak fits the HBM but not HBM - R is ``oom``
+    (what the CUDA context, NCCL buffers and fragmentation need is not modelled: the user reserves it)."""
+    hbm_gib = load_system("dgx-a100-selene", 8).device.hbm_bytes / 2**30
+    free = json.loads(CliRunner().invoke(app, [*BASE, "--json"]).output)
+    peaks = sorted(r["peak_memory_GiB"] for r in free["ranking"] if r["status"] == "ok")
+    assert len(peaks) >= 2 and peaks[0] < peaks[-1]
+    limit = (peaks[0] + peaks[-1]) / 2  # between the smallest and the largest simulated peak
+    res = CliRunner().invoke(app, [*BASE, "--json", "--memory-reserve-gib", str(hbm_gib - limit)])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert got["ranking"]
+    for row in got["ranking"]:
+        assert (row["peak_memory_GiB"] <= limit) == (row["status"] == "ok"), (row, limit)
+    assert any(r["status"] == "oom" for r in got["ranking"])
+    best = [r for r in got["ranking"] if r["status"] == "ok"][0]
+    assert best["peak_memory_GiB"] <= limit < peaks[-1]
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "80", "1000"])
+def test_bad_memory_reserve_exits_2_with_one_line(monkeypatch, capsys, value):
+    r = run_main(monkeypatch, capsys, *BASE, "--memory-reserve-gib", value)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "memory" in lines[0] and "reserve" in lines[0], r.stderr

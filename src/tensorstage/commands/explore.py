@@ -80,7 +80,7 @@ def pinned_fields(items: list[str]) -> dict[str, Any]:
 
 def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, objective: str, dtype: str,
                top: int, out: Path | None, json_out: bool, workers: int = 1, uneven: bool = True,
-               fixed: dict[str, Any] | None = None) -> None:
+               fixed: dict[str, Any] | None = None, memory_reserve_gib: float = 0.0) -> None:
     import yaml
 
     from tensorstage.explore.bestplan import best_plan, rank_table
@@ -88,7 +88,7 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
     from tensorstage.report.console import print_json, print_table
 
     bp = best_plan(model, system, gpus, global_batch, seq, objective=objective, dtype=dtype, top=top, workers=workers,
-                   uneven=uneven, fixed=fixed or None)
+                   uneven=uneven, fixed=fixed or None, memory_reserve_bytes=memory_reserve_gib * 2**30)
     rows = rank_table(bp)
     best = bp.best
     if out is not None and best is not None:
@@ -104,7 +104,8 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
                 f"top {len(rows)} simulated", cols,
                 [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in rows])
     if best is None:
-        typer.echo("no simulated layout fits in memory")
+        typer.echo("no simulated layout fits in memory" + (f" less the {memory_reserve_gib:g} GiB reserve"
+                                                          if memory_reserve_gib else ""))
     elif out is not None:
         typer.echo(f"best plan: {out}")
 
@@ -204,6 +205,9 @@ def register(app: typer.Typer) -> None:
                                          "(no uneven stages or model chunks, as Megatron-LM before Core)."),
         fix: list[str] = typer.Option([], "--fix", help="Pin a plan field, KEY=VALUE (repeatable; VALUE as in a "
                                       "plan YAML), e.g. --fix zero=0 --fix recompute=full --fix sp=false."),
+        memory_reserve_gib: float = typer.Option(
+            0.0, "--memory-reserve-gib", help="HBM (GiB) to keep free for what is not modelled: CUDA context, "
+            "NCCL buffers, allocator fragmentation; layouts above HBM less this are out of memory."),
         out: Path | None = typer.Option(None, "--out", help="Write the best plan YAML here."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
@@ -211,10 +215,12 @@ def register(app: typer.Typer) -> None:
         for name, v in (("gpus", gpus), ("global_batch", global_batch), ("seq", seq)):
             if v < 1:
                 raise SpecError(name, f"must be >= 1, got {v}")
+        if not memory_reserve_gib >= 0:
+            raise SpecError("--memory-reserve-gib", f"must be >= 0, got {memory_reserve_gib}")
         if out is not None and out.is_dir():
             raise SpecError("out", f"{out} is a directory; give a file path (e.g. best.yaml)")
         _best_plan(model, system, gpus, global_batch, seq, objective, dtype, top, out, json_out, workers,
-                   not even_splits, pinned_fields(fix))
+                   not even_splits, pinned_fields(fix), memory_reserve_gib)
 
     @app.command("best-serving")
     def best_serving_cmd(

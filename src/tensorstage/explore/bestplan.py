@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from tensorstage.errors import SpecError
-from tensorstage.explore.evaluate import OK, training_step
+from tensorstage.explore.evaluate import OK, OOM, training_step
 from tensorstage.explore.executors import LocalExecutor
 from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
-from tensorstage.explore.setup import Task, make_task
+from tensorstage.explore.setup import Task, build_system, make_task
 from tensorstage.explore.space import Space, parse_space
 from tensorstage.parallel.plan import ParallelPlan
 
@@ -144,16 +144,24 @@ def screen_layouts(space: Space) -> tuple[list[Task], list[dict[str, Any]], int]
 
 def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *, objective: str = "step_time_s",
               dtype: str = "bf16", top: int = 8, fixed: dict[str, Any] | None = None, workers: int = 1,
-              uneven: bool = True) -> BestPlan:
+              uneven: bool = True, memory_reserve_bytes: float = 0.0) -> BestPlan:
     """Search training layouts (module docstring); ``fixed`` pins plan keys (e.g. ``{"tp": 8}``);
     ``workers > 1`` simulates on a process pool of that size (same result); ``uneven``: see
-    :func:`layout_space`."""
+    :func:`layout_space`.
+
+    ``memory_reserve_bytes``: HBM kept free of what the simulator counts (model state, activations,
+    communication buffers). The CUDA context, library workspaces, NCCL's own buffers and the
+    allocator's fragmentation are not modelled and depend on the software stack, so the reserve is
+    the user's to give (default none): a layout whose simulated peak exceeds the HBM less the
+    reserve is reported ``oom``, and the screen prunes against the same limit."""
     if objective not in OBJECTIVES:
         raise SpecError("objective", f"unknown objective {objective!r}", OBJECTIVES)
     if top < 1:
         raise SpecError("top", f"must be >= 1, got {top}")
     if workers < 1:
         raise SpecError("workers", f"must be >= 1, got {workers}")
+    if not memory_reserve_bytes >= 0:  # also rejects NaN
+        raise SpecError("memory_reserve_bytes", f"must be >= 0, got {memory_reserve_bytes}")
     t0 = time.perf_counter()
     for name, value in (("dtype", dtype), ("seq", seq), ("global_batch", global_batch)):
         ParallelPlan.check_field(name, value, "")  # named as the option, not as a space's fixed value
@@ -166,7 +174,12 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
         raise SpecError(*_no_layout_reason(space, gpus, global_batch, fixed))
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
-    fits = [i for i, r in enumerate(fast) if r["metrics"]["memory_fraction"] <= PRUNE_MEMORY_FRACTION]
+    hbm = float(build_system(space.system, gpus).device.hbm_bytes)
+    if not memory_reserve_bytes < hbm:
+        raise SpecError("memory_reserve_bytes", f"must be below the device's HBM ({hbm / 2**30:.1f} GiB), got "
+                        f"{memory_reserve_bytes / 2**30:.1f} GiB")
+    limit = hbm - memory_reserve_bytes
+    fits = [i for i, r in enumerate(fast) if r["metrics"]["peak_memory_bytes"] <= PRUNE_MEMORY_FRACTION * limit]
     order = sorted(fits, key=lambda i: (sign * fast[i]["metrics"][objective], tasks[i].key))
     out = BestPlan(model, system, gpus, objective, enumerated, len(tasks), t1 - t0)
     found = 0
@@ -179,7 +192,7 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
             chunk = todo[start: start + max(1, workers)]
             done = dict(ex.run([tasks[i] for i in chunk])) if ex else {0: training_step(tasks[chunk[0]])}
             for j, i in enumerate(chunk):
-                res = done[j]
+                res = _within_reserve(done[j], limit, memory_reserve_bytes)
                 out.simulated.append(Ranked(tasks[i].plan, fast[i]["metrics"], res["metrics"] or None,
                                             res["status"], res["message"]))
                 found += res["status"] == OK
@@ -195,6 +208,15 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
     out.simulated = ok + [r for r in out.simulated if r.status != OK]
     out.wall_s = time.perf_counter() - t0
     return out
+
+
+def _within_reserve(res: dict[str, Any], limit: float, reserve: float) -> dict[str, Any]:
+    """``res`` with status ``oom`` when its simulated peak fits the HBM but not the HBM less the reserve."""
+    if not reserve or res["status"] != OK or res["metrics"]["peak_memory_bytes"] <= limit:
+        return res
+    gib = 2**30
+    return {**res, "status": OOM, "message": f"peak memory {res['metrics']['peak_memory_bytes'] / gib:.1f} GiB > "
+            f"HBM less the {reserve / gib:.1f} GiB reserve ({limit / gib:.1f} GiB)"}
 
 
 def _no_layout_reason(space: Space, gpus: int, global_batch: int, fixed: dict[str, Any] | None
