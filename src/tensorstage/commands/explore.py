@@ -22,7 +22,7 @@ from tensorstage.errors import SpecError
 
 
 def _explore(space_file: Path, agent: str, budget: int | None, out: Path, workers: int, ray: bool,
-             ray_address: str | None, seed: int, batch: int, evaluator: str | None) -> None:
+             ray_address: str | None, seed: int, batch: int, evaluator: str | None, json_out: bool = False) -> None:
     from tensorstage.explore.executors import make_executor
     from tensorstage.explore.outputs import write_outputs
     from tensorstage.explore.search import run_study
@@ -39,6 +39,13 @@ def _explore(space_file: Path, agent: str, budget: int | None, out: Path, worker
     finally:
         executor.close()
     files = write_outputs(res, out)
+    if json_out:  # the summary the study wrote, with where each output is
+        import json
+
+        from tensorstage.report.console import print_json
+
+        print_json({**json.loads(files["summary"].read_text()), "files": {k: str(v) for k, v in sorted(files.items())}})
+        return
     best = res.best()
     typer.echo(f"{res.evaluations} evaluations, {len(res.trials)} trials ({agent}); outputs in {out}")
     if best is None:
@@ -84,6 +91,7 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
     import yaml
 
     from tensorstage.explore.bestplan import best_plan, rank_table
+    from tensorstage.explore.search import PRUNE_MEMORY_FRACTION
     from tensorstage.fileio import write_text_atomic
     from tensorstage.report.console import print_json, print_table
 
@@ -98,16 +106,25 @@ def _best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, 
         print_json({"model": model, "system": system, "gpus": gpus, "objective": objective,
                     "enumerated": bp.enumerated, "legal": bp.legal, "ranking": rows,
                     "best_plan": None if best is None else dict(sorted(best.plan.items()))})
+    elif rows:
+        print_table(f"{model} on {gpus} x {system}: {bp.legal:,} legal layouts of {bp.enumerated:,} screened, "
+                    f"top {len(rows)} simulated", list(rows[0]),
+                    [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in rows])
+    if best is not None:
+        if out is not None and not json_out:
+            typer.echo(f"best plan: {out}")
         return
-    cols = list(rows[0]) if rows else ["tp"]
-    print_table(f"{model} on {gpus} x {system}: {bp.legal:,} legal layouts of {bp.enumerated:,} screened, "
-                f"top {len(rows)} simulated", cols,
-                [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in rows])
-    if best is None:
-        typer.echo("no simulated layout fits in memory" + (f" less the {memory_reserve_gib:g} GiB reserve"
-                                                          if memory_reserve_gib else ""))
-    elif out is not None:
-        typer.echo(f"best plan: {out}")
+    # nothing fits: say why on stderr and exit 1 (a search without an answer, not bad input)
+    reserve = f" less the {memory_reserve_gib:g} GiB reserve" if memory_reserve_gib else ""
+    more = "more GPUs" + (" or fewer --fix pins" if fixed else "")
+    if rows:
+        why = (f"none of the {len(rows)} simulated layouts (the best screened) fits in memory{reserve}; "
+               f"raise --top to simulate more of them, or try {more}")
+    else:
+        why = (f"none of the {bp.legal:,} legal layouts fits in memory{reserve} by the screen's estimate "
+               f"(it prunes above {PRUNE_MEMORY_FRACTION:g} x the limit); try {more}")
+    typer.echo(f"best-plan: {why}", err=True)
+    raise typer.Exit(1)
 
 
 def _best_serving(model: str, system: str, gpus: int, dtype: str, kv_dtype: str | None, engine: str,
@@ -181,13 +198,14 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(8, "--batch", help="Configurations asked per round."),
         evaluator: str | None = typer.Option(None, "--evaluator", help="full, fast or screened "
                                              "(default: the space's)."),
+        json_out: bool = typer.Option(False, "--json", help="Print the study's summary as JSON."),
     ) -> None:
         """Search a design space: trials, best plan, Pareto front, convergence plot."""
         if budget is not None and budget < 1:
             raise SpecError("budget", f"must be >= 1, got {budget}")
         if batch < 1:
             raise SpecError("batch", f"must be >= 1, got {batch}")
-        _explore(space_file, agent, budget, out, workers, ray, ray_address, seed, batch, evaluator)
+        _explore(space_file, agent, budget, out, workers, ray, ray_address, seed, batch, evaluator, json_out)
 
     @app.command("best-plan")
     def best_plan_cmd(

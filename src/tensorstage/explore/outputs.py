@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from tensorstage.explore.evaluate import PRUNED
 from tensorstage.explore.search import StudyResult
 from tensorstage.explore.setup import build_system, make_task
 from tensorstage.explore.space import METRICS, Space
@@ -61,12 +62,13 @@ def pareto_trials(res: StudyResult) -> list[Trial]:
 
 
 def convergence(res: StudyResult) -> tuple[np.ndarray, np.ndarray]:
-    """Best first objective so far (as reported) after each full or fast evaluation."""
+    """Best first objective so far (as reported) after each full or fast evaluation: what the budget
+    counts, so a screen-pruned trial (stored with source ``fast``, never evaluated) is not one."""
     sign = res.space.objectives[0].sign()
     best, xs, ys = np.inf, [], []
     n = 0
     for t in res.trials:
-        if t.source not in ("full", "fast"):
+        if t.source not in ("full", "fast") or t.status == PRUNED:
             continue
         n += 1
         if t.objectives is not None and t.status == "ok":
@@ -97,7 +99,8 @@ def plot_convergence(curves: dict[str, tuple[np.ndarray, np.ndarray]], ylabel: s
     ax.set_xlabel("evaluations")
     ax.set_ylabel(f"best {ylabel}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing feasible yet: no curve to name
+        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=DPI, metadata=PNG_METADATA)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,14 @@ from tensorstage.explore.study import Trial, TrialStore
 #: Above 1 because the screen's memory is an estimate (within ~2 % of the simulator's peak on
 #: the plans checked in ``bench/bench_explore.py``); the simulator has the last word.
 PRUNE_MEMORY_FRACTION = 1.10
-#: Asks per unit of budget before the loop gives up on an agent that proposes nothing new.
+#: Asks per unit of budget before the loop gives up on an agent that proposes nothing new. The loop
+#: also ends once every point of the space has been proposed (a budget larger than the space).
 ASK_CAP_FACTOR = 50
+#: Grids up to this size have their parameter constraints checked over every configuration before
+#: a study starts (a vectorised pass, well under a second), so a space that admits nothing is an error.
+FEASIBILITY_CHECK_MAX = 1_000_000
+#: Largest seed every agent accepts (numpy's and optuna's generators take 32-bit seeds).
+MAX_SEED = 2**32 - 1
 STORE_NAME = "study.sqlite"
 
 
@@ -187,6 +194,23 @@ def _screen_fields() -> tuple[str, ...]:
     return SCREEN_FIELDS
 
 
+def _check_some_configuration_feasible(space: Space) -> None:
+    """A one-line ``SpecError`` before anything runs when the space's parameter constraints admit no
+    configuration at all (naming the first constraint no configuration meets, if one alone does it);
+    checked over the whole grid when it is small enough to do so at once (else the search finds out
+    trial by trial)."""
+    pre = space.pre_constraints()
+    if not pre or space.grid_size > FEASIBILITY_CHECK_MAX:
+        return
+    mask, cols = space.feasible_mask(space.enumerate_indices())
+    if mask.any():
+        return
+    env = space.env(cols)
+    alone = [c.text for c in pre if not np.asarray(c(env), dtype=bool).any()]
+    why = f"{alone[0]!r} holds for none of them" if alone else "no configuration meets all of them together"
+    raise SpecError("constraints", f"none of the space's {space.grid_size:,} configurations is feasible: {why}")
+
+
 def run_study(space: Space, agent: str, budget: int | None = None, out: str | Path | None = None, *,
               seed: int = 0, batch: int = 8, executor: LocalExecutor | RayExecutor | None = None,
               evaluator: str | None = None) -> StudyResult:
@@ -194,20 +218,26 @@ def run_study(space: Space, agent: str, budget: int | None = None, out: str | Pa
     (an in-memory store when ``out`` is ``None``). Re-running with the same ``out`` resumes."""
     budget = budget or space.budget
     evaluator = evaluator or space.evaluator
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise SpecError("seed", f"must be an integer 0 .. 2**32 - 1 (what numpy and optuna seed), got {seed!r}")
     meta = {"space": space_digest(space), "agent": agent, "seed": str(seed), "evaluator": evaluator,
             "batch": str(batch)}
     ag = make_agent(agent, space, seed)  # an unknown agent fails before any file is written
+    _check_some_configuration_feasible(space)
     store = TrialStore(Path(out) / STORE_NAME if out is not None else ":memory:", meta)
     own = executor is None
     executor = executor or LocalExecutor(1)
     runner = _Runner(space, store, executor, evaluator)
     number = 0
+    points = math.prod(space.sizes)  # distinct index vectors an agent can propose
+    seen: set[tuple[int, ...]] = set()
     try:
-        while runner.evaluations < budget and number < ASK_CAP_FACTOR * budget:
+        while runner.evaluations < budget and number < ASK_CAP_FACTOR * budget and len(seen) < points:
             want = min(batch, max(1, budget - runner.evaluations))
             idx = ag.ask(want)
-            if not idx:
+            if not idx:  # the agent has nothing new (e.g. a GA that only finds duplicates)
                 break
+            seen.update(idx)
             trials = runner.batch(number, idx)
             number += len(idx)
             signs = [o.sign() for o in space.objectives]

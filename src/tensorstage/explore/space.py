@@ -286,7 +286,7 @@ def model_constants(model: str) -> dict[str, Any]:
 
 def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Space:
     """Validate a space mapping (the parsed YAML) into a :class:`Space`; problems are one-line ``SpecError``s.
-    A relative system YAML path is taken relative to ``base`` (the space file's folder)."""
+    A relative model or system YAML path is taken relative to ``base`` (the space file's folder)."""
     from tensorstage.hardware import load_system
     from tensorstage.hardware.presets import looks_like_path
 
@@ -303,9 +303,12 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
     gpus = data["gpus"]
     if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
         raise SpecError(f"{where}.gpus", f"must be a positive integer, got {gpus!r}")
+    for key in ("model", "system"):  # a file named in the space is found beside it, wherever the command runs
+        text = str(data[key])
+        is_file = looks_like_path(text) or text.endswith(".json")  # a model may be an HF config.json
+        if base is not None and is_file and not Path(text).is_absolute():
+            data = {**data, key: str((base / str(data[key])).resolve())}
     consts = model_constants(str(data["model"]))
-    if base is not None and looks_like_path(str(data["system"])) and not Path(str(data["system"])).is_absolute():
-        data = {**data, "system": str((base / str(data["system"])).resolve())}
     system = load_system(str(data["system"]), gpus)
     consts["system.gpus_per_node"] = system.gpus_per_node
     dims = [d.name for d in system.network]
@@ -345,7 +348,9 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
             raise SpecError(f"{where}.derived.{name}", f"refers to itself: {ex.text}")
         derived[str(name)] = ex
     constraints = [compile_expr(t, f"{where}.constraints[{i}]") for i, t in enumerate(data.get("constraints") or [])]
-    objectives = _objectives(data.get("objectives") or [{"metric": "step_time_s", "goal": "min"}], where)
+    raw_objectives = data.get("objectives")  # not given: minimise the step time; given empty: an error
+    objectives = _objectives([{"metric": "step_time_s", "goal": "min"}] if raw_objectives is None else raw_objectives,
+                             where)
     budget = data.get("budget", 100)
     if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
         raise SpecError(f"{where}.budget", f"must be a positive integer, got {budget!r}")
@@ -372,7 +377,10 @@ def _objectives(raw: Any, where: str) -> list[Objective]:
         if "metric" in o and o["metric"] not in METRICS:
             raise SpecError(f"{w}.metric", f"unknown metric {o['metric']!r}", METRICS)
         text = o.get("metric") or o["expr"]
-        out.append(Objective(str(o.get("name") or text), goal, compile_expr(text, w)))
+        name = str(o.get("name") or text)
+        if name in {x.name for x in out}:
+            raise SpecError(w, f"objective {name!r} is given twice (a name must be unique)")
+        out.append(Objective(name, goal, compile_expr(text, w)))
     return out
 
 

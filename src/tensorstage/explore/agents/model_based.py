@@ -61,7 +61,10 @@ class _Pymoo:
 
     def ask(self, n: int) -> list[Index]:
         if self.pop is None:
-            self.pop = self.algo.ask()
+            pop = self.algo.ask()
+            if pop is None or len(pop) == 0:  # pymoo found no offspring that is not a duplicate: the
+                return []  # space is exhausted (smaller than the budget), so the search ends
+            self.pop = pop
             X = np.clip(np.rint(self.pop.get("X")), 0, np.array(self.space.sizes) - 1).astype(int)
             self.pending = [tuple(int(v) for v in row) for row in X]
             self.handed = 0
