@@ -90,6 +90,7 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
         cap = find_max_qps(spec, load_system(system), plan, workload, ttft, tpot)
         doc = {"model": spec.name, "system": system, "engine": profile.name, "tp": tp, "replicas": replicas,
                "max_rate_per_s": round(cap.max_rate_per_s, 6), "offline_rate_per_s": round(cap.offline_rate_per_s, 6),
+               "limited_by": cap.limited_by,
                "probes": [{"rate_per_s": round(r, 6), "meets_slo": ok} for r, ok in cap.probes],
                "at_max": None if cap.at_max is None else cap.at_max.metrics.summary()}
         if json_out:
@@ -97,8 +98,10 @@ def _serve(model: str, system: str, engine: str, tp: int, replicas: int, weight_
         else:
             print_table("Rate search (p99 TTFT and TPOT within the SLOs)", ["rate/s", "meets SLO"],
                         [[p["rate_per_s"], "yes" if p["meets_slo"] else "no"] for p in doc["probes"]])
+            why = {"throughput": "; the SLOs hold at the throughput ceiling, so this is that ceiling",
+                   "slo": "; an SLO binds below the throughput ceiling", "none": ""}[cap.limited_by]
             print(f"max rate meeting the SLOs: {cap.max_rate_per_s:.4g} requests/s "
-                  f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s)")
+                  f"(offline capacity {cap.offline_rate_per_s:.4g} requests/s{why})")
         return
     n_req = len(workload) if isinstance(workload, RequestTable) else workload.num_requests
     kwargs = dict(engine=engine, tp=tp, replicas=plan.replicas, weight_dtype=weight_dtype, kv_dtype=kv_dtype,

@@ -105,6 +105,7 @@ def _evaluate(spec: Any, system: Any, plan: Any, workload: Any, slo_ttft_s: floa
         cap = find_max_qps(spec, system, plan, replace(workload, arrival="poisson", rate_per_s=1.0), slo_ttft_s,
                            slo_tpot_s, predictor=pred)
         out["max_qps"] = cap.max_rate_per_s
+        out["qps_ceiling"] = cap.offline_rate_per_s
         if cap.at_max is not None:
             a = cap.at_max.metrics
             out.update(ttft_p99_ms=a.ttft_s["p99"] * 1e3, tpot_p99_ms=a.tpot_s["p99"] * 1e3,
@@ -241,7 +242,12 @@ def rank_rows(bs: BestServing) -> list[dict[str, Any]]:
                                "offline_mean_running": m.get("offline_mean_running"),
                                "offline_preemptions": _int(m.get("offline_preemptions"))}
         if bs.objective == "max_qps":
-            row.update(max_qps=m.get("max_qps"), ttft_p99_ms=m.get("ttft_p99_ms"), tpot_p99_ms=m.get("tpot_p99_ms"))
+            # throughput: the SLOs hold at the sustainable ceiling, so the answer is that ceiling, not an SLO's
+            # limit; slo: an SLO binds below it
+            bound = (None if m.get("max_qps") is None or m.get("ttft_p99_ms") is None else
+                     "throughput" if m["max_qps"] >= m.get("qps_ceiling", float("inf")) else "slo")
+            row.update(max_qps=m.get("max_qps"), limited_by=bound, ttft_p99_ms=m.get("ttft_p99_ms"),
+                       tpot_p99_ms=m.get("tpot_p99_ms"))
         row["status"] = d.status if d.status == OK else f"{d.status}: {d.message}"
         rows.append(row)
     return rows

@@ -1,8 +1,13 @@
 """Serving capacity: the highest Poisson rate whose p99 TTFT and p99 TPOT meet the SLOs.
 
 Bisection over the arrival rate, as Vidur-Search does: the upper bracket is the offline
-throughput (requests/s with every request queued at t = 0: no rate can be served faster), the
-lower bracket 0. Each probe is a full simulation with the same seeded lengths and arrival draws
+throughput (requests/s with every request queued at t = 0: no rate can be served faster for long),
+the lower bracket 0. The offline throughput is the *saturated* rate (output tokens/s while queues
+were non-empty, over the mean output length) when the offline run reaches that steady state, else
+the whole run's rate (which counts the ramp and the drain, and can exceed what is sustainable).
+When the SLOs already hold at that ceiling the capacity is ``throughput``-bound, not ``slo``-bound
+(:attr:`CapacityResult.limited_by`): a finite run at a higher rate may still meet them while its
+queue grows, which says nothing about a sustained load. Each probe is a full simulation with the same seeded lengths and arrival draws
 scaled to the rate, so the search is deterministic. The criterion is MLPerf Server's: a run is valid
 when p99 TTFT <= ``slo_ttft_s`` and p99 TPOT <= ``slo_tpot_s`` (either may be None).
 """
@@ -22,12 +27,32 @@ from tensorstage.serve.workloads import Workload
 
 @dataclass
 class CapacityResult:
-    """The highest rate meeting the SLOs, the run at that rate, and every probe (rate, met)."""
+    """The highest rate meeting the SLOs, the run at that rate, and every probe (rate, met).
+
+    ``offline_rate_per_s``: the upper bracket (module docstring); ``limited_by``: ``throughput`` when
+    the SLOs hold at it (the answer is the throughput ceiling), ``slo`` when they bind below it,
+    ``none`` when no probed rate met them."""
 
     max_rate_per_s: float
     offline_rate_per_s: float
     at_max: ServingResult | None
     probes: list[tuple[float, bool]]
+
+    @property
+    def limited_by(self) -> str:
+        if self.at_max is None:
+            return "none"
+        return "throughput" if self.max_rate_per_s >= self.offline_rate_per_s else "slo"
+
+
+def ceiling_rate_per_s(offline: ServingResult) -> float:
+    """Requests/s no sustained Poisson load can exceed: the saturated output rate over the mean output
+    length when the offline run has a steady state, else the whole run's request rate."""
+    m = offline.metrics
+    sat = m.extra.get("saturated_output_tokens_per_s")
+    if sat and m.output_tokens_per_s > 0:
+        return min(m.requests_per_s, sat * m.requests_per_s / m.output_tokens_per_s)
+    return m.requests_per_s
 
 
 def meets(result: ServingResult, slo_ttft_s: float | None, slo_tpot_s: float | None) -> bool:
@@ -46,11 +71,11 @@ def find_max_qps(spec: ModelSpec, system: SystemSpec, plan: ServingPlan, workloa
         raise SpecError("--find-max-qps", "needs --slo-ttft-ms and/or --slo-tpot-ms")
     pred = predictor or build_predictor(spec, system, plan)
     offline = simulate(spec, system, plan, replace(workload, arrival="offline"), predictor=pred)
-    hi = offline.metrics.requests_per_s
+    hi = ceiling = ceiling_rate_per_s(offline)
     lo, best = 0.0, None
     probes: list[tuple[float, bool]] = []
     for _ in range(max_probes):
-        if hi - lo <= rel_tol * offline.metrics.requests_per_s:
+        if hi - lo <= rel_tol * ceiling:
             break
         rate = (lo + hi) / 2 if best is not None or probes else hi
         res = simulate(spec, system, plan, replace(workload, arrival="poisson", rate_per_s=rate), predictor=pred)
@@ -64,7 +89,7 @@ def find_max_qps(spec: ModelSpec, system: SystemSpec, plan: ServingPlan, workloa
                 break
         else:
             hi = rate
-    return CapacityResult(lo, offline.metrics.requests_per_s, best, probes)
+    return CapacityResult(lo, ceiling, best, probes)
 
 
-__all__ = ["CapacityResult", "find_max_qps", "meets"]
+__all__ = ["CapacityResult", "ceiling_rate_per_s", "find_max_qps", "meets"]
