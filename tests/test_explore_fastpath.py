@@ -149,3 +149,24 @@ def test_uneven_pipeline_fill_and_drain_is_the_other_stages_time(global_batch):
         tp=1, pp=16, dp=1, zero=0, recompute="full", micro_batch=1, seq=2048, global_batch=global_batch,
         pp_layer_split=balanced_split(24, 16))).result.step_time_s
     assert fast == pytest.approx(full, rel=0.15)
+
+
+def test_screen_builds_the_graph_the_plan_names():
+    """Graph conventions in the plan (materialized attention, dropout, Megatron's kernels) change what
+    the full simulation costs, so the screen costs the same graph: slower and larger than flash
+    attention without dropout, and nearer the simulator than the default graph's screen was."""
+    base = {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "global_batch": 8, "seq": S, "dtype": "fp16",
+            "recompute": "none", "zero": 1}
+    mat = {**base, "attention_impl": "materialized", "attention_flops": "full", "dropout": True,
+           "megatron_fusions": True}
+    both = screen(MODEL, build_system(SYSTEM, 8), {k: np.array([base.get(k), mat[k]], dtype=object)
+                                                    if k not in base else np.array([base[k], mat[k]])
+                                                    for k in mat}, 2)
+    assert both["step_time_s"][1] > both["step_time_s"][0]
+    assert both["peak_memory_bytes"][1] > both["peak_memory_bytes"][0]
+    full = training_step(Task(MODEL, SYSTEM, 8, mat))
+    assert full["status"] == "ok"
+    sim = full["metrics"]["step_time_s"]
+    assert abs(both["step_time_s"][1] - sim) < abs(both["step_time_s"][0] - sim)
+    sim_mem = full["metrics"]["peak_memory_bytes"]
+    assert abs(both["peak_memory_bytes"][1] - sim_mem) < abs(both["peak_memory_bytes"][0] - sim_mem)

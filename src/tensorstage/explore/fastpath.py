@@ -46,7 +46,11 @@ from tensorstage.parallel.plan import DTYPE_BYTES, ParallelPlan
 #: Plan fields the screen reads, with the plan's own defaults for the ones a space leaves out.
 SCREEN_FIELDS = ("tp", "pp", "dp", "cp", "ep", "etp", "vpp", "micro_batch", "global_batch", "seq", "sp", "zero",
                  "schedule", "recompute", "dtype", "overlap_grad_reduce", "overlap_param_gather",
-                 "fsdp_reshard_after_forward", "fsdp_prefetch")
+                 "fsdp_reshard_after_forward", "fsdp_prefetch",
+                 # graph conventions (None: the graph options' defaults), as the full simulation builds them
+                 "attention_impl", "attention_flops", "dropout", "megatron_fusions")
+#: Plan fields that select the graph the screen costs (one graph per distinct combination).
+GRAPH_FIELDS = ("recompute", "dtype", "attention_impl", "attention_flops", "dropout", "megatron_fusions")
 
 
 def plan_defaults() -> dict[str, Any]:
@@ -54,12 +58,13 @@ def plan_defaults() -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=16)
-def _graph(model: str, recompute: str, dtype: str) -> Any:
+def _graph(model: str, key: tuple[Any, ...]) -> Any:
+    """The graph of ``model`` under the plan fields :data:`GRAPH_FIELDS` (``key``, in that order)."""
     from tensorstage.graph import build_graph
     from tensorstage.lower import graph_options
     from tensorstage.model import resolve_model
 
-    plan = ParallelPlan(recompute=recompute, dtype=dtype)
+    plan = ParallelPlan(**dict(zip(GRAPH_FIELDS, key, strict=True)))
     opts = graph_options(plan)
     return build_graph(resolve_model(model), opts.phase, opts)
 
@@ -219,13 +224,15 @@ def screen(model: str, system: Any, cols: Mapping[str, Any], n: int | None = Non
     gb = np.where(c["global_batch"] > 0, c["global_batch"], c["dp"] * c["micro_batch"] * c["pp"])
     c["global_batch"] = gb
     out = {m: np.full(n, np.nan) for m in ("step_time_s", "mfu", "peak_memory_bytes")}
-    keys = np.array([f"{r}|{d}" for r, d in zip(c["recompute"], c["dtype"], strict=True)])
-    for key in np.unique(keys):
-        sel = np.flatnonzero(keys == key)
-        recompute, dtype = key.split("|")
-        machine = machine_from_system(system, dtype)
+    combos = list(zip(*(c[k].tolist() for k in GRAPH_FIELDS), strict=True))
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, combo in enumerate(combos):
+        groups.setdefault(combo, []).append(i)
+    for combo in sorted(groups, key=repr):
+        sel = np.array(groups[combo])
+        machine = machine_from_system(system, combo[GRAPH_FIELDS.index("dtype")])
         part = {k: v[sel] for k, v in c.items()}
-        res = _screen_group(_graph(model, recompute, dtype), machine, part)
+        res = _screen_group(_graph(model, combo), machine, part)
         for m in out:
             out[m][sel] = res[m]
     world = c["tp"] * c["pp"] * c["dp"] * c["cp"]
