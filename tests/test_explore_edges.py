@@ -143,3 +143,26 @@ def test_explore_json_prints_the_summary_it_writes(tmp_path):
     written = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert {k: v for k, v in got.items() if k != "files"} == written
     assert got["evaluations"] == 3 and got["files"]["trials"].endswith("trials.csv")
+
+
+def test_best_plan_searches_zero_only_where_there_are_data_parallel_ranks():
+    """ZeRO shards over dp * cp: at dp * cp = 1 every stage is ZeRO-0, so ZeRO 1/3 there would be
+    duplicate rows with the same numbers."""
+    from tensorstage.explore.bestplan import layout_space, screen_layouts
+
+    tasks, _, _ = screen_layouts(layout_space("megatron-1.7b", "dgx-a100-selene", 8, 16, 2048, "bf16"))
+    plans = [t.plan for t in tasks]
+    assert any(p["dp"] == 1 for p in plans) and any(p["zero"] == 3 for p in plans)
+    assert all(p["zero"] == 0 for p in plans if p["dp"] * p.get("cp", 1) == 1)
+
+
+def test_expert_parallelism_on_a_dense_model_is_one_line():
+    from tensorstage.explore.bestplan import best_plan
+
+    for key in ("ep", "etp"):
+        with pytest.raises(SpecError) as err:
+            best_plan("megatron-1.7b", "dgx-a100-selene", 8, 16, 2048, fixed={key: 2})
+        assert err.value.field == f"fixed.{key}" and "no experts" in str(err.value)
+    with pytest.raises(SpecError) as err:
+        parse_space({**TINY, "parameters": {"plan": {"tp": [1, 2], "ep": [1, 2]}}}, where="space")
+    assert err.value.field == "space.parameters.plan.ep" and "no experts" in str(err.value)

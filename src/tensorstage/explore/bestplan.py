@@ -85,6 +85,10 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     from tensorstage.model import resolve_model
 
     spec = resolve_model(model)
+    if spec.moe is None:  # pinning expert parallelism on a dense model is a mistake, not a filter
+        for k in ("ep", "etp"):
+            if (fixed or {}).get(k) not in (None, 1):
+                raise SpecError(f"fixed.{k}", f"{k}={fixed[k]} applies only to MoE models; {model} has no experts")
     node = load_system(system, gpus).gpus_per_node
     layers = spec.num_layers
     tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= node and gpus % t == 0]
@@ -102,6 +106,9 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
         moe_rules = ["etp == 1 or etp == tp",
                      "(etp == tp and (dp * cp) % ep == 0) or "
                      "(etp == 1 and tp > 1 and ep % tp == 0 and (tp * dp * cp) % ep == 0)"]
+    # ZeRO shards over the data-parallel ranks: with dp * cp = 1 (and no expert data parallelism) every
+    # stage is ZeRO-0, so only ZeRO-0 is searched there (no duplicate rows with the same numbers)
+    zero_rules = ["zero == 0 or dp * cp > 1"] if spec.moe is None and "zero" not in fx else []
     for k in list(params):
         if k in fx:
             params.pop(k)
@@ -112,7 +119,7 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
             "parameters": {"plan": params}, "derived": derived,
             "constraints": ["gpus % (tp * pp * cp) == 0", "global_batch % (dp * micro_batch) == 0",
                             "model.num_layers % (pp * vpp) == 0" + (" or pp * vpp < model.num_layers" if uneven else ""),
-                            "vpp == 1 or pp > 1", *moe_rules],
+                            "vpp == 1 or pp > 1", *moe_rules, *zero_rules],
             "objectives": [{"metric": "step_time_s", "goal": "min"}]}
     return parse_space(data, where="best-plan")
 

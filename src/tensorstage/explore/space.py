@@ -339,6 +339,10 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
             seen.add(str(name))
             params.append(_parameter(stack, str(name), raw, pw))
             _check_values(params[-1], pw, str(data["system"]), gpus)
+            if name in ("ep", "etp") and consts["model.num_experts"] == 1 and any(v not in (None, 1) for v in
+                                                                                   params[-1].values):
+                raise SpecError(pw, f"expert parallelism applies only to MoE models; {data['model']} has no "
+                                "experts", (1,))
     derived = {}
     for name, text in (data.get("derived") or {}).items():
         if name in seen or name in fixed:

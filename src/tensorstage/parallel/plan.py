@@ -568,6 +568,8 @@ class ParallelPlan(BaseModel):
                 )
         elif self.ep > 1:
             raise SpecError("ep", f"ep={self.ep} > 1 but {model.name} has no experts")
+        elif self.etp is not None and self.etp != self.tp:  # expert TP of a model without experts
+            raise SpecError("etp", f"etp={self.etp} applies only to MoE models; {model.name} has no experts")
         else:
             for name in ("capacity_factor", "routing_skew"):  # would be ignored on a dense model
                 if getattr(self, name) != type(self).model_fields[name].default:
@@ -615,6 +617,8 @@ def _plan_error(exc: ValidationError, where: str) -> SpecError:
     loc = [str(p) for p in err.get("loc", ())]
     field = ".".join([where, *loc[:1]]) if loc else where
     allowed = _ALLOWED.get(loc[0]) if loc else None
+    if allowed is None and str(err.get("type", "")).startswith("bool_"):
+        allowed = ("true", "false")  # what a boolean field takes (YAML / flag spellings)
     msg = err.get("msg", "invalid value")
     msg = "not an allowed value" if allowed else msg.removeprefix("Value error, ")
     return SpecError(field, f"{msg}, got {err.get('input')!r}", allowed)
