@@ -6,13 +6,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tensorstage.explore.fastpath import _graph, _grouped_efficiency
+from tensorstage.explore.fastpath import GRAPH_FIELDS, _graph, _grouped_efficiency
 from tensorstage.hardware import load_system
 from tensorstage.sim.machine import machine_from_system
 
 
+def _key(recompute: str, dtype: str) -> tuple:
+    """The screen's graph key for a plan naming only recompute and dtype (conventions: defaults)."""
+    return tuple({"recompute": recompute, "dtype": dtype}.get(k) for k in GRAPH_FIELDS)
+
+
 def test_expert_gemms_get_the_measured_grouped_efficiency() -> None:
-    graph = _graph("qwen3-30b-a3b", "none", "bf16")
+    graph = _graph("qwen3-30b-a3b", _key("none", "bf16"))
     cm = machine_from_system(load_system("dgx-h100-superpod"), "bf16").compute
     assert cm.kernels is not None
     b = graph.bindings
@@ -39,7 +44,7 @@ def test_expert_gemms_get_the_measured_grouped_efficiency() -> None:
 
 
 def test_dense_models_are_unchanged() -> None:
-    graph = _graph("gpt3-175b", "none", "bf16")
+    graph = _graph("gpt3-175b", _key("none", "bf16"))
     cm = machine_from_system(load_system("dgx-a100-selene"), "bf16").compute
     loc = {"b": np.array([1.0, 2.0]), "s": np.array([2048.0] * 2), "c": np.array([2048.0] * 2)}
     ops = graph.blocks()[graph.layer_kinds[0]].all_ops()
