@@ -166,3 +166,14 @@ def test_expert_parallelism_on_a_dense_model_is_one_line():
     with pytest.raises(SpecError) as err:
         parse_space({**TINY, "parameters": {"plan": {"tp": [1, 2], "ep": [1, 2]}}}, where="space")
     assert err.value.field == "space.parameters.plan.ep" and "no experts" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["global_batch", "seq"])
+def test_a_space_names_its_batch_and_sequence(name):
+    """The step's work is not guessed from plan defaults: a space without them is one line."""
+    data = {**TINY, "fixed": {k: v for k, v in TINY["fixed"].items() if k != name}}
+    with pytest.raises(SpecError) as err:
+        parse_space(data, where="space")
+    assert err.value.field == f"space.fixed.{name}" and "required" in str(err.value)
+    # given as a searched parameter instead, it is fine
+    parse_space({**data, "parameters": {"plan": {**TINY["parameters"]["plan"], name: [TINY["fixed"][name]]}}})

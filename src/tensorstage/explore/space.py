@@ -351,6 +351,11 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
         if name in ex.names:  # it would read the plan default of its own name (dp = 1), silently
             raise SpecError(f"{where}.derived.{name}", f"refers to itself: {ex.text}")
         derived[str(name)] = ex
+    for name, what in (("global_batch", "sequences per step"), ("seq", "tokens per sequence")):
+        # a training step's work: a plan default (16 sequences of 4,096) would be a silent guess
+        if name not in fixed and name not in seen and name not in derived:
+            raise SpecError(f"{where}.fixed.{name}", f"required: the {what} (give it in fixed, parameters or "
+                            "derived)")
     constraints = [compile_expr(t, f"{where}.constraints[{i}]") for i, t in enumerate(data.get("constraints") or [])]
     raw_objectives = data.get("objectives")  # not given: minimise the step time; given empty: an error
     objectives = _objectives([{"metric": "step_time_s", "goal": "min"}] if raw_objectives is None else raw_objectives,
