@@ -177,3 +177,26 @@ def test_a_space_names_its_batch_and_sequence(name):
     assert err.value.field == f"space.fixed.{name}" and "required" in str(err.value)
     # given as a searched parameter instead, it is fine
     parse_space({**data, "parameters": {"plan": {**TINY["parameters"]["plan"], name: [TINY["fixed"][name]]}}})
+
+
+def test_an_unreachable_ray_address_is_one_line_not_a_hang():
+    """ray.init retries an unreachable cluster for minutes: the address is checked first."""
+    import socket
+
+    from tensorstage.explore.executors import check_reachable
+
+    with socket.socket() as srv:  # a listening port: reachable
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        port = srv.getsockname()[1]
+        check_reachable(f"127.0.0.1:{port}")
+        check_reachable(f"ray://127.0.0.1:{port}")
+    t0 = time.perf_counter()
+    with pytest.raises(SpecError) as err:
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2.0)  # closed now
+    assert err.value.field == "--ray-address" and "cannot reach" in str(err.value)
+    assert time.perf_counter() - t0 < 10
+    for bad in ("nonsense", "host:", ":123", "host:port"):
+        with pytest.raises(SpecError, match="HOST:PORT"):
+            check_reachable(bad)
+    check_reachable("auto")

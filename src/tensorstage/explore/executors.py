@@ -78,6 +78,8 @@ class RayExecutor:
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
+            if address:
+                check_reachable(address)  # ray.init retries an unreachable address for minutes
             kw: dict[str, Any] = {"address": address} if address else {"num_cpus": num_cpus or 2}
             ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **kw)
         self.remote = ray.remote(fn)
@@ -94,6 +96,26 @@ class RayExecutor:
     def close(self) -> None:
         if self.started:
             self.ray.shutdown()
+
+
+#: Seconds to wait for a TCP connection to a Ray cluster's address before calling it unreachable.
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """One-line ``SpecError`` unless a TCP connection to Ray address ``HOST:PORT`` (or ``ray://HOST:PORT``)
+    opens within ``timeout_s``; ``auto`` / ``local`` are Ray's own lookups and pass."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise SpecError("--ray-address", f"expected HOST:PORT (or ray://HOST:PORT, auto), got {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise SpecError("--ray-address", f"cannot reach {address} ({exc.strerror or exc})") from None
 
 
 def make_executor(workers: int = 1, ray: bool = False, address: str | None = None,
