@@ -200,3 +200,12 @@ def test_an_unreachable_ray_address_is_one_line_not_a_hang():
         with pytest.raises(SpecError, match="HOST:PORT"):
             check_reachable(bad)
     check_reachable("auto")
+
+
+def test_unknown_stack_lists_only_the_searchable_ones():
+    with pytest.raises(SpecError) as err:
+        parse_space({**TINY, "parameters": {"hw": {"device": ["H100"]}}}, where="space")
+    assert err.value.field == "space.parameters.hw" and "serving" not in str(err.value)
+    assert "plan" in str(err.value) and "hardware" in str(err.value)
+    with pytest.raises(SpecError, match="serving evaluator"):
+        parse_space({**TINY, "parameters": {"serving": {"replicas": [1, 2]}}}, where="space")

@@ -41,6 +41,8 @@ from tensorstage.fileio import read_yaml_file
 from tensorstage.parallel.plan import ParallelPlan
 
 STACKS = ("plan", "collective", "network", "hardware", "serving")
+#: the stacks a space can search in this version (``serving`` is named, and refused with its reason)
+SEARCHABLE_STACKS = tuple(s for s in STACKS if s != "serving")
 COLLECTIVE_FIELDS = ("dp_bucket_bytes", "overlap_grad_reduce", "overlap_param_gather", "cp_mode", "ddp_style",
                      "zero_shard_size", "fsdp_prefetch")
 NETWORK_ATTRS = ("bandwidth_GBps", "latency_ns", "npus", "topology")
@@ -328,7 +330,7 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
     seen: set[str] = set()
     for stack, entries in groups.items():
         if stack not in STACKS:
-            raise SpecError(f"{where}.parameters.{stack}", "unknown stack", STACKS)
+            raise SpecError(f"{where}.parameters.{stack}", "unknown stack", SEARCHABLE_STACKS)
         if not isinstance(entries, dict):
             raise SpecError(f"{where}.parameters.{stack}", "must map parameter names to ranges")
         for name, raw in entries.items():
