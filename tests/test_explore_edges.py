@@ -162,7 +162,7 @@ def test_expert_parallelism_on_a_dense_model_is_one_line():
     for key in ("ep", "etp"):
         with pytest.raises(SpecError) as err:
             best_plan("megatron-1.7b", "dgx-a100-selene", 8, 16, 2048, fixed={key: 2})
-        assert err.value.field == f"fixed.{key}" and "no experts" in str(err.value)
+        assert err.value.field == f"best-plan.fixed.{key}" and "no experts" in str(err.value)
     with pytest.raises(SpecError) as err:
         parse_space({**TINY, "parameters": {"plan": {"tp": [1, 2], "ep": [1, 2]}}}, where="space")
     assert err.value.field == "space.parameters.plan.ep" and "no experts" in str(err.value)

@@ -25,7 +25,7 @@ from tensorstage.errors import SpecError
 from tensorstage.explore.evaluate import OK, OOM, training_step
 from tensorstage.explore.executors import LocalExecutor
 from tensorstage.explore.search import PRUNE_MEMORY_FRACTION, screen_tasks
-from tensorstage.explore.setup import Task, build_system, make_task
+from tensorstage.explore.setup import Task, make_task
 from tensorstage.explore.space import Space, parse_space
 from tensorstage.parallel.plan import ParallelPlan
 
@@ -85,10 +85,6 @@ def layout_space(model: str, system: str, gpus: int, global_batch: int, seq: int
     from tensorstage.model import resolve_model
 
     spec = resolve_model(model)
-    if spec.moe is None:  # pinning expert parallelism on a dense model is a mistake, not a filter
-        for k in ("ep", "etp"):
-            if (fixed or {}).get(k) not in (None, 1):
-                raise SpecError(f"fixed.{k}", f"{k}={fixed[k]} applies only to MoE models; {model} has no experts")
     node = load_system(system, gpus).gpus_per_node
     layers = spec.num_layers
     tps = [t for t in (1, 2, 4, 8, 16, 32, 64) if t <= node and gpus % t == 0]
@@ -181,7 +177,7 @@ def best_plan(model: str, system: str, gpus: int, global_batch: int, seq: int, *
         raise SpecError(*_no_layout_reason(space, gpus, global_batch, fixed))
     t1 = time.perf_counter()
     sign = 1.0 if OBJECTIVES[objective] == "min" else -1.0
-    hbm = float(build_system(space.system, gpus).device.hbm_bytes)
+    hbm = fast[0]["metrics"]["hbm_bytes"]  # one system for every layout
     if not memory_reserve_bytes < hbm:
         raise SpecError("memory_reserve_bytes", f"must be below the device's HBM ({hbm / 2**30:.1f} GiB), got "
                         f"{memory_reserve_bytes / 2**30:.1f} GiB")

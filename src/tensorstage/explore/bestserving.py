@@ -242,10 +242,10 @@ def rank_rows(bs: BestServing) -> list[dict[str, Any]]:
                                "offline_mean_running": m.get("offline_mean_running"),
                                "offline_preemptions": _int(m.get("offline_preemptions"))}
         if bs.objective == "max_qps":
-            # throughput: the SLOs hold at the sustainable ceiling, so the answer is that ceiling, not an SLO's
-            # limit; slo: an SLO binds below it
-            bound = (None if m.get("max_qps") is None or m.get("ttft_p99_ms") is None else
-                     "throughput" if m["max_qps"] >= m.get("qps_ceiling", float("inf")) else "slo")
+            from tensorstage.serve.capacity import limited_by
+
+            bound = (None if m.get("max_qps") is None else  # (a deployment that did not run)
+                     limited_by(m["max_qps"], m["qps_ceiling"], m.get("ttft_p99_ms") is not None))
             row.update(max_qps=m.get("max_qps"), limited_by=bound, ttft_p99_ms=m.get("ttft_p99_ms"),
                        tpot_p99_ms=m.get("tpot_p99_ms"))
         row["status"] = d.status if d.status == OK else f"{d.status}: {d.message}"

@@ -309,7 +309,7 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
         text = str(data[key])
         is_file = looks_like_path(text) or text.endswith(".json")  # a model may be an HF config.json
         if base is not None and is_file and not Path(text).is_absolute():
-            data = {**data, key: str((base / str(data[key])).resolve())}
+            data = {**data, key: str((base / text).resolve())}
     consts = model_constants(str(data["model"]))
     system = load_system(str(data["system"]), gpus)
     consts["system.gpus_per_node"] = system.gpus_per_node
@@ -341,10 +341,7 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
             seen.add(str(name))
             params.append(_parameter(stack, str(name), raw, pw))
             _check_values(params[-1], pw, str(data["system"]), gpus)
-            if name in ("ep", "etp") and consts["model.num_experts"] == 1 and any(v not in (None, 1) for v in
-                                                                                   params[-1].values):
-                raise SpecError(pw, f"expert parallelism applies only to MoE models; {data['model']} has no "
-                                "experts", (1,))
+            _check_dense(str(name), params[-1].values, pw, consts, str(data["model"]))
     derived = {}
     for name, text in (data.get("derived") or {}).items():
         if name in seen or name in fixed:
@@ -353,6 +350,9 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
         if name in ex.names:  # it would read the plan default of its own name (dp = 1), silently
             raise SpecError(f"{where}.derived.{name}", f"refers to itself: {ex.text}")
         derived[str(name)] = ex
+    for name in ("ep", "etp"):
+        if name in fixed:
+            _check_dense(name, (fixed[name],), f"{where}.fixed.{name}", consts, str(data["model"]))
     for name, what in (("global_batch", "sequences per step"), ("seq", "tokens per sequence")):
         # a training step's work: a plan default (16 sequences of 4,096) would be a silent guess
         if name not in fixed and name not in seen and name not in derived:
@@ -372,6 +372,13 @@ def parse_space(data: Any, where: str = "space", base: Path | None = None) -> Sp
                   dict(fixed), params, derived, constraints, objectives, budget, evaluator, consts)
     _check_names(space, where)
     return space
+
+
+def _check_dense(name: str, values: Any, where: str, consts: Mapping[str, Any], model: str) -> None:
+    """Expert parallelism (``ep`` / ``etp`` other than 1) on a model without routed experts is a
+    mistake to name, not a filter that spends the budget on infeasible trials."""
+    if name in ("ep", "etp") and consts["model.num_experts"] == 1 and any(v not in (None, 1) for v in values):
+        raise SpecError(where, f"expert parallelism applies only to MoE models; {model} has no experts", (1,))
 
 
 def _objectives(raw: Any, where: str) -> list[Objective]:

@@ -7,8 +7,8 @@ were non-empty, over the mean output length) when the offline run reaches that s
 the whole run's rate (which counts the ramp and the drain, and can exceed what is sustainable).
 When the SLOs already hold at that ceiling the capacity is ``throughput``-bound, not ``slo``-bound
 (:attr:`CapacityResult.limited_by`): a finite run at a higher rate may still meet them while its
-queue grows, which says nothing about a sustained load. Each probe is a full simulation with the same seeded lengths and arrival draws
-scaled to the rate, so the search is deterministic. The criterion is MLPerf Server's: a run is valid
+queue grows, which says nothing about a sustained load. Each probe is a full simulation with the
+same seeded lengths and arrival draws scaled to the rate, so the search is deterministic. The criterion is MLPerf Server's: a run is valid
 when p99 TTFT <= ``slo_ttft_s`` and p99 TPOT <= ``slo_tpot_s`` (either may be None).
 """
 
@@ -40,9 +40,15 @@ class CapacityResult:
 
     @property
     def limited_by(self) -> str:
-        if self.at_max is None:
-            return "none"
-        return "throughput" if self.max_rate_per_s >= self.offline_rate_per_s else "slo"
+        return limited_by(self.max_rate_per_s, self.offline_rate_per_s, self.at_max is not None)
+
+
+def limited_by(max_rate_per_s: float, ceiling_rate_per_s: float, met: bool) -> str:
+    """``throughput`` when the answer is the ceiling itself (the SLOs hold there), ``slo`` when an SLO
+    binds below it, ``none`` when no probed rate met the SLOs."""
+    if not met:
+        return "none"
+    return "throughput" if max_rate_per_s >= ceiling_rate_per_s else "slo"
 
 
 def ceiling_rate_per_s(offline: ServingResult) -> float:
@@ -92,4 +98,4 @@ def find_max_qps(spec: ModelSpec, system: SystemSpec, plan: ServingPlan, workloa
     return CapacityResult(lo, ceiling, best, probes)
 
 
-__all__ = ["CapacityResult", "ceiling_rate_per_s", "find_max_qps", "meets"]
+__all__ = ["CapacityResult", "ceiling_rate_per_s", "find_max_qps", "limited_by", "meets"]
